@@ -1,0 +1,43 @@
+"""srigl_compile: train any PyTorch model sparse with SRigL, then compile it into fast condensed kernels.
+
+Public API (``import srigl_compile`` never imports TVM nor touches CUDA):
+
+    sparsify(model, config)                  -> model with masked constant-fan-in layers
+    SRigLUpdater(model, optimizer, config, total_steps).step()   after every optimizer.step()
+    sparse_layers(model)                     -> (name, layer) pairs
+"""
+
+from .config import Distribution, Method, SRigLConfig
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DeviceError,
+    InvariantError,
+    LayerError,
+    LoweringError,
+    SRigLError,
+    TraceError,
+    UnsupportedTargetError,
+)
+from .passes.sparsify import sparse_layers, sparsify
+from .training.updater import SRigLUpdater
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SRigLConfig",
+    "Distribution",
+    "Method",
+    "sparsify",
+    "sparse_layers",
+    "SRigLUpdater",
+    "SRigLError",
+    "ConfigError",
+    "LayerError",
+    "TraceError",
+    "InvariantError",
+    "CheckpointError",
+    "UnsupportedTargetError",
+    "LoweringError",
+    "DeviceError",
+]

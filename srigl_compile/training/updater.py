@@ -1,0 +1,217 @@
+"""SRigLUpdater: the mutable side of sparse training. Call ``updater.step()`` after every ``optimizer.step()``.
+
+On an update step (t % delta_t == 0, t < T_end) it scores every sparse layer (``sparsity.scores``), selects new
+masks (``sparsity.selection``: SRigL, RigL, SET), zeroes the weights and optimizer state of dropped and newly
+grown positions, and checks the invariants of every layer, raising ``InvariantError`` on any violation.
+
+Example:
+    >>> model = sparsify(net, SRigLConfig(sparsity=0.9))                          # doctest: +SKIP
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)          # doctest: +SKIP
+    >>> updater = SRigLUpdater(model, opt, SRigLConfig(sparsity=0.9), total_steps=1000)  # doctest: +SKIP
+    >>> for x, y in loader:                                                      # doctest: +SKIP
+    ...     opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step(); updater.step()
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..config import Method, SRigLConfig
+from ..errors import ConfigError, InvariantError, LayerError
+from ..passes.sparsify import sparse_layers
+from ..sparsity import (
+    LayerScores,
+    Selection,
+    UpdateSchedule,
+    check_constant_fan_in,
+    gradient_grow_scores,
+    magnitude_drop_scores,
+    random_grow_scores,
+    srigl_select,
+    unstructured_select,
+)
+from . import checkpoint_state
+from ._grad_hooks import GradientTap
+from .exploration import pack_bits, unpack_bits
+from .optim_state import reset_optimizer_state_, state_tensors
+
+__all__ = ["SRigLUpdater"]
+
+log = logging.getLogger(__name__)
+
+
+class SRigLUpdater:
+    """Drives the masks of a sparsified model during training.
+
+    Args:
+        model: the output of ``sparsify`` (possibly wrapped, e.g. by DDP: layers are found by type).
+        optimizer: holds every sparse weight. Its state of dropped and regrown weights is reset (any state tensor
+            shaped like the weight: SGD momentum, Adam/AdamW moments ...).
+        config: the training half of SRigLConfig (method, ablation, gamma_sal, alpha, delta_t, t_end_fraction,
+            grad_accumulation_n, seed). Defaults to ``SRigLConfig()``.
+        total_steps: optimizer steps of the whole run; T_end = floor(t_end_fraction * total_steps).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: SRigLConfig | None = None,
+                 total_steps: int = 1) -> None:
+        self.config = config if config is not None else SRigLConfig()
+        if not isinstance(self.config, SRigLConfig):
+            raise ConfigError(f"config must be an SRigLConfig, not {type(self.config).__name__}")
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ConfigError(f"total_steps={total_steps!r} must be a positive integer (optimizer steps of the run)")
+        self.layers = dict(sparse_layers(model))
+        if not self.layers:
+            raise LayerError("the model has no sparse layers: call srigl_compile.sparsify(model, config) first")
+        self._check_optimizer(optimizer)
+        self.optimizer = optimizer
+        self.total_steps = total_steps
+        self.schedule = UpdateSchedule(
+            self.config.delta_t, math.floor(self.config.t_end_fraction * total_steps), self.config.alpha,
+            self.config.grad_accumulation_n,
+        )
+        # A stream of its own (seed + 1), so SET's regrowth does not replay sparsify's initial draws.
+        self.generator = torch.Generator().manual_seed(self.config.seed + 1)
+        self.step_count = 0
+        self.explored = {name: pack_bits(layer.mask) for name, layer in self.layers.items()}
+        self._tap = GradientTap(self.layers, self.config.grad_accumulation_n)
+        self._open_window()
+
+    @property
+    def _needs_gradients(self) -> bool:
+        return self.config.method in (Method.SRIGL, Method.RIGL)
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [name for name, layer in self.layers.items() if id(layer.weight) not in held]
+        if missing:
+            raise ConfigError(
+                f"the optimizer does not hold the weights of sparse layers {missing[:5]}: build it from the "
+                "sparsified model's parameters (sparsify returns a copy unless inplace=True)"
+            )
+
+    def _open_window(self) -> None:
+        self._tap.active = self._needs_gradients and self.schedule.accumulates(self.step_count + 1)
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """Advance one optimizer step; update the masks when due. Returns whether the masks were updated."""
+        self.step_count += 1
+        for layer in self.layers.values():
+            layer.apply_mask_()
+        updated = self.config.method is not Method.STATIC and self.schedule.is_update_step(self.step_count)
+        if updated:
+            self._update(self.step_count)
+        self._open_window()
+        return updated
+
+    # -- one mask update -----------------------------------------------------------------------------------
+    def compute_scores(self, name: str, layer: nn.Module) -> LayerScores:
+        """Drop and grow scores of one layer (a distributed trainer can average these across ranks)."""
+        drop = magnitude_drop_scores(layer.neuron_view(layer.weight), layer.neuron_view(layer.mask))
+        if self.config.method is Method.SET:
+            return LayerScores(drop, random_grow_scores(drop.shape, self.generator))
+        dense_grad = self._tap.take(name)
+        if dense_grad is None:
+            raise InvariantError(
+                f"layer {name!r}: no dense gradient was recorded before the mask update at step {self.step_count}; "
+                "call loss.backward() and optimizer.step() before every updater.step()"
+            )
+        return LayerScores(drop, gradient_grow_scores(layer.neuron_view(dense_grad), name))
+
+    def select(self, layer: nn.Module, scores: LayerScores, drop_fraction: float) -> Selection:
+        mask = layer.neuron_view(layer.mask)
+        if self.config.method is Method.SRIGL:
+            plan = layer.srigl_plan
+            return srigl_select(mask, scores, plan.budget, drop_fraction,
+                                ablation=self.config.ablation and not plan.protected, gamma_sal=self.config.gamma_sal)
+        return unstructured_select(mask, scores, drop_fraction)
+
+    def _update(self, t: int) -> None:
+        drop_fraction = self.schedule.drop_fraction(t)
+        for name, layer in self.layers.items():
+            selection = self.select(layer, self.compute_scores(name, layer), drop_fraction)
+            self._apply(name, layer, selection)
+        self._tap.release()
+        self.check_invariants()
+        log.debug("mask update at step %d, drop fraction %.4f", t, drop_fraction)
+
+    def _apply(self, name: str, layer: nn.Module, selection: Selection) -> None:
+        old = layer.neuron_view(layer.mask).clone()
+        new = selection.new_mask
+        newly_grown = new & ~old
+        # Dropped weights become 0, newly grown start at 0; dropped-then-regrown keep their value (as in RigL).
+        reset = ~new | newly_grown
+        layer.neuron_view(layer.weight).masked_fill_(reset, 0)
+        layer.neuron_view(layer.mask).copy_(new)
+        if layer.weight.grad is not None:
+            layer.neuron_view(layer.weight.grad).masked_fill_(~new, 0)
+        reset_optimizer_state_(self.optimizer, layer.weight, reset.view(layer.weight.shape))
+        explored = unpack_bits(self.explored[name], new.numel()) | new.reshape(-1)
+        self.explored[name] = pack_bits(explored)
+
+    # -- invariants -----------------------------------------------------------------------------------------
+    def check_invariants(self) -> None:
+        """Raise InvariantError unless every layer is consistent; called after every mask update."""
+        for name, layer in self.layers.items():
+            mask = layer.neuron_view(layer.mask)
+            if self.config.method in (Method.SRIGL, Method.STATIC):  # constant fan-in holds for both
+                k, ablated = check_constant_fan_in(mask, layer=name)
+                plan = layer.srigl_plan
+                if k * int((~ablated).sum()) > plan.budget:
+                    raise InvariantError(f"{name}: {k} x {int((~ablated).sum())} non-zeros exceed budget {plan.budget}")
+                if plan.protected and ablated.any():
+                    raise InvariantError(f"{name}: a protected (output) layer has ablated neurons")
+            outside = ~layer.mask
+            if (layer.weight.detach()[outside] != 0).any():
+                raise InvariantError(f"{name}: weights outside the mask are not zero")
+            if layer.weight.grad is not None and (layer.weight.grad[outside] != 0).any():
+                raise InvariantError(f"{name}: gradients outside the mask are not zero")
+            for key, tensor in state_tensors(self.optimizer, layer.weight):
+                if (tensor[outside] != 0).any():
+                    raise InvariantError(f"{name}: optimizer state {key!r} is not zero outside the mask")
+
+    # -- reporting and checkpoints ---------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Per layer: k, active and ablated neurons, density; globally: density and fraction ever explored."""
+        layers, nnz_total, numel_total, explored_total = {}, 0, 0, 0
+        for name, layer in self.layers.items():
+            counts = layer.neuron_view(layer.mask).sum(dim=1)
+            active = counts > 0
+            nnz, numel = int(counts.sum()), layer.mask.numel()
+            explored = int(unpack_bits(self.explored[name], numel).sum())
+            layers[name] = {
+                "k": int(counts.max()) if self.config.method is Method.SRIGL else None,
+                "min_fan_in": int(counts[active].min()) if active.any() else 0,
+                "max_fan_in": int(counts.max()),
+                "fan_in": layer.srigl_plan.fan_in,
+                "active_neurons": int(active.sum()),
+                "ablated_neurons": int((~active).sum()),
+                "density": nnz / numel,
+                "nnz": nnz,
+                "budget": layer.srigl_plan.budget,
+                "explored_fraction": explored / numel,
+            }
+            nnz_total, numel_total, explored_total = nnz_total + nnz, numel_total + numel, explored_total + explored
+        return {
+            "step": self.step_count,
+            "layers": layers,
+            "global": {"density": nnz_total / numel_total, "explored_fraction": explored_total / numel_total},
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Explicit fields: step, masks by layer name, generator state, config, gradient buffers, exploration."""
+        return checkpoint_state.updater_state(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict``; raises CheckpointError if it has no masks or belongs to another model."""
+        checkpoint_state.load_updater_state(self, state)
+        self._open_window()
+
+    def close(self) -> None:
+        """Remove the gradient hooks (the model's gradients are no longer masked afterwards)."""
+        self._tap.close()
