@@ -81,7 +81,7 @@ class MaskedLayer:
         self.weight.mul_(self.mask)
 
     def sparsity_repr(self) -> str:
-        counts = self.neuron_view(self.mask).sum(dim=1)
+        counts = self.neuron_view(self.mask).view(torch.uint8).sum(dim=1)
         active = int((counts > 0).sum())
         k = int(counts.max()) if active else 0
         return f"k={k}/{self.fan_in}, active_neurons={active}/{self.mask.shape[0]}"

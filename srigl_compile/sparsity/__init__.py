@@ -8,6 +8,7 @@ from .selection import (
     check_constant_fan_in,
     neurons_to_ablate,
     random_fan_in_mask,
+    row_counts,
     srigl_select,
     unstructured_select,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "check_constant_fan_in",
     "neurons_to_ablate",
     "random_fan_in_mask",
+    "row_counts",
     "srigl_select",
     "unstructured_select",
 ]

@@ -26,7 +26,10 @@ class LayerScores:
 def magnitude_drop_scores(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # Inactive positions get -inf rather than 0 so an active weight that happens to be 0 (a fresh regrowth)
     # can never tie with, and lose its place to, an inactive position.
-    return weight.detach().abs().float().masked_fill(~mask, float("-inf"))
+    scores = weight.detach().abs().float().masked_fill(~mask, float("-inf"))
+    if torch.isnan(scores).any():
+        raise InvariantError("a sparse layer has NaN weights at a mask update; training diverged")
+    return scores
 
 
 def gradient_grow_scores(dense_grad: torch.Tensor, layer_name: str) -> torch.Tensor:

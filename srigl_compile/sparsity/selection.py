@@ -2,7 +2,7 @@
 
 Pure tensor maths on neuron views [n_out, fan_in] (a conv's [out, in/g, kh, kw] flattened to [out, in/g*kh*kw]).
 Every selection ends by checking its own invariants and raises ``InvariantError`` on violation. Ties are broken
-by a stable sort (lowest flat index first), so a selection is a deterministic function of its inputs.
+deterministically, so a selection is a deterministic function of its inputs.
 
 Example:
     >>> g = torch.Generator().manual_seed(0)
@@ -32,6 +32,7 @@ __all__ = [
     "srigl_select",
     "unstructured_select",
     "check_constant_fan_in",
+    "row_counts",
 ]
 
 NEG_INF = float("-inf")
@@ -54,31 +55,59 @@ class Selection:
     n_prune: int
 
 
+def row_counts(mask: torch.Tensor) -> torch.Tensor:
+    """Active inputs per neuron of a bool [n_out, ...] mask (int64 [n_out]).
+
+    Summing the uint8 view is ~10x faster than summing bools, which torch converts element by element.
+    """
+    return mask.reshape(mask.shape[0], -1).view(torch.uint8).sum(dim=1, dtype=torch.int32).long()
+
+
 def random_fan_in_mask(n_out: int, fan_in: int, k: int, generator: torch.Generator) -> torch.Tensor:
     """Each neuron gets exactly k distinct inputs drawn uniformly at random (SRIGL_SPEC §2.4, step 1)."""
     if not 1 <= k <= fan_in:
         raise ValueError(f"k={k} must lie in [1, fan_in={fan_in}]")
-    order = torch.rand(n_out, fan_in, generator=generator).argsort(dim=1)
-    mask = torch.zeros(n_out, fan_in, dtype=torch.bool)
-    mask.scatter_(1, order[:, :k], True)
-    return mask
+    # The k largest of i.i.d. uniforms form a uniformly random k-subset; topk keeps only [n_out, k] indices.
+    chosen = torch.rand(n_out, fan_in, generator=generator).topk(k, dim=1).indices
+    return torch.zeros(n_out, fan_in, dtype=torch.bool).scatter_(1, chosen, True)
 
 
 def top_n_mask(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """The n largest entries over the whole layer (never a -inf entry; fewer if fewer are finite)."""
+    """The n largest entries over the whole layer (never a -inf entry; fewer if fewer are finite).
+
+    O(N): a k-th value selection gives the threshold; ties at the threshold go to the lowest flat indices, which
+    is exactly what a stable descending sort would pick, without its O(N log N) time and int64 index memory.
+    """
     flat = scores.reshape(-1)
-    n = min(n, int((flat > NEG_INF).sum()))
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
-    if n > 0:
-        mask[flat.argsort(descending=True, stable=True)[:n]] = True
+    valid = flat > NEG_INF
+    n_valid = int(torch.count_nonzero(valid))
+    n = min(n, n_valid)
+    if n <= 0:
+        return torch.zeros(scores.shape, dtype=torch.bool)
+    # Drop scores are finite only at active positions (~10% of a 90% sparse layer): select among those.
+    candidates = flat if n_valid == flat.numel() else flat[valid]
+    threshold = candidates.kthvalue(candidates.numel() - n + 1).values
+    mask = flat > threshold
+    missing = n - int(torch.count_nonzero(mask))
+    if missing > 0:
+        ties = (flat == threshold).nonzero().squeeze(1)[:missing]
+        mask[ties] = True
     return mask.view(scores.shape)
 
 
 def top_per_row_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Per row i, the counts[i] largest entries of scores[i] (counts may differ per row)."""
-    order = scores.argsort(dim=1, descending=True, stable=True)
-    take = torch.arange(scores.shape[1]).unsqueeze(0) < counts.unsqueeze(1)
-    return torch.zeros_like(take).scatter_(1, order, take)
+    """Per row i, the counts[i] largest entries of scores[i] (counts may differ per row).
+
+    A row-wise top-k with k = max(counts), then the first counts[i] of each row: cheap because counts <= k, a
+    small fraction of the fan-in. Ties are broken deterministically by torch.topk.
+    """
+    mask = torch.zeros(scores.shape, dtype=torch.bool)
+    width = int(counts.max()) if counts.numel() else 0
+    if width <= 0:
+        return mask
+    order = scores.topk(width, dim=1, sorted=True).indices
+    take = torch.arange(width).unsqueeze(0) < counts.unsqueeze(1)
+    return mask.scatter_(1, order, take)
 
 
 def ablation_threshold(gamma_sal: float, k0: int) -> int:
@@ -105,7 +134,7 @@ def neurons_to_ablate(
     if m_min >= n_out:  # a dense layer has no room to hand budget to anyone
         return torch.zeros(n_out, dtype=torch.bool)
     salient = top_n_mask(scores.drop, n_keep) | top_n_mask(scores.grow, n_prune)
-    counts = salient.sum(dim=1)
+    counts = row_counts(salient)
     tau = ablation_threshold(gamma_sal, budget // n_out)
     tau = min(tau, int(counts.sort(descending=True).values[m_min]))
     return counts < tau
@@ -126,21 +155,21 @@ def srigl_select(
     regrow each surviving neuron to exactly k by |dense grad| among positions not kept.
     """
     n_out, fan_in = mask.shape
-    n_ones = int(mask.sum())
+    n_ones = int(torch.count_nonzero(mask))
     n_prune = math.floor(n_ones * drop_fraction)
     n_keep = n_ones - n_prune
     if ablation:
         ablated = neurons_to_ablate(scores, n_keep, n_prune, budget, gamma_sal)
     else:
         ablated = torch.zeros(n_out, dtype=torch.bool)
-    k = constant_fan_in(budget, n_out - int(ablated.sum()))
+    k = constant_fan_in(budget, n_out - int(torch.count_nonzero(ablated)))
     if k > fan_in:
         raise InvariantError(f"fan-in after ablation k={k} exceeds the dense fan-in {fan_in}")
     drop = scores.drop.masked_fill(ablated.unsqueeze(1), NEG_INF)
     kept = top_n_mask(drop, n_keep)
     # Where ablation shrank k, a neuron may keep more than k: keep its k largest magnitudes.
     kept &= top_per_row_mask(drop.masked_fill(~kept, NEG_INF), torch.full((n_out,), k))
-    need = torch.where(ablated, 0, k - kept.sum(dim=1))
+    need = torch.where(ablated, 0, k - row_counts(kept))
     grown = top_per_row_mask(scores.grow.masked_fill(kept, NEG_INF), need)
     selection = Selection(kept | grown, kept, grown, ablated, k, n_prune)
     _check_srigl(selection, mask, budget)
@@ -149,15 +178,16 @@ def srigl_select(
 
 def unstructured_select(mask: torch.Tensor, scores: LayerScores, drop_fraction: float) -> Selection:
     """RigL (grow by |dense grad|) or SET (grow by random scores): layer-wise prune and regrow n_prune weights."""
-    n_ones = int(mask.sum())
+    n_ones = int(torch.count_nonzero(mask))
     n_prune = math.floor(n_ones * drop_fraction)
     kept = top_n_mask(scores.drop, n_ones - n_prune)
     grown = top_n_mask(scores.grow.masked_fill(kept, NEG_INF), n_prune)
     new_mask = kept | grown
-    selection = Selection(new_mask, kept, grown, new_mask.sum(dim=1) == 0, None, n_prune)
+    selection = Selection(new_mask, kept, grown, row_counts(new_mask) == 0, None, n_prune)
     _check_common(selection, mask)
-    if int(new_mask.sum()) != n_ones:
-        raise InvariantError(f"unstructured update changed the non-zero count {n_ones} -> {int(new_mask.sum())}")
+    if int(torch.count_nonzero(new_mask)) != n_ones:
+        raise InvariantError(f"unstructured update changed the non-zero count {n_ones} -> "
+                             f"{int(torch.count_nonzero(new_mask))}")
     return selection
 
 
@@ -171,8 +201,9 @@ def _check_common(selection: Selection, old_mask: torch.Tensor) -> None:
 def _check_srigl(selection: Selection, old_mask: torch.Tensor, budget: int) -> None:
     _check_common(selection, old_mask)
     check_constant_fan_in(selection.new_mask, k=selection.k, ablated=selection.ablated)
-    if int(selection.new_mask.sum()) > budget:
-        raise InvariantError(f"{int(selection.new_mask.sum())} non-zeros exceed the layer budget {budget}")
+    nnz = int(torch.count_nonzero(selection.new_mask))
+    if nnz > budget:
+        raise InvariantError(f"{nnz} non-zeros exceed the layer budget {budget}")
 
 
 def check_constant_fan_in(
@@ -183,7 +214,7 @@ def check_constant_fan_in(
     Raises InvariantError naming the layer if active neurons differ, if k differs from the expected one, or if
     the neurons with no inputs differ from the expected ablated set.
     """
-    counts = mask.reshape(mask.shape[0], -1).sum(dim=1)
+    counts = row_counts(mask)
     no_inputs = counts == 0
     active_counts = counts[~no_inputs].unique()
     if active_counts.numel() > 1:

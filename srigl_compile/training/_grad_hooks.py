@@ -34,10 +34,11 @@ class GradientTap:
         if self.active:
             buffer = self.buffers.get(name)
             if buffer is None:
-                self.buffers[name] = grad.detach().float().div_(self.accumulation_n)
+                # A new tensor, never the incoming gradient itself (.float() of fp32 would alias it).
+                self.buffers[name] = grad.detach().float() / self.accumulation_n
             else:
                 buffer.add_(grad.detach(), alpha=1.0 / self.accumulation_n)
-        return grad * layer.mask
+        return torch.where(layer.mask, grad, 0.0)
 
     def take(self, name: str) -> torch.Tensor | None:
         return self.buffers.pop(name, None)

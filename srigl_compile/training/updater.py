@@ -32,6 +32,7 @@ from ..sparsity import (
     gradient_grow_scores,
     magnitude_drop_scores,
     random_grow_scores,
+    row_counts,
     srigl_select,
     unstructured_select,
 )
@@ -100,9 +101,10 @@ class SRigLUpdater:
     @torch.no_grad()
     def step(self) -> bool:
         """Advance one optimizer step; update the masks when due. Returns whether the masks were updated."""
+        # No per-step weight masking: masked gradients and zero optimizer state keep masked weights exactly zero
+        # under SGD/Adam/AdamW (weight decay of a zero is zero); check_invariants catches any optimizer that moves
+        # them, loudly, at the next update.
         self.step_count += 1
-        for layer in self.layers.values():
-            layer.apply_mask_()
         updated = self.config.method is not Method.STATIC and self.schedule.is_update_step(self.step_count)
         if updated:
             self._update(self.step_count)
@@ -166,13 +168,12 @@ class SRigLUpdater:
                     raise InvariantError(f"{name}: {k} x {int((~ablated).sum())} non-zeros exceed budget {plan.budget}")
                 if plan.protected and ablated.any():
                     raise InvariantError(f"{name}: a protected (output) layer has ablated neurons")
-            outside = ~layer.mask
-            if (layer.weight.detach()[outside] != 0).any():
+            if _nonzero_outside(layer.weight.detach(), layer.mask):
                 raise InvariantError(f"{name}: weights outside the mask are not zero")
-            if layer.weight.grad is not None and (layer.weight.grad[outside] != 0).any():
+            if layer.weight.grad is not None and _nonzero_outside(layer.weight.grad, layer.mask):
                 raise InvariantError(f"{name}: gradients outside the mask are not zero")
             for key, tensor in state_tensors(self.optimizer, layer.weight):
-                if (tensor[outside] != 0).any():
+                if _nonzero_outside(tensor, layer.mask):
                     raise InvariantError(f"{name}: optimizer state {key!r} is not zero outside the mask")
 
     # -- reporting and checkpoints ---------------------------------------------------------------------------
@@ -180,10 +181,10 @@ class SRigLUpdater:
         """Per layer: k, active and ablated neurons, density; globally: density and fraction ever explored."""
         layers, nnz_total, numel_total, explored_total = {}, 0, 0, 0
         for name, layer in self.layers.items():
-            counts = layer.neuron_view(layer.mask).sum(dim=1)
+            counts = row_counts(layer.mask)
             active = counts > 0
             nnz, numel = int(counts.sum()), layer.mask.numel()
-            explored = int(unpack_bits(self.explored[name], numel).sum())
+            explored = int(torch.count_nonzero(unpack_bits(self.explored[name], numel)))
             layers[name] = {
                 "k": int(counts.max()) if self.config.method is Method.SRIGL else None,
                 "min_fan_in": int(counts[active].min()) if active.any() else 0,
@@ -215,3 +216,7 @@ class SRigLUpdater:
     def close(self) -> None:
         """Remove the gradient hooks (the model's gradients are no longer masked afterwards)."""
         self._tap.close()
+
+
+def _nonzero_outside(tensor: torch.Tensor, mask: torch.Tensor) -> bool:
+    return bool(torch.any((tensor != 0) & ~mask))

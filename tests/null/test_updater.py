@@ -275,3 +275,17 @@ def test_missing_backward_before_an_update_is_a_clear_error():
         updater.step()
     with pytest.raises(InvariantError, match="backward"):
         updater.step()
+
+
+def test_optimizer_sees_exactly_the_masked_dense_gradient_inside_the_window():
+    model, opt, updater, _ = setup(total=40, grad_accumulation_n=3)
+    x, y = make_data("mlp", 6)
+    for step in range(1, 5):  # steps 2-4 are inside the window of the update at 4
+        opt.zero_grad()
+        reference = copy.deepcopy(model)
+        F.cross_entropy(reference(x), y).backward()
+        F.cross_entropy(model(x), y).backward()
+        for (name, layer), (_, ref_layer) in zip(sparse_layers(model), sparse_layers(reference)):
+            torch.testing.assert_close(layer.weight.grad, ref_layer.weight.grad * layer.mask, rtol=0, atol=0)
+        opt.step()
+        updater.step()
