@@ -5,6 +5,7 @@ Public API (``import srigl_compile`` never imports TVM nor touches CUDA):
     sparsify(model, config)                  -> model with masked constant-fan-in layers
     SRigLUpdater(model, optimizer, config, total_steps).step()   after every optimizer.step()
     sparse_layers(model)                     -> (name, layer) pairs
+    condense(model)                          -> sparse layers as values/indices [n_active, k], ablated removed
 """
 
 from .config import Distribution, Method, SRigLConfig
@@ -19,6 +20,7 @@ from .errors import (
     TraceError,
     UnsupportedTargetError,
 )
+from .passes.condense import condense
 from .passes.sparsify import sparse_layers, sparsify
 from .training.updater import SRigLUpdater
 
@@ -31,6 +33,7 @@ __all__ = [
     "sparsify",
     "sparse_layers",
     "SRigLUpdater",
+    "condense",
     "SRigLError",
     "ConfigError",
     "LayerError",

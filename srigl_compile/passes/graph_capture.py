@@ -46,7 +46,7 @@ class _LayerTracer(fx.Tracer):
     """Keeps the sparsifiable layers as leaves and traces through every other module that contains one."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, LEAF_TYPES):
+        if isinstance(m, LEAF_TYPES) or getattr(m, "srigl_leaf", False):
             return True
         if any(isinstance(c, LEAF_TYPES) for c in m.modules()):
             return False

@@ -1,0 +1,207 @@
+"""Condensed inference layers: each active neuron's k non-zeros as dense [n_active, k] values and input indices.
+
+    y[..., j] = bias[j] + sum_t values[j, t] * x[..., indices[j, t]]          (j over active neurons)
+
+The plain-PyTorch forward here is the reference every compiled kernel is checked against. Indices are sorted per
+row and stored as int16 when the fan-in allows (halving index bandwidth), else int32.
+
+Output width. By default a condensed layer writes the full width: ablated neurons (no inputs) still output their
+bias, exactly as the masked layer did. ``ShrinkAblatedNeurons`` may switch a layer to ``compact`` output (active
+neurons only) once it has removed the matching inputs of every consumer.
+
+Example:
+    >>> import torch.nn as nn
+    >>> from srigl_compile import SRigLConfig, sparsify, sparse_layers
+    >>> sparse = sparsify(nn.Sequential(nn.Linear(32, 16)), SRigLConfig(sparsity=0.75))
+    >>> layer = CondensedLinear.from_masked(dict(sparse_layers(sparse))["0"])
+    >>> tuple(layer.values.shape), layer.indices.dtype
+    ((16, 8), torch.int16)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import LayerError
+from ..sparsity.selection import row_counts
+
+__all__ = ["CondensedLinear", "CondensedConv", "condensed_arrays", "index_dtype_for"]
+
+
+def index_dtype_for(fan_in: int) -> torch.dtype:
+    return torch.int16 if fan_in <= torch.iinfo(torch.int16).max + 1 else torch.int32
+
+
+def condensed_arrays(weight: torch.Tensor, mask: torch.Tensor, name: str = "layer"):
+    """(active rows int64 [n_act], values [n_act, k], indices [n_act, k] sorted per row) of a neuron-view layer.
+
+    Raises LayerError if the active neurons do not share one fan-in (RigL/SET masks are not constant fan-in).
+    """
+    mask2d = mask.reshape(mask.shape[0], -1)
+    weight2d = weight.detach().reshape(weight.shape[0], -1)
+    counts = row_counts(mask2d)
+    active = (counts > 0).nonzero().squeeze(1)
+    fan_ins = counts[active].unique()
+    if fan_ins.numel() > 1:
+        raise LayerError(
+            f"layer {name!r} is not constant fan-in (active neurons have {fan_ins.tolist()[:5]} inputs): "
+            "condensing needs masks from method='srigl' or 'static'"
+        )
+    k = int(fan_ins[0]) if fan_ins.numel() else 0
+    rows = mask2d[active]
+    # nonzero() walks row-major, so each row's column indices come out ascending.
+    columns = rows.nonzero()[:, 1].reshape(len(active), k)
+    values = weight2d[active].gather(1, columns).contiguous()
+    return active, values, columns.to(index_dtype_for(mask2d.shape[1])).contiguous()
+
+
+class _Condensed(nn.Module):
+    """Shared storage and the full-width scatter of condensed layers."""
+
+    srigl_leaf = True  # graph capture keeps condensed layers as single call_module nodes
+
+    def _init_storage(self, n_out: int, fan_in: int, active, values, indices, bias) -> None:
+        self.n_out, self.fan_in = n_out, fan_in
+        self.compact = False
+        self.register_buffer("values", values)
+        self.register_buffer("indices", indices)
+        self.register_buffer("active", active)
+        self.register_buffer("bias", None if bias is None else bias.detach()[active].clone())
+        # What ablated neurons output in full-width mode: their bias (their weights are all zero).
+        full = torch.zeros(n_out, dtype=values.dtype) if bias is None else bias.detach().clone()
+        self.register_buffer("full_bias", full)
+
+    @property
+    def k(self) -> int:
+        return self.values.shape[1]
+
+    @property
+    def n_active(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def is_full(self) -> bool:
+        return self.n_active == self.n_out
+
+    def scatter(self, y_active: torch.Tensor, dim: int) -> torch.Tensor:
+        """Place active outputs at their rows along ``dim``; other rows get their bias (full-width mode)."""
+        if self.compact or self.is_full:
+            return y_active
+        shape = list(y_active.shape)
+        shape[dim] = self.n_out
+        view = [1] * len(shape)
+        view[dim] = self.n_out
+        out = self.full_bias.to(y_active.dtype).view(view).expand(shape).clone()
+        return out.index_copy_(dim, self.active, y_active)
+
+    def extra_repr(self) -> str:
+        mode = "compact" if self.compact else "full"
+        return (f"n_out={self.n_out}, fan_in={self.fan_in}, active={self.n_active}, k={self.k}, "
+                f"indices={str(self.indices.dtype).removeprefix('torch.')}, bias={self.bias is not None}, out={mode}")
+
+
+class CondensedLinear(_Condensed):
+    """A constant-fan-in Linear as values/indices [n_active, k]; reference gather forward."""
+
+    def __init__(self, in_features: int, out_features: int, active, values, indices, bias=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_storage(out_features, in_features, active, values, indices, bias)
+
+    @classmethod
+    def from_masked(cls, layer: nn.Module, name: str = "layer") -> CondensedLinear:
+        active, values, indices = condensed_arrays(layer.weight, layer.mask, name)
+        in_features = layer.weight.shape[1]
+        return cls(in_features, layer.weight.shape[0], active, values, indices, layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gathered = x[..., self.indices.long()]  # [..., n_active, k]
+        y = (gathered * self.values).sum(dim=-1)
+        if self.bias is not None:
+            y = y + self.bias
+        return self.scatter(y, dim=-1)
+
+
+class CondensedConv(_Condensed):
+    """A constant-fan-in Conv1d/Conv2d: a neuron is an output filter, its fan-in runs over in/groups x kernel.
+
+    ``indices`` are positions inside the neuron's own group window (as in the mask); ``column_offsets`` turns them
+    into columns of the full im2col matrix [in_channels * prod(kernel), L], which is what the kernels read.
+    """
+
+    def __init__(self, conv: nn.Module, active, values, indices, bias=None) -> None:
+        super().__init__()
+        self.dims = conv.weight.dim() - 2
+        if self.dims not in (1, 2):
+            raise LayerError(f"condensed convolutions support Conv1d and Conv2d, not Conv{self.dims}d")
+        self.in_channels, self.out_channels, self.groups = conv.in_channels, conv.out_channels, conv.groups
+        self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
+        self.padding, self.dilation = conv.padding, tuple(conv.dilation)
+        self.padding_mode = conv.padding_mode
+        self._reversed_padding = tuple(getattr(conv, "_reversed_padding_repeated_twice", ()))
+        fan_in = conv.weight[0].numel()
+        self._init_storage(conv.out_channels, fan_in, active, values, indices, bias)
+        group_of = active // (conv.out_channels // conv.groups)
+        self.register_buffer("column_offsets", group_of * fan_in)
+
+    @classmethod
+    def from_masked(cls, layer: nn.Module, name: str = "layer") -> CondensedConv:
+        active, values, indices = condensed_arrays(layer.weight, layer.mask, name)
+        return cls(layer, active, values, indices, layer.bias)
+
+    def _as_2d(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple, tuple, tuple, tuple]:
+        # Conv1d runs as a Conv2d over a height of 1: kernel/stride/dilation 1 and padding 0 along that height.
+        as2d = lambda p, unit: (unit, p[0]) if self.dims == 1 else tuple(p)  # noqa: E731
+        kernel, stride, dilation = as2d(self.kernel_size, 1), as2d(self.stride, 1), as2d(self.dilation, 1)
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding, mode=self.padding_mode)
+            padding = (0,) * self.dims
+        elif padding == "same" or padding == "valid":
+            padding = _explicit_padding(padding, self.kernel_size, self.dilation)
+            if any(p is None for p in padding):  # asymmetric 'same': pad by hand as torch does
+                x = F.pad(x, _same_pad_pairs(self.kernel_size, self.dilation))
+                padding = (0,) * self.dims
+        if self.dims == 1:
+            x = x.unsqueeze(2)
+        return x, kernel, stride, dilation, as2d(padding, 0)
+
+    def im2col(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """[B, C, *spatial] -> ([B, C * prod(kernel), L], output spatial shape)."""
+        x2, kernel, stride, dilation, padding = self._as_2d(x)
+        columns = F.unfold(x2, kernel, dilation=dilation, padding=padding, stride=stride)
+        out_hw = [
+            (x2.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)
+        ]
+        spatial = (out_hw[1],) if self.dims == 1 else tuple(out_hw)
+        return columns, spatial
+
+    def global_columns(self) -> torch.Tensor:
+        """int64 [n_active, k] columns of the im2col matrix each neuron reads."""
+        return self.indices.long() + self.column_offsets.unsqueeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        columns, spatial = self.im2col(x)
+        gathered = columns[:, self.global_columns()]  # [B, n_active, k, L]
+        y = torch.einsum("bnkl,nk->bnl", gathered, self.values)
+        if self.bias is not None:
+            y = y + self.bias.unsqueeze(1)
+        y = self.scatter(y, dim=1)
+        return y.reshape(*y.shape[:2], *spatial)
+
+
+def _explicit_padding(mode: str, kernel: tuple, dilation: tuple) -> tuple:
+    if mode == "valid":
+        return (0,) * len(kernel)
+    total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    return tuple(t // 2 if t % 2 == 0 else None for t in total)
+
+
+def _same_pad_pairs(kernel: tuple, dilation: tuple) -> tuple:
+    pairs = []
+    for k, d in reversed(list(zip(kernel, dilation))):
+        total = d * (k - 1)
+        pairs += [total // 2, total - total // 2]
+    return tuple(pairs)

@@ -1,0 +1,93 @@
+"""CondensePass: masked layers -> condensed [n_active, k] layers with a reference PyTorch forward.
+
+Contract.
+    requires: the model has masked layers, each constant fan-in (method "srigl" or "static").
+    ensures:  every MaskedLinear / MaskedConv1d / MaskedConv2d is a full-width condensed layer whose output equals
+              the masked layer's output; nothing else changed. Layers with no condensed form yet
+              (MaskedConv3d, MultiheadAttention's packed projections) stay masked, with a warning naming them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+
+import torch.nn as nn
+
+from ..errors import LayerError, TraceError
+from ..nn.condensed import CondensedConv, CondensedLinear
+from ..nn.masked import MaskedConv1d, MaskedConv2d, MaskedLinear
+from .base import Pass, PassResult
+from .graph_capture import capture_graph
+from .shrink_ablated import apply_shrink, plan_shrink
+from .sparsify import sparse_layers
+
+__all__ = ["CondensePass", "condense", "replace_submodule"]
+
+log = logging.getLogger(__name__)
+
+_CONDENSED = {MaskedLinear: CondensedLinear, MaskedConv1d: CondensedConv, MaskedConv2d: CondensedConv}
+
+
+def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+class CondensePass(Pass):
+    """Replace each masked Linear/Conv1d/Conv2d by its condensed form (in place)."""
+
+    def requires(self, model: nn.Module) -> None:
+        if not any(True for _ in sparse_layers(model)):
+            raise LayerError("the model has no sparse layers to condense: sparsify and train it first")
+
+    def call(self, model: nn.Module) -> PassResult:
+        modified, kept = False, []
+        for name, layer in list(sparse_layers(model)):
+            condensed_cls = _CONDENSED.get(type(layer))
+            if condensed_cls is None:
+                kept.append(f"{name} ({type(layer).__name__})")
+                continue
+            replace_submodule(model, name, condensed_cls.from_masked(layer, name))
+            modified = True
+        if kept:
+            warnings.warn(f"no condensed form yet for {kept}; they stay masked (dense compute)", stacklevel=3)
+        return PassResult(model, modified)
+
+    def ensures(self, result: PassResult) -> None:
+        left = [name for name, layer in sparse_layers(result.module) if type(layer) in _CONDENSED]
+        if left:
+            raise LayerError(f"layers {left} were not condensed")
+
+
+def condense(model: nn.Module, *, example_inputs=None, shrink: bool = True, inplace: bool = False) -> nn.Module:
+    """Return ``model`` with every sparse layer condensed to values/indices [n_active, k].
+
+    Args:
+        model: a model from ``sparsify`` (typically trained with SRigLUpdater).
+        example_inputs: as for ``sparsify``; needed to capture the graph of models symbolic_trace cannot trace.
+        shrink: remove ablated neurons across the graph where their width is not observable (see
+            ``passes/shrink_ablated.py``); without it, condensed layers keep their full output width.
+        inplace: rewrite ``model`` itself instead of a deep copy.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from srigl_compile import SRigLConfig, sparsify
+        >>> sparse = sparsify(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)), SRigLConfig(0.9))
+        >>> x = torch.randn(3, 32)
+        >>> torch.allclose(condense(sparse)(x), sparse(x), atol=1e-5)
+        True
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    plans = []
+    if shrink:
+        try:
+            plans = plan_shrink(model, capture_graph(model, example_inputs))
+        except TraceError as err:
+            warnings.warn(f"ablated neurons are kept at full width: {err}", stacklevel=2)
+    CondensePass()(model)
+    removed = apply_shrink(model, plans)
+    log.info("condensed; removed %d ablated neurons across %d layers", removed, len(plans))
+    return model

@@ -1,0 +1,273 @@
+"""ShrinkAblatedNeurons: remove ablated neurons from the producer and the matching inputs from its consumers.
+
+An ablated neuron has no inputs, so it outputs a constant: its bias, then whatever the elementwise ops and eval
+BatchNorm after it make of that (act(bias), or relu(BN shift) after a conv + BN). Where every use of a producer's
+output reaches Linear/Conv consumers only through such per-feature ops, the neuron's row goes from the producer,
+its channel from any BatchNorm on the way, its input column from each consumer, and its constant, times the
+consumer's weights, is folded into the consumer's bias.
+
+Contract.
+    requires: ``plan_shrink`` ran on the *masked* model's graph (captured as for sparsify); ``apply_shrink`` runs on
+              the same model after CondensePass, so layers are found by name.
+    ensures:  the model's output is unchanged (up to float rounding of the folded constants). A producer is left
+              full width (nothing removed) where the width is observable: a residual add, a concat, a reshape or
+              flatten, a norm over features, the model output, attention, a grouped consumer, or a padded conv
+              consumer whose folded constant would not be constant at the borders (exact only when it is 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..nn.condensed import CondensedConv, CondensedLinear
+from ..nn.masked import MaskedConv1d, MaskedConv2d, MaskedLinear
+from .graph_capture import ModelGraph
+from .sparsify import sparse_layers
+
+__all__ = ["ShrinkPlan", "plan_shrink", "apply_shrink"]
+
+log = logging.getLogger(__name__)
+
+_ACT_MODULES = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.ReLU6, nn.Hardswish,
+                nn.Hardtanh, nn.Mish, nn.Softplus, nn.Identity)
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
+_ACT_FUNCTIONS = {F.relu, torch.relu, F.gelu, F.silu, torch.tanh, torch.sigmoid, F.leaky_relu, F.elu, F.relu6,
+                  F.hardswish, F.hardtanh, F.mish, F.softplus, torch.nn.functional.tanh, torch.nn.functional.sigmoid}
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d}
+_ACT_METHODS = {"relu", "sigmoid", "tanh"}
+_ATEN_ACTS = {"relu", "gelu", "silu", "tanh", "sigmoid", "leaky_relu", "elu", "hardtanh", "hardswish", "mish",
+              "softplus"}
+_ATEN_DROPOUTS = {"dropout", "clone", "alias"}
+_SHRINKABLE = (MaskedLinear, MaskedConv1d, MaskedConv2d)
+
+
+@dataclasses.dataclass
+class ShrinkPlan:
+    """Remove ``removed`` output channels of ``producer``; BatchNorms on the way lose them too; each consumer
+    loses those input channels and adds constant[c] x its weights to its bias."""
+
+    producer: str
+    removed: torch.Tensor
+    batchnorms: list[str]
+    consumers: dict[str, torch.Tensor]
+
+
+def _is_dropout(node: fx.Node, modules: dict) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _DROPOUT_MODULES)
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "").split(".")[0]
+        return node.target in _DROPOUT_FUNCTIONS or (_is_aten(node) and name in _ATEN_DROPOUTS)
+    return False
+
+
+def _is_aten(node: fx.Node) -> bool:
+    return isinstance(node.target, torch._ops.OpOverload)
+
+
+def _only_first_arg_is_tensor(node: fx.Node) -> bool:
+    others = list(node.args[1:]) + list(node.kwargs.values())
+    return not any(isinstance(a, fx.Node) for a in others)
+
+
+def _passes_through(node: fx.Node, modules: dict, conv: bool) -> bool:
+    """A per-feature op whose only tensor input is the producer's value (args[0])."""
+    if not node.args or not _only_first_arg_is_tensor(node):
+        return False
+    if node.op == "call_module":
+        module = modules[node.target]
+        is_bn = conv and isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and module.track_running_stats
+        return isinstance(module, _ACT_MODULES + _DROPOUT_MODULES) or is_bn
+    if node.op == "call_function":
+        if _is_aten(node):
+            return node.target._opname in _ATEN_ACTS | _ATEN_DROPOUTS
+        return node.target in _ACT_FUNCTIONS | _DROPOUT_FUNCTIONS
+    return node.op == "call_method" and node.target in _ACT_METHODS
+
+
+def _layer_nodes(model: nn.Module, graph: ModelGraph) -> dict[fx.Node, str]:
+    """graph node -> name of the Linear/Conv layer it computes: the layer's own module call (symbolic_trace) or
+    an aten linear/conv reading the layer's weight as its second argument (torch.export)."""
+    names = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            continue
+        for node in graph.consumers.get(f"{name}.weight" if name else "weight", []):
+            own_call = node.op == "call_module" and node.target == name
+            aten_op = (node.op == "call_function" and _is_aten(node) and len(node.args) > 1
+                       and isinstance(node.args[1], fx.Node) and node.args[1].op == "placeholder"
+                       and node.target._opname in ("linear", "conv1d", "conv2d", "convolution"))
+            if own_call or aten_op:
+                names[node] = name
+    return names
+
+
+def _batchnorm(x: torch.Tensor, bn: nn.Module, channels: torch.Tensor) -> torch.Tensor:
+    pick = lambda t: None if t is None else t.detach().index_select(0, channels)  # noqa: E731
+    return F.batch_norm(x, pick(bn.running_mean), pick(bn.running_var), pick(bn.weight), pick(bn.bias),
+                        training=False, eps=bn.eps)
+
+
+def _constant(value: torch.Tensor, channels: torch.Tensor, path: list[fx.Node], modules: dict,
+              dims: int) -> torch.Tensor:
+    """Push the ablated neurons' constant outputs through the per-feature ops of one path."""
+    x = value.reshape(1, -1, *([1] * dims))
+    with torch.no_grad():
+        for node in path:
+            if _is_dropout(node, modules):
+                continue  # inference: dropout is the identity
+            if node.op == "call_module":
+                module = modules[node.target]
+                is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
+                x = _batchnorm(x, module, channels) if is_bn else module(x)
+            elif node.op == "call_method":
+                x = getattr(x, node.target)(*node.args[1:], **node.kwargs)
+            else:
+                x = node.target(x, *node.args[1:], **node.kwargs)
+    return x.reshape(-1)
+
+
+def _walk(start: fx.Node, layer_of: dict, modules: dict, conv: bool):
+    """Follow every use of ``start``. Returns [(consumer layer, path of per-feature nodes)], or None where the
+    width is observable."""
+    found, stack = [], [(start, [])]
+    while stack:
+        node, path = stack.pop()
+        if not node.users:
+            return None
+        for user in node.users:
+            if user.args and user.args[0] is not node:
+                return None
+            if user in layer_of:
+                found.append((layer_of[user], path))
+            elif _passes_through(user, modules, conv):
+                stack.append((user, path + [user]))
+            else:
+                return None
+    return found
+
+
+def _padded(conv: nn.Module) -> bool:
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return conv.padding != "valid"
+    return any(p != 0 for p in conv.padding)
+
+
+def _consumer_ok(module: nn.Module, constant: torch.Tensor) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1:
+        # A padded conv sees zeros, not the constant, at its borders: folding is exact only for a zero constant.
+        return not _padded(module) or bool(torch.all(constant == 0))
+    return False
+
+
+def plan_shrink(model: nn.Module, graph: ModelGraph) -> list[ShrinkPlan]:
+    """Which ablated neurons of a masked model can be removed, and what each consumer must fold in."""
+    modules = dict(model.named_modules())
+    layer_of = _layer_nodes(model, graph)
+    calls = [n.target for n in graph.graph.nodes if n.op == "call_module"]
+    plans = []
+    for name, layer in sparse_layers(model):
+        nodes = [n for n, owner in layer_of.items() if owner == name]
+        if not isinstance(layer, _SHRINKABLE) or len(nodes) != 1:
+            continue
+        removed = (layer.neuron_view(layer.mask).view(torch.uint8).sum(dim=1) == 0).nonzero().squeeze(1)
+        if removed.numel() == 0 or removed.numel() == layer.mask.shape[0]:
+            continue
+        uses = _walk(nodes[0], layer_of, modules, conv=not isinstance(layer, nn.Linear))
+        if not uses:
+            log.info("%s: %d ablated neurons kept (output width is observable)", name, removed.numel())
+            continue
+        bns = sorted({n.target for _, path in uses for n in path if n.op == "call_module"
+                      and isinstance(modules[n.target], nn.modules.batchnorm._BatchNorm)})
+        if any(calls.count(bn) > 1 for bn in bns):
+            continue  # a BatchNorm also used elsewhere cannot lose channels
+        bias = layer.bias.detach()[removed] if layer.bias is not None else torch.zeros(removed.numel())
+        consumers = {c: _constant(bias, removed, path, modules, layer.weight.dim() - 2) for c, path in uses}
+        if len(consumers) == len(uses) and all(_consumer_ok(modules[c], v) for c, v in consumers.items()):
+            plans.append(ShrinkPlan(name, removed, bns, consumers))
+    return plans
+
+
+def _keep(n: int, removed: torch.Tensor) -> torch.Tensor:
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[removed] = False
+    return keep
+
+
+@torch.no_grad()
+def _slice_batchnorm(bn: nn.Module, keep: torch.Tensor) -> None:
+    for attr in ("running_mean", "running_var"):
+        setattr(bn, attr, getattr(bn, attr)[keep].clone())
+    for attr in ("weight", "bias"):
+        if getattr(bn, attr) is not None:
+            setattr(bn, attr, nn.Parameter(getattr(bn, attr)[keep].clone()))
+    bn.num_features = int(keep.sum())
+
+
+@torch.no_grad()
+def _drop_dense_inputs(layer: nn.Module, keep: torch.Tensor, constant_full: torch.Tensor) -> None:
+    weight = layer.weight.detach()
+    per_input = weight.reshape(weight.shape[0], weight.shape[1], -1).sum(dim=2)  # a conv's kernel taps add up
+    fold = per_input[:, ~keep] @ constant_full[~keep]
+    if layer.bias is None:
+        layer.bias = nn.Parameter(fold.clone())
+    else:
+        layer.bias.add_(fold)
+    layer.weight = nn.Parameter(weight[:, keep].clone())
+    if isinstance(layer, nn.Linear):
+        layer.in_features = int(keep.sum())
+    else:
+        layer.in_channels = int(keep.sum())
+
+
+@torch.no_grad()
+def _drop_condensed_inputs(layer: nn.Module, keep: torch.Tensor, constant_full: torch.Tensor) -> None:
+    taps = 1 if isinstance(layer, CondensedLinear) else layer.fan_in // layer.in_channels
+    index = layer.indices.long()
+    channel, tap = index // taps, index % taps
+    gone = ~keep[channel]
+    fold = (layer.values * constant_full[channel] * gone).sum(dim=1)
+    if layer.bias is None:
+        layer.bias = torch.zeros(layer.n_active, dtype=layer.values.dtype)
+    layer.bias += fold
+    layer.full_bias[layer.active] += fold
+    # Removed entries become zero-valued taps on the previous kept column, which keeps every row sorted.
+    new_channel = (torch.cumsum(keep.long(), 0) - 1).clamp(min=0)[channel]
+    layer.values.masked_fill_(gone, 0)
+    layer.indices = (new_channel * taps + tap).to(layer.indices.dtype)
+    if isinstance(layer, CondensedLinear):
+        layer.in_features = layer.fan_in = int(keep.sum())
+    else:
+        layer.in_channels = int(keep.sum())
+        layer.fan_in = layer.in_channels * taps
+
+
+def apply_shrink(model: nn.Module, plans: list[ShrinkPlan]) -> int:
+    """Apply ``plan_shrink``'s plans to the condensed model; returns how many neurons were removed."""
+    removed_total = 0
+    for plan in plans:
+        producer = model.get_submodule(plan.producer)
+        if not isinstance(producer, (CondensedLinear, CondensedConv)):
+            continue
+        keep = _keep(producer.n_out, plan.removed)
+        producer.compact = True
+        for bn in plan.batchnorms:
+            _slice_batchnorm(model.get_submodule(bn), keep)
+        for name, constant in plan.consumers.items():
+            consumer = model.get_submodule(name)
+            constant_full = torch.zeros(producer.n_out, dtype=constant.dtype)
+            constant_full[plan.removed] = constant
+            if isinstance(consumer, (CondensedLinear, CondensedConv)):
+                _drop_condensed_inputs(consumer, keep, constant_full)
+            else:
+                _drop_dense_inputs(consumer, keep, constant_full)
+        removed_total += plan.removed.numel()
+    return removed_total

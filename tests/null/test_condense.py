@@ -1,0 +1,211 @@
+"""condense(): condensed layers equal the masked model; ablated neurons are removed where allowed, kept where not."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from srigl_compile import LayerError, SRigLConfig, condense, sparse_layers, sparsify
+from srigl_compile.nn.condensed import CondensedConv, CondensedLinear
+
+
+def ablate(model, rows_by_layer, biases=None):
+    """Ablate neurons by hand (as the updater would): empty their mask rows and zero their weights."""
+    layers = dict(sparse_layers(model))
+    with torch.no_grad():
+        for name, rows in rows_by_layer.items():
+            layers[name].mask[rows] = False
+            layers[name].weight[rows] = 0
+        for (name, row), value in (biases or {}).items():
+            layers[name].bias[row] = value
+    return model
+
+
+def assert_same(condensed, masked, *inputs):
+    masked.eval()
+    condensed.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(condensed(*inputs), masked(*inputs), rtol=1e-5, atol=1e-5)
+
+
+def mlp(bias=True):
+    return nn.Sequential(nn.Linear(32, 64, bias=bias), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, 48, bias=bias),
+                         nn.GELU(), nn.Linear(48, 8, bias=bias))
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_mlp_with_ablated_neurons_shrinks_and_matches(batch, bias):
+    torch.manual_seed(0)
+    masked = sparsify(mlp(bias), SRigLConfig(sparsity=0.8, seed=1))
+    ablate(masked, {"0": [1, 5, 7], "3": [0, 10]}, {("0", 5): -0.5, ("0", 7): 0.7} if bias else None)
+    condensed = condense(masked)
+    first, second, last = condensed[0], condensed[3], condensed[5]
+    assert isinstance(first, CondensedLinear) and first.compact and first.n_active == 61
+    assert second.compact and second.fan_in == 61 and second.n_active == 46
+    assert not last.compact and last.fan_in == 46, "the model output keeps its width"
+    assert_same(condensed, masked, torch.randn(batch, 32))
+
+
+def test_condensed_arrays_are_sorted_rows_of_the_mask():
+    masked = sparsify(nn.Sequential(nn.Linear(40000, 4)), SRigLConfig(sparsity=0.999, seed=3))
+    layer = dict(sparse_layers(masked))["0"]
+    condensed = condense(masked)[0]
+    assert condensed.indices.dtype == torch.int32, "fan-in 40000 does not fit int16"
+    assert torch.all(condensed.indices[:, 1:] > condensed.indices[:, :-1])
+    rows = layer.mask.nonzero()
+    assert torch.equal(condensed.indices.long().reshape(-1), rows[:, 1])
+    assert torch.equal(condensed.values.reshape(-1), layer.weight.detach()[layer.mask])
+    small = condense(sparsify(nn.Sequential(nn.Linear(64, 4)), SRigLConfig(0.5)))[0]
+    assert small.indices.dtype == torch.int16
+
+
+def test_k_equal_one_layers():
+    masked = sparsify(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3)),
+                      SRigLConfig(sparsity=0.9375, distribution="uniform"))
+    condensed = condense(masked)
+    assert condensed[0].k == 1
+    assert_same(condensed, masked, torch.randn(5, 16))
+
+
+class ResidualCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.expand = nn.Conv2d(16, 32, 1)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.project = nn.Conv2d(32, 16, 1)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.spatial = nn.Conv2d(16, 24, 3, padding=1)
+        self.bn3 = nn.BatchNorm2d(24)
+        self.mix = nn.Conv2d(24, 24, 3, padding=1)
+        self.depthwise = nn.Conv2d(24, 24, 3, padding=1, groups=24)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        h = F.relu(self.bn0(self.stem(x)))
+        h = h + self.bn2(self.project(F.relu(self.bn1(self.expand(h)))))  # residual: stem/project widths observable
+        h = F.relu(self.bn3(self.spatial(h)))
+        h = self.depthwise(F.relu(self.mix(h)))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def randomize_bn(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-1, 1)
+    return model
+
+
+def test_cnn_with_batchnorm_and_residuals():
+    torch.manual_seed(0)
+    masked = randomize_bn(sparsify(ResidualCNN(), SRigLConfig(sparsity=0.8, seed=2)))
+    # expand -> BN -> relu -> project (1x1, no padding): removable with relu(BN(bias)) folded.
+    # spatial -> BN -> relu -> mix (3x3, padded): removable only where the folded constant is exactly 0.
+    # stem / project feed the residual add: kept.
+    ablate(masked, {"expand": [0, 3, 9], "spatial": [2, 4], "stem": [1], "project": [0], "mix": [5]})
+    with torch.no_grad():
+        masked.bn3.bias[2], masked.bn3.bias[4] = -3.0, -3.0  # relu(BN(bias)) = 0 for both spatial rows
+        masked.bn3.running_mean[2:5:2] = 0.0
+    condensed = condense(masked)
+    assert isinstance(condensed.expand, CondensedConv) and condensed.expand.compact
+    assert condensed.bn1.num_features == 29 and condensed.project.in_channels == 29
+    assert condensed.spatial.compact and condensed.bn3.num_features == 22 and condensed.mix.in_channels == 22
+    assert not condensed.stem.compact and not condensed.project.compact, "widths into a residual add are kept"
+    assert not condensed.mix.compact, "mix feeds a depthwise conv: grouped consumers keep the width"
+    for batch in (1, 3):
+        assert_same(condensed, masked, torch.randn(batch, 3, 8, 8))
+
+
+def test_padded_consumer_keeps_a_nonzero_constant():
+    torch.manual_seed(0)
+    masked = randomize_bn(sparsify(ResidualCNN(), SRigLConfig(sparsity=0.8, seed=2)))
+    ablate(masked, {"spatial": [2]})
+    with torch.no_grad():
+        masked.bn3.bias[2], masked.bn3.running_mean[2] = 2.0, 0.0  # relu(BN(bias)) > 0: not foldable at borders
+    condensed = condense(masked)
+    assert not condensed.spatial.compact and condensed.mix.in_channels == 24
+    assert_same(condensed, masked, torch.randn(2, 3, 8, 8))
+
+
+def test_conv1d_and_strided_dilated_convs():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(4, 8, 5, stride=2, padding=2, dilation=1), nn.ReLU(),
+                        nn.Conv1d(8, 8, 3, dilation=2, groups=2, padding_mode="circular", padding=2))
+    masked = sparsify(net, SRigLConfig(sparsity=0.6))
+    assert_same(condense(masked), masked, torch.randn(3, 4, 17))
+    net2 = nn.Sequential(nn.Conv2d(3, 6, (3, 5), stride=(2, 1), padding="same" if False else (1, 2)),
+                         nn.Conv2d(6, 6, 3, padding="same", dilation=2))
+    masked2 = sparsify(net2, SRigLConfig(sparsity=0.7))
+    assert_same(condense(masked2), masked2, torch.randn(2, 3, 9, 11))
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block written with Linear layers (no MultiheadAttention)."""
+
+    def __init__(self, d=32, heads=4, hidden=64):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        x = x + self.proj(attn)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+def test_transformer_block_shrinks_the_mlp_only():
+    torch.manual_seed(0)
+    masked = sparsify(Block(), SRigLConfig(sparsity=0.8, distribution="uniform"))
+    ablate(masked, {"fc1": [3, 7], "qkv": [0, 40], "fc2": [1]}, {("fc1", 3): 0.9})
+    condensed = condense(masked)
+    assert condensed.fc1.compact and condensed.fc2.fan_in == 62
+    assert not condensed.qkv.compact, "qkv is reshaped into heads"
+    assert not condensed.fc2.compact, "fc2 writes the residual stream"
+    assert_same(condensed, masked, torch.randn(2, 5, 32))
+
+
+def test_hf_bert_condenses_through_torch_export():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    torch.manual_seed(0)
+    bert = transformers.BertForSequenceClassification(config).eval()
+    ids = torch.randint(0, 100, (2, 7))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    masked = sparsify(bert, SRigLConfig(sparsity=0.8, distribution="uniform"), example_inputs=inputs)
+    inter_name = "bert.encoder.layer.0.intermediate.dense"
+    ablate(masked, {inter_name: [2, 9], "bert.encoder.layer.1.attention.self.query": [4]}, {(inter_name, 2): 0.8})
+    condensed = condense(masked, example_inputs=inputs)
+    inter = condensed.bert.encoder.layer[0].intermediate.dense
+    assert inter.compact and condensed.bert.encoder.layer[0].output.dense.fan_in == 62
+    assert not condensed.bert.encoder.layer[1].attention.self.query.compact
+    masked.eval()
+    torch.testing.assert_close(condensed(**inputs).logits, masked(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_condense_errors():
+    with pytest.raises(LayerError, match="no sparse layers"):
+        condense(mlp())
+    rigl_like = sparsify(mlp(), SRigLConfig(sparsity=0.8))
+    layer = dict(sparse_layers(rigl_like))["0"]
+    with torch.no_grad():
+        layer.mask[0, :] = True
+    with pytest.raises(LayerError, match="not constant fan-in"):
+        condense(rigl_like)
+
+
+def test_condense_without_shrink_keeps_full_width():
+    masked = ablate(sparsify(mlp(), SRigLConfig(sparsity=0.8)), {"0": [1, 2]})
+    condensed = condense(masked, shrink=False)
+    assert not condensed[0].compact and condensed[3].fan_in == 64
+    assert_same(condensed, masked, torch.randn(4, 32))
