@@ -135,4 +135,4 @@ def train_digits(method: str = "srigl", sparsity: float = 0.9, *, model: str = "
 def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled, desc="training", leave=False)
+    return tqdm(total=total, disable=None if enabled else True, desc="training", leave=False)  # None: off when not a TTY

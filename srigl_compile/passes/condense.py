@@ -3,8 +3,9 @@
 Contract.
     requires: the model has masked layers, each constant fan-in (method "srigl" or "static").
     ensures:  every MaskedLinear / MaskedConv1d / MaskedConv2d is a full-width condensed layer whose output equals
-              the masked layer's output; nothing else changed. Layers with no condensed form yet
-              (MaskedConv3d, MultiheadAttention's packed projections) stay masked, with a warning naming them.
+              the masked layer's output, and every MultiheadAttention with sparse projections is a
+              CondensedMultiheadAttention; nothing else changed. MaskedConv3d has no condensed form yet and stays
+              masked, with a warning naming it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch.nn as nn
 
 from ..errors import LayerError, TraceError
 from ..nn.condensed import CondensedConv, CondensedLinear
-from ..nn.masked import MaskedConv1d, MaskedConv2d, MaskedLinear
+from ..nn.condensed_attention import CondensedMultiheadAttention
+from ..nn.masked import MaskedConv1d, MaskedConv2d, MaskedLinear, is_masked
 from .base import Pass, PassResult
 from .graph_capture import capture_graph
 from .shrink_ablated import apply_shrink, plan_shrink
@@ -43,7 +45,7 @@ class CondensePass(Pass):
             raise LayerError("the model has no sparse layers to condense: sparsify and train it first")
 
     def call(self, model: nn.Module) -> PassResult:
-        modified, kept = False, []
+        modified, kept = self._condense_attention(model), []
         for name, layer in list(sparse_layers(model)):
             condensed_cls = _CONDENSED.get(type(layer))
             if condensed_cls is None:
@@ -54,6 +56,15 @@ class CondensePass(Pass):
         if kept:
             warnings.warn(f"no condensed form yet for {kept}; they stay masked (dense compute)", stacklevel=3)
         return PassResult(model, modified)
+
+    @staticmethod
+    def _condense_attention(model: nn.Module) -> bool:
+        """Attention modules holding sparse projections become CondensedMultiheadAttention."""
+        found = [(name, m) for name, m in model.named_modules()
+                 if isinstance(m, nn.MultiheadAttention) and any(is_masked(c) for c in m.modules())]
+        for name, mha in found:
+            replace_submodule(model, name, CondensedMultiheadAttention.from_attention(mha, name))
+        return bool(found)
 
     def ensures(self, result: PassResult) -> None:
         left = [name for name, layer in sparse_layers(result.module) if type(layer) in _CONDENSED]

@@ -209,3 +209,45 @@ def test_condense_without_shrink_keeps_full_width():
     condensed = condense(masked, shrink=False)
     assert not condensed[0].compact and condensed[3].fan_in == 64
     assert_same(condensed, masked, torch.randn(4, 32))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_encoder_attention_condenses(batch_first):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    x = torch.randn(3, 6, 32) if batch_first else torch.randn(6, 3, 32)
+    masked = sparsify(encoder, SRigLConfig(sparsity=0.8, distribution="uniform"), example_inputs=(x,))
+    ablate(masked, {"layers.0.self_attn.in_proj": [3, 40], "layers.0.linear1": [5]})
+    condensed = condense(masked, example_inputs=(x,))
+    from srigl_compile.nn.condensed_attention import CondensedMultiheadAttention
+
+    attention = condensed.layers[0].self_attn
+    assert isinstance(attention, CondensedMultiheadAttention)
+    assert isinstance(attention.q_proj, CondensedLinear) and isinstance(attention.out_proj, CondensedLinear)
+    assert condensed.layers[0].linear1.compact, "linear1 -> relu -> linear2 sheds its ablated neuron"
+    padding = torch.zeros(3, 6, dtype=torch.bool)
+    padding[0, 4:] = True
+    masked.eval()
+    condensed.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(condensed(x), masked(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(condensed(x, src_key_padding_mask=padding), masked(x, src_key_padding_mask=padding),
+                                   rtol=1e-5, atol=1e-5)
+        causal = nn.Transformer.generate_square_subsequent_mask(6)
+        torch.testing.assert_close(condensed(x, mask=causal), masked(x, mask=causal), rtol=1e-5, atol=1e-5)
+
+
+def test_condensed_attention_returns_the_same_weights():
+    from srigl_compile.nn.condensed_attention import CondensedMultiheadAttention
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    cond = CondensedMultiheadAttention.from_attention(mha)
+    q, kv = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
+    pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    for average in (True, False):
+        expected = mha(q, kv, kv, key_padding_mask=pad, average_attn_weights=average)
+        got = cond(q, kv, kv, key_padding_mask=pad, average_attn_weights=average)
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,125 @@
+"""CondensedMultiheadAttention: nn.MultiheadAttention with its projections as (condensed) layers of their own.
+
+``nn.MultiheadAttention`` feeds its packed ``in_proj_weight`` to a fused functional, so a condensed projection
+cannot slot into it. This module splits the packed projection into q / k / v layers (each a ``CondensedLinear``
+when the projection was sparse, else a dense ``nn.Linear``) and computes attention with
+``scaled_dot_product_attention`` (or an explicit softmax when attention weights are requested). It accepts the
+same call as ``nn.MultiheadAttention.forward`` and returns the same ``(output, weights)`` pair; dropout is
+inference-only (this module serves condensed inference).
+
+Example:
+    >>> import torch.nn as nn
+    >>> mha = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    >>> cond = CondensedMultiheadAttention.from_attention(mha)
+    >>> x = torch.randn(2, 5, 16)
+    >>> torch.allclose(cond(x, x, x)[0], mha(x, x, x)[0], atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import LayerError
+from .condensed import CondensedLinear, condensed_arrays
+
+__all__ = ["CondensedMultiheadAttention"]
+
+
+def _projection(weight: torch.Tensor, mask: torch.Tensor | None, bias: torch.Tensor | None, name: str) -> nn.Module:
+    """A CondensedLinear for a masked slice of a packed projection, else a dense Linear."""
+    out_features, in_features = weight.shape
+    if mask is None:
+        layer = nn.Linear(in_features, out_features, bias=bias is not None)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+    active, values, indices = condensed_arrays(weight, mask, name)
+    return CondensedLinear(in_features, out_features, active, values, indices, bias)
+
+
+class CondensedMultiheadAttention(nn.Module):
+    """Multi-head attention over separate q / k / v / out projection modules (see module docstring)."""
+
+    # TransformerEncoder(Layer) inspect these before taking their fused fast path (which reads in_proj_weight);
+    # with no packed projection, they must take the module path that calls our forward.
+    _qkv_same_embed_dim = False
+    in_proj_bias = None
+
+    def __init__(self, embed_dim: int, num_heads: int, batch_first: bool, q_proj: nn.Module, k_proj: nn.Module,
+                 v_proj: nn.Module, out_proj: nn.Module) -> None:
+        super().__init__()
+        self.embed_dim, self.num_heads, self.batch_first = embed_dim, num_heads, batch_first
+        self.head_dim = embed_dim // num_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = q_proj, k_proj, v_proj, out_proj
+
+    @classmethod
+    def from_attention(cls, mha: nn.MultiheadAttention, name: str = "attention") -> CondensedMultiheadAttention:
+        """Build from an nn.MultiheadAttention (masked or dense); masked projections become CondensedLinear."""
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise LayerError(f"{name}: add_bias_kv / add_zero_attn attention has no condensed form")
+        e = mha.embed_dim
+        bias = mha.in_proj_bias.detach() if mha.in_proj_bias is not None else None
+        projections = []
+        for i, (param, child) in enumerate((("q_proj_weight", "q_proj"), ("k_proj_weight", "k_proj"),
+                                            ("v_proj_weight", "v_proj"))):
+            rows = slice(i * e, (i + 1) * e)
+            packed = mha._modules.get("in_proj") if mha._qkv_same_embed_dim else mha._modules.get(child)
+            if mha._qkv_same_embed_dim:
+                weight = (packed.weight if packed is not None else mha.in_proj_weight).detach()[rows]
+                mask = packed.mask[rows] if packed is not None else None
+            else:
+                weight = (packed.weight if packed is not None else getattr(mha, param)).detach()
+                mask = packed.mask if packed is not None else None
+            projections.append(_projection(weight, mask, None if bias is None else bias[rows], f"{name}.{child}"))
+        out = mha.out_proj
+        out_mask = getattr(out, "mask", None)
+        out_proj = _projection(out.weight.detach(), out_mask, None if out.bias is None else out.bias.detach(),
+                               f"{name}.out_proj")
+        return cls(e, mha.num_heads, mha.batch_first, *projections, out_proj)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.reshape(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _additive_mask(self, attn_mask, key_padding_mask, q: torch.Tensor, s: int):
+        mask = None
+        if attn_mask is not None:
+            mask = attn_mask if attn_mask.dtype != torch.bool else \
+                torch.zeros(attn_mask.shape, dtype=q.dtype).masked_fill(attn_mask, float("-inf"))
+            if mask.dim() == 3:  # [B * heads, T, S]
+                mask = mask.reshape(q.shape[0], self.num_heads, *mask.shape[1:])
+        if key_padding_mask is not None:
+            pad = key_padding_mask if key_padding_mask.dtype != torch.bool else \
+                torch.zeros(key_padding_mask.shape, dtype=q.dtype).masked_fill(key_padding_mask, float("-inf"))
+            pad = pad.reshape(q.shape[0], 1, 1, s)
+            mask = pad if mask is None else mask + pad
+        return mask
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
+        mask = self._additive_mask(attn_mask, key_padding_mask, q, k.shape[2])
+        causal = is_causal and mask is None
+        weights = None
+        if need_weights:
+            scores = q @ k.transpose(-2, -1) / self.head_dim**0.5
+            if causal:
+                scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+            if mask is not None:
+                scores = scores + mask
+            weights = scores.softmax(dim=-1)
+            out = weights @ v
+            weights = weights.mean(dim=1) if average_attn_weights else weights
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        out = self.out_proj(out.transpose(1, 2).reshape(query.shape[0], query.shape[1], self.embed_dim))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
