@@ -6,6 +6,7 @@ Public API (``import srigl_compile`` never imports TVM nor touches CUDA):
     SRigLUpdater(model, optimizer, config, total_steps).step()   after every optimizer.step()
     sparse_layers(model)                     -> (name, layer) pairs
     condense(model)                          -> sparse layers as values/indices [n_active, k], ablated removed
+    lower(model, target="llvm")              -> condensed layers running TVM-compiled kernels
 """
 
 from .config import Distribution, Method, SRigLConfig
@@ -21,6 +22,7 @@ from .errors import (
     UnsupportedTargetError,
 )
 from .passes.condense import condense
+from .passes.lower import lower
 from .passes.sparsify import sparse_layers, sparsify
 from .training.updater import SRigLUpdater
 
@@ -34,6 +36,7 @@ __all__ = [
     "sparse_layers",
     "SRigLUpdater",
     "condense",
+    "lower",
     "SRigLError",
     "ConfigError",
     "LayerError",

@@ -1,0 +1,80 @@
+"""lower(): condense if needed, then replace condensed layers by TVM-compiled kernels.
+
+Contract.
+    requires: the model has sparse (masked) or condensed layers; the target is supported.
+    ensures:  every CondensedLinear / CondensedConv is a LoweredLinear / LoweredConv whose kernel is compiled and
+              registered in this process; outputs equal the condensed (= masked) model's up to float rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch.nn as nn
+
+from ..errors import LayerError
+from ..nn.condensed import CondensedConv, CondensedLinear
+from ..nn.masked import is_masked
+from .condense import condense
+
+__all__ = ["lower"]
+
+log = logging.getLogger(__name__)
+
+
+def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = False, cache_dir=None,
+          col_threshold: int = 16, progress: bool = True) -> nn.Module:
+    """Return ``model`` with its sparse layers running TVM-compiled condensed kernels.
+
+    Args:
+        model: a model from ``sparsify`` (+ training) or from ``condense``; it is not modified.
+        target: "llvm" (host CPU, detected and named) or a TVM target dict such as
+            ``{"kind": "llvm", "mcpu": "znver3", "num-cores": 2}``.
+        example_inputs: as for ``sparsify``, when the graph must be captured with torch.export.
+        tune: search schedule variants per layer shape (records kept under ``cache_dir``, default
+            ``~/.cache/srigl_compile``, so a shape is tuned once); False uses tuned records if present, else
+            default schedules.
+        col_threshold: batches (rows of the flattened input) from this size on use the large-batch kernel.
+        progress: show a progress bar while tuning.
+
+    Raises:
+        UnsupportedTargetError: an unknown target (the message lists the supported ones).
+        LayerError: nothing to lower.
+        LoweringError: TVM is not installed.
+
+    Example:
+        >>> fast = lower(trained_sparse_model, target="llvm")       # doctest: +SKIP
+        >>> fast(x)                                                 # doctest: +SKIP
+    """
+    from ..codegen.target import resolve_target
+
+    target_dict = resolve_target(target)
+    if any(is_masked(m) for m in model.modules()):
+        model = condense(model, example_inputs=example_inputs)
+    else:
+        model = copy.deepcopy(model)
+    layers = [(name, m) for name, m in model.named_modules() if type(m) in (CondensedLinear, CondensedConv)]
+    if not layers:
+        raise LayerError("the model has no sparse or condensed layers to lower: sparsify (and train) it first")
+    _compile_layers(layers, target_dict, tune, cache_dir, col_threshold, progress)
+    return model
+
+
+def _compile_layers(layers, target_dict, tune, cache_dir, col_threshold, progress) -> None:
+    from tqdm.auto import tqdm
+
+    from ..codegen.build import KernelSpec, get_kernel
+    from ..codegen.op import register_kernel
+    from ..nn.lowered import kernel_operands, make_lowered_
+
+    target = tuple(sorted(target_dict.items()))
+    bar = tqdm(total=0, desc="tuning kernels", disable=None if (tune and progress) else True, leave=False)
+    for name, layer in layers:
+        width, values, indices = kernel_operands(layer)
+        spec = KernelSpec(layer.n_active, width, values.shape[1], str(indices.dtype).removeprefix("torch."), target)
+        if layer.n_active:
+            register_kernel(spec.key, get_kernel(spec, tune=tune, cache_dir=cache_dir, progress=bar))
+        make_lowered_(layer, spec.key, values, indices, col_threshold)
+        log.info("lowered %s -> %s", name, spec.key)
+    bar.close()
