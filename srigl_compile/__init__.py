@@ -24,6 +24,7 @@ from .errors import (
 from .passes.condense import condense
 from .passes.lower import lower
 from .passes.sparsify import sparse_layers, sparsify
+from .serialization import load_lowered, save_lowered
 from .training.updater import SRigLUpdater
 
 __version__ = "0.1.0"
@@ -37,6 +38,8 @@ __all__ = [
     "SRigLUpdater",
     "condense",
     "lower",
+    "save_lowered",
+    "load_lowered",
     "SRigLError",
     "ConfigError",
     "LayerError",

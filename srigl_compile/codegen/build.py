@@ -169,3 +169,12 @@ def get_kernel(spec: KernelSpec, *, tune: bool = False, cache_dir=None, progress
 class _NoProgress:
     def update(self, n: int) -> None:
         pass
+
+
+class LoadedKernel:
+    """Kernels loaded from exported libraries (``load_lowered``): the same ``row`` / ``col`` interface."""
+
+    def __init__(self, spec: KernelSpec, modules: dict[str, Any], files: dict[str, Path]) -> None:
+        self.spec, self.modules, self.files = spec, modules, files
+        self.row = modules["row"][ROW_SYMBOL]
+        self.col = modules["col"][COL_SYMBOL]

@@ -1,0 +1,230 @@
+"""lower(target='llvm'): compiled kernels equal the masked model, in every torch mode, and survive save/load."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from srigl_compile import (
+    CheckpointError,
+    DeviceError,
+    LayerError,
+    SRigLConfig,
+    UnsupportedTargetError,
+    condense,
+    load_lowered,
+    lower,
+    save_lowered,
+    sparsify,
+)
+from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
+from tests.null.test_condense import Block, ResidualCNN, ablate, mlp, randomize_bn
+
+pytestmark = pytest.mark.tvm
+
+
+def assert_same(lowered, masked, *inputs, tol=1e-5):
+    masked.eval()
+    lowered.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(*inputs), masked(*inputs), rtol=tol, atol=tol)
+
+
+@pytest.fixture(scope="module")
+def lowered_mlp():
+    torch.manual_seed(0)
+    masked = ablate(sparsify(mlp(), SRigLConfig(sparsity=0.8, seed=1)), {"0": [1, 5], "3": [2]},
+                    {("0", 5): 0.4})
+    return masked, lower(masked, progress=False)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 15, 16, 37, 256])
+def test_mlp_with_ablated_neurons(lowered_mlp, batch):
+    masked, lowered = lowered_mlp
+    assert isinstance(lowered[0], LoweredLinear) and lowered[0].compact
+    assert_same(lowered, masked, torch.randn(batch, 32))
+
+
+def test_leading_dims_and_empty_batch(lowered_mlp):
+    masked, lowered = lowered_mlp
+    assert_same(lowered, masked, torch.randn(2, 3, 5, 32))
+    assert lowered(torch.randn(0, 32)).shape == (0, 8)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_paper_layer_shape_k_not_a_multiple_of_8(bias):
+    masked = sparsify(nn.Sequential(nn.Linear(3072, 768, bias=bias)), SRigLConfig(sparsity=0.9, distribution="uniform"))
+    lowered = lower(masked, progress=False)
+    assert lowered[0].k == 312, "k = 307 is padded to a multiple of 8"
+    for batch in (1, 37, 300):
+        assert_same(lowered, masked, torch.randn(batch, 3072), tol=1e-4)
+
+
+def test_k_equal_one():
+    masked = sparsify(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3)),
+                      SRigLConfig(sparsity=0.9375, distribution="uniform"))
+    lowered = lower(masked, progress=False)
+    assert condense(masked)[0].k == 1
+    for batch in (1, 33):
+        assert_same(lowered, masked, torch.randn(batch, 16))
+
+
+def test_convolutions_and_cnn_with_batchnorm_residuals():
+    torch.manual_seed(0)
+    masked = randomize_bn(sparsify(ResidualCNN(), SRigLConfig(sparsity=0.8, seed=2)))
+    ablate(masked, {"expand": [0, 3, 9], "stem": [1]})
+    lowered = lower(masked, progress=False)
+    assert isinstance(lowered.expand, LoweredConv) and lowered.expand.compact
+    assert isinstance(lowered.mix, LoweredConv)
+    for batch in (1, 3):
+        assert_same(lowered, masked, torch.randn(batch, 3, 8, 8))
+    depthwise = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 3, stride=2, dilation=2))
+    masked_dw = sparsify(depthwise, SRigLConfig(sparsity=0.6, distribution="uniform"))
+    lowered_dw = lower(masked_dw, progress=False)
+    assert isinstance(lowered_dw[0], LoweredConv) and lowered_dw[0].k == 8, "k = 3 of 9, padded to 8"
+    assert_same(lowered_dw, masked_dw, torch.randn(2, 8, 9, 9))
+    net = nn.Sequential(nn.Conv1d(4, 8, 5, stride=2, padding=2), nn.ReLU(), nn.Conv1d(8, 8, 3, groups=2))
+    masked1d = sparsify(net, SRigLConfig(sparsity=0.6))
+    assert_same(lower(masked1d, progress=False), masked1d, torch.randn(3, 4, 17))
+
+
+def test_transformer_block_and_encoder():
+    torch.manual_seed(0)
+    masked = ablate(sparsify(Block(), SRigLConfig(sparsity=0.8, distribution="uniform")), {"fc1": [3]})
+    assert_same(lower(masked, progress=False), masked, torch.randn(2, 5, 32))
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 2,
+                                    enable_nested_tensor=False)
+    x = torch.randn(3, 6, 32)
+    masked_enc = sparsify(encoder, SRigLConfig(sparsity=0.8, distribution="uniform"), example_inputs=(x,))
+    lowered = lower(masked_enc, example_inputs=(x,), progress=False)
+    assert isinstance(lowered.layers[0].self_attn.q_proj, LoweredLinear)
+    assert_same(lowered, masked_enc, x)
+
+
+def test_hf_bert():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (2, 7))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    masked = sparsify(transformers.BertForSequenceClassification(config).eval(),
+                      SRigLConfig(sparsity=0.8, distribution="uniform"), example_inputs=inputs)
+    ablate(masked, {"bert.encoder.layer.0.intermediate.dense": [2, 9]})
+    lowered = lower(masked, example_inputs=inputs, progress=False)
+    masked.eval()
+    torch.testing.assert_close(lowered(**inputs).logits, masked(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_custom_ops_pass_opcheck(lowered_mlp):
+    _, lowered = lowered_mlp
+    layer = lowered[3]
+    args = (layer.values, layer.indices, layer.bias, layer.kernel_key)
+    for batch in (1, 40):
+        torch.library.opcheck(torch.ops.srigl_compile.condensed_linear.default,
+                              (torch.randn(batch, layer.fan_in), *args, 16))
+    torch.library.opcheck(torch.ops.srigl_compile.condensed_linear_cols.default,
+                          (torch.randn(layer.fan_in, 20), *args))
+
+
+def test_fx_export_and_compile_keep_the_op(lowered_mlp):
+    masked, lowered = lowered_mlp
+    x = torch.randn(4, 32)
+    expected = masked.eval()(x)
+    traced = torch.fx.symbolic_trace(lowered)
+    torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-5)
+    program = torch.export.export(lowered, (x,))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert any("srigl_compile.condensed_linear" in t for t in targets)
+    torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(lowered, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_are_clear_errors(lowered_mlp):
+    from srigl_compile.codegen.op import _check_input
+
+    _, lowered = lowered_mlp
+    with pytest.raises(DeviceError, match="float32"):
+        lowered(torch.randn(2, 32, dtype=torch.float64))
+    with pytest.raises(DeviceError, match="CPU"):
+        _check_input(torch.empty(2, 32, device="meta"), 32)
+    with pytest.raises(ValueError, match="32 input features"):
+        lowered[0](torch.randn(2, 31))
+
+
+@pytest.mark.parametrize("target", ["tpu", "native", {"kind": "opencl"}, 3, {"kind": "llvm", "mcpu": "native"}])
+def test_unknown_targets_list_the_supported_ones(lowered_mlp, target):
+    masked, _ = lowered_mlp
+    with pytest.raises(UnsupportedTargetError):
+        lower(masked, target=target)
+
+
+def test_cuda_target_is_a_clear_error(lowered_mlp):
+    with pytest.raises(UnsupportedTargetError, match="cuda"):
+        lower(lowered_mlp[0], target="cuda")
+
+
+def test_nothing_to_lower():
+    with pytest.raises(LayerError, match="sparsify"):
+        lower(mlp())
+
+
+def test_tuning_records_are_written_once_and_reused(tmp_path, monkeypatch):
+    from srigl_compile.codegen import build, rules
+
+    monkeypatch.setattr(rules.RowRule, "space", lambda self, k: [rules.RowParams(8, 8, 8), rules.RowParams(8, 16, 8)])
+    monkeypatch.setattr(rules.ColRule, "space", lambda self, k: [rules.ColParams(32, 2, 4), rules.ColParams(64, 4, 4)])
+    monkeypatch.setattr(build, "_COMPILED", {})
+    masked = sparsify(nn.Sequential(nn.Linear(48, 24)), SRigLConfig(sparsity=0.5, distribution="uniform"))
+    lowered = lower(masked, tune=True, cache_dir=tmp_path, progress=False)
+    records = json.loads((tmp_path / "tuning_records.json").read_text())
+    (key, entry), = records.items()
+    assert set(entry) == {"row", "col"} and entry["row"]["params"] in ({"vec": 8, "chunk": 8, "unroll": 8},
+                                                                       {"vec": 8, "chunk": 16, "unroll": 8})
+    calls = []
+    monkeypatch.setattr(build, "_search", lambda *a: calls.append(a) or (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(build, "_COMPILED", {})
+    lower(masked, tune=True, cache_dir=tmp_path, progress=False)
+    assert not calls, "a tuned shape is read from the records, not searched again"
+    assert_same(lowered, masked, torch.randn(3, 48))
+
+
+def test_save_and_load_round_trip_in_a_fresh_process(lowered_mlp, tmp_path):
+    import subprocess
+    import sys
+
+    masked, lowered = lowered_mlp
+    save_lowered(lowered, tmp_path / "model")
+    x = torch.randn(6, 32)
+    torch.save({"x": x, "y": lowered(x)}, tmp_path / "io.pt")
+    code = (f"import torch, srigl_compile as sc; m = sc.load_lowered({str(tmp_path / 'model')!r}); "
+            f"d = torch.load({str(tmp_path / 'io.pt')!r}); assert torch.equal(m(d['x']), d['y'])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert torch.equal(load_lowered(tmp_path / "model")(x), lowered(x))
+
+
+def test_corrupt_or_missing_files_are_checkpoint_errors(lowered_mlp, tmp_path):
+    _, lowered = lowered_mlp
+    folder = save_lowered(lowered, tmp_path / "model")
+    with pytest.raises(CheckpointError, match="manifest"):
+        load_lowered(tmp_path)
+    library = sorted((folder / "kernels").iterdir())[0]
+    library.write_bytes(library.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_lowered(folder)
+    with pytest.raises(CheckpointError, match="no lowered layers"):
+        save_lowered(mlp(), tmp_path / "dense")
+
+
+def test_lowered_90_percent_layer_is_small_and_drops_dense_weights():
+    masked = sparsify(nn.Sequential(nn.Linear(3072, 768)), SRigLConfig(sparsity=0.9, distribution="uniform"))
+    lowered = lower(masked, progress=False)
+    layer = lowered[0]
+    dense_bytes = 3072 * 768 * 4
+    kernel_bytes = layer.values.numel() * 4 + layer.indices.numel() * 2
+    assert layer.indices.dtype == torch.int16
+    assert kernel_bytes <= 0.16 * dense_bytes
+    assert all(t.numel() < 3072 * 768 // 4 for t in list(lowered.parameters()) + list(lowered.buffers()))
