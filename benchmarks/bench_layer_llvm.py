@@ -69,6 +69,35 @@ def bound_us(lowered: nn.Module, n_in: int, batch: int, threads: int) -> float:
     return moved / read_bandwidth(moved, threads) * 1e6
 
 
+CONVS = {  # ResNet-50 layer4 shapes at 224x224 input: 7x7 feature maps
+    "layer4 3x3 512->512": dict(in_channels=512, out_channels=512, kernel_size=3, padding=1),
+    "layer4 1x1 2048->512": dict(in_channels=2048, out_channels=512, kernel_size=1),
+}
+
+
+def conv_rows(args) -> list[dict]:
+    """Lowered (im2col + condensed kernel) against torch's dense conv, at 90% and batch 1 / 32."""
+    rows = []
+    print(f"\nconvolutions, 7x7 maps, 90% sparse, median us per call\n{'layer':<22} {'batch':>5} {'dense':>9} "
+          f"{'lowered':>9} {'x dense':>8}")
+    for name, shape in CONVS.items():
+        torch.manual_seed(0)
+        masked = sparsify(nn.Sequential(nn.Conv2d(**shape)), SRigLConfig(sparsity=0.9, distribution="uniform"))
+        masked.eval()
+        lowered = lower(masked, progress=False)
+        for batch in (1, 32):
+            x = torch.randn(batch, shape["in_channels"], 7, 7)
+            with torch.no_grad():
+                torch.testing.assert_close(lowered(x), masked(x), rtol=1e-4, atol=1e-4)
+                times = {v: median_us(lambda m=m: m(x), args.threads, args.min_run_time)
+                         for v, m in (("dense", masked), ("lowered", lowered))}
+            rows.append({"layer": name, "sparsity": 0.9, "batch": batch, "times_us": times,
+                         "speedup_vs_dense": times["dense"] / times["lowered"]})
+            print(f"{name:<22} {batch:>5} {times['dense']:>9.1f} {times['lowered']:>9.1f} "
+                  f"{times['dense'] / times['lowered']:>7.2f}x")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--in", dest="n_in", type=int, default=3072)
@@ -79,6 +108,7 @@ def main() -> None:
     parser.add_argument("--min-run-time", type=float, default=0.5)
     parser.add_argument("--tune", action="store_true", help="search schedule variants (records are cached)")
     parser.add_argument("--quick", action="store_true", help="90%% only, batches 1 and 256, short timings")
+    parser.add_argument("--conv", action="store_true", help="also time ResNet-50 layer4 convolutions (im2col)")
     args = parser.parse_args()
     if args.quick:
         args.sparsities, args.batches, args.min_run_time = [0.9], [1, 256], 0.1
@@ -113,6 +143,8 @@ def main() -> None:
             print(f"{sparsity:>8.2f} {batch:>5} {times['dense']:>9.1f} {times['csr']:>9.1f} {gather} "
                   f"{times['lowered']:>9.1f} {bound:>8.1f} {row['speedup_vs_dense']:>7.2f}x "
                   f"{row['speedup_vs_csr']:>6.2f}x")
+    if args.conv:
+        rows += conv_rows(args)
     path = save_results("layer_llvm", rows, {"args": vars(args)})
     print(f"saved {path}")
 

@@ -6,7 +6,8 @@ The gathers x[idx] are scalar loads on AVX2 (no fast gather), so wider vectors d
 
 Col rule (large batch; TVM.md "large batch"): x as [in, B] in blocks of L lanes; parallel over (row chunk x batch
 tile); the fan-in loop outermost so that, rows' indices being sorted, every row of the chunk reads a narrow band
-of x that stays in cache; a small unrolled k-inner tile keeps the L-lane accumulators in registers.
+of x that stays in cache; a small unrolled k-inner tile over a few lane blocks keeps 2 x binner accumulator
+registers busy per weight broadcast.
 
 Example:
     >>> sch = schedule(row_kernel(768, 3072, 304, "int16"), [RowRule()], RowParams())   # doctest: +SKIP
@@ -33,9 +34,10 @@ class RowParams:
 
 @dataclasses.dataclass(frozen=True)
 class ColParams:
-    rows: int = 128
-    kin: int = 4
-    btile: int = 16
+    rows: int = 64
+    kin: int = 8
+    btile: int = 32
+    binner: int = 4  # lane blocks per weight broadcast: 2 * binner accumulator registers
 
 
 def _layout(func) -> str:
@@ -81,7 +83,7 @@ class ColRule:
     params_type = ColParams
 
     def space(self, k: int) -> list[ColParams]:
-        return [ColParams(r, i, t) for r in (32, 64, 128, 256) for i in (2, 4, 8) for t in (4, 16)]
+        return [ColParams(r, i, t, b) for r in (32, 64, 128) for i in (4, 8, 16) for t in (16, 32) for b in (1, 4)]
 
     def apply(self, func, params: ColParams):
         if _layout(func) != "col":
@@ -92,11 +94,14 @@ class ColRule:
         rows, blocks, lanes, red = sch.get_loops(acc)
         row_chunk, row = sch.split(rows, [None, params.rows])
         tile, block = sch.split(blocks, [None, params.btile])
+        block_outer, block_inner = sch.split(block, [None, params.binner])
         red_outer, red_inner = sch.split(red, [None, params.kin])
-        sch.reorder(row_chunk, tile, red_outer, row, block, red_inner, lanes)
+        # Per (row, k): one broadcast of w feeds binner x 2 FMAs whose accumulators stay in registers over kin.
+        sch.reorder(row_chunk, tile, red_outer, row, block_outer, red_inner, block_inner, lanes)
         work = sch.fuse(row_chunk, tile)
         sch.parallel(work)
         sch.vectorize(lanes)
+        sch.unroll(block_inner)
         sch.unroll(red_inner)
         sch.reverse_compute_at(out, work)
         sch.decompose_reduction(acc, red_outer)

@@ -175,7 +175,7 @@ def test_tuning_records_are_written_once_and_reused(tmp_path, monkeypatch):
     from srigl_compile.codegen import build, rules
 
     monkeypatch.setattr(rules.RowRule, "space", lambda self, k: [rules.RowParams(8, 8, 8), rules.RowParams(8, 16, 8)])
-    monkeypatch.setattr(rules.ColRule, "space", lambda self, k: [rules.ColParams(32, 2, 4), rules.ColParams(64, 4, 4)])
+    monkeypatch.setattr(rules.ColRule, "space", lambda self, k: [rules.ColParams(32, 4, 4, 1), rules.ColParams(64, 8, 8, 4)])
     monkeypatch.setattr(build, "_COMPILED", {})
     masked = sparsify(nn.Sequential(nn.Linear(48, 24)), SRigLConfig(sparsity=0.5, distribution="uniform"))
     lowered = lower(masked, tune=True, cache_dir=tmp_path, progress=False)
@@ -228,3 +228,18 @@ def test_lowered_90_percent_layer_is_small_and_drops_dense_weights():
     assert layer.indices.dtype == torch.int16
     assert kernel_bytes <= 0.16 * dense_bytes
     assert all(t.numel() < 3072 * 768 // 4 for t in list(lowered.parameters()) + list(lowered.buffers()))
+
+
+def test_schedule_rules_decline_what_they_do_not_apply_to():
+    from srigl_compile.codegen.kernels import col_kernel, row_kernel
+    from srigl_compile.codegen.rules import RULES, ColParams, RowParams, RowRule, schedule
+
+    row, col = row_kernel(16, 32, 12, "int16"), col_kernel(16, 32, 12, "int16", 16)
+    assert RowRule().apply(col, RowParams()) is None, "wrong layout"
+    assert RowRule().apply(row, RowParams(vec=8)) is None, "k = 12 is not a multiple of 8"
+    assert RowRule().apply(row, RowParams(vec=4)) is not None
+    assert RULES["col"].apply(row, ColParams()) is None
+    assert schedule(col, list(RULES.values()), ColParams()) is not None
+    with pytest.raises(ValueError, match="no schedule rule"):
+        schedule(row, list(RULES.values()), RowParams(vec=8))
+    assert all(12 % p.vec == 0 for p in RowRule().space(12))
