@@ -137,7 +137,15 @@ class MaskedMultiheadAttention(nn.MultiheadAttention):
 
     ``in_proj_weight`` (and ``q/k/v_proj_weight`` when kdim/vdim differ) read through to the children, so
     ``forward`` and TransformerEncoderLayer's fast path run unchanged. ``out_proj`` is a ``MaskedLinear``.
+    A state dict with the dense key ``in_proj_weight`` still loads (into ``in_proj.weight``).
     """
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for param_name in self.PACKED:
+            child = self.child_name(param_name)
+            if prefix + param_name in state_dict and child in self._modules:
+                state_dict[f"{prefix}{child}.weight"] = state_dict.pop(prefix + param_name)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     PACKED = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
@@ -163,17 +171,41 @@ _MASKED_CLASS = {
     nn.Conv2d: MaskedConv2d,
     nn.Conv3d: MaskedConv3d,
 }
+# Subclasses that add nothing but a name: they become the plain masked class.
+_PLAIN = {nn.modules.linear.NonDynamicallyQuantizableLinear}
+_SUBCLASSES: dict[type, type] = {}
 
 
 def is_masked(module: nn.Module) -> bool:
     return isinstance(module, MaskedLayer)
 
 
+def _rebuild_masked(user_class: type, state: dict) -> nn.Module:
+    """Unpickle a layer of a masked user subclass (its class is made at run time, so pickle cannot name it)."""
+    layer = _masked_subclass(user_class).__new__(_masked_subclass(user_class))
+    layer.__dict__.update(state)
+    return layer
+
+
+def _masked_subclass(user_class: type) -> type:
+    """``Masked<UserClass>(MaskedLinear, UserClass)``: keeps the user's methods and isinstance checks."""
+    if user_class not in _SUBCLASSES:
+        masked_base = next(m for b, m in _MASKED_CLASS.items() if issubclass(user_class, b))
+        _SUBCLASSES[user_class] = type(
+            f"Masked{user_class.__name__}", (masked_base, user_class),
+            {"__module__": __name__, "__reduce_ex__": lambda self, protocol: (
+                _rebuild_masked, (user_class, self.__dict__.copy()))},
+        )
+    return _SUBCLASSES[user_class]
+
+
 def masked_class_for(module: nn.Module) -> type | None:
-    """The masked class replacing ``module``, or None. Subclasses qualify only if they keep the base forward."""
+    """The masked class replacing ``module``, or None. Subclasses qualify only if they keep the base forward;
+    they get a masked subclass of their own so that their methods and isinstance checks survive."""
     for base, masked in _MASKED_CLASS.items():
         if isinstance(module, base) and type(module).forward is base.forward:
-            return masked
+            plain = type(module) is base or type(module) in _PLAIN
+            return masked if plain else _masked_subclass(type(module))
     return None
 
 

@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 _CONDENSED = {MaskedLinear: CondensedLinear, MaskedConv1d: CondensedConv, MaskedConv2d: CondensedConv}
 
 
+def _condensed_class(layer: nn.Module):
+    return next((c for masked, c in _CONDENSED.items() if isinstance(layer, masked)), None)
+
+
 def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -47,7 +51,7 @@ class CondensePass(Pass):
     def call(self, model: nn.Module) -> PassResult:
         modified, kept = self._condense_attention(model), []
         for name, layer in list(sparse_layers(model)):
-            condensed_cls = _CONDENSED.get(type(layer))
+            condensed_cls = _condensed_class(layer)
             if condensed_cls is None:
                 kept.append(f"{name} ({type(layer).__name__})")
                 continue
@@ -67,7 +71,7 @@ class CondensePass(Pass):
         return bool(found)
 
     def ensures(self, result: PassResult) -> None:
-        left = [name for name, layer in sparse_layers(result.module) if type(layer) in _CONDENSED]
+        left = [name for name, layer in sparse_layers(result.module) if _condensed_class(layer) is not None]
         if left:
             raise LayerError(f"layers {left} were not condensed")
 

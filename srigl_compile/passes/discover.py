@@ -85,7 +85,22 @@ def _weights(model: nn.Module) -> list[tuple[str, nn.Module, str, str]]:
                 "dense. Exclude it with filter_fn to silence this warning.",
                 stacklevel=3,
             )
+        elif _unsupported_weight(module):
+            warnings.warn(
+                f"layer {fqn!r} ({type(module).__name__}) has a weight matrix but no masked form (supported: Linear, "
+                "Conv1d/2d/3d, MultiheadAttention); it stays dense", stacklevel=3,
+            )
     return found
+
+
+_DENSE_BY_DESIGN = (nn.Embedding, nn.EmbeddingBag, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+                    nn.RMSNorm)
+
+
+def _unsupported_weight(module: nn.Module) -> bool:
+    """A module with its own 2-D+ weight that sparsify cannot mask (ConvTranspose, HF Conv1D, ...)."""
+    weight = module._parameters.get("weight")
+    return weight is not None and weight.dim() >= 2 and not isinstance(module, _DENSE_BY_DESIGN)
 
 
 def _tied(model: nn.Module) -> set[int]:

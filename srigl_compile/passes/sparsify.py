@@ -97,6 +97,11 @@ class SparsifyPass(Pass):
 
     def call(self, model: nn.Module) -> PassResult:
         candidates = discover_layers(model, capture_graph(model, self.example_inputs), self.filter_fn)
+        if not candidates:
+            raise LayerError(
+                f"{type(model).__name__} has no layer sparsify can mask (Linear, Conv1d/2d/3d, MultiheadAttention "
+                "used by the forward and not tied or filtered out); see the warnings above for the layers it skipped"
+            )
         self.plans = plan_layers(candidates, self.config)
         generator = torch.Generator().manual_seed(self.config.seed)
         for candidate, plan in self.plans:

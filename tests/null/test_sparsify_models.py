@@ -1,0 +1,886 @@
+"""sparsify on real models: MLP, a ResNet-like CNN, nn.TransformerEncoder, Hugging Face BERT / ViT / GPT-2.
+
+Every forward is compared with a *masked-dense reference*: a plain (never sparsified) copy of the model whose weights
+are set to the sparsified model's masked weights. Invariant asserts sit inside the loop over layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import warnings
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from srigl_compile import (
+    ConfigError,
+    LayerError,
+    SRigLConfig,
+    SRigLUpdater,
+    TraceError,
+    sparse_layers,
+    sparsify,
+)
+from srigl_compile.nn.masked import MaskedMultiheadAttention, MaskedProjection, is_masked
+from srigl_compile.passes.discover import capture_graph, discover_layers
+from srigl_compile.sparsity import check_constant_fan_in
+
+# -- helpers ----------------------------------------------------------------------------------------------------
+
+
+def masked_dense_reference(original: nn.Module, sparse: nn.Module) -> nn.Module:
+    """A plain copy of ``original`` carrying the sparse model's state, with each sparse weight set to weight * mask.
+
+    The packed attention weight lives at ``<mha>.in_proj.weight`` in the sparse model and at ``<mha>.in_proj_weight``
+    in the plain one.
+    """
+    reference = copy.deepcopy(original)
+    state = {k: v.detach().clone() for k, v in sparse.state_dict().items()}
+    for name, layer in sparse_layers(sparse):
+        state[f"{name}.weight" if name else "weight"] = (layer.weight * layer.mask).detach().clone()
+    new_state = {}
+    for key in reference.state_dict():
+        source = key if key in state else re.sub(r"(^|\.)((?:in|q|k|v)_proj)_weight$", r"\1\2.weight", key)
+        new_state[key] = state[source]
+    reference.load_state_dict(new_state, strict=True)
+    assert not any(is_masked(m) for m in reference.modules())
+    return reference
+
+
+def assert_fresh_invariants(model: nn.Module, expected_names=None) -> dict[str, nn.Module]:
+    """Right after sparsify: every active neuron has exactly k0 inputs, none ablated, masked weights exactly zero."""
+    layers = dict(sparse_layers(model))
+    assert layers, "no sparse layer"
+    if expected_names is not None:
+        assert sorted(layers) == sorted(expected_names)
+    for name, layer in layers.items():
+        plan = layer.srigl_plan
+        assert layer.mask.dtype == torch.bool, name
+        assert layer.mask.shape == layer.weight.shape, name
+        counts = layer.neuron_view(layer.mask).sum(dim=1)
+        assert torch.all(counts == plan.k0), (name, counts.unique().tolist(), plan.k0)
+        assert 1 <= plan.k0 <= plan.fan_in, name
+        assert plan.k0 == plan.budget // plan.n_out, name
+        assert plan.fan_in == math.prod(layer.weight.shape[1:]), name
+        assert torch.all(layer.weight.detach()[~layer.mask] == 0), name
+        assert torch.count_nonzero(layer.weight.detach()[layer.mask]) > 0, name
+    return layers
+
+
+def assert_training_invariants(model: nn.Module) -> None:
+    """During training: constant fan-in over active neurons, budget respected, protected layers unablated, zeros."""
+    for name, layer in sparse_layers(model):
+        k, ablated = check_constant_fan_in(layer.neuron_view(layer.mask), layer=name)
+        assert k >= 1, name
+        assert k * int((~ablated).sum()) <= layer.srigl_plan.budget, name
+        if layer.srigl_plan.protected:
+            assert not ablated.any(), name
+        assert torch.all(layer.weight.detach()[~layer.mask] == 0), name
+        if layer.weight.grad is not None:
+            assert torch.all(layer.weight.grad[~layer.mask] == 0), name
+
+
+def assert_same_classes(original: nn.Module, sparse: nn.Module) -> None:
+    """Same module tree; each module is of its original class, or a masked subclass of it."""
+    assert type(sparse) is type(original)
+    orig = dict(original.named_modules())
+    for name, module in sparse.named_modules():
+        if isinstance(module, MaskedProjection):
+            continue  # the new child holding a packed attention weight
+        assert name in orig, name
+        if isinstance(module, MaskedMultiheadAttention):
+            assert isinstance(module, type(orig[name])), name
+        elif is_masked(module):
+            # the masked class subclasses the *base* layer class: a subclass that keeps the base forward (e.g.
+            # MultiheadAttention's NonDynamicallyQuantizableLinear out_proj) becomes the plain masked class
+            base = next(b for b in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(orig[name], b))
+            assert isinstance(module, base), name
+        else:
+            assert type(module) is type(orig[name]), name
+
+
+def collect_warnings(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fn()
+    return result, [str(w.message) for w in caught]
+
+
+# -- models -----------------------------------------------------------------------------------------------------
+
+
+def make_mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 5))
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Linear(16, 32)
+        self.head_a = nn.Linear(32, 8)
+        self.head_b = nn.Linear(32, 6)
+
+    def forward(self, x):
+        h = F.relu(self.trunk(x))
+        return self.head_a(h), self.head_b(h)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, groups=4, bias=False)  # grouped
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(h)) + self.down(x))
+
+
+class SmallResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.block = ResBlock(16, 32, stride=2)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)  # depthwise
+        self.dw_bn = nn.BatchNorm2d(32)
+        self.seq = nn.Conv1d(32, 24, 3, padding=1)  # over the flattened spatial positions
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.stem(x)))
+        h = self.block(h)
+        h = F.relu(self.dw_bn(self.dw(h)) + h)
+        h = F.relu(self.seq(h.flatten(2)))
+        return self.fc(h.mean(dim=2))
+
+
+class ShapeBranchingResNet(SmallResNet):
+    """symbolic_trace cannot branch on a shape; torch.export (static shapes) can: forces the export path."""
+
+    def forward(self, x):
+        if x.shape[-1] > 4:
+            x = F.avg_pool2d(x, 2)
+        return super().forward(x)
+
+
+def make_cnn(cls=SmallResNet, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = cls()
+    with torch.no_grad():  # non-trivial BN state, so "untouched" means something
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return net
+
+
+def make_encoder(seed: int = 0) -> nn.TransformerEncoder:
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(d_model=32, nhead=2, dim_feedforward=64, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=True)
+
+
+# -- 1. MLP (symbolic_trace) ------------------------------------------------------------------------------------
+
+
+def test_mlp_discovery_marks_first_and_last():
+    net = make_mlp()
+    graph = capture_graph(net)
+    assert graph.method == "symbolic_trace"
+    marks = [(c.name, c.kind, c.shape, c.is_first, c.is_last) for c in discover_layers(net, graph)]
+    assert marks == [
+        ("0", "linear", (64, 20), True, False),
+        ("2", "linear", (48, 64), False, False),
+        ("4", "linear", (5, 48), False, True),
+    ]
+
+
+@pytest.mark.parametrize("distribution", ["erk", "uniform"])
+def test_mlp_layers_fan_in_protection_and_forward(distribution):
+    net = make_mlp()
+    sparse = sparsify(net, SRigLConfig(sparsity=0.8, distribution=distribution, seed=3))
+    layers = assert_fresh_invariants(sparse, ["0", "2", "4"])
+    for name, layer in layers.items():
+        assert isinstance(layer, nn.Linear), name
+        assert layer.srigl_plan.protected == (name == "4"), name
+        assert layer.srigl_plan.kind == "linear", name
+    if distribution == "uniform":
+        assert [layers[n].srigl_plan.k0 for n in ("0", "2", "4")] == [4, 12, 9]  # floor(floor(N * 0.2) / n_out)
+    x = torch.randn(7, 20)
+    reference = masked_dense_reference(net, sparse)
+    torch.testing.assert_close(sparse(x), reference(x))
+    # Same seed, same masks; another seed, other masks.
+    again = sparsify(net, SRigLConfig(sparsity=0.8, distribution=distribution, seed=3))
+    other = sparsify(net, SRigLConfig(sparsity=0.8, distribution=distribution, seed=4))
+    for name, layer in layers.items():
+        assert torch.equal(layer.mask, dict(sparse_layers(again))[name].mask), name
+    assert any(not torch.equal(l.mask, dict(sparse_layers(other))[n].mask) for n, l in layers.items())
+
+
+def test_mlp_reinit_std_and_reinit_false_keeps_weights():
+    net = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 128))
+    torch.manual_seed(0)
+    sparse = sparsify(net, SRigLConfig(sparsity=0.9, distribution="uniform"))
+    for name, layer in sparse_layers(sparse):
+        active = layer.weight.detach()[layer.mask]
+        expected = math.sqrt(2.0 / layer.srigl_plan.k0)
+        assert abs(active.std().item() - expected) < 0.1 * expected, name
+    kept = sparsify(net, SRigLConfig(sparsity=0.9, distribution="uniform", reinit=False))
+    for name, layer in sparse_layers(kept):
+        torch.testing.assert_close(layer.weight.detach(), net.get_submodule(name).weight.detach() * layer.mask)
+
+
+def test_two_headed_model_marks_both_heads_last_and_protected():
+    net = TwoHeads()
+    marks = {c.name: (c.is_first, c.is_last) for c in discover_layers(net, capture_graph(net))}
+    assert marks == {"trunk": (True, False), "head_a": (False, True), "head_b": (False, True)}
+    sparse = sparsify(net, SRigLConfig(sparsity=0.5, distribution="uniform"))
+    for name, layer in sparse_layers(sparse):
+        assert layer.srigl_plan.protected == name.startswith("head"), name
+    x = torch.randn(3, 16)
+    for got, want in zip(sparse(x), masked_dense_reference(net, sparse)(x)):
+        torch.testing.assert_close(got, want)
+
+
+class Reused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.shared = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.shared(F.relu(self.inp(x)))
+        return self.head(self.shared(F.relu(h)))  # the same layer called twice
+
+
+def test_layer_called_twice_is_one_sparse_layer():
+    torch.manual_seed(0)
+    net = Reused()
+    marks = {c.name: (c.is_first, c.is_last, len(c.nodes)) for c in discover_layers(net, capture_graph(net))}
+    assert marks == {"inp": (True, False, 1), "shared": (False, False, 2), "head": (False, True, 1)}
+    sparse = sparsify(net, SRigLConfig(sparsity=0.5, distribution="uniform"))
+    assert_fresh_invariants(sparse, ["inp", "shared", "head"])
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(sparse(x), masked_dense_reference(net, sparse)(x))
+
+
+class ScaledLinear(nn.Linear):
+    """A user subclass that keeps nn.Linear's forward and adds a method."""
+
+    def gain(self) -> float:
+        return 2.0
+
+
+def test_linear_subclass_keeps_its_class_and_methods():
+    torch.manual_seed(0)
+    net = nn.Sequential(ScaledLinear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    sparse = sparsify(net, SRigLConfig(sparsity=0.5, distribution="uniform"))
+    assert is_masked(sparse[0])
+    assert isinstance(sparse[0], ScaledLinear)
+    assert sparse[0].gain() == 2.0
+    # The run-time class still pickles (torch.save of the whole model) and unpickles in a fresh process.
+    import io
+    import subprocess
+    import sys
+
+    buffer = io.BytesIO()
+    torch.save(sparse, buffer)
+    code = ("import io, sys, torch; sys.path.insert(0, '.'); from tests.null import test_sparsify_models; "
+            "m = torch.load(io.BytesIO(sys.stdin.buffer.read()), weights_only=False); "
+            "assert m[0].gain() == 2.0 and int(m[0].mask.sum()) == int(m[0].mask.sum())")
+    result = subprocess.run([sys.executable, "-c", code], input=buffer.getvalue(), capture_output=True)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+
+
+# -- 2. CNN with BatchNorm, residuals, grouped / depthwise convs, Conv1d -------------------------------------------
+
+CNN_FAN_IN = {  # in_channels / groups * kernel size
+    "stem": 3 * 9,
+    "block.conv1": 16 * 9,
+    "block.conv2": 32 // 4 * 9,
+    "block.down.0": 16 * 1,
+    "dw": 1 * 9,
+    "seq": 32 * 3,
+    "fc": 24,
+}
+
+
+def test_cnn_fan_in_is_in_channels_over_groups_times_kernel():
+    net = make_cnn()
+    sparse = sparsify(net, SRigLConfig(sparsity=0.6, distribution="uniform"))
+    layers = assert_fresh_invariants(sparse, CNN_FAN_IN)
+    kinds = {"stem": "conv2d", "block.conv1": "conv2d", "block.conv2": "conv2d", "block.down.0": "conv2d",
+             "dw": "conv2d", "seq": "conv1d", "fc": "linear"}
+    for name, layer in layers.items():
+        plan = layer.srigl_plan
+        assert plan.fan_in == CNN_FAN_IN[name], name
+        assert plan.kind == kinds[name], name
+        assert plan.n_out == layer.weight.shape[0], name
+        # one output filter = one neuron: every filter has exactly k0 non-zeros (kernel positions included)
+        per_filter = layer.mask.reshape(plan.n_out, -1).sum(dim=1)
+        assert torch.all(per_filter == plan.k0), name
+        assert plan.protected == (name == "fc"), name
+    assert layers["dw"].srigl_plan.k0 == math.floor(32 * 9 * 0.4) // 32  # 3 of 9 per depthwise filter
+
+
+@pytest.mark.parametrize("distribution", ["erk", "uniform"])
+def test_cnn_forward_matches_masked_dense_reference(distribution):
+    net = make_cnn()
+    sparse = sparsify(net, SRigLConfig(sparsity=0.7, distribution=distribution, too_small="dense"))
+    assert_fresh_invariants(sparse)
+    reference = masked_dense_reference(net, sparse)
+    x = torch.randn(4, 3, 8, 8)
+    sparse.eval(), reference.eval()
+    torch.testing.assert_close(sparse(x), reference(x))
+    sparse.train(), reference.train()  # batch statistics, and the running stats move identically
+    torch.testing.assert_close(sparse(x), reference(x))
+    sparse_buffers = dict(sparse.named_buffers())
+    for name, buffer in reference.named_buffers():
+        torch.testing.assert_close(sparse_buffers[name], buffer)
+
+
+def test_cnn_class_unchanged_and_batchnorm_untouched():
+    net = make_cnn()
+    sparse = sparsify(net, SRigLConfig(sparsity=0.7, distribution="uniform"))
+    assert_same_classes(net, sparse)
+    bns = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 5
+    for name, bn in bns:
+        sparse_bn = sparse.get_submodule(name)
+        assert type(sparse_bn) is nn.BatchNorm2d, name
+        assert not hasattr(sparse_bn, "mask"), name
+        for key, value in bn.state_dict().items():
+            assert torch.equal(sparse_bn.state_dict()[key], value), (name, key)
+    assert sparse.training == net.training
+
+
+def test_cnn_export_path_keeps_batchnorm_state_and_training_flags():
+    net = make_cnn(ShapeBranchingResNet)
+    with pytest.raises(TraceError, match="example_inputs"):
+        sparsify(net, SRigLConfig(sparsity=0.6, distribution="uniform"))
+    assert capture_graph(net, torch.randn(2, 3, 16, 16)).method == "export"
+    net.train()
+    net.dw_bn.eval()  # a mixed train/eval state must come back as it was
+    sparse = sparsify(net, SRigLConfig(sparsity=0.6, distribution="uniform"), example_inputs=torch.randn(2, 3, 16, 16))
+    assert_fresh_invariants(sparse, CNN_FAN_IN)
+    for (name, m), (_, m0) in zip(sparse.named_modules(), net.named_modules()):
+        assert m.training == m0.training, name
+        if isinstance(m, nn.BatchNorm2d):
+            for key, value in m0.state_dict().items():
+                assert torch.equal(m.state_dict()[key], value), (name, key)
+    x = torch.randn(4, 3, 16, 16)
+    reference = masked_dense_reference(net, sparse)
+    torch.testing.assert_close(sparse(x), reference(x))
+
+
+# -- 3. nn.TransformerEncoder (torch.export) ----------------------------------------------------------------------
+
+
+ENCODER_LAYERS = [f"layers.{i}.{n}" for i in range(2) for n in ("self_attn.in_proj", "self_attn.out_proj", "linear1",
+                                                                 "linear2")]
+
+
+def test_transformer_encoder_without_example_inputs_raises_trace_error():
+    enc = make_encoder()
+    with pytest.raises(TraceError, match="example_inputs") as info:
+        sparsify(enc, SRigLConfig(sparsity=0.8))
+    assert "TransformerEncoder" in str(info.value)
+    assert not any(is_masked(m) for m in enc.modules())
+
+
+@pytest.fixture(scope="module")
+def sparse_encoder():
+    enc = make_encoder()
+    x = torch.randn(3, 5, 32)
+    sparse = sparsify(enc, SRigLConfig(sparsity=0.8, distribution="erk"), example_inputs=(x,))
+    return enc, sparse
+
+
+def test_transformer_encoder_layers_are_sparse(sparse_encoder):
+    enc, sparse = sparse_encoder
+    layers = assert_fresh_invariants(sparse, ENCODER_LAYERS)
+    assert_same_classes(enc, sparse)
+    for i in range(2):
+        attn = sparse.layers[i].self_attn
+        assert isinstance(attn, MaskedMultiheadAttention)
+        assert isinstance(attn.in_proj, MaskedProjection)
+        assert "in_proj_weight" not in attn._parameters
+        assert attn.in_proj_weight is attn.in_proj.weight  # the functional attention reads the masked tensor
+        plan = attn.in_proj.srigl_plan
+        assert (plan.kind, plan.n_out, plan.fan_in) == ("attention", 96, 32)
+    for name, layer in layers.items():
+        assert layer.srigl_plan.protected == (name == "layers.1.linear2"), name
+    for name, module in sparse.named_modules():
+        if isinstance(module, nn.LayerNorm):
+            assert not hasattr(module, "mask"), name
+    # every parameter appears exactly once (nothing lost or duplicated by moving in_proj_weight)
+    assert sum(p.numel() for p in sparse.parameters()) == sum(p.numel() for p in enc.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+def test_transformer_encoder_matches_reference_train_eval_and_fast_path(sparse_encoder, monkeypatch):
+    enc, sparse = sparse_encoder
+    reference = masked_dense_reference(enc, sparse)
+    x = torch.randn(4, 6, 32)
+    sparse.train(), reference.train()
+    torch.testing.assert_close(sparse(x), reference(x))
+    sparse.eval(), reference.eval()
+    torch.testing.assert_close(sparse(x), reference(x))  # grad enabled: the slow path
+
+    fast_calls = []
+    fast_fwd = torch._transformer_encoder_layer_fwd
+
+    def counting(*args, **kwargs):
+        fast_calls.append(1)
+        return fast_fwd(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", counting)
+    padding = torch.zeros(4, 6, dtype=torch.bool)
+    padding[1, 4:] = True
+    padding[3, 2:] = True
+    with torch.no_grad():
+        got, want = sparse(x), reference(x)
+        assert len(fast_calls) == 4, "the eval fast path was not taken"
+        torch.testing.assert_close(got, want)
+        got, want = sparse(x, src_key_padding_mask=padding), reference(x, src_key_padding_mask=padding)
+        assert len(fast_calls) == 8
+        torch.testing.assert_close(got, want)
+    sparse.train()
+
+
+def test_transformer_encoder_gradients_flow_and_training_keeps_invariants():
+    enc = make_encoder(1)
+    x = torch.randn(4, 5, 32)
+    config = SRigLConfig(sparsity=0.7, distribution="uniform", delta_t=2)
+    sparse = sparsify(enc, config, example_inputs=(x,))
+    opt = torch.optim.AdamW(sparse.parameters(), lr=1e-2)
+    updater = SRigLUpdater(sparse, opt, config, total_steps=8)
+    before = {n: l.mask.clone() for n, l in sparse_layers(sparse)}
+    target = torch.randn(4, 5, 32)
+    updates = []
+    for step in range(1, 7):
+        opt.zero_grad()
+        F.mse_loss(sparse(x), target).backward()
+        for name, layer in sparse_layers(sparse):
+            assert layer.weight.grad is not None, name
+            assert torch.count_nonzero(layer.weight.grad) > 0, name
+            assert torch.all(layer.weight.grad[~layer.mask] == 0), name
+        opt.step()
+        if updater.step():
+            updates.append(step)
+        assert_training_invariants(sparse)
+    assert updates == [2, 4]
+    assert any(not torch.equal(before[n], l.mask) for n, l in sparse_layers(sparse))
+    sparse.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), masked_dense_reference(enc, sparse).eval()(x))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, kdim=8, vdim=12, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, q, kv_k, kv_v):
+        out, _ = self.attn(q, kv_k, kv_v, need_weights=False)
+        return self.head(out)
+
+
+def test_multihead_attention_separate_q_k_v_projections():
+    torch.manual_seed(0)
+    net = CrossAttention()
+    sparse = sparsify(net, SRigLConfig(sparsity=0.5, distribution="uniform"))
+    layers = assert_fresh_invariants(sparse, ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "head"])
+    assert {n: layers[n].srigl_plan.fan_in for n in ("attn.q_proj", "attn.k_proj", "attn.v_proj")} == {
+        "attn.q_proj": 16, "attn.k_proj": 8, "attn.v_proj": 12}
+    assert sparse.attn.k_proj_weight is sparse.attn.k_proj.weight
+    q, k, v = torch.randn(2, 3, 16), torch.randn(2, 5, 8), torch.randn(2, 5, 12)
+    torch.testing.assert_close(sparse(q, k, v), masked_dense_reference(net, sparse)(q, k, v))
+
+
+# -- 4. Hugging Face models (torch.export) ----------------------------------------------------------------------
+
+
+def make_bert(seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=100, max_position_embeddings=32, num_labels=3)
+    model = transformers.BertForSequenceClassification(config)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 100, (4, 8), generator=g)
+    attention = torch.ones(4, 8, dtype=torch.long)
+    attention[1, 6:] = 0
+    inputs = {"input_ids": ids, "attention_mask": attention}
+    return model, inputs, torch.randint(0, 3, (4,), generator=g)
+
+
+def make_vit(seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=64, num_labels=3)
+    model = transformers.ViTForImageClassification(config)
+    g = torch.Generator().manual_seed(seed)
+    return model, torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 3, (4,), generator=g)
+
+
+HF = {"bert": make_bert, "vit": make_vit}
+HF_CONFIG = SRigLConfig(sparsity=0.6, distribution="uniform", delta_t=2)
+
+
+def _call(model, inputs, **extra):
+    return model(**inputs, **extra) if isinstance(inputs, dict) else model(pixel_values=inputs, **extra)
+
+
+@pytest.mark.parametrize("kind", ["bert", "vit"])
+def test_hf_model_keeps_class_interface_and_matches_reference(kind):
+    model, inputs, _ = HF[kind]()
+    model.eval()
+    with pytest.raises(TraceError, match="example_inputs"):
+        sparsify(model, HF_CONFIG)
+    sparse = sparsify(model, HF_CONFIG, example_inputs=inputs)
+    assert capture_graph(model, inputs).method == "export"
+    layers = assert_fresh_invariants(sparse)
+    assert_same_classes(model, sparse)
+    assert type(sparse) is type(model)
+
+    expected_sparse = {n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
+    assert set(layers) == expected_sparse  # every Linear (and ViT's patch projection), classifier included
+    for name, layer in layers.items():
+        assert layer.srigl_plan.protected == (name == "classifier"), name
+    first = {c.name for c in discover_layers(model, capture_graph(model, inputs)) if c.is_first}
+    assert first == ({f"bert.encoder.layer.0.attention.self.{p}" for p in ("query", "key", "value")}
+                     if kind == "bert" else {"vit.embeddings.patch_embeddings.projection"})
+
+    # embeddings, LayerNorms, ViT's cls token and position embeddings: dense and unchanged
+    orig_params = dict(model.named_parameters())
+    for name, module in sparse.named_modules():
+        if isinstance(module, (nn.Embedding, nn.LayerNorm)):
+            assert not is_masked(module), name
+            for pname, p in module.named_parameters(prefix=name):
+                assert torch.equal(p, orig_params[pname]), pname
+    for name, p in sparse.named_parameters():
+        if "embeddings" in name and "patch_embeddings" not in name:
+            assert torch.equal(p, orig_params[name]), name
+
+    out = _call(sparse, inputs)
+    assert type(out).__name__ == ("SequenceClassifierOutput" if kind == "bert" else "ImageClassifierOutput")
+    assert out.logits.shape == (4, 3)
+    reference = masked_dense_reference(model, sparse).eval()
+    torch.testing.assert_close(out.logits, _call(reference, inputs).logits)
+
+
+@pytest.mark.parametrize("kind", ["bert", "vit"])
+def test_hf_short_training_loop_keeps_invariants(kind):
+    model, inputs, labels = HF[kind]()
+    sparse = sparsify(model, HF_CONFIG, example_inputs=inputs)
+    sparse.train()
+    opt = torch.optim.AdamW(sparse.parameters(), lr=1e-2, weight_decay=0.01)
+    updater = SRigLUpdater(sparse, opt, HF_CONFIG, total_steps=8)  # T_end = 6: updates at steps 2 and 4
+    before = {n: l.mask.clone() for n, l in sparse_layers(sparse)}
+    updates = []
+    for step in range(1, 7):
+        opt.zero_grad()
+        out = _call(sparse, inputs, labels=labels)
+        assert torch.isfinite(out.loss)
+        out.loss.backward()
+        opt.step()
+        if updater.step():
+            updates.append(step)
+        assert_training_invariants(sparse)
+    assert updates == [2, 4]
+    assert any(not torch.equal(before[n], l.mask) for n, l in sparse_layers(sparse))
+    stats = updater.stats()
+    assert set(stats["layers"]) == set(before)
+    assert stats["layers"]["classifier"]["ablated_neurons"] == 0
+    sparse.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_call(sparse, inputs).logits,
+                                   _call(masked_dense_reference(model, sparse).eval(), inputs).logits)
+
+
+def test_gpt2_behaviour():
+    """What happens, asserted as it is (transformers 5.x, torch 2.13):
+
+    - symbolic_trace fails on GPT-2; with use_cache left on, torch.export fails on the DynamicCache output: a
+      TraceError naming both attempts.
+    - with use_cache=False export succeeds, but GPT-2's projections are ``transformers.pytorch_utils.Conv1D``
+      (not nn.Linear), which sparsify does not support, and ``lm_head`` is tied to the token embedding: there is
+      nothing to sparsify, which is a LayerError, after a warning naming each skipped layer.
+    """
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0)
+    gpt = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 100, (2, 8))
+    with pytest.raises(TraceError) as info:
+        sparsify(gpt, SRigLConfig(sparsity=0.5, distribution="uniform"), example_inputs={"input_ids": ids})
+    message = str(info.value)
+    assert "symbolic_trace" in message and "torch.export" in message and "GPT2LMHeadModel" in message
+
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(LayerError, match="no layer sparsify can mask"):
+        warnings.simplefilter("always")
+        sparsify(gpt, SRigLConfig(sparsity=0.5, distribution="uniform"),
+                 example_inputs={"input_ids": ids, "use_cache": False})
+    messages = [str(w.message) for w in caught]
+    assert any("lm_head" in m and "tied" in m for m in messages), messages
+    assert any("c_attn" in m and "Conv1D" in m and "no masked form" in m for m in messages), messages
+
+
+# -- 5. configuration: filter_fn, overrides, keep_first/last_dense, no_ablation, errors, warnings, inplace ----------
+
+
+def test_filter_fn_keeps_rejected_layers_dense():
+    net = make_mlp()
+    seen = []
+
+    def keep(module, name):
+        seen.append((type(module), name))
+        return name != "2"
+
+    sparse = sparsify(net, SRigLConfig(sparsity=0.8, distribution="uniform"), filter_fn=keep)
+    assert seen == [(nn.Linear, "0"), (nn.Linear, "2"), (nn.Linear, "4")]
+    assert_fresh_invariants(sparse, ["0", "4"])
+    assert type(sparse[2]) is nn.Linear
+    assert torch.equal(sparse[2].weight, net[2].weight)
+    assert sparse[4].srigl_plan.protected
+
+
+def test_overrides_by_name_and_regex():
+    net = make_cnn()
+    overrides = {"fc": None, r"block\.conv\d": 0.75, "stem": 0.3}
+    sparse = sparsify(net, SRigLConfig(sparsity=0.6, distribution="erk", overrides=overrides, too_small="dense"))
+    layers = dict(sparse_layers(sparse))
+    assert "fc" not in layers and type(sparse.fc) is nn.Linear
+    assert torch.equal(sparse.fc.weight, net.fc.weight)
+    for name, sparsity in (("block.conv1", "0.75"), ("block.conv2", "0.75"), ("stem", "0.3")):
+        layer = layers[name]
+        plan = layer.srigl_plan
+        numel = layer.weight.numel()
+        assert plan.density == pytest.approx(1 - float(sparsity), abs=1e-12), name
+        assert plan.budget == math.floor(numel * (1 - Fraction(sparsity))), name
+        assert plan.k0 == plan.budget // plan.n_out, name
+        assert int(layer.mask.sum()) == plan.k0 * plan.n_out, name
+        assert (1 - Fraction(sparsity)) * numel - int(layer.mask.sum()) < plan.n_out + 1, name
+    # an exact name wins over a regex that also matches it
+    sparse = sparsify(make_mlp(), SRigLConfig(sparsity=0.5, distribution="uniform", overrides={"2": 0.9, r"\d": None}))
+    assert sorted(n for n, _ in sparse_layers(sparse)) == ["2"]
+    assert sparse[2].srigl_plan.k0 == math.floor(48 * 64 * Fraction("0.1")) // 48
+
+
+def test_keep_first_and_last_dense():
+    net = make_cnn()
+    config = SRigLConfig(sparsity=0.6, distribution="uniform")
+    first = dict(sparse_layers(sparsify(net, config.replace(keep_first_dense=True))))
+    assert set(first) == set(CNN_FAN_IN) - {"stem"}
+    last = dict(sparse_layers(sparsify(net, config.replace(keep_last_dense=True))))
+    assert set(last) == set(CNN_FAN_IN) - {"fc"}
+    both = sparsify(net, config.replace(keep_first_dense=True, keep_last_dense=True))
+    assert set(n for n, _ in sparse_layers(both)) == set(CNN_FAN_IN) - {"stem", "fc"}
+    assert type(both.stem) is nn.Conv2d and type(both.fc) is nn.Linear
+    for name, layer in sparse_layers(both):
+        assert not layer.srigl_plan.protected, name  # fc (the output layer) is dense, "seq" feeds it: not last
+
+
+def test_no_ablation_patterns_protect_layers():
+    net = make_encoder()
+    config = SRigLConfig(sparsity=0.7, distribution="uniform", no_ablation=("layers.0.linear1", r".*\.in_proj"))
+    sparse = sparsify(net, config, example_inputs=torch.randn(2, 4, 32))
+    protected = {"layers.0.linear1", "layers.0.self_attn.in_proj", "layers.1.self_attn.in_proj", "layers.1.linear2"}
+    for name, layer in sparse_layers(sparse):
+        assert layer.srigl_plan.protected == (name in protected), name
+
+
+def test_override_or_no_ablation_matching_no_layer_is_a_config_error():
+    net = make_mlp()
+    with pytest.raises(ConfigError, match="'fc'") as info:
+        sparsify(net, SRigLConfig(overrides={"fc": None}))
+    assert "'0'" in str(info.value)  # lists the layers there are
+    with pytest.raises(ConfigError, match="matches no"):
+        sparsify(net, SRigLConfig(overrides={r"layer\d+": 0.5}))
+    with pytest.raises(ConfigError, match="head"):
+        sparsify(net, SRigLConfig(no_ablation=("head",)))
+    # a key naming a layer that filter_fn removed matches nothing either
+    with pytest.raises(ConfigError, match="'2'"):
+        sparsify(net, SRigLConfig(overrides={"2": 0.5}), filter_fn=lambda m, name: name != "2")
+
+
+def test_too_small_layer_raises_layer_error_or_stays_dense():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 40))
+    config = SRigLConfig(sparsity=0.5, distribution="uniform", overrides={"2": 0.99})  # budget 25 < 40 neurons
+    with pytest.raises(LayerError, match=r"layer '2'.*k would be 0"):
+        sparsify(net, config)
+    sparse = sparsify(net, config.replace(too_small="dense"))
+    assert [n for n, _ in sparse_layers(sparse)] == ["0"]
+    assert type(sparse[2]) is nn.Linear
+    assert torch.equal(sparse[2].weight, net[2].weight)
+
+
+def test_sparsifying_twice_is_a_layer_error():
+    sparse = sparsify(make_mlp(), SRigLConfig(sparsity=0.8))
+    with pytest.raises(LayerError, match="already sparsified"):
+        sparsify(sparse, SRigLConfig(sparsity=0.8))
+    with pytest.raises(LayerError, match="already sparsified"):
+        sparsify(sparse, SRigLConfig(sparsity=0.8), inplace=True)
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(16, 16)
+        self.mid = nn.Linear(16, 32)
+        self.dec = nn.Linear(32, 16)
+        self.out = nn.Linear(16, 16)
+        self.out.weight = self.enc.weight
+
+    def forward(self, x):
+        return self.out(F.relu(self.dec(F.relu(self.mid(self.enc(x))))))
+
+
+class Unused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 32)
+        self.spare = nn.Linear(32, 32)  # registered, never called
+        self.b = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x)))
+
+
+def test_tied_weights_stay_dense_with_a_warning():
+    torch.manual_seed(0)
+    net = Tied()
+    sparse, caught = collect_warnings(lambda: sparsify(net, SRigLConfig(sparsity=0.5, distribution="uniform")))
+    assert sorted(n for n, _ in sparse_layers(sparse)) == ["dec", "mid"]
+    for name in ("enc", "out"):
+        assert any(f"'{name}'" in w and "tied" in w for w in caught), (name, caught)
+        assert type(getattr(sparse, name)) is nn.Linear, name
+    assert sparse.out.weight is sparse.enc.weight
+    assert torch.equal(sparse.enc.weight, net.enc.weight)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(sparse(x), masked_dense_reference(net, sparse)(x))
+
+
+def test_module_never_used_in_forward_stays_dense_with_a_warning():
+    torch.manual_seed(0)
+    net = Unused()
+    sparse, caught = collect_warnings(lambda: sparsify(net, SRigLConfig(sparsity=0.5, distribution="uniform")))
+    assert sorted(n for n, _ in sparse_layers(sparse)) == ["a", "b"]
+    assert any("'spare'" in w and "never used" in w for w in caught), caught
+    assert type(sparse.spare) is nn.Linear
+    assert sparse.b.srigl_plan.protected and not sparse.a.srigl_plan.protected
+
+
+def test_inplace_false_leaves_the_original_untouched_and_inplace_true_rewrites_it():
+    net = make_cnn()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    classes = {n: type(m) for n, m in net.named_modules()}
+    sparse = sparsify(net, SRigLConfig(sparsity=0.8, distribution="uniform"))
+    assert sparse is not net
+    assert {n: type(m) for n, m in net.named_modules()} == classes
+    assert net.state_dict().keys() == state.keys()
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    for name, module in net.named_modules():
+        assert not hasattr(module, "mask") and not hasattr(module, "srigl_plan"), name
+    for (name, p), (_, q) in zip(net.named_parameters(), sparse.named_parameters()):
+        assert p.data_ptr() != q.data_ptr(), name  # no shared storage
+    rewritten = sparsify(net, SRigLConfig(sparsity=0.8, distribution="uniform"), inplace=True)
+    assert rewritten is net
+    assert_fresh_invariants(net, CNN_FAN_IN)
+
+
+# -- 6. global density: ERK and uniform -----------------------------------------------------------------------------
+
+
+class Wide(nn.Module):
+    """Layers of very different sizes, none small enough for ERK to make it dense at 90% sparsity."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 64, 3, padding=1)
+        self.conv2 = nn.Conv2d(64, 64, 3, padding=1)
+        self.fc1 = nn.Linear(64, 256)
+        self.fc2 = nn.Linear(256, 256)
+        self.fc3 = nn.Linear(256, 32)
+
+    def forward(self, x):
+        h = F.relu(self.conv2(F.relu(self.conv(x)))).mean(dim=(2, 3))
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(h)))))
+
+
+def _density_bounds(target: float, layers: dict, numel: int, n_candidates: int) -> tuple[float, float]:
+    """Bounds on the non-zeros of all candidate layers (``numel`` weights, ``n_candidates`` layers, the ones made
+    dense counted fully). Each sparse layer loses < 1 non-zero per neuron (k0 = budget // n_out) and < 1 to its
+    budget's floor(N d); each candidate's share of the global budget rounds up by < 1 (N - int(N (1 - D)))."""
+    slack = sum(layer.srigl_plan.n_out + 1 for layer in layers.values())
+    return target * numel - slack, target * numel + n_candidates
+
+
+@pytest.mark.parametrize("distribution", ["erk", "uniform"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_global_density_over_sparse_layers_matches_target(distribution, sparsity):
+    net = Wide()
+    sparse = sparsify(net, SRigLConfig(sparsity=sparsity, distribution=distribution))
+    layers = assert_fresh_invariants(sparse)
+    all_layers = ["conv", "conv2", "fc1", "fc2", "fc3"]
+    dense = [n for n in all_layers if n not in layers]  # ERK at 50% makes fc1 and fc3 dense (density > 1)
+    assert dense == ([] if (distribution, sparsity) != ("erk", 0.5) else ["fc1", "fc3"])
+    dense_numel = sum(sparse.get_submodule(n).weight.numel() for n in dense)
+    numel = sum(sparse.get_submodule(n).weight.numel() for n in all_layers)
+    nnz = sum(int(layer.mask.sum()) for layer in layers.values()) + dense_numel
+    low, high = _density_bounds(1 - sparsity, layers, numel, len(all_layers))
+    assert low <= nnz <= high, (nnz, low, high)
+    assert abs(nnz / numel - (1 - sparsity)) < 0.01
+    budgets = sum(layer.srigl_plan.budget for layer in layers.values()) + dense_numel
+    assert abs(budgets - (1 - sparsity) * numel) <= len(all_layers)
+    if distribution == "uniform":
+        for name, layer in layers.items():
+            assert layer.srigl_plan.density == pytest.approx(1 - sparsity), name
+
+
+def test_erk_densifies_small_layers_and_keeps_the_global_density():
+    """On the small CNN ERK makes the tiniest layers dense; the global density counts them as dense."""
+    net = make_cnn()
+    config = SRigLConfig(sparsity=0.8, distribution="erk", too_small="dense")
+    sparse = sparsify(net, config)
+    layers = dict(sparse_layers(sparse))
+    dense = set(CNN_FAN_IN) - set(layers)
+    assert dense, "expected ERK to make some small layer dense"
+    numel = sum(sparse.get_submodule(n).weight.numel() for n in CNN_FAN_IN)
+    nnz = sum(int(layer.mask.sum()) for layer in layers.values())
+    nnz += sum(sparse.get_submodule(n).weight.numel() for n in dense)
+    low, high = _density_bounds(1 - 0.8, layers, numel, len(CNN_FAN_IN))
+    assert low <= nnz <= high, (nnz, low, high)
+
+
+def test_erk_gives_smaller_layers_larger_density():
+    sparse = sparsify(Wide(), SRigLConfig(sparsity=0.9, distribution="erk"))
+    plans = {name: layer.srigl_plan for name, layer in sparse_layers(sparse)}
+    raw = {name: sum(layer.weight.shape) / layer.weight.numel() for name, layer in sparse_layers(sparse)}
+    linears = sorted(("fc1", "fc2", "fc3"), key=lambda n: sparse.get_submodule(n).weight.numel())
+    assert linears == ["fc3", "fc1", "fc2"]
+    for smaller, larger in zip(linears, linears[1:]):
+        assert plans[smaller].density > plans[larger].density, (smaller, larger)
+    for name in plans:  # density proportional to (sum of dims) / (product of dims)
+        assert plans[name].density / plans["fc2"].density == pytest.approx(raw[name] / raw["fc2"], rel=1e-9), name
+    assert plans["conv"].density > plans["conv2"].density  # same kernel, fewer channels
+    assert max(p.density for p in plans.values()) < 1.0
