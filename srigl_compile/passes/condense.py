@@ -77,7 +77,8 @@ class CondensePass(Pass):
 
 
 def condense(model: nn.Module, *, example_inputs=None, shrink: bool = True, inplace: bool = False) -> nn.Module:
-    """Return ``model`` with every sparse layer condensed to values/indices [n_active, k].
+    """Return ``model`` (in eval mode: an inference form) with every sparse layer condensed to values/indices
+    [n_active, k].
 
     Args:
         model: a model from ``sparsify`` (typically trained with SRigLUpdater).
@@ -105,4 +106,4 @@ def condense(model: nn.Module, *, example_inputs=None, shrink: bool = True, inpl
     CondensePass()(model)
     removed = apply_shrink(model, plans)
     log.info("condensed; removed %d ablated neurons across %d layers", removed, len(plans))
-    return model
+    return model.eval()

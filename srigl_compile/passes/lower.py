@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = False, cache_dir=None,
           col_threshold: int = 16, progress: bool = True) -> nn.Module:
-    """Return ``model`` with its sparse layers running TVM-compiled condensed kernels.
+    """Return ``model`` (in eval mode) with its sparse layers running TVM-compiled condensed kernels.
 
     Args:
         model: a model from ``sparsify`` (+ training) or from ``condense``; it is not modified.
@@ -58,7 +58,7 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
     if not layers:
         raise LayerError("the model has no sparse or condensed layers to lower: sparsify (and train) it first")
     _compile_layers(layers, target_dict, tune, cache_dir, col_threshold, progress)
-    return model
+    return model.eval()  # inference only: the kernels have no backward, dropout must be off
 
 
 def _compile_layers(layers, target_dict, tune, cache_dir, col_threshold, progress) -> None:

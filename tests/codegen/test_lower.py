@@ -196,6 +196,7 @@ def test_save_and_load_round_trip_in_a_fresh_process(lowered_mlp, tmp_path):
     import sys
 
     masked, lowered = lowered_mlp
+    assert not lowered.training, "lower returns an inference model"
     save_lowered(lowered, tmp_path / "model")
     x = torch.randn(6, 32)
     torch.save({"x": x, "y": lowered(x)}, tmp_path / "io.pt")
