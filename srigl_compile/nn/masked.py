@@ -86,33 +86,24 @@ class MaskedLayer:
         k = int(counts.max()) if active else 0
         return f"k={k}/{self.fan_in}, active_neurons={active}/{self.mask.shape[0]}"
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.sparsity_repr()}"  # the layer's own repr, then the sparsity
+
 
 class MaskedLinear(MaskedLayer, nn.Linear):
     """``nn.Linear`` with a constant-fan-in mask."""
-
-    def extra_repr(self) -> str:
-        return f"{nn.Linear.extra_repr(self)}, {self.sparsity_repr()}"
 
 
 class MaskedConv1d(MaskedLayer, nn.Conv1d):
     """``nn.Conv1d`` with a mask; a neuron is an output filter, fan-in in_channels/groups * kernel size."""
 
-    def extra_repr(self) -> str:
-        return f"{nn.Conv1d.extra_repr(self)}, {self.sparsity_repr()}"
-
 
 class MaskedConv2d(MaskedLayer, nn.Conv2d):
     """``nn.Conv2d`` with a mask; a neuron is an output filter, fan-in in_channels/groups * kh * kw."""
 
-    def extra_repr(self) -> str:
-        return f"{nn.Conv2d.extra_repr(self)}, {self.sparsity_repr()}"
-
 
 class MaskedConv3d(MaskedLayer, nn.Conv3d):
     """``nn.Conv3d`` with a mask."""
-
-    def extra_repr(self) -> str:
-        return f"{nn.Conv3d.extra_repr(self)}, {self.sparsity_repr()}"
 
 
 class MaskedProjection(MaskedLayer, nn.Module):

@@ -1,0 +1,67 @@
+"""The LLVM target for the host CPU, named explicitly (``mcpu: native`` silently means a generic x86 in TVM 0.27).
+
+Example:
+    >>> host_llvm_target()                     # doctest: +SKIP
+    {'kind': 'llvm', 'mcpu': 'znver3', 'num-cores': 2}
+    >>> target_key(host_llvm_target())         # doctest: +SKIP
+    'kind=llvm,mcpu=znver3,num-cores=2'
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import UnsupportedTargetError
+from ._tvm_compat import import_tvm, tvm_thread_count
+
+__all__ = ["host_cpu_name", "host_llvm_target", "check_llvm_target", "target_key", "vector_registers"]
+
+
+@functools.cache
+def host_cpu_name() -> str:
+    """LLVM's name for the host CPU (``znver3``, ``skylake-avx512``, ...)."""
+    tvm = import_tvm()
+    return str(tvm.target.codegen.llvm_get_system_cpu())
+
+
+def host_llvm_target(num_cores: int | None = None) -> dict[str, Any]:
+    """``{"kind": "llvm", "mcpu": <host cpu>, "num-cores": n}``; n defaults to TVM's thread count.
+
+    Raises:
+        UnsupportedTargetError: LLVM does not know the host CPU (pass a target dict naming one).
+    """
+    cpu = host_cpu_name()
+    if not cpu or cpu == "generic":
+        raise UnsupportedTargetError("could not detect the host CPU; pass a target dict such as "
+                                     "{'kind': 'llvm', 'mcpu': 'znver3', 'num-cores': 2}")
+    return {"kind": "llvm", "mcpu": cpu, "num-cores": int(num_cores or tvm_thread_count())}
+
+
+def check_llvm_target(target: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validate a target dict for the CPU kernels (``None`` means the host); returns a plain dict copy.
+
+    Raises:
+        UnsupportedTargetError: not an llvm target, or ``mcpu='native'`` (compiles for a generic CPU).
+    """
+    if target is None:
+        return host_llvm_target()
+    if not isinstance(target, Mapping) or target.get("kind") != "llvm":
+        raise UnsupportedTargetError(f"the CPU kernels need an llvm target dict, got {target!r}; "
+                                     "use None for the host CPU or {'kind': 'llvm', 'mcpu': ..., 'num-cores': ...}")
+    if target.get("mcpu") in (None, "native"):
+        raise UnsupportedTargetError("name the CPU in the target ('mcpu': 'znver3', ...): 'native' or no mcpu "
+                                     "compiles for a generic x86 without AVX2; host_llvm_target() detects it")
+    return dict(target)
+
+
+def target_key(target: Mapping[str, Any]) -> str:
+    """A stable string naming a target dict (for kernel keys and tuning records)."""
+    return ",".join(f"{k}={target[k]}" for k in sorted(target))
+
+
+def vector_registers(asm: str) -> dict[str, int]:
+    """Counts of xmm / ymm / zmm register uses in assembly text (to check that AVX2 code was generated)."""
+    return {reg: len(re.findall(rf"%{reg}\d+", asm)) for reg in ("xmm", "ymm", "zmm")}
