@@ -1,6 +1,6 @@
-"""Ready-made training runs on embedded data (scikit-learn's bundled digits: no download).
+"""A reference training loop (SGD + cosine LR) with SRigL, checkpoints and exact resume.
 
-Used by the demo, the tests and the benchmarks, so that all of them train the same way.
+Used by the CLI, the demo, the tests and the benchmarks, so that all of them train the same way.
 
 Example:
     >>> result = train_digits(method="srigl", sparsity=0.9, epochs=2, seed=0)   # doctest: +SKIP
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,45 +20,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import SRigLConfig
+from .data import ArrayData, load_digits
+from .errors import CheckpointError
 from .passes.sparsify import sparsify
 from .training.updater import SRigLUpdater
+from .zoo import build_model
 
-__all__ = ["DigitsData", "load_digits", "digits_mlp", "digits_cnn", "TrainResult", "train_classifier", "train_digits"]
+__all__ = ["TrainResult", "train_classifier", "train_digits", "evaluate", "load_checkpoint", "CHECKPOINT_FORMAT"]
 
-
-@dataclasses.dataclass
-class DigitsData:
-    """8x8 digit images as float tensors [N, 1, 8, 8] scaled to [0, 1], labels [N]; a fixed train/test split."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-
-
-def load_digits(seed: int = 0, test_fraction: float = 0.2) -> DigitsData:
-    from sklearn.datasets import load_digits as sk_load_digits  # optional dependency, imported on use
-
-    data = sk_load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    n_test = int(len(y) * test_fraction)
-    test, train = order[:n_test], order[n_test:]
-    return DigitsData(x[train], y[train], x[test], y[test])
-
-
-def digits_mlp(hidden: int = 256) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                         nn.Linear(hidden, 10))
-
-
-def digits_cnn(channels: int = 32) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
-        nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.BatchNorm2d(2 * channels), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(8 * channels, 128), nn.ReLU(), nn.Linear(128, 10),
-    )
+CHECKPOINT_FORMAT = "srigl_compile.train/1"
 
 
 @dataclasses.dataclass
@@ -70,69 +41,140 @@ class TrainResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
+    was_training = model.training
     model.eval()
-    accuracy = (model(x).argmax(dim=1) == y).float().mean().item()
-    model.train()
-    return accuracy
+    correct = sum(int((model(x[i:i + batch_size]).argmax(dim=1) == y[i:i + batch_size]).sum())
+                  for i in range(0, len(y), batch_size))
+    model.train(was_training)
+    return correct / max(len(y), 1)
+
+
+@dataclasses.dataclass
+class _State:
+    step: int = 0
+    epoch: int = 0
+    epoch_generator: torch.Tensor | None = None  # data-order generator state at the start of the epoch
+    losses: list = dataclasses.field(default_factory=list)
+    history: list = dataclasses.field(default_factory=list)
+
+
+def _save(path: Path, model, optimizer, scheduler, updater, state: _State, meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({
+        "format": CHECKPOINT_FORMAT, "meta": meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "updater": updater.state_dict() if updater else None,
+        "state": dataclasses.asdict(state),
+    }, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)  # never leave a half-written checkpoint under the real name
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a training checkpoint; a missing, foreign or mask-less file is a CheckpointError."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except Exception as err:  # torch.load raises pickle/zip errors of several types
+        raise CheckpointError(f"{path} is not a readable checkpoint ({err})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a srigl_compile training checkpoint")
+    if checkpoint["meta"].get("method") != "dense" and not any(k.endswith(".mask") for k in checkpoint["model"]):
+        raise CheckpointError(f"{path} holds no masks: it was not saved from a sparsified model")
+    return checkpoint
 
 
 def train_classifier(
     model: nn.Module,
-    data: DigitsData,
+    data: ArrayData,
     config: SRigLConfig | None,
     *,
     epochs: int = 30,
     batch_size: int = 64,
     lr: float = 0.05,
     seed: int = 0,
-    on_step: Callable[[int, SRigLUpdater | None], None] | None = None,
     progress: bool = False,
+    checkpoint_path: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+    on_step: Callable[[int, SRigLUpdater | None], None] | None = None,
 ) -> TrainResult:
-    """SGD with momentum and cosine learning rate. ``config=None`` trains dense; otherwise the model is sparsified
-    with ``config`` and trained with an SRigLUpdater. ``on_step(step, updater)`` runs after every update call."""
+    """SGD (Nesterov momentum 0.9, weight decay 1e-4) with a cosine learning rate.
+
+    ``config=None`` trains dense; otherwise the model is sparsified with ``config`` and trained with an
+    SRigLUpdater. Every ``checkpoint_every`` steps (and at the end) a checkpoint goes to ``checkpoint_path``;
+    ``resume`` (a ``load_checkpoint`` result) continues a run exactly where it stopped.
+    """
     torch.manual_seed(seed)
     if config is not None:
-        model = sparsify(model, config)
+        model = sparsify(model, config, example_inputs=(data.x_train[:2],))
     steps_per_epoch = -(-len(data.y_train) // batch_size)
     total = epochs * steps_per_epoch
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4, nesterov=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
     updater = SRigLUpdater(model, optimizer, config, total_steps=total) if config is not None else None
-    generator = torch.Generator().manual_seed(seed)
-    losses, history, step = [], [], 0
-    bar = _progress(total, progress)
-    for _ in range(epochs):
+    generator, state = torch.Generator().manual_seed(seed), _State()
+    if resume is not None:
+        state = _restore(resume, model, optimizer, scheduler, updater, generator)
+    meta = dict(meta or {}, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    bar = _progress(total, progress, initial=state.step)
+    for epoch in range(state.epoch, epochs):
+        if state.epoch_generator is None or epoch != state.epoch:
+            state.epoch, state.epoch_generator = epoch, generator.get_state()
+        generator.set_state(state.epoch_generator)
         order = torch.randperm(len(data.y_train), generator=generator)
-        for start in range(0, len(order), batch_size):
+        for start in range((state.step - epoch * steps_per_epoch) * batch_size, len(order), batch_size):
             idx = order[start:start + batch_size]
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
             loss.backward()
             optimizer.step()
             scheduler.step()
-            step += 1
+            state.step += 1
             if updater is not None and updater.step():
-                history.append(updater.stats())
+                state.history.append(updater.stats())
+            state.losses.append(loss.item())
             if on_step is not None:
-                on_step(step, updater)
-            losses.append(loss.item())
+                on_step(state.step, updater)
+            if checkpoint_path and checkpoint_every and state.step % checkpoint_every == 0:
+                _save(Path(checkpoint_path), model, optimizer, scheduler, updater, state, meta)
             bar.update(1)
+        state.epoch_generator = None
     bar.close()
-    return TrainResult(evaluate(model, data.x_test, data.y_test), losses, model, updater, history)
+    if checkpoint_path:
+        state.epoch = epochs
+        _save(Path(checkpoint_path), model, optimizer, scheduler, updater, state, meta)
+    return TrainResult(evaluate(model, data.x_test, data.y_test), state.losses, model, updater, state.history)
+
+
+def _restore(checkpoint, model, optimizer, scheduler, updater, generator) -> _State:
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    if updater is not None:
+        if checkpoint["updater"] is None:
+            raise CheckpointError("the checkpoint is from a dense run; resume it without a sparsity config")
+        updater.load_state_dict(checkpoint["updater"])
+    state = _State(**checkpoint["state"])
+    if state.epoch_generator is not None:
+        generator.set_state(state.epoch_generator)
+    return state
 
 
 def train_digits(method: str = "srigl", sparsity: float = 0.9, *, model: str = "mlp", epochs: int = 30,
                  seed: int = 0, progress: bool = False, **config_fields: Any) -> TrainResult:
-    """Train an MLP or CNN on digits, dense (``method='dense'``) or sparse with the given method."""
+    """Train a zoo model on digits, dense (``method='dense'``) or sparse with the given method."""
+    data = load_digits(seed)
     torch.manual_seed(seed)
-    net = digits_mlp() if model == "mlp" else digits_cnn()
+    net = build_model(model, data.input_shape, data.num_classes)
     config = None if method == "dense" else SRigLConfig(sparsity=sparsity, method=method, seed=seed,
                                                        delta_t=config_fields.pop("delta_t", 20), **config_fields)
-    return train_classifier(net, load_digits(seed), config, epochs=epochs, seed=seed, progress=progress)
+    return train_classifier(net, data, config, epochs=epochs, seed=seed, progress=progress)
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=None if enabled else True, desc="training", leave=False)  # None: off when not a TTY
+    # disable=None: shown on a terminal, silent in logs and CI.
+    return tqdm(total=total, initial=initial, disable=None if enabled else True, desc="training", leave=False)
