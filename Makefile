@@ -19,7 +19,7 @@ install-test: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test,tvm]'
 
 demo: install-demo
-	$(BIN)/python examples/train_digits.py
+	$(BIN)/srigl-compile demo
 
 test: install-test
 	$(BIN)/python -m pytest -q -n 2

@@ -1,0 +1,92 @@
+"""The srigl-compile commands on tiny settings, the demo's report, and one-line errors for bad arguments."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from srigl_compile.cli import main
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "lower", "bench", "table"])
+def test_every_command_has_help_with_an_example(runner, command):
+    result = runner.invoke(main, [command, "--help"])
+    assert result.exit_code == 0 and "Example: srigl-compile" in result.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "--sparsity", "1.5"], "sparsity"),
+    (["train", "--model", "alexnet"], "unknown model"),
+    (["train", "--data", "cifar10"], "--data-dir"),
+    (["train", "--data", "cifar10", "--data-dir", "/no/such/folder"], "does not exist"),
+    (["lower", "/no/such/checkpoint.pt", "--out", "x"], "does not exist"),
+    (["demo", "--sparsity", "0"], "sparsity"),
+    (["demo", "--models", "resnet"], "unknown model"),
+    (["bench", "--batches", "one"], "comma-separated"),
+    (["table", "--data", "imagenet"], "choose from"),
+])
+def test_bad_arguments_exit_non_zero_with_one_clear_line(runner, args, words):
+    result = runner.invoke(main, args)
+    assert result.exit_code != 0
+    assert words in result.output
+    assert "Traceback" not in result.output
+
+
+def test_train_checkpoint_resume_and_lower(runner, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--model", "mlp", "--data", "digits", "--epochs", "2", "--delta-t", "5", "--out", str(out),
+            "--checkpoint-every", "10"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["accuracy"] > 0.3 and metrics["stats"]["global"]["density"] < 0.15
+    resumed = runner.invoke(main, args + ["--resume"])  # the finished run resumes to the same result
+    assert resumed.exit_code == 0 and json.loads((out / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
+    pytest.importorskip("tvm")
+    lowered = runner.invoke(main, ["lower", str(out / "checkpoint.pt"), "--out", str(tmp_path / "lowered")])
+    assert lowered.exit_code == 0, lowered.output
+    assert (tmp_path / "lowered" / "manifest.json").exists()
+    from srigl_compile import load_lowered
+
+    assert load_lowered(tmp_path / "lowered") is not None
+
+
+def test_lowering_a_dense_checkpoint_is_refused(runner, tmp_path):
+    out = tmp_path / "dense"
+    assert runner.invoke(main, ["train", "--method", "dense", "--epochs", "1", "--out", str(out)]).exit_code == 0
+    result = runner.invoke(main, ["lower", str(out / "checkpoint.pt"), "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "dense run" in result.output
+
+
+@pytest.mark.tvm
+def test_demo_report_holds_what_it_claims(runner, tmp_path):
+    out = tmp_path / "demo"
+    result = runner.invoke(main, ["demo", "--epochs", "1", "--models", "mlp", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for name in ("results.json", "summary.md", "accuracy.png", "loss.png", "layers.png", "latency.png"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["accuracy"]) == {"mlp/dense", "mlp/static", "mlp/rigl", "mlp/srigl"}
+    assert all(0 <= v <= 1 for v in results["accuracy"].values())
+    assert [r["batch"] for r in results["latency"]] == [1, 256]
+    assert all(r["max_abs_error"] < 1e-4 and r["same_predictions"] for r in results["latency"])
+    summary = (out / "summary.md").read_text()
+    assert "mlp/srigl" in summary and "![latency.png](latency.png)" in summary
+
+
+def test_table_on_tiny_settings(runner, tmp_path, monkeypatch):
+    from srigl_compile.cli import table
+
+    monkeypatch.setitem(table.SETTINGS, "digits", (1, 5))
+    result = runner.invoke(main, ["table", "--data", "digits", "--sparsities", "0.9", "--seeds", "2",
+                                  "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "table.json").read_text())
+    assert len(rows) == 2 + 5 * 2
+    text = (tmp_path / "table.md").read_text()
+    assert "SRigL w/ ablation" in text and "RigL: neurons with no inputs" in text and "±" in text
