@@ -44,8 +44,18 @@ def _run(data_name, data, method, ablation, sparsity, seed):
         layers = stats["layers"].values()
         no_inputs = sum(s["ablated_neurons"] for s in layers) / sum(s["active_neurons"] + s["ablated_neurons"]
                                                                   for s in layers)
-    return {"accuracy": result.accuracy, "density": stats["global"]["density"] if stats else 1.0,
-            "no_input_fraction": no_inputs}
+    return {"accuracy": result.accuracy, "density": _weight_density(result.model), "no_input_fraction": no_inputs}
+
+
+def _weight_density(model: nn.Module) -> float:
+    """Non-zeros over all Linear/Conv weights, dense layers included (as they count for the model's size)."""
+    nnz = total = 0
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            mask = getattr(module, "mask", None)
+            nnz += int(mask.sum()) if mask is not None else module.weight.numel()
+            total += module.weight.numel()
+    return nnz / total
 
 
 def _cell(values: list[float]) -> str:
@@ -67,6 +77,12 @@ def _markdown(data_name: str, rows: list[dict], sparsities: list[float], seeds: 
     rigl = [statistics.mean(r["no_input_fraction"] for r in rows if r["label"] == "RigL" and r["sparsity"] == s)
             for s in sparsities]
     lines.append("| RigL: neurons with no inputs | " + " | ".join(f"{100 * v:.1f}%" for v in rigl) + " |")
+    # Over all weight layers: layers too small for k >= 1 stay dense (too_small="dense"), ERK may make small layers
+    # dense, and k = floor(budget / n_out) rounds down, so the achieved density can differ from the target.
+    density = [statistics.mean(r["density"] for r in rows if r["label"] == "SRigL w/ ablation" and r["sparsity"] == s)
+               for s in sparsities]
+    lines.append("| achieved weight density (SRigL) | " + " | ".join(f"{100 * v:.1f}%" for v in density)
+                 + " |")
     return "\n".join(lines) + "\n"
 
 
