@@ -1,5 +1,14 @@
 """Everything TVM-specific: kernel definitions, schedule rules, tuning, the torch custom op, targets.
 
 This is the only package that imports ``tvm``, and only when its modules are imported (by ``lower()``), never by
-``import srigl_compile``.
+``import srigl_compile``; this ``__init__`` imports nothing.
+
+Map of the CPU kernel core:
+    _tvm_compat.py   import_tvm(): TVM 0.27 namespaces, TVM_NUM_THREADS set before first use
+    cpu_target.py    host_llvm_target(): {"kind": "llvm", "mcpu": <detected>, "num-cores": n}
+    kernels.py       TE definitions: row layout (small batch), col layout (large batch), pack (x -> col tiles)
+    rules.py         RowRule / ColRule / PackRule: apply(func, target, params) -> Schedule | None
+    tuning.py        KernelShape, select_params (records on disk), compile_kernels (cached per process)
+    kernel_op.py     build_condensed_linear() -> KernelHandle; torch.ops.srigl_compile.tvm_condensed_linear
+    kernel_io.py     export_kernels(handles, folder) / load_kernels(folder)
 """

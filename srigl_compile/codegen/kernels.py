@@ -1,50 +1,121 @@
-"""TE definitions of the condensed constant-fan-in kernel in its two layouts.
+"""TE definitions of the condensed constant-fan-in linear op in its two layouts.
 
-    row layout (small batch):  y[b, o]     = bias[o] + sum_r w[o, r] * x[b, idx[o, r]]          x [B, n_in]
-    col layout (large batch):  yt[o, n, l] = bias[o] + sum_r w[o, r] * xt[idx[o, r], n, l]      xt [n_in, NB, L]
+    row layout (small batch):  y[b, o]     = bias[o] + sum_r w[o, r] * x[b, idx[o, r]]        x  [B, n_in]
+    col layout (large batch):  y[t, l, o]  = bias[o] + sum_r w[o, r] * xt[t, idx[o, r], l]    xt [NT, n_in, lanes]
+                               y [NT, lanes, n_out] is y [B, n_out]; ``pack_kernel`` makes xt from x [B, n_in]
+                               (or xt [n_in, NT, lanes], yt [n_out, NT, lanes] with tiles_first=False)
 
-The batch is symbolic (B, or NB blocks of L lanes), so one compiled kernel serves every batch size. The bias is a
-block of its own: ``te.sum(..., init=bias)`` is silently dropped by ``create_prim_func`` in TVM 0.27.
+``w``, ``idx`` and ``bias`` are runtime arguments, so one compiled kernel serves every layer of a shape. The batch
+is symbolic (``B``, or ``NT`` tiles of ``lanes`` columns: the caller pads the batch to a multiple of ``lanes``).
+
+Why the blocks look like this:
+- the bias is a block of its own: ``te.sum(..., init=bias)`` is silently dropped by ``create_prim_func`` (TVM 0.27);
+  without a bias the reduction writes the output directly;
+- the row layout gathers x into ``xg`` first: scheduled per k-tile into a small stack buffer, the gathers become
+  scalar loads inserted into one vector (AVX2 has no fast gather), while the multiply-add stays vectorised;
+- every function carries ``srigl.layout`` (what the rules check) and its own ``global_symbol``.
+
+Example:
+    >>> func = row_kernel(768, 3072, 312, "int16", has_bias=False)      # doctest: +SKIP
+    >>> str(func.attrs["srigl.layout"])                                 # doctest: +SKIP
+    'row'
 """
 
 from __future__ import annotations
 
-from ._tvm import tvm_modules
+from ._tvm_compat import import_tvm
 
-__all__ = ["row_kernel", "col_kernel", "ROW_SYMBOL", "COL_SYMBOL"]
+__all__ = ["row_kernel", "col_kernel", "pack_kernel", "kernel_symbol", "ROW_SYMBOL", "COL_SYMBOL", "INDEX_DTYPES"]
 
 ROW_SYMBOL = "srigl_condensed_row"
 COL_SYMBOL = "srigl_condensed_col"
+INDEX_DTYPES = ("int16", "int32")
+
+
+def kernel_symbol(layout: str, n_out: int, n_in: int, k: int, index_dtype: str, has_bias: bool) -> str:
+    """A global symbol unique per layout and shape, so several kernels can live in one library."""
+    return f"srigl_{layout}_o{n_out}_i{n_in}_k{k}_{index_dtype}_{'b' if has_bias else 'nb'}"  # pack: same key
+
+
+def _check(n_out: int, n_in: int, k: int, index_dtype: str) -> None:
+    if min(n_out, n_in, k) < 1:
+        raise ValueError(f"n_out, n_in and k must be >= 1, got {n_out}, {n_in}, {k}")
+    if index_dtype not in INDEX_DTYPES:
+        raise ValueError(f"index_dtype must be one of {INDEX_DTYPES}, got {index_dtype!r}")
+    if index_dtype == "int16" and n_in > 2**15:
+        raise ValueError(f"int16 indices cannot address {n_in} inputs; use int32")
 
 
 def _operands(te, n_out: int, k: int, index_dtype: str):
     w = te.placeholder((n_out, k), "float32", name="w")
     idx = te.placeholder((n_out, k), index_dtype, name="idx")
-    bias = te.placeholder((n_out,), "float32", name="bias")
-    return w, idx, bias
+    return w, idx
 
 
-def row_kernel(n_out: int, n_in: int, k: int, index_dtype: str):
-    tvm, te, _ = tvm_modules()
+def _finish(te, acc, bias_shape_n: int, has_bias: bool, inputs: list, out_fn):
+    """Add the bias block (when there is one) and build the PrimFunc's argument list."""
+    if not has_bias:
+        return inputs + [acc]
+    bias = te.placeholder((bias_shape_n,), "float32", name="bias")
+    y = te.compute(acc.shape, lambda *i: acc(*i) + bias[out_fn(*i)], name="y")
+    return inputs + [bias, y]
+
+
+def row_kernel(n_out: int, n_in: int, k: int, index_dtype: str, has_bias: bool = True, symbol: str = ROW_SYMBOL):
+    """PrimFunc ``f(x[B, n_in], w[n_out, k], idx[n_out, k], (bias[n_out],) y[B, n_out])``."""
+    _check(n_out, n_in, k, index_dtype)
+    te = import_tvm().te
     batch = te.var("B", "int64")
     x = te.placeholder((batch, n_in), "float32", name="x")
-    w, idx, bias = _operands(te, n_out, k, index_dtype)
+    w, idx = _operands(te, n_out, k, index_dtype)
+    xg = te.compute((batch, n_out, k), lambda b, o, r: x[b, idx[o, r].astype("int32")], name="xg")
     r = te.reduce_axis((0, k), name="r")
-    acc = te.compute((batch, n_out), lambda b, o: te.sum(w[o, r] * x[b, idx[o, r].astype("int64")], axis=r),
-                     name="acc")
-    y = te.compute((batch, n_out), lambda b, o: acc[b, o] + bias[o], name="y")
-    func = te.create_prim_func([x, w, idx, bias, y])
-    return func.with_attr("global_symbol", ROW_SYMBOL).with_attr("srigl.layout", "row")
+    acc = te.compute((batch, n_out), lambda b, o: te.sum(w[o, r] * xg[b, o, r], axis=r), name="acc")
+    args = _finish(te, acc, n_out, has_bias, [x, w, idx], lambda b, o: o)
+    func = te.create_prim_func(args)
+    return func.with_attr("global_symbol", symbol).with_attr("srigl.layout", "row")
 
 
-def col_kernel(n_out: int, n_in: int, k: int, index_dtype: str, lanes: int):
-    tvm, te, _ = tvm_modules()
-    blocks = te.var("NB", "int64")
-    xt = te.placeholder((n_in, blocks, lanes), "float32", name="xt")
-    w, idx, bias = _operands(te, n_out, k, index_dtype)
+def col_kernel(n_out: int, n_in: int, k: int, index_dtype: str, lanes: int = 64, has_bias: bool = True,
+               symbol: str = COL_SYMBOL, tiles_first: bool = False):
+    """PrimFunc ``f(xt, w, idx, (bias,) y)``: batch columns in tiles of ``lanes``.
+
+    ``tiles_first``: xt [NT, n_in, lanes] (from ``pack_kernel``; each tile contiguous, so no 4 KiB-stride cache
+    aliasing at large batch) and y [NT, lanes, n_out], i.e. y is already [B, n_out]: the kernel writes its
+    accumulators back transposed, one store per output against k multiply-adds. Else (the older layout)
+    xt [n_in, NT, lanes] and yt [n_out, NT, lanes].
+    """
+    _check(n_out, n_in, k, index_dtype)
+    te = import_tvm().te
+    tiles = te.var("NT", "int64")
+    w, idx = _operands(te, n_out, k, index_dtype)
     r = te.reduce_axis((0, k), name="r")
-    acc = te.compute((n_out, blocks, lanes),
-                     lambda o, n, lane: te.sum(w[o, r] * xt[idx[o, r].astype("int64"), n, lane], axis=r), name="acc")
-    y = te.compute((n_out, blocks, lanes), lambda o, n, lane: acc[o, n, lane] + bias[o], name="y")
-    func = te.create_prim_func([xt, w, idx, bias, y])
-    return func.with_attr("global_symbol", COL_SYMBOL).with_attr("srigl.layout", "col")
+    if tiles_first:
+        xt = te.placeholder((tiles, n_in, lanes), "float32", name="xt")
+        acc = te.compute((tiles, n_out, lanes), lambda t, o, lane: te.sum(
+            w[o, r] * xt[t, idx[o, r].astype("int32"), lane], axis=r), name="acc")
+        bias = te.placeholder((n_out,), "float32", name="bias")
+        y = te.compute((tiles, lanes, n_out), lambda t, lane, o: acc[t, o, lane] + bias[o] if has_bias
+                       else acc[t, o, lane], name="y")
+        args = [xt, w, idx, bias, y] if has_bias else [xt, w, idx, y]
+    else:
+        xt = te.placeholder((n_in, tiles, lanes), "float32", name="xt")
+        acc = te.compute((n_out, tiles, lanes), lambda o, t, lane: te.sum(
+            w[o, r] * xt[idx[o, r].astype("int32"), t, lane], axis=r), name="acc")
+        args = _finish(te, acc, n_out, has_bias, [xt, w, idx], lambda o, t, lane: o)
+    func = te.create_prim_func(args).with_attr("srigl.tiles_first", int(tiles_first))
+    return func.with_attr("global_symbol", symbol).with_attr("srigl.layout", "col")
+
+
+def pack_kernel(n_in: int, lanes: int, symbol: str):
+    """PrimFunc ``f(x[M, n_in], xt[NT, n_in, lanes])``: the col kernel's input tiles, rows >= M zero-filled.
+
+    torch's permuted copies run at a few GB/s on this layout; this runs near memory speed.
+    """
+    te = import_tvm().te
+    rows, tiles = te.var("M", "int64"), te.var("NT", "int64")
+    x = te.placeholder((rows, n_in), "float32", name="x")
+    xt = te.compute((tiles, n_in, lanes), lambda t, i, lane: te.if_then_else(
+        t * lanes + lane < rows, x[te.min(t * lanes + lane, rows - 1), i], te.const(0.0, "float32")), name="xt")
+    func = te.create_prim_func([x, xt])
+    return func.with_attr("global_symbol", symbol).with_attr("srigl.layout", "pack")

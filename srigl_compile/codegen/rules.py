@@ -1,32 +1,46 @@
-"""CPU schedule rules for the condensed kernels. A rule declines (returns None) when it does not apply.
+"""CPU schedule rules for the condensed kernels: ``apply(func, target, params) -> Schedule | None``.
 
-Row rule (small batch; TVM.md "batch 1"): parallel over chunks of output rows, split the fan-in into (ko, ki),
-rfactor ki so ki accumulators run as one vector, unroll ko, fold the horizontal sum and the bias into the row loop.
-The gathers x[idx] are scalar loads on AVX2 (no fast gather), so wider vectors do not help much.
+A rule declines (returns None) when the function is not its layout, the target is not llvm, or the variant does
+not fit the shape (a vector width that does not divide k). Each rule offers a small ``space(k)`` of variants and a
+``default(k)`` that works for every k (the row vector width falls back to a divisor of k: 8, 4, 2 or 1; the col
+k-inner tile may leave a predicated tail).
 
-Col rule (large batch; TVM.md "large batch"): x as [in, B] in blocks of L lanes; parallel over (row chunk x batch
-tile); the fan-in loop outermost so that, rows' indices being sorted, every row of the chunk reads a narrow band
-of x that stays in cache; a small unrolled k-inner tile over a few lane blocks keeps 2 x binner accumulator
-registers busy per weight broadcast.
+Row rule (small batch, TVM.md "batch 1"). Step 1: parallel over chunks of output rows, batch inside each row so a
+row's weights are read once for all batch rows. Step 2: split k into (ko, ki = vec) and rfactor ki: vec partial sums
+form one vector register. Step 3: gather x[idx] for one k-tile into a stack buffer (scalar loads inserted into a
+vector: Zen 3's vgatherdps is slower than that), vectorise the multiply-add. Step 4: fold the horizontal sum and
+the bias into the row loop.
+
+Col rule (large batch, TVM.md "large batch"; x as [NT, in, lanes], or the older [in, NT, lanes]). Step 1: parallel
+over (batch tile x row chunk). Step 2: k outermost inside a task: rows' indices are sorted, so at one k-tile all rows
+of the chunk read a narrow band of x that stays in L1/L2. Step 3: per row, an unrolled k-inner tile of ``kin``
+broadcast-FMAs on the ``lanes`` batch columns (lanes / 8 ymm accumulators kept in registers); ``rin`` rows
+interleaved for more independent accumulators. Step 4: write the chunk back (transposed to [B, n_out] when
+tiles_first) with the bias.
+
+Pack rule: x [B, in] -> [NT, in, lanes] tiles for the col kernel (a blocked transpose; see PackRule).
 
 Example:
-    >>> sch = schedule(row_kernel(768, 3072, 304, "int16"), [RowRule()], RowParams())   # doctest: +SKIP
+    >>> sch = RowRule().apply(row_kernel(768, 3072, 312, "int16"), {"kind": "llvm"}, RowParams())  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
-from ._tvm import tvm_modules
+from ._tvm_compat import import_tvm
 
-__all__ = ["RowParams", "ColParams", "RowRule", "ColRule", "RULES", "schedule", "LANES"]
+__all__ = ["RowParams", "ColParams", "RowRule", "ColRule", "PackRule", "RULES", "schedule", "layout_of", "LANES"]
 
-LANES = 16  # batch lanes of the col layout: two AVX2 registers, one AVX-512 register
+LANES = 16  # batch lanes used by the older ``codegen.op`` bridge; the col kernel takes any multiple of 8
 
 
 @dataclasses.dataclass(frozen=True)
 class RowParams:
+    """vec: k-inner vector width (must divide k); chunk: output rows per parallel task; unroll: ko unroll steps."""
+
     vec: int = 8
     chunk: int = 32
     unroll: int = 16
@@ -34,89 +48,174 @@ class RowParams:
 
 @dataclasses.dataclass(frozen=True)
 class ColParams:
-    rows: int = 64
+    """rows: output rows per task; kin: k-inner tile (divides k); rin: rows interleaved; lanes: batch tile width."""
+
+    rows: int = 32
     kin: int = 8
-    btile: int = 32
-    binner: int = 4  # lane blocks per weight broadcast: 2 * binner accumulator registers
+    rin: int = 1
+    lanes: int = 64
 
 
-def _layout(func) -> str:
-    return str(func.attrs["srigl.layout"]) if func.attrs is not None and "srigl.layout" in func.attrs else ""
+def layout_of(func) -> str:
+    """The ``srigl.layout`` attribute of a PrimFunc ("" when absent)."""
+    attrs = func.attrs
+    return str(attrs["srigl.layout"]) if attrs is not None and "srigl.layout" in attrs else ""
 
 
 def _fan_in(func) -> int:
-    return int(func.params[1].shape[1])  # TVM 0.27: params are the buffers themselves
+    return int(func.params[1].shape[1])  # TVM 0.27: func.params are the buffers (w is the 2nd)
+
+
+def _largest_divisor(k: int, options=(8, 4, 2, 1)) -> int:
+    return next(v for v in options if k % v == 0)
+
+
+def _is_llvm(target) -> bool:
+    if target is None:
+        return True
+    kind = target.get("kind") if isinstance(target, Mapping) else getattr(getattr(target, "kind", None), "name", None)
+    return kind == "llvm"
+
+
+def _target_and_params(target, params):
+    """Also accept the older ``apply(func, params)`` call (used by ``codegen.build``)."""
+    if isinstance(target, (RowParams, ColParams)):
+        return None, target
+    return target, params
+
+
+def _has_block(sch, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+    except Exception:  # TVM raises ScheduleError (a TVMError subclass) for an unknown block
+        return False
+    return True
 
 
 class RowRule:
+    """GEMV-like rule for the row layout (x [B, n_in]); see the module docstring."""
+
     name = "row"
     params_type = RowParams
 
-    def space(self, k: int) -> list[RowParams]:
-        grid = [RowParams(v, c, u) for v in (4, 8, 16) for c in (8, 32, 64) for u in (8, 16)]
-        return [p for p in grid if k % p.vec == 0]
+    def default(self, k: int) -> RowParams:
+        return RowParams(vec=_largest_divisor(k))
 
-    def apply(self, func, params: RowParams):
-        if _layout(func) != "row" or _fan_in(func) % params.vec:
+    def space(self, k: int) -> list[RowParams]:
+        grid = [RowParams(v, c, u) for v in (8, 16) for c in (16, 32, 64) for u in (4, 16)]
+        return [p for p in grid if k % p.vec == 0] or [self.default(k)]
+
+    def apply(self, func, target=None, params: RowParams | None = None):
+        target, params = _target_and_params(target, params)
+        if layout_of(func) != "row" or not _is_llvm(target):
             return None
-        _, _, s_tir = tvm_modules()
-        sch = s_tir.Schedule(func)
-        acc, out = sch.get_sblock("acc"), sch.get_sblock("y")
+        params = params or self.default(_fan_in(func))
+        if not isinstance(params, RowParams) or _fan_in(func) % params.vec:
+            return None
+        sch = import_tvm().s_tir.Schedule(func)
+        has_bias = _has_block(sch, "y")
+        gather, acc = sch.get_sblock("xg"), sch.get_sblock("acc")
         batch, rows, red = sch.get_loops(acc)
         row_chunk, row = sch.split(rows, [None, params.chunk])
         red_outer, red_inner = sch.split(red, [None, params.vec])
-        sch.reorder(row_chunk, batch, row, red_outer, red_inner)
+        sch.reorder(row_chunk, row, batch, red_outer, red_inner)
         partial = sch.rfactor(red_inner, 0)
-        loops = sch.get_loops(partial)  # row_chunk, batch, row, red_outer, red_inner
+        loops = sch.get_loops(partial)  # row_chunk, row, batch, red_outer, red_inner
         sch.parallel(loops[0])
+        sch.compute_at(gather, loops[3])  # global scope: a <1 KiB stack buffer that LLVM keeps in registers
+        sch.unroll(sch.get_loops(gather)[-1])
         sch.vectorize(loops[4])
         sch.annotate(loops[3], "pragma_auto_unroll_max_step", params.unroll)
         sch.annotate(loops[3], "pragma_unroll_explicit", 1)
         sch.reverse_compute_at(acc, loops[2])
-        sch.reverse_compute_at(out, loops[2])
+        if has_bias:
+            sch.reverse_compute_at(sch.get_sblock("y"), loops[2])
         sch.decompose_reduction(partial, loops[3])
         return sch
 
 
 class ColRule:
+    """Large-batch rule for the col layout (xt [n_in, NT, lanes]); see the module docstring."""
+
     name = "col"
     params_type = ColParams
 
-    def space(self, k: int) -> list[ColParams]:
-        return [ColParams(r, i, t, b) for r in (32, 64, 128) for i in (4, 8, 16) for t in (16, 32) for b in (1, 4)]
+    def default(self, k: int) -> ColParams:
+        return ColParams(kin=_largest_divisor(k))
 
-    def apply(self, func, params: ColParams):
-        if _layout(func) != "col":
+    def space(self, k: int) -> list[ColParams]:
+        grid = [ColParams(r, i, n, lanes) for r in (32, 64) for i in (4, 8) for n in (1, 2) for lanes in (32, 64)]
+        return [p for p in grid if k % p.kin == 0] or [self.default(k)]
+
+    def apply(self, func, target=None, params: ColParams | None = None):
+        target, params = _target_and_params(target, params)
+        if layout_of(func) != "col" or not _is_llvm(target):
             return None
-        _, _, s_tir = tvm_modules()
-        sch = s_tir.Schedule(func)
-        acc, out = sch.get_sblock("acc"), sch.get_sblock("y")
-        rows, blocks, lanes, red = sch.get_loops(acc)
+        params = params or self.default(_fan_in(func))
+        if not isinstance(params, ColParams) or params.rows % params.rin:
+            return None  # (kin need not divide k: TVM predicates the tail)
+        sch = import_tvm().s_tir.Schedule(func)
+        has_bias = _has_block(sch, "y")
+        acc = sch.get_sblock("acc")
+        tiles_first = func.attrs is not None and int(func.attrs.get("srigl.tiles_first", 0)) == 1
+        loops = sch.get_loops(acc)
+        tile, rows, lanes, red = loops if tiles_first else (loops[1], loops[0], *loops[2:])
         row_chunk, row = sch.split(rows, [None, params.rows])
-        tile, block = sch.split(blocks, [None, params.btile])
-        block_outer, block_inner = sch.split(block, [None, params.binner])
+        row_outer, row_inner = sch.split(row, [None, params.rin])
         red_outer, red_inner = sch.split(red, [None, params.kin])
-        # Per (row, k): one broadcast of w feeds binner x 2 FMAs whose accumulators stay in registers over kin.
-        sch.reorder(row_chunk, tile, red_outer, row, block_outer, red_inner, block_inner, lanes)
-        work = sch.fuse(row_chunk, tile)
+        outer = (tile, row_chunk) if tiles_first else (row_chunk, tile)
+        sch.reorder(*outer, red_outer, row_outer, red_inner, row_inner, lanes)
+        work = sch.fuse(*outer)
         sch.parallel(work)
         sch.vectorize(lanes)
-        sch.unroll(block_inner)
         sch.unroll(red_inner)
-        sch.reverse_compute_at(out, work)
+        sch.unroll(row_inner)
+        if has_bias or tiles_first:  # tiles_first always has a "y" block: the transposed write-back
+            out = sch.get_sblock("y")
+            sch.reverse_compute_at(out, work)
+            if not tiles_first:  # tiles_first: innermost is a row chunk that may be predicated; LLVM copes
+                sch.vectorize(sch.get_loops(out)[-1])
         sch.decompose_reduction(acc, red_outer)
-        sch.vectorize(sch.get_loops(out)[-1])
         return sch
 
 
-RULES = {"row": RowRule(), "col": ColRule()}
+class PackRule:
+    """x [M, n_in] -> tiles [NT, n_in, lanes] for the col kernel: parallel over (tile x feature block); each
+    batch row's features are read as vectors, written with a stride of ``lanes``."""
+
+    name = "pack"
+    params_type = type(None)
+
+    def apply(self, func, target=None, params=None):
+        if layout_of(func) != "pack" or not _is_llvm(target):
+            return None
+        sch = import_tvm().s_tir.Schedule(func)
+        block = sch.get_sblock("xt")
+        tile, feature, lane = sch.get_loops(block)
+        # 32 features a task: its 32 strided write streams (256 B apart) stay within L1's sets; larger blocks
+        # alias (the reason torch's permuted copy is slow here).
+        width = _largest_divisor(int(func.params[0].shape[1]), (32, 16, 8, 4, 2, 1))
+        chunk, inner = sch.split(feature, [None, width])
+        sch.reorder(tile, chunk, lane, inner)
+        sch.parallel(sch.fuse(tile, chunk))
+        if width > 1:
+            sch.vectorize(inner)
+        return sch
 
 
-def schedule(func, rules: list, params: Any):
-    """The first rule that accepts ``func`` with ``params``; raises if every rule declines."""
-    for rule in rules:
-        if isinstance(params, rule.params_type):
-            sch = rule.apply(func, params)
-            if sch is not None:
-                return sch
-    raise ValueError(f"no schedule rule accepts layout {_layout(func)!r} with {params}")
+RULES = {"row": RowRule(), "col": ColRule(), "pack": PackRule()}
+
+
+def schedule(func, rules: list | None = None, params: Any = None, target=None):
+    """The schedule of the first rule that accepts ``func`` (and ``params``, when given).
+
+    Raises:
+        ValueError: every rule declined (the message names the layout and the variant).
+    """
+    for rule in rules if rules is not None else list(RULES.values()):
+        if params is not None and not isinstance(params, rule.params_type):
+            continue
+        sch = rule.apply(func, target, params)
+        if sch is not None:
+            return sch
+    raise ValueError(f"no schedule rule accepts layout {layout_of(func)!r} (k={_fan_in(func)}) with {params}")

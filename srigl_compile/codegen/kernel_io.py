@@ -1,0 +1,119 @@
+"""Save and load compiled kernels, so a lowered model loads without recompiling.
+
+``export_kernels(handles, folder)`` writes one shared library per handle (TVM ``export_library``; row and col
+kernels together) and ``manifest.json`` (format, TVM version, each handle's shape, target, variants, file and
+SHA-256). ``load_kernels(folder)`` checks all of it, loads the libraries with ``tvm.runtime.load_module`` and
+registers the handles under their keys. A missing, corrupt or mismatched file is a ``KernelFileError``.
+
+Example:
+    >>> export_kernels([handle], "model.kernels")        # doctest: +SKIP
+    >>> handles = load_kernels("model.kernels")          # doctest: +SKIP
+    >>> handles[handle.key](x, values, indices, bias)    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..errors import CheckpointError
+from ._tvm_compat import import_tvm
+from .cpu_target import host_cpu_name
+from .kernel_op import KernelHandle, register_handle
+from .rules import ColParams, RowParams
+
+__all__ = ["export_kernels", "load_kernels", "KernelFileError", "FORMAT"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "srigl_compile.kernels/1"
+_FIELDS = ("key", "n_out", "n_in", "k", "k_pad", "index_dtype", "has_bias", "target")
+
+
+class KernelFileError(CheckpointError):
+    """A kernel folder is missing, corrupt, from another format, or does not match its manifest."""
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_kernels(handles: Iterable[KernelHandle], path: str | os.PathLike) -> Path:
+    """Write the handles' libraries and ``manifest.json`` into the folder ``path``; returns the manifest path."""
+    tvm = import_tvm()
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for handle in handles:
+        if handle.key in entries:
+            continue
+        file = folder / f"{hashlib.sha256(handle.key.encode()).hexdigest()[:16]}.so"
+        if handle.library_path is not None:  # loaded from disk: a loaded library cannot be exported again
+            if Path(handle.library_path).resolve() != file.resolve():
+                shutil.copyfile(handle.library_path, file)
+        else:
+            handle.module.export_library(str(file))
+        entry = {name: getattr(handle, name) for name in _FIELDS}
+        entry.update(row_params=dataclasses.asdict(handle.row_params),
+                     col_params=dataclasses.asdict(handle.col_params), file=file.name, sha256=_sha256(file))
+        entries[handle.key] = entry
+    manifest = {"format": FORMAT, "tvm": str(tvm.__version__), "kernels": entries}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return folder / "manifest.json"
+
+
+def _read_manifest(folder: Path) -> dict:
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise KernelFileError(f"{folder} has no manifest.json: write it with export_kernels(handles, path)") from None
+    except (OSError, ValueError) as err:
+        raise KernelFileError(f"{folder / 'manifest.json'} is unreadable or corrupt ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise KernelFileError(f"{folder / 'manifest.json'} is not a {FORMAT} manifest "
+                              f"(format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    return manifest
+
+
+def _load_one(folder: Path, entry: dict) -> KernelHandle:
+    tvm = import_tvm()
+    try:
+        file = folder / entry["file"]
+        fields = {name: entry[name] for name in _FIELDS}
+        row, col = RowParams(**entry["row_params"]), ColParams(**entry["col_params"])
+        expected = entry["sha256"]
+    except (KeyError, TypeError) as err:
+        raise KernelFileError(f"malformed manifest entry in {folder}: {err}") from err
+    if not file.is_file():
+        raise KernelFileError(f"kernel library {file} is missing")
+    if _sha256(file) != expected:
+        raise KernelFileError(f"kernel library {file} does not match its manifest (corrupt or replaced)")
+    if fields["target"].get("mcpu") != host_cpu_name():
+        log.warning("kernels in %s were compiled for %s, this CPU is %s", folder, fields["target"].get("mcpu"),
+                    host_cpu_name())
+    try:
+        module = tvm.runtime.load_module(str(file))
+        handle = KernelHandle(**fields, row_params=row, col_params=col, module=module, library_path=str(file))
+    except Exception as err:  # TVM raises its own error types for bad libraries and missing symbols
+        raise KernelFileError(f"cannot load kernel {fields['key']} from {file}: {err}") from err
+    return handle
+
+
+def load_kernels(path: str | os.PathLike) -> dict[str, KernelHandle]:
+    """Load every kernel of an ``export_kernels`` folder and register it; returns {key: handle}.
+
+    Raises:
+        KernelFileError: missing/corrupt manifest or library, another format, or a library lacking a kernel.
+    """
+    folder = Path(path)
+    manifest = _read_manifest(folder)
+    handles = {key: _load_one(folder, entry) for key, entry in manifest.get("kernels", {}).items()}
+    for handle in handles.values():
+        register_handle(handle)
+    return handles

@@ -1,0 +1,237 @@
+"""The torch side of the compiled kernels: ``torch.ops.srigl_compile.tvm_condensed_linear`` and kernel handles.
+
+``build_condensed_linear`` compiles (or fetches) the kernels of one layer shape and registers a ``KernelHandle``
+under ``handle.key``. The operator looks the handle up by that key, so the module keeps owning its tensors and
+the graph only holds a string:
+
+    tvm_condensed_linear(x [..., n_in], values [n_out, k], indices [n_out, k], bias [n_out]?, kernel_key,
+                         col_threshold) -> [..., n_out]
+
+Batches (rows of the flattened x) below ``col_threshold`` run the row kernel on x as is; larger ones are
+packed into tiles [B / lanes, n_in, lanes] (zero-padded, by a TVM kernel: torch's permuted copy is slow here) for
+the col kernel, which writes y as [B, n_out] directly.
+The operator has a fake implementation, so ``torch.fx.symbolic_trace``, ``torch.export`` and
+``torch.compile(fullgraph=True)`` keep it as one node; it passes ``torch.library.opcheck``. Inputs must be float32
+CPU tensors; the kernel does no bounds checks, so indices must come through ``handle.pack`` (which checks them).
+
+Example:
+    >>> h = build_condensed_linear(768, 3072, 307, "int16", True)          # doctest: +SKIP
+    >>> values, indices = h.pack(values, indices)    # once, when lowering   # doctest: +SKIP
+    >>> y = condensed_linear(x, values, indices, bias, h.key)                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..errors import DeviceError, LoweringError
+from .rules import ColParams, RowParams
+
+__all__ = ["KernelHandle", "build_condensed_linear", "condensed_linear", "register_handle", "get_handle",
+           "KernelDeviceError", "KernelDtypeError", "K_MULTIPLE", "DEFAULT_COL_THRESHOLD"]
+
+log = logging.getLogger(__name__)
+
+K_MULTIPLE = 8  # kernels are compiled for k rounded up to this (zero weights on the row's last index)
+DEFAULT_COL_THRESHOLD = 12  # measured on Zen 3 (2 threads): the col kernel wins from 10-12 rows on
+_TORCH_INDEX = {"int16": torch.int16, "int32": torch.int32}
+
+
+class KernelDeviceError(DeviceError, ValueError):
+    """The input is not on the CPU (the llvm kernels run on the host CPU)."""
+
+
+class KernelDtypeError(DeviceError, TypeError):
+    """The input is not float32."""
+
+
+@dataclasses.dataclass(eq=False)
+class KernelHandle:
+    """Compiled row and col kernels of one shape; call it like the op (``h(x, values, indices, bias)``).
+
+    Attributes:
+        key: registry key (what the op's ``kernel_key`` names).
+        n_out, n_in, k: the layer's shape (k = its real fan-in); ``k_pad`` = the kernel's k.
+        index_dtype: "int16" or "int32"; has_bias: whether the kernels take a bias.
+        target: the llvm target dict; row_params / col_params: the compiled variants.
+        module: the TVM module holding both functions (for ``export_kernels``).
+    """
+
+    key: str
+    n_out: int
+    n_in: int
+    k: int
+    k_pad: int
+    index_dtype: str
+    has_bias: bool
+    target: dict[str, Any]
+    row_params: RowParams
+    col_params: ColParams
+    module: Any
+    library_path: str | None = None
+    row_fn: Any = dataclasses.field(init=False, repr=False)
+    col_fn: Any = dataclasses.field(init=False, repr=False)
+    pack_fn: Any = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from .tuning import KernelShape
+
+        shape = KernelShape(self.n_out, self.n_in, self.k_pad, self.index_dtype, self.has_bias)
+        functions = (self.module[shape.symbol(layout)] for layout in ("row", "col", "pack"))
+        self.row_fn, self.col_fn, self.pack_fn = functions
+
+    @property
+    def lanes(self) -> int:
+        return self.col_params.lanes
+
+    def pack(self, values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernel operands from a condensed layer's (values, indices) [n_out, k]: float32, the index dtype, k padded
+        to ``k_pad`` with zero weights on each row's last index (rows stay sorted), contiguous. Do it once.
+
+        Raises:
+            ValueError: wrong shapes, or an index outside [0, n_in).
+        """
+        if tuple(values.shape) != (self.n_out, self.k) or tuple(indices.shape) != (self.n_out, self.k):
+            raise ValueError(f"kernel {self.key} takes values and indices of shape ({self.n_out}, {self.k}); got "
+                             f"{tuple(values.shape)} and {tuple(indices.shape)}")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.n_in):
+            raise ValueError(f"indices must lie in [0, {self.n_in}) for kernel {self.key}")
+        values = values.detach().to(torch.float32)
+        indices = indices.detach().to(_TORCH_INDEX[self.index_dtype])
+        extra = self.k_pad - self.k
+        if extra:
+            values = torch.cat([values, values.new_zeros(self.n_out, extra)], dim=1)
+            indices = torch.cat([indices, indices[:, -1:].expand(self.n_out, extra)], dim=1)
+        return values.contiguous(), indices.contiguous()
+
+    def __call__(self, x, values, indices, bias=None, col_threshold: int = DEFAULT_COL_THRESHOLD):
+        return condensed_linear(x, values, indices, bias, self.key, col_threshold)
+
+
+_HANDLES: dict[str, KernelHandle] = {}
+
+
+def register_handle(handle: KernelHandle) -> KernelHandle:
+    _HANDLES[handle.key] = handle
+    return handle
+
+
+def get_handle(key: str) -> KernelHandle:
+    """The registered handle; raises ``LoweringError`` naming the fix when this process has not built/loaded it."""
+    try:
+        return _HANDLES[key]
+    except KeyError:
+        raise LoweringError(f"compiled kernel {key!r} is not loaded in this process: call "
+                            "build_condensed_linear(...) or load_kernels(path) first") from None
+
+
+def handle_key(n_out, n_in, k, index_dtype, has_bias, target) -> str:
+    from .cpu_target import target_key
+
+    return f"o{n_out}_i{n_in}_k{k}_{index_dtype}_{'b' if has_bias else 'nb'}@{target_key(target)}"
+
+
+def build_condensed_linear(n_out: int, n_in: int, k: int, index_dtype: str = "int32", has_bias: bool = True,
+                           target: Mapping[str, Any] | None = None, *, tune: bool = False, cache_dir=None,
+                           progress: bool | None = None) -> KernelHandle:
+    """Compile (once per process) the kernels of a condensed linear layer and register their handle.
+
+    Args:
+        n_out, n_in, k: output rows, input width, fan-in (any k >= 1; kernels use k rounded up to K_MULTIPLE).
+        index_dtype: "int16" (n_in <= 32768; less memory traffic) or "int32".
+        has_bias: whether the op will be given a bias.
+        target: llvm target dict; None detects the host CPU (``cpu_target.host_llvm_target``).
+        tune: time each rule's variants for this shape and keep the fastest in the tuning records (a shape is
+            tuned once per cache_dir); False uses a stored record if any, else the default variants.
+        cache_dir: tuning-record folder (default ``$SRIGL_COMPILE_CACHE`` or ``~/.cache/srigl_compile/tuning``).
+
+    Returns:
+        The registered ``KernelHandle``; pass ``handle.key`` to the op.
+    """
+    from .cpu_target import check_llvm_target
+    from .tuning import KernelShape, compile_kernels, select_params
+
+    target = check_llvm_target(target)
+    k_pad = -(-k // K_MULTIPLE) * K_MULTIPLE
+    shape = KernelShape(n_out, n_in, k_pad, index_dtype, has_bias)
+    key = handle_key(n_out, n_in, k, index_dtype, has_bias, target)
+    params = {layout: select_params(shape, layout, target, tune=tune, cache_dir=cache_dir, progress=progress)
+              for layout in ("row", "col")}
+    existing = _HANDLES.get(key)
+    if existing is not None and (existing.row_params, existing.col_params) == (params["row"], params["col"]):
+        return existing
+    executable = compile_kernels(shape, params["row"], params["col"], target)
+    return register_handle(KernelHandle(key, n_out, n_in, k, k_pad, index_dtype, has_bias, target, params["row"],
+                                        params["col"], executable.mod))
+
+
+def _check_input(x: torch.Tensor, handle: KernelHandle) -> None:
+    if not x.is_cpu:  # (x.device.type costs 0.4 us; this path is per call)
+        raise KernelDeviceError(f"kernel {handle.key} runs on the CPU but got a tensor on {x.device}; move the "
+                                "input (and the layer) to the CPU with .cpu()")
+    if x.dtype != torch.float32:
+        raise KernelDtypeError(f"kernel {handle.key} takes float32 inputs, got {x.dtype}; call .float() on it")
+    if x.dim() == 0 or x.shape[-1] != handle.n_in:
+        raise ValueError(f"kernel {handle.key} expects {handle.n_in} input features, got shape {tuple(x.shape)}")
+
+
+def _operands(handle: KernelHandle, values, indices, bias):
+    if values.shape[1] != handle.k_pad or indices.dtype != _TORCH_INDEX[handle.index_dtype]:
+        values, indices = handle.pack(values, indices)  # slow path: callers should pack once
+    if (bias is not None) != handle.has_bias:
+        raise ValueError(f"kernel {handle.key} was built with has_bias={handle.has_bias}, got bias="
+                         f"{'a tensor' if bias is not None else 'None'}")
+    tail = [bias.contiguous()] if bias is not None else []
+    return [values.contiguous(), indices.contiguous(), *tail]
+
+
+def _run(x, values, indices, bias, kernel_key: str, col_threshold: int) -> torch.Tensor:
+    handle = get_handle(kernel_key)
+    _check_input(x, handle)
+    operands = _operands(handle, values, indices, bias)
+    flat = x.dim() == 2  # the common case skips reshape/view (about 4 us of a ~10 us call overhead)
+    rows = x if flat else x.reshape(-1, handle.n_in)
+    m, n_out = rows.shape[0], handle.n_out
+    if m == 0:
+        return x.new_empty(*x.shape[:-1], n_out)
+    if m < col_threshold:
+        out = x.new_empty(m, n_out)
+        handle.row_fn(rows.contiguous(), *operands, out)
+    else:
+        lanes = handle.lanes
+        tiles = -(-m // lanes)
+        xt = x.new_empty(tiles, handle.n_in, lanes)
+        handle.pack_fn(rows.contiguous(), xt)  # [m, n_in] -> [tiles, n_in, lanes], zero-padded
+        y = x.new_empty(tiles * lanes, n_out)
+        handle.col_fn(xt, *operands, y.view(tiles, lanes, n_out))  # writes y as [B, n_out] directly
+        out = y[:m] if tiles * lanes != m else y  # the padding rows are at the end: still contiguous
+    return out if flat else out.view(*x.shape[:-1], n_out)
+
+
+# Defined with the low-level Library API rather than torch.library.custom_op: the custom_op wrapper adds about
+# 30 us a call (autograd and dynamo layers) to a 20-40 us batch-1 kernel, this about 7 us. FRAGMENT, not DEF: the
+# namespace is shared with other srigl_compile ops. The impl is registered for every backend so that a CUDA input
+# reaches _run, which raises the typed error naming the fix.
+_LIB = torch.library.Library("srigl_compile", "FRAGMENT")
+_LIB.define("tvm_condensed_linear(Tensor x, Tensor values, Tensor indices, Tensor? bias, str kernel_key, "
+            "int col_threshold) -> Tensor")
+_LIB.impl("tvm_condensed_linear", _run, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("srigl_compile::tvm_condensed_linear", lib=_LIB)
+def _tvm_condensed_linear_fake(x, values, indices, bias, kernel_key, col_threshold):
+    return x.new_empty(*x.shape[:-1], values.shape[0])
+
+
+def condensed_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: torch.Tensor | None,
+                     kernel_key: str, col_threshold: int = DEFAULT_COL_THRESHOLD) -> torch.Tensor:
+    """Run the kernel registered as ``kernel_key``; plain eager tensors skip the dispatcher (about 10 us),
+    tracers (fx proxies, fake/functional tensors, torch.compile) go through ``torch.ops.srigl_compile``."""
+    if type(x) is torch.Tensor and not torch.compiler.is_compiling():
+        return _run(x, values, indices, bias, kernel_key, col_threshold)
+    return torch.ops.srigl_compile.tvm_condensed_linear(x, values, indices, bias, kernel_key, col_threshold)

@@ -1,0 +1,203 @@
+"""Compile the condensed kernels of one shape, and pick their schedule variants (tuned once, kept on disk).
+
+``select_params`` returns a layout's variant: the stored record if the shape was tuned before, a timed search over
+the rule's ``space`` when ``tune=True`` (then stored), else the rule's default. Records are JSON files under
+``cache_dir`` (default ``$SRIGL_COMPILE_CACHE`` or ``~/.cache/srigl_compile/tuning``), one per key
+(op, layout, n_out, n_in, k, index dtype, bias, target). ``compile_kernels`` compiles a shape's row and col kernels
+into one library and keeps it for the life of the process, so repeated layers compile once.
+
+Example:
+    >>> shape = KernelShape(768, 3072, 312, "int16", True)
+    >>> params = select_params(shape, "row", host_llvm_target(), tune=True)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._tvm_compat import import_tvm
+from .cpu_target import target_key
+from .kernels import col_kernel, kernel_symbol, pack_kernel, row_kernel
+from .rules import RULES, ColParams, RowParams
+
+__all__ = ["KernelShape", "TuningRecords", "default_cache_dir", "select_params", "tune_layout", "compile_kernels",
+           "record_key", "TIMING_BATCH"]
+
+log = logging.getLogger(__name__)
+
+OP_NAME = "condensed_linear"
+TIMING_BATCH = {"row": 1, "col": 256}  # the batch each layout is timed at while tuning
+_PARAMS = {"row": RowParams, "col": ColParams}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelShape:
+    """What a compiled kernel depends on (k is the kernel's k, after any padding)."""
+
+    n_out: int
+    n_in: int
+    k: int
+    index_dtype: str
+    has_bias: bool
+
+    def symbol(self, layout: str) -> str:
+        return kernel_symbol(layout, self.n_out, self.n_in, self.k, self.index_dtype, self.has_bias)
+
+    def pack_func(self, lanes: int):
+        return pack_kernel(self.n_in, lanes, self.symbol("pack"))
+
+    def func(self, layout: str, params):
+        if layout == "row":
+            return row_kernel(self.n_out, self.n_in, self.k, self.index_dtype, self.has_bias, self.symbol("row"))
+        return col_kernel(self.n_out, self.n_in, self.k, self.index_dtype, params.lanes, self.has_bias,
+                          self.symbol("col"), tiles_first=True)
+
+
+def default_cache_dir() -> Path:
+    """``$SRIGL_COMPILE_CACHE`` if set, else ``$XDG_CACHE_HOME/srigl_compile/tuning`` (``~/.cache`` by default)."""
+    if os.environ.get("SRIGL_COMPILE_CACHE"):
+        return Path(os.environ["SRIGL_COMPILE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "srigl_compile" / "tuning"
+
+
+def record_key(shape: KernelShape, layout: str, target: Mapping[str, Any]) -> str:
+    bias = "bias" if shape.has_bias else "nobias"
+    return (f"{OP_NAME}|{layout}|o{shape.n_out}|i{shape.n_in}|k{shape.k}|{shape.index_dtype}|{bias}|"
+            f"{target_key(target)}")
+
+
+class TuningRecords:
+    """Best variant per key, one JSON file per key in ``cache_dir`` (written atomically)."""
+
+    def __init__(self, cache_dir: str | os.PathLike | None = None) -> None:
+        self.dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+    def path(self, key: str) -> Path:
+        return self.dir / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+    def get(self, key: str, layout: str):
+        try:
+            record = json.loads(self.path(key).read_text())
+            if record["key"] != key:
+                return None
+            return _PARAMS[layout](**record["params"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as err:  # unreadable or from another version: re-tune
+            log.warning("ignoring tuning record %s (%s)", self.path(key), err)
+            return None
+
+    def put(self, key: str, params, median_us: float, candidates: list[dict]) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        record = {"key": key, "params": dataclasses.asdict(params), "median_us": median_us, "candidates": candidates}
+        with tempfile.NamedTemporaryFile("w", dir=self.dir, delete=False, suffix=".tmp") as f:
+            json.dump(record, f, indent=1)
+        os.replace(f.name, self.path(key))  # a concurrent reader never sees half a file
+        return self.path(key)
+
+
+_COMPILED: dict[tuple, Any] = {}
+
+
+def _build(funcs: dict[str, Any], target: Mapping[str, Any]):
+    tvm = import_tvm()
+    mod = tvm.IRModule({name: func for name, func in funcs.items()})
+    return tvm.compile(mod, target=tvm.target.Target(dict(target)))
+
+
+def _scheduled(shape: KernelShape, layout: str, params, target):
+    sch = RULES[layout].apply(shape.func(layout, params), target, params)
+    if sch is None:
+        raise ValueError(f"the {layout} rule declines {params} for {shape}")
+    return sch.mod["main"]
+
+
+def compile_kernels(shape: KernelShape, row: RowParams, col: ColParams, target: Mapping[str, Any]):
+    """One executable holding ``shape.symbol(layout)`` for layout in row, col, pack; cached per process."""
+    key = (shape, row, col, target_key(target))
+    if key not in _COMPILED:
+        pack = RULES["pack"].apply(shape.pack_func(col.lanes), target)
+        funcs = {shape.symbol("row"): _scheduled(shape, "row", row, target),
+                 shape.symbol("col"): _scheduled(shape, "col", col, target),
+                 shape.symbol("pack"): pack.mod["main"]}
+        _COMPILED[key] = _build(funcs, target)
+        log.info("compiled %s (row %s, col %s)", shape, row, col)
+    return _COMPILED[key]
+
+
+def _timing_args(shape: KernelShape, layout: str, params, device) -> list:
+    """Realistic operands: sorted distinct in-range indices per row (garbage indices would read out of bounds)."""
+    tvm = import_tvm()
+    rng = np.random.default_rng(0)
+    k_real = min(shape.k, shape.n_in)
+    idx = np.sort(np.argsort(rng.random((shape.n_out, shape.n_in)), axis=1)[:, :k_real], axis=1)
+    idx = np.concatenate([idx, np.repeat(idx[:, -1:], shape.k - k_real, axis=1)], axis=1)
+    ops = [rng.standard_normal((shape.n_out, shape.k), dtype=np.float32), idx.astype(shape.index_dtype)]
+    if shape.has_bias:
+        ops.append(rng.standard_normal(shape.n_out, dtype=np.float32))
+    if layout == "row":
+        x, y = np.ones((TIMING_BATCH["row"], shape.n_in)), np.zeros((TIMING_BATCH["row"], shape.n_out))
+    else:
+        tiles = -(-TIMING_BATCH["col"] // params.lanes)
+        x, y = np.ones((tiles, shape.n_in, params.lanes)), np.zeros((tiles, params.lanes, shape.n_out))
+    return [tvm.runtime.tensor(np.asarray(a, np.float32) if a.dtype == np.float64 else a, device)
+            for a in [x, *ops, y]]
+
+
+def _measure_us(shape: KernelShape, layout: str, params, target, repeat: int) -> float:
+    tvm = import_tvm()
+    executable = _build({shape.symbol(layout): _scheduled(shape, layout, params, target)}, target)
+    device = tvm.cpu()
+    evaluator = executable.mod.time_evaluator(shape.symbol(layout), device, number=5, repeat=repeat,
+                                              min_repeat_ms=10)
+    return float(np.median(evaluator(*_timing_args(shape, layout, params, device)).results)) * 1e6
+
+
+def tune_layout(shape: KernelShape, layout: str, target: Mapping[str, Any], *, space: Sequence | None = None,
+                repeat: int = 5, progress: bool | None = None) -> tuple[Any, float, list[dict]]:
+    """Time every variant of ``space`` that the rule accepts (default: the rule's space, its default first);
+    returns the fastest, its median time in microseconds, and every candidate's time."""
+    from tqdm.auto import tqdm
+
+    rule = RULES[layout]
+    if space is None:
+        default = rule.default(shape.k)
+        space = [default] + [p for p in rule.space(shape.k) if p != default]
+    fits = [p for p in space if rule.apply(shape.func(layout, p), target, p) is not None]
+    if not fits:
+        raise ValueError(f"the {layout} rule declines every variant of {list(space)} for {shape}")
+    candidates, best, best_us = [], None, float("inf")
+    for params in tqdm(fits, desc=f"tuning {layout} o{shape.n_out} i{shape.n_in} k{shape.k}", leave=False,
+                       disable=None if progress is None else not progress):
+        micros = _measure_us(shape, layout, params, target, repeat)
+        candidates.append({"params": dataclasses.asdict(params), "median_us": micros})
+        if micros < best_us:
+            best, best_us = params, micros
+    return best, best_us, candidates
+
+
+def select_params(shape: KernelShape, layout: str, target: Mapping[str, Any], *, tune: bool = False,
+                  cache_dir: str | os.PathLike | None = None, space: Sequence | None = None,
+                  progress: bool | None = None):
+    """The variant to compile: stored record, else a search (``tune=True``, then stored), else the default."""
+    records = TuningRecords(cache_dir)
+    key = record_key(shape, layout, target)
+    found = records.get(key, layout)
+    if found is not None and RULES[layout].apply(shape.func(layout, found), target, found) is not None:
+        return found
+    if not tune:
+        return RULES[layout].default(shape.k)
+    best, best_us, candidates = tune_layout(shape, layout, target, space=space, progress=progress)
+    path = records.put(key, best, best_us, candidates)
+    log.info("tuned %s: %s at %.1f us (record %s)", key, best, best_us, path)
+    return best

@@ -1,0 +1,248 @@
+"""The TVM condensed-linear kernels: numerics of both layouts, the torch op in every mode, rules, tuning, save/load."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.tvm
+
+tvm = pytest.importorskip("tvm")
+
+from srigl_compile.codegen import kernel_op  # noqa: E402
+from srigl_compile.codegen.cpu_target import (  # noqa: E402
+    check_llvm_target,
+    host_llvm_target,
+    vector_registers,
+)
+from srigl_compile.codegen.kernel_io import KernelFileError, export_kernels, load_kernels  # noqa: E402
+from srigl_compile.codegen.kernel_op import (  # noqa: E402
+    KernelDeviceError,
+    KernelDtypeError,
+    build_condensed_linear,
+    condensed_linear,
+)
+from srigl_compile.codegen.kernels import col_kernel, row_kernel  # noqa: E402
+from srigl_compile.codegen.rules import ColParams, ColRule, RowParams, RowRule, schedule  # noqa: E402
+from srigl_compile.codegen.tuning import KernelShape, TuningRecords, record_key, select_params  # noqa: E402
+from srigl_compile.errors import UnsupportedTargetError  # noqa: E402
+
+OP = torch.ops.srigl_compile.tvm_condensed_linear.default
+ROW_ONLY, COL_ONLY = 10**9, 1  # col_threshold values forcing one layout
+
+# (n_out, n_in, k, index dtype, bias): the paper's layer (k = 307, prime), k = n_in, k = 1, small prime k.
+SHAPES = [(768, 3072, 307, "int16", True), (33, 61, 61, "int32", False), (5, 7, 1, "int16", True),
+          (64, 100, 13, "int32", True)]
+
+
+def make_layer(n_out, n_in, k, index_dtype, has_bias, seed=0):
+    """Values, sorted distinct indices [n_out, k] and a bias (or None), with a deterministic generator."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.rand(n_out, n_in, generator=gen).argsort(dim=1)[:, :k].sort(dim=1).values
+    values = torch.randn(n_out, k, generator=gen)
+    bias = torch.randn(n_out, generator=gen) if has_bias else None
+    return values, idx.to(getattr(torch, index_dtype)), bias
+
+
+def reference(x, values, indices, bias):
+    y = (values * x[..., indices.long()]).sum(-1)
+    return y + bias if bias is not None else y
+
+
+@pytest.fixture(scope="module", params=SHAPES, ids=lambda s: "o{}_i{}_k{}_{}_{}".format(*s))
+def layer(request):
+    shape = request.param
+    handle = build_condensed_linear(*shape)
+    values, indices, bias = make_layer(*shape)
+    return handle, values, indices, bias
+
+
+@pytest.mark.parametrize("batch", [1, 2, 37, 256])
+@pytest.mark.parametrize("threshold", [ROW_ONLY, COL_ONLY, 16], ids=["row", "col", "auto"])
+def test_numerics_both_layouts(layer, batch, threshold):
+    handle, values, indices, bias = layer
+    packed = handle.pack(values, indices)
+    x = torch.randn(batch, handle.n_in)
+    torch.testing.assert_close(handle(x, *packed, bias, col_threshold=threshold), reference(x, values, indices, bias),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_unpacked_operands_leading_dims_and_empty_batch(layer):
+    handle, values, indices, bias = layer
+    x = torch.randn(2, 3, handle.n_in)
+    torch.testing.assert_close(handle(x, values, indices.int(), bias), reference(x, values, indices, bias),
+                               rtol=1e-4, atol=1e-4)
+    assert handle(torch.randn(0, handle.n_in), values, indices, bias).shape == (0, handle.n_out)
+
+
+def test_pack_pads_k_with_zero_weights_and_sorted_indices():
+    handle = build_condensed_linear(5, 7, 1, "int16", True)
+    values, indices, _ = make_layer(5, 7, 1, "int16", True)
+    packed_values, packed_indices = handle.pack(values, indices)
+    assert packed_values.shape == (5, 8) and packed_indices.dtype == torch.int16
+    assert (packed_values[:, 1:] == 0).all() and (packed_indices.diff(dim=1) >= 0).all()
+    with pytest.raises(ValueError, match=r"\[0, 7\)"):
+        handle.pack(values, indices + 7)
+
+
+def test_typed_errors_for_device_dtype_width_and_bias():
+    handle = build_condensed_linear(5, 7, 1, "int16", True)
+    values, indices, bias = make_layer(5, 7, 1, "int16", True)
+    with pytest.raises(KernelDeviceError, match=r"\.cpu\(\)") as err:
+        condensed_linear(torch.empty(2, 7, device="meta"), values, indices, bias, handle.key)
+    assert isinstance(err.value, ValueError)
+    with pytest.raises(KernelDtypeError, match=r"\.float\(\)") as err:
+        condensed_linear(torch.randn(2, 7, dtype=torch.float64), values, indices, bias, handle.key)
+    assert isinstance(err.value, TypeError)
+    with pytest.raises(ValueError, match="7 input features"):
+        handle(torch.randn(2, 8), values, indices, bias)
+    with pytest.raises(ValueError, match="has_bias=True"):
+        handle(torch.randn(2, 7), values, indices, None)
+
+
+class Layer(torch.nn.Module):
+    def __init__(self, handle, values, indices, bias):
+        super().__init__()
+        packed = handle.pack(values, indices)
+        self.register_buffer("values", packed[0])
+        self.register_buffer("indices", packed[1])
+        self.register_buffer("bias", bias)
+        self.key = handle.key
+
+    def forward(self, x):
+        return torch.relu(condensed_linear(x, self.values, self.indices, self.bias, self.key))
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    handle = build_condensed_linear(64, 100, 13, "int32", True)
+    values, indices, bias = make_layer(64, 100, 13, "int32", True)
+    return Layer(handle, values, indices, bias), (values, indices, bias)
+
+
+def test_opcheck(small_model):
+    model, _ = small_model
+    for batch, bias in [(1, model.bias), (40, model.bias)]:
+        torch.library.opcheck(OP, (torch.randn(batch, 100), model.values, model.indices, bias, model.key, 16))
+    nobias = build_condensed_linear(33, 61, 61, "int32", False)
+    values, indices = nobias.pack(*make_layer(33, 61, 61, "int32", False)[:2])
+    torch.library.opcheck(OP, (torch.randn(3, 61), values, indices, None, nobias.key, 16))
+
+
+def test_fx_export_and_compile_keep_one_op_node(small_model):
+    model, (values, indices, bias) = small_model
+    x = torch.randn(20, 100)
+    expected = torch.relu(reference(x, values, indices, bias))
+    traced = torch.fx.symbolic_trace(model)
+    assert any(n.target is torch.ops.srigl_compile.tvm_condensed_linear for n in traced.graph.nodes)
+    torch.testing.assert_close(traced(x), expected, rtol=1e-4, atol=1e-4)
+    exported = torch.export.export(model, (x,))
+    assert any(n.target is OP for n in exported.graph.nodes)
+    torch.testing.assert_close(exported.module()(x), expected, rtol=1e-4, atol=1e-4)
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_rules_decline_what_they_do_not_schedule():
+    target = host_llvm_target()
+    row, col = row_kernel(8, 16, 13, "int32"), col_kernel(8, 16, 13, "int32", 32, tiles_first=True)
+    assert RowRule().apply(col, target) is None and ColRule().apply(row, target) is None
+    assert RowRule().apply(row, target, RowParams(vec=8)) is None, "vec 8 does not divide k = 13"
+    assert ColRule().apply(col, target, ColParams(rows=32, rin=3)) is None, "rin must divide rows"
+    assert RowRule().apply(row, {"kind": "cuda"}) is None
+    assert RowRule().apply(row, target) is not None, "the default variant fits any k"
+    with pytest.raises(ValueError, match="no schedule rule"):
+        schedule(row, [ColRule()])
+
+
+@pytest.mark.parametrize("tiles_first", [True, False])
+def test_col_rule_with_a_k_tile_that_does_not_divide_k(tiles_first):
+    target = host_llvm_target()
+    values, indices, bias = make_layer(8, 16, 13, "int32", True)
+    func = col_kernel(8, 16, 13, "int32", 32, tiles_first=tiles_first)
+    executable = tvm.compile(ColRule().apply(func, target, ColParams(rows=4, kin=8)).mod,
+                             target=tvm.target.Target(target))
+    x = torch.randn(32, 16)
+    if tiles_first:
+        y = torch.empty(1, 32, 8)
+        executable.mod["srigl_condensed_col"](x.t().contiguous().view(1, 16, 32), values, indices, bias, y)
+        y = y.view(32, 8)
+    else:
+        y = torch.empty(8, 1, 32)
+        executable.mod["srigl_condensed_col"](x.t().contiguous().view(16, 1, 32), values, indices, bias, y)
+        y = y.view(8, 32).t()
+    torch.testing.assert_close(y, reference(x, values, indices, bias), rtol=1e-4, atol=1e-4)
+
+
+def test_target_names_the_cpu_and_code_uses_avx2():
+    target = host_llvm_target()
+    assert target["kind"] == "llvm" and target["mcpu"] not in ("", "generic", "native")
+    with pytest.raises(UnsupportedTargetError, match="native"):
+        check_llvm_target({"kind": "llvm", "mcpu": "native"})
+    with pytest.raises(UnsupportedTargetError):
+        check_llvm_target({"kind": "cuda"})
+    handle = build_condensed_linear(64, 100, 13, "int32", True)
+    if "avx2" in open("/proc/cpuinfo").read():
+        asm = handle.module.inspect_source("asm")
+        assert vector_registers(asm)["ymm"] > 0 and "vfmadd" in asm
+
+
+def test_tuning_records_written_and_reread(tmp_path, caplog):
+    target = host_llvm_target()
+    shape = KernelShape(48, 96, 16, "int16", True)
+    space = {"row": [RowParams(8, 16, 4), RowParams(16, 32, 16)], "col": [ColParams(32, 8, 1, 32),
+                                                                           ColParams(16, 4, 2, 64)]}
+    chosen = {layout: select_params(shape, layout, target, tune=True, cache_dir=tmp_path, space=space[layout],
+                                    progress=False) for layout in ("row", "col")}
+    for layout in ("row", "col"):
+        assert chosen[layout] in space[layout]
+        record = json.loads(TuningRecords(tmp_path).path(record_key(shape, layout, target)).read_text())
+        assert record["key"] == record_key(shape, layout, target) and len(record["candidates"]) == 2
+        assert select_params(shape, layout, target, tune=False, cache_dir=tmp_path) == chosen[layout]
+    handle = build_condensed_linear(48, 96, 11, "int16", True, target, cache_dir=tmp_path)  # k 11 -> 16
+    assert (handle.row_params, handle.col_params) == (chosen["row"], chosen["col"])
+    TuningRecords(tmp_path).path(record_key(shape, "row", target)).write_text("{not json")
+    assert select_params(shape, "row", target, cache_dir=tmp_path) == RowRule().default(16)
+    assert "ignoring tuning record" in caplog.text
+
+
+def test_export_load_round_trip_and_corrupt_files(tmp_path, small_model):
+    model, (values, indices, bias) = small_model
+    handles = [kernel_op.get_handle(model.key), build_condensed_linear(5, 7, 1, "int16", True)]
+    export_kernels(handles, tmp_path / "k")
+    saved = dict(kernel_op._HANDLES)
+    kernel_op._HANDLES.clear()  # as in a fresh process
+    try:
+        loaded = load_kernels(tmp_path / "k")
+    finally:
+        kernel_op._HANDLES.update({key: h for key, h in saved.items() if key not in kernel_op._HANDLES})
+    assert set(loaded) == {h.key for h in handles}
+    x = torch.randn(30, 100)
+    torch.testing.assert_close(model(x), torch.relu(reference(x, values, indices, bias)), rtol=1e-4, atol=1e-4)
+    export_kernels(loaded.values(), tmp_path / "again")  # loaded kernels can be saved again
+    assert len(load_kernels(tmp_path / "again")) == 2
+
+    library = tmp_path / "k" / json.loads((tmp_path / "k" / "manifest.json").read_text())["kernels"][model.key]["file"]
+    library.write_bytes(library.read_bytes()[:1000])
+    with pytest.raises(KernelFileError, match="does not match"):
+        load_kernels(tmp_path / "k")
+    (tmp_path / "k" / "manifest.json").write_text("{}")
+    with pytest.raises(KernelFileError, match="not a"):
+        load_kernels(tmp_path / "k")
+    with pytest.raises(KernelFileError, match="no manifest"):
+        load_kernels(tmp_path / "missing")
+
+
+def test_missing_kernel_key_names_the_fix():
+    with pytest.raises(Exception, match="load_kernels"):
+        condensed_linear(torch.randn(1, 4), torch.randn(2, 8), torch.zeros(2, 8, dtype=torch.int32), None, "nope")
+
+
+def test_codegen_package_import_does_not_import_tvm():
+    code = ("import sys, srigl_compile, srigl_compile.codegen, srigl_compile.codegen.kernel_op; "
+            "assert 'tvm' not in sys.modules, 'tvm imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
