@@ -2,11 +2,11 @@
 
 A saved model is a folder:
     model.pt        the module (torch.save of the whole nn.Module; lowered layers hold only tensors and a key)
-    kernels/*.so    every compiled kernel (TVM export_library), one file per shape and layout
-    manifest.json   format, versions, kernel keys -> files and their SHA-256
+    kernels/        every compiled kernel library with its manifest and SHA-256s (``codegen.kernel_io``)
+    manifest.json   format, versions, the model file's SHA-256, the kernel keys it needs
 
-Loading checks the manifest and the hashes, loads the kernel libraries into the op registry, then the module, and
-checks that every lowered layer's kernel is there. A missing, corrupt or mismatched file is a CheckpointError.
+Loading checks the manifests and hashes, registers the kernel libraries, then loads the module and checks that
+every lowered layer's kernel is there. A missing, corrupt or mismatched file is a CheckpointError.
 
 Example:
     >>> save_lowered(lower(model), "out/lowered")     # doctest: +SKIP
@@ -15,10 +15,8 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -28,7 +26,7 @@ from .errors import CheckpointError
 
 __all__ = ["save_lowered", "load_lowered"]
 
-FORMAT = "srigl_compile.lowered/1"
+FORMAT = "srigl_compile.lowered/2"
 
 
 def _sha256(path: Path) -> str:
@@ -43,41 +41,22 @@ def _lowered_layers(model: nn.Module):
 
 def save_lowered(model: nn.Module, path) -> Path:
     """Write ``model`` (the output of ``lower``) and its compiled kernels to the folder ``path``."""
-    from .codegen import op
+    from importlib.metadata import version
+
+    from .codegen.kernel_io import export_kernels
+    from .codegen.kernel_op import get_handle
 
     path = Path(path)
-    (path / "kernels").mkdir(parents=True, exist_ok=True)
-    layers = _lowered_layers(model)
-    if not layers:
+    keys = sorted({layer.kernel_key for _, layer in _lowered_layers(model) if layer.n_active})
+    if not _lowered_layers(model):
         raise CheckpointError("the model has no lowered layers: call srigl_compile.lower(model) first")
-    kernels = {}
-    for _, layer in layers:
-        key = layer.kernel_key
-        if key in kernels or layer.n_active == 0:
-            continue
-        compiled = op._kernel(key)
-        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        entry = {"spec": dataclasses.asdict(compiled.spec), "files": {}, "sha256": {}}
-        for layout in ("row", "col"):
-            file = path / "kernels" / f"{digest}_{layout}.so"
-            if hasattr(compiled, "files"):  # loaded from a library already: copy it
-                shutil.copyfile(compiled.files[layout], file)
-            else:
-                compiled.executables[layout].export_library(str(file))
-            entry["files"][layout] = file.name
-            entry["sha256"][layout] = _sha256(file)
-        kernels[key] = entry
+    path.mkdir(parents=True, exist_ok=True)
+    export_kernels([get_handle(key) for key in keys], path / "kernels")
     torch.save(model, path / "model.pt")
-    manifest = {"format": FORMAT, "torch": torch.__version__, "tvm": _tvm_version(), "kernels": kernels,
+    manifest = {"format": FORMAT, "torch": torch.__version__, "tvm": version("apache-tvm"), "kernels": keys,
                 "model_sha256": _sha256(path / "model.pt")}
     (path / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return path
-
-
-def _tvm_version() -> str:
-    from importlib.metadata import version
-
-    return version("apache-tvm")
 
 
 def _read_manifest(path: Path) -> dict:
@@ -92,37 +71,18 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
-def _verified(path: Path, name: str, expected: str) -> Path:
-    file = path / name
-    if not file.exists():
-        raise CheckpointError(f"{file} is missing")
-    if _sha256(file) != expected:
-        raise CheckpointError(f"{file} does not match its SHA-256 in manifest.json: the file is corrupt or replaced")
-    return file
-
-
 def load_lowered(path) -> nn.Module:
     """Load a folder written by ``save_lowered``; no compiler runs."""
-    from .codegen._tvm import tvm_modules
-    from .codegen.build import KernelSpec, LoadedKernel
-    from .codegen.op import register_kernel
+    from .codegen.kernel_io import load_kernels
 
     path = Path(path)
     manifest = _read_manifest(path)
-    tvm, _, _ = tvm_modules()
-    for key, entry in manifest["kernels"].items():
-        files = {layout: _verified(path / "kernels", file, entry["sha256"][layout])
-                 for layout, file in entry["files"].items()}
-        try:
-            modules = {layout: tvm.runtime.load_module(str(file)) for layout, file in files.items()}
-        except Exception as err:  # TVM raises its own error types for unloadable libraries
-            raise CheckpointError(f"cannot load the kernels of {key} from {path / 'kernels'}: {err}") from err
-        spec = dict(entry["spec"])
-        spec["target"] = tuple(tuple(item) for item in spec["target"])
-        register_kernel(key, LoadedKernel(KernelSpec(**spec), modules, files))
-    model = torch.load(_verified(path, "model.pt", manifest["model_sha256"]), weights_only=False)
-    missing = [name for name, layer in _lowered_layers(model)
-               if layer.n_active and layer.kernel_key not in manifest["kernels"]]
+    loaded = load_kernels(path / "kernels")
+    model_file = path / "model.pt"
+    if not model_file.exists() or _sha256(model_file) != manifest["model_sha256"]:
+        raise CheckpointError(f"{model_file} is missing or does not match manifest.json: corrupt or replaced")
+    model = torch.load(model_file, weights_only=False)
+    missing = [name for name, layer in _lowered_layers(model) if layer.n_active and layer.kernel_key not in loaded]
     if missing:
         raise CheckpointError(f"layers {missing[:5]} use kernels that are not in {path / 'kernels'}")
     return model

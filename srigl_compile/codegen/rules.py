@@ -32,9 +32,8 @@ from typing import Any
 
 from ._tvm_compat import import_tvm
 
-__all__ = ["RowParams", "ColParams", "RowRule", "ColRule", "PackRule", "RULES", "schedule", "layout_of", "LANES"]
+__all__ = ["RowParams", "ColParams", "RowRule", "ColRule", "PackRule", "RULES", "schedule", "layout_of"]
 
-LANES = 16  # batch lanes used by the older ``codegen.op`` bridge; the col kernel takes any multiple of 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,13 +76,6 @@ def _is_llvm(target) -> bool:
     return kind == "llvm"
 
 
-def _target_and_params(target, params):
-    """Also accept the older ``apply(func, params)`` call (used by ``codegen.build``)."""
-    if isinstance(target, (RowParams, ColParams)):
-        return None, target
-    return target, params
-
-
 def _has_block(sch, name: str) -> bool:
     try:
         sch.get_sblock(name)
@@ -106,7 +98,6 @@ class RowRule:
         return [p for p in grid if k % p.vec == 0] or [self.default(k)]
 
     def apply(self, func, target=None, params: RowParams | None = None):
-        target, params = _target_and_params(target, params)
         if layout_of(func) != "row" or not _is_llvm(target):
             return None
         params = params or self.default(_fan_in(func))
@@ -148,7 +139,6 @@ class ColRule:
         return [p for p in grid if k % p.kin == 0] or [self.default(k)]
 
     def apply(self, func, target=None, params: ColParams | None = None):
-        target, params = _target_and_params(target, params)
         if layout_of(func) != "col" or not _is_llvm(target):
             return None
         params = params or self.default(_fan_in(func))

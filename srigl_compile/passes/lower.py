@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = False, cache_dir=None,
-          col_threshold: int = 16, progress: bool = True) -> nn.Module:
+          col_threshold: int | None = None, progress: bool = True) -> nn.Module:
     """Return ``model`` (in eval mode) with its sparse layers running TVM-compiled condensed kernels.
 
     Args:
@@ -33,9 +33,10 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
             ``{"kind": "llvm", "mcpu": "znver3", "num-cores": 2}``.
         example_inputs: as for ``sparsify``, when the graph must be captured with torch.export.
         tune: search schedule variants per layer shape (records kept under ``cache_dir``, default
-            ``~/.cache/srigl_compile``, so a shape is tuned once); False uses tuned records if present, else
-            default schedules.
-        col_threshold: batches (rows of the flattened input) from this size on use the large-batch kernel.
+            ``~/.cache/srigl_compile/tuning``, so a shape is tuned once); False uses tuned records if present,
+            else default schedules.
+        col_threshold: batches (rows of the flattened input) from this size on use the large-batch kernel
+            (default: the measured crossover, ``kernel_op.DEFAULT_COL_THRESHOLD``).
         progress: show a progress bar while tuning.
 
     Raises:
@@ -62,19 +63,16 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
 
 
 def _compile_layers(layers, target_dict, tune, cache_dir, col_threshold, progress) -> None:
-    from tqdm.auto import tqdm
-
-    from ..codegen.build import KernelSpec, get_kernel
-    from ..codegen.op import register_kernel
+    from ..codegen.kernel_op import DEFAULT_COL_THRESHOLD, build_condensed_linear
     from ..nn.lowered import kernel_operands, make_lowered_
 
-    target = tuple(sorted(target_dict.items()))
-    bar = tqdm(total=0, desc="tuning kernels", disable=None if (tune and progress) else True, leave=False)
+    threshold = DEFAULT_COL_THRESHOLD if col_threshold is None else col_threshold
     for name, layer in layers:
-        width, values, indices = kernel_operands(layer)
-        spec = KernelSpec(layer.n_active, width, values.shape[1], str(indices.dtype).removeprefix("torch."), target)
+        handle = None
         if layer.n_active:
-            register_kernel(spec.key, get_kernel(spec, tune=tune, cache_dir=cache_dir, progress=bar))
-        make_lowered_(layer, spec.key, values, indices, col_threshold)
-        log.info("lowered %s -> %s", name, spec.key)
-    bar.close()
+            width, values, indices = kernel_operands(layer)
+            handle = build_condensed_linear(
+                layer.n_active, width, values.shape[1], str(indices.dtype).removeprefix("torch."),
+                layer.bias is not None, target_dict, tune=tune, cache_dir=cache_dir, progress=tune and progress)
+        make_lowered_(layer, handle, threshold)
+        log.info("lowered %s -> %s", name, layer.kernel_key)

@@ -117,15 +117,13 @@ def test_hf_bert():
     torch.testing.assert_close(lowered(**inputs).logits, masked(**inputs).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_custom_ops_pass_opcheck(lowered_mlp):
+def test_custom_op_passes_opcheck(lowered_mlp):
     _, lowered = lowered_mlp
     layer = lowered[3]
-    args = (layer.values, layer.indices, layer.bias, layer.kernel_key)
+    args = (layer.values, layer.indices, layer.bias, layer.kernel_key, layer.col_threshold)
     for batch in (1, 40):
-        torch.library.opcheck(torch.ops.srigl_compile.condensed_linear.default,
-                              (torch.randn(batch, layer.fan_in), *args, 16))
-    torch.library.opcheck(torch.ops.srigl_compile.condensed_linear_cols.default,
-                          (torch.randn(layer.fan_in, 20), *args))
+        torch.library.opcheck(torch.ops.srigl_compile.tvm_condensed_linear.default,
+                              (torch.randn(batch, layer.fan_in), *args))
 
 
 def test_fx_export_and_compile_keep_the_op(lowered_mlp):
@@ -136,20 +134,20 @@ def test_fx_export_and_compile_keep_the_op(lowered_mlp):
     torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-5)
     program = torch.export.export(lowered, (x,))
     targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
-    assert any("srigl_compile.condensed_linear" in t for t in targets)
+    assert any("srigl_compile.tvm_condensed_linear" in t for t in targets)
     torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-5)
     compiled = torch.compile(lowered, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_inputs_are_clear_errors(lowered_mlp):
-    from srigl_compile.codegen.op import _check_input
+    from srigl_compile.codegen.kernel_op import _check_input, get_handle
 
     _, lowered = lowered_mlp
     with pytest.raises(DeviceError, match="float32"):
         lowered(torch.randn(2, 32, dtype=torch.float64))
     with pytest.raises(DeviceError, match="CPU"):
-        _check_input(torch.empty(2, 32, device="meta"), 32)
+        _check_input(torch.empty(2, 32, device="meta"), get_handle(lowered[0].kernel_key))
     with pytest.raises(ValueError, match="32 input features"):
         lowered[0](torch.randn(2, 31))
 
@@ -172,20 +170,19 @@ def test_nothing_to_lower():
 
 
 def test_tuning_records_are_written_once_and_reused(tmp_path, monkeypatch):
-    from srigl_compile.codegen import build, rules
+    from srigl_compile.codegen import kernel_op, rules, tuning
 
     monkeypatch.setattr(rules.RowRule, "space", lambda self, k: [rules.RowParams(8, 8, 8), rules.RowParams(8, 16, 8)])
-    monkeypatch.setattr(rules.ColRule, "space", lambda self, k: [rules.ColParams(32, 4, 4, 1), rules.ColParams(64, 8, 8, 4)])
-    monkeypatch.setattr(build, "_COMPILED", {})
+    monkeypatch.setattr(rules.ColRule, "space", lambda self, k: [rules.ColParams(32, 8, 1, 16),
+                                                                 rules.ColParams(32, 8, 1, 32)])
+    monkeypatch.setattr(kernel_op, "_HANDLES", {})
     masked = sparsify(nn.Sequential(nn.Linear(48, 24)), SRigLConfig(sparsity=0.5, distribution="uniform"))
     lowered = lower(masked, tune=True, cache_dir=tmp_path, progress=False)
-    records = json.loads((tmp_path / "tuning_records.json").read_text())
-    (key, entry), = records.items()
-    assert set(entry) == {"row", "col"} and entry["row"]["params"] in ({"vec": 8, "chunk": 8, "unroll": 8},
-                                                                       {"vec": 8, "chunk": 16, "unroll": 8})
+    records = list(tmp_path.rglob("*.json"))
+    assert len(records) == 2, "one record per layout"
     calls = []
-    monkeypatch.setattr(build, "_search", lambda *a: calls.append(a) or (_ for _ in ()).throw(AssertionError))
-    monkeypatch.setattr(build, "_COMPILED", {})
+    monkeypatch.setattr(tuning, "tune_layout", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(kernel_op, "_HANDLES", {})
     lower(masked, tune=True, cache_dir=tmp_path, progress=False)
     assert not calls, "a tuned shape is read from the records, not searched again"
     assert_same(lowered, masked, torch.randn(3, 48))
@@ -236,11 +233,11 @@ def test_schedule_rules_decline_what_they_do_not_apply_to():
     from srigl_compile.codegen.rules import RULES, ColParams, RowParams, RowRule, schedule
 
     row, col = row_kernel(16, 32, 12, "int16"), col_kernel(16, 32, 12, "int16", 16)
-    assert RowRule().apply(col, RowParams()) is None, "wrong layout"
-    assert RowRule().apply(row, RowParams(vec=8)) is None, "k = 12 is not a multiple of 8"
-    assert RowRule().apply(row, RowParams(vec=4)) is not None
-    assert RULES["col"].apply(row, ColParams()) is None
-    assert schedule(col, list(RULES.values()), ColParams()) is not None
+    assert RowRule().apply(col, None, RowParams()) is None, "wrong layout"
+    assert RowRule().apply(row, None, RowParams(vec=8)) is None, "k = 12 is not a multiple of 8"
+    assert RowRule().apply(row, None, RowParams(vec=4)) is not None
+    assert RowRule().apply(row, {"kind": "cuda"}, RowParams(vec=4)) is None, "not an llvm target"
+    assert RULES["col"].apply(row, None, ColParams()) is None
     with pytest.raises(ValueError, match="no schedule rule"):
         schedule(row, list(RULES.values()), RowParams(vec=8))
     assert all(12 % p.vec == 0 for p in RowRule().space(12))
