@@ -5,6 +5,7 @@ This is the only package that imports ``tvm``, and only when its modules are imp
 
 Map of the CPU kernel core:
     _tvm_compat.py   import_tvm(): TVM 0.27 namespaces, TVM_NUM_THREADS set before first use
+    target.py        resolve_target(): "llvm" / "cuda" / dict; unknown targets are UnsupportedTargetError
     cpu_target.py    host_llvm_target(): {"kind": "llvm", "mcpu": <detected>, "num-cores": n}
     kernels.py       TE definitions: row layout (small batch), col layout (large batch), pack (x -> col tiles)
     rules.py         RowRule / ColRule / PackRule: apply(func, target, params) -> Schedule | None
