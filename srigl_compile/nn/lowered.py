@@ -34,11 +34,10 @@ class LoweredConv(CondensedConv):
     """A CondensedConv running its compiled kernel on im2col rows."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        columns, spatial = self.im2col(x)  # [B, C * kernel, L]
-        batch, features, positions = columns.shape
-        rows = columns.transpose(1, 2).reshape(batch * positions, features)
+        rows, spatial = self.im2col_rows(x)  # [B * L, C * kernel]
+        batch = x.shape[0]
         y = kernel_op.condensed_linear(rows, self.values, self.indices, self.bias, self.kernel_key, self.col_threshold)
-        y = self.scatter(y.view(batch, positions, -1).transpose(1, 2), dim=1)
+        y = self.scatter(y.view(batch, -1, y.shape[-1]).transpose(1, 2), dim=1)
         return y.reshape(batch, y.shape[1], *spatial)
 
     def extra_repr(self) -> str:

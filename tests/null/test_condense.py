@@ -251,3 +251,17 @@ def test_condensed_attention_returns_the_same_weights():
         got = cond(q, kv, kv, key_padding_mask=pad, average_attn_weights=average)
         torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(2, 1)),
+    nn.Conv2d(4, 4, 3, padding="same", dilation=2, groups=2), nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
+    nn.Conv1d(3, 4, 5, stride=2, padding=2, dilation=2), nn.Conv2d(3, 4, 4, padding="same"),
+])
+def test_im2col_rows_equal_unfold_columns(conv):
+    layer = condense(sparsify(nn.Sequential(conv), SRigLConfig(sparsity=0.5, distribution="uniform")))[0]
+    x = torch.randn(2, conv.in_channels, 9, 11) if isinstance(conv, nn.Conv2d) else torch.randn(2, conv.in_channels, 13)
+    columns, spatial = layer.im2col(x)
+    rows, spatial_rows = layer.im2col_rows(x)
+    assert spatial == spatial_rows
+    torch.testing.assert_close(rows, columns.transpose(1, 2).reshape(rows.shape), rtol=0, atol=0)
