@@ -57,28 +57,32 @@ def _f32(value, dtype: str):
     return value if dtype == "float32" else value.astype("float32")
 
 
-def row_func(n_out: int, n_in: int, k: int, index_dtype: str, dtype: str = "float32"):
+def _condensed_func(layout: str, n_out: int, n_in: int, k: int, index_dtype: str, dtype: str):
+    """row: x [B, n_in] -> y [B, n_out]; col: xt [n_in, B] -> yt [n_out, B]. Products accumulate in float32."""
     te = import_tvm().te
     batch = te.var("B", "int64")
-    x = te.placeholder((batch, n_in), dtype, name="x")
     w, idx, bias = _operands(te, n_out, k, index_dtype, dtype)
     r = te.reduce_axis((0, k), name="r")
-    acc = te.compute((batch, n_out), lambda b, o: te.sum(
-        _f32(w[o, r], dtype) * _f32(x[b, idx[o, r].astype("int64")], dtype), axis=r), name="acc")
-    y = te.compute((batch, n_out), lambda b, o: (acc[b, o] + _f32(bias[o], dtype)).astype(dtype), name="y")
-    return te.create_prim_func([x, w, idx, bias, y]).with_attr("global_symbol", ROW_SYMBOL)
+    if layout == "row":
+        x = te.placeholder((batch, n_in), dtype, name="x")
+        shape, read, row_of = (batch, n_out), (lambda b, o, j: x[b, j]), (lambda b, o: o)
+    else:
+        x = te.placeholder((n_in, batch), dtype, name="xt")
+        shape, read, row_of = (n_out, batch), (lambda o, b, j: x[j, b]), (lambda o, b: o)
+    acc = te.compute(shape, lambda i, j: te.sum(
+        _f32(w[row_of(i, j), r], dtype) * _f32(read(i, j, idx[row_of(i, j), r].astype("int64")), dtype), axis=r),
+        name="acc")
+    y = te.compute(shape, lambda i, j: (acc[i, j] + _f32(bias[row_of(i, j)], dtype)).astype(dtype), name="y")
+    symbol = ROW_SYMBOL if layout == "row" else COL_SYMBOL
+    return te.create_prim_func([x, w, idx, bias, y]).with_attr("global_symbol", symbol)
+
+
+def row_func(n_out: int, n_in: int, k: int, index_dtype: str, dtype: str = "float32"):
+    return _condensed_func("row", n_out, n_in, k, index_dtype, dtype)
 
 
 def col_func(n_out: int, n_in: int, k: int, index_dtype: str, dtype: str = "float32"):
-    te = import_tvm().te
-    batch = te.var("B", "int64")
-    xt = te.placeholder((n_in, batch), dtype, name="xt")
-    w, idx, bias = _operands(te, n_out, k, index_dtype, dtype)
-    r = te.reduce_axis((0, k), name="r")
-    acc = te.compute((n_out, batch), lambda o, b: te.sum(
-        _f32(w[o, r], dtype) * _f32(xt[idx[o, r].astype("int64"), b], dtype), axis=r), name="acc")
-    y = te.compute((n_out, batch), lambda o, b: (acc[o, b] + _f32(bias[o], dtype)).astype(dtype), name="y")
-    return te.create_prim_func([xt, w, idx, bias, y]).with_attr("global_symbol", COL_SYMBOL)
+    return _condensed_func("col", n_out, n_in, k, index_dtype, dtype)
 
 
 def row_schedule(func, params: CudaRowParams = CudaRowParams()):
