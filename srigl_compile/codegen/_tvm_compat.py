@@ -18,7 +18,7 @@ import types
 
 from ..errors import LoweringError
 
-__all__ = ["import_tvm", "tvm_thread_count", "EXPECTED_TVM_FFI"]
+__all__ = ["import_tvm", "import_tvm_runtime", "tvm_thread_count", "EXPECTED_TVM_FFI"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,29 @@ def _check_ffi_version() -> None:
                     "serialisation)", found, EXPECTED_TVM_FFI)
 
 
+_INSTALL_HINT = ("pip install 'srigl-compile[tvm]' (apache-tvm==0.27.0.post1 with apache-tvm-ffi=={ffi}); a "
+                 "GPU machine may use the runtime-only bundle of scripts/build_gpu_bundle.py instead")
+
+
+@functools.cache
+def import_tvm_runtime() -> types.ModuleType:
+    """Import only what loading and running compiled kernels needs (works with the runtime-only TVM package,
+    ``TVM_USE_RUNTIME_LIB=1``).
+
+    Raises:
+        LoweringError: TVM is not installed.
+    """
+    os.environ.setdefault("TVM_NUM_THREADS", str(tvm_thread_count()))
+    try:
+        import tvm
+        import tvm.runtime  # noqa: F401
+    except ImportError as err:
+        raise LoweringError("running compiled kernels needs TVM: " + _INSTALL_HINT.format(ffi=EXPECTED_TVM_FFI)) \
+            from err
+    _check_ffi_version()
+    return tvm
+
+
 @functools.cache
 def import_tvm() -> types.ModuleType:
     """Import TVM once, after sizing its thread pool; ``tvm.te``, ``tvm.s_tir`` and ``tvm.tirx`` are loaded too.
@@ -65,9 +88,7 @@ def import_tvm() -> types.ModuleType:
         import tvm.te  # noqa: F401
         import tvm.tirx  # noqa: F401
     except ImportError as err:
-        raise LoweringError(
-            "srigl_compile.codegen needs apache-tvm: pip install 'srigl-compile[tvm]' "
-            f"(apache-tvm==0.27.0.post1 with apache-tvm-ffi=={EXPECTED_TVM_FFI})"
-        ) from err
+        raise LoweringError("compiling kernels needs the full apache-tvm: " + _INSTALL_HINT.format(
+            ffi=EXPECTED_TVM_FFI)) from err
     _check_ffi_version()
     return tvm

@@ -9,8 +9,7 @@
 
 Inputs and weights may be float32, float16 or bfloat16; products accumulate in float32. Compilation needs no GPU:
 TVM generates CUDA C, and ``compile_fatbin`` turns it into a fatbin for a given ``sm_XX`` with nvcc, so the GPU
-machine needs no compiler. Running these kernels from lower(target="cuda") is not wired up yet (no GPU was
-available to verify it).
+machine needs no compiler (``cuda_build`` wires this into lower(target="cuda")).
 
 Example:
     >>> source = cuda_source(row_schedule(row_func(768, 3072, 312, "int16", "float32")), "sm_90")   # doctest: +SKIP
@@ -24,13 +23,14 @@ import hashlib
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import LoweringError
 from ._tvm_compat import import_tvm
 
 __all__ = ["CudaRowParams", "CudaColParams", "row_func", "col_func", "row_schedule", "col_schedule", "cuda_source",
-           "compile_fatbin", "ROW_SYMBOL", "COL_SYMBOL"]
+           "compile_fatbin", "gencode_flags", "ROW_SYMBOL", "COL_SYMBOL"]
 
 ROW_SYMBOL = "srigl_cuda_row"
 COL_SYMBOL = "srigl_cuda_col"
@@ -48,20 +48,22 @@ class CudaColParams:
     unroll: int = 4  # fan-in steps unrolled
 
 
-def _operands(te, n_out: int, k: int, index_dtype: str, dtype: str):
-    return (te.placeholder((n_out, k), dtype, name="w"), te.placeholder((n_out, k), index_dtype, name="idx"),
-            te.placeholder((n_out,), dtype, name="bias"))
+def _operands(te, n_out: int, k: int, index_dtype: str, dtype: str, has_bias: bool):
+    bias = [te.placeholder((n_out,), dtype, name="bias")] if has_bias else []
+    return [te.placeholder((n_out, k), dtype, name="w"), te.placeholder((n_out, k), index_dtype, name="idx"), *bias]
 
 
 def _f32(value, dtype: str):
     return value if dtype == "float32" else value.astype("float32")
 
 
-def _condensed_func(layout: str, n_out: int, n_in: int, k: int, index_dtype: str, dtype: str):
+def _condensed_func(layout: str, n_out: int, n_in: int, k: int, index_dtype: str, dtype: str, has_bias: bool,
+                    symbol: str | None):
     """row: x [B, n_in] -> y [B, n_out]; col: xt [n_in, B] -> yt [n_out, B]. Products accumulate in float32."""
     te = import_tvm().te
     batch = te.var("B", "int64")
-    w, idx, bias = _operands(te, n_out, k, index_dtype, dtype)
+    weights = _operands(te, n_out, k, index_dtype, dtype, has_bias)
+    w, idx = weights[:2]
     r = te.reduce_axis((0, k), name="r")
     if layout == "row":
         x = te.placeholder((batch, n_in), dtype, name="x")
@@ -72,17 +74,23 @@ def _condensed_func(layout: str, n_out: int, n_in: int, k: int, index_dtype: str
     acc = te.compute(shape, lambda i, j: te.sum(
         _f32(w[row_of(i, j), r], dtype) * _f32(read(i, j, idx[row_of(i, j), r].astype("int64")), dtype), axis=r),
         name="acc")
-    y = te.compute(shape, lambda i, j: (acc[i, j] + _f32(bias[row_of(i, j)], dtype)).astype(dtype), name="y")
-    symbol = ROW_SYMBOL if layout == "row" else COL_SYMBOL
-    return te.create_prim_func([x, w, idx, bias, y]).with_attr("global_symbol", symbol)
+    if has_bias:
+        bias = weights[2]
+        y = te.compute(shape, lambda i, j: (acc[i, j] + _f32(bias[row_of(i, j)], dtype)).astype(dtype), name="y")
+    else:  # a separate block all the same, so both variants schedule alike
+        y = te.compute(shape, lambda i, j: acc[i, j].astype(dtype), name="y")
+    symbol = symbol or (ROW_SYMBOL if layout == "row" else COL_SYMBOL)
+    return te.create_prim_func([x, *weights, y]).with_attr("global_symbol", symbol)
 
 
-def row_func(n_out: int, n_in: int, k: int, index_dtype: str, dtype: str = "float32"):
-    return _condensed_func("row", n_out, n_in, k, index_dtype, dtype)
+def row_func(n_out: int, n_in: int, k: int, index_dtype: str, dtype: str = "float32", *, has_bias: bool = True,
+             symbol: str | None = None):
+    return _condensed_func("row", n_out, n_in, k, index_dtype, dtype, has_bias, symbol)
 
 
-def col_func(n_out: int, n_in: int, k: int, index_dtype: str, dtype: str = "float32"):
-    return _condensed_func("col", n_out, n_in, k, index_dtype, dtype)
+def col_func(n_out: int, n_in: int, k: int, index_dtype: str, dtype: str = "float32", *, has_bias: bool = True,
+             symbol: str | None = None):
+    return _condensed_func("col", n_out, n_in, k, index_dtype, dtype, has_bias, symbol)
 
 
 def row_schedule(func, params: CudaRowParams = CudaRowParams()):
@@ -130,19 +138,30 @@ def cuda_source(sch, arch: str) -> str:
     return modules[0].inspect_source()
 
 
-def compile_fatbin(source: str, arch: str, cache_dir: str | Path | None = None) -> bytes:
-    """nvcc --fatbin for ``arch`` (e.g. "sm_90"); results are cached by a hash of (source, arch)."""
+def gencode_flags(arch: str | Sequence[str]) -> list[str]:
+    """nvcc flags for machine code (SASS) of every arch, plus PTX of the lowest so newer GPUs can JIT it."""
+    arches = [arch] if isinstance(arch, str) else sorted(set(arch))
+    if not arches or any(not a.startswith("sm_") for a in arches):
+        raise LoweringError(f"CUDA archs look like 'sm_90'; got {arch!r}")
+    flags = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in arches]
+    return flags + [f"-gencode=arch=compute_{arches[0][3:]},code=compute_{arches[0][3:]}"]
+
+
+def compile_fatbin(source: str, arch: str | Sequence[str], cache_dir: str | Path | None = None) -> bytes:
+    """nvcc --fatbin with SASS for ``arch`` (e.g. "sm_90", or several) and PTX of the lowest; results are cached
+    by a hash of (source, arch)."""
     nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
     if nvcc is None:
         raise LoweringError("nvcc was not found: install the CUDA toolkit (nvcc) to build CUDA kernels")
-    digest = hashlib.sha256(f"{arch}\n{source}".encode()).hexdigest()[:20]
+    flags = gencode_flags(arch)
+    digest = hashlib.sha256(f"{flags}\n{source}".encode()).hexdigest()[:20]
     cache = Path(cache_dir) if cache_dir else None
     if cache and (cache / f"{digest}.fatbin").exists():
         return (cache / f"{digest}.fatbin").read_bytes()
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "kernel.cu", Path(tmp) / "kernel.fatbin"
         src.write_text(source)
-        result = subprocess.run([nvcc, "--fatbin", f"-arch={arch}", "-O3", "-o", str(out), str(src)],
+        result = subprocess.run([nvcc, "--fatbin", *flags, "-O3", "-o", str(out), str(src)],
                                 capture_output=True, text=True)
         if result.returncode != 0:
             raise LoweringError(f"nvcc failed for {arch}: {result.stderr.strip()[:2000]}")

@@ -2,8 +2,11 @@
 
 ``export_kernels(handles, folder)`` writes one shared library per handle (TVM ``export_library``; row and col
 kernels together) and ``manifest.json`` (format, TVM version, each handle's shape, target, variants, file and
-SHA-256). ``load_kernels(folder)`` checks all of it, loads the libraries with ``tvm.runtime.load_module`` and
+SHA-256). CUDA handles also write their CUDA source (``.cu``) and its nvcc fatbin (``.fatbin``): the library holds
+the source, and the fatbin is what the GPU machine loads instead of compiling it. ``load_kernels(folder)`` checks
+all of it, loads the CPU libraries with ``tvm.runtime.load_module`` (CUDA ones on first use, on a GPU) and
 registers the handles under their keys. A missing, corrupt or mismatched file is a ``KernelFileError``.
+Loading needs only the TVM runtime.
 
 Example:
     >>> export_kernels([handle], "model.kernels")        # doctest: +SKIP
@@ -23,7 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import CheckpointError
-from ._tvm_compat import import_tvm
+from ._tvm_compat import import_tvm_runtime
 from .cpu_target import host_cpu_name
 from .kernel_op import KernelHandle, register_handle
 from .rules import ColParams, RowParams
@@ -32,8 +35,9 @@ __all__ = ["export_kernels", "load_kernels", "KernelFileError", "FORMAT"]
 
 log = logging.getLogger(__name__)
 
-FORMAT = "srigl_compile.kernels/1"
+FORMAT = "srigl_compile.kernels/2"
 _FIELDS = ("key", "n_out", "n_in", "k", "k_pad", "index_dtype", "has_bias", "target")
+_CUDA_FIELDS = ("dtype",)
 
 
 class KernelFileError(CheckpointError):
@@ -44,24 +48,32 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def export_kernels(handles: Iterable[KernelHandle], path: str | os.PathLike) -> Path:
-    """Write the handles' libraries and ``manifest.json`` into the folder ``path``; returns the manifest path."""
-    tvm = import_tvm()
+def export_kernels(handles: Iterable, path: str | os.PathLike) -> Path:
+    """Write the handles' libraries (and CUDA sources and fatbins) and ``manifest.json`` into the folder ``path``;
+    returns the manifest path."""
+    tvm = import_tvm_runtime()
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     entries = {}
     for handle in handles:
         if handle.key in entries:
             continue
-        file = folder / f"{hashlib.sha256(handle.key.encode()).hexdigest()[:16]}.so"
+        stem = hashlib.sha256(handle.key.encode()).hexdigest()[:16]
+        file = folder / f"{stem}.so"
         if handle.library_path is not None:  # loaded from disk: a loaded library cannot be exported again
             if Path(handle.library_path).resolve() != file.resolve():
                 shutil.copyfile(handle.library_path, file)
         else:
             handle.module.export_library(str(file))
         entry = {name: getattr(handle, name) for name in _FIELDS}
-        entry.update(row_params=dataclasses.asdict(handle.row_params),
+        entry.update(device=handle.device_type, row_params=dataclasses.asdict(handle.row_params),
                      col_params=dataclasses.asdict(handle.col_params), file=file.name, sha256=_sha256(file))
+        if handle.device_type == "cuda":
+            (folder / f"{stem}.cu").write_text(handle.source)
+            (folder / f"{stem}.fatbin").write_bytes(handle.fatbin)
+            entry.update({name: getattr(handle, name) for name in _CUDA_FIELDS}, fatbin_archs=handle.fatbin_archs,
+                         source=f"{stem}.cu", source_sha256=_sha256(folder / f"{stem}.cu"),
+                         fatbin=f"{stem}.fatbin", fatbin_sha256=_sha256(folder / f"{stem}.fatbin"))
         entries[handle.key] = entry
     manifest = {"format": FORMAT, "tvm": str(tvm.__version__), "kernels": entries}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -81,28 +93,47 @@ def _read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def _load_one(folder: Path, entry: dict) -> KernelHandle:
-    tvm = import_tvm()
+def _checked_file(folder: Path, name: str, expected: str) -> Path:
+    file = folder / name
+    if not file.is_file():
+        raise KernelFileError(f"kernel file {file} is missing")
+    if _sha256(file) != expected:
+        raise KernelFileError(f"kernel file {file} does not match its manifest (corrupt or replaced)")
+    return file
+
+
+def _load_one(folder: Path, entry: dict):
     try:
-        file = folder / entry["file"]
         fields = {name: entry[name] for name in _FIELDS}
+        device = entry.get("device", "cpu")
+        file = _checked_file(folder, entry["file"], entry["sha256"])
+        if device == "cuda":
+            return _load_cuda(folder, entry, fields, file)
         row, col = RowParams(**entry["row_params"]), ColParams(**entry["col_params"])
-        expected = entry["sha256"]
     except (KeyError, TypeError) as err:
         raise KernelFileError(f"malformed manifest entry in {folder}: {err}") from err
-    if not file.is_file():
-        raise KernelFileError(f"kernel library {file} is missing")
-    if _sha256(file) != expected:
-        raise KernelFileError(f"kernel library {file} does not match its manifest (corrupt or replaced)")
     if fields["target"].get("mcpu") != host_cpu_name():
         log.warning("kernels in %s were compiled for %s, this CPU is %s", folder, fields["target"].get("mcpu"),
                     host_cpu_name())
     try:
-        module = tvm.runtime.load_module(str(file))
+        module = import_tvm_runtime().runtime.load_module(str(file))
         handle = KernelHandle(**fields, row_params=row, col_params=col, module=module, library_path=str(file))
     except Exception as err:  # TVM raises its own error types for bad libraries and missing symbols
         raise KernelFileError(f"cannot load kernel {fields['key']} from {file}: {err}") from err
     return handle
+
+
+def _load_cuda(folder: Path, entry: dict, fields: dict, file: Path):
+    """A CUDA handle whose library is loaded on first use (on a GPU); its fatbin is registered for the loader."""
+    from .cuda_build import CudaKernelHandle
+    from .cuda_kernels import CudaColParams, CudaRowParams
+
+    source = _checked_file(folder, entry["source"], entry["source_sha256"]).read_text()
+    fatbin = _checked_file(folder, entry["fatbin"], entry["fatbin_sha256"]).read_bytes()
+    return CudaKernelHandle(**fields, **{name: entry[name] for name in _CUDA_FIELDS},
+                            fatbin_archs=tuple(entry["fatbin_archs"]), row_params=CudaRowParams(**entry["row_params"]),
+                            col_params=CudaColParams(**entry["col_params"]), source=source, fatbin=fatbin,
+                            library_path=str(file))
 
 
 def load_kernels(path: str | os.PathLike) -> dict[str, KernelHandle]:

@@ -12,7 +12,8 @@ packed into tiles [B / lanes, n_in, lanes] (zero-padded, by a TVM kernel: torch'
 the col kernel, which writes y as [B, n_out] directly.
 The operator has a fake implementation, so ``torch.fx.symbolic_trace``, ``torch.export`` and
 ``torch.compile(fullgraph=True)`` keep it as one node; it passes ``torch.library.opcheck``. Inputs must be float32
-CPU tensors; the kernel does no bounds checks, so indices must come through ``handle.pack`` (which checks them).
+CPU tensors for llvm handles (CUDA tensors for ``cuda_build`` handles, which run through the same op); the kernel
+does no bounds checks, so indices must come through ``handle.pack`` (which checks them).
 
 Example:
     >>> h = build_condensed_linear(768, 3072, 307, "int16", True)          # doctest: +SKIP
@@ -33,6 +34,7 @@ from ..errors import DeviceError, LoweringError
 from .rules import ColParams, RowParams
 
 __all__ = ["KernelHandle", "build_condensed_linear", "condensed_linear", "register_handle", "get_handle",
+           "get_registered", "pack_operands", "check_batch_input",
            "KernelDeviceError", "KernelDtypeError", "K_MULTIPLE", "DEFAULT_COL_THRESHOLD"]
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,20 @@ class KernelDtypeError(DeviceError, TypeError):
 
 
 @dataclasses.dataclass(eq=False)
-class KernelHandle:
+class KernelShapeFields:
+    """What every kernel handle (CPU or CUDA) records about its layer."""
+
+    key: str
+    n_out: int
+    n_in: int
+    k: int
+    k_pad: int
+    index_dtype: str
+    has_bias: bool
+
+
+@dataclasses.dataclass(eq=False)
+class KernelHandle(KernelShapeFields):
     """Compiled row and col kernels of one shape; call it like the op (``h(x, values, indices, bias)``).
 
     Attributes:
@@ -62,18 +77,12 @@ class KernelHandle:
         module: the TVM module holding both functions (for ``export_kernels``).
     """
 
-    key: str
-    n_out: int
-    n_in: int
-    k: int
-    k_pad: int
-    index_dtype: str
-    has_bias: bool
     target: dict[str, Any]
     row_params: RowParams
     col_params: ColParams
     module: Any
     library_path: str | None = None
+    device_type = "cpu"
     row_fn: Any = dataclasses.field(init=False, repr=False)
     col_fn: Any = dataclasses.field(init=False, repr=False)
     pack_fn: Any = dataclasses.field(init=False, repr=False)
@@ -96,29 +105,72 @@ class KernelHandle:
         Raises:
             ValueError: wrong shapes, or an index outside [0, n_in).
         """
-        if tuple(values.shape) != (self.n_out, self.k) or tuple(indices.shape) != (self.n_out, self.k):
-            raise ValueError(f"kernel {self.key} takes values and indices of shape ({self.n_out}, {self.k}); got "
-                             f"{tuple(values.shape)} and {tuple(indices.shape)}")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.n_in):
-            raise ValueError(f"indices must lie in [0, {self.n_in}) for kernel {self.key}")
-        values = values.detach().to(torch.float32)
-        indices = indices.detach().to(_TORCH_INDEX[self.index_dtype])
-        extra = self.k_pad - self.k
-        if extra:
-            values = torch.cat([values, values.new_zeros(self.n_out, extra)], dim=1)
-            indices = torch.cat([indices, indices[:, -1:].expand(self.n_out, extra)], dim=1)
-        return values.contiguous(), indices.contiguous()
+        return pack_operands(self, values, indices, torch.float32)
 
     def __call__(self, x, values, indices, bias=None, col_threshold: int = DEFAULT_COL_THRESHOLD):
         return condensed_linear(x, values, indices, bias, self.key, col_threshold)
 
+    def check_input(self, x: torch.Tensor) -> None:
+        if not x.is_cpu:  # (x.device.type costs 0.4 us; this path is per call)
+            raise KernelDeviceError(f"kernel {self.key} runs on the CPU but got a tensor on {x.device}; move the "
+                                    "input (and the layer) to the CPU with .cpu()")
+        if x.dtype != torch.float32:
+            raise KernelDtypeError(f"kernel {self.key} takes float32 inputs, got {x.dtype}; call .float() on it")
+        check_batch_input(x, self)
 
-_HANDLES: dict[str, KernelHandle] = {}
+    def launch(self, rows: torch.Tensor, operands: list[torch.Tensor], col_threshold: int) -> torch.Tensor:
+        """y [m, n_out] for rows [m, n_in] (contiguous, m >= 1)."""
+        m, n_out = rows.shape[0], self.n_out
+        if m < col_threshold:
+            out = rows.new_empty(m, n_out)
+            self.row_fn(rows, *operands, out)
+            return out
+        lanes = self.lanes
+        tiles = -(-m // lanes)
+        xt = rows.new_empty(tiles, self.n_in, lanes)
+        self.pack_fn(rows, xt)  # [m, n_in] -> [tiles, n_in, lanes], zero-padded
+        y = rows.new_empty(tiles * lanes, n_out)
+        self.col_fn(xt, *operands, y.view(tiles, lanes, n_out))  # writes y as [B, n_out] directly
+        return y[:m] if tiles * lanes != m else y  # the padding rows are at the end: still contiguous
 
 
-def register_handle(handle: KernelHandle) -> KernelHandle:
+def pack_operands(handle, values: torch.Tensor, indices: torch.Tensor, value_dtype: torch.dtype):
+    """(values, indices) [n_out, k] as a handle's kernel operands: ``value_dtype``, its index dtype, k padded to
+    ``handle.k_pad`` with zero weights on each row's last index (rows stay sorted), contiguous.
+
+    Raises:
+        ValueError: wrong shapes, or an index outside [0, n_in) (the kernels do no bounds checks).
+    """
+    if tuple(values.shape) != (handle.n_out, handle.k) or tuple(indices.shape) != (handle.n_out, handle.k):
+        raise ValueError(f"kernel {handle.key} takes values and indices of shape ({handle.n_out}, {handle.k}); got "
+                         f"{tuple(values.shape)} and {tuple(indices.shape)}")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= handle.n_in):
+        raise ValueError(f"indices must lie in [0, {handle.n_in}) for kernel {handle.key}")
+    values = values.detach().to(value_dtype)
+    indices = indices.detach().to(_TORCH_INDEX[handle.index_dtype])
+    extra = handle.k_pad - handle.k
+    if extra:
+        values = torch.cat([values, values.new_zeros(handle.n_out, extra)], dim=1)
+        indices = torch.cat([indices, indices[:, -1:].expand(handle.n_out, extra)], dim=1)
+    return values.contiguous(), indices.contiguous()
+
+
+def check_batch_input(x: torch.Tensor, handle) -> None:
+    if x.dim() == 0 or x.shape[-1] != handle.n_in:
+        raise ValueError(f"kernel {handle.key} expects {handle.n_in} input features, got shape {tuple(x.shape)}")
+
+
+_HANDLES: dict = {}  # key -> KernelHandle (CPU) or cuda_build.CudaKernelHandle
+
+
+def register_handle(handle):
     _HANDLES[handle.key] = handle
     return handle
+
+
+def get_registered(key: str):
+    """The handle registered under ``key``, or None."""
+    return _HANDLES.get(key)
 
 
 def get_handle(key: str) -> KernelHandle:
@@ -170,17 +222,7 @@ def build_condensed_linear(n_out: int, n_in: int, k: int, index_dtype: str = "in
                                         params["col"], executable.mod))
 
 
-def _check_input(x: torch.Tensor, handle: KernelHandle) -> None:
-    if not x.is_cpu:  # (x.device.type costs 0.4 us; this path is per call)
-        raise KernelDeviceError(f"kernel {handle.key} runs on the CPU but got a tensor on {x.device}; move the "
-                                "input (and the layer) to the CPU with .cpu()")
-    if x.dtype != torch.float32:
-        raise KernelDtypeError(f"kernel {handle.key} takes float32 inputs, got {x.dtype}; call .float() on it")
-    if x.dim() == 0 or x.shape[-1] != handle.n_in:
-        raise ValueError(f"kernel {handle.key} expects {handle.n_in} input features, got shape {tuple(x.shape)}")
-
-
-def _operands(handle: KernelHandle, values, indices, bias):
+def _operands(handle, values, indices, bias):
     if values.shape[1] != handle.k_pad or indices.dtype != _TORCH_INDEX[handle.index_dtype]:
         values, indices = handle.pack(values, indices)  # slow path: callers should pack once
     if (bias is not None) != handle.has_bias:
@@ -192,25 +234,14 @@ def _operands(handle: KernelHandle, values, indices, bias):
 
 def _run(x, values, indices, bias, kernel_key: str, col_threshold: int) -> torch.Tensor:
     handle = get_handle(kernel_key)
-    _check_input(x, handle)
+    handle.check_input(x)
     operands = _operands(handle, values, indices, bias)
     flat = x.dim() == 2  # the common case skips reshape/view (about 4 us of a ~10 us call overhead)
     rows = x if flat else x.reshape(-1, handle.n_in)
-    m, n_out = rows.shape[0], handle.n_out
-    if m == 0:
-        return x.new_empty(*x.shape[:-1], n_out)
-    if m < col_threshold:
-        out = x.new_empty(m, n_out)
-        handle.row_fn(rows.contiguous(), *operands, out)
-    else:
-        lanes = handle.lanes
-        tiles = -(-m // lanes)
-        xt = x.new_empty(tiles, handle.n_in, lanes)
-        handle.pack_fn(rows.contiguous(), xt)  # [m, n_in] -> [tiles, n_in, lanes], zero-padded
-        y = x.new_empty(tiles * lanes, n_out)
-        handle.col_fn(xt, *operands, y.view(tiles, lanes, n_out))  # writes y as [B, n_out] directly
-        out = y[:m] if tiles * lanes != m else y  # the padding rows are at the end: still contiguous
-    return out if flat else out.view(*x.shape[:-1], n_out)
+    if rows.shape[0] == 0:
+        return x.new_empty(*x.shape[:-1], handle.n_out)
+    out = handle.launch(rows.contiguous(), operands, col_threshold)
+    return out if flat else out.view(*x.shape[:-1], handle.n_out)
 
 
 # Defined with the low-level Library API rather than torch.library.custom_op: the custom_op wrapper adds about

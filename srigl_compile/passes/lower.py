@@ -3,7 +3,8 @@
 Contract.
     requires: the model has sparse (masked) or condensed layers; the target is supported.
     ensures:  every CondensedLinear / CondensedConv is a LoweredLinear / LoweredConv whose kernel is compiled and
-              registered in this process; outputs equal the condensed (= masked) model's up to float rounding.
+              registered in this process (CPU kernels for llvm, fatbins for cuda); outputs equal the condensed
+              (= masked) model's up to float rounding (up to the dtype's rounding for float16 / bfloat16).
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import copy
 import logging
 
+import torch
 import torch.nn as nn
 
-from ..errors import LayerError
+from ..errors import LayerError, LoweringError
 from ..nn.condensed import CondensedConv, CondensedLinear
 from ..nn.masked import is_masked
 from .condense import condense
@@ -24,13 +26,17 @@ log = logging.getLogger(__name__)
 
 
 def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = False, cache_dir=None,
-          col_threshold: int | None = None, progress: bool = True) -> nn.Module:
+          col_threshold: int | None = None, progress: bool = True, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Return ``model`` (in eval mode) with its sparse layers running TVM-compiled condensed kernels.
 
     Args:
         model: a model from ``sparsify`` (+ training) or from ``condense``; it is not modified.
-        target: "llvm" (host CPU, detected and named) or a TVM target dict such as
-            ``{"kind": "llvm", "mcpu": "znver3", "num-cores": 2}``.
+        target: "llvm" (host CPU, detected and named), "cuda" (NVIDIA GPUs: the kernels are compiled to fatbins
+            with nvcc here, so no GPU is needed to lower; on a machine with CUDA the model is moved to the GPU,
+            elsewhere save it with ``save_lowered`` and load it on the GPU machine), or a TVM target dict such as
+            ``{"kind": "llvm", "mcpu": "znver3", "num-cores": 2}`` or ``{"kind": "cuda", "arch": "sm_90"}``.
+        dtype: the lowered model's float dtype: float32, or for "cuda" also float16 / bfloat16 (the kernels sum
+            in float32; the whole model is converted).
         example_inputs: as for ``sparsify``, when the graph must be captured with torch.export.
         tune: search schedule variants per layer shape (records kept under ``cache_dir``, default
             ``~/.cache/srigl_compile/tuning``, so a shape is tuned once); False uses tuned records if present,
@@ -42,7 +48,7 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
     Raises:
         UnsupportedTargetError: an unknown target (the message lists the supported ones).
         LayerError: nothing to lower.
-        LoweringError: TVM is not installed.
+        LoweringError: TVM is not installed, or (cuda) nvcc is missing or the dtype is not supported.
 
     Example:
         >>> fast = lower(trained_sparse_model, target="llvm")       # doctest: +SKIP
@@ -51,6 +57,10 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
     from ..codegen.target import resolve_target
 
     target_dict = resolve_target(target)
+    dtype_name = str(dtype).removeprefix("torch.")
+    if dtype_name not in SUPPORTED_DTYPES[target_dict["kind"]]:
+        raise LoweringError(f"target {target_dict['kind']!r} lowers to dtypes {SUPPORTED_DTYPES[target_dict['kind']]}, "
+                            f"not {dtype_name}")
     if any(is_masked(m) for m in model.modules()):
         model = condense(model, example_inputs=example_inputs)
     else:
@@ -58,21 +68,50 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
     layers = [(name, m) for name, m in model.named_modules() if type(m) in (CondensedLinear, CondensedConv)]
     if not layers:
         raise LayerError("the model has no sparse or condensed layers to lower: sparsify (and train) it first")
-    _compile_layers(layers, target_dict, tune, cache_dir, col_threshold, progress)
+    if dtype != torch.float32:
+        model = model.to(dtype)  # floating tensors only: the index buffers keep their integer types
+    if target_dict["kind"] == "cuda":
+        _compile_cuda_layers(layers, target_dict, dtype_name, cache_dir, col_threshold)
+        model = model.cuda() if torch.cuda.is_available() else model
+    else:
+        _compile_llvm_layers(layers, target_dict, tune, cache_dir, col_threshold, progress)
     return model.eval()  # inference only: the kernels have no backward, dropout must be off
 
 
-def _compile_layers(layers, target_dict, tune, cache_dir, col_threshold, progress) -> None:
+SUPPORTED_DTYPES = {"llvm": ("float32",), "cuda": ("float32", "float16", "bfloat16")}
+
+
+def _kernel_shapes(layers):
+    """(name, layer, kernel shape or None) per layer; a layer with no active neuron needs no kernel."""
+    from ..nn.lowered import kernel_operands
+
+    for name, layer in layers:
+        if not layer.n_active:
+            yield name, layer, None
+            continue
+        width, values, indices = kernel_operands(layer)
+        yield name, layer, (layer.n_active, width, values.shape[1], str(indices.dtype).removeprefix("torch."),
+                            layer.bias is not None)
+
+
+def _compile_llvm_layers(layers, target_dict, tune, cache_dir, col_threshold, progress) -> None:
     from ..codegen.kernel_op import DEFAULT_COL_THRESHOLD, build_condensed_linear
-    from ..nn.lowered import kernel_operands, make_lowered_
+    from ..nn.lowered import make_lowered_
 
     threshold = DEFAULT_COL_THRESHOLD if col_threshold is None else col_threshold
-    for name, layer in layers:
-        handle = None
-        if layer.n_active:
-            width, values, indices = kernel_operands(layer)
-            handle = build_condensed_linear(
-                layer.n_active, width, values.shape[1], str(indices.dtype).removeprefix("torch."),
-                layer.bias is not None, target_dict, tune=tune, cache_dir=cache_dir, progress=tune and progress)
+    for name, layer, shape in list(_kernel_shapes(layers)):
+        handle = shape and build_condensed_linear(*shape, target_dict, tune=tune, cache_dir=cache_dir,
+                                                  progress=tune and progress)
+        make_lowered_(layer, handle, threshold)
+        log.info("lowered %s -> %s", name, layer.kernel_key)
+
+
+def _compile_cuda_layers(layers, target_dict, dtype_name, cache_dir, col_threshold) -> None:
+    from ..codegen.cuda_build import DEFAULT_CUDA_COL_THRESHOLD, build_cuda_condensed_linear
+    from ..nn.lowered import make_lowered_
+
+    threshold = DEFAULT_CUDA_COL_THRESHOLD if col_threshold is None else col_threshold
+    for name, layer, shape in list(_kernel_shapes(layers)):
+        handle = shape and build_cuda_condensed_linear(*shape, dtype_name, target_dict, cache_dir=cache_dir)
         make_lowered_(layer, handle, threshold)
         log.info("lowered %s -> %s", name, layer.kernel_key)

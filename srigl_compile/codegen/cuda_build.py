@@ -1,0 +1,260 @@
+"""CUDA kernel handles: build a layer shape's row and col kernels ahead of time, run them from torch on a GPU.
+
+Build (any machine with TVM and nvcc, no GPU needed):
+    TVM compiles both schedules (``cuda_kernels``) into one library whose host part is x86 code and whose device
+    part is CUDA C (this TVM build keeps the source, to be compiled where it is loaded); nvcc compiles that source
+    once to a fatbin (SASS for the target's archs + PTX). The handle keeps the source, the fatbin and the library.
+Run (a machine with a GPU; the runtime-only TVM is enough):
+    on first use the library is loaded with ``tvm.runtime.load_module``; TVM asks ``tvm_callback_cuda_compile`` to
+    compile the CUDA source, and the callback installed here answers with the fatbin built for that exact source
+    (looked up by its SHA-256), so no compiler runs on the GPU machine. Kernels launch on torch's current stream
+    (tvm-ffi reads it from the torch tensors).
+Without CUDA, running a CUDA kernel raises ``CudaUnavailableError`` naming the fix; building still works.
+
+Example:
+    >>> h = build_cuda_condensed_linear(768, 3072, 307, "int16", True, "float16", {"kind": "cuda", "arch": "sm_90"})
+    >>> values, indices = h.pack(values, indices)       # doctest: +SKIP
+    >>> y = h(x.cuda().half(), values.cuda(), indices.cuda(), bias.cuda().half())   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DeviceError, LoweringError
+from .kernel_op import (K_MULTIPLE, KernelDeviceError, KernelDtypeError, KernelShapeFields, check_batch_input,
+                        condensed_linear, get_registered, pack_operands, register_handle)
+
+__all__ = ["CudaKernelHandle", "CudaUnavailableError", "build_cuda_condensed_linear", "register_fatbin",
+           "CUDA_DTYPES", "DEFAULT_CUDA_COL_THRESHOLD", "DEFAULT_FATBIN_ARCHS", "cuda_handle_key"]
+
+log = logging.getLogger(__name__)
+
+CUDA_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Not yet measured on a GPU: the row kernel re-reads each weight row once per batch row, the col kernel needs
+# the [in, B] transpose; 16 rows is where the two costs are expected to cross. Tune it on the GPU machine.
+DEFAULT_CUDA_COL_THRESHOLD = 16
+DEFAULT_FATBIN_ARCHS = ("sm_80", "sm_90")  # A100 and H100/H200 machine code when no arch is given
+
+
+class CudaUnavailableError(DeviceError, RuntimeError):
+    """A CUDA-lowered model was run where there is no CUDA device (or no TVM CUDA runtime)."""
+
+
+def cuda_handle_key(n_out, n_in, k, index_dtype, has_bias, dtype, target: Mapping[str, Any]) -> str:
+    return f"o{n_out}_i{n_in}_k{k}_{index_dtype}_{'b' if has_bias else 'nb'}_{dtype}@cuda-{target['arch']}"
+
+
+def _symbol(layout: str, key: str) -> str:
+    return f"srigl_cuda_{layout}_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+@dataclasses.dataclass(eq=False)
+class CudaKernelHandle(KernelShapeFields):
+    """Row and col CUDA kernels of one shape and dtype; call it like the op (``h(x, values, indices, bias)``).
+
+    Attributes:
+        key: registry key; n_out, n_in, k, k_pad, index_dtype, has_bias: as for the CPU ``KernelHandle``.
+        dtype: "float32", "float16" or "bfloat16" (inputs, weights and output; sums in float32).
+        target: {"kind": "cuda", "arch": ...}; fatbin_archs: the archs the fatbin holds machine code for.
+        row_params, col_params: the schedule variants; source: the CUDA C; fatbin: nvcc's output for it.
+        module: the built library (None when loaded from disk); library_path: the exported library file, if any.
+    """
+
+    dtype: str
+    target: dict[str, Any]
+    fatbin_archs: tuple[str, ...]
+    row_params: Any
+    col_params: Any
+    source: str
+    fatbin: bytes
+    module: Any = None
+    library_path: str | None = None
+    device_type = "cuda"
+    _functions: Any = dataclasses.field(default=None, init=False, repr=False)
+
+    def pack(self, values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernel operands (this handle's dtype, index dtype, k padded to ``k_pad``), on the tensors' device."""
+        return pack_operands(self, values, indices, CUDA_DTYPES[self.dtype])
+
+    def __call__(self, x, values, indices, bias=None, col_threshold: int = DEFAULT_CUDA_COL_THRESHOLD):
+        return condensed_linear(x, values, indices, bias, self.key, col_threshold)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if not x.is_cuda:
+            _require_cuda(self)
+            raise KernelDeviceError(f"kernel {self.key} runs on a CUDA GPU but got a tensor on {x.device}; move "
+                                    "the model and its input with .cuda()")
+        if x.dtype != CUDA_DTYPES[self.dtype]:
+            raise KernelDtypeError(f"kernel {self.key} takes {self.dtype} inputs, got {x.dtype}; convert the input "
+                                   f"with .to(torch.{self.dtype})")
+        check_batch_input(x, self)
+
+    def launch(self, rows: torch.Tensor, operands: list[torch.Tensor], col_threshold: int) -> torch.Tensor:
+        """y [m, n_out] for rows [m, n_in] (contiguous); the col kernel runs on rows transposed to [n_in, m]."""
+        if operands[0].device != rows.device:
+            raise KernelDeviceError(f"kernel {self.key}: the layer's weights are on {operands[0].device} and the "
+                                    f"input on {rows.device}; move the model with .to({str(rows.device)!r})")
+        row_fn, col_fn = self.functions()
+        m = rows.shape[0]
+        with torch.cuda.device(rows.device):
+            if m < col_threshold:
+                out = rows.new_empty(m, self.n_out)
+                row_fn(rows, *operands, out)
+                return out
+            yt = rows.new_empty(self.n_out, m)
+            col_fn(rows.t().contiguous(), *operands, yt)
+            return yt.t().contiguous()
+
+    def functions(self):
+        """(row, col) kernel functions, loading the library into the CUDA runtime on first use."""
+        if self._functions is None:
+            self._functions = _load_functions(self)
+        return self._functions
+
+
+# The fatbin built for each CUDA source, by SHA-256 of the source: what tvm_callback_cuda_compile answers with.
+_FATBINS: dict[str, bytes] = {}
+
+
+def _source_digest(source: str | bytes) -> str:
+    return hashlib.sha256(source.encode() if isinstance(source, str) else bytes(source)).hexdigest()
+
+
+def register_fatbin(source: str, fatbin: bytes) -> None:
+    """Make ``fatbin`` the compiled form of ``source`` for TVM's CUDA loader in this process."""
+    _FATBINS[_source_digest(source)] = fatbin
+    _install_compile_callback()
+
+
+def _install_compile_callback() -> None:
+    import tvm_ffi
+
+    existing = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
+    if existing is not None and getattr(_install_compile_callback, "installed", None) is existing:
+        return
+
+    def tvm_callback_cuda_compile(code, *_):
+        fatbin = _FATBINS.get(_source_digest(code))
+        if fatbin is None:  # not one of ours: a compiler is needed after all
+            raise LoweringError("no prebuilt fatbin for this CUDA source; build the kernels with "
+                                "srigl_compile.lower(..., target='cuda') on a machine with nvcc")
+        return tvm_ffi.Bytes(fatbin) if hasattr(tvm_ffi, "Bytes") else fatbin
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", tvm_callback_cuda_compile, override=True)
+    _install_compile_callback.installed = tvm_ffi.get_global_func("tvm_callback_cuda_compile")
+
+
+def _ensure_cuda_runtime(tvm) -> None:
+    """Load TVM's CUDA runtime library (the runtime-only package does not load it by itself)."""
+    import tvm_ffi
+
+    if tvm_ffi.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is not None:
+        return
+    lib = Path(tvm.__file__).resolve().parent / "lib" / "libtvm_runtime_cuda.so"
+    try:
+        ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)  # after torch, which brought libcudart
+    except OSError as err:
+        raise CudaUnavailableError(f"TVM's CUDA runtime ({lib}) cannot be loaded: {err}") from err
+
+
+def _require_cuda(handle: CudaKernelHandle) -> None:
+    if not torch.cuda.is_available():
+        raise CudaUnavailableError(
+            f"kernel {handle.key} was lowered for CUDA ({handle.target['arch']}), but this machine has no usable "
+            "CUDA device (torch.cuda.is_available() is False): run the model on a GPU machine, or lower it again "
+            "with target='llvm' to run it on this CPU")
+
+
+def _load_functions(handle: CudaKernelHandle):
+    _require_cuda(handle)
+    from ._tvm_compat import import_tvm_runtime
+
+    tvm = import_tvm_runtime()
+    _ensure_cuda_runtime(tvm)
+    register_fatbin(handle.source, handle.fatbin)
+    path = handle.library_path
+    if path is None:  # built in this process: the CUDA module is loaded through a library file
+        path = str(Path(tempfile.mkdtemp(prefix="srigl_cuda_")) / f"{_symbol('lib', handle.key)}.so")
+        handle.module.export_library(path)
+        handle.library_path = path
+    try:
+        module = tvm.runtime.load_module(path)
+        return module[_symbol("row", handle.key)], module[_symbol("col", handle.key)]
+    except Exception as err:  # TVM's own error types: a driver too old for the fatbin, an arch it lacks, ...
+        capability = "sm_%d%d" % torch.cuda.get_device_capability()
+        raise CudaUnavailableError(f"cannot load CUDA kernel {handle.key} (fatbin for {handle.fatbin_archs}, this "
+                                   f"GPU is {capability}): {err}") from err
+
+
+def fatbin_archs_for(target: Mapping[str, Any]) -> tuple[str, ...]:
+    """The archs to build machine code for: the target's ``fatbin_archs`` if given, else its arch."""
+    return tuple(sorted(set(target.get("fatbin_archs") or [target["arch"]])))
+
+
+def build_cuda_condensed_linear(n_out: int, n_in: int, k: int, index_dtype: str = "int32", has_bias: bool = True,
+                                dtype: str = "float32", target: Mapping[str, Any] | None = None, *,
+                                cache_dir=None) -> CudaKernelHandle:
+    """Compile (once per process) a shape's CUDA kernels to a fatbin and register their handle; no GPU needed.
+
+    Args:
+        n_out, n_in, k, index_dtype, has_bias: as for ``build_condensed_linear``.
+        dtype: "float32", "float16" or "bfloat16" (sums are float32 in every case).
+        target: {"kind": "cuda", "arch": "sm_90", "fatbin_archs": [...]} (``target.resolve_target("cuda")``).
+        cache_dir: where fatbins are cached (default: next to the tuning records).
+
+    Returns:
+        The registered handle. A handle already registered under the same key (built, or loaded from a saved
+        model) is returned as is: that is how a GPU machine without a compiler lowers with prebuilt kernels.
+    """
+    from .target import resolve_target
+
+    if dtype not in CUDA_DTYPES:
+        raise LoweringError(f"CUDA kernels take dtype float32, float16 or bfloat16, not {dtype!r}")
+    target = resolve_target(dict(target) if target is not None else "cuda")
+    k_pad = -(-k // K_MULTIPLE) * K_MULTIPLE
+    key = cuda_handle_key(n_out, n_in, k, index_dtype, has_bias, dtype, target)
+    existing = get_registered(key)
+    if existing is not None:
+        return existing
+    from ._tvm_compat import import_tvm
+    from .cuda_kernels import (CudaColParams, CudaRowParams, col_func, col_schedule, compile_fatbin, row_func,
+                               row_schedule)
+    from .tuning import default_cache_dir
+
+    tvm = import_tvm()
+    row_params, col_params = CudaRowParams(), CudaColParams()
+    args = (n_out, n_in, k_pad, index_dtype, dtype)
+    row = row_schedule(row_func(*args, has_bias=has_bias, symbol=_symbol("row", key)), row_params)
+    col = col_schedule(col_func(*args, has_bias=has_bias, symbol=_symbol("col", key)), col_params)
+    mod = tvm.IRModule({_symbol("row", key): row.mod["main"], _symbol("col", key): col.mod["main"]})
+    cuda_target = tvm.target.Target({"kind": "cuda", "arch": target["arch"]}, host={"kind": "llvm"})
+    previous = os.environ.get("TVM_COMPILE_FORCE_FALLBACK")
+    os.environ["TVM_COMPILE_FORCE_FALLBACK"] = "1"  # keep the CUDA source even where a CUDA runtime is present
+    try:
+        executable = tvm.compile(mod, target=cuda_target)
+    finally:
+        if previous is None:
+            os.environ.pop("TVM_COMPILE_FORCE_FALLBACK")
+        else:
+            os.environ["TVM_COMPILE_FORCE_FALLBACK"] = previous
+    cuda_modules = [m for m in executable.mod.imports if m.kind == "cuda"]
+    if len(cuda_modules) != 1:
+        raise LoweringError(f"TVM built {len(cuda_modules)} CUDA modules for kernel {key}, expected 1")
+    source = cuda_modules[0].inspect_source()
+    archs = fatbin_archs_for(target)
+    fatbin = compile_fatbin(source, archs, cache_dir=Path(cache_dir or default_cache_dir()) / "fatbins")
+    handle = CudaKernelHandle(key, n_out, n_in, k, k_pad, index_dtype, has_bias, dtype, target, archs, row_params,
+                              col_params, source, fatbin, module=executable.mod)
+    log.info("built CUDA kernel %s (%d-byte fatbin for %s)", key, len(fatbin), ", ".join(archs))
+    return register_handle(handle)
