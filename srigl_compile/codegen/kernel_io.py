@@ -25,7 +25,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, LoweringError
 from ._tvm_compat import import_tvm_runtime
 from .cpu_target import host_cpu_name
 from .kernel_op import KernelHandle, register_handle
@@ -112,15 +112,22 @@ def _load_one(folder: Path, entry: dict):
         row, col = RowParams(**entry["row_params"]), ColParams(**entry["col_params"])
     except (KeyError, TypeError) as err:
         raise KernelFileError(f"malformed manifest entry in {folder}: {err}") from err
-    if fields["target"].get("mcpu") != host_cpu_name():
-        log.warning("kernels in %s were compiled for %s, this CPU is %s", folder, fields["target"].get("mcpu"),
-                    host_cpu_name())
+    here = _host_cpu_or_none()
+    if here is not None and fields["target"].get("mcpu") != here:
+        log.warning("kernels in %s were compiled for %s, this CPU is %s", folder, fields["target"].get("mcpu"), here)
     try:
         module = import_tvm_runtime().runtime.load_module(str(file))
         handle = KernelHandle(**fields, row_params=row, col_params=col, module=module, library_path=str(file))
     except Exception as err:  # TVM raises its own error types for bad libraries and missing symbols
         raise KernelFileError(f"cannot load kernel {fields['key']} from {file}: {err}") from err
     return handle
+
+
+def _host_cpu_or_none() -> str | None:
+    try:
+        return host_cpu_name()
+    except (LoweringError, AttributeError):  # the runtime-only TVM has no LLVM to ask
+        return None
 
 
 def _load_cuda(folder: Path, entry: dict, fields: dict, file: Path):
