@@ -104,11 +104,14 @@ def model_from_checkpoint(path):
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
-@click.option("--target", default="llvm", show_default=True, help="llvm (this CPU) or cuda")
+@click.option("--target", default="llvm", show_default=True,
+              help="llvm (this CPU), cuda (fatbins for sm_80 + sm_90; no GPU needed to build), or cuda:sm_XX")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="float16 / bfloat16: cuda only (sums stay float32)")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="folder for the lowered model")
 @click.option("--tune", is_flag=True, help="search schedule variants per layer shape (cached)")
 @friendly_errors
-def lower(checkpoint, target, out, tune):
+def lower(checkpoint, target, dtype, out, tune):
     """Lower a trained checkpoint to compiled condensed kernels and save it (load with load_lowered).
 
     Example: srigl-compile lower runs/cnn90/checkpoint.pt --target llvm --out runs/cnn90/lowered
@@ -118,11 +121,20 @@ def lower(checkpoint, target, out, tune):
 
     sparse, meta = model_from_checkpoint(checkpoint)
     example = torch.randn(4, *meta["input_shape"])
-    lowered = lower_model(sparse, target=target, tune=tune, example_inputs=(example,))
-    with torch.no_grad():
-        error = float((lowered(example) - sparse(example)).abs().max())
-    save_lowered(lowered, out)
-    click.echo(f"lowered {meta['model']} for {target}: max |lowered - trained| = {error:.2e}; saved to {out}")
+    if target.startswith("cuda:"):
+        target_arg = {"kind": "cuda", "arch": target.split(":", 1)[1]}
+    else:
+        target_arg = target
+    lowered = lower_model(sparse, target=target_arg, tune=tune, example_inputs=(example,), dtype=getattr(torch, dtype))
+    device = next(lowered.buffers()).device
+    if device.type == "cpu" and target != "llvm":
+        check = "not checked here (no CUDA device): check it on the GPU machine"
+    else:
+        with torch.no_grad():
+            got = lowered(example.to(device, getattr(torch, dtype))).float().cpu()
+            check = f"max |lowered - trained| = {float((got - sparse(example)).abs().max()):.2e}"
+    save_lowered(lowered.cpu(), out)
+    click.echo(f"lowered {meta['model']} for {target} ({dtype}): {check}; saved to {out}")
 
 
 @main.command()

@@ -4,7 +4,8 @@ This is the only package that imports ``tvm``, and only when its modules are imp
 ``import srigl_compile``; this ``__init__`` imports nothing.
 
 Map of the CPU kernel core:
-    _tvm_compat.py   import_tvm(): TVM 0.27 namespaces, TVM_NUM_THREADS set before first use
+    _tvm_compat.py   import_tvm(): TVM 0.27 namespaces, TVM_NUM_THREADS set before first use;
+                     import_tvm_runtime(): only what loading kernels needs (runtime-only TVM)
     target.py        resolve_target(): "llvm" / "cuda" / dict; unknown targets are UnsupportedTargetError
     cpu_target.py    host_llvm_target(): {"kind": "llvm", "mcpu": <detected>, "num-cores": n}
     kernels.py       TE definitions: row layout (small batch), col layout (large batch), pack (x -> col tiles)
@@ -12,4 +13,7 @@ Map of the CPU kernel core:
     tuning.py        KernelShape, select_params (records on disk), compile_kernels (cached per process)
     kernel_op.py     build_condensed_linear() -> KernelHandle; torch.ops.srigl_compile.tvm_condensed_linear
     kernel_io.py     export_kernels(handles, folder) / load_kernels(folder)
+CUDA:
+    cuda_kernels.py  TE definitions and schedules (warp per row; batch-coalesced columns), nvcc fatbins
+    cuda_build.py    build_cuda_condensed_linear() -> CudaKernelHandle (same op, same registry); GPU loading
 """

@@ -1,6 +1,8 @@
 """The srigl-compile commands on tiny settings, the demo's report, and one-line errors for bad arguments."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -54,6 +56,11 @@ def test_train_checkpoint_resume_and_lower(runner, tmp_path):
     from srigl_compile import load_lowered
 
     assert load_lowered(tmp_path / "lowered") is not None
+    if shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists():  # CUDA builds need no GPU
+        cuda = runner.invoke(main, ["lower", str(out / "checkpoint.pt"), "--target", "cuda:sm_90", "--dtype",
+                                    "float16", "--out", str(tmp_path / "cuda")])
+        assert cuda.exit_code == 0, cuda.output
+        assert "(float16)" in cuda.output and list((tmp_path / "cuda" / "kernels").glob("*.fatbin"))
 
 
 def test_lowering_a_dense_checkpoint_is_refused(runner, tmp_path):
