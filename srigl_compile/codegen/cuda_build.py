@@ -45,6 +45,7 @@ CUDA_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 # the [in, B] transpose; 16 rows is where the two costs are expected to cross. Tune it on the GPU machine.
 DEFAULT_CUDA_COL_THRESHOLD = 16
 DEFAULT_FATBIN_ARCHS = ("sm_80", "sm_90")  # A100 and H100/H200 machine code when no arch is given
+MAX_GRID_Y = 65535  # the row kernel puts batch rows on blockIdx.y
 
 
 class CudaUnavailableError(DeviceError, RuntimeError):
@@ -108,7 +109,7 @@ class CudaKernelHandle(KernelShapeFields):
         row_fn, col_fn = self.functions()
         m = rows.shape[0]
         with torch.cuda.device(rows.device):
-            if m < col_threshold:
+            if m < min(col_threshold, MAX_GRID_Y):
                 out = rows.new_empty(m, self.n_out)
                 row_fn(rows, *operands, out)
                 return out
@@ -140,10 +141,6 @@ def register_fatbin(source: str, fatbin: bytes) -> None:
 def _install_compile_callback() -> None:
     import tvm_ffi
 
-    existing = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
-    if existing is not None and getattr(_install_compile_callback, "installed", None) is existing:
-        return
-
     def tvm_callback_cuda_compile(code, *_):
         fatbin = _FATBINS.get(_source_digest(code))
         if fatbin is None:  # not one of ours: a compiler is needed after all
@@ -151,8 +148,8 @@ def _install_compile_callback() -> None:
                                 "srigl_compile.lower(..., target='cuda') on a machine with nvcc")
         return tvm_ffi.Bytes(fatbin) if hasattr(tvm_ffi, "Bytes") else fatbin
 
+    # Registered again on every call: importing tvm.contrib.nvcc in between would have replaced it.
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", tvm_callback_cuda_compile, override=True)
-    _install_compile_callback.installed = tvm_ffi.get_global_func("tvm_callback_cuda_compile")
 
 
 def _ensure_cuda_runtime(tvm) -> None:

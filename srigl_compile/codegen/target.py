@@ -52,7 +52,9 @@ def _cuda_target(given: dict[str, Any] | None) -> dict[str, Any]:
         if torch.cuda.is_available():
             arch = "sm_%d%d" % torch.cuda.get_device_capability()
             return {"kind": "cuda", "arch": arch, "fatbin_archs": [arch]}
-        return {"kind": "cuda", "arch": "sm_80", "fatbin_archs": ["sm_80", "sm_90"]}
+        from .cuda_build import DEFAULT_FATBIN_ARCHS
+
+        return {"kind": "cuda", "arch": DEFAULT_FATBIN_ARCHS[0], "fatbin_archs": list(DEFAULT_FATBIN_ARCHS)}
     arch = given.get("arch")
     archs = list(given.get("fatbin_archs") or [arch])
     unknown = set(given) - {"kind", "arch", "fatbin_archs"}
