@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from .errors import ConfigError
 
-__all__ = ["MODELS", "build_model", "mlp", "small_cnn", "cifar_resnet18", "SmallViT"]
+__all__ = ["MODELS", "build_model", "mlp", "small_cnn", "cifar_resnet18", "SmallViT", "ResNet", "resnet50",
+           "vit_b16"]
 
 
 def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: int = 256) -> nn.Module:
@@ -72,6 +73,53 @@ def cifar_resnet18(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return CifarResNet18(num_classes, in_channels=input_shape[0])
 
 
+class _Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carrying the stride, as in torchvision's ResNet v1.5), 1x1 expand by 4; projection shortcut."""
+
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        cout = 4 * width
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """The ImageNet bottleneck ResNet (7x7/2 stem, 3x3/2 max-pool, 4 stages); ``blocks=(3, 4, 6, 3)`` is ResNet-50.
+
+    Defined here because torchvision is not a dependency; the layer shapes match torchvision's resnet50.
+    """
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3, blocks: tuple[int, ...] = (3, 4, 6, 3),
+                 width: int = 64) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        stages, cin = [], width
+        for i, count in enumerate(blocks):
+            for j in range(count):
+                stages.append(_Bottleneck(cin, width * 2**i, 2 if i and not j else 1))
+                cin = 4 * width * 2**i
+        self.layers = nn.Sequential(*stages)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        return self.fc(F.adaptive_avg_pool2d(self.layers(out), 1).flatten(1))
+
+
+def resnet50(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return ResNet(num_classes, in_channels=input_shape[0])
+
+
 class SmallViT(nn.Module):
     """A small Vision Transformer: conv patch embedding, class token, nn.TransformerEncoder, linear head."""
 
@@ -96,7 +144,13 @@ class SmallViT(nn.Module):
         return self.head(self.norm(self.encoder(tokens))[:, 0])
 
 
-MODELS = {"mlp": mlp, "cnn": small_cnn, "resnet18": cifar_resnet18, "vit": SmallViT}
+def vit_b16(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """ViT-B/16's shape (16x16 patches, 12 layers, width 768, 12 heads, MLP 3072): 197 tokens at 224x224."""
+    return SmallViT(input_shape, num_classes, patch=16, dim=768, depth=12, heads=12, mlp_dim=3072)
+
+
+MODELS = {"mlp": mlp, "cnn": small_cnn, "resnet18": cifar_resnet18, "vit": SmallViT, "resnet50": resnet50,
+          "vit_b16": vit_b16}
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
