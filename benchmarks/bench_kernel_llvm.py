@@ -14,26 +14,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 # torch's OpenMP threads spin after each parallel region and steal the cores TVM's pool needs; passive waiting
 # lets both runtimes share the cores. Both must be set before torch / TVM start their pools.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import torch  # noqa: E402
-from torch.utils import benchmark  # noqa: E402
+
+from common import TimerConfig, measure, read_bandwidth, set_threads  # noqa: E402
 
 LAYERS = [(3072, 768, 307), (768, 3072, 76)]  # (n_in, n_out, k): 90% sparse
-
-
-def median_us(fn, threads: int, min_run_time: float) -> float:
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e6
-
-
-def read_bandwidth(n_bytes: int, threads: int) -> float:
-    """Bytes/s of a torch sum over a float32 buffer of n_bytes (cache-resident when it fits)."""
-    buf = torch.randn(max(n_bytes // 4, 4096))
-    return buf.numel() * 4 / (median_us(buf.sum, threads, 0.2) / 1e6)
 
 
 def make_layer(n_in: int, n_out: int, k: int):
@@ -79,7 +73,8 @@ def run(args) -> list[dict]:
                     if fn is None:
                         continue
                     torch.testing.assert_close(fn(x), expected, rtol=1e-3, atol=1e-3, msg=label)
-                    times[label] = median_us(lambda fn=fn: fn(x), args.threads, args.min_run_time)
+                    times[label] = measure(lambda fn=fn: fn(x), TimerConfig(args.threads, args.min_run_time))[
+                        "median"]
             moved = n_out * handle.k_pad * (4 + 2) + batch * (n_in + n_out) * 4
             bound = moved / read_bandwidth(moved, args.threads) * 1e6
             rows.append({"layer": f"{n_in}->{n_out} k={k}", "batch": batch, "times_us": times, "bound_us": bound,
@@ -105,8 +100,7 @@ def main() -> None:
     parser.add_argument("--min-run-time", type=float, default=0.5)
     parser.add_argument("--tune", action="store_true", help="tune the kernels (records kept in the tuning cache)")
     args = parser.parse_args()
-    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     rows = run(args)
     print(f"times in us, medians; {args.threads} threads; torch {torch.__version__}; "
           f"load average {os.getloadavg()[0]:.2f} at the end")

@@ -1,21 +1,80 @@
-"""Shared benchmark plumbing: environment capture, medians with spread, JSON results.
+"""Shared benchmark plumbing: threads, timing with spread, environment capture, JSON results.
 
-Every result file records the machine, library versions, thread count and the exact command that produced it.
+Every result file records the machine, library versions, thread settings and the exact command that produced it.
+Used by every script here; ``python benchmarks/run.py`` is the entry point of the suite.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def set_threads(threads: int) -> None:
+    """Give torch and TVM the same explicit thread count (TVM reads its variable once, when its pool starts)."""
+    import torch
+
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+@dataclasses.dataclass(frozen=True)
+class TimerConfig:
+    """How each variant is timed: ``blocked_autorange(min_run_time)``, topped up with single calls until there are
+    ``min_samples`` samples (a slow call fills the run time alone and would leave no spread to report)."""
+
+    threads: int = 2
+    min_run_time: float = 0.3
+    min_samples: int = 3
+
+
+def measure(fn: Callable[[], Any], config: TimerConfig) -> dict[str, float]:
+    """Median and spread of ``fn()`` in microseconds (see ``summarize``). blocked_autorange's block-size estimate
+    calls ``fn`` before any sample is kept: that is the warm-up."""
+    from torch.utils import benchmark
+
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=config.threads)
+    samples = list(timer.blocked_autorange(min_run_time=config.min_run_time).times)
+    while len(samples) < config.min_samples:
+        samples.append(timer.timeit(1).median)
+    return {key: value * 1e6 if key != "n" else value for key, value in summarize(samples).items()}
+
+
+def summarize(samples: list[float]) -> dict[str, float]:
+    """Median and interquartile range of repeated measurements (in the samples' unit)."""
+    ordered = sorted(samples)
+    q = statistics.quantiles(ordered, n=4) if len(ordered) >= 2 else [ordered[0]] * 3
+    return {"median": statistics.median(ordered), "p25": q[0], "p75": q[2], "n": len(ordered)}
+
+
+def read_bandwidth(n_bytes: int, threads: int) -> float:
+    """Bytes/s of a torch sum over a float32 buffer of n_bytes (cache-resident when it fits): the denominator of
+    the bandwidth bound (bytes a kernel must move / this).
+
+    The buffer is read ``repeat`` times in one call (a stride-0 expand, so it stays cache-resident) until ~64 MiB
+    pass: a single call's fixed cost (dispatch, waking passive OpenMP threads, ~0.1 ms) would otherwise dominate
+    small buffers and report a few GB/s for a 0.5 MB buffer that reads at ~130 GB/s. The fastest block counts,
+    not the median: a bound is the best case (and other threads, TVM's pool still spinning after a kernel, slow
+    some blocks down).
+    """
+    import torch
+    from torch.utils import benchmark
+
+    buf = torch.randn(max(n_bytes // 4, 4096))
+    repeat = max(1, (64 << 20) // (buf.numel() * 4))
+    timer = benchmark.Timer(stmt="view.sum()", globals={"view": buf.expand(repeat, -1)}, num_threads=threads)
+    return repeat * buf.numel() * 4 / min(timer.blocked_autorange(min_run_time=0.2).times)
 
 
 def cpu_name() -> str:
@@ -29,6 +88,34 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _tvm_info() -> dict[str, Any]:
+    try:
+        from importlib.metadata import version
+
+        info = {"tvm": version("apache-tvm")}
+    except Exception:  # TVM is optional for the training benchmarks
+        return {"tvm": None}
+    try:
+        from srigl_compile.codegen.cpu_target import host_llvm_target
+
+        info["llvm_target"] = host_llvm_target()
+    except Exception as err:  # a CPU LLVM does not know: say so rather than fail the run
+        info["llvm_target"] = f"unknown ({err})"
+    return info
+
+
 def environment() -> dict[str, Any]:
     import torch
 
@@ -36,26 +123,18 @@ def environment() -> dict[str, Any]:
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "tvm_threads": os.environ.get("TVM_NUM_THREADS"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
+        "git_commit": _git_commit(),
+        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:]),
     }
-    try:
-        from importlib.metadata import version
-
-        env["tvm"] = version("apache-tvm")
-    except Exception:  # TVM is optional for the training benchmarks
-        env["tvm"] = None
-    return env
-
-
-def summarize(samples: list[float]) -> dict[str, float]:
-    """Median and interquartile range of repeated measurements (seconds)."""
-    ordered = sorted(samples)
-    q = statistics.quantiles(ordered, n=4) if len(ordered) >= 2 else [ordered[0]] * 3
-    return {"median": statistics.median(ordered), "p25": q[0], "p75": q[2], "n": len(ordered)}
+    return {**env, **_tvm_info()}
 
 
 def save_results(name: str, rows: list[dict[str, Any]], extra: dict[str, Any] | None = None,
