@@ -1,5 +1,6 @@
 """The layers the layer benchmark times, and the inputs they take (full run and quick mode).
 
+    python benchmarks/run.py --only layers         # runs it (layers.py drives this module)
     from layer_specs import LAYERS, QUICK_LAYERS
 
 Shapes: the SRigL paper's ViT-B/16 MLP layers, a 4096x4096 layer, and ResNet-50 layer4 convolutions on the 7x7

@@ -1,5 +1,6 @@
 """Constant-fan-in masks for the layer benchmark: uniform random (sparsify) or trained (a short SRigL run).
 
+    python benchmarks/run.py --only layers         # runs it (layers.py drives this module)
     from masks import masked_layer
     model, info = masked_layer(spec, 0.9, "trained")     # nn.Sequential holding one masked layer, eval mode
 

@@ -57,7 +57,7 @@ def environment_line(env: dict) -> str:
     return (f"{env['cpu']} ({env['cores']} cores, llvm mcpu `{mcpu}`), torch {env['torch']} with "
             f"{env['torch_threads']} threads, TVM {env.get('tvm')} with TVM_NUM_THREADS={env.get('tvm_threads')}, "
             f"OMP_WAIT_POLICY={env.get('omp_wait_policy')}, GPU: {env.get('gpu') or 'none'}; commit "
-            f"{env.get('git_commit')}, {env['date']}, load average {env.get('load_average')} at the start.")
+            f"{env.get('git_commit')}; 1-minute load average {env.get('load_average')} when the part finished.")
 
 
 def layer_tables(rows: list[dict], gpu: bool, h: str) -> list[str]:
@@ -224,12 +224,18 @@ def _save(plt, fig, path: Path) -> str:
     return path.name
 
 
+def provenance(part: dict) -> str:
+    env = part["environment"]
+    return f"Command: `{env['command']}` (finished {env['date']}, took {part.get('seconds', 0) / 60:.1f} min)."
+
+
 def render(results: dict[str, dict], out: Path, image_prefix: str = "", level: int = 2) -> str:
-    """The report's markdown, its sections at heading ``level``; writes the plots into ``out``."""
+    """The report's markdown, its sections at heading ``level``; writes the plots into ``out``. Each section
+    names the command that produced it (parts may come from different runs into the same folder)."""
     h = "#" * level
     env = next(iter(results.values()))["environment"]
     quick = any(part.get("args", {}).get("quick") for part in results.values())
-    lines = [f"{h} Environment", "", environment_line(env), "", f"Command: `{env['command']}`", ""]
+    lines = [f"{h} Environment", "", environment_line(env), ""]
     if quick:
         lines += ["**Quick mode: correctness smoke test only. The timings below are too short to mean anything.**",
                   ""]
@@ -238,15 +244,17 @@ def render(results: dict[str, dict], out: Path, image_prefix: str = "", level: i
         layers = group_by_layer(rows)
         gpu = any(r["device"] == "cuda" and "time_us" in r for r in rows)
         plots = [plot_sparsity(layers, out)] + [plot_batch(layer, cases, out) for layer, cases in layers.items()]
-        lines += [f"{h} Layers", "", "Median us per call (IQR in layers.json); `-` = skipped (reasons below). "
-                  "\"vs best other\" = the fastest other CPU variant over lowered; \"spread\" = the largest "
-                  "IQR/median in the row.", ""]
+        lines += [f"{h} Layers", "", provenance(results["layers"]), "",
+                  "Median us per call (IQR in layers.json); `-` = skipped (reasons below). \"vs best other\" = the "
+                  "fastest other CPU variant over lowered; \"spread\" = the largest IQR/median in the row.", ""]
         lines += layer_tables(rows, gpu, h) + checks_summary(rows)
         lines += [f"![{name}]({image_prefix}{name})" for name in plots] + [""]
     if "models" in results:
-        lines += [f"{h} Models (90% sparse)", ""] + model_table(results["models"]["rows"])
+        lines += [f"{h} Models (90% sparse)", "", provenance(results["models"]), ""]
+        lines += model_table(results["models"]["rows"])
     if "training" in results:
-        lines += [f"{h} Training", ""] + training_table(results["training"]["rows"])
+        lines += [f"{h} Training", "", provenance(results["training"]), ""]
+        lines += training_table(results["training"]["rows"])
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,6 @@
 """The benchmark suite's one entry point: layers, models and training; JSON, a markdown report and plots.
 
-    python benchmarks/run.py                      # the full run (~30 min on 2 cores) -> benchmarks/results/
+    python benchmarks/run.py                      # the full run (~25 min on 2 cores) -> benchmarks/results/
     python benchmarks/run.py --quick              # CI smoke test: tiny shapes, correctness checks, < 1 min
     python benchmarks/run.py --only layers --layers vit_fc2 --sparsities 0.9 --batches 1 256
     python benchmarks/run.py --publish            # ... and update benchmarks/RESULTS.md and benchmarks/img/

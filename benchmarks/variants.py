@@ -1,5 +1,6 @@
 """The variants of the layer benchmark, declared once: how each runs one layer, and when it does not apply.
 
+    python benchmarks/run.py --only layers         # runs it (layers.py drives this module)
     from variants import VARIANTS, LayerCase
     case = LayerCase(spec, sparsity, masked_model, mask_info, dense_module, compiled_dense)
     for variant in VARIANTS: fn = variant.build(case, batch)   # fn(x) -> y, or a Skip with the reason
