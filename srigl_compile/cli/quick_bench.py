@@ -1,4 +1,4 @@
-"""The quick layer benchmark behind ``srigl-compile bench`` (benchmarks/bench_layer_llvm.py is the full one)."""
+"""The quick layer benchmark behind ``srigl-compile bench`` (``benchmarks/run.py`` is the full suite)."""
 
 from __future__ import annotations
 

@@ -7,9 +7,10 @@ the graph only holds a string:
     tvm_condensed_linear(x [..., n_in], values [n_out, k], indices [n_out, k], bias [n_out]?, kernel_key,
                          col_threshold) -> [..., n_out]
 
-Batches (rows of the flattened x) below ``col_threshold`` run the row kernel on x as is; larger ones are
-packed into tiles [B / lanes, n_in, lanes] (zero-padded, by a TVM kernel: torch's permuted copy is slow here) for
-the col kernel, which writes y as [B, n_out] directly.
+Batches (rows of the flattened x) of 1-2 rows run the row kernel on x as is; up to ``col_threshold`` rows are
+packed into 8-row tiles [B / 8, n_in, 8] for the mid kernel (the col kernel at one vector of lanes: x[idx] is a
+vector load shared by 8 rows, not a gather), larger ones into [B / lanes, n_in, lanes] tiles for the col kernel.
+Packing is a TVM kernel (zero-padding; torch's permuted copy is slow here); the col kernels write y as [B, n_out].
 The operator has a fake implementation, so ``torch.fx.symbolic_trace``, ``torch.export`` and
 ``torch.compile(fullgraph=True)`` keep it as one node; it passes ``torch.library.opcheck``. Inputs must be float32
 CPU tensors for llvm handles (CUDA tensors for ``cuda_build`` handles, which run through the same op); the kernel
@@ -40,7 +41,12 @@ __all__ = ["KernelHandle", "build_condensed_linear", "condensed_linear", "regist
 log = logging.getLogger(__name__)
 
 K_MULTIPLE = 8  # kernels are compiled for k rounded up to this (zero weights on the row's last index)
-DEFAULT_COL_THRESHOLD = 12  # measured on Zen 3 (2 threads): the col kernel wins from 10-12 rows on
+# Kernel per batch size, measured on Zen 3 (2 threads), 3072 -> 768 at 90%: row (gathers) 53 us at 1 row, 90 at 2,
+# then +50 us a row; mid (8-lane tiles) ~110 us per 8 rows from 1 to 8 rows; col (64-lane tiles) ~510 us from 1
+# to 64 rows. So: row for 1-2 rows, mid below 49, col from 49 on.
+DEFAULT_COL_THRESHOLD = 49
+MID_FROM = 3  # batches from here up to col_threshold run the 8-lane mid kernel
+MID_LANES = 8  # (= tuning.MID_LANES; kept here so the op needs no TVM import)
 _TORCH_INDEX = {"int16": torch.int16, "int32": torch.int32}
 
 
@@ -86,13 +92,15 @@ class KernelHandle(KernelShapeFields):
     row_fn: Any = dataclasses.field(init=False, repr=False)
     col_fn: Any = dataclasses.field(init=False, repr=False)
     pack_fn: Any = dataclasses.field(init=False, repr=False)
+    mid_fn: Any = dataclasses.field(init=False, repr=False)
+    packmid_fn: Any = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         from .tuning import KernelShape
 
         shape = KernelShape(self.n_out, self.n_in, self.k_pad, self.index_dtype, self.has_bias)
-        functions = (self.module[shape.symbol(layout)] for layout in ("row", "col", "pack"))
-        self.row_fn, self.col_fn, self.pack_fn = functions
+        functions = (self.module[shape.symbol(layout)] for layout in ("row", "col", "pack", "mid", "packmid"))
+        self.row_fn, self.col_fn, self.pack_fn, self.mid_fn, self.packmid_fn = functions
 
     @property
     def lanes(self) -> int:
@@ -121,16 +129,17 @@ class KernelHandle(KernelShapeFields):
     def launch(self, rows: torch.Tensor, operands: list[torch.Tensor], col_threshold: int) -> torch.Tensor:
         """y [m, n_out] for rows [m, n_in] (contiguous, m >= 1)."""
         m, n_out = rows.shape[0], self.n_out
-        if m < col_threshold:
+        if m < MID_FROM:
             out = rows.new_empty(m, n_out)
             self.row_fn(rows, *operands, out)
             return out
-        lanes = self.lanes
+        pack, col, lanes = (self.packmid_fn, self.mid_fn, MID_LANES) if m < col_threshold else \
+            (self.pack_fn, self.col_fn, self.lanes)
         tiles = -(-m // lanes)
         xt = rows.new_empty(tiles, self.n_in, lanes)
-        self.pack_fn(rows, xt)  # [m, n_in] -> [tiles, n_in, lanes], zero-padded
+        pack(rows, xt)  # [m, n_in] -> [tiles, n_in, lanes], zero-padded
         y = rows.new_empty(tiles * lanes, n_out)
-        self.col_fn(xt, *operands, y.view(tiles, lanes, n_out))  # writes y as [B, n_out] directly
+        col(xt, *operands, y.view(tiles, lanes, n_out))  # writes y as [B, n_out] directly
         return y[:m] if tiles * lanes != m else y  # the padding rows are at the end: still contiguous
 
 

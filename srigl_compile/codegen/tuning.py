@@ -31,12 +31,13 @@ from .kernels import col_kernel, kernel_symbol, pack_kernel, row_kernel
 from .rules import RULES, ColParams, RowParams
 
 __all__ = ["KernelShape", "TuningRecords", "default_cache_dir", "select_params", "tune_layout", "compile_kernels",
-           "record_key", "TIMING_BATCH"]
+           "record_key", "TIMING_BATCH", "MID_LANES", "mid_params"]
 
 log = logging.getLogger(__name__)
 
 OP_NAME = "condensed_linear"
 TIMING_BATCH = {"row": 1, "col": 256}  # the batch each layout is timed at while tuning
+MID_LANES = 8  # batch rows per tile of the mid-batch kernel: one AVX2 vector
 _PARAMS = {"row": RowParams, "col": ColParams}
 
 
@@ -122,14 +123,26 @@ def _scheduled(shape: KernelShape, layout: str, params, target):
     return sch.mod["main"]
 
 
+def mid_params(col: ColParams) -> ColParams:
+    """The mid-batch variant of a col schedule: one 8-lane vector of batch rows, 4 rows interleaved for
+    independent accumulators (a few batch rows share each weight and index load, and x[idx] is one vector load
+    instead of a gather)."""
+    return dataclasses.replace(col, lanes=MID_LANES, rin=4 if col.rows % 4 == 0 else 1)
+
+
 def compile_kernels(shape: KernelShape, row: RowParams, col: ColParams, target: Mapping[str, Any]):
-    """One executable holding ``shape.symbol(layout)`` for layout in row, col, pack; cached per process."""
+    """One executable holding ``shape.symbol(layout)`` for layout in row, col, pack, mid, packmid (the col
+    kernel and its pack at ``MID_LANES`` lanes); cached per process."""
     key = (shape, row, col, target_key(target))
     if key not in _COMPILED:
-        pack = RULES["pack"].apply(shape.pack_func(col.lanes), target)
+        mid = mid_params(col)
         funcs = {shape.symbol("row"): _scheduled(shape, "row", row, target),
                  shape.symbol("col"): _scheduled(shape, "col", col, target),
-                 shape.symbol("pack"): pack.mod["main"]}
+                 shape.symbol("pack"): RULES["pack"].apply(shape.pack_func(col.lanes), target).mod["main"],
+                 shape.symbol("mid"): _scheduled(shape, "col", mid, target).with_attr("global_symbol",
+                                                                                      shape.symbol("mid")),
+                 shape.symbol("packmid"): RULES["pack"].apply(
+                     pack_kernel(shape.n_in, MID_LANES, shape.symbol("packmid")), target).mod["main"]}
         _COMPILED[key] = _build(funcs, target)
         log.info("compiled %s (row %s, col %s)", shape, row, col)
     return _COMPILED[key]

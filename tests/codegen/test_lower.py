@@ -39,11 +39,25 @@ def lowered_mlp():
     return masked, lower(masked, progress=False)
 
 
-@pytest.mark.parametrize("batch", [1, 2, 15, 16, 37, 256])
+@pytest.mark.parametrize("batch", [1, 2, 3, 8, 9, 15, 16, 37, 48, 49, 256])
 def test_mlp_with_ablated_neurons(lowered_mlp, batch):
     masked, lowered = lowered_mlp
     assert isinstance(lowered[0], LoweredLinear) and lowered[0].compact
     assert_same(lowered, masked, torch.randn(batch, 32))
+
+
+@pytest.mark.parametrize("batch, kernel", [(1, "row"), (2, "row"), (3, "mid"), (48, "mid"), (49, "col"), (300, "col")])
+def test_each_batch_size_runs_its_kernel(lowered_mlp, batch, kernel, monkeypatch):
+    from srigl_compile.codegen.kernel_op import get_handle
+
+    masked, lowered = lowered_mlp
+    handle = get_handle(lowered[0].kernel_key)
+    calls = []
+    for name in ("row", "mid", "col"):
+        original = getattr(handle, f"{name}_fn")
+        monkeypatch.setattr(handle, f"{name}_fn", lambda *args, _f=original, _n=name: calls.append(_n) or _f(*args))
+    assert_same(lowered, masked, torch.randn(batch, 32))
+    assert calls == [kernel]
 
 
 def test_leading_dims_and_empty_batch(lowered_mlp):
