@@ -13,7 +13,7 @@ import torch
 from ..codegen import kernel_op  # registers torch.ops.srigl_compile.tvm_condensed_linear (no TVM import)
 from .condensed import CondensedConv, CondensedLinear, index_dtype_for
 
-__all__ = ["LoweredLinear", "LoweredConv", "kernel_operands", "make_lowered_"]
+__all__ = ["LoweredLinear", "LoweredConv", "kernel_operands", "make_lowered_", "fill_ablated_rows_"]
 
 
 class LoweredLinear(CondensedLinear):
@@ -50,6 +50,32 @@ def kernel_operands(layer) -> tuple[int, torch.Tensor, torch.Tensor]:
         width = layer.in_channels * layer.fan_in // (layer.in_channels // layer.groups)
         return width, layer.values, layer.global_columns().to(index_dtype_for(width))
     return layer.fan_in, layer.values, layer.indices
+
+
+@torch.no_grad()
+def fill_ablated_rows_(layer, max_fraction: float = 0.25) -> bool:
+    """Give the ablated neurons of a full-width condensed layer zero-weight rows (their bias stays what they
+    output), so the kernel writes the whole width and no scatter follows: scattering [B, n_active] into
+    [B, n_out] along the last dim cost more than the kernel (3 ms against 0.4 at batch 256, 3072 outputs).
+    Only when at most ``max_fraction`` of the neurons are ablated (beyond that the zero rows cost more).
+
+    Returns whether the layer changed; its outputs do not.
+    """
+    missing = layer.n_out - layer.n_active
+    if layer.compact or layer.n_active == 0 or missing == 0 or missing > max_fraction * layer.n_out:
+        return False
+    values = layer.values.new_zeros(layer.n_out, layer.k)
+    indices = layer.indices.new_zeros(layer.n_out, layer.k)
+    values[layer.active], indices[layer.active] = layer.values, layer.indices
+    if layer.bias is not None:
+        bias = layer.full_bias.clone()
+        bias[layer.active] = layer.bias
+        layer.bias = bias
+    layer.values, layer.indices = values, indices
+    layer.active = torch.arange(layer.n_out, device=layer.active.device)
+    if isinstance(layer, CondensedConv):
+        layer.column_offsets = layer.active // (layer.out_channels // layer.groups) * layer.fan_in
+    return True
 
 
 @torch.no_grad()

@@ -3,8 +3,10 @@
 Contract.
     requires: the model has sparse (masked) or condensed layers; the target is supported.
     ensures:  every CondensedLinear / CondensedConv is a LoweredLinear / LoweredConv whose kernel is compiled and
-              registered in this process (CPU kernels for llvm, fatbins for cuda); outputs equal the condensed
-              (= masked) model's up to float rounding (up to the dtype's rounding for float16 / bfloat16).
+              registered in this process (CPU kernels for llvm, fatbins for cuda); full-width layers with at most
+              a quarter of their neurons ablated compute those neurons as zero-weight rows instead of scattering;
+              outputs equal the condensed (= masked) model's up to float rounding (up to the dtype's rounding for
+              float16 / bfloat16).
 """
 
 from __future__ import annotations
@@ -68,6 +70,10 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
     layers = [(name, m) for name, m in model.named_modules() if type(m) in (CondensedLinear, CondensedConv)]
     if not layers:
         raise LayerError("the model has no sparse or condensed layers to lower: sparsify (and train) it first")
+    from ..nn.lowered import fill_ablated_rows_
+
+    for _, layer in layers:
+        fill_ablated_rows_(layer)  # full-width layers with few ablated neurons: no scatter after the kernel
     if dtype != torch.float32:
         model = model.to(dtype)  # floating tensors only: the index buffers keep their integer types
     if target_dict["kind"] == "cuda":

@@ -60,6 +60,19 @@ def test_each_batch_size_runs_its_kernel(lowered_mlp, batch, kernel, monkeypatch
     assert calls == [kernel]
 
 
+@pytest.mark.parametrize("ablated, filled", [([3, 9], True), (list(range(0, 16, 2)), False)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_full_width_layer_with_few_ablated_neurons_runs_them_as_zero_rows(ablated, filled, bias):
+    torch.manual_seed(0)
+    masked = ablate(sparsify(nn.Sequential(nn.Linear(32, 16, bias=bias)), SRigLConfig(sparsity=0.8)),
+                    {"0": ablated}, {("0", ablated[0]): 0.7} if bias else None)
+    assert condense(masked)[0].n_active == 16 - len(ablated) and not condense(masked)[0].compact, "model output"
+    lowered = lower(masked, progress=False)
+    assert lowered[0].n_active == (16 if filled else 16 - len(ablated)), "zero rows only for a few ablated"
+    for batch in (1, 5, 300):
+        assert_same(lowered, masked, torch.randn(batch, 32))
+
+
 def test_leading_dims_and_empty_batch(lowered_mlp):
     masked, lowered = lowered_mlp
     assert_same(lowered, masked, torch.randn(2, 3, 5, 32))
