@@ -21,6 +21,7 @@ kernels to DIR instead of timing.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -122,25 +123,25 @@ def run(args) -> list[dict]:
     for sparsity in args.sparsities:
         masked = masked_layer(args.n_in, args.n_out, sparsity, args.ablate)
         lowered = {name: lower(masked, target="cuda", dtype=dtype) for name, dtype in DTYPES.items()}
-        reference = masked[0].double().cuda()
+        table = variants(masked, lowered)  # weights moved and converted once per sparsity, not per batch
+        reference = copy.deepcopy(masked[0]).double().cuda()  # (Module.double() converts in place)
+        n_active = int(masked[0].mask.any(dim=1).sum())
         for batch in args.batches:
             x = torch.randn(batch, args.n_in, device="cuda")
             with torch.no_grad():
                 expected = reference(x.double())
                 scale = float(expected.abs().max())
-                for name, (dtype, fn) in variants(masked, lowered).items():
+                for name, (dtype, fn) in table.items():
                     xin = x.to(dtype)
                     error = float((fn(xin).double() - expected).abs().max()) / scale
                     tolerance = TOLERANCE[dtype] * (3 if name == "dense_tf32" else 1)
                     if error > tolerance:
                         raise AssertionError(f"{name} at sparsity {sparsity}, batch {batch}: relative error {error:.2e}")
                     rows.append({"sparsity": sparsity, "batch": batch, "variant": name, "rel_error": error,
-                                 "n_active": int(masked[0].mask.any(dim=1).sum()),
-                                 **time_us(lambda: fn(xin), args.iters, args.repeats)})
+                                 "n_active": n_active, **time_us(lambda: fn(xin), args.iters, args.repeats)})
             print(f"sparsity {sparsity} batch {batch}: " + ", ".join(
                 f"{r['variant']} {r['median_us']:.1f}" for r in rows if r["batch"] == batch
                 and r["sparsity"] == sparsity))
-        masked.float()
     return rows
 
 

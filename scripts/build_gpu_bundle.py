@@ -69,18 +69,19 @@ def build_kernels(out: Path) -> int:
     import bench_layer_cuda
 
     from srigl_compile import lower
-    from srigl_compile.codegen import kernel_op
     from srigl_compile.codegen.kernel_io import export_kernels
+    from srigl_compile.codegen.kernel_op import get_handle
+    from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
     from tests.gpu.cases import DTYPES, TARGET, cases
 
+    handles = bench_layer_cuda.build_handles()  # the benchmark's default layers and sparsities
     for masked, _ in cases().values():
         for dtype in DTYPES:
-            lower(masked, target=TARGET, dtype=dtype)
-    bench_layer_cuda.build_handles()  # the benchmark's default layers and sparsities
-    handles = [h for h in kernel_op._HANDLES.values() if h.device_type == "cuda"]
+            handles += [get_handle(m.kernel_key) for m in lower(masked, target=TARGET, dtype=dtype).modules()
+                        if isinstance(m, (LoweredLinear, LoweredConv)) and m.n_active]
     shutil.rmtree(out / "kernels", ignore_errors=True)
     export_kernels(handles, out / "kernels")
-    return len(handles)
+    return len({h.key for h in handles})
 
 
 def main() -> None:

@@ -146,7 +146,7 @@ def _install_compile_callback() -> None:
         if fatbin is None:  # not one of ours: a compiler is needed after all
             raise LoweringError("no prebuilt fatbin for this CUDA source; build the kernels with "
                                 "srigl_compile.lower(..., target='cuda') on a machine with nvcc")
-        return tvm_ffi.Bytes(fatbin) if hasattr(tvm_ffi, "Bytes") else fatbin
+        return fatbin
 
     # Registered again on every call: importing tvm.contrib.nvcc in between would have replaced it.
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", tvm_callback_cuda_compile, override=True)
@@ -192,11 +192,6 @@ def _load_functions(handle: CudaKernelHandle):
         capability = "sm_%d%d" % torch.cuda.get_device_capability()
         raise CudaUnavailableError(f"cannot load CUDA kernel {handle.key} (fatbin for {handle.fatbin_archs}, this "
                                    f"GPU is {capability}): {err}") from err
-
-
-def fatbin_archs_for(target: Mapping[str, Any]) -> tuple[str, ...]:
-    """The archs to build machine code for: the target's ``fatbin_archs`` if given, else its arch."""
-    return tuple(sorted(set(target.get("fatbin_archs") or [target["arch"]])))
 
 
 def build_cuda_condensed_linear(n_out: int, n_in: int, k: int, index_dtype: str = "int32", has_bias: bool = True,
@@ -249,7 +244,7 @@ def build_cuda_condensed_linear(n_out: int, n_in: int, k: int, index_dtype: str 
     if len(cuda_modules) != 1:
         raise LoweringError(f"TVM built {len(cuda_modules)} CUDA modules for kernel {key}, expected 1")
     source = cuda_modules[0].inspect_source()
-    archs = fatbin_archs_for(target)
+    archs = tuple(target["fatbin_archs"])  # resolve_target lists them, the arch included
     fatbin = compile_fatbin(source, archs, cache_dir=Path(cache_dir or default_cache_dir()) / "fatbins")
     handle = CudaKernelHandle(key, n_out, n_in, k, k_pad, index_dtype, has_bias, dtype, target, archs, row_params,
                               col_params, source, fatbin, module=executable.mod)

@@ -46,7 +46,7 @@ K_MULTIPLE = 8  # kernels are compiled for k rounded up to this (zero weights on
 # to 64 rows. So: row for 1-2 rows, mid below 49, col from 49 on.
 DEFAULT_COL_THRESHOLD = 49
 MID_FROM = 3  # batches from here up to col_threshold run the 8-lane mid kernel
-MID_LANES = 8  # (= tuning.MID_LANES; kept here so the op needs no TVM import)
+MID_LANES = 8  # batch rows per tile of the mid-batch kernel: one AVX2 vector
 _TORCH_INDEX = {"int16": torch.int16, "int32": torch.int32}
 
 

@@ -27,17 +27,17 @@ import numpy as np
 
 from ._tvm_compat import import_tvm
 from .cpu_target import target_key
+from .kernel_op import MID_LANES
 from .kernels import col_kernel, kernel_symbol, pack_kernel, row_kernel
 from .rules import RULES, ColParams, RowParams
 
 __all__ = ["KernelShape", "TuningRecords", "default_cache_dir", "select_params", "tune_layout", "compile_kernels",
-           "record_key", "TIMING_BATCH", "MID_LANES", "mid_params"]
+           "record_key", "TIMING_BATCH", "mid_params"]
 
 log = logging.getLogger(__name__)
 
 OP_NAME = "condensed_linear"
 TIMING_BATCH = {"row": 1, "col": 256}  # the batch each layout is timed at while tuning
-MID_LANES = 8  # batch rows per tile of the mid-batch kernel: one AVX2 vector
 _PARAMS = {"row": RowParams, "col": ColParams}
 
 

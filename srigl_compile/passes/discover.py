@@ -20,7 +20,6 @@ import warnings
 from collections.abc import Callable
 
 import networkx as nx
-import torch
 import torch.fx as fx
 import torch.nn as nn
 

@@ -40,7 +40,7 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
         dtype: the lowered model's float dtype: float32, or for "cuda" also float16 / bfloat16 (the kernels sum
             in float32; the whole model is converted).
         example_inputs: as for ``sparsify``, when the graph must be captured with torch.export.
-        tune: search schedule variants per layer shape (records kept under ``cache_dir``, default
+        tune: (llvm only) search schedule variants per layer shape (records kept under ``cache_dir``, default
             ``~/.cache/srigl_compile/tuning``, so a shape is tuned once); False uses tuned records if present,
             else default schedules.
         col_threshold: batches (rows of the flattened input) from this size on use the large-batch kernel
@@ -63,6 +63,9 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
     if dtype_name not in SUPPORTED_DTYPES[target_dict["kind"]]:
         raise LoweringError(f"target {target_dict['kind']!r} lowers to dtypes {SUPPORTED_DTYPES[target_dict['kind']]}, "
                             f"not {dtype_name}")
+    if tune and target_dict["kind"] == "cuda":
+        raise LoweringError("tune=True is not available for target 'cuda': CUDA variants must be timed on a GPU, "
+                            "so lower with tune=False (the default schedules)")
     if any(is_masked(m) for m in model.modules()):
         model = condense(model, example_inputs=example_inputs)
     else:
@@ -77,10 +80,10 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
     if dtype != torch.float32:
         model = model.to(dtype)  # floating tensors only: the index buffers keep their integer types
     if target_dict["kind"] == "cuda":
-        _compile_cuda_layers(layers, target_dict, dtype_name, cache_dir, col_threshold)
+        _compile_layers(layers, *_cuda_builder(target_dict, dtype_name, cache_dir, col_threshold))
         model = model.cuda() if torch.cuda.is_available() else model
     else:
-        _compile_llvm_layers(layers, target_dict, tune, cache_dir, col_threshold, progress)
+        _compile_layers(layers, *_llvm_builder(target_dict, tune, cache_dir, col_threshold, progress))
     return model.eval()  # inference only: the kernels have no backward, dropout must be off
 
 
@@ -100,24 +103,28 @@ def _kernel_shapes(layers):
                             layer.bias is not None)
 
 
-def _compile_llvm_layers(layers, target_dict, tune, cache_dir, col_threshold, progress) -> None:
+def _compile_layers(layers, build, threshold: int) -> None:
+    """Compile each layer's kernel with ``build(*shape)`` and turn the layer into its lowered class."""
+    from ..nn.lowered import make_lowered_
+
+    for name, layer, shape in list(_kernel_shapes(layers)):
+        make_lowered_(layer, shape and build(*shape), threshold)
+        log.info("lowered %s -> %s", name, layer.kernel_key)
+
+
+def _llvm_builder(target_dict, tune, cache_dir, col_threshold, progress):
     from ..codegen.kernel_op import DEFAULT_COL_THRESHOLD, build_condensed_linear
-    from ..nn.lowered import make_lowered_
 
-    threshold = DEFAULT_COL_THRESHOLD if col_threshold is None else col_threshold
-    for name, layer, shape in list(_kernel_shapes(layers)):
-        handle = shape and build_condensed_linear(*shape, target_dict, tune=tune, cache_dir=cache_dir,
-                                                  progress=tune and progress)
-        make_lowered_(layer, handle, threshold)
-        log.info("lowered %s -> %s", name, layer.kernel_key)
+    def build(*shape):
+        return build_condensed_linear(*shape, target_dict, tune=tune, cache_dir=cache_dir, progress=tune and progress)
+
+    return build, DEFAULT_COL_THRESHOLD if col_threshold is None else col_threshold
 
 
-def _compile_cuda_layers(layers, target_dict, dtype_name, cache_dir, col_threshold) -> None:
+def _cuda_builder(target_dict, dtype_name, cache_dir, col_threshold):
     from ..codegen.cuda_build import DEFAULT_CUDA_COL_THRESHOLD, build_cuda_condensed_linear
-    from ..nn.lowered import make_lowered_
 
-    threshold = DEFAULT_CUDA_COL_THRESHOLD if col_threshold is None else col_threshold
-    for name, layer, shape in list(_kernel_shapes(layers)):
-        handle = shape and build_cuda_condensed_linear(*shape, dtype_name, target_dict, cache_dir=cache_dir)
-        make_lowered_(layer, handle, threshold)
-        log.info("lowered %s -> %s", name, layer.kernel_key)
+    def build(*shape):
+        return build_cuda_condensed_linear(*shape, dtype_name, target_dict, cache_dir=cache_dir)
+
+    return build, DEFAULT_CUDA_COL_THRESHOLD if col_threshold is None else col_threshold

@@ -1,6 +1,5 @@
 """lower(target='llvm'): compiled kernels equal the masked model, in every torch mode, and survive save/load."""
 
-import json
 
 import pytest
 import torch

@@ -64,7 +64,7 @@ def test_bad_cuda_targets_are_clear_errors(target):
         resolve_target(target)
 
 
-def test_dtypes(built):
+def test_dtypes_and_options_cuda_does_not_have():
     masked = cases()["mlp_ablated"][0]
     half = lower(masked, target=TARGET, dtype=torch.float16)
     layer = half[0]
@@ -75,6 +75,8 @@ def test_dtypes(built):
         lower(masked, target="llvm", dtype=torch.float16)
     with pytest.raises(LoweringError, match="float64"):
         lower(masked, target=TARGET, dtype=torch.float64)
+    with pytest.raises(LoweringError, match="tune=True"):
+        lower(masked, target=TARGET, tune=True)
 
 
 @no_cuda
@@ -132,7 +134,7 @@ def test_prebuilt_kernels_need_no_compiler(built, monkeypatch):
 
 
 def test_paper_layer_fatbin_is_deterministic_and_cached(tmp_path):
-    from srigl_compile.codegen import cuda_build, kernel_op
+    from srigl_compile.codegen import kernel_op
 
     masked = sparsify(nn.Sequential(nn.Linear(3072, 768, bias=False)),
                       SRigLConfig(sparsity=0.95, distribution="uniform"))
@@ -142,4 +144,3 @@ def test_paper_layer_fatbin_is_deterministic_and_cached(tmp_path):
     assert second is not first and second.fatbin == first.fatbin and second.source == first.source
     digest = hashlib.sha256(first.fatbin).hexdigest()
     assert any(hashlib.sha256(p.read_bytes()).hexdigest() == digest for p in (tmp_path / "fatbins").iterdir())
-    assert cuda_build.DEFAULT_CUDA_COL_THRESHOLD >= 1
