@@ -8,10 +8,13 @@ Map of the CPU kernel core:
                      import_tvm_runtime(): only what loading kernels needs (runtime-only TVM)
     target.py        resolve_target(): "llvm" / "cuda" / dict; unknown targets are UnsupportedTargetError
     cpu_target.py    host_llvm_target(): {"kind": "llvm", "mcpu": <detected>, "num-cores": n}
-    kernels.py       TE definitions: row layout (small batch), col layout (large batch), pack (x -> col tiles)
-    rules.py         RowRule / ColRule / PackRule: apply(func, target, params) -> Schedule | None
+    kernels.py       TE definitions: row layout (small batch), col layout (large batch), pack (x -> col tiles),
+                     offset layout (direct convolution on the padded input)
+    rules.py         RowRule / ColRule / PackRule / OffsetRule: apply(func, target, params) -> Schedule | None
     tuning.py        KernelShape, select_params (records on disk), compile_kernels (cached per process)
     kernel_op.py     build_condensed_linear() -> KernelHandle; torch.ops.srigl_compile.tvm_condensed_linear
+    conv_geometry.py direct_plan / column_offsets: where a stride-1 convolution reads (pure maths)
+    conv_op.py       build_condensed_conv() -> ConvKernelHandle; torch.ops.srigl_compile.tvm_condensed_conv2d
     kernel_io.py     export_kernels(handles, folder) / load_kernels(folder)
 CUDA:
     cuda_kernels.py  TE definitions and schedules (warp per row; batch-coalesced columns), nvcc fatbins

@@ -1,7 +1,7 @@
 """Save and load compiled kernels, so a lowered model loads without recompiling.
 
 ``export_kernels(handles, folder)`` writes one shared library per handle (TVM ``export_library``; row and col
-kernels together) and ``manifest.json`` (format, TVM version, each handle's shape, target, variants, file and
+kernels together, or a convolution's direct kernel) and ``manifest.json`` (format, TVM version, each handle's shape, target, variants, file and
 SHA-256). CUDA handles also write their CUDA source (``.cu``) and its nvcc fatbin (``.fatbin``): the library holds
 the source, and the fatbin is what the GPU machine loads instead of compiling it. ``load_kernels(folder)`` checks
 all of it, loads the CPU libraries with ``tvm.runtime.load_module`` (CUDA ones on first use, on a GPU) and
@@ -28,6 +28,7 @@ from pathlib import Path
 from ..errors import CheckpointError, LoweringError
 from ._tvm_compat import import_tvm_runtime
 from .cpu_target import host_cpu_name
+from .conv_op import ConvKernelHandle
 from .kernel_op import KernelHandle, register_handle
 from .rules import ColParams, RowParams
 
@@ -66,8 +67,12 @@ def export_kernels(handles: Iterable, path: str | os.PathLike) -> Path:
         else:
             handle.module.export_library(str(file))
         entry = {name: getattr(handle, name) for name in _FIELDS}
-        entry.update(device=handle.device_type, row_params=dataclasses.asdict(handle.row_params),
-                     col_params=dataclasses.asdict(handle.col_params), file=file.name, sha256=_sha256(file))
+        entry.update(device=handle.device_type, file=file.name, sha256=_sha256(file))
+        if getattr(handle, "kind", None) == "conv":
+            entry.update(kind="conv", params=dataclasses.asdict(handle.params))
+        else:
+            entry.update(row_params=dataclasses.asdict(handle.row_params),
+                         col_params=dataclasses.asdict(handle.col_params))
         if handle.device_type == "cuda":
             (folder / f"{stem}.cu").write_text(handle.source)
             (folder / f"{stem}.fatbin").write_bytes(handle.fatbin)
@@ -109,7 +114,9 @@ def _load_one(folder: Path, entry: dict):
         file = _checked_file(folder, entry["file"], entry["sha256"])
         if device == "cuda":
             return _load_cuda(folder, entry, fields, file)
-        row, col = RowParams(**entry["row_params"]), ColParams(**entry["col_params"])
+        conv = entry.get("kind") == "conv"
+        variants = {"params": ColParams(**entry["params"])} if conv else \
+            {"row_params": RowParams(**entry["row_params"]), "col_params": ColParams(**entry["col_params"])}
     except (KeyError, TypeError) as err:
         raise KernelFileError(f"malformed manifest entry in {folder}: {err}") from err
     here = _host_cpu_or_none()
@@ -117,7 +124,8 @@ def _load_one(folder: Path, entry: dict):
         log.warning("kernels in %s were compiled for %s, this CPU is %s", folder, fields["target"].get("mcpu"), here)
     try:
         module = import_tvm_runtime().runtime.load_module(str(file))
-        handle = KernelHandle(**fields, row_params=row, col_params=col, module=module, library_path=str(file))
+        handle = (ConvKernelHandle if conv else KernelHandle)(**fields, **variants, module=module,
+                                                              library_path=str(file))
     except Exception as err:  # TVM raises its own error types for bad libraries and missing symbols
         raise KernelFileError(f"cannot load kernel {fields['key']} from {file}: {err}") from err
     return handle

@@ -35,7 +35,7 @@ from ..errors import DeviceError, LoweringError
 from .rules import ColParams, RowParams
 
 __all__ = ["KernelHandle", "build_condensed_linear", "condensed_linear", "register_handle", "get_handle",
-           "get_registered", "pack_operands", "check_batch_input",
+           "get_registered", "pack_operands", "check_batch_input", "check_cpu_float32", "check_bias",
            "KernelDeviceError", "KernelDtypeError", "K_MULTIPLE", "DEFAULT_COL_THRESHOLD"]
 
 log = logging.getLogger(__name__)
@@ -119,11 +119,7 @@ class KernelHandle(KernelShapeFields):
         return condensed_linear(x, values, indices, bias, self.key, col_threshold)
 
     def check_input(self, x: torch.Tensor) -> None:
-        if not x.is_cpu:  # (x.device.type costs 0.4 us; this path is per call)
-            raise KernelDeviceError(f"kernel {self.key} runs on the CPU but got a tensor on {x.device}; move the "
-                                    "input (and the layer) to the CPU with .cpu()")
-        if x.dtype != torch.float32:
-            raise KernelDtypeError(f"kernel {self.key} takes float32 inputs, got {x.dtype}; call .float() on it")
+        check_cpu_float32(x, self.key)
         check_batch_input(x, self)
 
     def launch(self, rows: torch.Tensor, operands: list[torch.Tensor], col_threshold: int) -> torch.Tensor:
@@ -162,6 +158,22 @@ def pack_operands(handle, values: torch.Tensor, indices: torch.Tensor, value_dty
         values = torch.cat([values, values.new_zeros(handle.n_out, extra)], dim=1)
         indices = torch.cat([indices, indices[:, -1:].expand(handle.n_out, extra)], dim=1)
     return values.contiguous(), indices.contiguous()
+
+
+def check_cpu_float32(x: torch.Tensor, key: str) -> None:
+    """The CPU kernels' input check: a float32 tensor on the CPU, else a typed error naming the fix."""
+    if not x.is_cpu:  # (x.device.type costs 0.4 us; this path is per call)
+        raise KernelDeviceError(f"kernel {key} runs on the CPU but got a tensor on {x.device}; move the "
+                                "input (and the layer) to the CPU with .cpu()")
+    if x.dtype != torch.float32:
+        raise KernelDtypeError(f"kernel {key} takes float32 inputs, got {x.dtype}; call .float() on it")
+
+
+def check_bias(handle, bias) -> None:
+    """The op got a bias exactly when its kernel was built with one."""
+    if (bias is not None) != handle.has_bias:
+        raise ValueError(f"kernel {handle.key} was built with has_bias={handle.has_bias}, got bias="
+                         f"{'a tensor' if bias is not None else 'None'}")
 
 
 def check_batch_input(x: torch.Tensor, handle) -> None:
@@ -234,9 +246,7 @@ def build_condensed_linear(n_out: int, n_in: int, k: int, index_dtype: str = "in
 def _operands(handle, values, indices, bias):
     if values.shape[1] != handle.k_pad or indices.dtype != _TORCH_INDEX[handle.index_dtype]:
         values, indices = handle.pack(values, indices)  # slow path: callers should pack once
-    if (bias is not None) != handle.has_bias:
-        raise ValueError(f"kernel {handle.key} was built with has_bias={handle.has_bias}, got bias="
-                         f"{'a tensor' if bias is not None else 'None'}")
+    check_bias(handle, bias)
     tail = [bias.contiguous()] if bias is not None else []
     return [values.contiguous(), indices.contiguous(), *tail]
 

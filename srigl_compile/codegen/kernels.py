@@ -4,6 +4,11 @@
     col layout (large batch):  y[t, l, o]  = bias[o] + sum_r w[o, r] * xt[t, idx[o, r], l]    xt [NT, n_in, lanes]
                                y [NT, lanes, n_out] is y [B, n_out]; ``pack_kernel`` makes xt from x [B, n_in]
                                (or xt [n_in, NT, lanes], yt [n_out, NT, lanes] with tiles_first=False)
+    offset layout (direct conv):  y[b, o, t, l] = bias[o] + sum_r w[o, r] * x[b, off[o, r] + t * lanes + l]
+                               x [B, L]: one zero-padded image per row, flattened [C, Hx, Wp]; off[o, r] is where
+                               the r-th input (channel, kernel row, kernel column) of output o starts in it, so the
+                               output positions q = t * lanes + l run over the padded grid [OH, Wp] (see
+                               ``conv_op``): each non-zero reads ``lanes`` contiguous floats, no im2col copy
 
 ``w``, ``idx`` and ``bias`` are runtime arguments, so one compiled kernel serves every layer of a shape. The batch
 is symbolic (``B``, or ``NT`` tiles of ``lanes`` columns: the caller pads the batch to a multiple of ``lanes``).
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 from ._tvm_compat import import_tvm
 
-__all__ = ["row_kernel", "col_kernel", "pack_kernel", "kernel_symbol", "ROW_SYMBOL", "COL_SYMBOL", "INDEX_DTYPES"]
+__all__ = ["row_kernel", "col_kernel", "pack_kernel", "offset_kernel", "kernel_symbol", "ROW_SYMBOL", "COL_SYMBOL", "INDEX_DTYPES"]
 
 ROW_SYMBOL = "srigl_condensed_row"
 COL_SYMBOL = "srigl_condensed_col"
@@ -119,3 +124,27 @@ def pack_kernel(n_in: int, lanes: int, symbol: str):
         t * lanes + lane < rows, x[te.min(t * lanes + lane, rows - 1), i], te.const(0.0, "float32")), name="xt")
     func = te.create_prim_func([x, xt])
     return func.with_attr("global_symbol", symbol).with_attr("srigl.layout", "pack")
+
+
+def offset_kernel(n_out: int, k: int, lanes: int, has_bias: bool, symbol: str):
+    """PrimFunc ``f(x[B, L], w[n_out, k], off[n_out, k] int32, (bias[n_out],) y[B, n_out, NT, lanes])``: a stride-1
+    convolution read straight from the padded input; the caller guarantees ``off + NT * lanes <= L``.
+
+    Every size but n_out and k is a runtime argument, so one kernel serves a layer at any image size.
+    """
+    if min(n_out, k, lanes) < 1:
+        raise ValueError(f"n_out, k and lanes must be >= 1, got {n_out}, {k}, {lanes}")
+    te = import_tvm().te
+    batch, length, tiles = te.var("B", "int64"), te.var("L", "int64"), te.var("NT", "int64")
+    x = te.placeholder((batch, length), "float32", name="x")
+    w, off = _operands(te, n_out, k, "int32")
+    r = te.reduce_axis((0, k), name="r")
+    acc = te.compute((batch, tiles, n_out, lanes), lambda b, t, o, lane: te.sum(
+        w[o, r] * x[b, off[o, r].astype("int64") + t * lanes + lane], axis=r), name="acc")
+    # y is always a block of its own: the write-back from the task's [rows, lanes] accumulators to [B, n_out, ...]
+    bias = te.placeholder((n_out,), "float32", name="bias")
+    y = te.compute((batch, n_out, tiles, lanes), lambda b, o, t, lane: acc[b, t, o, lane] + bias[o] if has_bias
+                   else acc[b, t, o, lane], name="y")
+    args = [x, w, off, bias, y] if has_bias else [x, w, off, y]
+    func = te.create_prim_func(args)
+    return func.with_attr("global_symbol", symbol).with_attr("srigl.layout", "offset")

@@ -20,6 +20,10 @@ tiles_first) with the bias.
 
 Pack rule: x [B, in] -> [NT, in, lanes] tiles for the col kernel (a blocked transpose; see PackRule).
 
+Offset rule (direct convolution, x as padded images [B, C * Hx * Wp]): the col rule's loop nest with (image x
+position tile x row chunk) as the parallel tasks; a non-zero's ``lanes`` inputs are contiguous, so each
+broadcast-FMA reads one unaligned vector and no layout change is needed.
+
 Example:
     >>> sch = RowRule().apply(row_kernel(768, 3072, 312, "int16"), {"kind": "llvm"}, RowParams())  # doctest: +SKIP
 """
@@ -32,7 +36,7 @@ from typing import Any
 
 from ._tvm_compat import import_tvm
 
-__all__ = ["RowParams", "ColParams", "RowRule", "ColRule", "PackRule", "RULES", "schedule", "layout_of"]
+__all__ = ["RowParams", "ColParams", "RowRule", "ColRule", "PackRule", "OffsetRule", "RULES", "schedule", "layout_of"]
 
 
 
@@ -125,6 +129,29 @@ class RowRule:
         return sch
 
 
+def _col_space(k: int, row_chunks: tuple[int, ...]) -> list[ColParams]:
+    """Row chunks x k-inner tiles (dividing k) x rows interleaved x lanes."""
+    return [ColParams(r, i, n, lanes) for r in row_chunks for i in (4, 8) for n in (1, 2) for lanes in (32, 64)
+            if k % i == 0]
+
+
+def _broadcast_fma_nest(sch, before: tuple, rows, after: tuple, lanes, red, params: ColParams):
+    """The col and offset rules' loop nest: parallel tasks of (``before``, row chunk, ``after``); inside, k-tiles
+    outermost, then rows, an unrolled k-inner tile and ``rin`` unrolled rows of broadcast-FMAs on the vectorised
+    lanes. Returns (the fused task loop, the k-tile loop)."""
+    row_chunk, row = sch.split(rows, [None, params.rows])
+    row_outer, row_inner = sch.split(row, [None, params.rin])
+    red_outer, red_inner = sch.split(red, [None, params.kin])
+    outer = (*before, row_chunk, *after)
+    sch.reorder(*outer, red_outer, row_outer, red_inner, row_inner, lanes)
+    work = sch.fuse(*outer)
+    sch.parallel(work)
+    sch.vectorize(lanes)
+    sch.unroll(red_inner)
+    sch.unroll(row_inner)
+    return work, red_outer
+
+
 class ColRule:
     """Large-batch rule for the col layout (xt [n_in, NT, lanes]); see the module docstring."""
 
@@ -135,8 +162,7 @@ class ColRule:
         return ColParams(kin=_largest_divisor(k))
 
     def space(self, k: int) -> list[ColParams]:
-        grid = [ColParams(r, i, n, lanes) for r in (32, 64) for i in (4, 8) for n in (1, 2) for lanes in (32, 64)]
-        return [p for p in grid if k % p.kin == 0] or [self.default(k)]
+        return _col_space(k, (32, 64)) or [self.default(k)]
 
     def apply(self, func, target=None, params: ColParams | None = None):
         if layout_of(func) != "col" or not _is_llvm(target):
@@ -150,16 +176,8 @@ class ColRule:
         tiles_first = func.attrs is not None and int(func.attrs.get("srigl.tiles_first", 0)) == 1
         loops = sch.get_loops(acc)
         tile, rows, lanes, red = loops if tiles_first else (loops[1], loops[0], *loops[2:])
-        row_chunk, row = sch.split(rows, [None, params.rows])
-        row_outer, row_inner = sch.split(row, [None, params.rin])
-        red_outer, red_inner = sch.split(red, [None, params.kin])
-        outer = (tile, row_chunk) if tiles_first else (row_chunk, tile)
-        sch.reorder(*outer, red_outer, row_outer, red_inner, row_inner, lanes)
-        work = sch.fuse(*outer)
-        sch.parallel(work)
-        sch.vectorize(lanes)
-        sch.unroll(red_inner)
-        sch.unroll(row_inner)
+        work, red_outer = _broadcast_fma_nest(sch, (tile,) if tiles_first else (), rows, () if tiles_first else (tile,),
+                                              lanes, red, params)
         if has_bias or tiles_first:  # tiles_first always has a "y" block: the transposed write-back
             out = sch.get_sblock("y")
             sch.reverse_compute_at(out, work)
@@ -193,7 +211,38 @@ class PackRule:
         return sch
 
 
-RULES = {"row": RowRule(), "col": ColRule(), "pack": PackRule()}
+class OffsetRule:
+    """Direct-convolution rule for the offset layout; see the module docstring."""
+
+    name = "offset"
+    params_type = ColParams
+
+    def default(self, k: int) -> ColParams:
+        return ColParams(rows=32, kin=_largest_divisor(k), rin=2, lanes=64)
+
+    def space(self, k: int) -> list[ColParams]:
+        return _col_space(k, (16, 32)) or [self.default(k)]
+
+    def apply(self, func, target=None, params: ColParams | None = None):
+        if layout_of(func) != "offset" or not _is_llvm(target):
+            return None
+        params = params or self.default(_fan_in(func))
+        if not isinstance(params, ColParams) or params.rows % params.rin or _fan_in(func) % params.kin:
+            return None
+        if int(func.params[-1].shape[-1]) != params.lanes:
+            return None  # the lanes are part of the kernel's definition (y [B, n_out, NT, lanes])
+        sch = import_tvm().s_tir.Schedule(func)
+        acc = sch.get_sblock("acc")
+        image, tile, rows, lanes, red = sch.get_loops(acc)
+        work, red_outer = _broadcast_fma_nest(sch, (image, tile), rows, (), lanes, red, params)
+        out = sch.get_sblock("y")
+        sch.reverse_compute_at(out, work)
+        sch.vectorize(sch.get_loops(out)[-1])
+        sch.decompose_reduction(acc, red_outer)
+        return sch
+
+
+RULES = {"row": RowRule(), "col": ColRule(), "pack": PackRule(), "offset": OffsetRule()}
 
 
 def schedule(func, rules: list | None = None, params: Any = None, target=None):

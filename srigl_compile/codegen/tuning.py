@@ -4,7 +4,8 @@
 the rule's ``space`` when ``tune=True`` (then stored), else the rule's default. Records are JSON files under
 ``cache_dir`` (default ``$SRIGL_COMPILE_CACHE`` or ``~/.cache/srigl_compile/tuning``), one per key
 (op, layout, n_out, n_in, k, index dtype, bias, target). ``compile_kernels`` compiles a shape's row and col kernels
-into one library and keeps it for the life of the process, so repeated layers compile once.
+into one library and keeps it for the life of the process, so repeated layers compile once;
+``compile_offset_kernel`` does the same for a convolution's direct (offset) kernel.
 
 Example:
     >>> shape = KernelShape(768, 3072, 312, "int16", True)
@@ -28,17 +29,19 @@ import numpy as np
 from ._tvm_compat import import_tvm
 from .cpu_target import target_key
 from .kernel_op import MID_LANES
-from .kernels import col_kernel, kernel_symbol, pack_kernel, row_kernel
+from .kernels import col_kernel, kernel_symbol, offset_kernel, pack_kernel, row_kernel
 from .rules import RULES, ColParams, RowParams
 
 __all__ = ["KernelShape", "TuningRecords", "default_cache_dir", "select_params", "tune_layout", "compile_kernels",
+           "compile_offset_kernel",
            "record_key", "TIMING_BATCH", "mid_params"]
 
 log = logging.getLogger(__name__)
 
 OP_NAME = "condensed_linear"
-TIMING_BATCH = {"row": 1, "col": 256}  # the batch each layout is timed at while tuning
-_PARAMS = {"row": RowParams, "col": ColParams}
+TIMING_BATCH = {"row": 1, "col": 256, "offset": 1}  # the batch each layout is timed at while tuning
+_PARAMS = {"row": RowParams, "col": ColParams, "offset": ColParams}
+TIMING_IMAGE = 14  # the offset (direct conv) layout is timed on 14x14 images (ResNet stage 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +63,8 @@ class KernelShape:
     def func(self, layout: str, params):
         if layout == "row":
             return row_kernel(self.n_out, self.n_in, self.k, self.index_dtype, self.has_bias, self.symbol("row"))
+        if layout == "offset":
+            return offset_kernel(self.n_out, self.k, params.lanes, self.has_bias, self.symbol("offset"))
         return col_kernel(self.n_out, self.n_in, self.k, self.index_dtype, params.lanes, self.has_bias,
                           self.symbol("col"), tiles_first=True)
 
@@ -148,6 +153,25 @@ def compile_kernels(shape: KernelShape, row: RowParams, col: ColParams, target: 
     return _COMPILED[key]
 
 
+def compile_offset_kernel(shape: KernelShape, params: ColParams, target: Mapping[str, Any]):
+    """An executable holding ``shape.symbol("offset")`` (the direct-convolution kernel); cached per process."""
+    key = (shape, "offset", params, target_key(target))
+    if key not in _COMPILED:
+        _COMPILED[key] = _build({shape.symbol("offset"): _scheduled(shape, "offset", params, target)}, target)
+        log.info("compiled %s (offset %s)", shape, params)
+    return _COMPILED[key]
+
+
+def _offset_geometry(shape: KernelShape, params: ColParams):
+    """A representative image for timing the offset kernel: a 3x3 kernel when the width allows, else 1x1."""
+    from .conv_geometry import direct_plan
+
+    kernel = (3, 3) if shape.n_in % 9 == 0 else (1, 1)
+    pad = (kernel[0] // 2, kernel[1] // 2)
+    plan = direct_plan(TIMING_IMAGE, TIMING_IMAGE, kernel, pad, (1, 1), params.lanes)
+    return kernel, plan, shape.n_in // (kernel[0] * kernel[1])
+
+
 def _timing_args(shape: KernelShape, layout: str, params, device) -> list:
     """Realistic operands: sorted distinct in-range indices per row (garbage indices would read out of bounds)."""
     tvm = import_tvm()
@@ -155,11 +179,22 @@ def _timing_args(shape: KernelShape, layout: str, params, device) -> list:
     k_real = min(shape.k, shape.n_in)
     idx = np.sort(np.argsort(rng.random((shape.n_out, shape.n_in)), axis=1)[:, :k_real], axis=1)
     idx = np.concatenate([idx, np.repeat(idx[:, -1:], shape.k - k_real, axis=1)], axis=1)
-    ops = [rng.standard_normal((shape.n_out, shape.k), dtype=np.float32), idx.astype(shape.index_dtype)]
+    if layout == "offset":
+        import torch
+
+        from .conv_geometry import column_offsets
+
+        kernel, plan, channels = _offset_geometry(shape, params)
+        idx = column_offsets(torch.from_numpy(idx), kernel, (1, 1), plan).numpy()
+    ops = [rng.standard_normal((shape.n_out, shape.k), dtype=np.float32),
+           idx.astype("int32" if layout == "offset" else shape.index_dtype)]
     if shape.has_bias:
         ops.append(rng.standard_normal(shape.n_out, dtype=np.float32))
     if layout == "row":
         x, y = np.ones((TIMING_BATCH["row"], shape.n_in)), np.zeros((TIMING_BATCH["row"], shape.n_out))
+    elif layout == "offset":
+        x = np.ones((TIMING_BATCH["offset"], channels * plan.rows * plan.pitch))
+        y = np.zeros((TIMING_BATCH["offset"], shape.n_out, plan.tiles, params.lanes))
     else:
         tiles = -(-TIMING_BATCH["col"] // params.lanes)
         x, y = np.ones((tiles, shape.n_in, params.lanes)), np.zeros((tiles, params.lanes, shape.n_out))

@@ -2,18 +2,20 @@
 
 They keep the condensed layers' buffers and full-width/compact output, with the operands packed by the kernel's
 handle (fan-in padded to a multiple of 8 with zero weights on each row's last index, so rows stay sorted) and a
-kernel key naming the handle in the registry. Convolutions store global im2col column indices and run the same
-kernel on the [B * positions, C * kernel] rows of im2col.
+kernel key naming the handle in the registry. Convolutions store global im2col column indices. Stride-1 ones (and
+1x1 ones at any stride, on the subsampled input) run the direct kernel on the padded input (``codegen.conv_op``:
+no im2col copy); the rest run the linear kernel on the [B * positions, C * kernel] rows of im2col.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..codegen import kernel_op  # registers torch.ops.srigl_compile.tvm_condensed_linear (no TVM import)
+from ..codegen import conv_op, kernel_op  # register torch.ops.srigl_compile.tvm_condensed_* (no TVM import)
+from ..codegen.conv_geometry import direct_plan
 from .condensed import CondensedConv, CondensedLinear, index_dtype_for
 
-__all__ = ["LoweredLinear", "LoweredConv", "kernel_operands", "make_lowered_", "fill_ablated_rows_"]
+__all__ = ["LoweredLinear", "LoweredConv", "kernel_operands", "make_lowered_", "fill_ablated_rows_", "runs_direct"]
 
 
 class LoweredLinear(CondensedLinear):
@@ -31,17 +33,43 @@ class LoweredLinear(CondensedLinear):
 
 
 class LoweredConv(CondensedConv):
-    """A CondensedConv running its compiled kernel on im2col rows."""
+    """A CondensedConv running its compiled kernel: the direct kernel when ``direct`` (see ``runs_direct``), else
+    the linear kernel on im2col rows."""
+
+    direct = False  # (layers saved before the direct kernel existed run im2col)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.direct:
+            return self._forward_direct(x)
         rows, spatial = self.im2col_rows(x)  # [B * L, C * kernel]
         batch = x.shape[0]
         y = kernel_op.condensed_linear(rows, self.values, self.indices, self.bias, self.kernel_key, self.col_threshold)
         y = self.scatter(y.view(batch, -1, y.shape[-1]).transpose(1, 2), dim=1)
         return y.reshape(batch, y.shape[1], *spatial)
 
+    def _forward_direct(self, x: torch.Tensor) -> torch.Tensor:
+        x2, kernel, stride, dilation, padding = self._as_2d(x)  # Conv1d as height 1; padding modes applied
+        if stride != (1, 1):  # a 1x1 kernel without padding (runs_direct): the strided pixels are all it reads
+            x2 = x2[:, :, :: stride[0], :: stride[1]]
+        if self.n_active == 0:  # every filter ablated: no kernel, only the scatter of biases below
+            plan = direct_plan(x2.shape[2], x2.shape[3], kernel, padding, dilation, lanes=1)
+            y = x2.new_empty(x2.shape[0], 0, plan.out_h, plan.out_w)
+        else:
+            y = conv_op.condensed_conv2d(x2, self.values, self.indices, self.bias, self.kernel_key, kernel, padding,
+                                         dilation)
+        y = self.scatter(y, dim=1)
+        return y.squeeze(2) if self.dims == 1 else y
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, kernel={self.kernel_key.split('@')[0]}"
+        return f"{super().extra_repr()}, kernel={self.kernel_key.split('@')[0]}, direct={self.direct}"
+
+
+def runs_direct(layer: CondensedConv) -> bool:
+    """Whether a condensed convolution can run the direct kernel: stride 1, or a 1x1 kernel without padding."""
+    if all(step == 1 for step in layer.stride):
+        return True
+    unpadded = layer.padding == "valid" or all(p == 0 for p in layer.padding)
+    return all(size == 1 for size in layer.kernel_size) and unpadded
 
 
 def kernel_operands(layer) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -87,4 +115,6 @@ def make_lowered_(layer, handle, col_threshold: int):
         layer.values, layer.indices = handle.pack(values, indices)
     layer.kernel_key = handle.key if handle is not None else ""
     layer.col_threshold = col_threshold
+    if isinstance(layer, LoweredConv):  # a layer without kernel (no active filter) follows its shape's route
+        layer.direct = getattr(handle, "kind", None) == "conv" if handle is not None else runs_direct(layer)
     return layer

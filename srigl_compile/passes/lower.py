@@ -108,15 +108,19 @@ def _compile_layers(layers, build, threshold: int) -> None:
     from ..nn.lowered import make_lowered_
 
     for name, layer, shape in list(_kernel_shapes(layers)):
-        make_lowered_(layer, shape and build(*shape), threshold)
+        make_lowered_(layer, shape and build(layer, *shape), threshold)
         log.info("lowered %s -> %s", name, layer.kernel_key)
 
 
 def _llvm_builder(target_dict, tune, cache_dir, col_threshold, progress):
+    from ..codegen.conv_op import build_condensed_conv
     from ..codegen.kernel_op import DEFAULT_COL_THRESHOLD, build_condensed_linear
+    from ..nn.lowered import runs_direct
 
-    def build(*shape):
-        return build_condensed_linear(*shape, target_dict, tune=tune, cache_dir=cache_dir, progress=tune and progress)
+    def build(layer, *shape):
+        direct = isinstance(layer, CondensedConv) and runs_direct(layer)
+        builder = build_condensed_conv if direct else build_condensed_linear
+        return builder(*shape, target_dict, tune=tune, cache_dir=cache_dir, progress=tune and progress)
 
     return build, DEFAULT_COL_THRESHOLD if col_threshold is None else col_threshold
 
@@ -124,7 +128,7 @@ def _llvm_builder(target_dict, tune, cache_dir, col_threshold, progress):
 def _cuda_builder(target_dict, dtype_name, cache_dir, col_threshold):
     from ..codegen.cuda_build import DEFAULT_CUDA_COL_THRESHOLD, build_cuda_condensed_linear
 
-    def build(*shape):
+    def build(layer, *shape):  # convolutions run im2col on CUDA
         return build_cuda_condensed_linear(*shape, dtype_name, target_dict, cache_dir=cache_dir)
 
     return build, DEFAULT_CUDA_COL_THRESHOLD if col_threshold is None else col_threshold

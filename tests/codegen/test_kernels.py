@@ -195,16 +195,20 @@ def test_tuning_records_written_and_reread(tmp_path, caplog):
     target = host_llvm_target()
     shape = KernelShape(48, 96, 16, "int16", True)
     space = {"row": [RowParams(8, 16, 4), RowParams(16, 32, 16)], "col": [ColParams(32, 8, 1, 32),
-                                                                           ColParams(16, 4, 2, 64)]}
+                                                                           ColParams(16, 4, 2, 64)],
+             "offset": [ColParams(16, 8, 2, 32), ColParams(32, 4, 1, 64)]}  # (96 = 32 channels x 3x3 kernel)
     chosen = {layout: select_params(shape, layout, target, tune=True, cache_dir=tmp_path, space=space[layout],
-                                    progress=False) for layout in ("row", "col")}
-    for layout in ("row", "col"):
+                                    progress=False) for layout in space}
+    for layout in space:
         assert chosen[layout] in space[layout]
         record = json.loads(TuningRecords(tmp_path).path(record_key(shape, layout, target)).read_text())
         assert record["key"] == record_key(shape, layout, target) and len(record["candidates"]) == 2
         assert select_params(shape, layout, target, tune=False, cache_dir=tmp_path) == chosen[layout]
     handle = build_condensed_linear(48, 96, 11, "int16", True, target, cache_dir=tmp_path)  # k 11 -> 16
     assert (handle.row_params, handle.col_params) == (chosen["row"], chosen["col"])
+    from srigl_compile.codegen.conv_op import build_condensed_conv
+
+    assert build_condensed_conv(48, 96, 11, "int16", True, target, cache_dir=tmp_path).params == chosen["offset"]
     TuningRecords(tmp_path).path(record_key(shape, "row", target)).write_text("{not json")
     assert select_params(shape, "row", target, cache_dir=tmp_path) == RowRule().default(16)
     assert "ignoring tuning record" in caplog.text

@@ -1,0 +1,80 @@
+"""Where a direct (im2col-free) stride-1 convolution reads: pure integer maths, no TVM.
+
+The input is zero-padded once into images of ``rows x pitch`` (``pitch`` = padded width) and flattened per image.
+Output position (h, w) is computed at grid position q = h * pitch + w, for q in [0, tiles * lanes): the grid runs
+over the whole padded width (columns w >= out_w are computed and dropped) and is rounded up to whole tiles. Input
+r of an output neuron (channel c, kernel row i, kernel column j) then sits at
+
+    offset = c * rows * pitch + i * dilation_h * pitch + j * dilation_w          x_flat[offset + q]
+
+so a non-zero reads ``lanes`` contiguous floats per tile. ``rows`` adds ``extra`` zero rows at the bottom so that
+the rounded-up tail of the last channel stays inside the image: max(offset) + tiles * lanes <= channels * rows *
+pitch (``DirectPlan.reads_in_bounds`` states it; the property tests check it).
+
+Example:
+    >>> plan = direct_plan(14, 14, (3, 3), (1, 1), (1, 1), lanes=64)
+    >>> (plan.out_h, plan.out_w, plan.pitch, plan.tiles, plan.extra)
+    (14, 14, 16, 4, 3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+__all__ = ["DirectPlan", "direct_plan", "column_offsets"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DirectPlan:
+    """How one input size runs: output size, padded image (rows x pitch, ``extra`` zero rows at the bottom),
+    grid positions (``positions`` = out_h * pitch) and tiles of ``lanes``."""
+
+    out_h: int
+    out_w: int
+    pitch: int
+    rows: int
+    extra: int
+    positions: int
+    tiles: int
+    lanes: int
+
+    def reads_in_bounds(self, kernel: tuple[int, int], dilation: tuple[int, int]) -> bool:
+        """The farthest read of the last channel's last kernel tap stays inside the padded image."""
+        last = (kernel[0] - 1) * dilation[0] * self.pitch + (kernel[1] - 1) * dilation[1]
+        return last + self.tiles * self.lanes <= self.rows * self.pitch
+
+
+def direct_plan(height: int, width: int, kernel: tuple[int, int], padding: tuple[int, int],
+                dilation: tuple[int, int], lanes: int) -> DirectPlan:
+    """The plan of a stride-1 convolution over ``height x width`` images (symmetric zero padding).
+
+    Raises:
+        ValueError: the (padded) input is smaller than the dilated kernel.
+    """
+    pitch = width + 2 * padding[1]
+    out_h = height + 2 * padding[0] - dilation[0] * (kernel[0] - 1)
+    out_w = pitch - dilation[1] * (kernel[1] - 1)
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"input {height}x{width} with padding {padding} is smaller than the kernel {kernel} "
+                         f"at dilation {dilation}")
+    positions = out_h * pitch
+    tiles = -(-positions // lanes)
+    overrun = tiles * lanes - positions + dilation[1] * (kernel[1] - 1)  # past the last real row of the image
+    extra = -(-overrun // pitch)
+    return DirectPlan(out_h, out_w, pitch, height + 2 * padding[0] + extra, extra, positions, tiles, lanes)
+
+
+def column_offsets(columns: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, int],
+                   plan: DirectPlan) -> torch.Tensor:
+    """int32 offsets of im2col columns (c * kh * kw + i * kw + j, as the condensed layer stores them) in a padded
+    image of ``plan``."""
+    taps = kernel[0] * kernel[1]
+    columns = columns.long()
+    channel, tap = columns // taps, columns % taps
+    offsets = channel * (plan.rows * plan.pitch) + tap // kernel[1] * dilation[0] * plan.pitch \
+        + tap % kernel[1] * dilation[1]
+    if offsets.numel() and int(offsets.max()) >= 2**31:
+        raise ValueError(f"the padded input ({plan.rows}x{plan.pitch} per channel) is too large for int32 offsets")
+    return offsets.to(torch.int32).contiguous()

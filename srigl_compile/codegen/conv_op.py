@@ -1,0 +1,168 @@
+"""Direct condensed convolution on the CPU: ``torch.ops.srigl_compile.tvm_condensed_conv2d`` and its handles.
+
+    tvm_condensed_conv2d(x [B, C, H, W], values [n_out, k], columns [n_out, k], bias [n_out]?, kernel_key,
+                         kernel_size, padding, dilation) -> y [B, n_out, OH, OW]     (stride 1, zero padding)
+
+The im2col route copies every input nine times for a 3x3 kernel, packs the copy into tiles and transposes the
+output back: those copies cost more than the sparse kernel saved (a lowered ResNet-50 ran slower than dense). Here
+the input is padded once (``conv_geometry``) and the offset kernel reads each non-zero's ``lanes`` output
+positions as one contiguous run of the padded image; the only other copy drops the padding columns of the output.
+Offsets depend on the image size, so they are computed on first use of a size and cached per layer.
+
+The operator has a fake implementation (``torch.fx``, ``torch.export``, ``torch.compile(fullgraph=True)`` keep it
+as one node) and passes ``torch.library.opcheck``; ``condensed_conv2d`` skips the dispatcher for plain tensors.
+
+Example:
+    >>> h = build_condensed_conv(64, 576, 58, "int16", True)                     # doctest: +SKIP
+    >>> values, columns = h.pack(values, columns)                              # doctest: +SKIP
+    >>> y = condensed_conv2d(x, values, columns, bias, h.key, (3, 3), (1, 1), (1, 1))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .conv_geometry import DirectPlan, column_offsets, direct_plan
+from .kernel_op import (K_MULTIPLE, KernelShapeFields, check_bias, check_cpu_float32, get_handle, get_registered,
+                        handle_key, pack_operands, register_handle)
+from .rules import ColParams
+
+__all__ = ["ConvKernelHandle", "build_condensed_conv", "condensed_conv2d"]
+
+_OFFSET_CACHE_SIZE = 16  # image sizes remembered per layer
+
+
+@dataclasses.dataclass(eq=False)
+class ConvKernelHandle(KernelShapeFields):
+    """The compiled offset kernel of one layer shape (n_in = the im2col width C * kh * kw, for bounds checks).
+
+    Attributes:
+        params: the compiled variant (rows per task, k-inner tile, rows interleaved, lanes = positions per tile).
+        module: the TVM module holding the kernel (for ``export_kernels``).
+    """
+
+    target: dict[str, Any]
+    params: ColParams
+    module: Any
+    library_path: str | None = None
+    device_type = "cpu"
+    kind = "conv"
+    conv_fn: Any = dataclasses.field(init=False, repr=False)
+    _offsets: dict = dataclasses.field(init=False, repr=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .tuning import KernelShape
+
+        self.conv_fn = self.module[KernelShape(self.n_out, self.n_in, self.k_pad, self.index_dtype,
+                                               self.has_bias).symbol("offset")]
+
+    @property
+    def lanes(self) -> int:
+        return self.params.lanes
+
+    def pack(self, values: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernel operands from a condensed conv's (values, im2col columns) [n_out, k]; see ``pack_operands``."""
+        return pack_operands(self, values, columns, torch.float32)
+
+    def offsets(self, columns: torch.Tensor, kernel, dilation, plan: DirectPlan) -> torch.Tensor:
+        """``column_offsets`` for this image size, computed once per (columns tensor, size)."""
+        key = (id(columns), columns._version, kernel, dilation, plan.rows, plan.pitch)
+        entry = self._offsets.get(key)
+        if entry is None or entry[0] is not columns:  # id() alone could name a freed tensor's successor
+            if len(self._offsets) >= _OFFSET_CACHE_SIZE:
+                self._offsets.clear()
+            entry = (columns, column_offsets(columns, kernel, dilation, plan))
+            self._offsets[key] = entry
+        return entry[1]
+
+
+def build_condensed_conv(n_out: int, n_in: int, k: int, index_dtype: str = "int32", has_bias: bool = True,
+                         target: Mapping[str, Any] | None = None, *, tune: bool = False, cache_dir=None,
+                         progress: bool | None = None) -> ConvKernelHandle:
+    """Compile (once per process) the offset kernel of a condensed convolution and register its handle.
+
+    Args:
+        n_out, k: active filters and fan-in (k is rounded up to a multiple of 8 with zero weights).
+        n_in: the im2col width C * kh * kw (the columns must lie below it).
+        index_dtype: dtype of the stored columns ("int16" or "int32"); the kernel itself reads int32 offsets.
+        tune / cache_dir / progress: as ``build_condensed_linear`` (the search runs on 14x14 images).
+    """
+    from .cpu_target import check_llvm_target
+    from .tuning import KernelShape, compile_offset_kernel, select_params
+
+    target = check_llvm_target(target)
+    k_pad = -(-k // K_MULTIPLE) * K_MULTIPLE
+    shape = KernelShape(n_out, n_in, k_pad, index_dtype, has_bias)
+    key = "conv_" + handle_key(n_out, n_in, k, index_dtype, has_bias, target)
+    params = select_params(shape, "offset", target, tune=tune, cache_dir=cache_dir, progress=progress)
+    existing = get_registered(key)
+    if existing is not None and existing.params == params:
+        return existing
+    executable = compile_offset_kernel(shape, params, target)
+    return register_handle(ConvKernelHandle(key, n_out, n_in, k, k_pad, index_dtype, has_bias, target, params,
+                                            executable.mod))
+
+
+def _pair(values: Sequence[int]) -> tuple[int, int]:
+    return int(values[0]), int(values[1])
+
+
+def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilation) -> torch.Tensor:
+    handle = get_handle(kernel_key)
+    check_cpu_float32(x, handle.key)
+    check_bias(handle, bias)
+    if x.dim() != 4:
+        raise ValueError(f"kernel {handle.key} takes images [B, C, H, W], got shape {tuple(x.shape)}")
+    kernel, padding, dilation = _pair(kernel_size), _pair(padding), _pair(dilation)
+    if x.shape[1] * kernel[0] * kernel[1] != handle.n_in:
+        raise ValueError(f"kernel {handle.key} reads {handle.n_in} im2col columns; {x.shape[1]} channels with a "
+                         f"{kernel} kernel give {x.shape[1] * kernel[0] * kernel[1]}")
+    if values.shape[1] != handle.k_pad:
+        values, columns = handle.pack(values, columns)  # slow path: callers should pack once
+    batch = x.shape[0]
+    plan = direct_plan(x.shape[2], x.shape[3], kernel, padding, dilation, handle.lanes)
+    if batch == 0:
+        return x.new_empty(0, handle.n_out, plan.out_h, plan.out_w)
+    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0] + plan.extra)) if plan.extra or any(padding) \
+        else x
+    padded = padded.contiguous()  # (F.pad keeps a channels-last input channels-last)
+    offsets = handle.offsets(columns, kernel, dilation, plan)
+    grid = x.new_empty(batch, handle.n_out, plan.tiles * plan.lanes)
+    tail = [bias.contiguous()] if handle.has_bias else []
+    handle.conv_fn(padded.view(batch, -1), values.contiguous(), offsets, *tail,
+                   grid.view(batch, handle.n_out, plan.tiles, plan.lanes))
+    if plan.pitch == plan.out_w and plan.positions == plan.tiles * plan.lanes:
+        return grid.view(batch, handle.n_out, plan.out_h, plan.out_w)
+    rows = grid[:, :, :plan.positions].unflatten(2, (plan.out_h, plan.pitch))
+    return rows[..., :plan.out_w].contiguous()  # drop the padding columns (a strided result would break .view)
+
+
+
+
+# Low-level Library API, as for tvm_condensed_linear (custom_op's wrapper costs ~30 us a call).
+_LIB = torch.library.Library("srigl_compile", "FRAGMENT")
+_LIB.define("tvm_condensed_conv2d(Tensor x, Tensor values, Tensor columns, Tensor? bias, str kernel_key, "
+            "int[] kernel_size, int[] padding, int[] dilation) -> Tensor")
+_LIB.impl("tvm_condensed_conv2d", _run, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("srigl_compile::tvm_condensed_conv2d", lib=_LIB)
+def _tvm_condensed_conv2d_fake(x, values, columns, bias, kernel_key, kernel_size, padding, dilation):
+    out_h = x.shape[2] + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1)
+    out_w = x.shape[3] + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1)
+    return x.new_empty(x.shape[0], values.shape[0], out_h, out_w)
+
+
+def condensed_conv2d(x: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, bias: torch.Tensor | None,
+                     kernel_key: str, kernel_size, padding, dilation) -> torch.Tensor:
+    """Run the offset kernel registered as ``kernel_key`` (stride 1, symmetric zero padding); plain eager tensors
+    skip the dispatcher, tracers go through ``torch.ops.srigl_compile``."""
+    if type(x) is torch.Tensor and not torch.compiler.is_compiling():
+        return _run(x, values, columns, bias, kernel_key, kernel_size, padding, dilation)
+    return torch.ops.srigl_compile.tvm_condensed_conv2d(x, values, columns, bias, kernel_key, list(kernel_size),
+                                                        list(padding), list(dilation))

@@ -1,0 +1,162 @@
+"""The direct (im2col-free) convolution: its read plan, its op, and lowered convolutions that use it."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from srigl_compile import SRigLConfig, load_lowered, lower, save_lowered, sparsify
+from srigl_compile.codegen.conv_geometry import column_offsets, direct_plan
+from srigl_compile.nn.lowered import LoweredConv
+from tests.null.test_condense import ResidualCNN, ablate, randomize_bn
+
+
+def grid_conv(x, values, columns, kernel, padding, dilation, lanes):
+    """What the offset kernel computes, in plain torch: every grid position reads x_flat[offset + q]."""
+    plan = direct_plan(x.shape[2], x.shape[3], kernel, padding, dilation, lanes)
+    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0] + plan.extra)).flatten(1)
+    offsets = column_offsets(columns, kernel, dilation, plan).long()
+    q = torch.arange(plan.tiles * lanes)
+    assert int(offsets.max()) + len(q) <= padded.shape[1], "a read past the padded image"
+    grid = (padded[:, offsets[..., None] + q] * values[None, ..., None]).sum(2)  # [B, n_out, positions]
+    return grid[:, :, :plan.positions].unflatten(2, (plan.out_h, plan.pitch))[..., :plan.out_w], plan
+
+
+@settings(max_examples=60, deadline=None)
+@given(height=st.integers(1, 9), width=st.integers(1, 9), kh=st.integers(1, 4), kw=st.integers(1, 4),
+       ph=st.integers(0, 2), pw=st.integers(0, 2), dh=st.integers(1, 2), dw=st.integers(1, 2),
+       channels=st.integers(1, 3), lanes=st.sampled_from([1, 8, 32, 64]), seed=st.integers(0, 2**16))
+def test_offset_plan_reads_inside_the_image_and_equals_conv2d(height, width, kh, kw, ph, pw, dh, dw, channels,
+                                                              lanes, seed):
+    if height + 2 * ph < dh * (kh - 1) + 1 or width + 2 * pw < dw * (kw - 1) + 1:
+        with pytest.raises(ValueError, match="smaller than the kernel"):
+            direct_plan(height, width, (kh, kw), (ph, pw), (dh, dw), lanes)
+        return
+    gen = torch.Generator().manual_seed(seed)
+    fan_in, n_out = channels * kh * kw, 3
+    k = int(torch.randint(1, fan_in + 1, (), generator=gen))
+    columns = torch.rand(n_out, fan_in, generator=gen).argsort(1)[:, :k].sort(1).values
+    values = torch.randn(n_out, k, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, channels, height, width, generator=gen, dtype=torch.float64)
+    got, plan = grid_conv(x, values, columns, (kh, kw), (ph, pw), (dh, dw), lanes)
+    weight = torch.zeros(n_out, fan_in, dtype=torch.float64).scatter_(1, columns, values)
+    expected = F.conv2d(x, weight.view(n_out, channels, kh, kw), padding=(ph, pw), dilation=(dh, dw))
+    torch.testing.assert_close(got, expected)
+    assert plan.reads_in_bounds((kh, kw), (dh, dw)) and plan.tiles * lanes >= plan.positions
+
+
+# (layer, input shape, whether it runs direct)
+LAYERS = {
+    "3x3 pad 1": (nn.Conv2d(8, 12, 3, padding=1), (9, 7), True),
+    "1x1 no bias": (nn.Conv2d(16, 8, 1, bias=False), (5, 5), True),
+    "1x1 stride 2": (nn.Conv2d(8, 16, 1, stride=2), (9, 8), True),
+    "dilated 3x3": (nn.Conv2d(4, 6, 3, padding=2, dilation=2), (11, 13), True),
+    "depthwise": (nn.Conv2d(8, 8, 3, padding=1, groups=8), (6, 6), True),
+    "5x3 same, reflect": (nn.Conv2d(4, 6, (5, 3), padding="same", padding_mode="reflect"), (7, 9), True),
+    "even kernel same": (nn.Conv2d(4, 6, 4, padding="same"), (6, 5), True),
+    "image smaller than a tile": (nn.Conv2d(3, 5, 3, padding=1), (2, 2), True),
+    "conv1d": (nn.Conv1d(4, 8, 5, padding=2), (17,), True),
+    "3x3 stride 2 (im2col)": (nn.Conv2d(8, 8, 3, stride=2, padding=1), (9, 9), False),
+}
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_lowered_convolution_equals_masked(name):
+    conv, spatial, direct = LAYERS[name]
+    torch.manual_seed(0)
+    masked = sparsify(nn.Sequential(conv), SRigLConfig(sparsity=0.7, distribution="uniform"))
+    lowered = lower(masked, progress=False)
+    assert isinstance(lowered[0], LoweredConv) and lowered[0].direct is direct
+    for batch in (1, 3):
+        x = torch.randn(batch, conv.in_channels, *spatial)
+        with torch.no_grad():
+            out = lowered(x)
+            torch.testing.assert_close(out, masked.eval()(x), rtol=1e-5, atol=1e-5)
+        assert out.is_contiguous() or not direct  # (a .view() downstream must work as after a torch conv)
+
+
+@pytest.mark.tvm
+def test_k_equal_one_and_ablated_filters():
+    torch.manual_seed(0)
+    masked = sparsify(nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU()),
+                      SRigLConfig(sparsity=0.94, distribution="uniform"))
+    ablate(masked, {"0": [0, 4]})
+    lowered = lower(masked, progress=False)
+    assert lowered[0].direct and lowered[0].k == 8 and lowered[0].n_active in (4, 6)  # k = 1 padded to 8
+    with torch.no_grad():
+        x = torch.randn(2, 2, 5, 5)
+        torch.testing.assert_close(lowered(x), masked.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def lowered_cnn():
+    torch.manual_seed(0)
+    masked = randomize_bn(sparsify(ResidualCNN(), SRigLConfig(sparsity=0.8, seed=2)))
+    ablate(masked, {"expand": [0, 3, 9], "stem": [1]})
+    return masked.eval(), lower(masked, progress=False)
+
+
+@pytest.mark.tvm
+def test_conv_op_passes_opcheck(lowered_cnn):
+    _, lowered = lowered_cnn
+    layer = next(m for m in lowered.modules() if isinstance(m, LoweredConv) and m.direct and m.kernel_size != (1, 1))
+    args = (layer.values, layer.indices, layer.bias, layer.kernel_key, list(layer.kernel_size), list(layer.padding),
+            list(layer.dilation))
+    for batch in (1, 2):
+        torch.library.opcheck(torch.ops.srigl_compile.tvm_condensed_conv2d.default,
+                              (torch.randn(batch, layer.in_channels, 6, 7), *args))
+
+
+@pytest.mark.tvm
+def test_cnn_under_fx_export_and_compile(lowered_cnn):
+    masked, lowered = lowered_cnn
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = masked(x)
+        torch.testing.assert_close(torch.fx.symbolic_trace(lowered)(x), expected, rtol=1e-5, atol=1e-5)
+        program = torch.export.export(lowered, (x,))
+        targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+        assert any("tvm_condensed_conv2d" in t for t in targets)
+        torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-5)
+        compiled = torch.compile(lowered, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.tvm
+def test_direct_kernels_save_and_load_in_a_fresh_process(lowered_cnn, tmp_path):
+    _, lowered = lowered_cnn
+    save_lowered(lowered, tmp_path / "model")
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        torch.save({"x": x, "y": lowered(x)}, tmp_path / "io.pt")
+    code = (f"import torch, srigl_compile as sc; m = sc.load_lowered({str(tmp_path / 'model')!r}); "
+            f"d = torch.load({str(tmp_path / 'io.pt')!r}); assert any(getattr(l, 'direct', 0) for l in m.modules()); "
+            f"torch.set_grad_enabled(False); assert torch.equal(m(d['x']), d['y'])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    with torch.no_grad():
+        assert torch.equal(load_lowered(tmp_path / "model")(x), lowered(x))
+
+
+@pytest.mark.tvm
+def test_bad_conv_inputs_are_clear_errors(lowered_cnn):
+    from srigl_compile import DeviceError
+    from srigl_compile.codegen.conv_op import condensed_conv2d
+
+    _, lowered = lowered_cnn
+    layer = next(m for m in lowered.modules() if isinstance(m, LoweredConv) and m.direct)
+    args = (layer.values, layer.indices, layer.bias, layer.kernel_key, layer.kernel_size, layer.padding,
+            layer.dilation)
+    with pytest.raises(DeviceError, match="float32"):
+        condensed_conv2d(torch.randn(1, layer.in_channels, 5, 5, dtype=torch.float64), *args)
+    with pytest.raises(ValueError, match="channels"):
+        condensed_conv2d(torch.randn(1, layer.in_channels + 1, 5, 5), *args)
+    with pytest.raises(ValueError, match="has_bias"):
+        condensed_conv2d(torch.randn(1, layer.in_channels, 5, 5), layer.values, layer.indices,
+                         None if layer.bias is not None else torch.zeros(layer.n_active), *args[3:])
