@@ -36,7 +36,7 @@ __all__ = ["export_kernels", "load_kernels", "KernelFileError", "FORMAT"]
 
 log = logging.getLogger(__name__)
 
-FORMAT = "srigl_compile.kernels/2"
+FORMAT = "srigl_compile.kernels/3"  # 3: the row kernel takes its indices as 64-bit words
 _FIELDS = ("key", "n_out", "n_in", "k", "k_pad", "index_dtype", "has_bias", "target")
 _CUDA_FIELDS = ("dtype",)
 

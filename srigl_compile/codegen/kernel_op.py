@@ -7,7 +7,8 @@ the graph only holds a string:
     tvm_condensed_linear(x [..., n_in], values [n_out, k], indices [n_out, k], bias [n_out]?, kernel_key,
                          col_threshold) -> [..., n_out]
 
-Batches (rows of the flattened x) of 1-2 rows run the row kernel on x as is; up to ``col_threshold`` rows are
+Batches (rows of the flattened x) of 1-2 rows run the row kernel on x as is (given the indices viewed as 64-bit
+words, see ``kernels.row_kernel``); up to ``col_threshold`` rows are
 packed into 8-row tiles [B / 8, n_in, 8] for the mid kernel (the col kernel at one vector of lanes: x[idx] is a
 vector load shared by 8 rows, not a gather), larger ones into [B / lanes, n_in, lanes] tiles for the col kernel.
 Packing is a TVM kernel (zero-padding; torch's permuted copy is slow here); the col kernels write y as [B, n_out].
@@ -127,7 +128,8 @@ class KernelHandle(KernelShapeFields):
         m, n_out = rows.shape[0], self.n_out
         if m < MID_FROM:
             out = rows.new_empty(m, n_out)
-            self.row_fn(rows, *operands, out)
+            values, indices, *bias = operands
+            self.row_fn(rows, values, indices.view(torch.int64), *bias, out)  # the row kernel reads index words
             return out
         pack, col, lanes = (self.packmid_fn, self.mid_fn, MID_LANES) if m < col_threshold else \
             (self.pack_fn, self.col_fn, self.lanes)

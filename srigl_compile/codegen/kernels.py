@@ -1,6 +1,7 @@
 """TE definitions of the condensed constant-fan-in linear op in its two layouts.
 
     row layout (small batch):  y[b, o]     = bias[o] + sum_r w[o, r] * x[b, idx[o, r]]        x  [B, n_in]
+                               idx is read as 64-bit words (``index_words``): 4 int16 or 2 int32 indices each
     col layout (large batch):  y[t, l, o]  = bias[o] + sum_r w[o, r] * xt[t, idx[o, r], l]    xt [NT, n_in, lanes]
                                y [NT, lanes, n_out] is y [B, n_out]; ``pack_kernel`` makes xt from x [B, n_in]
                                (or xt [n_in, NT, lanes], yt [n_out, NT, lanes] with tiles_first=False)
@@ -18,6 +19,9 @@ Why the blocks look like this:
   without a bias the reduction writes the output directly;
 - the row layout gathers x into ``xg`` first: scheduled per k-tile into a small stack buffer, the gathers become
   scalar loads inserted into one vector (AVX2 has no fast gather), while the multiply-add stays vectorised;
+- the row layout takes its indices as 64-bit words and shifts them out: a gather is load-port bound, and one word
+  load for 4 int16 indices instead of 4 index loads made the batch-1 kernel 10-15% faster on Zen 3 (40 -> 35 us
+  for 3072 -> 768 at 90%); the caller passes ``indices.view(torch.int64)``, no copy;
 - every function carries ``srigl.layout`` (what the rules check) and its own ``global_symbol``.
 
 Example:
@@ -30,11 +34,18 @@ from __future__ import annotations
 
 from ._tvm_compat import import_tvm
 
-__all__ = ["row_kernel", "col_kernel", "pack_kernel", "offset_kernel", "kernel_symbol", "ROW_SYMBOL", "COL_SYMBOL", "INDEX_DTYPES"]
+__all__ = ["row_kernel", "col_kernel", "pack_kernel", "offset_kernel", "kernel_symbol", "index_words", "ROW_SYMBOL",
+           "COL_SYMBOL", "INDEX_DTYPES"]
 
 ROW_SYMBOL = "srigl_condensed_row"
 COL_SYMBOL = "srigl_condensed_col"
 INDEX_DTYPES = ("int16", "int32")
+_INDEX_BITS = {"int16": 16, "int32": 32}
+
+
+def index_words(index_dtype: str) -> int:
+    """Indices per 64-bit word of the row kernel's index operand (4 int16, 2 int32)."""
+    return 64 // _INDEX_BITS[index_dtype]
 
 
 def kernel_symbol(layout: str, n_out: int, n_in: int, k: int, index_dtype: str, has_bias: bool) -> str:
@@ -67,16 +78,32 @@ def _finish(te, acc, bias_shape_n: int, has_bias: bool, inputs: list, out_fn):
 
 
 def row_kernel(n_out: int, n_in: int, k: int, index_dtype: str, has_bias: bool = True, symbol: str = ROW_SYMBOL):
-    """PrimFunc ``f(x[B, n_in], w[n_out, k], idx[n_out, k], (bias[n_out],) y[B, n_out])``."""
+    """PrimFunc ``f(x[B, n_in], w[n_out, k], idx[n_out, k / per] int64, (bias[n_out],) y[B, n_out])``, where idx is
+    the [n_out, k] ``index_dtype`` indices read as 64-bit words (``per = index_words(index_dtype)``; the first index
+    in the low bits, as a little-endian ``view`` gives them).
+
+    Raises:
+        ValueError: a size < 1, an unknown index dtype, or k not a multiple of ``per``.
+    """
     _check(n_out, n_in, k, index_dtype)
+    per, bits = index_words(index_dtype), _INDEX_BITS[index_dtype]
+    if k % per:
+        raise ValueError(f"the row kernel reads {per} {index_dtype} indices per 64-bit word: k must be a multiple "
+                         f"of {per}, got {k} (kernel handles pad k to a multiple of 8)")
     te = import_tvm().te
     batch = te.var("B", "int64")
     x = te.placeholder((batch, n_in), "float32", name="x")
-    w, idx = _operands(te, n_out, k, index_dtype)
-    xg = te.compute((batch, n_out, k), lambda b, o, r: x[b, idx[o, r].astype("int32")], name="xg")
+    w = te.placeholder((n_out, k), "float32", name="w")
+    words = te.placeholder((n_out, k // per), "int64", name="idx")
+
+    def index(o, r):  # indices are < 2**15 (int16) or < 2**31 (int32): the masked field is the index itself
+        shift = ((r % per) * bits).astype("int64")
+        return ((words[o, r // per] >> shift) & ((1 << bits) - 1)).astype("int32")
+
+    xg = te.compute((batch, n_out, k), lambda b, o, r: x[b, index(o, r)], name="xg")
     r = te.reduce_axis((0, k), name="r")
     acc = te.compute((batch, n_out), lambda b, o: te.sum(w[o, r] * xg[b, o, r], axis=r), name="acc")
-    args = _finish(te, acc, n_out, has_bias, [x, w, idx], lambda b, o: o)
+    args = _finish(te, acc, n_out, has_bias, [x, w, words], lambda b, o: o)
     func = te.create_prim_func(args)
     return func.with_attr("global_symbol", symbol).with_attr("srigl.layout", "row")
 

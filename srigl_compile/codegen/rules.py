@@ -8,7 +8,8 @@ k-inner tile may leave a predicated tail).
 Row rule (small batch, TVM.md "batch 1"). Step 1: parallel over chunks of output rows, batch inside each row so a
 row's weights are read once for all batch rows. Step 2: split k into (ko, ki = vec) and rfactor ki: vec partial sums
 form one vector register. Step 3: gather x[idx] for one k-tile into a stack buffer (scalar loads inserted into a
-vector: Zen 3's vgatherdps is slower than that), vectorise the multiply-add. Step 4: fold the horizontal sum and
+vector: Zen 3's vgatherdps is slower than that; the indices come from 64-bit word loads and shifts, see
+``kernels``), vectorise the multiply-add. Step 4: fold the horizontal sum and
 the bias into the row loop.
 
 Col rule (large batch, TVM.md "large batch"; x as [NT, in, lanes], or the older [in, NT, lanes]). Step 1: parallel

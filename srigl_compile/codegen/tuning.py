@@ -186,8 +186,9 @@ def _timing_args(shape: KernelShape, layout: str, params, device) -> list:
 
         kernel, plan, channels = _offset_geometry(shape, params)
         idx = column_offsets(torch.from_numpy(idx), kernel, (1, 1), plan).numpy()
+    idx = idx.astype("int32" if layout == "offset" else shape.index_dtype)
     ops = [rng.standard_normal((shape.n_out, shape.k), dtype=np.float32),
-           idx.astype("int32" if layout == "offset" else shape.index_dtype)]
+           idx.view(np.int64) if layout == "row" else idx]  # (the row kernel reads 64-bit index words)
     if shape.has_bias:
         ops.append(rng.standard_normal(shape.n_out, dtype=np.float32))
     if layout == "row":

@@ -71,6 +71,30 @@ def test_numerics_both_layouts(layer, batch, threshold):
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("n_in, index_dtype", [(2**15, "int16"), (70_000, "int32")])
+def test_row_kernel_index_words_reach_the_widest_indices(n_in, index_dtype):
+    """The row kernel shifts indices out of 64-bit words: every field of a word, up to the dtype's largest index
+    (int16: 32767; int32: beyond 2**16, so the upper half-word matters), must come out exact."""
+    gen = torch.Generator().manual_seed(1)
+    indices = torch.stack([torch.randperm(n_in, generator=gen)[:15].sort().values for _ in range(6)])
+    indices[:, -1] = n_in - 1  # the top index lands in a word's high bits after padding to k = 16
+    values = torch.randn(6, 15, generator=gen)
+    handle = build_condensed_linear(6, n_in, 15, index_dtype, False)
+    packed = handle.pack(values, indices)
+    for batch in (1, 2):
+        x = torch.randn(batch, n_in, generator=gen)
+        torch.testing.assert_close(handle(x, *packed, None, col_threshold=ROW_ONLY),
+                                   reference(x, values, indices, None), rtol=1e-5, atol=1e-5)
+
+
+def test_row_kernel_needs_whole_index_words():
+    assert row_kernel(4, 8, 12, "int16") is not None
+    with pytest.raises(ValueError, match="multiple of 4"):
+        row_kernel(4, 8, 13, "int16")
+    with pytest.raises(ValueError, match="multiple of 2"):
+        row_kernel(4, 8, 7, "int32")
+
+
 def test_unpacked_operands_leading_dims_and_empty_batch(layer):
     handle, values, indices, bias = layer
     x = torch.randn(2, 3, handle.n_in)
@@ -149,9 +173,9 @@ def test_fx_export_and_compile_keep_one_op_node(small_model):
 
 def test_rules_decline_what_they_do_not_schedule():
     target = host_llvm_target()
-    row, col = row_kernel(8, 16, 13, "int32"), col_kernel(8, 16, 13, "int32", 32, tiles_first=True)
+    row, col = row_kernel(8, 16, 14, "int32"), col_kernel(8, 16, 13, "int32", 32, tiles_first=True)
     assert RowRule().apply(col, target) is None and ColRule().apply(row, target) is None
-    assert RowRule().apply(row, target, RowParams(vec=8)) is None, "vec 8 does not divide k = 13"
+    assert RowRule().apply(row, target, RowParams(vec=8)) is None, "vec 8 does not divide k = 14"
     assert ColRule().apply(col, target, ColParams(rows=32, rin=3)) is None, "rin must divide rows"
     assert RowRule().apply(row, {"kind": "cuda"}) is None
     assert RowRule().apply(row, target) is not None, "the default variant fits any k"
