@@ -11,6 +11,13 @@ so a non-zero reads ``lanes`` contiguous floats per tile. ``rows`` adds ``extra`
 the rounded-up tail of the last channel stays inside the image: max(offset) + tiles * lanes <= channels * rows *
 pitch (``DirectPlan.reads_in_bounds`` states it; the property tests check it).
 
+A strided convolution becomes a stride-1 one over phase images (space-to-depth): with stride s, the padded input
+splits into s_h * s_w phase images P[c, a, b][u, v] = x_pad[c, s_h * u + a, s_w * v + b], channel c * s_h * s_w +
+a * s_w + b. Tap (i, j) of channel c reads x_pad[s_h * oh + i * d_h, ...] = P[c, (i * d_h) % s_h, ...][oh + (i *
+d_h) // s_h, ...]: a tap of a (``phase_kernel``) kernel at dilation 1 over phase channels, so the same offset
+kernel runs it without the im2col copy (``phase_columns`` remaps the columns once, ``strided_plan`` sizes the
+phase images).
+
 Example:
     >>> plan = direct_plan(14, 14, (3, 3), (1, 1), (1, 1), lanes=64)
     >>> (plan.out_h, plan.out_w, plan.pitch, plan.tiles, plan.extra)
@@ -23,7 +30,7 @@ import dataclasses
 
 import torch
 
-__all__ = ["DirectPlan", "direct_plan", "column_offsets"]
+__all__ = ["DirectPlan", "direct_plan", "column_offsets", "phase_kernel", "phase_columns", "strided_plan"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,3 +85,42 @@ def column_offsets(columns: torch.Tensor, kernel: tuple[int, int], dilation: tup
     if offsets.numel() and int(offsets.max()) >= 2**31:
         raise ValueError(f"the padded input ({plan.rows}x{plan.pitch} per channel) is too large for int32 offsets")
     return offsets.to(torch.int32).contiguous()
+
+
+def phase_kernel(kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int]:
+    """The kernel size of the stride-1 convolution over phase images (its dilation is 1)."""
+    return tuple((d * (k - 1)) // s + 1 for k, s, d in zip(kernel, stride, dilation))
+
+
+def phase_columns(columns: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+                  dilation: tuple[int, int]) -> torch.Tensor:
+    """int64 im2col columns (c * kh * kw + i * kw + j) remapped to the phase convolution's columns
+    (c' * kh' * kw' + i' * kw' + j', c' = c * s_h * s_w + a * s_w + b)."""
+    taps = kernel[0] * kernel[1]
+    new_h, new_w = phase_kernel(kernel, stride, dilation)
+    columns = columns.long()
+    channel, tap = columns // taps, columns % taps
+    row, col = tap // kernel[1] * dilation[0], tap % kernel[1] * dilation[1]  # where the tap reads, in pixels
+    phase_channel = channel * (stride[0] * stride[1]) + row % stride[0] * stride[1] + col % stride[1]
+    return phase_channel * (new_h * new_w) + row // stride[0] * new_w + col // stride[1]
+
+
+def strided_plan(height: int, width: int, kernel: tuple[int, int], stride: tuple[int, int],
+                 padding: tuple[int, int], dilation: tuple[int, int], lanes: int) -> tuple[DirectPlan, tuple]:
+    """(plan of the phase convolution, ``F.pad`` amounts for x) for a strided convolution of ``height x width``
+    images: padding x by the returned amounts (negative ones crop rows and columns no output reads) makes it exactly
+    ``s_h * plan.rows`` x ``s_w * plan.pitch``, whose phase images are the plan's padded images.
+
+    Raises:
+        ValueError: the padded input is smaller than the dilated kernel.
+    """
+    out = [(size + 2 * pad - d * (k - 1) - 1) // s + 1
+           for size, pad, k, s, d in zip((height, width), padding, kernel, stride, dilation)]
+    if min(out) < 1:
+        raise ValueError(f"input {height}x{width} with padding {padding} is smaller than the kernel {kernel} "
+                         f"at dilation {dilation}")
+    new = phase_kernel(kernel, stride, dilation)
+    plan = direct_plan(out[0] + new[0] - 1, out[1] + new[1] - 1, new, (0, 0), (1, 1), lanes)
+    rows, cols = stride[0] * plan.rows, stride[1] * plan.pitch
+    pads = (padding[1], cols - width - padding[1], padding[0], rows - height - padding[0])
+    return plan, pads

@@ -1,13 +1,15 @@
 """Direct condensed convolution on the CPU: ``torch.ops.srigl_compile.tvm_condensed_conv2d`` and its handles.
 
     tvm_condensed_conv2d(x [B, C, H, W], values [n_out, k], columns [n_out, k], bias [n_out]?, kernel_key,
-                         kernel_size, padding, dilation) -> y [B, n_out, OH, OW]     (stride 1, zero padding)
+                         kernel_size, padding, dilation, stride) -> y [B, n_out, OH, OW]     (zero padding)
 
 The im2col route copies every input nine times for a 3x3 kernel, packs the copy into tiles and transposes the
 output back: those copies cost more than the sparse kernel saved (a lowered ResNet-50 ran slower than dense). Here
 the input is padded once (``conv_geometry``) and the offset kernel reads each non-zero's ``lanes`` output
 positions as one contiguous run of the padded image; the only other copy drops the padding columns of the output.
-Offsets depend on the image size, so they are computed on first use of a size and cached per layer.
+Offsets depend on the image size, so they are computed on first use of a size and cached per layer. A strided
+convolution runs as a stride-1 one over the input's phase images (space-to-depth, ``conv_geometry``): one more
+copy of the input, instead of im2col's kernel-size-fold blow-up; its columns are remapped once, when lowering.
 
 The operator has a fake implementation (``torch.fx``, ``torch.export``, ``torch.compile(fullgraph=True)`` keep it
 as one node) and passes ``torch.library.opcheck``; ``condensed_conv2d`` skips the dispatcher for plain tensors.
@@ -27,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .conv_geometry import DirectPlan, column_offsets, direct_plan
+from .conv_geometry import DirectPlan, column_offsets, direct_plan, phase_kernel, strided_plan
 from .kernel_op import (K_MULTIPLE, KernelShapeFields, check_bias, check_cpu_float32, get_handle, get_registered,
                         handle_key, pack_operands, register_handle)
 from .rules import ColParams
@@ -112,29 +114,39 @@ def _pair(values: Sequence[int]) -> tuple[int, int]:
     return int(values[0]), int(values[1])
 
 
-def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilation) -> torch.Tensor:
+def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilation, stride) -> torch.Tensor:
     handle = get_handle(kernel_key)
     check_cpu_float32(x, handle.key)
     check_bias(handle, bias)
     if x.dim() != 4:
         raise ValueError(f"kernel {handle.key} takes images [B, C, H, W], got shape {tuple(x.shape)}")
-    kernel, padding, dilation = _pair(kernel_size), _pair(padding), _pair(dilation)
-    if x.shape[1] * kernel[0] * kernel[1] != handle.n_in:
+    kernel, padding, dilation, stride = _pair(kernel_size), _pair(padding), _pair(dilation), _pair(stride)
+    strided = stride != (1, 1)
+    read_kernel = phase_kernel(kernel, stride, dilation) if strided else kernel  # what the offsets index
+    width = x.shape[1] * stride[0] * stride[1] * read_kernel[0] * read_kernel[1]
+    if width != handle.n_in:
         raise ValueError(f"kernel {handle.key} reads {handle.n_in} im2col columns; {x.shape[1]} channels with a "
-                         f"{kernel} kernel give {x.shape[1] * kernel[0] * kernel[1]}")
+                         f"{kernel} kernel at stride {stride} give {width}")
     if values.shape[1] != handle.k_pad:
         values, columns = handle.pack(values, columns)  # slow path: callers should pack once
     batch = x.shape[0]
-    plan = direct_plan(x.shape[2], x.shape[3], kernel, padding, dilation, handle.lanes)
+    if strided:
+        plan, pads = strided_plan(x.shape[2], x.shape[3], kernel, stride, padding, dilation, handle.lanes)
+        read_dilation = (1, 1)
+    else:
+        plan = direct_plan(x.shape[2], x.shape[3], kernel, padding, dilation, handle.lanes)
+        pads, read_dilation = (padding[1], padding[1], padding[0], padding[0] + plan.extra), dilation
     if batch == 0:
         return x.new_empty(0, handle.n_out, plan.out_h, plan.out_w)
-    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0] + plan.extra)) if plan.extra or any(padding) \
-        else x
-    padded = padded.contiguous()  # (F.pad keeps a channels-last input channels-last)
-    offsets = handle.offsets(columns, kernel, dilation, plan)
+    images = F.pad(x, pads) if any(pads) else x
+    if strided:  # space-to-depth: [B, C, s_h * rows, s_w * pitch] -> phase images [B, C * s_h * s_w, rows, pitch]
+        images = images.view(batch, x.shape[1], plan.rows, stride[0], plan.pitch, stride[1]) \
+            .permute(0, 1, 3, 5, 2, 4).reshape(batch, -1, plan.rows, plan.pitch)
+    images = images.contiguous()  # (F.pad keeps a channels-last input channels-last)
+    offsets = handle.offsets(columns, read_kernel, read_dilation, plan)
     grid = x.new_empty(batch, handle.n_out, plan.tiles * plan.lanes)
     tail = [bias.contiguous()] if handle.has_bias else []
-    handle.conv_fn(padded.view(batch, -1), values.contiguous(), offsets, *tail,
+    handle.conv_fn(images.view(batch, -1), values.contiguous(), offsets, *tail,
                    grid.view(batch, handle.n_out, plan.tiles, plan.lanes))
     if plan.pitch == plan.out_w and plan.positions == plan.tiles * plan.lanes:
         return grid.view(batch, handle.n_out, plan.out_h, plan.out_w)
@@ -142,27 +154,26 @@ def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilati
     return rows[..., :plan.out_w].contiguous()  # drop the padding columns (a strided result would break .view)
 
 
-
-
 # Low-level Library API, as for tvm_condensed_linear (custom_op's wrapper costs ~30 us a call).
 _LIB = torch.library.Library("srigl_compile", "FRAGMENT")
 _LIB.define("tvm_condensed_conv2d(Tensor x, Tensor values, Tensor columns, Tensor? bias, str kernel_key, "
-            "int[] kernel_size, int[] padding, int[] dilation) -> Tensor")
+            "int[] kernel_size, int[] padding, int[] dilation, int[] stride) -> Tensor")
 _LIB.impl("tvm_condensed_conv2d", _run, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("srigl_compile::tvm_condensed_conv2d", lib=_LIB)
-def _tvm_condensed_conv2d_fake(x, values, columns, bias, kernel_key, kernel_size, padding, dilation):
-    out_h = x.shape[2] + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1)
-    out_w = x.shape[3] + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1)
+def _tvm_condensed_conv2d_fake(x, values, columns, bias, kernel_key, kernel_size, padding, dilation, stride):
+    out_h, out_w = ((x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1) // stride[i] + 1
+                    for i in range(2))
     return x.new_empty(x.shape[0], values.shape[0], out_h, out_w)
 
 
 def condensed_conv2d(x: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, bias: torch.Tensor | None,
-                     kernel_key: str, kernel_size, padding, dilation) -> torch.Tensor:
-    """Run the offset kernel registered as ``kernel_key`` (stride 1, symmetric zero padding); plain eager tensors
-    skip the dispatcher, tracers go through ``torch.ops.srigl_compile``."""
+                     kernel_key: str, kernel_size, padding, dilation, stride=(1, 1)) -> torch.Tensor:
+    """Run the offset kernel registered as ``kernel_key`` (symmetric zero padding; with a stride, ``columns`` are
+    the phase convolution's, see ``conv_geometry.phase_columns``); plain eager tensors skip the dispatcher, tracers
+    go through ``torch.ops.srigl_compile``."""
     if type(x) is torch.Tensor and not torch.compiler.is_compiling():
-        return _run(x, values, columns, bias, kernel_key, kernel_size, padding, dilation)
+        return _run(x, values, columns, bias, kernel_key, kernel_size, padding, dilation, stride)
     return torch.ops.srigl_compile.tvm_condensed_conv2d(x, values, columns, bias, kernel_key, list(kernel_size),
-                                                        list(padding), list(dilation))
+                                                        list(padding), list(dilation), list(stride))

@@ -2,9 +2,10 @@
 
 They keep the condensed layers' buffers and full-width/compact output, with the operands packed by the kernel's
 handle (fan-in padded to a multiple of 8 with zero weights on each row's last index, so rows stay sorted) and a
-kernel key naming the handle in the registry. Convolutions store global im2col column indices. Stride-1 ones (and
-1x1 ones at any stride, on the subsampled input) run the direct kernel on the padded input (``codegen.conv_op``:
-no im2col copy); the rest run the linear kernel on the [B * positions, C * kernel] rows of im2col.
+kernel key naming the handle in the registry. On the CPU convolutions run the direct kernel on the padded input
+(``codegen.conv_op``: no im2col copy): stride-1 ones and strided 1x1 ones (on the subsampled input) store global
+im2col columns, other strided ones the columns of the stride-1 convolution over the input's phase images. CUDA
+convolutions run the linear kernel on the [B * positions, C * kernel] rows of im2col.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 import torch
 
 from ..codegen import conv_op, kernel_op  # register torch.ops.srigl_compile.tvm_condensed_* (no TVM import)
-from ..codegen.conv_geometry import direct_plan
+from ..codegen.conv_geometry import phase_columns, phase_kernel
 from .condensed import CondensedConv, CondensedLinear, index_dtype_for
 
-__all__ = ["LoweredLinear", "LoweredConv", "kernel_operands", "make_lowered_", "fill_ablated_rows_", "runs_direct"]
+__all__ = ["LoweredLinear", "LoweredConv", "kernel_operands", "make_lowered_", "fill_ablated_rows_", "runs_direct",
+           "subsamples"]
 
 
 class LoweredLinear(CondensedLinear):
@@ -49,14 +51,15 @@ class LoweredConv(CondensedConv):
 
     def _forward_direct(self, x: torch.Tensor) -> torch.Tensor:
         x2, kernel, stride, dilation, padding = self._as_2d(x)  # Conv1d as height 1; padding modes applied
-        if stride != (1, 1):  # a 1x1 kernel without padding (runs_direct): the strided pixels are all it reads
-            x2 = x2[:, :, :: stride[0], :: stride[1]]
+        if subsamples(self):  # a 1x1 kernel without padding: the strided pixels are all it reads
+            x2, stride = x2[:, :, :: stride[0], :: stride[1]], (1, 1)
         if self.n_active == 0:  # every filter ablated: no kernel, only the scatter of biases below
-            plan = direct_plan(x2.shape[2], x2.shape[3], kernel, padding, dilation, lanes=1)
-            y = x2.new_empty(x2.shape[0], 0, plan.out_h, plan.out_w)
-        else:
+            out = [(x2.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+                   for i in range(2)]
+            y = x2.new_empty(x2.shape[0], 0, *out)
+        else:  # (strided: self.indices hold the phase convolution's columns, see kernel_operands)
             y = conv_op.condensed_conv2d(x2, self.values, self.indices, self.bias, self.kernel_key, kernel, padding,
-                                         dilation)
+                                         dilation, stride)
         y = self.scatter(y, dim=1)
         return y.squeeze(2) if self.dims == 1 else y
 
@@ -64,19 +67,39 @@ class LoweredConv(CondensedConv):
         return f"{super().extra_repr()}, kernel={self.kernel_key.split('@')[0]}, direct={self.direct}"
 
 
-def runs_direct(layer: CondensedConv) -> bool:
-    """Whether a condensed convolution can run the direct kernel: stride 1, or a 1x1 kernel without padding."""
-    if all(step == 1 for step in layer.stride):
-        return True
+def runs_direct(layer) -> bool:
+    """Whether a condensed layer runs the direct convolution kernel on the CPU: every Conv1d/Conv2d does (strided
+    ones over phase images)."""
+    return isinstance(layer, CondensedConv)
+
+
+def subsamples(layer: CondensedConv) -> bool:
+    """A strided 1x1 convolution without padding: it reads only the strided pixels, so it runs at stride 1 on
+    them (a view) rather than over phase images (a copy)."""
     unpadded = layer.padding == "valid" or all(p == 0 for p in layer.padding)
-    return all(size == 1 for size in layer.kernel_size) and unpadded
+    strided = any(step != 1 for step in layer.stride)
+    return strided and unpadded and all(size == 1 for size in layer.kernel_size)
 
 
-def kernel_operands(layer) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """(kernel input width, values, kernel indices) of a condensed layer, before packing."""
+def _phase_strides(layer: CondensedConv) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(kernel, stride, dilation) as the direct kernel sees them (Conv1d as height 1; 1x1 subsampling at stride 1)."""
+    as2d = (lambda p: (1, p[0])) if layer.dims == 1 else tuple
+    stride = (1, 1) if subsamples(layer) else as2d(layer.stride)
+    return as2d(layer.kernel_size), stride, as2d(layer.dilation)
+
+
+def kernel_operands(layer, direct: bool = False) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(kernel input width, values, kernel indices) of a condensed layer, before packing. Convolutions read im2col
+    columns; with ``direct`` and a stride, the columns of the stride-1 convolution over phase images."""
     if isinstance(layer, CondensedConv):
         width = layer.in_channels * layer.fan_in // (layer.in_channels // layer.groups)
-        return width, layer.values, layer.global_columns().to(index_dtype_for(width))
+        columns = layer.global_columns()
+        kernel, stride, dilation = _phase_strides(layer)
+        if direct and stride != (1, 1):
+            new_kernel = phase_kernel(kernel, stride, dilation)
+            width = layer.in_channels * stride[0] * stride[1] * new_kernel[0] * new_kernel[1]
+            columns = phase_columns(columns, kernel, stride, dilation)
+        return width, layer.values, columns.to(index_dtype_for(width))
     return layer.fan_in, layer.values, layer.indices
 
 
@@ -109,12 +132,13 @@ def fill_ablated_rows_(layer, max_fraction: float = 0.25) -> bool:
 @torch.no_grad()
 def make_lowered_(layer, handle, col_threshold: int):
     """Turn a condensed layer into its lowered class in place, with operands packed for ``handle``."""
-    _, values, indices = kernel_operands(layer)
+    direct = getattr(handle, "kind", None) == "conv"
+    _, values, indices = kernel_operands(layer, direct)
     layer.__class__ = LoweredConv if isinstance(layer, CondensedConv) else LoweredLinear
     if layer.n_active:
         layer.values, layer.indices = handle.pack(values, indices)
     layer.kernel_key = handle.key if handle is not None else ""
     layer.col_threshold = col_threshold
     if isinstance(layer, LoweredConv):  # a layer without kernel (no active filter) follows its shape's route
-        layer.direct = getattr(handle, "kind", None) == "conv" if handle is not None else runs_direct(layer)
+        layer.direct = direct if handle is not None else runs_direct(layer)
     return layer

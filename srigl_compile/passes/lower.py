@@ -20,6 +20,7 @@ import torch.nn as nn
 from ..errors import LayerError, LoweringError
 from ..nn.condensed import CondensedConv, CondensedLinear
 from ..nn.masked import is_masked
+from . import fold_batchnorm as batchnorm_folding
 from .condense import condense
 
 __all__ = ["lower"]
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 
 
 def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = False, cache_dir=None,
-          col_threshold: int | None = None, progress: bool = True, dtype: torch.dtype = torch.float32) -> nn.Module:
+          col_threshold: int | None = None, progress: bool = True, dtype: torch.dtype = torch.float32,
+          fold_batchnorm: bool = True) -> nn.Module:
     """Return ``model`` (in eval mode) with its sparse layers running TVM-compiled condensed kernels.
 
     Args:
@@ -46,6 +48,10 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
         col_threshold: batches (rows of the flattened input) from this size on use the large-batch kernel
             (default: the measured crossover, ``kernel_op.DEFAULT_COL_THRESHOLD``).
         progress: show a progress bar while tuning.
+        fold_batchnorm: fold each BatchNorm that directly follows a condensed (or dense) Linear/Conv into that
+            layer's weights and bias and replace it by nn.Identity (``passes/fold_batchnorm.py`` says which fold).
+            The lowered model runs in eval mode, where a BatchNorm applies its running statistics, so the fold is
+            exact up to float rounding; False keeps the BatchNorms.
 
     Raises:
         UnsupportedTargetError: an unknown target (the message lists the supported ones).
@@ -70,6 +76,8 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
         model = condense(model, example_inputs=example_inputs)
     else:
         model = copy.deepcopy(model)
+    if fold_batchnorm:  # eval semantics (the model is returned in eval mode): running statistics fold exactly
+        batchnorm_folding.fold_batchnorm(model, example_inputs=example_inputs, inplace=True)
     layers = [(name, m) for name, m in model.named_modules() if type(m) in (CondensedLinear, CondensedConv)]
     if not layers:
         raise LayerError("the model has no sparse or condensed layers to lower: sparsify (and train) it first")
@@ -80,34 +88,35 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
     if dtype != torch.float32:
         model = model.to(dtype)  # floating tensors only: the index buffers keep their integer types
     if target_dict["kind"] == "cuda":
-        _compile_layers(layers, *_cuda_builder(target_dict, dtype_name, cache_dir, col_threshold))
+        _compile_layers(layers, *_cuda_builder(target_dict, dtype_name, cache_dir, col_threshold), direct=False)
         model = model.cuda() if torch.cuda.is_available() else model
     else:
-        _compile_layers(layers, *_llvm_builder(target_dict, tune, cache_dir, col_threshold, progress))
+        _compile_layers(layers, *_llvm_builder(target_dict, tune, cache_dir, col_threshold, progress), direct=True)
     return model.eval()  # inference only: the kernels have no backward, dropout must be off
 
 
 SUPPORTED_DTYPES = {"llvm": ("float32",), "cuda": ("float32", "float16", "bfloat16")}
 
 
-def _kernel_shapes(layers):
-    """(name, layer, kernel shape or None) per layer; a layer with no active neuron needs no kernel."""
+def _kernel_shapes(layers, direct: bool):
+    """(name, layer, kernel shape or None) per layer; a layer with no active neuron needs no kernel. ``direct``:
+    convolutions run the direct kernel (their width and columns are those of ``kernel_operands(layer, True)``)."""
     from ..nn.lowered import kernel_operands
 
     for name, layer in layers:
         if not layer.n_active:
             yield name, layer, None
             continue
-        width, values, indices = kernel_operands(layer)
+        width, values, indices = kernel_operands(layer, direct)
         yield name, layer, (layer.n_active, width, values.shape[1], str(indices.dtype).removeprefix("torch."),
                             layer.bias is not None)
 
 
-def _compile_layers(layers, build, threshold: int) -> None:
+def _compile_layers(layers, build, threshold: int, direct: bool) -> None:
     """Compile each layer's kernel with ``build(*shape)`` and turn the layer into its lowered class."""
     from ..nn.lowered import make_lowered_
 
-    for name, layer, shape in list(_kernel_shapes(layers)):
+    for name, layer, shape in list(_kernel_shapes(layers, direct)):
         make_lowered_(layer, shape and build(layer, *shape), threshold)
         log.info("lowered %s -> %s", name, layer.kernel_key)
 
@@ -115,11 +124,9 @@ def _compile_layers(layers, build, threshold: int) -> None:
 def _llvm_builder(target_dict, tune, cache_dir, col_threshold, progress):
     from ..codegen.conv_op import build_condensed_conv
     from ..codegen.kernel_op import DEFAULT_COL_THRESHOLD, build_condensed_linear
-    from ..nn.lowered import runs_direct
 
     def build(layer, *shape):
-        direct = isinstance(layer, CondensedConv) and runs_direct(layer)
-        builder = build_condensed_conv if direct else build_condensed_linear
+        builder = build_condensed_conv if isinstance(layer, CondensedConv) else build_condensed_linear
         return builder(*shape, target_dict, tune=tune, cache_dir=cache_dir, progress=tune and progress)
 
     return build, DEFAULT_COL_THRESHOLD if col_threshold is None else col_threshold

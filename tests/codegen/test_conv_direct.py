@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from srigl_compile import SRigLConfig, load_lowered, lower, save_lowered, sparsify
-from srigl_compile.codegen.conv_geometry import column_offsets, direct_plan
+from srigl_compile.codegen.conv_geometry import column_offsets, direct_plan, phase_columns, phase_kernel, strided_plan
 from srigl_compile.nn.lowered import LoweredConv
 from tests.null.test_condense import ResidualCNN, ablate, randomize_bn
 
@@ -50,6 +50,39 @@ def test_offset_plan_reads_inside_the_image_and_equals_conv2d(height, width, kh,
     assert plan.reads_in_bounds((kh, kw), (dh, dw)) and plan.tiles * lanes >= plan.positions
 
 
+@settings(max_examples=60, deadline=None)
+@given(height=st.integers(1, 12), width=st.integers(1, 12), kh=st.integers(1, 5), kw=st.integers(1, 5),
+       sh=st.integers(1, 3), sw=st.integers(1, 3), ph=st.integers(0, 2), pw=st.integers(0, 2), dh=st.integers(1, 2),
+       dw=st.integers(1, 2), lanes=st.sampled_from([1, 8, 64]), seed=st.integers(0, 2**16))
+def test_phase_images_turn_a_strided_conv_into_a_stride_1_conv(height, width, kh, kw, sh, sw, ph, pw, dh, dw, lanes,
+                                                               seed):
+    """Padding by ``strided_plan``'s amounts, splitting into phase images and remapping the columns with
+    ``phase_columns`` gives F.conv2d at the stride, and the offset kernel's reads stay inside the phase images."""
+    kernel, stride, padding, dilation = (kh, kw), (sh, sw), (ph, pw), (dh, dw)
+    if height + 2 * ph < dh * (kh - 1) + 1 or width + 2 * pw < dw * (kw - 1) + 1:
+        with pytest.raises(ValueError, match="smaller than the kernel"):
+            strided_plan(height, width, kernel, stride, padding, dilation, lanes)
+        return
+    gen = torch.Generator().manual_seed(seed)
+    channels, n_out = 2, 3
+    x = torch.randn(2, channels, height, width, generator=gen, dtype=torch.float64)
+    weight = torch.randn(n_out, channels * kh * kw, generator=gen, dtype=torch.float64)
+    expected = F.conv2d(x, weight.view(n_out, channels, kh, kw), stride=stride, padding=padding, dilation=dilation)
+    plan, pads = strided_plan(height, width, kernel, stride, padding, dilation, lanes)
+    padded = F.pad(x, pads)
+    assert padded.shape[2:] == (sh * plan.rows, sw * plan.pitch)
+    phases = padded.view(2, channels, plan.rows, sh, plan.pitch, sw).permute(0, 1, 3, 5, 2, 4) \
+        .reshape(2, channels * sh * sw, plan.rows, plan.pitch)
+    new_kernel = phase_kernel(kernel, stride, dilation)
+    columns = phase_columns(torch.arange(channels * kh * kw), kernel, stride, dilation)
+    assert len(set(columns.tolist())) == channels * kh * kw, "two taps on one phase column"
+    phase_weight = weight.new_zeros(n_out, channels * sh * sw * new_kernel[0] * new_kernel[1])
+    phase_weight[:, columns] = weight
+    got = F.conv2d(phases, phase_weight.view(n_out, -1, *new_kernel))[:, :, :plan.out_h, :plan.out_w]
+    torch.testing.assert_close(got, expected)
+    assert plan.reads_in_bounds(new_kernel, (1, 1)) and plan.tiles * lanes >= plan.positions
+
+
 # (layer, input shape, whether it runs direct)
 LAYERS = {
     "3x3 pad 1": (nn.Conv2d(8, 12, 3, padding=1), (9, 7), True),
@@ -61,7 +94,12 @@ LAYERS = {
     "even kernel same": (nn.Conv2d(4, 6, 4, padding="same"), (6, 5), True),
     "image smaller than a tile": (nn.Conv2d(3, 5, 3, padding=1), (2, 2), True),
     "conv1d": (nn.Conv1d(4, 8, 5, padding=2), (17,), True),
-    "3x3 stride 2 (im2col)": (nn.Conv2d(8, 8, 3, stride=2, padding=1), (9, 9), False),
+    "3x3 stride 2": (nn.Conv2d(8, 8, 3, stride=2, padding=1), (9, 9), True),
+    "7x7 stride 2 stem": (nn.Conv2d(3, 8, 7, stride=2, padding=3, bias=False), (20, 17), True),
+    "dilated, stride (2, 1)": (nn.Conv2d(4, 6, 3, stride=(2, 1), padding=2, dilation=2), (11, 13), True),
+    "grouped stride 2": (nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=4), (8, 9), True),
+    "stride 3 > kernel 2": (nn.Conv2d(3, 5, 2, stride=3), (8, 10), True),
+    "conv1d stride 3": (nn.Conv1d(4, 8, 5, stride=3, padding=2), (23,), True),
 }
 
 
@@ -102,15 +140,65 @@ def lowered_cnn():
     return masked.eval(), lower(masked, progress=False)
 
 
+class DownsamplingCNN(nn.Module):
+    """A ResNet-style stem and downsampling block: 7x7/2 stem, 3x3/2 conv, 1x1/2 shortcut, BatchNorm, residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 16, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(16)
+        self.down, self.bn1 = nn.Conv2d(16, 24, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(24)
+        self.shortcut = nn.Conv2d(16, 24, 1, stride=2, bias=False)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        h = F.relu(self.bn0(self.stem(x)))
+        h = F.relu(self.bn1(self.down(h)) + self.shortcut(h))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="module")
+def downsampling_cnn():
+    torch.manual_seed(0)
+    masked = randomize_bn(sparsify(DownsamplingCNN(), SRigLConfig(sparsity=0.8, distribution="uniform", seed=1)))
+    ablate(masked, {"down": [2, 5]})
+    return masked.eval(), lower(masked, progress=False)
+
+
+@pytest.mark.tvm
+def test_downsampling_cnn_runs_every_conv_direct_and_equals_masked(downsampling_cnn, tmp_path):
+    masked, lowered = downsampling_cnn
+    assert all(m.direct for m in lowered.modules() if isinstance(m, LoweredConv))
+    with torch.no_grad():
+        for shape in ((1, 3, 32, 32), (3, 3, 29, 31)):
+            x = torch.randn(shape)
+            torch.testing.assert_close(lowered(x), masked(x), rtol=1e-5, atol=1e-5)
+        x = torch.randn(2, 3, 24, 24)
+        program = torch.export.export(lowered, (x,))
+        torch.testing.assert_close(program.module()(x), masked(x), rtol=1e-5, atol=1e-5)
+        save_lowered(lowered, tmp_path / "model")
+        assert torch.equal(load_lowered(tmp_path / "model")(x), lowered(x))
+
+
 @pytest.mark.tvm
 def test_conv_op_passes_opcheck(lowered_cnn):
     _, lowered = lowered_cnn
     layer = next(m for m in lowered.modules() if isinstance(m, LoweredConv) and m.direct and m.kernel_size != (1, 1))
     args = (layer.values, layer.indices, layer.bias, layer.kernel_key, list(layer.kernel_size), list(layer.padding),
-            list(layer.dilation))
+            list(layer.dilation), [1, 1])
     for batch in (1, 2):
         torch.library.opcheck(torch.ops.srigl_compile.tvm_condensed_conv2d.default,
                               (torch.randn(batch, layer.in_channels, 6, 7), *args))
+
+
+@pytest.mark.tvm
+def test_strided_conv_op_passes_opcheck(downsampling_cnn):
+    _, lowered = downsampling_cnn
+    layer = lowered.down
+    args = (layer.values, layer.indices, layer.bias, layer.kernel_key, list(layer.kernel_size), list(layer.padding),
+            list(layer.dilation), list(layer.stride))
+    for batch in (1, 2):
+        torch.library.opcheck(torch.ops.srigl_compile.tvm_condensed_conv2d.default,
+                              (torch.randn(batch, layer.in_channels, 7, 8), *args))
 
 
 @pytest.mark.tvm
