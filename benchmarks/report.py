@@ -116,16 +116,18 @@ def checks_summary(rows: list[dict]) -> list[str]:
 
 
 def model_table(rows: list[dict]) -> list[str]:
-    lines = ["| model | batch | input | dense ms | masked ms | lowered ms | lowered vs dense | sparse layers' share "
-             "before (dense) | after (lowered) | lowered vs masked (rel. err) |", "|" + "---|" * 10]
+    lines = ["| model | batch | input | dense ms | dense, BN folded ms | masked ms | lowered ms | lowered vs dense | "
+             "vs dense, BN folded | sparse layers' share before (dense) | after (lowered) | lowered vs masked "
+             "(rel. err) |", "|" + "---|" * 12]
     for (model, batch, res), v in group(rows, ("model", "batch", "resolution")).items():
         ms = {name: (f"{r['time_us']['median'] / 1e3:.1f}" if "time_us" in r else "FAIL") for name, r in v.items()}
         low = v.get("lowered", {})
         share = lambda r: f"{r['sparse_share']['share']:.0%}" if r and "sparse_share" in r else "-"  # noqa: E731
-        speed = f"{low['speedup_vs_dense']:.2f}x" if "speedup_vs_dense" in low else "-"
+        ratio = lambda key: f"{low[key]:.2f}x" if key in low else "-"  # noqa: E731
         err = low.get("check", {}).get("max_rel_err_vs_masked", float("nan"))
-        lines.append(f"| {model} | {batch} | {res}x{res} | {ms.get('dense')} | {ms.get('masked')} | "
-                     f"{ms.get('lowered')} | {speed} | {share(v.get('dense'))} | {share(low)} | {err:.1e} |")
+        lines.append(f"| {model} | {batch} | {res}x{res} | {ms.get('dense')} | {ms.get('dense_folded', '-')} | "
+                     f"{ms.get('masked')} | {ms.get('lowered')} | {ratio('speedup_vs_dense')} | "
+                     f"{ratio('speedup_vs_dense_folded')} | {share(v.get('dense'))} | {share(low)} | {err:.1e} |")
     return lines + [""]
 
 

@@ -189,7 +189,8 @@ def plan_shrink(model: nn.Module, graph: ModelGraph) -> list[ShrinkPlan]:
                       and isinstance(modules[n.target], nn.modules.batchnorm._BatchNorm)})
         if any(calls.count(bn) > 1 for bn in bns):
             continue  # a BatchNorm also used elsewhere cannot lose channels
-        bias = layer.bias.detach()[removed] if layer.bias is not None else torch.zeros(removed.numel())
+        bias = layer.bias.detach()[removed] if layer.bias is not None else \
+            torch.zeros(removed.numel(), dtype=layer.weight.dtype)  # (float64 models stay float64)
         consumers = {c: _constant(bias, removed, path, modules, layer.weight.dim() - 2) for c, path in uses}
         if len(consumers) == len(uses) and all(_consumer_ok(modules[c], v) for c, v in consumers.items()):
             plans.append(ShrinkPlan(name, removed, bns, consumers))

@@ -1,0 +1,251 @@
+"""fold_batchnorm: eval BatchNorms after condensed / dense layers fold into them exactly; the others stay."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from srigl_compile import SRigLConfig, condense, sparsify
+from srigl_compile.nn.condensed import CondensedConv, CondensedLinear
+from srigl_compile.passes.fold_batchnorm import fold_batchnorm, plan_folds
+from srigl_compile.passes.graph_capture import capture_graph
+from tests.null.test_condense import ablate
+
+TIGHT = {"rtol": 1e-10, "atol": 1e-10}  # float64 models: the fold only reorders a few roundings
+
+
+class FoldNet(nn.Module):
+    """Each case of the fold's contract once: folded BNs are named bn_*, the others say why they stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)  # kept dense (keep_first_dense)
+        self.bn_stem = nn.BatchNorm2d(16)
+        self.expand = nn.Conv2d(16, 32, 1, bias=False)  # no bias; compact once shrink removes its ablated rows
+        self.bn_expand = nn.BatchNorm2d(32, affine=False)
+        self.project = nn.Conv2d(32, 16, 1)  # full width (its BN feeds the residual add), ablated rows
+        self.bn_project = nn.BatchNorm2d(16)
+        self.branch = nn.Conv2d(16, 16, 3, padding=1)
+        self.branch_norm = nn.BatchNorm2d(16)  # branch's output also feeds the add: stays
+        self.mix = nn.Conv2d(16, 16, 3, padding=1)
+        self.shared_norm = nn.BatchNorm2d(16)  # called twice: stays
+        self.fc = nn.Linear(16 * 4, 24)  # input flattened from dim 1: output [batch, features]
+        self.bn_fc = nn.BatchNorm1d(24)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        h = F.relu(self.bn_stem(self.stem(x)))
+        h = h + self.bn_project(self.project(F.relu(self.bn_expand(self.expand(h)))))
+        b = self.branch(h)
+        h = F.relu(self.branch_norm(b)) + b
+        h = self.shared_norm(self.mix(h)) + self.shared_norm(h)
+        h = torch.flatten(F.adaptive_avg_pool2d(h, 2), 1)
+        return self.head(F.relu(self.bn_fc(self.fc(h))))
+
+
+FOLDED = [("stem", "bn_stem"), ("expand", "bn_expand"), ("project", "bn_project"), ("fc", "bn_fc")]
+
+
+def randomize_bn(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                if m.affine:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-1, 1)
+    return model
+
+
+def masked_foldnet():
+    torch.manual_seed(0)
+    config = SRigLConfig(sparsity=0.8, seed=2, keep_first_dense=True)
+    masked = randomize_bn(sparsify(FoldNet(), config))
+    ablate(masked, {"expand": [0, 3, 9], "project": [2], "fc": [1, 4], "branch": [5]},
+           {("project", 2): 0.7, ("fc", 4): -0.6})
+    return masked.eval()
+
+
+def condensed_float64(masked, **kwargs):
+    """(masked, condensed) in float64. Condensed from float32: shrink folds a bias-less layer's constant as
+    float32 zeros, which a float64 BatchNorm rejects."""
+    condensed = condense(masked, **kwargs).double()
+    return masked.double(), condensed
+
+
+def assert_same(folded, reference, *inputs, tol=TIGHT):
+    with torch.no_grad():
+        torch.testing.assert_close(folded.eval()(*inputs), reference.eval()(*inputs), **tol)
+
+
+def batchnorm_names(model):
+    return sorted(name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+
+@pytest.mark.parametrize("shrink", [True, False])
+def test_cnn_folds_what_the_contract_allows_and_keeps_outputs(shrink):
+    masked, condensed = condensed_float64(masked_foldnet(), shrink=shrink)
+    assert sorted(plan_folds(condensed, capture_graph(condensed))) == sorted(FOLDED)
+    folded = fold_batchnorm(condensed)
+    assert type(folded) is FoldNet and batchnorm_names(condensed) == batchnorm_names(masked), "input untouched"
+    assert batchnorm_names(folded) == ["branch_norm", "shared_norm"]
+    for _, bn in FOLDED:
+        assert isinstance(getattr(folded, bn), nn.Identity), bn
+    assert type(folded.stem) is nn.Conv2d and isinstance(folded.expand, CondensedConv)
+    assert folded.expand.compact == shrink and folded.expand.n_active == 29
+    assert not folded.project.compact and folded.project.n_active == 15, "ablated neurons of a full-width layer"
+    assert isinstance(folded.fc, CondensedLinear) and not folded.fc.compact and folded.fc.n_active == 22
+    assert folded.expand.bias is not None and folded.expand.bias.shape == (29,), "a bias is created"
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 8, 8, dtype=torch.float64)
+        assert_same(folded, condensed, x)
+        assert_same(folded, masked, x, tol={"rtol": 1e-6, "atol": 1e-6})  # shrink's constants were float32
+
+
+def test_ablated_neurons_of_full_width_layers_output_the_normalised_bias():
+    masked, condensed = condensed_float64(masked_foldnet())
+    folded = fold_batchnorm(condensed)
+    bn = masked.bn_project
+    expected = (masked.project.bias[2] - bn.running_mean[2]) / torch.sqrt(bn.running_var[2] + bn.eps) * bn.weight[2] + bn.bias[2]
+    assert 2 not in folded.project.active.tolist()
+    torch.testing.assert_close(folded.project.full_bias[2], expected.detach(), **TIGHT)
+
+
+def test_float32_model_folds_within_float_rounding():
+    condensed = condense(masked_foldnet())
+    folded = fold_batchnorm(condensed)
+    assert folded.fc.values.dtype == torch.float32 and folded.fc.bias.dtype == torch.float32
+    assert_same(folded, condensed, torch.randn(4, 3, 8, 8), tol={"rtol": 1e-5, "atol": 1e-5})
+
+
+def test_conv1d_and_linear_after_flatten():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(8 * 6, 16, bias=False), nn.BatchNorm1d(16, affine=False), nn.ReLU(),
+                        nn.Dropout(0.1), nn.Linear(16, 12), nn.BatchNorm1d(12), nn.Linear(12, 3))
+    masked = ablate(randomize_bn(sparsify(net, SRigLConfig(sparsity=0.7, seed=1))), {"0": [2], "4": [0, 5], "8": [3]})
+    _, condensed = condensed_float64(masked)
+    folded = fold_batchnorm(condensed)
+    assert batchnorm_names(folded) == [], "Linear -> BN -> ReLU -> Dropout -> Linear keeps [batch, features]"
+    assert isinstance(folded[0], CondensedConv) and isinstance(folded[8], CondensedLinear)
+    assert_same(folded, condensed, torch.randn(5, 4, 6, dtype=torch.float64))
+
+
+class Reshaped(nn.Module):
+    """A Linear after a 2-d view/reshape or flatten folds; after one that may keep more dims it must not."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.fc, self.bn = nn.Linear(8, 8), nn.BatchNorm1d(8)
+
+    def forward(self, x):  # x: [B, 2, 4] or [B, 8, 8]
+        h = {"view": lambda: x.view(x.size(0), -1), "reshape": lambda: x.reshape(-1, 8),
+             "flatten": lambda: x.flatten(1), "torch.flatten": lambda: torch.flatten(x, 1),
+             "as is": lambda: x, "flatten from 2": lambda: x.flatten(2)}[self.how]()
+        return self.bn(self.fc(h))
+
+
+@pytest.mark.parametrize("how, folds", [("view", True), ("reshape", True), ("flatten", True),
+                                        ("torch.flatten", True), ("as is", False), ("flatten from 2", False)])
+def test_batchnorm1d_after_linear_folds_only_on_batch_by_features(how, folds):
+    torch.manual_seed(0)
+    net = randomize_bn(Reshaped(how)).double().eval()
+    folded = fold_batchnorm(net)
+    assert isinstance(folded.bn, nn.Identity) == folds
+    x = torch.randn(3, 2, 4, dtype=torch.float64) if folds else torch.randn(3, 8, 8, dtype=torch.float64)
+    assert_same(folded, net, x)  # [3, 8, 8]: BatchNorm1d normalises dim 1, not the Linear's features
+
+
+class Untraceable(nn.Module):
+    """symbolic_trace fails on the shape check; torch.export captures it from example inputs."""
+
+    def __init__(self, features=8):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(features, features), nn.BatchNorm1d(features)
+        self.conv, self.conv_norm = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.shared_norm = nn.BatchNorm2d(8, affine=False)
+
+    def forward(self, x, v):
+        if x.dim() != 4:
+            raise ValueError("images are [B, C, H, W]")
+        h = self.conv_norm(self.conv(x))
+        return self.shared_norm(h) + self.shared_norm(h * 2), self.bn(self.fc(v))
+
+
+@pytest.mark.parametrize("v_shape, fc_folds", [((3, 8), True), ((3, 8, 8), False)])
+def test_torch_export_graphs_fold_by_module_stack_and_recorded_shapes(v_shape, fc_folds):
+    torch.manual_seed(0)
+    net = Untraceable()
+    example = (torch.randn(2, 3, 6, 6), torch.randn(v_shape))
+    masked = randomize_bn(sparsify(net, SRigLConfig(sparsity=0.6), example_inputs=example))
+    _, condensed = condensed_float64(masked, example_inputs=example)
+    example = tuple(t.double() for t in example)
+    folded = fold_batchnorm(condensed, example_inputs=example)
+    expected = ["shared_norm"] + ([] if fc_folds else ["bn"])
+    assert batchnorm_names(folded) == sorted(expected)
+    assert isinstance(folded.conv_norm, nn.Identity) and isinstance(folded.conv, CondensedConv)
+    assert_same(folded, condensed, *example)
+
+
+def test_untraceable_model_without_example_inputs_warns_and_stays_correct(caplog):
+    torch.manual_seed(0)
+    net = randomize_bn(Untraceable()).eval()
+    with caplog.at_level(logging.WARNING, logger="srigl_compile.passes.fold_batchnorm"):
+        folded = fold_batchnorm(net)
+    assert "BatchNorm layers stay unfolded" in caplog.text and "symbolic_trace failed" in caplog.text
+    assert batchnorm_names(folded) == batchnorm_names(net)
+    assert_same(folded, net, torch.randn(2, 3, 6, 6), torch.randn(3, 8), tol={"rtol": 0, "atol": 0})
+
+
+class NotFoldable(nn.Module):
+    """A conv + BatchNorm pair that looks foldable but is not, for the reason named by ``case``."""
+
+    def __init__(self, case):
+        super().__init__()
+        self.case = case
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.bn = nn.BatchNorm2d(6, track_running_stats=case != "batch statistics")
+        if case == "two names":
+            self.alias = self.bn  # symbolic_trace names the call "bn"; replacing "bn" would leave "alias"
+
+    def forward(self, x):
+        if self.case == "two names":
+            return self.alias(self.conv(x))
+        c = self.conv(x)
+        y = self.bn(c)
+        if self.case == "conv called twice":
+            return y + self.conv(x)
+        if self.case == "conv output used twice":
+            return y + c
+        if self.case == "weight read by hand":
+            return y * self.bn.weight.sum()
+        return y
+
+
+@pytest.mark.parametrize("case", ["batch statistics", "two names", "conv called twice", "weight read by hand",
+                                  "conv output used twice"])
+def test_unfoldable_pairs_are_left_alone(case):
+    torch.manual_seed(0)
+    net = NotFoldable(case).double().eval()
+    if case != "batch statistics":
+        randomize_bn(net)
+    assert plan_folds(net, capture_graph(net)) == []
+    folded = fold_batchnorm(net)
+    assert isinstance(folded.bn, nn.BatchNorm2d)
+    assert_same(folded, net, torch.randn(2, 3, 7, 7, dtype=torch.float64))
+
+
+def test_dense_layers_fold_like_torch_fusion():
+    torch.manual_seed(0)
+    net = randomize_bn(nn.Sequential(nn.Flatten(), nn.Linear(12, 6, bias=False), nn.BatchNorm1d(6, affine=False),
+                                     nn.Linear(6, 4), nn.BatchNorm1d(4))).eval()
+    folded = fold_batchnorm(net)
+    assert batchnorm_names(folded) == [] and folded[1].bias is not None
+    fused = torch.nn.utils.fusion.fuse_linear_bn_eval(net[3], net[4])
+    torch.testing.assert_close(folded[3].weight, fused.weight)
+    torch.testing.assert_close(folded[3].bias, fused.bias)
+    assert_same(folded, net, torch.randn(5, 3, 4), tol={"rtol": 1e-5, "atol": 1e-5})
