@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from .conv_geometry import DirectPlan, column_offsets, direct_plan, phase_kernel, strided_plan
-from .kernel_op import (K_MULTIPLE, KernelShapeFields, check_bias, check_cpu_float32, get_handle, get_registered,
-                        handle_key, pack_operands, register_handle)
+from .kernel_op import (K_MULTIPLE, KernelShapeFields, block_rows, check_bias, check_cpu_float32, get_handle,
+                        get_registered, handle_key, pack_operands, register_handle)
 from .rules import ColParams
 
 __all__ = ["ConvKernelHandle", "build_condensed_conv", "condensed_conv2d"]
@@ -68,8 +68,14 @@ class ConvKernelHandle(KernelShapeFields):
         return self.params.lanes
 
     def pack(self, values: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kernel operands from a condensed conv's (values, im2col columns) [n_out, k]; see ``pack_operands``."""
-        return pack_operands(self, values, columns, torch.float32)
+        """Kernel operands from a condensed conv's (values, im2col columns) [n_out, k]: ``pack_operands``, then
+        blocked as the kernel reads them (``block_rows``: [n_out / rows, k_pad / kin, rows, kin]). Do it once."""
+        values, columns = pack_operands(self, values, columns, torch.float32)
+        return block_rows(values, self.params.rows, self.params.kin), block_rows(columns, self.params.rows,
+                                                                                 self.params.kin)
+
+    def is_packed(self, values: torch.Tensor) -> bool:
+        return values.dim() == 4 and values.shape[1] * values.shape[3] == self.k_pad
 
     def offsets(self, columns: torch.Tensor, kernel, dilation, plan: DirectPlan) -> torch.Tensor:
         """``column_offsets`` for this image size, computed once per (columns tensor, size)."""
@@ -127,7 +133,7 @@ def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilati
     if width != handle.n_in:
         raise ValueError(f"kernel {handle.key} reads {handle.n_in} im2col columns; {x.shape[1]} channels with a "
                          f"{kernel} kernel at stride {stride} give {width}")
-    if values.shape[1] != handle.k_pad:
+    if not handle.is_packed(values):
         values, columns = handle.pack(values, columns)  # slow path: callers should pack once
     batch = x.shape[0]
     if strided:
@@ -165,7 +171,7 @@ _LIB.impl("tvm_condensed_conv2d", _run, "CompositeExplicitAutograd")
 def _tvm_condensed_conv2d_fake(x, values, columns, bias, kernel_key, kernel_size, padding, dilation, stride):
     out_h, out_w = ((x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1) // stride[i] + 1
                     for i in range(2))
-    return x.new_empty(x.shape[0], values.shape[0], out_h, out_w)
+    return x.new_empty(x.shape[0], get_handle(kernel_key).n_out, out_h, out_w)  # (values are blocked, padded)
 
 
 def condensed_conv2d(x: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, bias: torch.Tensor | None,

@@ -36,7 +36,7 @@ from ..errors import DeviceError, LoweringError
 from .rules import ColParams, RowParams
 
 __all__ = ["KernelHandle", "build_condensed_linear", "condensed_linear", "register_handle", "get_handle",
-           "get_registered", "pack_operands", "check_batch_input", "check_cpu_float32", "check_bias",
+           "get_registered", "pack_operands", "block_rows", "check_batch_input", "check_cpu_float32", "check_bias",
            "KernelDeviceError", "KernelDtypeError", "K_MULTIPLE", "DEFAULT_COL_THRESHOLD"]
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,16 @@ def pack_operands(handle, values: torch.Tensor, indices: torch.Tensor, value_dty
         values = torch.cat([values, values.new_zeros(handle.n_out, extra)], dim=1)
         indices = torch.cat([indices, indices[:, -1:].expand(handle.n_out, extra)], dim=1)
     return values.contiguous(), indices.contiguous()
+
+
+def block_rows(operand: torch.Tensor, rows: int, k_tile: int) -> torch.Tensor:
+    """[n, k] -> [ceil(n / rows), k / k_tile, rows, k_tile], contiguous: row block by row block, k-tile by k-tile,
+    the order a kernel task reads them in; zero rows fill the last block (zero weights, index 0, in range)."""
+    n, k = operand.shape
+    blocks = -(-n // rows)
+    if blocks * rows != n:
+        operand = torch.cat([operand, operand.new_zeros(blocks * rows - n, k)])
+    return operand.view(blocks, rows, k // k_tile, k_tile).permute(0, 2, 1, 3).contiguous()
 
 
 def check_cpu_float32(x: torch.Tensor, key: str) -> None:

@@ -6,6 +6,7 @@
                                y [NT, lanes, n_out] is y [B, n_out]; ``pack_kernel`` makes xt from x [B, n_in]
                                (or xt [n_in, NT, lanes], yt [n_out, NT, lanes] with tiles_first=False)
     offset layout (direct conv):  y[b, o, t, l] = bias[o] + sum_r w[o, r] * x[b, off[o, r] + t * lanes + l]
+                               (w and off blocked by rows and k-tiles, in the order the kernel reads them)
                                x [B, L]: one zero-padded image per row, flattened [C, Hx, Wp]; off[o, r] is where
                                the r-th input (channel, kernel row, kernel column) of output o starts in it, so the
                                output positions q = t * lanes + l run over the padded grid [OH, Wp] (see
@@ -153,25 +154,34 @@ def pack_kernel(n_in: int, lanes: int, symbol: str):
     return func.with_attr("global_symbol", symbol).with_attr("srigl.layout", "pack")
 
 
-def offset_kernel(n_out: int, k: int, lanes: int, has_bias: bool, symbol: str):
-    """PrimFunc ``f(x[B, L], w[n_out, k], off[n_out, k] int32, (bias[n_out],) y[B, n_out, NT, lanes])``: a stride-1
-    convolution read straight from the padded input; the caller guarantees ``off + NT * lanes <= L``.
+def offset_kernel(n_out: int, k: int, lanes: int, has_bias: bool, symbol: str, block_rows: int = 32,
+                  k_tile: int = 8):
+    """PrimFunc ``f(x[B, L], w[NB, k / k_tile, block_rows, k_tile], off[same] int32, (bias[n_out],)
+    y[B, n_out, NT, lanes])``: a stride-1 convolution read straight from the padded input; the caller guarantees
+    ``off + NT * lanes <= L``.
 
-    Every size but n_out and k is a runtime argument, so one kernel serves a layer at any image size.
+    w and off are [n_out, k] blocked in the order a task reads them (``kernel_op.block_rows``): row block c holds
+    rows c * block_rows ... (zero rows pad the last block), k-tile by k-tile. Row-major [n_out, k] made a task read
+    ``block_rows`` strided streams per operand at once, which the prefetchers could not follow and which aliased in
+    L1 (1.1-2x slower, hot or cold). Every size but n_out and k is a runtime argument, so one kernel serves a layer
+    at any image size.
     """
-    if min(n_out, k, lanes) < 1:
-        raise ValueError(f"n_out, k and lanes must be >= 1, got {n_out}, {k}, {lanes}")
+    if min(n_out, k, lanes, block_rows, k_tile) < 1 or k % k_tile:
+        raise ValueError(f"n_out, k, lanes, block_rows and k_tile must be >= 1 and k_tile must divide k, got "
+                         f"{n_out}, {k}, {lanes}, {block_rows}, {k_tile}")
     te = import_tvm().te
     batch, length, tiles = te.var("B", "int64"), te.var("L", "int64"), te.var("NT", "int64")
+    blocks = -(-n_out // block_rows)
     x = te.placeholder((batch, length), "float32", name="x")
-    w, off = _operands(te, n_out, k, "int32")
-    r = te.reduce_axis((0, k), name="r")
-    acc = te.compute((batch, tiles, n_out, lanes), lambda b, t, o, lane: te.sum(
-        w[o, r] * x[b, off[o, r].astype("int64") + t * lanes + lane], axis=r), name="acc")
+    w = te.placeholder((blocks, k // k_tile, block_rows, k_tile), "float32", name="w")
+    off = te.placeholder((blocks, k // k_tile, block_rows, k_tile), "int32", name="idx")
+    ko, ki = te.reduce_axis((0, k // k_tile), name="ko"), te.reduce_axis((0, k_tile), name="ki")
+    acc = te.compute((batch, tiles, blocks, block_rows, lanes), lambda b, t, c, o, lane: te.sum(
+        w[c, ko, o, ki] * x[b, off[c, ko, o, ki].astype("int64") + t * lanes + lane], axis=[ko, ki]), name="acc")
     # y is always a block of its own: the write-back from the task's [rows, lanes] accumulators to [B, n_out, ...]
     bias = te.placeholder((n_out,), "float32", name="bias")
-    y = te.compute((batch, n_out, tiles, lanes), lambda b, o, t, lane: acc[b, t, o, lane] + bias[o] if has_bias
-                   else acc[b, t, o, lane], name="y")
+    y = te.compute((batch, n_out, tiles, lanes), lambda b, o, t, lane: (
+        acc[b, t, o // block_rows, o % block_rows, lane] + (bias[o] if has_bias else 0.0)), name="y")
     args = [x, w, off, bias, y] if has_bias else [x, w, off, y]
     func = te.create_prim_func(args)
     return func.with_attr("global_symbol", symbol).with_attr("srigl.layout", "offset")

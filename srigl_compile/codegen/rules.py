@@ -22,8 +22,9 @@ tiles_first) with the bias.
 Pack rule: x [B, in] -> [NT, in, lanes] tiles for the col kernel (a blocked transpose; see PackRule).
 
 Offset rule (direct convolution, x as padded images [B, C * Hx * Wp]): the col rule's loop nest with (image x
-position tile x row chunk) as the parallel tasks; a non-zero's ``lanes`` inputs are contiguous, so each
-broadcast-FMA reads one unaligned vector and no layout change is needed.
+position tile x row block) as the parallel tasks, on weights and offsets stored block by block in that order; a
+non-zero's ``lanes`` inputs are contiguous, so each broadcast-FMA reads one unaligned vector and the input needs
+no layout change.
 
 Example:
     >>> sch = RowRule().apply(row_kernel(768, 3072, 312, "int16"), {"kind": "llvm"}, RowParams())  # doctest: +SKIP
@@ -137,7 +138,7 @@ def _col_space(k: int, row_chunks: tuple[int, ...]) -> list[ColParams]:
 
 
 def _broadcast_fma_nest(sch, before: tuple, rows, after: tuple, lanes, red, params: ColParams):
-    """The col and offset rules' loop nest: parallel tasks of (``before``, row chunk, ``after``); inside, k-tiles
+    """The col rule's loop nest: parallel tasks of (``before``, row chunk, ``after``); inside, k-tiles
     outermost, then rows, an unrolled k-inner tile and ``rin`` unrolled rows of broadcast-FMAs on the vectorised
     lanes. Returns (the fused task loop, the k-tile loop)."""
     row_chunk, row = sch.split(rows, [None, params.rows])
@@ -213,7 +214,8 @@ class PackRule:
 
 
 class OffsetRule:
-    """Direct-convolution rule for the offset layout; see the module docstring."""
+    """Direct-convolution rule for the offset layout; see the module docstring. The kernel's operands are blocked
+    by ``rows`` and ``kin`` (``kernels.offset_kernel``), so a variant only applies to the function built for it."""
 
     name = "offset"
     params_type = ColParams
@@ -227,15 +229,22 @@ class OffsetRule:
     def apply(self, func, target=None, params: ColParams | None = None):
         if layout_of(func) != "offset" or not _is_llvm(target):
             return None
-        params = params or self.default(_fan_in(func))
-        if not isinstance(params, ColParams) or params.rows % params.rin or _fan_in(func) % params.kin:
+        _, k_tiles, block_rows, k_tile = (int(n) for n in func.params[1].shape)
+        params = params or self.default(k_tiles * k_tile)
+        if not isinstance(params, ColParams) or params.rows % params.rin:
             return None
-        if int(func.params[-1].shape[-1]) != params.lanes:
-            return None  # the lanes are part of the kernel's definition (y [B, n_out, NT, lanes])
+        if (block_rows, k_tile, int(func.params[-1].shape[-1])) != (params.rows, params.kin, params.lanes):
+            return None  # rows, kin and lanes are part of the kernel's definition (operand blocks, y's tiles)
         sch = import_tvm().s_tir.Schedule(func)
         acc = sch.get_sblock("acc")
-        image, tile, rows, lanes, red = sch.get_loops(acc)
-        work, red_outer = _broadcast_fma_nest(sch, (image, tile), rows, (), lanes, red, params)
+        image, tile, block, rows, lanes, red_outer, red_inner = sch.get_loops(acc)
+        row_outer, row_inner = sch.split(rows, [None, params.rin])
+        sch.reorder(image, tile, block, red_outer, row_outer, red_inner, row_inner, lanes)
+        work = sch.fuse(image, tile, block)
+        sch.parallel(work)
+        sch.vectorize(lanes)
+        sch.unroll(red_inner)
+        sch.unroll(row_inner)
         out = sch.get_sblock("y")
         sch.reverse_compute_at(out, work)
         sch.vectorize(sch.get_loops(out)[-1])

@@ -64,7 +64,8 @@ class KernelShape:
         if layout == "row":
             return row_kernel(self.n_out, self.n_in, self.k, self.index_dtype, self.has_bias, self.symbol("row"))
         if layout == "offset":
-            return offset_kernel(self.n_out, self.k, params.lanes, self.has_bias, self.symbol("offset"))
+            return offset_kernel(self.n_out, self.k, params.lanes, self.has_bias, self.symbol("offset"),
+                                 params.rows, params.kin)
         return col_kernel(self.n_out, self.n_in, self.k, self.index_dtype, params.lanes, self.has_bias,
                           self.symbol("col"), tiles_first=True)
 
@@ -189,6 +190,12 @@ def _timing_args(shape: KernelShape, layout: str, params, device) -> list:
     idx = idx.astype("int32" if layout == "offset" else shape.index_dtype)
     ops = [rng.standard_normal((shape.n_out, shape.k), dtype=np.float32),
            idx.view(np.int64) if layout == "row" else idx]  # (the row kernel reads 64-bit index words)
+    if layout == "offset":  # operands blocked as the offset kernel reads them
+        import torch
+
+        from .kernel_op import block_rows
+
+        ops = [block_rows(torch.from_numpy(a), params.rows, params.kin).numpy() for a in ops]
     if shape.has_bias:
         ops.append(rng.standard_normal(shape.n_out, dtype=np.float32))
     if layout == "row":

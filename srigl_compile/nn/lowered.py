@@ -40,6 +40,16 @@ class LoweredConv(CondensedConv):
 
     direct = False  # (layers saved before the direct kernel existed run im2col)
 
+    # Direct layers hold their operands blocked as the kernel reads them, [row blocks, k / kin, rows, kin]
+    # (``ConvKernelHandle.pack``), zero rows filling the last block: k and n_active come from elsewhere.
+    @property
+    def k(self) -> int:
+        return self.values.shape[1] * self.values.shape[3] if self.values.dim() == 4 else self.values.shape[1]
+
+    @property
+    def n_active(self) -> int:
+        return self.active.numel() if self.values.dim() == 4 else self.values.shape[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.direct:
             return self._forward_direct(x)

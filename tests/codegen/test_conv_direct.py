@@ -248,3 +248,15 @@ def test_bad_conv_inputs_are_clear_errors(lowered_cnn):
     with pytest.raises(ValueError, match="has_bias"):
         condensed_conv2d(torch.randn(1, layer.in_channels, 5, 5), layer.values, layer.indices,
                          None if layer.bias is not None else torch.zeros(layer.n_active), *args[3:])
+
+
+def test_block_rows_orders_operands_as_a_task_reads_them():
+    from srigl_compile.codegen.kernel_op import block_rows
+
+    operand = torch.arange(5 * 8).view(5, 8) + 1
+    blocked = block_rows(operand, rows=2, k_tile=4)  # 3 row blocks, the last one padded with a zero row
+    assert blocked.shape == (3, 2, 2, 4) and blocked.is_contiguous()
+    for row in range(6):
+        for col in range(8):
+            expected = operand[row, col] if row < 5 else 0
+            assert blocked[row // 2, col // 4, row % 2, col % 4] == expected
