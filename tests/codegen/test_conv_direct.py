@@ -100,6 +100,8 @@ LAYERS = {
     "grouped stride 2": (nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=4), (8, 9), True),
     "stride 3 > kernel 2": (nn.Conv2d(3, 5, 2, stride=3), (8, 10), True),
     "conv1d stride 3": (nn.Conv1d(4, 8, 5, stride=3, padding=2), (23,), True),
+    "stride 2, reflect": (nn.Conv2d(4, 6, 3, stride=2, padding=1, padding_mode="reflect"), (9, 10), True),
+    "1x1 stride 2, padded": (nn.Conv2d(4, 6, 1, stride=2, padding=1), (7, 8), True),
 }
 
 
@@ -179,26 +181,25 @@ def test_downsampling_cnn_runs_every_conv_direct_and_equals_masked(downsampling_
         assert torch.equal(load_lowered(tmp_path / "model")(x), lowered(x))
 
 
+def opcheck_conv(layer, stride, image):
+    args = (layer.values, layer.indices, layer.bias, layer.kernel_key, list(layer.kernel_size), list(layer.padding),
+            list(layer.dilation), list(stride))
+    for batch in (1, 2):
+        torch.library.opcheck(torch.ops.srigl_compile.tvm_condensed_conv2d.default,
+                              (torch.randn(batch, layer.in_channels, *image), *args))
+
+
 @pytest.mark.tvm
 def test_conv_op_passes_opcheck(lowered_cnn):
     _, lowered = lowered_cnn
     layer = next(m for m in lowered.modules() if isinstance(m, LoweredConv) and m.direct and m.kernel_size != (1, 1))
-    args = (layer.values, layer.indices, layer.bias, layer.kernel_key, list(layer.kernel_size), list(layer.padding),
-            list(layer.dilation), [1, 1])
-    for batch in (1, 2):
-        torch.library.opcheck(torch.ops.srigl_compile.tvm_condensed_conv2d.default,
-                              (torch.randn(batch, layer.in_channels, 6, 7), *args))
+    opcheck_conv(layer, (1, 1), (6, 7))
 
 
 @pytest.mark.tvm
 def test_strided_conv_op_passes_opcheck(downsampling_cnn):
     _, lowered = downsampling_cnn
-    layer = lowered.down
-    args = (layer.values, layer.indices, layer.bias, layer.kernel_key, list(layer.kernel_size), list(layer.padding),
-            list(layer.dilation), list(layer.stride))
-    for batch in (1, 2):
-        torch.library.opcheck(torch.ops.srigl_compile.tvm_condensed_conv2d.default,
-                              (torch.randn(batch, layer.in_channels, 7, 8), *args))
+    opcheck_conv(lowered.down, lowered.down.stride, (7, 8))
 
 
 @pytest.mark.tvm
