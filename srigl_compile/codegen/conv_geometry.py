@@ -30,7 +30,8 @@ import dataclasses
 
 import torch
 
-__all__ = ["DirectPlan", "direct_plan", "column_offsets", "phase_kernel", "phase_columns", "strided_plan"]
+__all__ = ["DirectPlan", "direct_plan", "column_offsets", "phase_kernel", "phase_columns", "strided_plan",
+           "exact_tile"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,3 +125,14 @@ def strided_plan(height: int, width: int, kernel: tuple[int, int], stride: tuple
     rows, cols = stride[0] * plan.rows, stride[1] * plan.pitch
     pads = (padding[1], cols - width - padding[1], padding[0], rows - height - padding[0])
     return plan, pads
+
+
+def exact_tile(positions: int) -> int | None:
+    """A tile width (lanes) that divides an unpadded 1x1 convolution's ``positions`` (= out_h * out_w), so its
+    grid has no rounded-up tail: no zero rows to pad in, no columns to crop out, no lanes computed for nothing.
+    The widest multiple of 8 up to 64 that divides it (whole AVX2 vectors), else the widest divisor in 33..64 (49
+    for 7x7 and 14x14 maps: 6 vectors and one scalar lane), else None."""
+    for lanes in (*range(64, 7, -8), *range(63, 32, -1)):
+        if positions % lanes == 0:
+            return lanes
+    return None

@@ -91,7 +91,7 @@ class ConvKernelHandle(KernelShapeFields):
 
 def build_condensed_conv(n_out: int, n_in: int, k: int, index_dtype: str = "int32", has_bias: bool = True,
                          target: Mapping[str, Any] | None = None, *, tune: bool = False, cache_dir=None,
-                         progress: bool | None = None) -> ConvKernelHandle:
+                         progress: bool | None = None, lanes: int | None = None) -> ConvKernelHandle:
     """Compile (once per process) the offset kernel of a condensed convolution and register its handle.
 
     Args:
@@ -99,6 +99,8 @@ def build_condensed_conv(n_out: int, n_in: int, k: int, index_dtype: str = "int3
         n_in: the im2col width C * kh * kw (the columns must lie below it).
         index_dtype: dtype of the stored columns ("int16" or "int32"); the kernel itself reads int32 offsets.
         tune / cache_dir / progress: as ``build_condensed_linear`` (the search runs on 14x14 images).
+        lanes: output positions per tile, overriding the chosen variant's (``conv_geometry.exact_tile``: a width
+            that divides a 1x1 layer's grid needs no padding or crop); part of the handle's key.
     """
     from .cpu_target import check_llvm_target
     from .tuning import KernelShape, compile_offset_kernel, select_params
@@ -106,8 +108,10 @@ def build_condensed_conv(n_out: int, n_in: int, k: int, index_dtype: str = "int3
     target = check_llvm_target(target)
     k_pad = -(-k // K_MULTIPLE) * K_MULTIPLE
     shape = KernelShape(n_out, n_in, k_pad, index_dtype, has_bias)
-    key = "conv_" + handle_key(n_out, n_in, k, index_dtype, has_bias, target)
+    key = "conv_" + handle_key(n_out, n_in, k, index_dtype, has_bias, target) + (f"_l{lanes}" if lanes else "")
     params = select_params(shape, "offset", target, tune=tune, cache_dir=cache_dir, progress=progress)
+    if lanes:
+        params = dataclasses.replace(params, lanes=lanes)
     existing = get_registered(key)
     if existing is not None and existing.params == params:
         return existing

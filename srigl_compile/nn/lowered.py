@@ -17,7 +17,7 @@ from ..codegen.conv_geometry import phase_columns, phase_kernel
 from .condensed import CondensedConv, CondensedLinear, index_dtype_for
 
 __all__ = ["LoweredLinear", "LoweredConv", "kernel_operands", "make_lowered_", "fill_ablated_rows_", "runs_direct",
-           "subsamples"]
+           "subsamples", "pointwise_unpadded"]
 
 
 class LoweredLinear(CondensedLinear):
@@ -83,12 +83,16 @@ def runs_direct(layer) -> bool:
     return isinstance(layer, CondensedConv)
 
 
+def pointwise_unpadded(layer: CondensedConv) -> bool:
+    """A 1x1 convolution without padding (zero or other mode): each output reads one pixel."""
+    unpadded = layer.padding == "valid" or all(p == 0 for p in layer.padding)
+    return unpadded and all(size == 1 for size in layer.kernel_size)
+
+
 def subsamples(layer: CondensedConv) -> bool:
     """A strided 1x1 convolution without padding: it reads only the strided pixels, so it runs at stride 1 on
     them (a view) rather than over phase images (a copy)."""
-    unpadded = layer.padding == "valid" or all(p == 0 for p in layer.padding)
-    strided = any(step != 1 for step in layer.stride)
-    return strided and unpadded and all(size == 1 for size in layer.kernel_size)
+    return any(step != 1 for step in layer.stride) and pointwise_unpadded(layer)
 
 
 def _phase_strides(layer: CondensedConv) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:

@@ -91,7 +91,9 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
         _compile_layers(layers, *_cuda_builder(target_dict, dtype_name, cache_dir, col_threshold), direct=False)
         model = model.cuda() if torch.cuda.is_available() else model
     else:
-        _compile_layers(layers, *_llvm_builder(target_dict, tune, cache_dir, col_threshold, progress), direct=True)
+        tiles = _exact_tiles(model, layers, example_inputs)
+        _compile_layers(layers, *_llvm_builder(target_dict, tune, cache_dir, col_threshold, progress, tiles),
+                        direct=True)
     return model.eval()  # inference only: the kernels have no backward, dropout must be off
 
 
@@ -121,13 +123,46 @@ def _compile_layers(layers, build, threshold: int, direct: bool) -> None:
         log.info("lowered %s -> %s", name, layer.kernel_key)
 
 
-def _llvm_builder(target_dict, tune, cache_dir, col_threshold, progress):
+def _exact_tiles(model: nn.Module, layers, example_inputs) -> dict[int, int]:
+    """id(layer) -> a tile width dividing the output grid, for unpadded 1x1 convolutions, from the output sizes on
+    ``example_inputs`` (shapes only: the forward runs on fake tensors). Empty without example inputs, or when the
+    fake forward fails (the layers then use their default tiles: correct, with a padded tail)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_map
+
+    from ..codegen.conv_geometry import exact_tile
+    from ..nn.lowered import pointwise_unpadded
+    from .graph_capture import _as_args
+
+    pointwise = [m for _, m in layers if isinstance(m, CondensedConv) and pointwise_unpadded(m)]
+    if example_inputs is None or not pointwise:
+        return {}
+    positions: dict[int, int] = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out: positions.__setitem__(id(mod), out.shape[2:].numel()))
+             for m in pointwise]
+    try:
+        args, kwargs = _as_args(example_inputs)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+            fake = lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t  # noqa: E731
+            model.eval()(*tree_map(fake, args), **tree_map(fake, kwargs))
+    except Exception as err:  # an op without a fake implementation: an optimisation is lost, nothing else
+        log.info("no output sizes for the 1x1 convolutions' tiles (%s): default tiles", err)
+        return {}
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {key: lanes for key, size in positions.items() if (lanes := exact_tile(size))}
+
+
+def _llvm_builder(target_dict, tune, cache_dir, col_threshold, progress, tiles: dict[int, int]):
     from ..codegen.conv_op import build_condensed_conv
     from ..codegen.kernel_op import DEFAULT_COL_THRESHOLD, build_condensed_linear
 
     def build(layer, *shape):
-        builder = build_condensed_conv if isinstance(layer, CondensedConv) else build_condensed_linear
-        return builder(*shape, target_dict, tune=tune, cache_dir=cache_dir, progress=tune and progress)
+        options = dict(tune=tune, cache_dir=cache_dir, progress=tune and progress)
+        if isinstance(layer, CondensedConv):
+            return build_condensed_conv(*shape, target_dict, lanes=tiles.get(id(layer)), **options)
+        return build_condensed_linear(*shape, target_dict, **options)
 
     return build, DEFAULT_COL_THRESHOLD if col_threshold is None else col_threshold
 

@@ -261,3 +261,30 @@ def test_block_rows_orders_operands_as_a_task_reads_them():
         for col in range(8):
             expected = operand[row, col] if row < 5 else 0
             assert blocked[row // 2, col // 4, row % 2, col % 4] == expected
+
+
+def test_exact_tile_divides_the_grid():
+    from srigl_compile.codegen.conv_geometry import exact_tile
+
+    assert [exact_tile(n) for n in (3136, 784, 196, 49, 12544, 16, 9)] == [64, 56, 49, 49, 64, 16, None]
+    for positions in range(1, 300):
+        lanes = exact_tile(positions)
+        assert lanes is None or (positions % lanes == 0 and 8 <= lanes <= 64)
+
+
+@pytest.mark.tvm
+def test_example_inputs_give_1x1_layers_a_tile_that_needs_no_padding():
+    from srigl_compile.codegen.kernel_op import get_handle
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(16, 32, 1), nn.ReLU(), nn.Conv2d(32, 24, 1, stride=2, bias=False),
+                        nn.Conv2d(24, 8, 3, padding=1))
+    masked = sparsify(net, SRigLConfig(sparsity=0.7, distribution="uniform")).eval()
+    lowered = lower(masked, example_inputs=(torch.randn(2, 16, 14, 14),), progress=False)
+    lanes = [get_handle(m.kernel_key).lanes for m in lowered if isinstance(m, LoweredConv)]
+    assert lanes == [49, 49, 64], "14x14 and its 7x7 subsample: 49 lanes; the 3x3 keeps the default"
+    assert get_handle(lower(masked, progress=False)[0].kernel_key).lanes == 64, "no example inputs: default tile"
+    with torch.no_grad():
+        for shape in ((2, 16, 14, 14), (1, 16, 9, 11)):  # the example's size and another one
+            x = torch.randn(shape)
+            torch.testing.assert_close(lowered(x), masked(x), rtol=1e-5, atol=1e-5)
