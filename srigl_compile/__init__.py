@@ -6,6 +6,7 @@ Public API (``import srigl_compile`` never imports TVM nor touches CUDA):
     SRigLUpdater(model, optimizer, config, total_steps).step()   after every optimizer.step()
     sparse_layers(model)                     -> (name, layer) pairs
     condense(model)                          -> sparse layers as values/indices [n_active, k], ablated removed
+    fold_batchnorm(model)                    -> eval BatchNorms folded into the Linear/Conv before them
     lower(model, target="llvm")              -> condensed layers running TVM-compiled kernels
 """
 
@@ -22,6 +23,7 @@ from .errors import (
     UnsupportedTargetError,
 )
 from .passes.condense import condense
+from .passes.fold_batchnorm import fold_batchnorm
 from .passes.lower import lower
 from .passes.sparsify import sparse_layers, sparsify
 from .serialization import load_lowered, save_lowered
@@ -37,6 +39,7 @@ __all__ = [
     "sparse_layers",
     "SRigLUpdater",
     "condense",
+    "fold_batchnorm",
     "lower",
     "save_lowered",
     "load_lowered",
