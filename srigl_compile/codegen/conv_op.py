@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .conv_geometry import DirectPlan, column_offsets, direct_plan, phase_kernel, strided_plan
 from .kernel_op import (K_MULTIPLE, KernelShapeFields, block_rows, check_bias, check_cpu_float32, get_handle,
@@ -36,7 +37,7 @@ from .rules import ColParams
 
 __all__ = ["ConvKernelHandle", "build_condensed_conv", "condensed_conv2d"]
 
-_OFFSET_CACHE_SIZE = 16  # image sizes remembered per layer
+_SIZES_PER_LAYER = 4  # image sizes whose offsets a layer keeps (each costs 4 bytes per non-zero)
 
 
 @dataclasses.dataclass(eq=False)
@@ -55,7 +56,8 @@ class ConvKernelHandle(KernelShapeFields):
     device_type = "cpu"
     kind = "conv"
     conv_fn: Any = dataclasses.field(init=False, repr=False)
-    _offsets: dict = dataclasses.field(init=False, repr=False, default_factory=dict)
+    # columns tensor (one per layer; held weakly, so a freed layer's entries go) -> {image size: offsets}
+    _offsets: Any = dataclasses.field(init=False, repr=False, default_factory=WeakIdKeyDictionary)
 
     def __post_init__(self) -> None:
         from .tuning import KernelShape
@@ -78,15 +80,18 @@ class ConvKernelHandle(KernelShapeFields):
         return values.dim() == 4 and values.shape[1] * values.shape[3] == self.k_pad
 
     def offsets(self, columns: torch.Tensor, kernel, dilation, plan: DirectPlan) -> torch.Tensor:
-        """``column_offsets`` for this image size, computed once per (columns tensor, size)."""
-        key = (id(columns), columns._version, kernel, dilation, plan.rows, plan.pitch)
-        entry = self._offsets.get(key)
-        if entry is None or entry[0] is not columns:  # id() alone could name a freed tensor's successor
-            if len(self._offsets) >= _OFFSET_CACHE_SIZE:
-                self._offsets.clear()
-            entry = (columns, column_offsets(columns, kernel, dilation, plan))
-            self._offsets[key] = entry
-        return entry[1]
+        """``column_offsets`` for this image size, computed once per layer (its columns tensor) and size. The
+        cache is per layer, not per handle: layers of one shape share a handle (35 in a ResNet-152 stage), and a
+        shared bound would make them evict each other on every call."""
+        sizes = self._offsets.get(columns)
+        if sizes is None:
+            sizes = self._offsets[columns] = {}
+        key = (columns._version, kernel, dilation, plan.rows, plan.pitch)
+        if key not in sizes:
+            if len(sizes) >= _SIZES_PER_LAYER:
+                sizes.clear()
+            sizes[key] = column_offsets(columns, kernel, dilation, plan)
+        return sizes[key]
 
 
 def build_condensed_conv(n_out: int, n_in: int, k: int, index_dtype: str = "int32", has_bias: bool = True,

@@ -288,3 +288,23 @@ def test_example_inputs_give_1x1_layers_a_tile_that_needs_no_padding():
         for shape in ((2, 16, 14, 14), (1, 16, 9, 11)):  # the example's size and another one
             x = torch.randn(shape)
             torch.testing.assert_close(lowered(x), masked(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.tvm
+def test_offsets_are_cached_per_layer_even_when_many_layers_share_a_kernel(monkeypatch):
+    from srigl_compile.codegen import conv_op
+
+    torch.manual_seed(0)
+    net = nn.Sequential(*[nn.Conv2d(8, 8, 3, padding=1) for _ in range(20)])  # one shape: one shared handle
+    masked = sparsify(net, SRigLConfig(sparsity=0.7, distribution="uniform")).eval()
+    lowered = lower(masked, progress=False)
+    assert len({m.kernel_key for m in lowered}) == 1
+    calls = []
+    real = conv_op.column_offsets
+    monkeypatch.setattr(conv_op, "column_offsets", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        lowered(x)
+        assert len(calls) == 20, "each layer computes its offsets once for this size"
+        torch.testing.assert_close(lowered(x), masked(x), rtol=1e-4, atol=1e-4)
+    assert len(calls) == 20, "the second forward reuses all 20 layers' offsets"
