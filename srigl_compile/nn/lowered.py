@@ -25,10 +25,17 @@ class LoweredLinear(CondensedLinear):
     use the large-batch layout."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.n_active == 0:
+        if type(x) is not torch.Tensor or torch.compiler.is_compiling():  # tracers see the buffers as attributes
+            return self._call_kernel(x, self.values, self.indices, self.bias)
+        # Eager: nn.Module.__getattr__ costs ~1 us a buffer, and a batch-1 call reads four (about 10% of it).
+        buffers = self._buffers
+        return self._call_kernel(x, buffers["values"], buffers["indices"], buffers["bias"])
+
+    def _call_kernel(self, x, values, indices, bias) -> torch.Tensor:
+        if values.shape[0] == 0:
             return self.scatter(x.new_empty(*x.shape[:-1], 0), dim=-1)
-        y = kernel_op.condensed_linear(x, self.values, self.indices, self.bias, self.kernel_key, self.col_threshold)
-        return self.scatter(y, dim=-1)
+        y = kernel_op.condensed_linear(x, values, indices, bias, self.kernel_key, self.col_threshold)
+        return y if self.compact or values.shape[0] == self.n_out else self.scatter(y, dim=-1)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kernel={self.kernel_key.split('@')[0]}"
