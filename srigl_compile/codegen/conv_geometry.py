@@ -31,7 +31,7 @@ import dataclasses
 import torch
 
 __all__ = ["DirectPlan", "direct_plan", "column_offsets", "phase_kernel", "phase_columns", "strided_plan",
-           "exact_tile"]
+           "exact_tile", "output_size"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +106,12 @@ def phase_columns(columns: torch.Tensor, kernel: tuple[int, int], stride: tuple[
     return phase_channel * (new_h * new_w) + row // stride[0] * new_w + col // stride[1]
 
 
+def output_size(size: tuple[int, ...], kernel, stride, padding, dilation) -> tuple[int, ...]:
+    """A convolution's output size per spatial dim (torch's formula; symmetric zero padding)."""
+    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in zip(size, kernel, stride, padding,
+                                                                                    dilation))
+
+
 def strided_plan(height: int, width: int, kernel: tuple[int, int], stride: tuple[int, int],
                  padding: tuple[int, int], dilation: tuple[int, int], lanes: int) -> tuple[DirectPlan, tuple]:
     """(plan of the phase convolution, ``F.pad`` amounts for x) for a strided convolution of ``height x width``
@@ -115,8 +121,7 @@ def strided_plan(height: int, width: int, kernel: tuple[int, int], stride: tuple
     Raises:
         ValueError: the padded input is smaller than the dilated kernel.
     """
-    out = [(size + 2 * pad - d * (k - 1) - 1) // s + 1
-           for size, pad, k, s, d in zip((height, width), padding, kernel, stride, dilation)]
+    out = output_size((height, width), kernel, stride, padding, dilation)
     if min(out) < 1:
         raise ValueError(f"input {height}x{width} with padding {padding} is smaller than the kernel {kernel} "
                          f"at dilation {dilation}")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .conv_geometry import DirectPlan, column_offsets, direct_plan, phase_kernel, strided_plan
+from .conv_geometry import DirectPlan, column_offsets, direct_plan, output_size, phase_kernel, strided_plan
 from .kernel_op import (K_MULTIPLE, KernelShapeFields, block_rows, check_bias, check_cpu_float32, get_handle,
                         get_registered, handle_key, pack_operands, register_handle)
 from .rules import ColParams
@@ -178,9 +178,8 @@ _LIB.impl("tvm_condensed_conv2d", _run, "CompositeExplicitAutograd")
 
 @torch.library.register_fake("srigl_compile::tvm_condensed_conv2d", lib=_LIB)
 def _tvm_condensed_conv2d_fake(x, values, columns, bias, kernel_key, kernel_size, padding, dilation, stride):
-    out_h, out_w = ((x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1) // stride[i] + 1
-                    for i in range(2))
-    return x.new_empty(x.shape[0], get_handle(kernel_key).n_out, out_h, out_w)  # (values are blocked, padded)
+    out = output_size(x.shape[2:], kernel_size, stride, padding, dilation)
+    return x.new_empty(x.shape[0], get_handle(kernel_key).n_out, *out)  # (values are blocked, padded)
 
 
 def condensed_conv2d(x: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, bias: torch.Tensor | None,

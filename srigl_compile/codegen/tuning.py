@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ._tvm_compat import import_tvm
 from .cpu_target import target_key
-from .kernel_op import MID_LANES
+from .conv_geometry import column_offsets, direct_plan
+from .kernel_op import MID_LANES, block_rows
 from .kernels import col_kernel, kernel_symbol, offset_kernel, pack_kernel, row_kernel
 from .rules import RULES, ColParams, RowParams
 
@@ -165,8 +167,6 @@ def compile_offset_kernel(shape: KernelShape, params: ColParams, target: Mapping
 
 def _offset_geometry(shape: KernelShape, params: ColParams):
     """A representative image for timing the offset kernel: a 3x3 kernel when the width allows, else 1x1."""
-    from .conv_geometry import direct_plan
-
     kernel = (3, 3) if shape.n_in % 9 == 0 else (1, 1)
     pad = (kernel[0] // 2, kernel[1] // 2)
     plan = direct_plan(TIMING_IMAGE, TIMING_IMAGE, kernel, pad, (1, 1), params.lanes)
@@ -181,20 +181,12 @@ def _timing_args(shape: KernelShape, layout: str, params, device) -> list:
     idx = np.sort(np.argsort(rng.random((shape.n_out, shape.n_in)), axis=1)[:, :k_real], axis=1)
     idx = np.concatenate([idx, np.repeat(idx[:, -1:], shape.k - k_real, axis=1)], axis=1)
     if layout == "offset":
-        import torch
-
-        from .conv_geometry import column_offsets
-
         kernel, plan, channels = _offset_geometry(shape, params)
         idx = column_offsets(torch.from_numpy(idx), kernel, (1, 1), plan).numpy()
     idx = idx.astype("int32" if layout == "offset" else shape.index_dtype)
     ops = [rng.standard_normal((shape.n_out, shape.k), dtype=np.float32),
            idx.view(np.int64) if layout == "row" else idx]  # (the row kernel reads 64-bit index words)
     if layout == "offset":  # operands blocked as the offset kernel reads them
-        import torch
-
-        from .kernel_op import block_rows
-
         ops = [block_rows(torch.from_numpy(a), params.rows, params.kin).numpy() for a in ops]
     if shape.has_bias:
         ops.append(rng.standard_normal(shape.n_out, dtype=np.float32))

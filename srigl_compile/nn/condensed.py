@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..codegen.conv_geometry import output_size
 from ..errors import LayerError
 from ..sparsity.selection import row_counts
 
@@ -172,9 +173,7 @@ class CondensedConv(_Condensed):
         """[B, C, *spatial] -> ([B, C * prod(kernel), L], output spatial shape)."""
         x2, kernel, stride, dilation, padding = self._as_2d(x)
         columns = F.unfold(x2, kernel, dilation=dilation, padding=padding, stride=stride)
-        out_hw = [
-            (x2.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)
-        ]
+        out_hw = output_size(x2.shape[2:], kernel, stride, padding, dilation)
         spatial = (out_hw[1],) if self.dims == 1 else tuple(out_hw)
         return columns, spatial
 

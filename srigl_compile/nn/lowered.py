@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 
 from ..codegen import conv_op, kernel_op  # register torch.ops.srigl_compile.tvm_condensed_* (no TVM import)
-from ..codegen.conv_geometry import phase_columns, phase_kernel
+from ..codegen.conv_geometry import output_size, phase_columns, phase_kernel
 from .condensed import CondensedConv, CondensedLinear, index_dtype_for
 
-__all__ = ["LoweredLinear", "LoweredConv", "kernel_operands", "make_lowered_", "fill_ablated_rows_", "runs_direct",
-           "subsamples", "pointwise_unpadded"]
+__all__ = ["LoweredLinear", "LoweredConv", "kernel_operands", "make_lowered_", "fill_ablated_rows_", "subsamples",
+           "pointwise_unpadded"]
 
 
 class LoweredLinear(CondensedLinear):
@@ -42,8 +42,8 @@ class LoweredLinear(CondensedLinear):
 
 
 class LoweredConv(CondensedConv):
-    """A CondensedConv running its compiled kernel: the direct kernel when ``direct`` (see ``runs_direct``), else
-    the linear kernel on im2col rows."""
+    """A CondensedConv running its compiled kernel: the direct kernel when ``direct`` (every CPU convolution),
+    else (CUDA) the linear kernel on im2col rows."""
 
     direct = False  # (layers saved before the direct kernel existed run im2col)
 
@@ -71,9 +71,7 @@ class LoweredConv(CondensedConv):
         if subsamples(self):  # a 1x1 kernel without padding: the strided pixels are all it reads
             x2, stride = x2[:, :, :: stride[0], :: stride[1]], (1, 1)
         if self.n_active == 0:  # every filter ablated: no kernel, only the scatter of biases below
-            out = [(x2.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
-                   for i in range(2)]
-            y = x2.new_empty(x2.shape[0], 0, *out)
+            y = x2.new_empty(x2.shape[0], 0, *output_size(x2.shape[2:], kernel, stride, padding, dilation))
         else:  # (strided: self.indices hold the phase convolution's columns, see kernel_operands)
             y = conv_op.condensed_conv2d(x2, self.values, self.indices, self.bias, self.kernel_key, kernel, padding,
                                          dilation, stride)
@@ -82,12 +80,6 @@ class LoweredConv(CondensedConv):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kernel={self.kernel_key.split('@')[0]}, direct={self.direct}"
-
-
-def runs_direct(layer) -> bool:
-    """Whether a condensed layer runs the direct convolution kernel on the CPU: every Conv1d/Conv2d does (strided
-    ones over phase images)."""
-    return isinstance(layer, CondensedConv)
 
 
 def pointwise_unpadded(layer: CondensedConv) -> bool:
@@ -161,5 +153,5 @@ def make_lowered_(layer, handle, col_threshold: int):
     layer.kernel_key = handle.key if handle is not None else ""
     layer.col_threshold = col_threshold
     if isinstance(layer, LoweredConv):  # a layer without kernel (no active filter) follows its shape's route
-        layer.direct = direct if handle is not None else runs_direct(layer)
+        layer.direct = direct or handle is None  # (no kernel: the direct route only scatters the biases)
     return layer
