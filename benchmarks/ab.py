@@ -1,0 +1,111 @@
+"""Interleaved A/B of two revisions on one lowered model: the way to measure a change on a noisy VM.
+
+    python benchmarks/ab.py --base 4e2f987                         # base commit against the working tree
+    python benchmarks/ab.py --base 07e2c8d --head 1f0fd29 --model resnet50 --batch 1 --rounds 3
+
+Each revision is checked out in a temporary git worktree (the working tree itself when ``--head`` is not given).
+Rounds alternate base, head, base, head, ...; each round is a fresh process that builds the model with that
+revision's ``benchmarks/models.py`` (sparsify + ``lower``, as the model benchmark does), checks nothing, and
+times ``--calls`` forwards after a warm-up. Separate benchmark runs on this VM moved by 20-60% within minutes, so
+only medians taken side by side like this are quoted as the effect of a change. Prints the per-round medians and
+writes ``ab_<model>_b<batch>_<base>_<head>.json`` (machine, versions, command) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as run.py: torch's spinning threads starve TVM's pool
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def time_model(root: str, model: str, batch: int, resolution: int, calls: int, threads: int) -> dict:
+    """In a child process: the median forward time (ms) of ``model`` lowered by the code under ``root``."""
+    sys.path[:0] = [root, str(Path(root) / "benchmarks")]
+    import time
+
+    import torch
+
+    import models as model_bench
+    import srigl_compile
+    from common import set_threads
+
+    assert srigl_compile.__file__.startswith(root), f"imported {srigl_compile.__file__}, not the code under {root}"
+
+    set_threads(threads)
+    built = model_bench.build(model_bench.MODELS[model], resolution)
+    x = torch.randn(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.no_grad():
+        for _ in range(3):
+            built["lowered"](x)
+        for _ in range(calls):
+            start = time.perf_counter()
+            built["lowered"](x)
+            times.append((time.perf_counter() - start) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times)}
+
+
+def _worktree(rev: str, parent: Path) -> Path:
+    path = parent / rev
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(path), rev], check=True)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="git revision A")
+    parser.add_argument("--head", help="git revision B (default: the working tree)")
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--calls", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(time_model(args.child, args.model, args.batch, args.resolution, args.calls, args.threads)))
+        return
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import environment
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {"base": _worktree(args.base, Path(tmp))}
+        trees["head"] = _worktree(args.head, Path(tmp)) if args.head else ROOT
+        runs = {"base": [], "head": []}
+        try:
+            for round_ in range(args.rounds):
+                for side in ("base", "head"):
+                    command = [sys.executable, __file__, "--base", args.base, "--child", str(trees[side]),
+                               "--model", args.model, "--batch", str(args.batch), "--resolution",
+                               str(args.resolution), "--calls", str(args.calls), "--threads", str(args.threads)]
+                    result = subprocess.run(command, check=True, capture_output=True, text=True, cwd=tmp)
+                    runs[side].append(json.loads(result.stdout.strip().splitlines()[-1]))
+                    print(f"round {round_ + 1} {side}: {runs[side][-1]['median_ms']:.1f} ms", flush=True)
+        finally:
+            for side, tree in trees.items():
+                if tree != ROOT:
+                    subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+    medians = {side: statistics.median(r["median_ms"] for r in rounds) for side, rounds in runs.items()}
+    head_name = args.head or "working tree"
+    print(f"{args.model} B={args.batch}: {args.base} {medians['base']:.1f} ms, {head_name} {medians['head']:.1f} ms "
+          f"({medians['base'] / medians['head']:.2f}x)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"ab_{args.model}_b{args.batch}_{args.base}_{args.head or 'worktree'}.json"
+    path.write_text(json.dumps({"environment": environment(), "base": args.base, "head": head_name,
+                                "median_ms": medians, "rounds": runs}, indent=2))
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
