@@ -17,7 +17,8 @@ from typing import Any
 from ..errors import UnsupportedTargetError
 from ._tvm_compat import import_tvm, tvm_thread_count
 
-__all__ = ["host_cpu_name", "host_llvm_target", "check_llvm_target", "target_key", "vector_registers"]
+__all__ = ["host_cpu_name", "host_llvm_target", "check_llvm_target", "target_key", "vector_registers",
+           "has_bit_extract"]
 
 
 @functools.cache
@@ -60,6 +61,19 @@ def check_llvm_target(target: Mapping[str, Any] | None) -> dict[str, Any]:
 def target_key(target: Mapping[str, Any]) -> str:
     """A stable string naming a target dict (for kernel keys and tuning records)."""
     return ",".join(f"{k}={target[k]}" for k in sorted(target))
+
+
+def has_bit_extract(target: Mapping[str, Any]) -> bool:
+    """Whether the target CPU has BMI1's ``bextr`` (a bit field in one instruction; x86 since Haswell / Zen)."""
+    cpu = {key: target[key] for key in ("mcpu", "mtriple") if key in target}
+    return _has_features("bmi", tuple(sorted(cpu.items())), tuple(target.get("mattr", ())))
+
+
+@functools.cache
+def _has_features(features: str, cpu: tuple, mattr: tuple) -> bool:
+    tvm = import_tvm()
+    target = {"kind": "llvm", **dict(cpu), **({"mattr": list(mattr)} if mattr else {})}
+    return bool(tvm.target.codegen.target_has_features(features, tvm.target.Target(target)))
 
 
 def vector_registers(asm: str) -> dict[str, int]:

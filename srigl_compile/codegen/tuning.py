@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ._tvm_compat import import_tvm
-from .cpu_target import target_key
+from .cpu_target import has_bit_extract, target_key
 from .conv_geometry import column_offsets, direct_plan
 from .kernel_op import MID_LANES, block_rows
 from .kernels import col_kernel, kernel_symbol, offset_kernel, pack_kernel, row_kernel
@@ -62,9 +62,10 @@ class KernelShape:
     def pack_func(self, lanes: int):
         return pack_kernel(self.n_in, lanes, self.symbol("pack"))
 
-    def func(self, layout: str, params):
+    def func(self, layout: str, params, target: Mapping[str, Any]):
         if layout == "row":
-            return row_kernel(self.n_out, self.n_in, self.k, self.index_dtype, self.has_bias, self.symbol("row"))
+            return row_kernel(self.n_out, self.n_in, self.k, self.index_dtype, self.has_bias, self.symbol("row"),
+                              bit_extract=has_bit_extract(target))
         if layout == "offset":
             return offset_kernel(self.n_out, self.k, params.lanes, self.has_bias, self.symbol("offset"),
                                  params.rows, params.kin)
@@ -125,7 +126,7 @@ def _build(funcs: dict[str, Any], target: Mapping[str, Any]):
 
 
 def _scheduled(shape: KernelShape, layout: str, params, target):
-    sch = RULES[layout].apply(shape.func(layout, params), target, params)
+    sch = RULES[layout].apply(shape.func(layout, params, target), target, params)
     if sch is None:
         raise ValueError(f"the {layout} rule declines {params} for {shape}")
     return sch.mod["main"]
@@ -221,7 +222,7 @@ def tune_layout(shape: KernelShape, layout: str, target: Mapping[str, Any], *, s
     if space is None:
         default = rule.default(shape.k)
         space = [default] + [p for p in rule.space(shape.k) if p != default]
-    fits = [p for p in space if rule.apply(shape.func(layout, p), target, p) is not None]
+    fits = [p for p in space if rule.apply(shape.func(layout, p, target), target, p) is not None]
     if not fits:
         raise ValueError(f"the {layout} rule declines every variant of {list(space)} for {shape}")
     candidates, best, best_us = [], None, float("inf")
@@ -241,7 +242,7 @@ def select_params(shape: KernelShape, layout: str, target: Mapping[str, Any], *,
     records = TuningRecords(cache_dir)
     key = record_key(shape, layout, target)
     found = records.get(key, layout)
-    if found is not None and RULES[layout].apply(shape.func(layout, found), target, found) is not None:
+    if found is not None and RULES[layout].apply(shape.func(layout, found, target), target, found) is not None:
         return found
     if not tune:
         return RULES[layout].default(shape.k)

@@ -16,6 +16,7 @@ tvm = pytest.importorskip("tvm")
 from srigl_compile.codegen import kernel_op  # noqa: E402
 from srigl_compile.codegen.cpu_target import (  # noqa: E402
     check_llvm_target,
+    has_bit_extract,
     host_llvm_target,
     vector_registers,
 )
@@ -85,6 +86,34 @@ def test_row_kernel_index_words_reach_the_widest_indices(n_in, index_dtype):
         x = torch.randn(batch, n_in, generator=gen)
         torch.testing.assert_close(handle(x, *packed, None, col_threshold=ROW_ONLY),
                                    reference(x, values, indices, None), rtol=1e-5, atol=1e-5)
+
+
+HOST_HAS_BMI = "bmi1" in open("/proc/cpuinfo").read()
+NO_BMI = {"kind": "llvm", "mcpu": "x86-64-v2", "num-cores": 2}  # SSE4.2, no bextr: the shift path
+
+
+@pytest.mark.parametrize("index_dtype", ["int16", "int32"])
+@pytest.mark.parametrize("bmi", [True, False], ids=["bextr", "shifts"])
+def test_row_kernel_both_index_extractions_are_exact(index_dtype, bmi):
+    """Indices come out of their words with bextr where the CPU has BMI1, else with shifts and masks: both
+    must give every field of a word exactly (the top index sits in a word's high bits), and the code must use
+    the instruction the target was chosen for."""
+    if bmi and not HOST_HAS_BMI:
+        pytest.skip("this CPU has no BMI1")
+    target = host_llvm_target() if bmi else NO_BMI
+    assert has_bit_extract(target) is bmi
+    n_in = 2**15 if index_dtype == "int16" else 70_000
+    gen = torch.Generator().manual_seed(2)
+    indices = torch.stack([torch.randperm(n_in, generator=gen)[:24].sort().values for _ in range(5)])
+    indices[:, -1] = n_in - 1
+    values = torch.randn(5, 24, generator=gen)
+    handle = build_condensed_linear(5, n_in, 24, index_dtype, True, target)
+    bias = torch.randn(5, generator=gen)
+    packed = handle.pack(values, indices)
+    x = torch.randn(1, n_in, generator=gen)
+    torch.testing.assert_close(handle(x, *packed, bias, col_threshold=ROW_ONLY),
+                               reference(x, values, indices, bias), rtol=1e-5, atol=1e-5)
+    assert ("bextr" in handle.module.inspect_source("asm")) is bmi
 
 
 def test_row_kernel_needs_whole_index_words():
