@@ -2,11 +2,13 @@
 
     python benchmarks/ab.py --base 4e2f987                         # base commit against the working tree
     python benchmarks/ab.py --base 07e2c8d --head 1f0fd29 --model resnet50 --batch 1 --rounds 3
+    python benchmarks/ab.py --base 39b6f55 --model fc2 --calls 3000   # the paper's layer alone, 90% uniform
 
 Each revision is checked out in a temporary git worktree (the working tree itself when ``--head`` is not given).
 Rounds alternate base, head, base, head, ...; each round is a fresh process that builds the model with that
 revision's ``benchmarks/models.py`` (sparsify + ``lower``, as the model benchmark does), checks nothing, and
-times ``--calls`` forwards after a warm-up. Separate benchmark runs on this VM moved by 20-60% within minutes, so
+times ``--calls`` forwards after a warm-up. ``--model fc2`` is the paper's layer alone (ViT-B's fc2, 3072->768,
+90% sparse, uniform), sparsified and lowered with the public API and timed through the lowered module. Separate benchmark runs on this VM moved by 20-60% within minutes, so
 only medians taken side by side like this are quoted as the effect of a change. Prints the per-round medians and
 writes ``ab_<model>_b<batch>_<base>_<head>.json`` (machine, versions, command) to ``--out``.
 """
@@ -41,15 +43,22 @@ def time_model(root: str, model: str, batch: int, resolution: int, calls: int, t
     assert srigl_compile.__file__.startswith(root), f"imported {srigl_compile.__file__}, not the code under {root}"
 
     set_threads(threads)
-    built = model_bench.build(model_bench.MODELS[model], resolution)
-    x = torch.randn(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    if model == "fc2":
+        config = srigl_compile.SRigLConfig(sparsity=0.9, distribution="uniform", seed=0)
+        layer = torch.nn.Sequential(torch.nn.Linear(3072, 768))  # (revisions before 2026-11 cannot lower a bare layer)
+        lowered = srigl_compile.lower(srigl_compile.sparsify(layer, config))
+        x = torch.randn(batch, 3072, generator=gen)
+    else:
+        lowered = model_bench.build(model_bench.MODELS[model], resolution)["lowered"]
+        x = torch.randn(batch, 3, resolution, resolution, generator=gen)
     times = []
     with torch.no_grad():
         for _ in range(3):
-            built["lowered"](x)
+            lowered(x)
         for _ in range(calls):
             start = time.perf_counter()
-            built["lowered"](x)
+            lowered(x)
             times.append((time.perf_counter() - start) * 1e3)
     return {"median_ms": statistics.median(times), "min_ms": min(times)}
 
@@ -64,7 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="git revision A")
     parser.add_argument("--head", help="git revision B (default: the working tree)")
-    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--model", default="resnet50", help="a benchmarks/models.py name, or fc2 (one layer)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=3)
@@ -91,14 +100,14 @@ def main() -> None:
                                str(args.resolution), "--calls", str(args.calls), "--threads", str(args.threads)]
                     result = subprocess.run(command, check=True, capture_output=True, text=True, cwd=tmp)
                     runs[side].append(json.loads(result.stdout.strip().splitlines()[-1]))
-                    print(f"round {round_ + 1} {side}: {runs[side][-1]['median_ms']:.1f} ms", flush=True)
+                    print(f"round {round_ + 1} {side}: {runs[side][-1]['median_ms']:.4g} ms", flush=True)
         finally:
             for side, tree in trees.items():
                 if tree != ROOT:
                     subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
     medians = {side: statistics.median(r["median_ms"] for r in rounds) for side, rounds in runs.items()}
     head_name = args.head or "working tree"
-    print(f"{args.model} B={args.batch}: {args.base} {medians['base']:.1f} ms, {head_name} {medians['head']:.1f} ms "
+    print(f"{args.model} B={args.batch}: {args.base} {medians['base']:.4g} ms, {head_name} {medians['head']:.4g} ms "
           f"({medians['base'] / medians['head']:.2f}x)")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"ab_{args.model}_b{args.batch}_{args.base}_{args.head or 'worktree'}.json"

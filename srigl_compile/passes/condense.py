@@ -36,9 +36,14 @@ def _condensed_class(layer: nn.Module):
     return next((c for masked, c in _CONDENSED.items() if isinstance(layer, masked)), None)
 
 
-def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``name`` in ``model``; returns the model, which is ``new`` itself when ``name`` is the root
+    ("": the model is a single layer)."""
+    if not name:
+        return new
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return model
 
 
 class CondensePass(Pass):
@@ -49,26 +54,27 @@ class CondensePass(Pass):
             raise LayerError("the model has no sparse layers to condense: sparsify and train it first")
 
     def call(self, model: nn.Module) -> PassResult:
-        modified, kept = self._condense_attention(model), []
+        model, modified = self._condense_attention(model)
+        kept = []
         for name, layer in list(sparse_layers(model)):
             condensed_cls = _condensed_class(layer)
             if condensed_cls is None:
                 kept.append(f"{name} ({type(layer).__name__})")
                 continue
-            replace_submodule(model, name, condensed_cls.from_masked(layer, name))
+            model = replace_submodule(model, name, condensed_cls.from_masked(layer, name or type(layer).__name__))
             modified = True
         if kept:
             warnings.warn(f"no condensed form yet for {kept}; they stay masked (dense compute)", stacklevel=3)
         return PassResult(model, modified)
 
     @staticmethod
-    def _condense_attention(model: nn.Module) -> bool:
+    def _condense_attention(model: nn.Module) -> tuple[nn.Module, bool]:
         """Attention modules holding sparse projections become CondensedMultiheadAttention."""
         found = [(name, m) for name, m in model.named_modules()
                  if isinstance(m, nn.MultiheadAttention) and any(is_masked(c) for c in m.modules())]
         for name, mha in found:
-            replace_submodule(model, name, CondensedMultiheadAttention.from_attention(mha, name))
-        return bool(found)
+            model = replace_submodule(model, name, CondensedMultiheadAttention.from_attention(mha, name))
+        return model, bool(found)
 
     def ensures(self, result: PassResult) -> None:
         left = [name for name, layer in sparse_layers(result.module) if _condensed_class(layer) is not None]
@@ -85,7 +91,8 @@ def condense(model: nn.Module, *, example_inputs=None, shrink: bool = True, inpl
         example_inputs: as for ``sparsify``; needed to capture the graph of models symbolic_trace cannot trace.
         shrink: remove ablated neurons across the graph where their width is not observable (see
             ``passes/shrink_ablated.py``); without it, condensed layers keep their full output width.
-        inplace: rewrite ``model`` itself instead of a deep copy.
+        inplace: rewrite ``model`` itself instead of a deep copy (a model that is one sparse layer is returned
+            as a new condensed layer either way).
 
     Example:
         >>> import torch, torch.nn as nn
@@ -103,7 +110,7 @@ def condense(model: nn.Module, *, example_inputs=None, shrink: bool = True, inpl
             plans = plan_shrink(model, capture_graph(model, example_inputs))
         except TraceError as err:
             warnings.warn(f"ablated neurons are kept at full width: {err}", stacklevel=2)
-    CondensePass()(model)
+    model = CondensePass()(model).module  # (a new module when the model is a single sparse layer)
     removed = apply_shrink(model, plans)
     log.info("condensed; removed %d ablated neurons across %d layers", removed, len(plans))
     return model.eval()

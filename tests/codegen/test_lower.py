@@ -45,6 +45,21 @@ def test_mlp_with_ablated_neurons(lowered_mlp, batch):
     assert_same(lowered, masked, torch.randn(batch, 32))
 
 
+@pytest.mark.parametrize("layer, shape", [(lambda: nn.Linear(64, 32), (3, 64)),
+                                          (lambda: nn.Conv2d(8, 16, 3, padding=1), (2, 8, 9, 9))],
+                         ids=["linear", "conv2d"])
+def test_a_model_that_is_one_sparse_layer(layer, shape, tmp_path):
+    """The model is the layer itself (name ""): condense and lower return the replacement layer."""
+    torch.manual_seed(0)
+    masked = sparsify(layer(), SRigLConfig(sparsity=0.8, seed=1))
+    lowered = lower(masked, progress=False)
+    assert isinstance(lowered, (LoweredLinear, LoweredConv))
+    x = torch.randn(*shape)
+    assert_same(lowered, masked, x)
+    save_lowered(lowered, tmp_path / "layer")
+    assert_same(load_lowered(tmp_path / "layer"), masked, x)
+
+
 @pytest.mark.parametrize("batch, kernel", [(1, "row"), (2, "row"), (3, "mid"), (48, "mid"), (49, "col"), (300, "col")])
 def test_each_batch_size_runs_its_kernel(lowered_mlp, batch, kernel, monkeypatch):
     from srigl_compile.codegen.kernel_op import get_handle
