@@ -15,7 +15,7 @@ import dataclasses
 
 import torch.nn as nn
 
-__all__ = ["Pass", "PassResult"]
+__all__ = ["Pass", "PassResult", "replace_submodule"]
 
 
 @dataclasses.dataclass
@@ -42,3 +42,13 @@ class Pass(abc.ABC):
         result = self.call(model)
         self.ensures(result)
         return result
+
+
+def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``name`` in ``model``; returns the model, which is ``new`` itself when ``name`` is the root
+    ("": the model is a single layer)."""
+    if not name:
+        return new
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return model

@@ -20,12 +20,12 @@ from ..errors import LayerError, TraceError
 from ..nn.condensed import CondensedConv, CondensedLinear
 from ..nn.condensed_attention import CondensedMultiheadAttention
 from ..nn.masked import MaskedConv1d, MaskedConv2d, MaskedLinear, is_masked
-from .base import Pass, PassResult
+from .base import Pass, PassResult, replace_submodule
 from .graph_capture import capture_graph
 from .shrink_ablated import apply_shrink, plan_shrink
 from .sparsify import sparse_layers
 
-__all__ = ["CondensePass", "condense", "replace_submodule"]
+__all__ = ["CondensePass", "condense"]
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +34,6 @@ _CONDENSED = {MaskedLinear: CondensedLinear, MaskedConv1d: CondensedConv, Masked
 
 def _condensed_class(layer: nn.Module):
     return next((c for masked, c in _CONDENSED.items() if isinstance(layer, masked)), None)
-
-
-def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` at ``name`` in ``model``; returns the model, which is ``new`` itself when ``name`` is the root
-    ("": the model is a single layer)."""
-    if not name:
-        return new
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-    return model
 
 
 class CondensePass(Pass):

@@ -35,8 +35,7 @@ import torch.nn as nn
 
 from ..errors import LayerError, TraceError
 from ..nn.condensed import CondensedConv, CondensedLinear
-from .base import Pass, PassResult
-from .condense import replace_submodule
+from .base import Pass, PassResult, replace_submodule
 from .graph_capture import ModelGraph, capture_graph
 from .shrink_ablated import _passes_through
 

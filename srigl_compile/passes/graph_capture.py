@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 from collections.abc import Mapping
@@ -92,10 +93,46 @@ def _trace(model: nn.Module) -> ModelGraph:
     return ModelGraph(graph, "symbolic_trace", consumers, inputs)
 
 
+def output_tensors(value: Any, depth: int = 8) -> tuple[torch.Tensor, ...]:
+    """Every tensor in a forward's output: through tuples, lists, dicts (a Hugging Face ModelOutput) and plain
+    objects' attributes (a key/value cache), to ``depth`` levels."""
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if depth == 0 or isinstance(value, (str, bytes, int, float, bool, type(None), nn.Module)):
+        return ()
+    if isinstance(value, Mapping):
+        items = value.values()
+    elif isinstance(value, (tuple, list, set)):
+        items = value
+    elif hasattr(value, "__dict__"):
+        items = vars(value).values()
+    else:
+        return ()
+    return tuple(t for item in items for t in output_tensors(item, depth - 1))
+
+
+def _tensor_output_view(model: nn.Module) -> nn.Module:
+    """The same module (shared parameters, submodules and names) whose forward returns its output's tensors as a
+    flat tuple: torch.export rejects outputs it cannot flatten, such as a Hugging Face ``DynamicCache``."""
+    base = type(model)
+    view_cls = type(f"{base.__name__}TensorOutputs", (base,), {
+        "forward": lambda self, *args, **kwargs: output_tensors(base.forward(self, *args, **kwargs))})
+    view = copy.copy(model)  # shallow: the same _parameters / _modules dicts, so the same FQNs in the graph
+    view.__class__ = view_cls
+    return view
+
+
 def _export(model: nn.Module, example_inputs: Any) -> ModelGraph:
     args, kwargs = _as_args(example_inputs)
     with _eval_mode(model), torch.no_grad():
-        program = torch.export.export(model, args, kwargs, strict=False)
+        try:
+            program = torch.export.export(model, args, kwargs, strict=False)
+        except Exception as err:  # only the graph matters here, not the output's structure: retry on its tensors
+            log.info("torch.export failed (%s); retrying with the output flattened to its tensors", err)
+            try:
+                program = torch.export.export(_tensor_output_view(model), args, kwargs, strict=False)
+            except Exception:
+                raise err from None  # the retry's failure would hide the first, more telling one
     signature = program.graph_signature
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     consumers = {fqn: list(placeholders[name].users) for name, fqn in signature.inputs_to_parameters.items()}

@@ -25,6 +25,7 @@ from ..errors import ConfigError, LayerError
 from ..nn.masked import LayerPlan, is_masked, make_masked_
 from ..nn.masked import mask_attention_projection_
 from ..sparsity import check_constant_fan_in, erk_densities, layer_budget, random_fan_in_mask, uniform_densities
+from .as_linear import AsLinearPass
 from .base import Pass, PassResult
 from .discover import FilterFn, LayerCandidate, capture_graph, discover_layers
 
@@ -148,7 +149,9 @@ def sparsify(model: nn.Module, config: SRigLConfig | None = None, *, filter_fn: 
     """Return ``model`` with its Linear / Conv / attention projections as constant-fan-in masked layers.
 
     Args:
-        model: any nn.Module. It keeps its class and interface (a Hugging Face model stays that model).
+        model: any nn.Module. It keeps its class and interface (a Hugging Face model stays that model). Hugging
+            Face ``Conv1D`` layers (GPT-2) become ``nn.Linear`` first (``passes/as_linear.py``): same names and
+            outputs, weights stored transposed as [out, in].
         config: SRigLConfig (defaults to ``SRigLConfig()``: 90% sparse, ERK).
         filter_fn: ``filter_fn(module, layer_name) -> bool``; False keeps that layer dense.
         example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs. Needed only when
@@ -175,4 +178,5 @@ def sparsify(model: nn.Module, config: SRigLConfig | None = None, *, filter_fn: 
         raise TypeError(f"sparsify expects an nn.Module, not {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
+    model = AsLinearPass()(model).module  # Hugging Face Conv1D (GPT-2) -> nn.Linear
     return SparsifyPass(config, filter_fn, example_inputs)(model).module

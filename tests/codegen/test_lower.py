@@ -158,6 +158,24 @@ def test_hf_bert():
     torch.testing.assert_close(lowered(**inputs).logits, masked(**inputs).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_hf_decoders_with_their_cache_on(kind):
+    """GPT-2 (Conv1D projections, tied lm_head) and Llama (gated MLP, grouped-query attention, RMSNorm), captured
+    with use_cache left on; an ablated MLP neuron in each."""
+    from tests.null.test_sparsify_attention import DECODERS
+
+    model, ids = DECODERS[kind]()
+    masked = sparsify(model.eval(), SRigLConfig(sparsity=0.8, distribution="uniform"), example_inputs={"input_ids": ids})
+    ablate(masked, {"transformer.h.0.mlp.c_fc" if kind == "gpt2" else "model.layers.0.mlp.up_proj": [3]})
+    lowered = lower(masked, example_inputs={"input_ids": ids}, progress=False)
+    assert sum(isinstance(m, LoweredLinear) for m in lowered.modules()) == (8 if kind == "gpt2" else 15)
+    masked.eval()
+    with torch.no_grad():
+        for batch in (ids[:1], ids):
+            torch.testing.assert_close(lowered(input_ids=batch).logits, masked(input_ids=batch).logits,
+                                       rtol=1e-5, atol=1e-5)
+
+
 def test_custom_op_passes_opcheck(lowered_mlp):
     _, lowered = lowered_mlp
     layer = lowered[3]

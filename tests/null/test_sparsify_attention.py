@@ -4,6 +4,7 @@ masked-dense reference; helpers and models come from test_sparsify_models.py.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -12,7 +13,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from srigl_compile import (
-    LayerError,
     SRigLConfig,
     SRigLUpdater,
     TraceError,
@@ -20,6 +20,7 @@ from srigl_compile import (
     sparsify,
 )
 from srigl_compile.nn.masked import MaskedMultiheadAttention, MaskedProjection, is_masked
+from srigl_compile.passes.as_linear import AsLinearPass, is_hf_conv1d
 from srigl_compile.passes.discover import capture_graph, discover_layers
 
 from tests.null.test_sparsify_models import (  # noqa: F401  shared helpers
@@ -255,30 +256,88 @@ def test_hf_short_training_loop_keeps_invariants(kind):
                                    _call(masked_dense_reference(model, sparse).eval(), inputs).logits)
 
 
-def test_gpt2_behaviour():
-    """What happens, asserted as it is (transformers 5.x, torch 2.13):
-
-    - symbolic_trace fails on GPT-2; with use_cache left on, torch.export fails on the DynamicCache output: a
-      TraceError naming both attempts.
-    - with use_cache=False export succeeds, but GPT-2's projections are ``transformers.pytorch_utils.Conv1D``
-      (not nn.Linear), which sparsify does not support, and ``lm_head`` is tied to the token embedding: there is
-      nothing to sparsify, which is a LayerError, after a warning naming each skipped layer.
-    """
+def make_gpt2(seed=0):
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=32,
                                      bos_token_id=0, eos_token_id=0)
-    gpt = transformers.GPT2LMHeadModel(config)
-    ids = torch.randint(0, 100, (2, 8))
-    with pytest.raises(TraceError) as info:
-        sparsify(gpt, SRigLConfig(sparsity=0.5, distribution="uniform"), example_inputs={"input_ids": ids})
-    message = str(info.value)
-    assert "symbolic_trace" in message and "torch.export" in message and "GPT2LMHeadModel" in message
+    return transformers.GPT2LMHeadModel(config), torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(seed))
 
-    with warnings.catch_warnings(record=True) as caught, pytest.raises(LayerError, match="no layer sparsify can mask"):
+
+def make_llama(seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=32,
+                                      tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(config), torch.randint(0, 100, (2, 8),
+                                                                 generator=torch.Generator().manual_seed(seed))
+
+
+DECODERS = {"gpt2": make_gpt2, "llama": make_llama}
+
+
+def test_hf_conv1d_becomes_linear_with_the_same_names_and_outputs():
+    gpt, ids = make_gpt2()
+    gpt.eval()
+    convs = {name: m for name, m in gpt.named_modules() if is_hf_conv1d(m)}
+    assert len(convs) == 8  # c_attn, c_proj, mlp.c_fc, mlp.c_proj in each of 2 blocks
+    converted = AsLinearPass()(copy.deepcopy(gpt)).module
+    for name, conv in convs.items():
+        linear = converted.get_submodule(name)
+        assert type(linear) is nn.Linear, name
+        assert torch.equal(linear.weight, conv.weight.t()) and torch.equal(linear.bias, conv.bias), name
+    assert list(converted.state_dict()) == list(gpt.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(converted(input_ids=ids).logits, gpt(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_hf_conv1d_sharing_its_weight_is_left_alone(caplog):
+    transformers = pytest.importorskip("transformers")
+    net = nn.Sequential(transformers.pytorch_utils.Conv1D(6, 4), nn.ReLU(), transformers.pytorch_utils.Conv1D(6, 4))
+    net[2].weight = net[0].weight
+    with caplog.at_level("WARNING"):
+        kept = AsLinearPass()(net).module
+    assert is_hf_conv1d(kept[0]) and is_hf_conv1d(kept[2])
+    assert "shares its weight" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_hf_decoder_with_its_cache_on_sparsifies_and_trains(kind):
+    """Decoder LMs return a key/value cache (a DynamicCache torch.export cannot flatten): the graph is captured on
+    the output's tensors, so use_cache need not be turned off. GPT-2's Conv1D projections become masked Linears;
+    its lm_head is tied to the token embedding and stays dense, with a warning."""
+    model, ids = DECODERS[kind]()
+    config = SRigLConfig(sparsity=0.6, distribution="uniform", delta_t=2)
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sparsify(gpt, SRigLConfig(sparsity=0.5, distribution="uniform"),
-                 example_inputs={"input_ids": ids, "use_cache": False})
-    messages = [str(w.message) for w in caught]
-    assert any("lm_head" in m and "tied" in m for m in messages), messages
-    assert any("c_attn" in m and "Conv1D" in m and "no masked form" in m for m in messages), messages
+        sparse = sparsify(model, config, example_inputs={"input_ids": ids})
+    layers = assert_fresh_invariants(sparse)
+    linear_model = AsLinearPass()(copy.deepcopy(model)).module
+    expected = {name for name, m in linear_model.named_modules() if type(m) is nn.Linear}
+    if kind == "gpt2":
+        expected.discard("lm_head")
+        assert any("lm_head" in str(w.message) and "tied" in str(w.message) for w in caught)
+        assert layers["transformer.h.0.attn.c_attn"].weight.shape == (96, 32)  # [out, in], as nn.Linear
+    else:
+        assert layers["lm_head"].srigl_plan.protected
+    assert set(layers) == expected
+    assert type(sparse) is type(model)
+
+    sparse.train()
+    opt = torch.optim.AdamW(sparse.parameters(), lr=1e-2)
+    updater = SRigLUpdater(sparse, opt, config, total_steps=8)
+    before = {n: layer.mask.clone() for n, layer in sparse_layers(sparse)}
+    for _ in range(6):
+        opt.zero_grad()
+        out = sparse(input_ids=ids, labels=ids)
+        assert torch.isfinite(out.loss)
+        out.loss.backward()
+        opt.step()
+        updater.step()
+        assert_training_invariants(sparse)
+    assert any(not torch.equal(before[n], layer.mask) for n, layer in sparse_layers(sparse))
+    sparse.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(input_ids=ids).logits,
+                                   masked_dense_reference(linear_model, sparse).eval()(input_ids=ids).logits)
