@@ -68,8 +68,10 @@ class MaskedLayer:
     srigl_plan: LayerPlan
 
     def neuron_view(self, tensor: torch.Tensor) -> torch.Tensor:
-        """[n_out, fan_in] view of a weight-shaped tensor (a view: writes go through)."""
-        return tensor.view(tensor.shape[0], -1)
+        """[n_out, fan_in] form of a weight-shaped tensor, for reading: a view when the tensor is contiguous, a copy
+        when it is not (a channels_last weight or gradient), so never write through it; write to the weight-shaped
+        tensor with a weight-shaped mask instead."""
+        return tensor.reshape(tensor.shape[0], -1)
 
     @property
     def fan_in(self) -> int:

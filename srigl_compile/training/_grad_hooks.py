@@ -40,6 +40,9 @@ class GradientTap:
                 buffer.add_(grad.detach(), alpha=1.0 / self.accumulation_n)
         return torch.where(layer.mask, grad, 0.0)
 
+    def has(self, name: str) -> bool:
+        return name in self.buffers
+
     def take(self, name: str) -> torch.Tensor | None:
         return self.buffers.pop(name, None)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -80,6 +81,7 @@ class SRigLUpdater:
         self.step_count = 0
         self.explored = {name: pack_bits(layer.mask) for name, layer in self.layers.items()}
         self._tap = GradientTap(self.layers, self.config.grad_accumulation_n)
+        self._warned_unused: set[str] = set()
         self._open_window()
 
     @property
@@ -112,6 +114,22 @@ class SRigLUpdater:
         return updated
 
     # -- one mask update -----------------------------------------------------------------------------------
+    def _layers_to_update(self, t: int) -> dict[str, nn.Module]:
+        """The layers whose masks change at step t. A layer that got no gradient in the window while others did
+        does not reach the loss (a pooler whose output the loss ignores): with nothing to grow by, its mask stays,
+        with a warning. No gradient anywhere is a training-loop mistake, raised by ``compute_scores``."""
+        if self.config.method is Method.SET:
+            return self.layers
+        unused = [name for name in self.layers if not self._tap.has(name)]
+        if not unused or len(unused) == len(self.layers):
+            return self.layers
+        if set(unused) != self._warned_unused:
+            self._warned_unused = set(unused)
+            warnings.warn(f"layers {unused} got no gradient since the last mask update at step {t}: their output does "
+                          "not reach the loss, so their masks are left as they are. Leave them out of sparsify "
+                          "(filter_fn) if the model does not use them in training.", stacklevel=3)
+        return {name: layer for name, layer in self.layers.items() if name not in unused}
+
     def compute_scores(self, name: str, layer: nn.Module) -> LayerScores:
         """Drop and grow scores of one layer (a distributed trainer can average these across ranks)."""
         drop = magnitude_drop_scores(layer.neuron_view(layer.weight), layer.neuron_view(layer.mask))
@@ -121,7 +139,7 @@ class SRigLUpdater:
         if dense_grad is None:
             raise InvariantError(
                 f"layer {name!r}: no dense gradient was recorded before the mask update at step {self.step_count}; "
-                "call loss.backward() and optimizer.step() before every updater.step()"
+                "call loss.backward() and optimizer.step() before every updater.step() (no layer got one)"
             )
         return LayerScores(drop, gradient_grow_scores(layer.neuron_view(dense_grad), name))
 
@@ -135,7 +153,7 @@ class SRigLUpdater:
 
     def _update(self, t: int) -> None:
         drop_fraction = self.schedule.drop_fraction(t)
-        for name, layer in self.layers.items():
+        for name, layer in self._layers_to_update(t).items():
             selection = self.select(layer, self.compute_scores(name, layer), drop_fraction)
             self._apply(name, layer, selection)
         self._tap.release()
@@ -148,11 +166,12 @@ class SRigLUpdater:
         newly_grown = new & ~old
         # Dropped weights become 0, newly grown start at 0; dropped-then-regrown keep their value (as in RigL).
         reset = ~new | newly_grown
-        layer.neuron_view(layer.weight).masked_fill_(reset, 0)
-        layer.neuron_view(layer.mask).copy_(new)
+        shape = layer.weight.shape  # weight-shaped masks: the weight or its gradient may be channels_last
+        layer.weight.masked_fill_(reset.reshape(shape), 0)
+        layer.mask.copy_(new.reshape(shape))
         if layer.weight.grad is not None:
-            layer.neuron_view(layer.weight.grad).masked_fill_(~new, 0)
-        reset_optimizer_state_(self.optimizer, layer.weight, reset.view(layer.weight.shape))
+            layer.weight.grad.masked_fill_(~new.reshape(shape), 0)
+        reset_optimizer_state_(self.optimizer, layer.weight, reset.reshape(shape))
         explored = unpack_bits(self.explored[name], new.numel()) | new.reshape(-1)
         self.explored[name] = pack_bits(explored)
 

@@ -277,6 +277,51 @@ def test_missing_backward_before_an_update_is_a_clear_error():
         updater.step()
 
 
+def test_channels_last_cnn_trains_with_masks_kept_in_place():
+    """Channels-last inputs (and a channels_last model) give channels_last weight gradients: the update must read
+    and write them, the weights and the masks in whatever layout they have."""
+    model, opt, updater, _ = setup("cnn", "adam", total=20)
+    model.to(memory_format=torch.channels_last)
+    x, y = make_data("cnn", 0)
+    x = x.to(memory_format=torch.channels_last)
+    before = {n: layer.mask.clone() for n, layer in sparse_layers(model)}
+    updates = sum(train_step(model, opt, updater, x, y) for _ in range(12))
+    assert updates == 3
+    assert not model.conv1.weight.is_contiguous()  # still channels_last, updated in place
+    assert any(not torch.equal(before[n], layer.mask) for n, layer in sparse_layers(model))
+    assert_layer_invariants(model, opt, "srigl")
+
+
+class WithUnusedHead(nn.Module):
+    """A second head the loss ignores (like a Hugging Face pooler): it runs, but gets no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head, self.pooler = nn.Linear(20, 32), nn.Linear(32, 5), nn.Linear(32, 32)
+
+    def forward(self, x):
+        h = self.body(x).relu()
+        return self.head(h), self.pooler(h)
+
+
+def test_a_layer_outside_the_loss_keeps_its_mask_with_a_warning():
+    config = SRigLConfig(sparsity=0.8, delta_t=2)
+    model = sparsify(WithUnusedHead(), config)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    updater = SRigLUpdater(model, opt, config, total_steps=20)
+    x, y = make_data("mlp", 0)
+    pooler_mask, body_mask = model.pooler.mask.clone(), model.body.mask.clone()
+    with pytest.warns(UserWarning, match=r"\['pooler'\] got no gradient"):
+        for _ in range(6):
+            opt.zero_grad()
+            F.cross_entropy(model(x)[0], y).backward()
+            opt.step()
+            updater.step()
+    assert torch.equal(model.pooler.mask, pooler_mask)
+    assert not torch.equal(model.body.mask, body_mask)
+    assert_layer_invariants(model, opt, "srigl")
+
+
 def test_optimizer_sees_exactly_the_masked_dense_gradient_inside_the_window():
     model, opt, updater, _ = setup(total=40, grad_accumulation_n=3)
     x, y = make_data("mlp", 6)
