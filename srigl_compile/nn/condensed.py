@@ -58,6 +58,40 @@ def condensed_arrays(weight: torch.Tensor, mask: torch.Tensor, name: str = "laye
     return active, values, columns.to(index_dtype_for(mask2d.shape[1])).contiguous()
 
 
+class WeightStandIn(torch.Tensor):
+    """A data-less tensor answering shape / dtype / device questions about a condensed layer's dense weight, and
+    raising LayerError on anything else (not TypeError, which tensor operators turn into NotImplemented). (A plain meta tensor would not do: ``F.linear(cpu_x, meta_w)`` returns CPU garbage.)"""
+
+    _READS = frozenset({"dtype", "shape", "ndim", "dim", "size", "numel", "layout", "requires_grad", "is_floating_point",
+                        "is_complex", "element_size", "is_sparse", "is_quantized", "is_meta", "is_cpu", "is_cuda"})
+    _cache: dict = {}
+
+    @classmethod
+    def make(cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> WeightStandIn:
+        key = (shape, dtype, str(device))
+        if key not in cls._cache:
+            cls._cache[key] = torch.Tensor._make_subclass(cls, torch.empty(shape, dtype=dtype, device="meta"))
+            cls._cache[key]._device = torch.device(device)
+        return cls._cache[key]
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(getattr(func, "__self__", None), "__name__", None) if func.__name__ == "__get__" \
+            else func.__name__
+        if name in cls._READS:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        raise LayerError(f"a condensed layer keeps no dense weight: `.weight` only answers shape, dtype and device "
+                        f"questions, not {name}. Use the layer itself, or its values / indices.")
+
+    def __repr__(self) -> str:  # (printing would otherwise go through torch functions)
+        return f"WeightStandIn(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+
 class _Condensed(nn.Module):
     """Shared storage and the full-width scatter of condensed layers."""
 
@@ -86,6 +120,13 @@ class _Condensed(nn.Module):
     def is_full(self) -> bool:
         return self.n_active == self.n_out
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight's shape, dtype and device, holding no data: for model code that inspects a layer's
+        weight (Hugging Face T5 reads ``wo.weight.dtype`` each forward). Any computation with it raises
+        (``WeightStandIn``); the values live in ``values`` / ``indices``."""
+        return WeightStandIn.make(self.dense_shape, self.values.dtype, self.values.device)
+
     def scatter(self, y_active: torch.Tensor, dim: int) -> torch.Tensor:
         """Place active outputs at their rows along ``dim``; other rows get their bias (full-width mode)."""
         if self.compact or self.is_full:
@@ -110,6 +151,10 @@ class CondensedLinear(_Condensed):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self._init_storage(out_features, in_features, active, values, indices, bias)
+
+    @property
+    def dense_shape(self) -> tuple[int, ...]:
+        return self.out_features, self.in_features
 
     @classmethod
     def from_masked(cls, layer: nn.Module, name: str = "layer") -> CondensedLinear:
@@ -146,6 +191,10 @@ class CondensedConv(_Condensed):
         self._init_storage(conv.out_channels, fan_in, active, values, indices, bias)
         group_of = active // (conv.out_channels // conv.groups)
         self.register_buffer("column_offsets", group_of * fan_in)
+
+    @property
+    def dense_shape(self) -> tuple[int, ...]:
+        return self.out_channels, self.in_channels // self.groups, *self.kernel_size
 
     @classmethod
     def from_masked(cls, layer: nn.Module, name: str = "layer") -> CondensedConv:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import copy
 import logging
-import warnings
 
 import torch.nn as nn
 
+from .._warnings import warn_user
 from ..errors import LayerError, TraceError
 from ..nn.condensed import CondensedConv, CondensedLinear
 from ..nn.condensed_attention import CondensedMultiheadAttention
@@ -54,7 +54,7 @@ class CondensePass(Pass):
             model = replace_submodule(model, name, condensed_cls.from_masked(layer, name or type(layer).__name__))
             modified = True
         if kept:
-            warnings.warn(f"no condensed form yet for {kept}; they stay masked (dense compute)", stacklevel=3)
+            warn_user(f"no condensed form yet for {kept}; they stay masked (dense compute)")
         return PassResult(model, modified)
 
     @staticmethod
@@ -99,7 +99,7 @@ def condense(model: nn.Module, *, example_inputs=None, shrink: bool = True, inpl
         try:
             plans = plan_shrink(model, capture_graph(model, example_inputs))
         except TraceError as err:
-            warnings.warn(f"ablated neurons are kept at full width: {err}", stacklevel=2)
+            warn_user(f"ablated neurons are kept at full width: {err}")
     model = CondensePass()(model).module  # (a new module when the model is a single sparse layer)
     removed = apply_shrink(model, plans)
     log.info("condensed; removed %d ablated neurons across %d layers", removed, len(plans))

@@ -16,13 +16,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import warnings
 from collections.abc import Callable
 
 import networkx as nx
 import torch.fx as fx
 import torch.nn as nn
 
+from .._warnings import warn_user
 from ..nn.masked import MaskedMultiheadAttention, masked_class_for
 from .graph_capture import ModelGraph, capture_graph
 
@@ -79,16 +79,11 @@ def _weights(model: nn.Module) -> list[tuple[str, nn.Module, str, str]]:
         elif masked_class_for(module) is not None:
             found.append((fqn, module, "weight", _kind(module)))
         elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            warnings.warn(
-                f"layer {fqn!r} ({type(module).__name__}) overrides forward, so its masked form is unknown; it stays "
-                "dense. Exclude it with filter_fn to silence this warning.",
-                stacklevel=3,
-            )
+            warn_user(f"layer {fqn!r} ({type(module).__name__}) overrides forward, so its masked form is unknown; it "
+                      "stays dense. Exclude it with filter_fn to silence this warning.")
         elif _unsupported_weight(module):
-            warnings.warn(
-                f"layer {fqn!r} ({type(module).__name__}) has a weight matrix but no masked form (supported: Linear, "
-                "Conv1d/2d/3d, MultiheadAttention); it stays dense", stacklevel=3,
-            )
+            warn_user(f"layer {fqn!r} ({type(module).__name__}) has a weight matrix but no masked form (supported: "
+                      "Linear, Conv1d/2d/3d, MultiheadAttention); it stays dense")
     return found
 
 
@@ -97,7 +92,9 @@ _DENSE_BY_DESIGN = (nn.Embedding, nn.EmbeddingBag, nn.modules.batchnorm._NormBas
 
 
 def _unsupported_weight(module: nn.Module) -> bool:
-    """A module with its own 2-D+ weight that sparsify cannot mask (ConvTranspose, HF Conv1D, ...)."""
+    """A module with its own 2-D+ weight that sparsify cannot mask (ConvTranspose, an RNN's weight_ih/hh, ...)."""
+    if isinstance(module, nn.RNNBase):
+        return True
     weight = module._parameters.get("weight")
     return weight is not None and weight.dim() >= 2 and not isinstance(module, _DENSE_BY_DESIGN)
 
@@ -129,8 +126,8 @@ def _mark_first_last(candidates: list[LayerCandidate], graph: fx.Graph) -> None:
 def discover_layers(model: nn.Module, graph: ModelGraph, filter_fn: FilterFn | None = None) -> list[LayerCandidate]:
     """Every sparsifiable weight that the graph reads, with first/last marks.
 
-    Weights the traced forward never reads, tied weights and layers rejected by ``filter_fn(module, name)`` stay
-    dense; the first two are reported with a warning naming them.
+    Weights the traced forward never reads, tied weights, weights computed by a parametrization and layers
+    rejected by ``filter_fn(module, name)`` stay dense; all but the last are reported with a warning naming them.
     """
     tied = _tied(model)
     fqn_of = {id(p): name for name, p in model.named_parameters()}
@@ -138,11 +135,16 @@ def discover_layers(model: nn.Module, graph: ModelGraph, filter_fn: FilterFn | N
     for name, owner, pname, kind in _weights(model):
         weight = getattr(owner, pname)
         if id(weight) in tied:
-            warnings.warn(f"layer {name!r}: its weight is tied to another module's; it stays dense", stacklevel=2)
+            warn_user(f"layer {name!r}: its weight is tied to another module's; it stays dense")
+            continue
+        if id(weight) not in fqn_of:  # computed each forward from other parameters
+            warn_user(f"layer {name!r}: its weight is computed on the fly (a parametrization such as weight norm), "
+                      "not a parameter sparsify can mask; it stays dense. torch.nn.utils.parametrize."
+                      "remove_parametrizations(layer, 'weight') turns it into a plain weight.")
             continue
         nodes = graph.consumers.get(fqn_of[id(weight)], [])
         if not nodes:
-            warnings.warn(f"layer {name!r} is never used by the traced forward; it stays dense", stacklevel=2)
+            warn_user(f"layer {name!r} is never used by the traced forward; it stays dense")
             continue
         candidates.append(LayerCandidate(name, owner, pname, kind, tuple(weight.shape), nodes))
     _mark_first_last(candidates, graph.graph)

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from .._warnings import warn_user
 from ..config import Method, SRigLConfig
 from ..errors import ConfigError, InvariantError, LayerError
 from ..passes.sparsify import sparse_layers
@@ -125,9 +125,9 @@ class SRigLUpdater:
             return self.layers
         if set(unused) != self._warned_unused:
             self._warned_unused = set(unused)
-            warnings.warn(f"layers {unused} got no gradient since the last mask update at step {t}: their output does "
+            warn_user(f"layers {unused} got no gradient since the last mask update at step {t}: their output does "
                           "not reach the loss, so their masks are left as they are. Leave them out of sparsify "
-                          "(filter_fn) if the model does not use them in training.", stacklevel=3)
+                          "(filter_fn) if the model does not use them in training.")
         return {name: layer for name, layer in self.layers.items() if name not in unused}
 
     def compute_scores(self, name: str, layer: nn.Module) -> LayerScores:

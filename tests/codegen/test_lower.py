@@ -176,6 +176,23 @@ def test_hf_decoders_with_their_cache_on(kind):
                                        rtol=1e-5, atol=1e-5)
 
 
+def test_hf_t5_reads_its_lowered_layers_weight_dtype():
+    """T5's feed-forward reads ``self.wo.weight.dtype`` each forward: lowered layers answer with a stand-in."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    ids = torch.randint(0, 100, (2, 7))
+    masked = sparsify(transformers.T5EncoderModel(config).eval(), SRigLConfig(sparsity=0.8, distribution="uniform"),
+                      example_inputs={"input_ids": ids})
+    lowered = lower(masked, example_inputs={"input_ids": ids}, progress=False)
+    wo = lowered.encoder.block[0].layer[1].DenseReluDense.wo
+    assert isinstance(wo, LoweredLinear) and wo.weight.dtype == torch.float32 and wo.weight.shape == (32, 64)
+    masked.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(input_ids=ids).last_hidden_state, masked(input_ids=ids).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_custom_op_passes_opcheck(lowered_mlp):
     _, lowered = lowered_mlp
     layer = lowered[3]

@@ -265,3 +265,19 @@ def test_im2col_rows_equal_unfold_columns(conv):
     rows, spatial_rows = layer.im2col_rows(x)
     assert spatial == spatial_rows
     torch.testing.assert_close(rows, columns.transpose(1, 2).reshape(rows.shape), rtol=0, atol=0)
+
+
+def test_condensed_weight_is_a_dataless_stand_in_that_fails_loudly():
+    """Model code may inspect ``layer.weight`` (its dtype, shape); the dense values are gone, so it is a stand-in:
+    reading its shape, dtype and device works, computing with it raises (never garbage numbers)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Conv1d(8, 6, 3, groups=2))
+    sparse = sparsify(nn.Sequential(net[0], net[1]), SRigLConfig(sparsity=0.5))
+    linear = condense(sparse)[0]
+    assert linear.weight.shape == (8, 12) and linear.weight.dtype == torch.float32
+    assert linear.weight.device == torch.device("cpu") and "weight" not in linear.state_dict()
+    for misuse in (lambda w: F.linear(torch.randn(2, 12), w), lambda w: w + 1, lambda w: w.sum(), lambda w: w.t()):
+        with pytest.raises(LayerError, match="no dense weight"):
+            misuse(linear.weight)
+    conv = condense(sparsify(nn.Sequential(nn.Conv1d(8, 6, 3, groups=2)), SRigLConfig(sparsity=0.5)))[0]
+    assert conv.weight.shape == (6, 4, 3)

@@ -418,3 +418,30 @@ def test_export_captures_a_model_whose_output_holds_an_object():
     sparse = sparsify(net, SRigLConfig(sparsity=0.5), example_inputs=x)
     assert_fresh_invariants(sparse, {"a": 8, "b": 16})
     assert type(sparse(x)["cache"]) is _Cache  # the model itself is untouched by the capture
+
+
+class WeightNormAndRNN(nn.Module):
+    """A weight-normed conv (Wav2Vec2's positional conv) and an LSTM: neither can be masked."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 8, 3, padding=1))
+        self.rnn = nn.LSTM(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h, _ = self.rnn(self.conv(x).transpose(1, 2))
+        return self.head(h[:, -1])
+
+
+def test_parametrized_and_recurrent_weights_stay_dense_with_a_warning_at_the_callers_line():
+    net = WeightNormAndRNN()
+    x = torch.randn(2, 4, 6)
+    with pytest.warns(UserWarning) as caught:
+        sparse = sparsify(net, SRigLConfig(sparsity=0.5), example_inputs=x)
+    messages = {str(w.message): w.filename for w in caught}
+    assert any("'conv'" in m and "parametrization" in m for m in messages), list(messages)
+    assert any("'rnn'" in m and "LSTM" in m and "no masked form" in m for m in messages), list(messages)
+    assert set(messages.values()) == {__file__}  # attributed to this call, not to a line inside the library
+    assert [name for name, _ in sparse_layers(sparse)] == ["head"]
+    torch.testing.assert_close(sparse(x), masked_dense_reference(net, sparse)(x))
