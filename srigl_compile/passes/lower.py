@@ -51,7 +51,8 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
         fold_batchnorm: fold each BatchNorm that directly follows a condensed (or dense) Linear/Conv into that
             layer's weights and bias and replace it by nn.Identity (``passes/fold_batchnorm.py`` says which fold).
             The lowered model runs in eval mode, where a BatchNorm applies its running statistics, so the fold is
-            exact up to float rounding; False keeps the BatchNorms.
+            exact up to float rounding; False keeps the BatchNorms. (Parametrized tensors, such as a weight-normed
+            convolution's, are likewise stored as the plain tensors they evaluate to.)
 
     Raises:
         UnsupportedTargetError: an unknown target (the message lists the supported ones).
@@ -76,6 +77,7 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
         model = condense(model, example_inputs=example_inputs)
     else:
         model = copy.deepcopy(model)
+    _bake_parametrizations(model)
     if fold_batchnorm:  # eval semantics (the model is returned in eval mode): running statistics fold exactly
         batchnorm_folding.fold_batchnorm(model, example_inputs=example_inputs, inplace=True)
     layers = [(name, m) for name, m in model.named_modules() if type(m) in (CondensedLinear, CondensedConv)]
@@ -98,6 +100,28 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
 
 
 SUPPORTED_DTYPES = {"llvm": ("float32",), "cuda": ("float32", "float16", "bfloat16")}
+
+
+def _bake_parametrizations(model: nn.Module) -> None:
+    """Store each parametrized tensor (weight norm, ...) as the plain tensor it evaluates to: the lowered model is
+    inference-only, so this is exact, saves recomputing it every forward, and lets ``save_lowered`` pickle the
+    model (torch refuses to pickle parametrized modules)."""
+    from torch.nn.utils import parametrize
+
+    for module in [m for m in model.modules() if parametrize.is_parametrized(m)]:
+        # A deep copy shares its original's generated Parametrized* class, and removal deletes the tensor's
+        # property from that class, which would break the caller's model: give the copy a class of its own.
+        cls = type(module)
+        module.__class__ = type(cls.__name__, cls.__bases__,
+                                {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
+        for name in list(module.parametrizations):
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        # weight_norm's hook mapping old weight_g / weight_v checkpoints onto the parametrization: moot now, and
+        # a local function, which pickling (save_lowered) rejects.
+        hooks = module._load_state_dict_pre_hooks
+        for key in [k for k, h in hooks.items()
+                    if getattr(getattr(h, "hook", None), "__module__", "") == "torch.nn.utils.parametrizations"]:
+            del hooks[key]
 
 
 def _kernel_shapes(layers, direct: bool):

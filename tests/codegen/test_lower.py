@@ -193,6 +193,23 @@ def test_hf_t5_reads_its_lowered_layers_weight_dtype():
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_weight_norm_layers_are_baked_so_the_lowered_model_saves(tmp_path):
+    """A weight-normed conv stays dense (sparsify warns); lowering stores its weight as a plain tensor, which
+    save_lowered can pickle (torch refuses parametrized modules)."""
+    from tests.null.test_sparsify_models import WeightNormAndRNN
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 6)
+    with pytest.warns(UserWarning, match="parametrization"):
+        masked = sparsify(WeightNormAndRNN(), SRigLConfig(sparsity=0.5), example_inputs=x)
+    lowered = lower(masked, example_inputs=x, progress=False)
+    assert not torch.nn.utils.parametrize.is_parametrized(lowered.conv)
+    assert torch.nn.utils.parametrize.is_parametrized(masked.conv)  # the input model is not modified
+    assert_same(lowered, masked, x)
+    save_lowered(lowered, tmp_path / "wn")
+    assert_same(load_lowered(tmp_path / "wn"), masked, x)
+
+
 def test_custom_op_passes_opcheck(lowered_mlp):
     _, lowered = lowered_mlp
     layer = lowered[3]
