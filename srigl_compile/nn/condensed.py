@@ -125,6 +125,8 @@ class _Condensed(nn.Module):
         """The dense weight's shape, dtype and device, holding no data: for model code that inspects a layer's
         weight (Hugging Face T5 reads ``wo.weight.dtype`` each forward). Any computation with it raises
         (``WeightStandIn``); the values live in ``values`` / ``indices``."""
+        if torch.compiler.is_compiling():  # dynamo reads many tensor attributes while wrapping a subclass
+            return torch.empty(self.dense_shape, dtype=self.values.dtype, device="meta")
         return WeightStandIn.make(self.dense_shape, self.values.dtype, self.values.device)
 
     def scatter(self, y_active: torch.Tensor, dim: int) -> torch.Tensor:

@@ -189,8 +189,12 @@ def test_hf_t5_reads_its_lowered_layers_weight_dtype():
     assert isinstance(wo, LoweredLinear) and wo.weight.dtype == torch.float32 and wo.weight.shape == (32, 64)
     masked.eval()
     with torch.no_grad():
-        torch.testing.assert_close(lowered(input_ids=ids).last_hidden_state, masked(input_ids=ids).last_hidden_state,
-                                   rtol=1e-5, atol=1e-5)
+        expected = masked(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(lowered(input_ids=ids).last_hidden_state, expected, rtol=1e-5, atol=1e-5)
+        exported = torch.export.export(lowered, (), {"input_ids": ids}, strict=False).module()
+        compiled = torch.compile(lowered, fullgraph=True)  # (dynamo gets a plain meta tensor for .weight)
+        for run in (exported, compiled):
+            torch.testing.assert_close(run(input_ids=ids).last_hidden_state, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_weight_norm_layers_are_baked_so_the_lowered_model_saves(tmp_path):
