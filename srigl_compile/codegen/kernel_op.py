@@ -131,12 +131,26 @@ class KernelHandle(KernelShapeFields):
             values, indices, *bias = operands
             self.row_fn(rows, values, indices.view(torch.int64), *bias, out)  # the row kernel reads index words
             return out
-        pack, col, lanes = (self.packmid_fn, self.mid_fn, MID_LANES) if m < col_threshold else \
-            (self.pack_fn, self.col_fn, self.lanes)
+        if m < col_threshold:
+            return self._tiled(rows, operands, self.packmid_fn, self.mid_fn, MID_LANES)
+        full, tail = divmod(m, self.lanes)
+        if not full or not tail or tail > self.lanes // 2:
+            return self._tiled(rows, operands, self.pack_fn, self.col_fn, self.lanes)
+        # A ragged tail (ViT's 197 tokens = 3 x 64 + 5) would fill a whole 64-lane tile mostly with padding, at the
+        # cost of a full tile (~5-7 mid tiles): the full tiles run the col kernel, the tail the 8-lane one.
+        split = full * self.lanes
+        y = rows.new_empty(split + -(-tail // MID_LANES) * MID_LANES, n_out)
+        self._tiled(rows[:split], operands, self.pack_fn, self.col_fn, self.lanes, y[:split])
+        self._tiled(rows[split:], operands, self.packmid_fn, self.mid_fn, MID_LANES, y[split:])
+        return y[:m]
+
+    def _tiled(self, rows, operands, pack, col, lanes: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """y [m, n_out] from a batch-tiled kernel; ``out`` (when given) has the rows rounded up to ``lanes``."""
+        m, n_out = rows.shape[0], self.n_out
         tiles = -(-m // lanes)
         xt = rows.new_empty(tiles, self.n_in, lanes)
         pack(rows, xt)  # [m, n_in] -> [tiles, n_in, lanes], zero-padded
-        y = rows.new_empty(tiles * lanes, n_out)
+        y = rows.new_empty(tiles * lanes, n_out) if out is None else out
         col(xt, *operands, y.view(tiles, lanes, n_out))  # writes y as [B, n_out] directly
         return y[:m] if tiles * lanes != m else y  # the padding rows are at the end: still contiguous
 

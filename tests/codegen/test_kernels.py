@@ -62,7 +62,7 @@ def layer(request):
     return handle, values, indices, bias
 
 
-@pytest.mark.parametrize("batch", [1, 2, 37, 256])
+@pytest.mark.parametrize("batch", [1, 2, 37, 197, 256])
 @pytest.mark.parametrize("threshold", [ROW_ONLY, COL_ONLY, 16], ids=["row", "col", "auto"])
 def test_numerics_both_layouts(layer, batch, threshold):
     handle, values, indices, bias = layer
