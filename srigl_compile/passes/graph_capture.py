@@ -157,8 +157,14 @@ def capture_graph(model: nn.Module, example_inputs: Any = None) -> ModelGraph:
         return _export(model, example_inputs)
     except Exception as err:
         export_error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        hint = _DATA_DEPENDENT_HINT if "DataDependent" in type(err).__name__ or "data-dependent" in str(err) else ""
         raise TraceError(
             f"could not capture a graph of {type(model).__name__}: torch.fx.symbolic_trace failed ({trace_error}) "
             f"and torch.export on example_inputs failed ({export_error}). Make the forward traceable, or check "
-            "that example_inputs match the forward's signature."
+            f"that example_inputs match the forward's signature.{hint}"
         ) from err
+
+
+_DATA_DEPENDENT_HINT = (" The forward branches on tensor values, which export cannot follow; nn.Transformer's "
+                        "layers do so when given an attention mask to test for causality: pass is_causal=True "
+                        "(nn.TransformerDecoder: tgt_is_causal=True) in example_inputs, or no mask.")

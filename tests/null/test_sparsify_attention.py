@@ -341,3 +341,23 @@ def test_hf_decoder_with_its_cache_on_sparsifies_and_trains(kind):
     with torch.no_grad():
         torch.testing.assert_close(sparse(input_ids=ids).logits,
                                    masked_dense_reference(linear_model, sparse).eval()(input_ids=ids).logits)
+
+
+class MaskedDecoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dec = nn.TransformerDecoder(nn.TransformerDecoderLayer(16, 2, 32, batch_first=True), 1)
+
+    def forward(self, tgt, memory, tgt_mask=None, tgt_is_causal=None):
+        return self.dec(tgt, memory, tgt_mask=tgt_mask, tgt_is_causal=tgt_is_causal)
+
+
+def test_decoder_mask_checked_for_causality_gets_a_hint_and_the_flag_works():
+    """Given a mask and no causal flag, nn.TransformerDecoder inspects the mask's values, which torch.export
+    cannot capture: the error says so and names the flag; with the flag, sparsify works."""
+    inputs = {"tgt": torch.randn(2, 5, 16), "memory": torch.randn(2, 6, 16),
+              "tgt_mask": nn.Transformer.generate_square_subsequent_mask(5)}
+    with pytest.raises(TraceError, match="tgt_is_causal=True"):
+        sparsify(MaskedDecoder(), SRigLConfig(sparsity=0.5), example_inputs=inputs)
+    sparse = sparsify(MaskedDecoder(), SRigLConfig(sparsity=0.5), example_inputs={**inputs, "tgt_is_causal": True})
+    assert "dec.layers.0.linear1" in dict(sparse_layers(sparse))
