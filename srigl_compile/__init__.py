@@ -15,6 +15,7 @@ from .errors import (
     CheckpointError,
     ConfigError,
     DeviceError,
+    InferenceOnlyError,
     InvariantError,
     LayerError,
     LoweringError,
@@ -51,5 +52,6 @@ __all__ = [
     "CheckpointError",
     "UnsupportedTargetError",
     "LoweringError",
+    "InferenceOnlyError",
     "DeviceError",
 ]

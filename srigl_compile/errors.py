@@ -50,5 +50,9 @@ class LoweringError(SRigLError, RuntimeError):
     """Lowering a model to compiled kernels failed."""
 
 
+class InferenceOnlyError(LoweringError):
+    """A lowered (compiled) layer was called where autograd would need its backward, which it does not have."""
+
+
 class DeviceError(SRigLError, RuntimeError):
     """A tensor or model is on a device the compiled kernel cannot run on (e.g. target='cuda' without a GPU)."""

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .conv_geometry import DirectPlan, column_offsets, direct_plan, output_size, phase_kernel, strided_plan
-from .kernel_op import (K_MULTIPLE, KernelShapeFields, block_rows, check_bias, check_cpu_float32, get_handle,
-                        get_registered, handle_key, pack_operands, register_handle)
+from .kernel_op import (K_MULTIPLE, KernelShapeFields, block_rows, check_bias, check_cpu_float32, check_no_grad,
+                        get_handle, get_registered, handle_key, pack_operands, register_handle)
 from .rules import ColParams
 
 __all__ = ["ConvKernelHandle", "build_condensed_conv", "condensed_conv2d"]
@@ -188,6 +188,7 @@ def condensed_conv2d(x: torch.Tensor, values: torch.Tensor, columns: torch.Tenso
     the phase convolution's, see ``conv_geometry.phase_columns``); plain eager tensors skip the dispatcher, tracers
     go through ``torch.ops.srigl_compile``."""
     if type(x) is torch.Tensor and not torch.compiler.is_compiling():
+        check_no_grad(x, kernel_key)
         return _run(x, values, columns, bias, kernel_key, kernel_size, padding, dilation, stride)
     return torch.ops.srigl_compile.tvm_condensed_conv2d(x, values, columns, bias, kernel_key, list(kernel_size),
                                                         list(padding), list(dilation), list(stride))

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..errors import DeviceError, LoweringError
+from ..errors import DeviceError, InferenceOnlyError, LoweringError
 from .rules import ColParams, RowParams
 
 __all__ = ["KernelHandle", "build_condensed_linear", "condensed_linear", "register_handle", "get_handle",
@@ -195,6 +195,16 @@ def check_cpu_float32(x: torch.Tensor, key: str) -> None:
         raise KernelDtypeError(f"kernel {key} takes float32 inputs, got {x.dtype}; call .float() on it")
 
 
+def check_no_grad(x: torch.Tensor, key: str) -> None:
+    """The kernels have no backward: an input that autograd tracks would otherwise leave every parameter upstream
+    of the layer without a gradient, silently."""
+    if x.requires_grad and torch.is_grad_enabled():
+        raise InferenceOnlyError(
+            f"kernel {key} got an input that requires grad: lowered layers run inference only (no backward). "
+            "Call the model under torch.no_grad() or torch.inference_mode(), or train the sparse model from "
+            "sparsify() and lower it afterwards.")
+
+
 def check_bias(handle, bias) -> None:
     """The op got a bias exactly when its kernel was built with one."""
     if (bias is not None) != handle.has_bias:
@@ -309,5 +319,6 @@ def condensed_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tenso
     """Run the kernel registered as ``kernel_key``; plain eager tensors skip the dispatcher (about 10 us),
     tracers (fx proxies, fake/functional tensors, torch.compile) go through ``torch.ops.srigl_compile``."""
     if type(x) is torch.Tensor and not torch.compiler.is_compiling():
+        check_no_grad(x, kernel_key)
         return _run(x, values, indices, bias, kernel_key, col_threshold)
     return torch.ops.srigl_compile.tvm_condensed_linear(x, values, indices, bias, kernel_key, col_threshold)

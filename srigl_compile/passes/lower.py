@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = False, cache_dir=None,
           col_threshold: int | None = None, progress: bool = True, dtype: torch.dtype = torch.float32,
           fold_batchnorm: bool = True) -> nn.Module:
-    """Return ``model`` (in eval mode) with its sparse layers running TVM-compiled condensed kernels.
+    """Return ``model`` (in eval mode, parameters frozen: inference only) with its sparse layers running
+    TVM-compiled condensed kernels.
 
     Args:
         model: a model from ``sparsify`` (+ training) or from ``condense``; it is not modified.
@@ -57,7 +58,8 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
     Raises:
         UnsupportedTargetError: an unknown target (the message lists the supported ones).
         LayerError: nothing to lower.
-        LoweringError: TVM is not installed, or (cuda) nvcc is missing or the dtype is not supported.
+        LoweringError: TVM is not installed, or (cuda) nvcc is missing or the dtype is not supported. (Calling
+            the lowered model on an input autograd tracks raises InferenceOnlyError, a LoweringError.)
 
     Example:
         >>> fast = lower(trained_sparse_model, target="llvm")       # doctest: +SKIP
@@ -96,7 +98,9 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
         tiles = _exact_tiles(model, layers, example_inputs)
         _compile_layers(layers, *_llvm_builder(target_dict, tune, cache_dir, col_threshold, progress, tiles),
                         direct=True)
-    return model.eval()  # inference only: the kernels have no backward, dropout must be off
+    # Inference only: the kernels have no backward, dropout must be off, and dense parameters need no gradients
+    # (a lowered layer refuses an input autograd tracks, InferenceOnlyError).
+    return model.eval().requires_grad_(False)
 
 
 SUPPORTED_DTYPES = {"llvm": ("float32",), "cuda": ("float32", "float16", "bfloat16")}

@@ -217,6 +217,30 @@ def test_weight_norm_layers_are_baked_so_the_lowered_model_saves(tmp_path):
     assert_same(load_lowered(tmp_path / "wn"), masked, x)
 
 
+def test_lowered_models_are_inference_only_and_say_so():
+    """The kernels have no backward. The lowered model's parameters are frozen, so a plain call builds no graph;
+    an input autograd tracks (or a parameter thawed upstream) raises instead of cutting the gradient silently."""
+    from srigl_compile import InferenceOnlyError
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 32), nn.ReLU(), nn.Unflatten(1, (32, 1)), nn.Conv1d(32, 8, 1))
+    masked = sparsify(net, SRigLConfig(sparsity=0.5), filter_fn=lambda m, name: name != "0")
+    lowered = lower(masked, progress=False)
+    assert not any(p.requires_grad for p in lowered.parameters())
+    assert any(p.requires_grad for p in masked.parameters())  # the input model is not modified
+    x = torch.randn(2, 16)
+    assert not lowered(x).requires_grad
+    with pytest.raises(InferenceOnlyError, match="no_grad"):
+        lowered(x.requires_grad_())
+    with torch.no_grad():
+        lowered(x)
+    lowered[0].weight.requires_grad_()
+    with pytest.raises(InferenceOnlyError):
+        lowered(torch.randn(2, 16))
+    with pytest.raises(InferenceOnlyError):
+        lowered[4](torch.randn(2, 32, 1, requires_grad=True))  # the conv kernel too
+
+
 def test_custom_op_passes_opcheck(lowered_mlp):
     _, lowered = lowered_mlp
     layer = lowered[3]
