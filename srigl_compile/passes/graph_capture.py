@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..errors import TraceError
 
-__all__ = ["ModelGraph", "capture_graph", "LEAF_TYPES"]
+__all__ = ["ModelGraph", "capture_graph", "example_args", "output_tensors", "LEAF_TYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,9 @@ class _LayerTracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
-def _as_args(example_inputs: Any) -> tuple[tuple, dict]:
+def example_args(example_inputs: Any) -> tuple[tuple, dict]:
+    """(args, kwargs) for calling a model on ``example_inputs`` (a tensor, a tuple of positional inputs or a dict
+    of keyword inputs); a TraceError for anything else."""
     if isinstance(example_inputs, Mapping):
         return (), dict(example_inputs)
     if isinstance(example_inputs, torch.Tensor):
@@ -123,7 +125,7 @@ def _tensor_output_view(model: nn.Module) -> nn.Module:
 
 
 def _export(model: nn.Module, example_inputs: Any) -> ModelGraph:
-    args, kwargs = _as_args(example_inputs)
+    args, kwargs = example_args(example_inputs)
     with _eval_mode(model), torch.no_grad():
         try:
             program = torch.export.export(model, args, kwargs, strict=False)

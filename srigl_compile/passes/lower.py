@@ -160,7 +160,7 @@ def _exact_tiles(model: nn.Module, layers, example_inputs) -> dict[int, int]:
 
     from ..codegen.conv_geometry import exact_tile
     from ..nn.lowered import pointwise_unpadded
-    from .graph_capture import _as_args
+    from .graph_capture import example_args
 
     pointwise = [m for _, m in layers if isinstance(m, CondensedConv) and pointwise_unpadded(m)]
     if example_inputs is None or not pointwise:
@@ -169,7 +169,7 @@ def _exact_tiles(model: nn.Module, layers, example_inputs) -> dict[int, int]:
     hooks = [m.register_forward_hook(lambda mod, args, out: positions.__setitem__(id(mod), out.shape[2:].numel()))
              for m in pointwise]
     try:
-        args, kwargs = _as_args(example_inputs)
+        args, kwargs = example_args(example_inputs)
         with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
             fake = lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t  # noqa: E731
             model.eval()(*tree_map(fake, args), **tree_map(fake, kwargs))
