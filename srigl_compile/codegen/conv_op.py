@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .conv_geometry import DirectPlan, column_offsets, direct_plan, output_size, phase_kernel, strided_plan
-from .kernel_op import (K_MULTIPLE, KernelShapeFields, block_rows, check_bias, check_cpu_float32, check_no_grad,
-                        get_handle, get_registered, handle_key, pack_operands, register_handle)
+from .kernel_op import (K_MULTIPLE, KernelShapeFields, block_rows, check_bias, check_cpu_float32,
+                        check_float32_operands, check_no_grad, check_runs_here, get_handle, get_registered,
+                        handle_key, pack_operands, register_handle)
 from .rules import ColParams
 
 __all__ = ["ConvKernelHandle", "build_condensed_conv", "condensed_conv2d"]
@@ -58,12 +59,15 @@ class ConvKernelHandle(KernelShapeFields):
     conv_fn: Any = dataclasses.field(init=False, repr=False)
     # columns tensor (one per layer; held weakly, so a freed layer's entries go) -> {image size: offsets}
     _offsets: Any = dataclasses.field(init=False, repr=False, default_factory=WeakIdKeyDictionary)
+    missing_features: tuple = dataclasses.field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
+        from .cpu_target import missing_host_features
         from .tuning import KernelShape
 
         self.conv_fn = self.module[KernelShape(self.n_out, self.n_in, self.k_pad, self.index_dtype,
                                                self.has_bias).symbol("offset")]
+        self.missing_features = missing_host_features(self.target)
 
     @property
     def lanes(self) -> int:
@@ -131,6 +135,8 @@ def _pair(values: Sequence[int]) -> tuple[int, int]:
 
 def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilation, stride) -> torch.Tensor:
     handle = get_handle(kernel_key)
+    check_runs_here(handle)
+    check_float32_operands(values, bias, handle.key)
     check_cpu_float32(x, handle.key)
     check_bias(handle, bias)
     if x.dim() != 4:

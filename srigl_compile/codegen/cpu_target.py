@@ -18,7 +18,7 @@ from ..errors import UnsupportedTargetError
 from ._tvm_compat import import_tvm, tvm_thread_count
 
 __all__ = ["host_cpu_name", "host_llvm_target", "check_llvm_target", "target_key", "vector_registers",
-           "has_bit_extract"]
+           "has_bit_extract", "missing_host_features"]
 
 
 @functools.cache
@@ -55,6 +55,12 @@ def check_llvm_target(target: Mapping[str, Any] | None) -> dict[str, Any]:
     if target.get("mcpu") in (None, "native"):
         raise UnsupportedTargetError("name the CPU in the target ('mcpu': 'znver3', ...): 'native' or no mcpu "
                                      "compiles for a generic x86 without AVX2; host_llvm_target() detects it")
+    codegen = import_tvm().target.codegen
+    triple = target.get("mtriple") or str(codegen.llvm_get_system_triple())
+    if not codegen.llvm_is_valid_cpu(str(target["mcpu"]), triple):
+        raise UnsupportedTargetError(f"LLVM does not know the CPU {target['mcpu']!r} (for {triple}); it would build "
+                                     f"for a generic CPU. Name one LLVM knows ('znver3', 'skylake-avx512', ...); "
+                                     f"this machine is {host_cpu_name()!r}")
     return dict(target)
 
 
@@ -74,6 +80,34 @@ def _has_features(features: str, cpu: tuple, mattr: tuple) -> bool:
     tvm = import_tvm()
     target = {"kind": "llvm", **dict(cpu), **({"mattr": list(mattr)} if mattr else {})}
     return bool(tvm.target.codegen.target_has_features(features, tvm.target.Target(target)))
+
+
+# LLVM feature names that are instruction sets (the rest are tuning flags such as "fast-gather", "slow-3ops-lea").
+_ISA_PREFIXES = ("avx", "sse", "ssse", "fma", "f16c", "bmi", "amx", "vpclmul", "gfni", "vaes", "sha", "popcnt",
+                 "lzcnt", "movbe", "adx", "aes", "pclmul", "tbm", "xop", "cx16", "sahf", "prfchw", "clflushopt",
+                 "clwb", "rdrnd", "rdseed", "xsave", "vnni", "avxvnni", "serialize", "waitpkg")
+
+
+def missing_host_features(target: Mapping[str, Any]) -> tuple[str, ...]:
+    """Instruction sets the target CPU has and this machine lacks: kernels compiled for it would die here of an
+    illegal instruction. Empty when they run here, or when no LLVM is at hand to ask (runtime-only TVM)."""
+    try:
+        here = host_cpu_name()
+    except Exception:  # runtime-only TVM: no LLVM (and no compiler to have built foreign kernels with)
+        return ()
+    if target.get("mcpu") == here and not target.get("mattr"):
+        return ()
+    return _missing(str(target.get("mcpu")), target.get("mtriple"), tuple(target.get("mattr", ())), here)
+
+
+@functools.cache
+def _missing(mcpu: str, mtriple: str | None, mattr: tuple, here: str) -> tuple[str, ...]:
+    codegen = import_tvm().target.codegen
+    spec = {"kind": "llvm", "mcpu": mcpu, **({"mtriple": mtriple} if mtriple else {}),
+            **({"mattr": list(mattr)} if mattr else {})}
+    wanted = set(codegen.llvm_get_cpu_features(import_tvm().target.Target(spec)))
+    have = set(codegen.llvm_get_cpu_features(import_tvm().target.Target({"kind": "llvm", "mcpu": here})))
+    return tuple(sorted(f for f in wanted - have if f.startswith(_ISA_PREFIXES)))
 
 
 def vector_registers(asm: str) -> dict[str, int]:

@@ -95,13 +95,16 @@ class KernelHandle(KernelShapeFields):
     pack_fn: Any = dataclasses.field(init=False, repr=False)
     mid_fn: Any = dataclasses.field(init=False, repr=False)
     packmid_fn: Any = dataclasses.field(init=False, repr=False)
+    missing_features: tuple = dataclasses.field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
+        from .cpu_target import missing_host_features
         from .tuning import KernelShape
 
         shape = KernelShape(self.n_out, self.n_in, self.k_pad, self.index_dtype, self.has_bias)
         functions = (self.module[shape.symbol(layout)] for layout in ("row", "col", "pack", "mid", "packmid"))
         self.row_fn, self.col_fn, self.pack_fn, self.mid_fn, self.packmid_fn = functions
+        self.missing_features = missing_host_features(self.target)
 
     @property
     def lanes(self) -> int:
@@ -120,6 +123,7 @@ class KernelHandle(KernelShapeFields):
         return condensed_linear(x, values, indices, bias, self.key, col_threshold)
 
     def check_input(self, x: torch.Tensor) -> None:
+        check_runs_here(self)
         check_cpu_float32(x, self.key)
         check_batch_input(x, self)
 
@@ -195,6 +199,16 @@ def check_cpu_float32(x: torch.Tensor, key: str) -> None:
         raise KernelDtypeError(f"kernel {key} takes float32 inputs, got {x.dtype}; call .float() on it")
 
 
+def check_runs_here(handle) -> None:
+    """Kernels compiled for a CPU with instructions this one lacks would kill the process (SIGILL): refuse."""
+    if handle.missing_features:
+        mcpu = handle.target.get("mcpu")
+        raise KernelDeviceError(
+            f"kernel {handle.key} was compiled for {mcpu}, whose instructions {list(handle.missing_features)} this "
+            f"CPU lacks: running it would crash the process. Lower for this machine (target='llvm'), or run the "
+            f"model on a {mcpu} machine.")
+
+
 def check_no_grad(x: torch.Tensor, key: str) -> None:
     """The kernels have no backward: an input that autograd tracks would otherwise leave every parameter upstream
     of the layer without a gradient, silently."""
@@ -203,6 +217,14 @@ def check_no_grad(x: torch.Tensor, key: str) -> None:
             f"kernel {key} got an input that requires grad: lowered layers run inference only (no backward). "
             "Call the model under torch.no_grad() or torch.inference_mode(), or train the sparse model from "
             "sparsify() and lower it afterwards.")
+
+
+def check_float32_operands(values: torch.Tensor, bias: torch.Tensor | None, key: str) -> None:
+    """A lowered model converted after lowering (``.half()``, ``.double()``) no longer matches its kernels."""
+    for tensor in (values, bias):
+        if tensor is not None and tensor.dtype != torch.float32:
+            raise KernelDtypeError(f"kernel {key} runs float32 but the layer holds {tensor.dtype}: a lowered model "
+                                   "keeps the dtype lower() gave it; convert the sparse model and lower it again")
 
 
 def check_bias(handle, bias) -> None:
@@ -289,6 +311,8 @@ def _operands(handle, values, indices, bias):
 
 def _run(x, values, indices, bias, kernel_key: str, col_threshold: int) -> torch.Tensor:
     handle = get_handle(kernel_key)
+    if handle.device_type == "cpu":  # (first: a converted model explains a wrong input dtype too)
+        check_float32_operands(values, bias, handle.key)
     handle.check_input(x)
     operands = _operands(handle, values, indices, bias)
     flat = x.dim() == 2  # the common case skips reshape/view (about 4 us of a ~10 us call overhead)

@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import LoweringError
 from ._tvm_compat import import_tvm
-from .cpu_target import has_bit_extract, target_key
+from .cpu_target import has_bit_extract, missing_host_features, target_key
 from .conv_geometry import column_offsets, direct_plan
 from .kernel_op import MID_LANES, block_rows
 from .kernels import col_kernel, kernel_symbol, offset_kernel, pack_kernel, row_kernel
@@ -246,6 +247,9 @@ def select_params(shape: KernelShape, layout: str, target: Mapping[str, Any], *,
         return found
     if not tune:
         return RULES[layout].default(shape.k)
+    if missing_host_features(target):  # timing runs the kernels here, which would kill the process
+        raise LoweringError(f"cannot tune for {target.get('mcpu')} on this machine: it lacks "
+                            f"{list(missing_host_features(target))}. Tune on that CPU, or lower with tune=False.")
     best, best_us, candidates = tune_layout(shape, layout, target, space=space, progress=progress)
     path = records.put(key, best, best_us, candidates)
     log.info("tuned %s: %s at %.1f us (record %s)", key, best, best_us, path)

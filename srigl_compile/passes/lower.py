@@ -41,7 +41,8 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
             elsewhere save it with ``save_lowered`` and load it on the GPU machine), or a TVM target dict such as
             ``{"kind": "llvm", "mcpu": "znver3", "num-cores": 2}`` or ``{"kind": "cuda", "arch": "sm_90"}``.
         dtype: the lowered model's float dtype: float32, or for "cuda" also float16 / bfloat16 (the kernels sum
-            in float32; the whole model is converted).
+            in float32). The whole model is converted to it, whatever its dtype was (a float64 or float16 model
+            lowered for "llvm" becomes float32).
         example_inputs: as for ``sparsify``, when the graph must be captured with torch.export.
         tune: (llvm only) search schedule variants per layer shape (records kept under ``cache_dir``, default
             ``~/.cache/srigl_compile/tuning``, so a shape is tuned once); False uses tuned records if present,
@@ -89,7 +90,8 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
 
     for _, layer in layers:
         fill_ablated_rows_(layer)  # full-width layers with few ablated neurons: no scatter after the kernel
-    if dtype != torch.float32:
+    if any(t.is_floating_point() and t.dtype != dtype for t in (*model.parameters(), *model.buffers())):
+        log.info("converting the model to %s (the kernels' dtype)", dtype)
         model = model.to(dtype)  # floating tensors only: the index buffers keep their integer types
     if target_dict["kind"] == "cuda":
         _compile_layers(layers, *_cuda_builder(target_dict, dtype_name, cache_dir, col_threshold), direct=False)

@@ -244,6 +244,29 @@ def test_target_names_the_cpu_and_code_uses_avx2():
         assert vector_registers(asm)["ymm"] > 0 and "vfmadd" in asm
 
 
+@pytest.mark.skipif("avx512f" in open("/proc/cpuinfo").read(), reason="this CPU runs AVX-512 code")
+def test_kernels_for_a_cpu_with_instructions_this_one_lacks_refuse_to_run(tmp_path):
+    """Calling them would kill the interpreter with SIGILL: a typed error instead, and tuning (which runs them)
+    is refused; an mcpu LLVM does not know is an error, not a silent generic build."""
+    from srigl_compile.codegen.conv_op import build_condensed_conv, condensed_conv2d
+    from srigl_compile.errors import LoweringError
+
+    foreign = {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2}
+    handle = build_condensed_linear(8, 16, 4, "int16", True, foreign)
+    assert "avx512f" in handle.missing_features
+    values, indices, bias = make_layer(8, 16, 4, "int16", True)
+    with pytest.raises(KernelDeviceError, match="skylake-avx512"):
+        handle(torch.randn(2, 16), *handle.pack(values, indices), bias)
+    conv = build_condensed_conv(8, 36, 4, "int16", False, foreign)
+    with pytest.raises(KernelDeviceError, match="crash"):
+        condensed_conv2d(torch.randn(1, 4, 5, 5), *conv.pack(values, indices.long() % 36), None, conv.key, (3, 3),
+                         (1, 1), (1, 1))
+    with pytest.raises(LoweringError, match="tune"):
+        build_condensed_linear(8, 16, 4, "int16", True, foreign, tune=True, cache_dir=tmp_path)
+    with pytest.raises(UnsupportedTargetError, match="pentium9000"):
+        check_llvm_target({"kind": "llvm", "mcpu": "pentium9000"})
+
+
 def test_tuning_records_written_and_reread(tmp_path, caplog):
     target = host_llvm_target()
     shape = KernelShape(48, 96, 16, "int16", True)

@@ -241,6 +241,26 @@ def test_lowered_models_are_inference_only_and_say_so():
         lowered[4](torch.randn(2, 32, 1, requires_grad=True))  # the conv kernel too
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_a_model_in_another_dtype_lowers_to_float32_and_stays_there(dtype):
+    """The llvm kernels run float32: lower() converts the whole model; converting the lowered model afterwards
+    is a typed error at the call, not TVM's argument mismatch."""
+    from srigl_compile.codegen.kernel_op import KernelDtypeError
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Unflatten(1, (32, 1)), nn.Conv1d(32, 4, 1))
+    masked = sparsify(net.to(dtype), SRigLConfig(sparsity=0.5))
+    lowered = lower(masked, progress=False)
+    assert all(p.dtype == torch.float32 for p in lowered.parameters())
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        expected = masked.float()(x)  # (the float32 version of the same weights)
+    assert_same(lowered, masked, x, tol=1e-5)
+    torch.testing.assert_close(lowered(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(KernelDtypeError, match="lower it again"):
+        lowered.to(dtype)(x.to(dtype) if dtype == torch.float64 else x)
+
+
 def test_custom_op_passes_opcheck(lowered_mlp):
     _, lowered = lowered_mlp
     layer = lowered[3]
