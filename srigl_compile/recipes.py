@@ -149,7 +149,11 @@ def train_classifier(
 
 
 def _restore(checkpoint, model, optimizer, scheduler, updater, generator) -> _State:
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as err:  # missing / unexpected keys, shape mismatches
+        raise CheckpointError(f"the checkpoint does not fit this model (another architecture or sparsity; it was "
+                              f"made with {checkpoint['meta']}): {str(err).splitlines()[0]}") from None
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     if updater is not None:

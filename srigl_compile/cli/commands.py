@@ -76,6 +76,8 @@ def train(model, data, data_dir, method, sparsity, distribution, delta_t, alpha,
     state = load_checkpoint(checkpoint) if resume else None
     meta = {"model": model, "data": data, "method": method, "input_shape": list(dataset.input_shape),
             "num_classes": dataset.num_classes, "config": config.to_dict() if config else None}
+    if state is not None:
+        check_same_run(checkpoint, state["meta"], meta)
     result = train_classifier(net, dataset, config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                               progress=True, checkpoint_path=checkpoint, checkpoint_every=checkpoint_every or None,
                               resume=state, meta=meta)
@@ -83,6 +85,20 @@ def train(model, data, data_dir, method, sparsity, distribution, delta_t, alpha,
                "stats": result.updater.stats() if result.updater else None, **meta}
     Path(out, "metrics.json").write_text(json.dumps(metrics, indent=1))
     click.echo(f"{model} on {data}, {method}: test accuracy {result.accuracy:.4f}; checkpoint {checkpoint}")
+
+
+def check_same_run(checkpoint: Path, saved: dict, ours: dict) -> None:
+    """--resume continues the run the checkpoint holds: the model, data, method and sparsity settings must match."""
+    differing = {key: (saved.get(key), ours.get(key)) for key in ("model", "data", "method", "config")
+                 if saved.get(key) != ours.get(key)}
+    if differing:
+        config = {k: v for k, v in (saved.get("config") or {}).items()
+                  if (ours.get("config") or {}).get(k) != v}
+        detail = ", ".join(f"{key} {old!r} (now {new!r})" for key, (old, new) in differing.items() if key != "config")
+        if "config" in differing:
+            detail = ", ".join(filter(None, [detail, f"config fields {config}"]))
+        raise CheckpointError(f"{checkpoint} was trained with other settings: {detail}. Resume with the options "
+                              "it was trained with, or train into another --out.")
 
 
 def model_from_checkpoint(path):

@@ -1,7 +1,8 @@
 """SparsifyPass: turn a model's Linear / Conv / attention-projection weights into constant-fan-in masked layers.
 
 Contract.
-    requires: the model has no masked layer yet; its graph can be captured (symbolic_trace or torch.export).
+    requires: the model has no masked layer yet and no parameter on the meta device; its graph can be captured
+              (symbolic_trace or torch.export).
     ensures:  every planned layer is a masked module whose active neurons all have exactly k0 inputs and whose
               masked weights are exactly zero; every other module, and the model's class, is unchanged.
 
@@ -95,6 +96,10 @@ class SparsifyPass(Pass):
         already = [name for name, m in model.named_modules() if is_masked(m)]
         if already:
             raise LayerError(f"model is already sparsified (masked layers: {already[:5]}); sparsify it only once")
+        on_meta = [name for name, p in model.named_parameters() if p.is_meta]
+        if on_meta:
+            raise LayerError(f"parameters {on_meta[:3]} are on the meta device (no values to draw masks over): "
+                             "materialize the model first, e.g. model.to_empty(device='cpu') and initialize it")
 
     def call(self, model: nn.Module) -> PassResult:
         candidates = discover_layers(model, capture_graph(model, self.example_inputs), self.filter_fn)

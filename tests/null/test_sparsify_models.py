@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from srigl_compile import (
+    LayerError,
     SRigLConfig,
     TraceError,
     sparse_layers,
@@ -445,3 +446,10 @@ def test_parametrized_and_recurrent_weights_stay_dense_with_a_warning_at_the_cal
     assert set(messages.values()) == {__file__}  # attributed to this call, not to a line inside the library
     assert [name for name, _ in sparse_layers(sparse)] == ["head"]
     torch.testing.assert_close(sparse(x), masked_dense_reference(net, sparse)(x))
+
+
+def test_a_model_on_the_meta_device_is_a_clear_error():
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    with pytest.raises(LayerError, match="to_empty"):
+        sparsify(net, SRigLConfig(sparsity=0.9))

@@ -267,6 +267,35 @@ def test_checkpoint_without_masks_or_for_another_model_is_rejected():
         wider.load_state_dict(updater.state_dict())
 
 
+@pytest.mark.parametrize("field", ["step", "generator", "explored", "grad_buffers", "config", "plans"])
+def test_a_checkpoint_missing_a_field_is_rejected_before_anything_changes(field):
+    model, opt, updater, _ = setup()
+    x, y = make_data("mlp", 0)
+    for _ in range(5):
+        train_step(model, opt, updater, x, y)
+    state = updater.state_dict()
+    del state[field]
+    fresh_model, fresh_opt, fresh, _ = setup()
+    before = copy.deepcopy(fresh_model.state_dict())
+    with pytest.raises(CheckpointError, match=field):
+        fresh.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in fresh_model.state_dict().items())
+    assert fresh.step_count == 0
+
+
+def test_a_checkpoint_from_another_sparsity_or_with_a_corrupt_mask_is_rejected():
+    """Same layers, other sparsity: the plans (budget, k) differ, and resuming would quietly train at the
+    updater's sparsity from the next update on."""
+    _, _, denser_run, _ = setup(sparsity=0.6, distribution="uniform")
+    model, opt, updater, _ = setup(sparsity=0.9, distribution="uniform")
+    with pytest.raises(CheckpointError, match="another sparsity"):
+        updater.load_state_dict(denser_run.state_dict())
+    state = updater.state_dict()
+    state["masks"]["0"] = torch.ones_like(state["masks"]["0"])
+    with pytest.raises(CheckpointError, match="budget"):
+        updater.load_state_dict(state)
+
+
 def test_missing_backward_before_an_update_is_a_clear_error():
     from srigl_compile import InvariantError
 
