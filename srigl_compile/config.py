@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from collections.abc import Mapping
 from enum import Enum
@@ -52,21 +53,33 @@ def _enum(cls: type[Enum], field: str, value: Any) -> Enum:
         raise ConfigError(f"SRigLConfig.{field}={value!r} is not one of {allowed}") from None
 
 
-def _check_fraction(field: str, value: Any, *, low_open: bool = True, high_open: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+def _is_real(value: Any) -> bool:
+    """A finite real number, numpy scalars included; bool is not a number here."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_fraction(field: str, value: Any, *, low_open: bool = True, high_open: bool = True,
+                    example: str = "0.9 for 90% sparsity") -> float:
+    if not _is_real(value):
         raise ConfigError(f"SRigLConfig.{field}={value!r} must be a finite number")
     lo_ok = value > 0 if low_open else value >= 0
     hi_ok = value < 1 if high_open else value <= 1
     if not (lo_ok and hi_ok):
         interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
-        raise ConfigError(f"SRigLConfig.{field}={value!r} must lie in {interval}, e.g. 0.9 for 90% sparsity")
+        raise ConfigError(f"SRigLConfig.{field}={value!r} must lie in {interval}, e.g. {example}")
+    return float(value)
+
+
+def _check_nonnegative(field: str, value: Any, meaning: str = "") -> float:
+    if not _is_real(value) or value < 0:
+        raise ConfigError(f"SRigLConfig.{field}={value!r} must be a finite number >= 0{meaning}")
     return float(value)
 
 
 def _check_int(field: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"SRigLConfig.{field}={value!r} must be an integer >= {minimum}")
-    return value
+    return int(value)
 
 
 def _check_pattern(field: str, pattern: Any) -> str:
@@ -127,20 +140,19 @@ class SRigLConfig:
         set_("distribution", _enum(Distribution, "distribution", self.distribution))
         set_("method", _enum(Method, "method", self.method))
         set_("too_small", _enum(TooSmallPolicy, "too_small", self.too_small))
-        if isinstance(self.erk_power, bool) or not isinstance(self.erk_power, (int, float)) or self.erk_power < 0:
-            raise ConfigError(f"SRigLConfig.erk_power={self.erk_power!r} must be a number >= 0")
-        set_("alpha", _check_fraction("alpha", self.alpha, high_open=False))
-        set_("t_end_fraction", _check_fraction("t_end_fraction", self.t_end_fraction, high_open=False))
-        if isinstance(self.gamma_sal, bool) or not isinstance(self.gamma_sal, (int, float)) or self.gamma_sal < 0:
-            raise ConfigError(f"SRigLConfig.gamma_sal={self.gamma_sal!r} must be >= 0 (a fraction of k, or a count >= 1)")
-        _check_int("delta_t", self.delta_t, 1)
-        _check_int("grad_accumulation_n", self.grad_accumulation_n, 1)
+        set_("erk_power", _check_nonnegative("erk_power", self.erk_power))
+        set_("alpha", _check_fraction("alpha", self.alpha, high_open=False, example="0.3, the fraction dropped"))
+        set_("t_end_fraction", _check_fraction("t_end_fraction", self.t_end_fraction, high_open=False,
+                                               example="0.75, the fraction of training with mask updates"))
+        set_("gamma_sal", _check_nonnegative("gamma_sal", self.gamma_sal, " (a fraction of k, or a count >= 1)"))
+        set_("delta_t", _check_int("delta_t", self.delta_t, 1))
+        set_("grad_accumulation_n", _check_int("grad_accumulation_n", self.grad_accumulation_n, 1))
         if self.grad_accumulation_n > self.delta_t:
             raise ConfigError(
                 f"SRigLConfig.grad_accumulation_n={self.grad_accumulation_n} exceeds delta_t={self.delta_t}: "
                 "the gradient window must fit between two mask updates"
             )
-        _check_int("seed", self.seed, 0)
+        set_("seed", _check_int("seed", self.seed, 0))
         for name in ("ablation", "keep_first_dense", "keep_last_dense", "reinit"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"SRigLConfig.{name}={getattr(self, name)!r} must be True or False")

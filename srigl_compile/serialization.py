@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -40,7 +41,9 @@ def _lowered_layers(model: nn.Module):
 
 
 def save_lowered(model: nn.Module, path) -> Path:
-    """Write ``model`` (the output of ``lower``) and its compiled kernels to the folder ``path``."""
+    """Write ``model`` (the output of ``lower``) and its compiled kernels to the folder ``path`` (replacing a model
+    saved there before; a folder holding a ``kernels`` directory not written by save_lowered is a CheckpointError).
+    """
     from importlib.metadata import version
 
     from .codegen.kernel_io import export_kernels
@@ -51,6 +54,9 @@ def save_lowered(model: nn.Module, path) -> Path:
     if not _lowered_layers(model):
         raise CheckpointError("the model has no lowered layers: call srigl_compile.lower(model) first")
     path.mkdir(parents=True, exist_ok=True)
+    if (path / "kernels").exists():  # a model saved here before: its kernel files go, not only the manifest
+        _read_manifest(path)  # (raises unless the folder is one save_lowered wrote)
+        shutil.rmtree(path / "kernels")
     export_kernels([get_handle(key) for key in keys], path / "kernels")
     torch.save(model, path / "model.pt")
     manifest = {"format": FORMAT, "torch": torch.__version__, "tvm": version("apache-tvm"), "kernels": keys,

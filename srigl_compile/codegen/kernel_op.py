@@ -257,8 +257,9 @@ def get_handle(key: str) -> KernelHandle:
     try:
         return _HANDLES[key]
     except KeyError:
-        raise LoweringError(f"compiled kernel {key!r} is not loaded in this process: call "
-                            "build_condensed_linear(...) or load_kernels(path) first") from None
+        raise LoweringError(f"compiled kernel {key!r} is not loaded in this process. A lowered model travels with "
+                            "srigl_compile.save_lowered(model, path) and load_lowered(path), which carry its kernels "
+                            "(torch.save alone does not); or lower the model again here") from None
 
 
 def handle_key(n_out, n_in, k, index_dtype, has_bias, target) -> str:

@@ -30,7 +30,7 @@ from srigl_compile.codegen.kernel_op import (  # noqa: E402
 from srigl_compile.codegen.kernels import col_kernel, row_kernel  # noqa: E402
 from srigl_compile.codegen.rules import ColParams, ColRule, RowParams, RowRule, schedule  # noqa: E402
 from srigl_compile.codegen.tuning import KernelShape, TuningRecords, record_key, select_params  # noqa: E402
-from srigl_compile.errors import UnsupportedTargetError  # noqa: E402
+from srigl_compile.errors import LoweringError, UnsupportedTargetError  # noqa: E402
 
 OP = torch.ops.srigl_compile.tvm_condensed_linear.default
 ROW_ONLY, COL_ONLY = 10**9, 1  # col_threshold values forcing one layout
@@ -318,7 +318,7 @@ def test_export_load_round_trip_and_corrupt_files(tmp_path, small_model):
 
 
 def test_missing_kernel_key_names_the_fix():
-    with pytest.raises(Exception, match="load_kernels"):
+    with pytest.raises(LoweringError, match="load_lowered"):  # the user-level fix: lowered models travel with it
         condensed_linear(torch.randn(1, 4), torch.randn(2, 8), torch.zeros(2, 8, dtype=torch.int32), None, "nope")
 
 

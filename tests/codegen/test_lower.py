@@ -356,6 +356,20 @@ def test_corrupt_or_missing_files_are_checkpoint_errors(lowered_mlp, tmp_path):
         save_lowered(mlp(), tmp_path / "dense")
 
 
+def test_saving_over_a_saved_model_replaces_its_kernels(lowered_mlp, tmp_path):
+    _, lowered = lowered_mlp
+    other = lower(sparsify(nn.Sequential(nn.Linear(8, 24)), SRigLConfig(sparsity=0.5)), progress=False)
+    folder = save_lowered(other, tmp_path / "model")
+    save_lowered(lowered, folder)
+    fresh = save_lowered(lowered, tmp_path / "fresh")
+    assert {p.name for p in (folder / "kernels").iterdir()} == {p.name for p in (fresh / "kernels").iterdir()}
+    x = torch.randn(3, 32)
+    assert torch.equal(load_lowered(folder)(x), lowered(x))
+    (tmp_path / "mine" / "kernels").mkdir(parents=True)  # not a save_lowered folder: left alone, refused
+    with pytest.raises(CheckpointError, match="manifest"):
+        save_lowered(lowered, tmp_path / "mine")
+
+
 def test_lowered_90_percent_layer_is_small_and_drops_dense_weights():
     masked = sparsify(nn.Sequential(nn.Linear(3072, 768)), SRigLConfig(sparsity=0.9, distribution="uniform"))
     lowered = lower(masked, progress=False)

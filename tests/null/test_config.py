@@ -39,6 +39,9 @@ def test_sparsity_outside_open_interval_is_rejected_naming_the_field(value):
         ("delta_t", 0, "delta_t"),
         ("grad_accumulation_n", 0, "grad_accumulation_n"),
         ("gamma_sal", -1, "gamma_sal"),
+        ("gamma_sal", math.inf, "finite"),
+        ("erk_power", math.nan, "finite"),
+        ("delta_t", 1.5, "integer"),
         ("seed", -3, "seed"),
         ("ablation", "yes", "ablation"),
         ("too_small", "shrug", "too_small"),
@@ -50,6 +53,14 @@ def test_sparsity_outside_open_interval_is_rejected_naming_the_field(value):
 def test_bad_fields_raise_config_error_naming_them(field, value, words):
     with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
         SRigLConfig(**{field: value})
+
+
+def test_numpy_scalars_are_numbers():
+    import numpy as np
+
+    config = SRigLConfig(sparsity=np.float64(0.8), delta_t=np.int64(5), erk_power=np.float32(1.0))
+    assert (config.sparsity, config.delta_t, config.erk_power) == (0.8, 5, 1.0)
+    assert type(config.delta_t) is int and SRigLConfig.from_dict(config.to_dict()) == config
 
 
 def test_gradient_window_must_fit_between_updates():
