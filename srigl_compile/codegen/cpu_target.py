@@ -55,6 +55,9 @@ def check_llvm_target(target: Mapping[str, Any] | None) -> dict[str, Any]:
     if target.get("mcpu") in (None, "native"):
         raise UnsupportedTargetError("name the CPU in the target ('mcpu': 'znver3', ...): 'native' or no mcpu "
                                      "compiles for a generic x86 without AVX2; host_llvm_target() detects it")
+    cores = target.get("num-cores", 1)
+    if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
+        raise UnsupportedTargetError(f"the target's 'num-cores' must be a positive integer, got {cores!r}")
     codegen = import_tvm().target.codegen
     triple = target.get("mtriple") or str(codegen.llvm_get_system_triple())
     if not codegen.llvm_is_valid_cpu(str(target["mcpu"]), triple):

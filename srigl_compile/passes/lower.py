@@ -68,6 +68,8 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
     """
     from ..codegen.target import resolve_target
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"lower expects an nn.Module (a model from sparsify, or condense), not {type(model).__name__}")
     target_dict = resolve_target(target)
     dtype_name = str(dtype).removeprefix("torch.")
     if dtype_name not in SUPPORTED_DTYPES[target_dict["kind"]]:

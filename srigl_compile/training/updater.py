@@ -66,6 +66,9 @@ class SRigLUpdater:
             raise ConfigError(f"config must be an SRigLConfig, not {type(self.config).__name__}")
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ConfigError(f"total_steps={total_steps!r} must be a positive integer (optimizer steps of the run)")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer over the sparse model's parameters, not "
+                            f"{type(optimizer).__name__}")
         self.layers = dict(sparse_layers(model))
         if not self.layers:
             raise LayerError("the model has no sparse layers: call srigl_compile.sparsify(model, config) first")

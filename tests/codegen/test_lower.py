@@ -261,6 +261,15 @@ def test_a_model_in_another_dtype_lowers_to_float32_and_stays_there(dtype):
         lowered.to(dtype)(x.to(dtype) if dtype == torch.float64 else x)
 
 
+def test_lower_and_its_target_reject_the_wrong_kinds_of_argument():
+    with pytest.raises(TypeError, match="nn.Module"):
+        lower("model")
+    masked = sparsify(nn.Sequential(nn.Linear(8, 8)), SRigLConfig(sparsity=0.5))
+    for cores in (-1, "abc", 0):
+        with pytest.raises(UnsupportedTargetError, match="num-cores"):
+            lower(masked, target={"kind": "llvm", "mcpu": "znver3", "num-cores": cores})
+
+
 def test_custom_op_passes_opcheck(lowered_mlp):
     _, lowered = lowered_mlp
     layer = lowered[3]

@@ -235,6 +235,12 @@ def test_updater_needs_a_sparsified_model():
         SRigLUpdater(mlp(), torch.optim.SGD(mlp().parameters(), lr=0.1), SRigLConfig(), 10)
 
 
+def test_optimizer_must_be_an_optimizer():
+    model, _, _, config = setup()
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        SRigLUpdater(model, None, config, total_steps=10)
+
+
 def test_optimizer_must_hold_the_sparse_weights():
     original = mlp()
     model = sparsify(original, SRigLConfig())
