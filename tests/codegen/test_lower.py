@@ -203,7 +203,7 @@ def test_hf_t5_reads_its_lowered_layers_weight_dtype():
 def test_weight_norm_layers_are_baked_so_the_lowered_model_saves(tmp_path):
     """A weight-normed conv stays dense (sparsify warns); lowering stores its weight as a plain tensor, which
     save_lowered can pickle (torch refuses parametrized modules)."""
-    from tests.null.test_sparsify_models import WeightNormAndRNN
+    from tests.null.test_capture_and_discovery import WeightNormAndRNN
 
     torch.manual_seed(0)
     x = torch.randn(3, 4, 6)
