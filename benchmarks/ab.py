@@ -8,9 +8,11 @@ Each revision is checked out in a temporary git worktree (the working tree itsel
 Rounds alternate base, head, base, head, ...; each round is a fresh process that builds the model with that
 revision's ``benchmarks/models.py`` (sparsify + ``lower``, as the model benchmark does), checks nothing, and
 times ``--calls`` forwards after a warm-up. ``--model fc2`` is the paper's layer alone (ViT-B's fc2, 3072->768,
-90% sparse, uniform), sparsified and lowered with the public API and timed through the lowered module. Separate benchmark runs on this VM moved by 20-60% within minutes, so
-only medians taken side by side like this are quoted as the effect of a change. Prints the per-round medians and
-writes ``ab_<model>_b<batch>_<base>_<head>.json`` (machine, versions, command) to ``--out``.
+90% sparse, uniform), sparsified and lowered with the public API and timed through the lowered module. Separate
+benchmark runs on this VM moved by 20-60% within minutes, so only figures taken side by side like this are quoted
+as the effect of a change: the median over rounds of each round's median, and (for short calls, where a busy
+minute swamps the medians) of each round's minimum. Prints both and writes
+``ab_<model>_b<batch>_<base>_<head>.json`` (machine, versions, command, every round) to ``--out``.
 """
 
 from __future__ import annotations
@@ -105,10 +107,13 @@ def main() -> None:
             for side, tree in trees.items():
                 if tree != ROOT:
                     subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
-    medians = {side: statistics.median(r["median_ms"] for r in rounds) for side, rounds in runs.items()}
     head_name = args.head or "working tree"
-    print(f"{args.model} B={args.batch}: {args.base} {medians['base']:.4g} ms, {head_name} {medians['head']:.4g} ms "
-          f"({medians['base'] / medians['head']:.2f}x)")
+    for stat in ("median_ms", "min_ms"):
+        per_side = {side: statistics.median(r[stat] for r in rounds) for side, rounds in runs.items()}
+        print(f"{args.model} B={args.batch}, {stat.removesuffix('_ms')} per round: {args.base} "
+              f"{per_side['base']:.4g} ms, {head_name} {per_side['head']:.4g} ms "
+              f"({per_side['base'] / per_side['head']:.2f}x)")
+    medians = {side: statistics.median(r["median_ms"] for r in rounds) for side, rounds in runs.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"ab_{args.model}_b{args.batch}_{args.base}_{args.head or 'worktree'}.json"
     path.write_text(json.dumps({"environment": environment(), "base": args.base, "head": head_name,

@@ -89,16 +89,13 @@ def train(model, data, data_dir, method, sparsity, distribution, delta_t, alpha,
 
 def check_same_run(checkpoint: Path, saved: dict, ours: dict) -> None:
     """--resume continues the run the checkpoint holds: the model, data, method and sparsity settings must match."""
-    differing = {key: (saved.get(key), ours.get(key)) for key in ("model", "data", "method", "config")
-                 if saved.get(key) != ours.get(key)}
+    pairs = [(key, saved.get(key), ours.get(key)) for key in ("model", "data", "method")]
+    saved_config, our_config = saved.get("config") or {}, ours.get("config") or {}
+    pairs += [(key, saved_config.get(key), our_config.get(key)) for key in saved_config.keys() | our_config.keys()]
+    differing = [f"{key} {old!r} (now {new!r})" for key, old, new in sorted(pairs, key=str) if old != new]
     if differing:
-        config = {k: v for k, v in (saved.get("config") or {}).items()
-                  if (ours.get("config") or {}).get(k) != v}
-        detail = ", ".join(f"{key} {old!r} (now {new!r})" for key, (old, new) in differing.items() if key != "config")
-        if "config" in differing:
-            detail = ", ".join(filter(None, [detail, f"config fields {config}"]))
-        raise CheckpointError(f"{checkpoint} was trained with other settings: {detail}. Resume with the options "
-                              "it was trained with, or train into another --out.")
+        raise CheckpointError(f"{checkpoint} was trained with other settings: {', '.join(differing)}. Resume with "
+                              "the options it was trained with, or train into another --out.")
 
 
 def model_from_checkpoint(path):

@@ -18,7 +18,7 @@ from ..errors import UnsupportedTargetError
 from ._tvm_compat import import_tvm, tvm_thread_count
 
 __all__ = ["host_cpu_name", "host_llvm_target", "check_llvm_target", "target_key", "vector_registers",
-           "has_bit_extract", "missing_host_features"]
+           "cpu_features", "has_bit_extract", "missing_host_features"]
 
 
 @functools.cache
@@ -72,17 +72,22 @@ def target_key(target: Mapping[str, Any]) -> str:
     return ",".join(f"{k}={target[k]}" for k in sorted(target))
 
 
-def has_bit_extract(target: Mapping[str, Any]) -> bool:
-    """Whether the target CPU has BMI1's ``bextr`` (a bit field in one instruction; x86 since Haswell / Zen)."""
-    cpu = {key: target[key] for key in ("mcpu", "mtriple") if key in target}
-    return _has_features("bmi", tuple(sorted(cpu.items())), tuple(target.get("mattr", ())))
+def cpu_features(target: Mapping[str, Any]) -> frozenset[str]:
+    """LLVM's feature names for the target's CPU (its mcpu, mtriple and mattr), instruction sets and tuning flags."""
+    return _features(str(target.get("mcpu")), target.get("mtriple"), tuple(target.get("mattr", ())))
 
 
 @functools.cache
-def _has_features(features: str, cpu: tuple, mattr: tuple) -> bool:
+def _features(mcpu: str, mtriple: str | None, mattr: tuple) -> frozenset[str]:
     tvm = import_tvm()
-    target = {"kind": "llvm", **dict(cpu), **({"mattr": list(mattr)} if mattr else {})}
-    return bool(tvm.target.codegen.target_has_features(features, tvm.target.Target(target)))
+    spec = {"kind": "llvm", "mcpu": mcpu, **({"mtriple": mtriple} if mtriple else {}),
+            **({"mattr": list(mattr)} if mattr else {})}
+    return frozenset(tvm.target.codegen.llvm_get_cpu_features(tvm.target.Target(spec)))
+
+
+def has_bit_extract(target: Mapping[str, Any]) -> bool:
+    """Whether the target CPU has BMI1's ``bextr`` (a bit field in one instruction; x86 since Haswell / Zen)."""
+    return "bmi" in cpu_features(target)
 
 
 # LLVM feature names that are instruction sets (the rest are tuning flags such as "fast-gather", "slow-3ops-lea").
@@ -100,17 +105,8 @@ def missing_host_features(target: Mapping[str, Any]) -> tuple[str, ...]:
         return ()
     if target.get("mcpu") == here and not target.get("mattr"):
         return ()
-    return _missing(str(target.get("mcpu")), target.get("mtriple"), tuple(target.get("mattr", ())), here)
-
-
-@functools.cache
-def _missing(mcpu: str, mtriple: str | None, mattr: tuple, here: str) -> tuple[str, ...]:
-    codegen = import_tvm().target.codegen
-    spec = {"kind": "llvm", "mcpu": mcpu, **({"mtriple": mtriple} if mtriple else {}),
-            **({"mattr": list(mattr)} if mattr else {})}
-    wanted = set(codegen.llvm_get_cpu_features(import_tvm().target.Target(spec)))
-    have = set(codegen.llvm_get_cpu_features(import_tvm().target.Target({"kind": "llvm", "mcpu": here})))
-    return tuple(sorted(f for f in wanted - have if f.startswith(_ISA_PREFIXES)))
+    lacking = cpu_features(target) - cpu_features({"mcpu": here})
+    return tuple(sorted(f for f in lacking if f.startswith(_ISA_PREFIXES)))
 
 
 def vector_registers(asm: str) -> dict[str, int]:

@@ -4,10 +4,9 @@
 kernels together, or a convolution's direct kernel) and ``manifest.json`` (format, TVM version, each handle's
 shape, target, variants, file and SHA-256). CUDA handles also write their CUDA source (``.cu``) and its nvcc
 fatbin (``.fatbin``): the library holds the source, and the fatbin is what the GPU machine loads instead of
-compiling it. ``load_kernels(folder)`` checks
-all of it, loads the CPU libraries with ``tvm.runtime.load_module`` (CUDA ones on first use, on a GPU) and
-registers the handles under their keys. A missing, corrupt or mismatched file is a ``KernelFileError``.
-Loading needs only the TVM runtime.
+compiling it. ``load_kernels(folder)`` checks all of it, loads the CPU libraries with ``tvm.runtime.load_module``
+(CUDA ones on first use, on a GPU) and registers the handles under their keys. A missing, corrupt or mismatched
+file is a ``KernelFileError``. Loading needs only the TVM runtime.
 
 Example:
     >>> export_kernels([handle], "model.kernels")        # doctest: +SKIP

@@ -247,9 +247,10 @@ def select_params(shape: KernelShape, layout: str, target: Mapping[str, Any], *,
         return found
     if not tune:
         return RULES[layout].default(shape.k)
-    if missing_host_features(target):  # timing runs the kernels here, which would kill the process
-        raise LoweringError(f"cannot tune for {target.get('mcpu')} on this machine: it lacks "
-                            f"{list(missing_host_features(target))}. Tune on that CPU, or lower with tune=False.")
+    lacking = missing_host_features(target)
+    if lacking:  # timing runs the kernels here, which would kill the process
+        raise LoweringError(f"cannot tune for {target.get('mcpu')} on this machine: it lacks {list(lacking)}. "
+                            "Tune on that CPU, or lower with tune=False.")
     best, best_us, candidates = tune_layout(shape, layout, target, space=space, progress=progress)
     path = records.put(key, best, best_us, candidates)
     log.info("tuned %s: %s at %.1f us (record %s)", key, best, best_us, path)

@@ -60,10 +60,12 @@ def condensed_arrays(weight: torch.Tensor, mask: torch.Tensor, name: str = "laye
 
 class WeightStandIn(torch.Tensor):
     """A data-less tensor answering shape / dtype / device questions about a condensed layer's dense weight, and
-    raising LayerError on anything else (not TypeError, which tensor operators turn into NotImplemented). (A plain meta tensor would not do: ``F.linear(cpu_x, meta_w)`` returns CPU garbage.)"""
+    raising LayerError on anything else (not TypeError, which tensor operators turn into NotImplemented). A plain
+    meta tensor would not do: ``F.linear(cpu_x, meta_w)`` returns CPU garbage."""
 
-    _READS = frozenset({"dtype", "shape", "ndim", "dim", "size", "numel", "layout", "requires_grad", "is_floating_point",
-                        "is_complex", "element_size", "is_sparse", "is_quantized", "is_meta", "is_cpu", "is_cuda"})
+    _READS = frozenset({"dtype", "shape", "ndim", "dim", "size", "numel", "layout", "requires_grad",
+                        "is_floating_point", "is_complex", "element_size", "is_sparse", "is_quantized", "is_meta",
+                        "is_cpu", "is_cuda"})
     _cache: dict = {}
 
     @classmethod

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from ..errors import LayerError
 from .base import Pass, PassResult, replace_submodule
+from .discover import tied_parameter_ids
 
 __all__ = ["AsLinearPass", "is_hf_conv1d"]
 
@@ -31,13 +32,6 @@ def is_hf_conv1d(module: nn.Module) -> bool:
     """A ``transformers`` Conv1D: weight [nx, nf], ``forward(x) = x @ weight + bias``."""
     cls = type(module)
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf")
-
-
-def _shared_parameters(model: nn.Module) -> set[int]:
-    seen: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        seen[id(param)] = seen.get(id(param), 0) + 1
-    return {key for key, count in seen.items() if count > 1}
 
 
 def _as_linear(conv: nn.Module) -> nn.Linear:
@@ -55,7 +49,7 @@ class AsLinearPass(Pass):
     """Rewrite Hugging Face Conv1D layers into nn.Linear (in place, the root excepted: see ``call``)."""
 
     def call(self, model: nn.Module) -> PassResult:
-        shared = _shared_parameters(model)
+        shared = tied_parameter_ids(model)
         found = [(name, m) for name, m in model.named_modules() if is_hf_conv1d(m)]
         for name, conv in found:
             if id(conv.weight) in shared:
@@ -65,7 +59,7 @@ class AsLinearPass(Pass):
         return PassResult(model, modified=bool(found))
 
     def ensures(self, result: PassResult) -> None:
-        shared = _shared_parameters(result.module)
+        shared = tied_parameter_ids(result.module)
         left = [name for name, m in result.module.named_modules() if is_hf_conv1d(m) and id(m.weight) not in shared]
         if left:
             raise LayerError(f"Conv1D layers {left} were not rewritten as nn.Linear")

@@ -26,7 +26,7 @@ from .._warnings import warn_user
 from ..nn.masked import MaskedMultiheadAttention, masked_class_for
 from .graph_capture import ModelGraph, capture_graph
 
-__all__ = ["LayerCandidate", "discover_layers", "capture_graph"]
+__all__ = ["LayerCandidate", "discover_layers", "capture_graph", "tied_parameter_ids"]
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def _unsupported_weight(module: nn.Module) -> bool:
     return weight is not None and weight.dim() >= 2 and not isinstance(module, _DENSE_BY_DESIGN)
 
 
-def _tied(model: nn.Module) -> set[int]:
+def tied_parameter_ids(model: nn.Module) -> set[int]:
     """ids of parameters registered under more than one name (tied weights such as a shared embedding/head)."""
     seen: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
@@ -129,7 +129,7 @@ def discover_layers(model: nn.Module, graph: ModelGraph, filter_fn: FilterFn | N
     Weights the traced forward never reads, tied weights, weights computed by a parametrization and layers
     rejected by ``filter_fn(module, name)`` stay dense; all but the last are reported with a warning naming them.
     """
-    tied = _tied(model)
+    tied = tied_parameter_ids(model)
     fqn_of = {id(p): name for name, p in model.named_parameters()}
     candidates = []
     for name, owner, pname, kind in _weights(model):

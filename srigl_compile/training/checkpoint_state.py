@@ -69,9 +69,10 @@ def _check_compatible(updater: SRigLUpdater, state: dict[str, Any]) -> None:
         differing = [f for f in _PLAN_FIELDS if saved_plan.get(f) != plan.get(f)]
         if differing:
             raise CheckpointError(
-                f"layer {name!r}: the checkpoint's plan differs in {differing} ({[saved_plan.get(f) for f in differing]} "
-                f"against {[plan.get(f) for f in differing]}): it was made at another sparsity or distribution. "
-                "Sparsify the model with the saved config (SRigLConfig.from_dict(state['config'])) to resume")
+                f"layer {name!r}: the checkpoint's plan differs in {differing} "
+                f"({[saved_plan.get(f) for f in differing]} against {[plan.get(f) for f in differing]}): it was made "
+                "at another sparsity or distribution. Sparsify the model with the saved config "
+                "(SRigLConfig.from_dict(state['config'])) to resume")
         mask = state["masks"][name]
         if int(mask.sum()) > plan["budget"]:
             raise CheckpointError(f"layer {name!r}: the checkpoint's mask holds {int(mask.sum())} non-zeros, over "

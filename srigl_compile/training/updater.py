@@ -129,8 +129,8 @@ class SRigLUpdater:
         if set(unused) != self._warned_unused:
             self._warned_unused = set(unused)
             warn_user(f"layers {unused} got no gradient since the last mask update at step {t}: their output does "
-                          "not reach the loss, so their masks are left as they are. Leave them out of sparsify "
-                          "(filter_fn) if the model does not use them in training.")
+                      "not reach the loss, so their masks are left as they are. Leave them out of sparsify "
+                      "(filter_fn) if the model does not use them in training.")
         return {name: layer for name, layer in self.layers.items() if name not in unused}
 
     def compute_scores(self, name: str, layer: nn.Module) -> LayerScores:

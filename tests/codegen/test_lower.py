@@ -168,7 +168,8 @@ def test_hf_decoders_with_their_cache_on(kind):
     from tests.null.test_sparsify_attention import DECODERS
 
     model, ids = DECODERS[kind]()
-    masked = sparsify(model.eval(), SRigLConfig(sparsity=0.8, distribution="uniform"), example_inputs={"input_ids": ids})
+    config = SRigLConfig(sparsity=0.8, distribution="uniform")
+    masked = sparsify(model.eval(), config, example_inputs={"input_ids": ids})
     ablate(masked, {"transformer.h.0.mlp.c_fc" if kind == "gpt2" else "model.layers.0.mlp.up_proj": [3]})
     lowered = lower(masked, example_inputs={"input_ids": ids}, progress=False)
     assert sum(isinstance(m, LoweredLinear) for m in lowered.modules()) == (8 if kind == "gpt2" else 15)

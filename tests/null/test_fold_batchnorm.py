@@ -109,7 +109,8 @@ def test_ablated_neurons_of_full_width_layers_output_the_normalised_bias():
     masked, condensed = condensed_float64(masked_foldnet())
     folded = fold_batchnorm(condensed)
     bn = masked.bn_project
-    expected = (masked.project.bias[2] - bn.running_mean[2]) / torch.sqrt(bn.running_var[2] + bn.eps) * bn.weight[2] + bn.bias[2]
+    normalised = (masked.project.bias[2] - bn.running_mean[2]) / torch.sqrt(bn.running_var[2] + bn.eps)
+    expected = normalised * bn.weight[2] + bn.bias[2]
     assert 2 not in folded.project.active.tolist()
     torch.testing.assert_close(folded.project.full_bias[2], expected.detach(), **TIGHT)
 

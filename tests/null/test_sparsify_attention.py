@@ -261,7 +261,8 @@ def make_gpt2(seed=0):
     torch.manual_seed(seed)
     config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=32,
                                      bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(config), torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(seed))
+    return transformers.GPT2LMHeadModel(config), ids
 
 
 def make_llama(seed=0):
@@ -270,8 +271,8 @@ def make_llama(seed=0):
     config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, vocab_size=100, max_position_embeddings=32,
                                       tie_word_embeddings=False)
-    return transformers.LlamaForCausalLM(config), torch.randint(0, 100, (2, 8),
-                                                                 generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(seed))
+    return transformers.LlamaForCausalLM(config), ids
 
 
 DECODERS = {"gpt2": make_gpt2, "llama": make_llama}
