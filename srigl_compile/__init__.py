@@ -8,8 +8,10 @@ Public API (``import srigl_compile`` never imports TVM nor touches CUDA):
     condense(model)                          -> sparse layers as values/indices [n_active, k], ablated removed
     fold_batchnorm(model)                    -> eval BatchNorms folded into the Linear/Conv before them
     lower(model, target="llvm")              -> condensed layers running TVM-compiled kernels
+    release_scratch()                        frees this thread's reused kernel buffers (after a huge batch)
 """
 
+from .codegen.scratch import release_scratch
 from .config import Distribution, Method, SRigLConfig
 from .errors import (
     CheckpointError,
@@ -44,6 +46,7 @@ __all__ = [
     "lower",
     "save_lowered",
     "load_lowered",
+    "release_scratch",
     "SRigLError",
     "ConfigError",
     "LayerError",

@@ -13,6 +13,7 @@ Map of the CPU kernel core:
     rules.py         RowRule / ColRule / PackRule / OffsetRule: apply(func, target, params) -> Schedule | None
     tuning.py        KernelShape, select_params (records on disk), compile_kernels (cached per process)
     kernel_op.py     build_condensed_linear() -> KernelHandle; torch.ops.srigl_compile.tvm_condensed_linear
+    scratch.py       scratch(slot, shape): per-thread reused buffers for kernel temporaries; release_scratch()
     conv_geometry.py direct_plan / column_offsets: where a stride-1 convolution reads (pure maths)
     conv_op.py       build_condensed_conv() -> ConvKernelHandle; torch.ops.srigl_compile.tvm_condensed_conv2d
     kernel_io.py     export_kernels(handles, folder) / load_kernels(folder)

@@ -27,7 +27,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .conv_geometry import DirectPlan, column_offsets, direct_plan, output_size, phase_kernel, strided_plan
@@ -35,6 +34,7 @@ from .kernel_op import (K_MULTIPLE, KernelShapeFields, block_rows, check_bias, c
                         check_float32_operands, check_no_grad, check_runs_here, get_handle, get_registered,
                         handle_key, pack_operands, register_handle)
 from .rules import ColParams
+from .scratch import pad_images, scratch
 
 __all__ = ["ConvKernelHandle", "build_condensed_conv", "condensed_conv2d"]
 
@@ -159,20 +159,26 @@ def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilati
         pads, read_dilation = (padding[1], padding[1], padding[0], padding[0] + plan.extra), dilation
     if batch == 0:
         return x.new_empty(0, handle.n_out, plan.out_h, plan.out_w)
-    images = F.pad(x, pads) if any(pads) else x
+    # The temporaries live in scratch buffers (fresh large tensors are page-faulted in on every call).
+    images = pad_images(x, pads, "padded") if any(pads) else x.contiguous()
     if strided:  # space-to-depth: [B, C, s_h * rows, s_w * pitch] -> phase images [B, C * s_h * s_w, rows, pitch]
-        images = images.view(batch, x.shape[1], plan.rows, stride[0], plan.pitch, stride[1]) \
-            .permute(0, 1, 3, 5, 2, 4).reshape(batch, -1, plan.rows, plan.pitch)
-    images = images.contiguous()  # (F.pad keeps a channels-last input channels-last)
+        phases = scratch("phases", (batch, x.shape[1] * stride[0] * stride[1], plan.rows, plan.pitch))
+        phases.view(batch, x.shape[1], stride[0], stride[1], plan.rows, plan.pitch).copy_(
+            images.view(batch, x.shape[1], plan.rows, stride[0], plan.pitch, stride[1]).permute(0, 1, 3, 5, 2, 4))
+        images = phases
     offsets = handle.offsets(columns, read_kernel, read_dilation, plan)
-    grid = x.new_empty(batch, handle.n_out, plan.tiles * plan.lanes)
+    cropped = plan.pitch != plan.out_w or plan.positions != plan.tiles * plan.lanes
+    grid_shape = (batch, handle.n_out, plan.tiles * plan.lanes)
+    grid = scratch("grid", grid_shape) if cropped else x.new_empty(grid_shape)  # (uncropped, it is the result)
     tail = [bias.contiguous()] if handle.has_bias else []
     handle.conv_fn(images.view(batch, -1), values.contiguous(), offsets, *tail,
                    grid.view(batch, handle.n_out, plan.tiles, plan.lanes))
-    if plan.pitch == plan.out_w and plan.positions == plan.tiles * plan.lanes:
+    if not cropped:
         return grid.view(batch, handle.n_out, plan.out_h, plan.out_w)
     rows = grid[:, :, :plan.positions].unflatten(2, (plan.out_h, plan.pitch))
-    return rows[..., :plan.out_w].contiguous()  # drop the padding columns (a strided result would break .view)
+    # drop the padding columns; clone, not contiguous(): with one image and one channel the crop can be
+    # contiguous already, and the result must not be a view of the scratch buffer
+    return rows[..., :plan.out_w].clone(memory_format=torch.contiguous_format)
 
 
 # Low-level Library API, as for tvm_condensed_linear (custom_op's wrapper costs ~30 us a call).

@@ -34,6 +34,7 @@ import torch
 
 from ..errors import DeviceError, InferenceOnlyError, LoweringError
 from .rules import ColParams, RowParams
+from .scratch import scratch
 
 __all__ = ["KernelHandle", "build_condensed_linear", "condensed_linear", "register_handle", "get_handle",
            "get_registered", "pack_operands", "block_rows", "check_batch_input", "check_cpu_float32", "check_bias",
@@ -152,7 +153,7 @@ class KernelHandle(KernelShapeFields):
         """y [m, n_out] from a batch-tiled kernel; ``out`` (when given) has the rows rounded up to ``lanes``."""
         m, n_out = rows.shape[0], self.n_out
         tiles = -(-m // lanes)
-        xt = rows.new_empty(tiles, self.n_in, lanes)
+        xt = scratch("tiles", (tiles, self.n_in, lanes))  # (a fresh one is page-faulted in on every call)
         pack(rows, xt)  # [m, n_in] -> [tiles, n_in, lanes], zero-padded
         y = rows.new_empty(tiles * lanes, n_out) if out is None else out
         col(xt, *operands, y.view(tiles, lanes, n_out))  # writes y as [B, n_out] directly

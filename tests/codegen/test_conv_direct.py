@@ -308,3 +308,26 @@ def test_offsets_are_cached_per_layer_even_when_many_layers_share_a_kernel(monke
         assert len(calls) == 20, "each layer computes its offsets once for this size"
         torch.testing.assert_close(lowered(x), masked(x), rtol=1e-4, atol=1e-4)
     assert len(calls) == 20, "the second forward reuses all 20 layers' offsets"
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("kernel, padding, stride", [(1, 0, 1), (3, 1, 1), (3, 1, 2)])
+def test_results_are_not_views_of_the_reused_scratch_buffers(kernel, padding, stride):
+    """The pad, phase-split and uncropped output buffers are reused from call to call; a result must survive the
+    next call. One image of one output channel (1x1: no padding columns, a ragged last tile) is the case where a
+    cropped result is contiguous already."""
+    from srigl_compile.codegen.scratch import scratch_bytes
+
+    torch.manual_seed(0)
+    masked = sparsify(nn.Sequential(nn.Conv2d(3, 1, kernel, stride=stride, padding=padding)),
+                      SRigLConfig(sparsity=0.5, distribution="uniform"))
+    lowered = lower(masked, progress=False)
+    assert lowered[0].direct
+    first_x, second_x = torch.randn(1, 3, 9, 7), torch.randn(1, 3, 9, 7)
+    with torch.no_grad():
+        first = lowered(first_x)
+        kept = first.clone()
+        lowered(second_x)
+        assert scratch_bytes() > 0
+        torch.testing.assert_close(first, kept, rtol=0, atol=0)
+        torch.testing.assert_close(first, masked.eval()(first_x), rtol=1e-5, atol=1e-5)

@@ -72,6 +72,18 @@ def test_numerics_both_layouts(layer, batch, threshold):
                                rtol=1e-4, atol=1e-4)
 
 
+def test_tile_buffer_reused_across_batches_leaks_nothing(layer):
+    """The packed tiles live in a per-thread scratch buffer: a smaller batch after a larger one must see zero
+    padding rows, not the larger batch's data, and earlier results must stay as they were."""
+    handle, values, indices, bias = layer
+    packed = handle.pack(values, indices)
+    calls = [(torch.randn(batch, handle.n_in), threshold) for batch, threshold in
+             ((200, COL_ONLY), (70, COL_ONLY), (5, COL_ONLY), (13, ROW_ONLY // 2), (3, 16))]
+    results = [(x, handle(x, *packed, bias, col_threshold=threshold)) for x, threshold in calls]
+    for x, y in results:
+        torch.testing.assert_close(y, reference(x, values, indices, bias), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("n_in, index_dtype", [(2**15, "int16"), (70_000, "int32")])
 def test_row_kernel_index_words_reach_the_widest_indices(n_in, index_dtype):
     """The row kernel shifts indices out of 64-bit words: every field of a word, up to the dtype's largest index

@@ -1,0 +1,60 @@
+"""Scratch buffers: reuse, growth, per-thread isolation, and pad_images == F.pad (pure torch, no TVM)."""
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from srigl_compile.codegen.scratch import pad_images, release_scratch, scratch, scratch_bytes
+
+
+def test_a_slot_is_reused_grown_and_released():
+    release_scratch()
+    first = scratch("a", (4, 8))
+    again = scratch("a", (2, 3))
+    assert again.data_ptr() == first.data_ptr() and again.shape == (2, 3) and again.is_contiguous()
+    other = scratch("b", (4, 8))
+    assert other.data_ptr() != first.data_ptr()  # two slots can be used at once
+    bigger = scratch("a", (100, 100))
+    assert bigger.shape == (100, 100) and scratch_bytes() == (100 * 100 + 32) * 4
+    assert scratch("a", (5,), torch.int64).dtype == torch.int64  # one buffer per dtype
+    assert release_scratch() == (100 * 100 + 32) * 4 + 5 * 8 and scratch_bytes() == 0
+
+
+def test_threads_get_their_own_buffers():
+    release_scratch()
+    mine = scratch("a", (16,))
+    seen = {}
+
+    def worker():
+        seen["ptr"] = scratch("a", (16,)).data_ptr()
+        seen["bytes"] = scratch_bytes()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen["ptr"] != mine.data_ptr() and seen["bytes"] == 16 * 4
+    assert scratch_bytes() == 16 * 4  # the worker's buffer is not this thread's
+    release_scratch()
+
+
+@settings(max_examples=60, deadline=None)
+@given(batch=st.integers(1, 2), channels=st.integers(1, 3), height=st.integers(1, 7), width=st.integers(1, 7),
+       pads=st.tuples(*[st.integers(-3, 3)] * 4), channels_last=st.booleans())
+def test_pad_images_equals_f_pad(batch, channels, height, width, pads, channels_last):
+    x = torch.randn(batch, channels, height, width)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    scratch("padded", (batch, channels, height + 6, width + 6)).fill_(float("nan"))  # stale data must not leak
+    try:
+        expected = F.pad(x, pads)
+    except RuntimeError as err:  # a crop past the image: the same error
+        with pytest.raises(RuntimeError, match=str(err).split(":")[0]):
+            pad_images(x, pads, "padded")
+        return
+    out = pad_images(x, pads, "padded")
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
