@@ -4,7 +4,8 @@
                                idx is read as 64-bit words (``index_words``): 4 int16 or 2 int32 indices each
     col layout (large batch):  y[t, l, o]  = bias[o] + sum_r w[o, r] * xt[t, idx[o, r], l]    xt [NT, n_in, lanes]
                                y [NT, lanes, n_out] is y [B, n_out]; ``pack_kernel`` makes xt from x [B, n_in]
-                               (or xt [n_in, NT, lanes], yt [n_out, NT, lanes] with tiles_first=False)
+                               (or xt [n_in, NT, lanes], yt [n_out, NT, lanes] with tiles_first=False;
+                               or, fused_pack, x [B, n_in] with the packing as a block of the kernel)
     offset layout (direct conv):  y[b, o, t, l] = bias[o] + sum_r w[o, r] * x[b, off[o, r] + t * lanes + l]
                                (w and off blocked by rows and k-tiles, in the order the kernel reads them)
                                x [B, L]: one zero-padded image per row, flattened [C, Hx, Wp]; off[o, r] is where
@@ -35,8 +36,8 @@ from __future__ import annotations
 
 from ._tvm_compat import import_tvm
 
-__all__ = ["row_kernel", "col_kernel", "pack_kernel", "offset_kernel", "kernel_symbol", "index_words", "ROW_SYMBOL",
-           "COL_SYMBOL", "INDEX_DTYPES"]
+__all__ = ["row_kernel", "col_kernel", "pack_kernel", "offset_kernel", "kernel_symbol", "index_words",
+           "fused_pack_supported", "ROW_SYMBOL", "COL_SYMBOL", "INDEX_DTYPES"]
 
 ROW_SYMBOL = "srigl_condensed_row"
 COL_SYMBOL = "srigl_condensed_col"
@@ -119,34 +120,64 @@ def row_kernel(n_out: int, n_in: int, k: int, index_dtype: str, has_bias: bool =
 
 
 def col_kernel(n_out: int, n_in: int, k: int, index_dtype: str, lanes: int = 64, has_bias: bool = True,
-               symbol: str = COL_SYMBOL, tiles_first: bool = False):
+               symbol: str = COL_SYMBOL, tiles_first: bool = False, fused_pack: bool = False):
     """PrimFunc ``f(xt, w, idx, (bias,) y)``: batch columns in tiles of ``lanes``.
 
     ``tiles_first``: xt [NT, n_in, lanes] (from ``pack_kernel``; each tile contiguous, so no 4 KiB-stride cache
     aliasing at large batch) and y [NT, lanes, n_out], i.e. y is already [B, n_out]: the kernel writes its
     accumulators back transposed, one store per output against k multiply-adds. Else (the older layout)
     xt [n_in, NT, lanes] and yt [n_out, NT, lanes].
+
+    ``fused_pack`` (with tiles_first): ``f(x [M, n_in], w, idx, (bias,) y [NT, lanes, n_out])``; the tiles are a
+    block of the kernel (``pack_kernel``'s expression), so a schedule can pack each tile inside the task that
+    uses it instead of writing all of them out and reading them back.
     """
     _check(n_out, n_in, k, index_dtype)
     te = import_tvm().te
     tiles = te.var("NT", "int64")
     w, idx = _operands(te, n_out, k, index_dtype)
     r = te.reduce_axis((0, k), name="r")
+    if fused_pack and not (tiles_first and fused_pack_supported(n_in, index_dtype)):
+        raise ValueError(f"fused_pack needs tiles_first=True and fused_pack_supported({n_in}, {index_dtype!r})")
     if tiles_first:
-        xt = te.placeholder((tiles, n_in, lanes), "float32", name="xt")
+        if fused_pack:
+            x = te.placeholder((te.var("M", "int64"), n_in), "float32", name="x")
+            xt = te.compute((tiles, n_in, lanes), _tile_of(te, x, lanes), name="xt")
+        else:
+            xt = te.placeholder((tiles, n_in, lanes), "float32", name="xt")
+        def column(o):  # fused: clamped, so that TVM can bound the tile a task reads (pack checks indices anyway)
+            i = idx[o, r].astype("int32")
+            return te.min(te.max(i, 0), n_in - 1) if fused_pack else i
+
         acc = te.compute((tiles, n_out, lanes), lambda t, o, lane: te.sum(
-            w[o, r] * xt[t, idx[o, r].astype("int32"), lane], axis=r), name="acc")
+            w[o, r] * xt[t, column(o), lane], axis=r), name="acc")
         bias = te.placeholder((n_out,), "float32", name="bias")
         y = te.compute((tiles, lanes, n_out), lambda t, lane, o: acc[t, o, lane] + bias[o] if has_bias
                        else acc[t, o, lane], name="y")
-        args = [xt, w, idx, bias, y] if has_bias else [xt, w, idx, y]
+        first = x if fused_pack else xt
+        args = [first, w, idx, bias, y] if has_bias else [first, w, idx, y]
     else:
         xt = te.placeholder((n_in, tiles, lanes), "float32", name="xt")
         acc = te.compute((n_out, tiles, lanes), lambda o, t, lane: te.sum(
             w[o, r] * xt[idx[o, r].astype("int32"), t, lane], axis=r), name="acc")
         args = _finish(te, acc, n_out, has_bias, [xt, w, idx], lambda o, t, lane: o)
     func = te.create_prim_func(args).with_attr("srigl.tiles_first", int(tiles_first))
+    func = func.with_attr("srigl.fused_pack", int(fused_pack))
     return func.with_attr("global_symbol", symbol).with_attr("srigl.layout", "col")
+
+
+def fused_pack_supported(n_in: int, index_dtype: str) -> bool:
+    """Whether ``col_kernel(fused_pack=True)`` can be scheduled: TVM bounds the tile a task reads through the
+    clamp ``min(max(index, 0), n_in - 1)``, and drops the clamp (then fails) when the index dtype cannot exceed
+    n_in - 1 anyway (int16 indices into 32768 inputs)."""
+    return n_in - 1 < 2 ** (_INDEX_BITS[index_dtype] - 1) - 1
+
+
+def _tile_of(te, x, lanes: int):
+    """xt[t, i, lane] = x[t * lanes + lane, i], zero for rows past x's end."""
+    rows = x.shape[0]
+    return lambda t, i, lane: te.if_then_else(t * lanes + lane < rows, x[te.min(t * lanes + lane, rows - 1), i],
+                                              te.const(0.0, "float32"))
 
 
 def pack_kernel(n_in: int, lanes: int, symbol: str):
@@ -155,10 +186,8 @@ def pack_kernel(n_in: int, lanes: int, symbol: str):
     torch's permuted copies run at a few GB/s on this layout; this runs near memory speed.
     """
     te = import_tvm().te
-    rows, tiles = te.var("M", "int64"), te.var("NT", "int64")
-    x = te.placeholder((rows, n_in), "float32", name="x")
-    xt = te.compute((tiles, n_in, lanes), lambda t, i, lane: te.if_then_else(
-        t * lanes + lane < rows, x[te.min(t * lanes + lane, rows - 1), i], te.const(0.0, "float32")), name="xt")
+    x = te.placeholder((te.var("M", "int64"), n_in), "float32", name="x")
+    xt = te.compute((te.var("NT", "int64"), n_in, lanes), _tile_of(te, x, lanes), name="xt")
     func = te.create_prim_func([x, xt])
     return func.with_attr("global_symbol", symbol).with_attr("srigl.layout", "pack")
 

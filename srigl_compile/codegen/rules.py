@@ -17,7 +17,8 @@ over (batch tile x row chunk). Step 2: k outermost inside a task: rows' indices 
 of the chunk read a narrow band of x that stays in L1/L2. Step 3: per row, an unrolled k-inner tile of ``kin``
 broadcast-FMAs on the ``lanes`` batch columns (lanes / 8 ymm accumulators kept in registers); ``rin`` rows
 interleaved for more independent accumulators. Step 4: write the chunk back (transposed to [B, n_out] when
-tiles_first) with the bias.
+tiles_first) with the bias. Fused variant (the kernel has an "xt" block): one task per tile, which first packs
+its tile into a local buffer, then runs its row chunks one after another.
 
 Pack rule: x [B, in] -> [NT, in, lanes] tiles for the col kernel (a blocked transpose; see PackRule).
 
@@ -137,21 +138,24 @@ def _col_space(k: int, row_chunks: tuple[int, ...]) -> list[ColParams]:
             if k % i == 0]
 
 
-def _broadcast_fma_nest(sch, before: tuple, rows, after: tuple, lanes, red, params: ColParams):
+def _broadcast_fma_nest(sch, before: tuple, rows, after: tuple, lanes, red, params: ColParams,
+                        chunks_in_task: bool = False):
     """The col rule's loop nest: parallel tasks of (``before``, row chunk, ``after``); inside, k-tiles
     outermost, then rows, an unrolled k-inner tile and ``rin`` unrolled rows of broadcast-FMAs on the vectorised
-    lanes. Returns (the fused task loop, the k-tile loop)."""
+    lanes. ``chunks_in_task``: the tasks are ``before`` alone and run their row chunks one after another.
+    Returns (the fused task loop, the row-chunk loop, the k-tile loop)."""
     row_chunk, row = sch.split(rows, [None, params.rows])
     row_outer, row_inner = sch.split(row, [None, params.rin])
     red_outer, red_inner = sch.split(red, [None, params.kin])
-    outer = (*before, row_chunk, *after)
-    sch.reorder(*outer, red_outer, row_outer, red_inner, row_inner, lanes)
-    work = sch.fuse(*outer)
+    outer = before if chunks_in_task else (*before, row_chunk, *after)
+    inside = (row_chunk, *after) if chunks_in_task else ()
+    sch.reorder(*outer, *inside, red_outer, row_outer, red_inner, row_inner, lanes)
+    work = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     sch.parallel(work)
     sch.vectorize(lanes)
     sch.unroll(red_inner)
     sch.unroll(row_inner)
-    return work, red_outer
+    return work, row_chunk if chunks_in_task else work, red_outer
 
 
 class ColRule:
@@ -176,17 +180,37 @@ class ColRule:
         has_bias = _has_block(sch, "y")
         acc = sch.get_sblock("acc")
         tiles_first = func.attrs is not None and int(func.attrs.get("srigl.tiles_first", 0)) == 1
+        fused_pack = _has_block(sch, "xt")
         loops = sch.get_loops(acc)
         tile, rows, lanes, red = loops if tiles_first else (loops[1], loops[0], *loops[2:])
-        work, red_outer = _broadcast_fma_nest(sch, (tile,) if tiles_first else (), rows, () if tiles_first else (tile,),
-                                              lanes, red, params)
+        work, chunk, red_outer = _broadcast_fma_nest(
+            sch, (tile,) if tiles_first else (), rows, () if tiles_first else (tile,), lanes, red, params,
+            chunks_in_task=fused_pack)
         if has_bias or tiles_first:  # tiles_first always has a "y" block: the transposed write-back
             out = sch.get_sblock("y")
-            sch.reverse_compute_at(out, work)
+            sch.reverse_compute_at(out, chunk)
             if not tiles_first:  # tiles_first: innermost is a row chunk that may be predicated; LLVM copes
                 sch.vectorize(sch.get_loops(out)[-1])
         sch.decompose_reduction(acc, red_outer)
+        if fused_pack:  # each task packs its own tile [n_in, lanes] into a local buffer first
+            pack = sch.get_sblock("xt")
+            sch.compute_at(pack, work)
+            _pack_features_as_vectors(sch, pack)
         return sch
+
+
+def _pack_features_as_vectors(sch, pack):
+    """The innermost (feature, lane) loops of a pack block: a block of features read as one vector per batch row,
+    written with a stride of ``lanes``; returns the loop over feature blocks. 32 features a block: the 32 strided
+    write streams (256 B apart) stay within L1's sets; larger blocks alias (the reason torch's permuted copy is
+    slow here)."""
+    feature, lane = sch.get_loops(pack)[-2:]
+    width = _largest_divisor(int(sch.get(feature).extent), (32, 16, 8, 4, 2, 1))
+    chunk, inner = sch.split(feature, [None, width])
+    sch.reorder(chunk, lane, inner)
+    if width > 1:
+        sch.vectorize(inner)
+    return chunk
 
 
 class PackRule:
@@ -201,15 +225,9 @@ class PackRule:
             return None
         sch = import_tvm().s_tir.Schedule(func)
         block = sch.get_sblock("xt")
-        tile, feature, lane = sch.get_loops(block)
-        # 32 features a task: its 32 strided write streams (256 B apart) stay within L1's sets; larger blocks
-        # alias (the reason torch's permuted copy is slow here).
-        width = _largest_divisor(int(func.params[0].shape[1]), (32, 16, 8, 4, 2, 1))
-        chunk, inner = sch.split(feature, [None, width])
-        sch.reorder(tile, chunk, lane, inner)
+        tile = sch.get_loops(block)[0]
+        chunk = _pack_features_as_vectors(sch, block)
         sch.parallel(sch.fuse(tile, chunk))
-        if width > 1:
-            sch.vectorize(inner)
         return sch
 
 

@@ -32,7 +32,7 @@ from ._tvm_compat import import_tvm
 from .cpu_target import has_bit_extract, missing_host_features, target_key
 from .conv_geometry import column_offsets, direct_plan
 from .kernel_op import MID_LANES, block_rows
-from .kernels import col_kernel, kernel_symbol, offset_kernel, pack_kernel, row_kernel
+from .kernels import col_kernel, fused_pack_supported, kernel_symbol, offset_kernel, pack_kernel, row_kernel
 from .rules import RULES, ColParams, RowParams
 
 __all__ = ["KernelShape", "TuningRecords", "default_cache_dir", "select_params", "tune_layout", "compile_kernels",
@@ -71,7 +71,7 @@ class KernelShape:
             return offset_kernel(self.n_out, self.k, params.lanes, self.has_bias, self.symbol("offset"),
                                  params.rows, params.kin)
         return col_kernel(self.n_out, self.n_in, self.k, self.index_dtype, params.lanes, self.has_bias,
-                          self.symbol("col"), tiles_first=True)
+                          self.symbol(layout), tiles_first=True, fused_pack=layout == "fused")
 
 
 def default_cache_dir() -> Path:
@@ -142,7 +142,8 @@ def mid_params(col: ColParams) -> ColParams:
 
 def compile_kernels(shape: KernelShape, row: RowParams, col: ColParams, target: Mapping[str, Any]):
     """One executable holding ``shape.symbol(layout)`` for layout in row, col, pack, mid, packmid (the col
-    kernel and its pack at ``MID_LANES`` lanes); cached per process."""
+    kernel and its pack at ``MID_LANES`` lanes), fused (the col kernel packing its tiles itself); cached per
+    process."""
     key = (shape, row, col, target_key(target))
     if key not in _COMPILED:
         mid = mid_params(col)
@@ -153,6 +154,8 @@ def compile_kernels(shape: KernelShape, row: RowParams, col: ColParams, target: 
                                                                                       shape.symbol("mid")),
                  shape.symbol("packmid"): RULES["pack"].apply(
                      pack_kernel(shape.n_in, MID_LANES, shape.symbol("packmid")), target).mod["main"]}
+        if fused_pack_supported(shape.n_in, shape.index_dtype):
+            funcs[shape.symbol("fused")] = RULES["col"].apply(shape.func("fused", col, target), target, col).mod["main"]
         _COMPILED[key] = _build(funcs, target)
         log.info("compiled %s (row %s, col %s)", shape, row, col)
     return _COMPILED[key]

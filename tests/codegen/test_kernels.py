@@ -72,6 +72,63 @@ def test_numerics_both_layouts(layer, batch, threshold):
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("batch", [64, 150, 600])
+def test_fused_pack_kernel_equals_reference(layer, batch, monkeypatch):
+    """From enough tiles a thread, the col kernel packs each tile inside its task (no separate pack kernel)."""
+    handle, values, indices, bias = layer
+    assert handle.fused_fn is not None
+    monkeypatch.setattr(handle, "fused_from_tiles", 1)
+
+    def no_separate_pack(*args):
+        raise AssertionError("the fused path ran the separate pack kernel")
+
+    monkeypatch.setattr(handle, "pack_fn", no_separate_pack)
+    packed = handle.pack(values, indices)
+    x = torch.randn(batch, handle.n_in)
+    y = handle(x, *packed, bias, col_threshold=COL_ONLY)
+    assert y.shape == (batch, handle.n_out) and y.is_contiguous()
+    torch.testing.assert_close(y, reference(x, values, indices, bias), rtol=1e-4, atol=1e-4)
+
+
+def test_fused_path_needs_enough_tiles_and_a_library_that_has_it(monkeypatch):
+    """The fused kernel runs from ``fused_from_tiles`` full tiles; libraries saved before it existed load and run
+    on the separate pack."""
+    from srigl_compile.codegen.cpu_target import host_llvm_target
+    from srigl_compile.codegen.kernel_op import FUSED_TILES_PER_THREAD, KernelHandle
+    from srigl_compile.codegen.tuning import KernelShape, _build, _scheduled, mid_params
+    from srigl_compile.codegen.kernels import pack_kernel
+    from srigl_compile.codegen.rules import RULES
+
+    target = host_llvm_target()
+    shape, row, col = KernelShape(5, 7, 8, "int16", True), RowParams(vec=8), ColParams(kin=8)
+    old = _build({shape.symbol("row"): _scheduled(shape, "row", row, target),
+                  shape.symbol("col"): _scheduled(shape, "col", col, target),
+                  shape.symbol("pack"): RULES["pack"].apply(shape.pack_func(col.lanes), target).mod["main"],
+                  shape.symbol("mid"): _scheduled(shape, "col", mid_params(col), target).with_attr(
+                      "global_symbol", shape.symbol("mid")),
+                  shape.symbol("packmid"): RULES["pack"].apply(pack_kernel(7, 8, shape.symbol("packmid")),
+                                                               target).mod["main"]}, target)
+    handle = KernelHandle("old-library", 5, 7, 1, 8, "int16", True, target, row, col, old.mod)
+    assert handle.fused_fn is None
+    values, indices, bias = make_layer(5, 7, 1, "int16", True)
+    x = torch.randn(64 * 40, 7)
+    torch.testing.assert_close(handle.launch(x, list(handle.pack(values, indices)) + [bias], COL_ONLY),
+                               reference(x, values, indices, bias), rtol=1e-5, atol=1e-5)
+    current = build_condensed_linear(5, 7, 1, "int16", True)
+    assert current.fused_fn is not None and current.fused_from_tiles >= FUSED_TILES_PER_THREAD
+    operands = list(current.pack(values, indices)) + [bias]
+
+    def fused_ran(*args):
+        raise RuntimeError("fused")
+
+    monkeypatch.setattr(current, "fused_fn", fused_ran)
+    below = torch.randn(current.lanes * (current.fused_from_tiles - 1) + 5, 7)
+    torch.testing.assert_close(current.launch(below, operands, COL_ONLY), reference(below, values, indices, bias),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="fused"):
+        current.launch(torch.randn(current.lanes * current.fused_from_tiles, 7), operands, COL_ONLY)
+
+
 def test_tile_buffer_reused_across_batches_leaks_nothing(layer):
     """The packed tiles live in a per-thread scratch buffer: a smaller batch after a larger one must see zero
     padding rows, not the larger batch's data, and earlier results must stay as they were."""
