@@ -29,6 +29,10 @@ def config_options(command):
         click.option("--no-ablation", is_flag=True, help="SRigL without neuron ablation"),
         click.option("--grad-accumulation-n", type=int, default=1, show_default=True),
         click.option("--t-end-fraction", type=float, default=0.75, show_default=True),
+        click.option("--dense", "dense_layers", multiple=True, metavar="NAME",
+                     help="keep this layer dense (exact name or regex); repeatable"),
+        click.option("--too-small", type=click.Choice(["error", "dense"]), default="error", show_default=True,
+                     help="a layer whose constant fan-in k would be 0: fail, or keep it dense"),
     ]
     for option in reversed(options):
         command = option(command)
@@ -36,12 +40,13 @@ def config_options(command):
 
 
 def make_config(method, sparsity, distribution, delta_t, alpha, gamma_sal, no_ablation, grad_accumulation_n,
-                t_end_fraction, seed) -> SRigLConfig | None:
+                t_end_fraction, dense_layers, too_small, seed) -> SRigLConfig | None:
     if method == "dense":
         return None
     return SRigLConfig(sparsity=sparsity, distribution=distribution, method=method, delta_t=delta_t, alpha=alpha,
                        gamma_sal=gamma_sal, ablation=not no_ablation, grad_accumulation_n=grad_accumulation_n,
-                       t_end_fraction=t_end_fraction, seed=seed)
+                       t_end_fraction=t_end_fraction, overrides={name: None for name in dense_layers},
+                       too_small=too_small, seed=seed)
 
 
 @main.command()
@@ -60,7 +65,8 @@ def make_config(method, sparsity, distribution, delta_t, alpha, gamma_sal, no_ab
 @click.option("--resume", is_flag=True, help="continue from OUT/checkpoint.pt")
 @friendly_errors
 def train(model, data, data_dir, method, sparsity, distribution, delta_t, alpha, gamma_sal, no_ablation,
-          grad_accumulation_n, t_end_fraction, epochs, batch_size, lr, seed, out, checkpoint_every, resume):
+          grad_accumulation_n, t_end_fraction, dense_layers, too_small, epochs, batch_size, lr, seed, out,
+          checkpoint_every, resume):
     """Train a model dense or sparse (SRigL, RigL, SET, static) and save a checkpoint with masks.
 
     Example: srigl-compile train --model cnn --data digits --sparsity 0.9 --epochs 10 --out runs/cnn90
@@ -68,7 +74,7 @@ def train(model, data, data_dir, method, sparsity, distribution, delta_t, alpha,
     from ..recipes import load_checkpoint, train_classifier
 
     config = make_config(method, sparsity, distribution, delta_t, alpha, gamma_sal, no_ablation,
-                         grad_accumulation_n, t_end_fraction, seed)
+                         grad_accumulation_n, t_end_fraction, dense_layers, too_small, seed)
     dataset = load_dataset(data, data_dir=data_dir, seed=seed)
     torch.manual_seed(seed)
     net = build_model(model, dataset.input_shape, dataset.num_classes)

@@ -77,7 +77,8 @@ def plan_layers(candidates: list[LayerCandidate], config: SRigLConfig) -> list[t
             raise LayerError(
                 f"layer {c.name!r} ({c.n_out} neurons x fan-in {c.fan_in}) gets a budget of {budget} non-zeros at "
                 f"density {density:.4f}, so its constant fan-in k would be 0. Lower the sparsity, widen the layer, "
-                f"keep it dense with overrides={{{c.name!r}: None}}, or set too_small='dense'."
+                f"keep it dense with overrides={{{c.name!r}: None}} (CLI: --dense {c.name}), or set "
+                f"too_small='dense' (CLI: --too-small dense)."
             )
         protected = c.is_last or any(_matches(p, c.name) for p in config.no_ablation)
         plans.append((c, LayerPlan(c.name, c.kind, c.n_out, c.fan_in, density, budget, k0, protected)))

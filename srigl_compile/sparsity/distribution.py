@@ -69,7 +69,7 @@ def erk_densities(
         if rhs <= 0:
             raise ConfigError(
                 f"the layers kept dense or overridden ({sorted(all_fixed)}) already exceed the global density "
-                f"{density:.4f}; lower their density or raise SRigLConfig.sparsity's density"
+                f"{density:.4f}; give them a higher sparsity (overrides), or lower the global sparsity"
             )
         eps = rhs / divisor
         worst = max(free, key=lambda n: raw[n])

@@ -39,6 +39,18 @@ def test_bad_arguments_exit_non_zero_with_one_clear_line(runner, args, words):
     assert "Traceback" not in result.output
 
 
+def test_layers_too_small_for_k_are_named_with_the_flags_that_keep_them_dense(runner, tmp_path):
+    args = ["train", "--epochs", "1", "--batch-size", "256"]
+    result = runner.invoke(main, args + ["--sparsity", "0.99", "--out", str(tmp_path / "a")])
+    assert result.exit_code != 0 and "k would be 0" in result.output and "Traceback" not in result.output
+    assert "--dense 1" in result.output and "--too-small dense" in result.output
+    for flags, field, value in ((["--sparsity", "0.99", "--too-small", "dense"], "too_small", "dense"),
+                                (["--sparsity", "0.9", "--dense", "5"], "overrides", {"5": None})):
+        out = tmp_path / field
+        assert runner.invoke(main, args + flags + ["--out", str(out)]).exit_code == 0
+        assert json.loads((out / "metrics.json").read_text())["config"][field] == value
+
+
 def test_train_checkpoint_resume_and_lower(runner, tmp_path):
     out = tmp_path / "run"
     args = ["train", "--model", "mlp", "--data", "digits", "--epochs", "2", "--delta-t", "5", "--out", str(out),
