@@ -20,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -174,6 +176,19 @@ class CondensedLinear(_Condensed):
         return self.scatter(y, dim=-1)
 
 
+def accepts_unbatched(forward):
+    """A convolution's forward that also takes an unbatched input [C, *spatial], as torch's convolutions do (run
+    as a batch of one)."""
+
+    @functools.wraps(forward)
+    def batched_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.dim() == self.dims + 1:  # (an fx Proxy is taken as batched)
+            return forward(self, x.unsqueeze(0)).squeeze(0)
+        return forward(self, x)
+
+    return batched_forward
+
+
 class CondensedConv(_Condensed):
     """A constant-fan-in Conv1d/Conv2d: a neuron is an output filter, its fan-in runs over in/groups x kernel.
 
@@ -250,6 +265,7 @@ class CondensedConv(_Condensed):
         """int64 [n_active, k] columns of the im2col matrix each neuron reads."""
         return self.indices.long() + self.column_offsets.unsqueeze(1)
 
+    @accepts_unbatched
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         columns, spatial = self.im2col(x)
         gathered = columns[:, self.global_columns()]  # [B, n_active, k, L]

@@ -14,7 +14,7 @@ import torch
 
 from ..codegen import conv_op, kernel_op  # register torch.ops.srigl_compile.tvm_condensed_* (no TVM import)
 from ..codegen.conv_geometry import output_size, phase_columns, phase_kernel
-from .condensed import CondensedConv, CondensedLinear, index_dtype_for
+from .condensed import CondensedConv, CondensedLinear, accepts_unbatched, index_dtype_for
 
 __all__ = ["LoweredLinear", "LoweredConv", "kernel_operands", "make_lowered_", "fill_ablated_rows_", "subsamples",
            "pointwise_unpadded"]
@@ -57,6 +57,7 @@ class LoweredConv(CondensedConv):
     def n_active(self) -> int:
         return self.active.numel() if self.values.dim() == 4 else self.values.shape[0]
 
+    @accepts_unbatched
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.direct:
             return self._forward_direct(x)

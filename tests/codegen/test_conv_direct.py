@@ -331,3 +331,23 @@ def test_results_are_not_views_of_the_reused_scratch_buffers(kernel, padding, st
         assert scratch_bytes() > 0
         torch.testing.assert_close(first, kept, rtol=0, atol=0)
         torch.testing.assert_close(first, masked.eval()(first_x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("conv, shape", [(nn.Conv2d(3, 8, 3, padding=1), (3, 6, 7)),
+                                         (nn.Conv2d(4, 6, 3, stride=2, padding=1), (4, 9, 8)),
+                                         (nn.Conv1d(4, 8, 5, padding=2), (4, 11))])
+def test_unbatched_inputs_work_as_in_torch(conv, shape):
+    """torch's convolutions take [C, *spatial] as well as [B, C, *spatial]; condensed and lowered ones too."""
+    from srigl_compile import condense
+
+    torch.manual_seed(0)
+    masked = sparsify(nn.Sequential(conv), SRigLConfig(sparsity=0.7, distribution="uniform")).eval()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        expected = masked(x)
+        assert expected.shape == masked(x.unsqueeze(0)).shape[1:]
+        for model in (condense(masked), lower(masked, progress=False)):
+            out = model(x)
+            assert out.shape == expected.shape
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
