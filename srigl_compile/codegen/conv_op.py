@@ -30,7 +30,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .conv_geometry import DirectPlan, column_offsets, direct_plan, output_size, phase_kernel, strided_plan
-from .kernel_op import (K_MULTIPLE, KernelShapeFields, block_rows, check_bias, check_cpu_float32,
+from .kernel_op import (K_MULTIPLE, KernelShapeError, KernelShapeFields, block_rows, check_bias, check_cpu_float32,
                         check_float32_operands, check_no_grad, check_runs_here, get_handle, get_registered,
                         handle_key, pack_operands, register_handle)
 from .rules import ColParams
@@ -140,14 +140,16 @@ def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilati
     check_cpu_float32(x, handle.key)
     check_bias(handle, bias)
     if x.dim() != 4:
-        raise ValueError(f"kernel {handle.key} takes images [B, C, H, W], got shape {tuple(x.shape)}")
+        raise KernelShapeError(f"takes images [B, C, H, W] (or [C, H, W]), got an input of shape {tuple(x.shape)} "
+                               f"(kernel {handle.key})")
     kernel, padding, dilation, stride = _pair(kernel_size), _pair(padding), _pair(dilation), _pair(stride)
     strided = stride != (1, 1)
     read_kernel = phase_kernel(kernel, stride, dilation) if strided else kernel  # what the offsets index
     width = x.shape[1] * stride[0] * stride[1] * read_kernel[0] * read_kernel[1]
     if width != handle.n_in:
-        raise ValueError(f"kernel {handle.key} reads {handle.n_in} im2col columns; {x.shape[1]} channels with a "
-                         f"{kernel} kernel at stride {stride} give {width}")
+        per_channel = width // x.shape[1] if x.shape[1] else 1  # (phase images x read kernel per channel)
+        raise KernelShapeError(f"expects {handle.n_in // per_channel} input channels, got {x.shape[1]} (input shape "
+                               f"{tuple(x.shape)}; kernel {handle.key})")
     if not handle.is_packed(values):
         values, columns = handle.pack(values, columns)  # slow path: callers should pack once
     batch = x.shape[0]

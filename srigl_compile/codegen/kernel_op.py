@@ -42,7 +42,7 @@ from .scratch import scratch
 
 __all__ = ["KernelHandle", "build_condensed_linear", "condensed_linear", "register_handle", "get_handle",
            "get_registered", "pack_operands", "block_rows", "check_batch_input", "check_cpu_float32", "check_bias",
-           "KernelDeviceError", "KernelDtypeError", "K_MULTIPLE", "DEFAULT_COL_THRESHOLD"]
+           "KernelDeviceError", "KernelDtypeError", "KernelShapeError", "K_MULTIPLE", "DEFAULT_COL_THRESHOLD"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,10 @@ class KernelDeviceError(DeviceError, ValueError):
 
 class KernelDtypeError(DeviceError, TypeError):
     """The input is not float32."""
+
+
+class KernelShapeError(LoweringError, ValueError):
+    """The input's shape does not fit the layer (features, channels, dimensions); lowered layers add their name."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -258,7 +262,8 @@ def check_bias(handle, bias) -> None:
 
 def check_batch_input(x: torch.Tensor, handle) -> None:
     if x.dim() == 0 or x.shape[-1] != handle.n_in:
-        raise ValueError(f"kernel {handle.key} expects {handle.n_in} input features, got shape {tuple(x.shape)}")
+        raise KernelShapeError(f"expects {handle.n_in} input features, got an input of shape {tuple(x.shape)} "
+                               f"(kernel {handle.key})")
 
 
 _HANDLES: dict = {}  # key -> KernelHandle (CPU) or cuda_build.CudaKernelHandle

@@ -17,7 +17,7 @@ from ..codegen.conv_geometry import output_size, phase_columns, phase_kernel
 from .condensed import CondensedConv, CondensedLinear, accepts_unbatched, index_dtype_for
 
 __all__ = ["LoweredLinear", "LoweredConv", "kernel_operands", "make_lowered_", "fill_ablated_rows_", "subsamples",
-           "pointwise_unpadded"]
+           "pointwise_unpadded", "with_layer_name"]
 
 
 class LoweredLinear(CondensedLinear):
@@ -34,7 +34,10 @@ class LoweredLinear(CondensedLinear):
     def _call_kernel(self, x, values, indices, bias) -> torch.Tensor:
         if values.shape[0] == 0:
             return self.scatter(x.new_empty(*x.shape[:-1], 0), dim=-1)
-        y = kernel_op.condensed_linear(x, values, indices, bias, self.kernel_key, self.col_threshold)
+        try:
+            y = kernel_op.condensed_linear(x, values, indices, bias, self.kernel_key, self.col_threshold)
+        except kernel_op.KernelShapeError as err:
+            raise with_layer_name(err, self) from None
         return y if self.compact or values.shape[0] == self.n_out else self.scatter(y, dim=-1)
 
     def extra_repr(self) -> str:
@@ -74,13 +77,23 @@ class LoweredConv(CondensedConv):
         if self.n_active == 0:  # every filter ablated: no kernel, only the scatter of biases below
             y = x2.new_empty(x2.shape[0], 0, *output_size(x2.shape[2:], kernel, stride, padding, dilation))
         else:  # (strided: self.indices hold the phase convolution's columns, see kernel_operands)
-            y = conv_op.condensed_conv2d(x2, self.values, self.indices, self.bias, self.kernel_key, kernel, padding,
-                                         dilation, stride)
+            try:
+                y = conv_op.condensed_conv2d(x2, self.values, self.indices, self.bias, self.kernel_key, kernel,
+                                             padding, dilation, stride)
+            except kernel_op.KernelShapeError as err:
+                raise with_layer_name(err, self) from None
         y = self.scatter(y, dim=1)
         return y.squeeze(2) if self.dims == 1 else y
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kernel={self.kernel_key.split('@')[0]}, direct={self.direct}"
+
+
+def with_layer_name(err: kernel_op.KernelShapeError, layer) -> kernel_op.KernelShapeError:
+    """The kernel's shape error, naming the layer (``lower`` records each lowered layer's name)."""
+    name = getattr(layer, "layer_name", "")
+    where = f"lowered {type(layer).__name__} {name!r}" if name else f"lowered {type(layer).__name__}"
+    return kernel_op.KernelShapeError(f"{where} {err}")
 
 
 def pointwise_unpadded(layer: CondensedConv) -> bool:
@@ -144,8 +157,9 @@ def fill_ablated_rows_(layer, max_fraction: float = 0.25) -> bool:
 
 
 @torch.no_grad()
-def make_lowered_(layer, handle, col_threshold: int):
-    """Turn a condensed layer into its lowered class in place, with operands packed for ``handle``."""
+def make_lowered_(layer, handle, col_threshold: int, name: str = ""):
+    """Turn a condensed layer into its lowered class in place, with operands packed for ``handle``; ``name`` (its
+    name in the model) is what its errors call it."""
     direct = getattr(handle, "kind", None) == "conv"
     _, values, indices = kernel_operands(layer, direct)
     layer.__class__ = LoweredConv if isinstance(layer, CondensedConv) else LoweredLinear
@@ -153,6 +167,7 @@ def make_lowered_(layer, handle, col_threshold: int):
         layer.values, layer.indices = handle.pack(values, indices)
     layer.kernel_key = handle.key if handle is not None else ""
     layer.col_threshold = col_threshold
+    layer.layer_name = name
     if isinstance(layer, LoweredConv):  # a layer without kernel (no active filter) follows its shape's route
         layer.direct = direct or handle is None  # (no kernel: the direct route only scatters the biases)
     return layer

@@ -151,7 +151,7 @@ def _compile_layers(layers, build, threshold: int, direct: bool) -> None:
     from ..nn.lowered import make_lowered_
 
     for name, layer, shape in list(_kernel_shapes(layers, direct)):
-        make_lowered_(layer, shape and build(layer, *shape), threshold)
+        make_lowered_(layer, shape and build(layer, *shape), threshold, name)
         log.info("lowered %s -> %s", name, layer.kernel_key)
 
 

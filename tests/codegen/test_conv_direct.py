@@ -244,8 +244,11 @@ def test_bad_conv_inputs_are_clear_errors(lowered_cnn):
             layer.dilation)
     with pytest.raises(DeviceError, match="float32"):
         condensed_conv2d(torch.randn(1, layer.in_channels, 5, 5, dtype=torch.float64), *args)
-    with pytest.raises(ValueError, match="channels"):
+    with pytest.raises(ValueError, match=f"expects {layer.in_channels} input channels, got {layer.in_channels + 1}"):
         condensed_conv2d(torch.randn(1, layer.in_channels + 1, 5, 5), *args)
+    name = next(n for n, m in lowered.named_modules() if m is layer)
+    with pytest.raises(ValueError, match=f"lowered LoweredConv '{name}' expects {layer.in_channels} input channels"):
+        layer(torch.randn(1, layer.in_channels + 1, 5, 5))
     with pytest.raises(ValueError, match="has_bias"):
         condensed_conv2d(torch.randn(1, layer.in_channels, 5, 5), layer.values, layer.indices,
                          None if layer.bias is not None else torch.zeros(layer.n_active), *args[3:])
