@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from srigl_compile.codegen import scratch as scratch_module
 from srigl_compile.codegen.scratch import pad_images, release_scratch, scratch, scratch_bytes
 
 
@@ -45,6 +46,12 @@ def test_threads_get_their_own_buffers():
 @given(batch=st.integers(1, 2), channels=st.integers(1, 3), height=st.integers(1, 7), width=st.integers(1, 7),
        pads=st.tuples(*[st.integers(-3, 3)] * 4), channels_last=st.booleans())
 def test_pad_images_equals_f_pad(batch, channels, height, width, pads, channels_last):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(scratch_module, "MMAPPED_BYTES", 0)  # the scratch path at any size (below it: F.pad)
+        _check_pad_images(batch, channels, height, width, pads, channels_last)
+
+
+def _check_pad_images(batch, channels, height, width, pads, channels_last):
     x = torch.randn(batch, channels, height, width)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -58,3 +65,10 @@ def test_pad_images_equals_f_pad(batch, channels, height, width, pads, channels_
     out = pad_images(x, pads, "padded")
     assert out.is_contiguous()
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_pad_images_uses_f_pad_below_the_mmap_threshold():
+    x = torch.randn(1, 2, 5, 5)
+    before = scratch_bytes()
+    torch.testing.assert_close(pad_images(x, (1, 1, 1, 2), "small"), F.pad(x, (1, 1, 1, 2)), rtol=0, atol=0)
+    assert scratch_bytes() == before
