@@ -45,7 +45,8 @@ def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float3
     buffer = buffers.get((slot, dtype))
     if buffer is None or buffer.numel() < numel:
         buffers[(slot, dtype)] = buffer = None  # free the smaller one first: peak memory = the new size
-        buffer = buffers[(slot, dtype)] = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):  # an inference tensor could not be written outside inference mode
+            buffer = buffers[(slot, dtype)] = torch.empty(numel, dtype=dtype)
     return buffer[:numel].view(shape)
 
 

@@ -354,3 +354,28 @@ def test_unbatched_inputs_work_as_in_torch(conv, shape):
             out = model(x)
             assert out.shape == expected.shape
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("first, then", [(torch.inference_mode, torch.no_grad), (torch.no_grad, torch.inference_mode)])
+def test_scratch_buffers_serve_inference_mode_and_no_grad_alike(first, then, monkeypatch):
+    """A scratch buffer first made under inference_mode must still take in-place writes under no_grad (an
+    inference tensor would not), and the other way round: tiles, phase images and padded images."""
+    from srigl_compile.codegen import scratch as scratch_module
+
+    scratch_module.release_scratch()
+    monkeypatch.setattr(scratch_module, "MMAPPED_BYTES", 0)  # pad into scratch at this size too
+    torch.manual_seed(0)
+    masked = sparsify(nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, padding=1),
+                                    nn.Flatten(), nn.Linear(8 * 8 * 8, 16)),
+                      SRigLConfig(sparsity=0.5, distribution="uniform")).eval()
+    lowered = lower(masked, progress=False)
+    x = torch.randn(70, 3, 16, 16)  # 70 rows: the Linear runs on 64-row tiles
+    with first():
+        a = lowered(x)
+    with then():
+        b = lowered(x)
+    with torch.no_grad():
+        expected = masked(x)
+    torch.testing.assert_close(a, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(b, expected, rtol=1e-4, atol=1e-4)
