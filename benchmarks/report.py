@@ -117,17 +117,20 @@ def checks_summary(rows: list[dict]) -> list[str]:
 
 def model_table(rows: list[dict]) -> list[str]:
     lines = ["| model | batch | input | dense ms | dense, BN folded ms | masked ms | lowered ms | lowered vs dense | "
-             "vs dense, BN folded | sparse layers' share before (dense) | after (lowered) | lowered vs masked "
-             "(rel. err) |", "|" + "---|" * 12]
+             "vs dense, BN folded | best dense ms (model @ threads) | lowered vs best dense | sparse layers' share "
+             "before (dense) | after (lowered) | lowered vs masked (rel. err) |", "|" + "---|" * 14]
     for (model, batch, res), v in group(rows, ("model", "batch", "resolution")).items():
         ms = {name: (f"{r['time_us']['median'] / 1e3:.1f}" if "time_us" in r else "FAIL") for name, r in v.items()}
         low = v.get("lowered", {})
         share = lambda r: f"{r['sparse_share']['share']:.0%}" if r and "sparse_share" in r else "-"  # noqa: E731
         ratio = lambda key: f"{low[key]:.2f}x" if key in low else "-"  # noqa: E731
         err = low.get("check", {}).get("max_rel_err_vs_masked", float("nan"))
+        best = low.get("best_dense")
+        best_cell = f"{best['median_us'] / 1e3:.1f} ({best['variant']} @ {best['setting']})" if best else "-"
         lines.append(f"| {model} | {batch} | {res}x{res} | {ms.get('dense')} | {ms.get('dense_folded', '-')} | "
                      f"{ms.get('masked')} | {ms.get('lowered')} | {ratio('speedup_vs_dense')} | "
-                     f"{ratio('speedup_vs_dense_folded')} | {share(v.get('dense'))} | {share(low)} | {err:.1e} |")
+                     f"{ratio('speedup_vs_dense_folded')} | {best_cell} | {ratio('speedup_vs_best_dense')} | "
+                     f"{share(v.get('dense'))} | {share(low)} | {err:.1e} |")
     return lines + [""]
 
 

@@ -57,3 +57,11 @@ def check_model_rows(folder):
     lowered = [r for r in rows if r["variant"] == "lowered"]
     assert lowered and all(r["check"]["passed"] for r in lowered)
     assert all(0 < r["sparse_share"]["share"] < 1 for r in lowered)
+    # dense is also timed in its own processes, under each other thread setting; the best of all is the baseline
+    variants = {r["variant"] for r in rows}
+    assert {"dense@default_omp", "dense@gomp_spin_20k"} <= variants
+    for r in lowered:
+        assert r["best_dense"]["setting"] in ("passive", "default_omp", "gomp_spin_20k")
+        dense_times = [d["time_us"]["median"] for d in rows if d["variant"].startswith("dense")
+                       and d["model"] == r["model"] and d["batch"] == r["batch"] and "time_us" in d]
+        assert r["best_dense"]["median_us"] == min(dense_times)
