@@ -1,14 +1,20 @@
-"""CUDA kernel handles: build a layer shape's row and col kernels ahead of time, run them from torch on a GPU.
+"""CUDA kernel handles: build a layer shape's kernels ahead of time, run them from torch on a GPU, by regime.
 
 Build (any machine with TVM and nvcc, no GPU needed):
-    TVM compiles both schedules (``cuda_kernels``) into one library whose host part is x86 code and whose device
-    part is CUDA C (this TVM build keeps the source, to be compiled where it is loaded); nvcc compiles that source
-    once to a fatbin (SASS for the target's archs + PTX). The handle keeps the source, the fatbin and the library.
+    TVM compiles the shape's kernels (``cuda_kernels`` defines them, ``cuda_rules`` schedules them: decode kernels
+    for batch tiles of 1, 4, 8 and 16 columns that fit in shared memory, the col kernel, the expand kernel) into one
+    library whose device part is CUDA C; nvcc compiles that source once to a fatbin (SASS for the target's archs +
+    PTX). The handle keeps the source, the fatbin and the library.
 Run (a machine with a GPU; the runtime-only TVM is enough):
     on first use the library is loaded with ``tvm.runtime.load_module``; TVM asks ``tvm_callback_cuda_compile`` to
     compile the CUDA source, and the callback installed here answers with the fatbin built for that exact source
     (looked up by its SHA-256), so no compiler runs on the GPU machine. Kernels launch on torch's current stream
-    (tvm-ffi reads it from the torch tensors).
+    (tvm-ffi reads it from the torch tensors), so a lowered model captures into a CUDA graph.
+Dispatch per call, by the number of rows m (``CudaDispatch``): m < col_from: decode (the smallest tile >= m, or
+chunks of the largest); m < dense_from: col on x transposed; beyond: expand the condensed weights into a dense
+temporary and hand the product to cuBLAS (tensor cores; the temporary comes from torch's caching allocator and
+is not kept). The thresholds come from the tuning records measured on a GPU when there are any
+(``cuda_records``), else from ``cuda_records.model_dispatch``.
 Without CUDA, running a CUDA kernel raises ``CudaUnavailableError`` naming the fix; building still works.
 
 Example:
@@ -30,22 +36,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import DeviceError, LoweringError
+from .cuda_records import CudaDispatch, CudaVariants
 from .kernel_op import (K_MULTIPLE, KernelDeviceError, KernelDtypeError, KernelShapeFields, check_batch_input,
                         condensed_linear, get_registered, pack_operands, register_handle)
 
 __all__ = ["CudaKernelHandle", "CudaUnavailableError", "build_cuda_condensed_linear", "register_fatbin",
-           "CUDA_DTYPES", "DEFAULT_CUDA_COL_THRESHOLD", "DEFAULT_FATBIN_ARCHS", "cuda_handle_key"]
+           "CUDA_DTYPES", "DEFAULT_CUDA_COL_THRESHOLD", "DEFAULT_FATBIN_ARCHS", "cuda_handle_key",
+           "load_prebuilt_kernels", "PREBUILT_ENV"]
 
 log = logging.getLogger(__name__)
 
 CUDA_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Not yet measured on a GPU: the row kernel re-reads each weight row once per batch row, the col kernel needs
-# the [in, B] transpose; 16 rows is where the two costs are expected to cross. Tune it on the GPU machine.
-DEFAULT_CUDA_COL_THRESHOLD = 16
+DEFAULT_CUDA_COL_THRESHOLD = 0  # 0: each handle's own dispatch (CudaDispatch); > 0 forces the col kernel from there
 DEFAULT_FATBIN_ARCHS = ("sm_80", "sm_90")  # A100 and H100/H200 machine code when no arch is given
-MAX_GRID_Y = 65535  # the row kernel puts batch rows on blockIdx.y
+MAX_GRID_Y = 65535  # the col kernel puts row blocks on blockIdx.y
+PREBUILT_ENV = "SRIGL_CUDA_KERNELS"  # a folder of prebuilt kernels (export_kernels) that lower() uses first
 
 
 class CudaUnavailableError(DeviceError, RuntimeError):
@@ -62,21 +70,22 @@ def _symbol(layout: str, key: str) -> str:
 
 @dataclasses.dataclass(eq=False)
 class CudaKernelHandle(KernelShapeFields):
-    """Row and col CUDA kernels of one shape and dtype; call it like the op (``h(x, values, indices, bias)``).
+    """A shape's CUDA kernels (decode tiles, col, expand); call it like the op (``h(x, values, indices, bias)``).
 
     Attributes:
         key: registry key; n_out, n_in, k, k_pad, index_dtype, has_bias: as for the CPU ``KernelHandle``.
         dtype: "float32", "float16" or "bfloat16" (inputs, weights and output; sums in float32).
         target: {"kind": "cuda", "arch": ...}; fatbin_archs: the archs the fatbin holds machine code for.
-        row_params, col_params: the schedule variants; source: the CUDA C; fatbin: nvcc's output for it.
+        variants: the schedule variants (``CudaVariants``); dispatch: which kernel runs at which batch.
+        source: the CUDA C; fatbin: nvcc's output for it.
         module: the built library (None when loaded from disk); library_path: the exported library file, if any.
     """
 
     dtype: str
     target: dict[str, Any]
     fatbin_archs: tuple[str, ...]
-    row_params: Any
-    col_params: Any
+    variants: CudaVariants
+    dispatch: CudaDispatch
     source: str
     fatbin: bytes
     module: Any = None
@@ -101,24 +110,38 @@ class CudaKernelHandle(KernelShapeFields):
                                    f"with .to(torch.{self.dtype})")
         check_batch_input(x, self)
 
+    def regime(self, m: int, col_threshold: int = DEFAULT_CUDA_COL_THRESHOLD) -> str:
+        """"decode", "col" or "dense": the kernel that runs for a batch of ``m`` rows."""
+        dispatch = self.dispatch if col_threshold <= 0 else dataclasses.replace(self.dispatch, col_from=col_threshold)
+        return dispatch.regime(m, -(-self.n_out // self.variants.col.rows) <= MAX_GRID_Y)
+
     def launch(self, rows: torch.Tensor, operands: list[torch.Tensor], col_threshold: int) -> torch.Tensor:
-        """y [m, n_out] for rows [m, n_in] (contiguous); the col kernel runs on rows transposed to [n_in, m]."""
+        """y [m, n_out] for rows [m, n_in] (contiguous)."""
         if operands[0].device != rows.device:
             raise KernelDeviceError(f"kernel {self.key}: the layer's weights are on {operands[0].device} and the "
                                     f"input on {rows.device}; move the model with .to({str(rows.device)!r})")
-        row_fn, col_fn = self.functions()
+        functions = self.functions()
         m = rows.shape[0]
+        regime = self.regime(m, col_threshold)
         with torch.cuda.device(rows.device):
-            if m < min(col_threshold, MAX_GRID_Y):
+            if regime == "decode":
                 out = rows.new_empty(m, self.n_out)
-                row_fn(rows, *operands, out)
+                tile = self.dispatch.decode_tile(m)
+                for start in range(0, m, tile):  # one launch unless m exceeds the largest tile
+                    stop = min(m, start + tile)
+                    functions[f"decode{tile}"](rows[start:stop], *operands, out[start:stop])
                 return out
-            yt = rows.new_empty(self.n_out, m)
-            col_fn(rows.t().contiguous(), *operands, yt)
-            return yt.t().contiguous()
+            if regime == "col":
+                yt = rows.new_empty(self.n_out, m)
+                functions["col"](rows.t().contiguous(), *operands, yt)
+                return yt.t().contiguous()
+            values, indices, *bias = operands
+            dense = rows.new_empty(self.n_out, self.n_in)  # a temporary: no dense copy is kept
+            functions["expand"](values, indices, dense)
+            return F.linear(rows, dense, *bias)
 
-    def functions(self):
-        """(row, col) kernel functions, loading the library into the CUDA runtime on first use."""
+    def functions(self) -> dict[str, Any]:
+        """{"decode<tile>": fn, "col": fn, "expand": fn}, loading the library into the CUDA runtime on first use."""
         if self._functions is None:
             self._functions = _load_functions(self)
         return self._functions
@@ -187,7 +210,7 @@ def _load_functions(handle: CudaKernelHandle):
         handle.library_path = path
     try:
         module = tvm.runtime.load_module(path)
-        return module[_symbol("row", handle.key)], module[_symbol("col", handle.key)]
+        return {layout: module[_symbol(layout, handle.key)] for layout in handle.variants.layouts()}
     except Exception as err:  # TVM's own error types: a driver too old for the fatbin, an arch it lacks, ...
         capability = "sm_%d%d" % torch.cuda.get_device_capability()
         raise CudaUnavailableError(f"cannot load CUDA kernel {handle.key} (fatbin for {handle.fatbin_archs}, this "
@@ -196,18 +219,20 @@ def _load_functions(handle: CudaKernelHandle):
 
 def build_cuda_condensed_linear(n_out: int, n_in: int, k: int, index_dtype: str = "int32", has_bias: bool = True,
                                 dtype: str = "float32", target: Mapping[str, Any] | None = None, *,
-                                cache_dir=None) -> CudaKernelHandle:
+                                cache_dir=None, variants: CudaVariants | None = None) -> CudaKernelHandle:
     """Compile (once per process) a shape's CUDA kernels to a fatbin and register their handle; no GPU needed.
 
     Args:
         n_out, n_in, k, index_dtype, has_bias: as for ``build_condensed_linear``.
         dtype: "float32", "float16" or "bfloat16" (sums are float32 in every case).
         target: {"kind": "cuda", "arch": "sm_90", "fatbin_archs": [...]} (``target.resolve_target("cuda")``).
-        cache_dir: where fatbins are cached (default: next to the tuning records).
+        cache_dir: where fatbins are cached and tuning records are read (default: ``tuning.default_cache_dir()``).
+        variants: the schedule variants (default: the tuning record's, else ``CudaVariants.default``).
 
     Returns:
         The registered handle. A handle already registered under the same key (built, or loaded from a saved
-        model) is returned as is: that is how a GPU machine without a compiler lowers with prebuilt kernels.
+        model or from the ``$SRIGL_CUDA_KERNELS`` folder) is returned as is: that is how a GPU machine without a
+        compiler lowers with prebuilt kernels.
     """
     from .target import resolve_target
 
@@ -216,20 +241,26 @@ def build_cuda_condensed_linear(n_out: int, n_in: int, k: int, index_dtype: str 
     target = resolve_target(dict(target) if target is not None else "cuda")
     k_pad = -(-k // K_MULTIPLE) * K_MULTIPLE
     key = cuda_handle_key(n_out, n_in, k, index_dtype, has_bias, dtype, target)
+    load_prebuilt_kernels()
     existing = get_registered(key)
-    if existing is not None:
+    if existing is not None and (variants is None or existing.variants == variants):
         return existing
     from ._tvm_compat import import_tvm
-    from .cuda_kernels import (CudaColParams, CudaRowParams, col_func, col_schedule, compile_fatbin, row_func,
-                               row_schedule)
+    from .cuda_kernels import compile_fatbin
+    from .cuda_records import lookup
     from .tuning import default_cache_dir
 
     tvm = import_tvm()
-    row_params, col_params = CudaRowParams(), CudaColParams()
-    args = (n_out, n_in, k_pad, index_dtype, dtype)
-    row = row_schedule(row_func(*args, has_bias=has_bias, symbol=_symbol("row", key)), row_params)
-    col = col_schedule(col_func(*args, has_bias=has_bias, symbol=_symbol("col", key)), col_params)
-    mod = tvm.IRModule({_symbol("row", key): row.mod["main"], _symbol("col", key): col.mod["main"]})
+    cache = Path(cache_dir or default_cache_dir())
+    record = lookup(n_out, n_in, k_pad, dtype, target["arch"], cache)
+    variants = variants or (record.variants if record else CudaVariants.default())
+    funcs = variants.schedule_all(n_out, n_in, k_pad, k, index_dtype, dtype, has_bias,
+                                  lambda layout: _symbol(layout, key))
+    dispatch = record.dispatch if record else None
+    from .cuda_records import model_dispatch
+
+    dispatch = (dispatch or model_dispatch(n_out, n_in, k_pad, dtype)).restricted_to(variants.decode_tiles(funcs))
+    mod = tvm.IRModule(funcs)
     cuda_target = tvm.target.Target({"kind": "cuda", "arch": target["arch"]}, host={"kind": "llvm"})
     previous = os.environ.get("TVM_COMPILE_FORCE_FALLBACK")
     os.environ["TVM_COMPILE_FORCE_FALLBACK"] = "1"  # keep the CUDA source even where a CUDA runtime is present
@@ -245,8 +276,24 @@ def build_cuda_condensed_linear(n_out: int, n_in: int, k: int, index_dtype: str 
         raise LoweringError(f"TVM built {len(cuda_modules)} CUDA modules for kernel {key}, expected 1")
     source = cuda_modules[0].inspect_source()
     archs = tuple(target["fatbin_archs"])  # resolve_target lists them, the arch included
-    fatbin = compile_fatbin(source, archs, cache_dir=Path(cache_dir or default_cache_dir()) / "fatbins")
-    handle = CudaKernelHandle(key, n_out, n_in, k, k_pad, index_dtype, has_bias, dtype, target, archs, row_params,
-                              col_params, source, fatbin, module=executable.mod)
-    log.info("built CUDA kernel %s (%d-byte fatbin for %s)", key, len(fatbin), ", ".join(archs))
+    fatbin = compile_fatbin(source, archs, cache_dir=cache / "fatbins")
+    handle = CudaKernelHandle(key, n_out, n_in, k, k_pad, index_dtype, has_bias, dtype, target, archs,
+                              variants.only(funcs), dispatch, source, fatbin, module=executable.mod)
+    log.info("built CUDA kernel %s (%d-byte fatbin for %s; %s)", key, len(fatbin), ", ".join(archs), dispatch)
     return register_handle(handle)
+
+
+_PREBUILT_LOADED: set[str] = set()
+
+
+def load_prebuilt_kernels(folder: str | os.PathLike | None = None) -> int:
+    """Register the kernels of a prebuilt folder (``export_kernels``; default ``$SRIGL_CUDA_KERNELS``) once per
+    process, so that lower(target="cuda") on a machine with only the TVM runtime finds them instead of compiling.
+    Returns how many were registered by this call."""
+    folder = folder or os.environ.get(PREBUILT_ENV)
+    if not folder or str(folder) in _PREBUILT_LOADED:
+        return 0
+    from .kernel_io import load_kernels
+
+    _PREBUILT_LOADED.add(str(folder))
+    return len(load_kernels(folder))

@@ -70,6 +70,8 @@ def export_kernels(handles: Iterable, path: str | os.PathLike) -> Path:
         entry.update(device=handle.device_type, file=file.name, sha256=_sha256(file))
         if getattr(handle, "kind", None) == "conv":
             entry.update(kind="conv", params=dataclasses.asdict(handle.params))
+        elif handle.device_type == "cuda":
+            entry.update(variants=handle.variants.to_dict(), dispatch=handle.dispatch.to_dict())
         else:
             entry.update(row_params=dataclasses.asdict(handle.row_params),
                          col_params=dataclasses.asdict(handle.col_params))
@@ -141,13 +143,16 @@ def _host_cpu_or_none() -> str | None:
 def _load_cuda(folder: Path, entry: dict, fields: dict, file: Path):
     """A CUDA handle whose library is loaded on first use (on a GPU); its fatbin is registered for the loader."""
     from .cuda_build import CudaKernelHandle
-    from .cuda_kernels import CudaColParams, CudaRowParams
+    from .cuda_records import CudaDispatch, CudaVariants
 
+    if "variants" not in entry:  # (the single row / col kernels of earlier versions)
+        raise KernelFileError(f"CUDA kernel {fields['key']} in {folder} was saved by an earlier srigl_compile "
+                              "(one row and one col kernel, no dispatch): lower the model again and save it")
     source = _checked_file(folder, entry["source"], entry["source_sha256"]).read_text()
     fatbin = _checked_file(folder, entry["fatbin"], entry["fatbin_sha256"]).read_bytes()
     return CudaKernelHandle(**fields, **{name: entry[name] for name in _CUDA_FIELDS},
-                            fatbin_archs=tuple(entry["fatbin_archs"]), row_params=CudaRowParams(**entry["row_params"]),
-                            col_params=CudaColParams(**entry["col_params"]), source=source, fatbin=fatbin,
+                            fatbin_archs=tuple(entry["fatbin_archs"]), variants=CudaVariants.from_dict(entry["variants"]),
+                            dispatch=CudaDispatch.from_dict(entry["dispatch"]), source=source, fatbin=fatbin,
                             library_path=str(file))
 
 
