@@ -10,9 +10,12 @@ Variants, per sparsity and batch, for the 3072 -> 768 layer (ViT-B/16 mlp.3) wit
     structured   F.linear over the active neurons only (all of them unless --ablate removes some)
     lowered_fp32 / lowered_fp16   srigl_compile.lower(target="cuda"), called through the lowered module
 Each variant is checked against a float64 reference before it is timed. Times are medians (with quartiles) of
-``--repeats`` CUDA-event measurements of ``--iters`` back-to-back calls each, after warm-up; the 1.4-6 MB of
-weights stay in the GPU's L2 cache between calls, as they would inside a model's steady state. Results:
-``OUT/layer_cuda.json`` (GPU name, versions, command) and a printed markdown table.
+``--repeats`` replays of a CUDA graph holding ``--iters`` calls (launch gaps out), after warm-up; the 1.4-6 MB of
+weights stay in the GPU's L2 cache between calls, as they would inside a model's steady state (for weights
+streamed from HBM see benchmarks/cuda_variants.py). Each row reports the bytes a call must move (weights, x, y)
+and the rate that is against the measured device-to-device copy bandwidth, and which regime the lowered layer
+ran (decode / col / dense). Results: ``OUT/layer_cuda.json`` (GPU name, versions, command) and a markdown table.
+The lowered layers find their kernels prebuilt in ``$SRIGL_CUDA_KERNELS`` (set by the bundle's run.sh).
 
 ``--build-kernels DIR`` (any machine with TVM and nvcc, no GPU) lowers the same layers for sm_90 and writes their
 kernels to DIR instead of timing.
@@ -34,7 +37,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import environment  # noqa: E402
+from common import cuda_graph_samples_us, environment  # noqa: E402
 
 from srigl_compile import SRigLConfig, lower, sparsify  # noqa: E402
 
@@ -74,20 +77,28 @@ def build_kernels(args, folder: Path) -> None:
 
 
 def time_us(fn, iters: int, repeats: int) -> dict[str, float]:
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / iters)
+    """Per-call time of ``fn`` replayed from a captured CUDA graph of ``iters`` calls."""
+    samples = cuda_graph_samples_us(fn, iters, repeats)
     q = statistics.quantiles(samples, n=4)
     return {"median_us": statistics.median(samples), "p25_us": q[0], "p75_us": q[2]}
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bytes (read + write) per second, the yardstick for "fraction of bandwidth"."""
+    a, b = torch.empty(2**28, device="cuda", dtype=torch.uint8), torch.empty(2**28, device="cuda", dtype=torch.uint8)
+    return 2 * a.numel() / (time_us(lambda: b.copy_(a), 10, 5)["median_us"] * 1e-6)
+
+
+def bytes_moved(name: str, batch: int, n_in: int, n_out: int, k: int, n_active: int) -> int:
+    """Weights + x + y a call must move at least (4-byte fp32, 2-byte fp16 values; int16 indices)."""
+    item = 2 if name.endswith("fp16") else 4
+    if name.startswith("lowered"):
+        weights = n_active * k * (item + 2)
+    elif name.startswith("csr"):
+        weights = n_active * k * (4 + 8)
+    else:
+        weights = n_out * n_in * item
+    return weights + batch * (n_in + n_out) * item
 
 
 def variants(masked: nn.Module, lowered: dict[str, nn.Module]):
@@ -119,6 +130,10 @@ TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2}  # relative to the output
 
 
 def run(args) -> list[dict]:
+    from srigl_compile.codegen.kernel_op import get_handle
+
+    bandwidth = copy_bandwidth()
+    print(f"device-to-device copy: {bandwidth / 1e12:.2f} TB/s (read + write)")
     rows = []
     for sparsity in args.sparsities:
         masked = masked_layer(args.n_in, args.n_out, sparsity, args.ablate)
@@ -126,6 +141,8 @@ def run(args) -> list[dict]:
         table = variants(masked, lowered)  # weights moved and converted once per sparsity, not per batch
         reference = copy.deepcopy(masked[0]).double().cuda()  # (Module.double() converts in place)
         n_active = int(masked[0].mask.any(dim=1).sum())
+        k = int(masked[0].mask.sum(dim=1).max())
+        handles = {name: get_handle(model[0].kernel_key) for name, model in lowered.items()}
         for batch in args.batches:
             x = torch.randn(batch, args.n_in, device="cuda")
             with torch.no_grad():
@@ -137,8 +154,12 @@ def run(args) -> list[dict]:
                     tolerance = TOLERANCE[dtype] * (3 if name == "dense_tf32" else 1)
                     if error > tolerance:
                         raise AssertionError(f"{name} at sparsity {sparsity}, batch {batch}: relative error {error:.2e}")
+                    timing = time_us(lambda: fn(xin), args.iters, args.repeats)
+                    moved = bytes_moved(name, batch, args.n_in, args.n_out, k, n_active)
+                    regime = handles[name.split("_")[1]].regime(batch) if name.startswith("lowered") else ""
                     rows.append({"sparsity": sparsity, "batch": batch, "variant": name, "rel_error": error,
-                                 "n_active": n_active, **time_us(lambda: fn(xin), args.iters, args.repeats)})
+                                 "n_active": n_active, "regime": regime, "bytes": moved,
+                                 "bandwidth_fraction": moved / (timing["median_us"] * 1e-6) / bandwidth, **timing})
             print(f"sparsity {sparsity} batch {batch}: " + ", ".join(
                 f"{r['variant']} {r['median_us']:.1f}" for r in rows if r["batch"] == batch
                 and r["sparsity"] == sparsity))
@@ -185,7 +206,7 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_layer_cuda needs a CUDA GPU (this machine has none); --build-kernels works anywhere")
     rows = run(args)
-    env = environment() | {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda,
+    env = environment() | {"timing": "CUDA graph replays", "gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda,
                            "capability": "sm_%d%d" % torch.cuda.get_device_capability()}
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"environment": env, "layer": [args.n_in, args.n_out], "crossover_batch": crossovers(rows), "rows": rows}

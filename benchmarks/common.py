@@ -145,3 +145,31 @@ def save_results(name: str, rows: list[dict[str, Any]], extra: dict[str, Any] | 
     with open(path, "w") as f:
         json.dump({"environment": environment(), **(extra or {}), "rows": rows}, f, indent=2)
     return path
+
+
+def cuda_graph_samples_us(fn, calls: int, repeats: int) -> list[float]:
+    """Per-call times (microseconds) of ``fn``: ``repeats`` replays of one captured CUDA graph of ``calls`` calls,
+    after warm-up on a side stream (launch gaps out; what a model captured in a graph sees)."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / calls)
+    return samples

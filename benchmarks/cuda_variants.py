@@ -4,6 +4,7 @@ Two steps, because the GPU machine has no TVM compiler:
 
     python benchmarks/cuda_variants.py --build .gpu_bundle/variants          # here: TVM + nvcc, no GPU
     bash .gpu_bundle/run.sh python benchmarks/cuda_variants.py --run .gpu_bundle/variants --out "$OUT"
+    python benchmarks/cuda_variants.py --records OUT/cuda_variants.json      # tuning records for lower()
 
 Each shape's variants (decode kernels per batch tile and schedule, col kernels per schedule, the expand kernel) are
 compiled into one library and one fatbin. On the GPU every variant is checked against a float32 torch reference,
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # (n_out, n_in, sparsity, dtype): Llama-7B's MLP and attention shapes (decode), ViT-B/16's MLP (all batches)
 SHAPES = [(11008, 4096, 0.9, "float16"), (4096, 11008, 0.9, "float16"), (4096, 4096, 0.9, "float16"),
@@ -103,29 +105,9 @@ def build(folder: Path) -> None:
 # ---------------------------------------------------------------------------------------------- on the GPU
 def _graph_time_us(fn, calls: int, repeats: int) -> float:
     """Median over ``repeats`` replays of a CUDA graph holding ``calls`` calls of ``fn`` (microseconds a call)."""
-    import torch
+    from common import cuda_graph_samples_us
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(samples)
+    return statistics.median(cuda_graph_samples_us(fn, calls, repeats))
 
 
 def _layer(n_out, n_in, k, k_pad, index_dtype, dtype, seed: int):
@@ -145,7 +127,7 @@ def _layer(n_out, n_in, k, k_pad, index_dtype, dtype, seed: int):
             dense)
 
 
-def run(folder: Path, out: Path, shapes: list[str] | None, repeats: int) -> None:
+def run(folder: Path, out: Path, shapes: list[str] | None, repeats: int, budget_s: float = 1e9) -> None:
     import torch
     import torch.nn.functional as F
 
@@ -159,6 +141,9 @@ def run(folder: Path, out: Path, shapes: list[str] | None, repeats: int) -> None
     for entry in json.loads((folder / "manifest.json").read_text()):
         if shapes and entry["name"] not in shapes:
             continue
+        if time.time() - started > budget_s:
+            print(f"time budget spent: {entry['name']} and later shapes not timed", flush=True)
+            break
         name, n_out, n_in, k, k_pad, dtype = (entry[f] for f in ("name", "n_out", "n_in", "k", "k_pad", "dtype"))
         register_fatbin((folder / f"{name}.cu").read_text(), (folder / f"{name}.fatbin").read_bytes())
         module = tvm.runtime.load_module(str(folder / f"{name}.so"))
@@ -250,6 +235,50 @@ def _write(out: Path, folder: Path, results: list) -> None:
                                                         "results": results}, indent=1))
 
 
+def records(results_file: Path, cache: Path, arch: str = "sm_90") -> list[Path]:
+    """Tuning records from a timing run: per shape, the fastest decode variant of each tile, the col variant
+    fastest over the col batches, and the thresholds where col beats decode and expand + cuBLAS beats col.
+    ``lower(target="cuda")`` then uses them for that shape (``codegen/cuda_records.lookup``)."""
+    from srigl_compile.codegen.cuda_records import CudaDispatch, CudaRecord, CudaVariants, write_record
+    from srigl_compile.codegen.cuda_rules import ColParams, DecodeParams
+
+    data = json.loads(Path(results_file).read_text())
+    written = []
+    for row in data["results"]:
+        entry = data["manifest"][row["name"]]
+        by_symbol = {v["symbol"]: v for v in entry["variants"]}
+        timings = {t["batch"]: t["us"] for t in row["timings"]}
+
+        def best(kind, batch, tile=None):
+            found = [(us, s) for s, us in timings.get(batch, {}).items() if s in by_symbol
+                     and by_symbol[s]["kind"] == kind and (tile is None or by_symbol[s]["tile"] == tile)]
+            return min(found) if found else None
+
+        decode = []
+        for tile in sorted({v["tile"] for v in entry["variants"] if v["kind"] == "decode"}):
+            wins = [best("decode", b, tile) for b in timings if b <= tile and best("decode", b, tile)]
+            if wins:
+                symbol = min(wins)[1]
+                decode.append((tile, DecodeParams(**by_symbol[symbol]["params"])))
+        col_symbols = [v["symbol"] for v in entry["variants"] if v["kind"] == "col"]
+        col_batches = [b for b in timings if any(s in timings[b] for s in col_symbols)]
+        col_symbol = min(col_symbols, key=lambda s: sum(timings[b].get(s, 1e9) for b in col_batches))
+        decode_best = {b: best("decode", b) for b in timings}
+        col_time = {b: timings[b].get(col_symbol) for b in timings}
+        dense_time = {b: timings[b]["v_expand"] for b in timings if "v_expand" in timings[b]}
+        col_from = min((b for b in sorted(timings) if col_time[b] and (decode_best[b] is None
+                                                                        or col_time[b] < decode_best[b][0])),
+                       default=max(timings) + 1)
+        dense_from = min((b for b in sorted(dense_time) if col_time.get(b) and dense_time[b] < col_time[b]),
+                         default=0)
+        tiles = tuple(t for t, _ in decode)
+        record = CudaRecord(CudaVariants(tuple(decode), ColParams(**by_symbol[col_symbol]["params"])),
+                            CudaDispatch(tiles, col_from, dense_from, f"measured {data['environment']['gpu']}"))
+        written.append(write_record(cache, entry["n_out"], entry["n_in"], entry["k_pad"], entry["dtype"], arch,
+                                    record, {"results": str(results_file), **data["environment"]}))
+    return written
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--build", type=Path, help="compile the variants into this folder (no GPU needed)")
@@ -257,11 +286,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--shapes", nargs="*", help="only these shape names")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--budget-s", type=float, default=1e9, help="start no new shape after this many seconds")
+    parser.add_argument("--records", type=Path, help="write tuning records from this cuda_variants.json")
+    parser.add_argument("--cache", type=Path, help="records folder (default: the tuning cache)")
     args = parser.parse_args()
     if args.build:
         build(args.build)
     if args.run:
-        run(args.run, args.out, args.shapes, args.repeats)
+        run(args.run, args.out, args.shapes, args.repeats, args.budget_s)
+    if args.records:
+        from srigl_compile.codegen.tuning import default_cache_dir
+
+        for path in records(args.records, args.cache or default_cache_dir()):
+            print("wrote", path)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,10 @@ def build_kernels(out: Path) -> int:
                         if isinstance(m, (LoweredLinear, LoweredConv)) and m.n_active]
     shutil.rmtree(out / "kernels", ignore_errors=True)
     export_kernels(handles, out / "kernels")
+    import cuda_variants
+
+    shutil.rmtree(out / "variants", ignore_errors=True)
+    cuda_variants.build(out / "variants")  # every schedule variant of the GPU timing run
     return len({h.key for h in handles})
 
 

@@ -18,6 +18,8 @@ Map of the CPU kernel core:
     conv_op.py       build_condensed_conv() -> ConvKernelHandle; torch.ops.srigl_compile.tvm_condensed_conv2d
     kernel_io.py     export_kernels(handles, folder) / load_kernels(folder)
 CUDA:
-    cuda_kernels.py  TE definitions and schedules (warp per row; batch-coalesced columns), nvcc fatbins
+    cuda_kernels.py  definitions per regime: decode (TE), col (TE), expand (TIR); CUDA C; nvcc fatbins
+    cuda_rules.py    DecodeRule / ColRule: apply(func, params) -> Schedule | None, variant spaces
+    cuda_records.py  CudaVariants / CudaDispatch per shape: GPU-measured records, else a cost model
     cuda_build.py    build_cuda_condensed_linear() -> CudaKernelHandle (same op, same registry); GPU loading
 """

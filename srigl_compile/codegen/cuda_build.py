@@ -241,25 +241,24 @@ def build_cuda_condensed_linear(n_out: int, n_in: int, k: int, index_dtype: str 
     target = resolve_target(dict(target) if target is not None else "cuda")
     k_pad = -(-k // K_MULTIPLE) * K_MULTIPLE
     key = cuda_handle_key(n_out, n_in, k, index_dtype, has_bias, dtype, target)
-    load_prebuilt_kernels()
-    existing = get_registered(key)
-    if existing is not None and (variants is None or existing.variants == variants):
-        return existing
-    from ._tvm_compat import import_tvm
-    from .cuda_kernels import compile_fatbin
-    from .cuda_records import lookup
+    from .cuda_records import lookup, model_dispatch
     from .tuning import default_cache_dir
 
-    tvm = import_tvm()
     cache = Path(cache_dir or default_cache_dir())
     record = lookup(n_out, n_in, k_pad, dtype, target["arch"], cache)
     variants = variants or (record.variants if record else CudaVariants.default())
+    load_prebuilt_kernels()
+    existing = get_registered(key)
+    if existing is not None and _same_build(existing, variants, record):
+        return existing
+    from ._tvm_compat import import_tvm
+    from .cuda_kernels import compile_fatbin
+
+    tvm = import_tvm()
     funcs = variants.schedule_all(n_out, n_in, k_pad, k, index_dtype, dtype, has_bias,
                                   lambda layout: _symbol(layout, key))
-    dispatch = record.dispatch if record else None
-    from .cuda_records import model_dispatch
-
-    dispatch = (dispatch or model_dispatch(n_out, n_in, k_pad, dtype)).restricted_to(variants.decode_tiles(funcs))
+    dispatch = (record.dispatch if record else model_dispatch(n_out, n_in, k_pad, dtype))
+    dispatch = dispatch.restricted_to(variants.decode_tiles(funcs))
     mod = tvm.IRModule(funcs)
     cuda_target = tvm.target.Target({"kind": "cuda", "arch": target["arch"]}, host={"kind": "llvm"})
     previous = os.environ.get("TVM_COMPILE_FORCE_FALLBACK")
@@ -281,6 +280,13 @@ def build_cuda_condensed_linear(n_out: int, n_in: int, k: int, index_dtype: str 
                               variants.only(funcs), dispatch, source, fatbin, module=executable.mod)
     log.info("built CUDA kernel %s (%d-byte fatbin for %s; %s)", key, len(fatbin), ", ".join(archs), dispatch)
     return register_handle(handle)
+
+
+def _same_build(handle: CudaKernelHandle, variants: CudaVariants, record) -> bool:
+    """A registered handle serves this build: the same schedules (less the decode tiles its rules declined) and,
+    when a record exists, the record's dispatch."""
+    same_variants = handle.variants.col == variants.col and set(handle.variants.decode) <= set(variants.decode)
+    return same_variants and (record is None or handle.dispatch.source == record.dispatch.source)
 
 
 _PREBUILT_LOADED: set[str] = set()

@@ -48,7 +48,8 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
             ``~/.cache/srigl_compile/tuning``, so a shape is tuned once); False uses tuned records if present,
             else default schedules.
         col_threshold: batches (rows of the flattened input) from this size on use the large-batch kernel
-            (default: the measured crossover, ``kernel_op.DEFAULT_COL_THRESHOLD``).
+            (default, llvm: the measured crossover, ``kernel_op.DEFAULT_COL_THRESHOLD``; cuda: each layer's own
+            dispatch between its decode, col and dense regimes, ``codegen.cuda_records.CudaDispatch``).
         progress: show a progress bar while tuning.
         fold_batchnorm: fold each BatchNorm that directly follows a condensed (or dense) Linear/Conv into that
             layer's weights and bias and replace it by nn.Identity (``passes/fold_batchnorm.py`` says which fold).

@@ -11,7 +11,7 @@ from tests.null.test_condense import ResidualCNN, ablate, mlp, randomize_bn
 
 TARGET = {"kind": "cuda", "arch": "sm_90"}  # H100 and H200
 DTYPES = (torch.float32, torch.float16)
-BATCHES = (1, 37, 256, 2048)
+BATCHES = (1, 3, 9, 20, 37, 256, 2048)  # decode (tiles 1, 4, 16; 2 launches at 20), col, expand + cuBLAS
 
 
 def cases() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:

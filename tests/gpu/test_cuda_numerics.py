@@ -1,8 +1,12 @@
-"""lower(target="cuda") on a GPU: lowered == masked model for Linear and Conv layers and whole models, at batch
-1, 37, 256 and 2048, in float32 and float16 (the kernels sum in float32). Marked gpu: skipped without CUDA.
+"""lower(target="cuda") on a GPU: lowered == masked model for Linear and Conv layers and whole models, at batches
+that reach every regime (decode, col, expand + cuBLAS), in float32 and float16 (the kernels sum in float32); each
+regime forced on the paper's layer; capture and replay in CUDA graphs. Marked gpu: skipped without CUDA.
+The float32 reference runs with TF32 off (cuDNN's default is on: ~4e-4 off, more than the tolerance).
 
 On the GPU machine: bash .gpu_bundle/run.sh python -m pytest -q tests/gpu
 """
+
+import contextlib
 
 import pytest
 import torch
@@ -14,6 +18,17 @@ from tests.gpu.cases import BATCHES, DTYPES, TARGET, cases
 pytestmark = pytest.mark.gpu
 
 CASES = cases()  # built without a GPU too, so the skipped tests are listed by name
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """Full float32 in cuBLAS and cuDNN (the reference; the dense fallback's F.linear follows the same flags)."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-2, atol=2e-2)}
 
 
@@ -32,7 +47,7 @@ def test_lowered_equals_masked(lowered_models, name, dtype, batch):
     assert any(isinstance(m, (LoweredLinear, LoweredConv)) for m in lowered.modules())
     assert next(lowered.buffers()).is_cuda, "lower(target='cuda') moves the model to the GPU"
     x = torch.randn(batch, *shape, device="cuda")
-    with torch.no_grad():
+    with torch.no_grad(), no_tf32():
         expected = masked.to("cuda")(x)
         got = lowered(x.to(dtype))
     assert got.dtype == dtype and got.shape == expected.shape
@@ -62,3 +77,64 @@ def test_runs_on_a_side_stream_and_under_torch_compile(lowered_models):
     torch.testing.assert_close(got, expected)
     compiled = torch.compile(lowered, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), expected)
+
+
+def _paper_layer(lowered_models, dtype):
+    from srigl_compile.codegen.kernel_op import get_handle
+
+    lowered = lowered_models["linear_3072_768", dtype]
+    return lowered, get_handle(lowered[0].kernel_key)
+
+
+@pytest.mark.parametrize("regime", ["decode", "col", "dense"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_regime_matches_at_every_batch(lowered_models, regime, dtype, monkeypatch):
+    """Each kernel on its own (the dispatch forced), at batches inside and across its tiles."""
+    from srigl_compile.codegen.cuda_records import CudaDispatch
+
+    masked, _ = CASES["linear_3072_768"]
+    lowered, handle = _paper_layer(lowered_models, dtype)
+    tiles = handle.dispatch.tiles
+    forced = {"decode": CudaDispatch(tiles, 10 ** 9, 0), "col": CudaDispatch(tiles, 1, 0),
+              "dense": CudaDispatch(tiles, 1, 1)}[regime]
+    monkeypatch.setattr(handle, "dispatch", forced)
+    for batch in (1, 2, 5, 16, 33, 100):
+        assert handle.regime(batch) == regime
+        x = torch.randn(batch, 3072, device="cuda")
+        with torch.no_grad(), no_tf32():
+            expected = masked.to("cuda")(x)
+            got = lowered(x.to(dtype))
+        scale = expected.abs().max().clamp(min=1.0)
+        torch.testing.assert_close(got.float() / scale, expected / scale, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("batch", [1, 9, 256])
+def test_lowered_model_captures_and_replays_in_a_cuda_graph(lowered_models, batch):
+    lowered = lowered_models["mlp_ablated", torch.float16]
+    static_x = torch.randn(batch, 32, device="cuda", dtype=torch.float16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(2):  # warm-up: loads the kernels outside the capture
+            lowered(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_y = lowered(static_x)
+    for _ in range(3):
+        x = torch.randn_like(static_x)
+        static_x.copy_(x)
+        graph.replay()
+        with torch.no_grad():
+            torch.testing.assert_close(static_y, lowered(x))
+
+
+def test_reduce_overhead_compile_replays_graphs(lowered_models):
+    lowered = lowered_models["mlp_ablated", torch.float16]
+    compiled = torch.compile(lowered, mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(9, 32, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        expected = lowered(x)
+        for _ in range(3):
+            got = compiled(x)
+    torch.testing.assert_close(got, expected)
