@@ -206,8 +206,8 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_layer_cuda needs a CUDA GPU (this machine has none); --build-kernels works anywhere")
     rows = run(args)
-    env = environment() | {"timing": "CUDA graph replays", "gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda,
-                           "capability": "sm_%d%d" % torch.cuda.get_device_capability()}
+    env = environment() | {"timing": "CUDA graph replays", "gpu": torch.cuda.get_device_name(),
+                           "cuda": torch.version.cuda, "capability": "sm_%d%d" % torch.cuda.get_device_capability()}
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"environment": env, "layer": [args.n_in, args.n_out], "crossover_batch": crossovers(rows), "rows": rows}
     (args.out / "layer_cuda.json").write_text(json.dumps(result, indent=1))

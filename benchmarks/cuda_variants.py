@@ -187,7 +187,7 @@ def run(folder: Path, out: Path, shapes: list[str] | None, repeats: int, budget_
             errors = {}
             for variant in entry["variants"]:
                 kind, tile, symbol = variant["kind"], variant["tile"], variant["symbol"]
-                if kind == "decode" and (batch > tile or batch < tile // 2 or batch > 32) and not (tile == 1 and batch == 1):
+                if kind == "decode" and not tile // 2 <= batch <= tile:  # each tile where it would be picked
                     continue
                 if kind == "col" and batch < 8:
                     continue

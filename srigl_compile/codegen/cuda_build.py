@@ -127,9 +127,10 @@ class CudaKernelHandle(KernelShapeFields):
             if regime == "decode":
                 out = rows.new_empty(m, self.n_out)
                 tile = self.dispatch.decode_tile(m)
+                decode = functions["decode"][tile]
                 for start in range(0, m, tile):  # one launch unless m exceeds the largest tile
                     stop = min(m, start + tile)
-                    functions[f"decode{tile}"](rows[start:stop], *operands, out[start:stop])
+                    decode(rows[start:stop], *operands, out[start:stop])
                 return out
             if regime == "col":
                 yt = rows.new_empty(self.n_out, m)
@@ -141,7 +142,7 @@ class CudaKernelHandle(KernelShapeFields):
             return F.linear(rows, dense, *bias)
 
     def functions(self) -> dict[str, Any]:
-        """{"decode<tile>": fn, "col": fn, "expand": fn}, loading the library into the CUDA runtime on first use."""
+        """{"decode": {tile: fn}, "col": fn, "expand": fn}, loading the library into the CUDA runtime on first use."""
         if self._functions is None:
             self._functions = _load_functions(self)
         return self._functions
@@ -210,7 +211,8 @@ def _load_functions(handle: CudaKernelHandle):
         handle.library_path = path
     try:
         module = tvm.runtime.load_module(path)
-        return {layout: module[_symbol(layout, handle.key)] for layout in handle.variants.layouts()}
+        return {"decode": {tile: module[_symbol(f"decode{tile}", handle.key)] for tile, _ in handle.variants.decode},
+                "col": module[_symbol("col", handle.key)], "expand": module[_symbol("expand", handle.key)]}
     except Exception as err:  # TVM's own error types: a driver too old for the fatbin, an arch it lacks, ...
         capability = "sm_%d%d" % torch.cuda.get_device_capability()
         raise CudaUnavailableError(f"cannot load CUDA kernel {handle.key} (fatbin for {handle.fatbin_archs}, this "
@@ -259,7 +261,7 @@ def build_cuda_condensed_linear(n_out: int, n_in: int, k: int, index_dtype: str 
                                   lambda layout: _symbol(layout, key))
     dispatch = (record.dispatch if record else model_dispatch(n_out, n_in, k_pad, dtype))
     dispatch = dispatch.restricted_to(variants.decode_tiles(funcs))
-    mod = tvm.IRModule(funcs)
+    mod = tvm.IRModule({_symbol(layout, key): func for layout, func in funcs.items()})
     cuda_target = tvm.target.Target({"kind": "cuda", "arch": target["arch"]}, host={"kind": "llvm"})
     previous = os.environ.get("TVM_COMPILE_FORCE_FALLBACK")
     os.environ["TVM_COMPILE_FORCE_FALLBACK"] = "1"  # keep the CUDA source even where a CUDA runtime is present

@@ -48,10 +48,9 @@ def _weights(te, n_out: int, k: int, index_dtype: str, dtype: str, has_bias: boo
     return [te.placeholder((n_out, k), dtype, name="w"), te.placeholder((n_out, k), index_dtype, name="idx"), *bias]
 
 
-def _output(te, acc, weights, shape, row_of, dtype: str, has_bias: bool):
-    """The output block: acc (+ bias) cast to the dtype (a separate block with or without bias, so both schedule
-    alike; te.sum's init is dropped by create_prim_func, TVM.md). ``acc``: a tensor, or a function of (i, j)."""
-    read = acc if callable(acc) and not hasattr(acc, "op") else (lambda i, j: acc[i, j])
+def _output(te, read, weights, shape, row_of, dtype: str, has_bias: bool):
+    """The output block: read(i, j) (+ bias) cast to the dtype (a separate block with or without bias, so both
+    schedule alike; te.sum's init is dropped by create_prim_func, TVM.md)."""
     if has_bias:
         bias = weights[2]
         return te.compute(shape, lambda i, j: (read(i, j) + _f32(bias[row_of(i, j)], dtype)).astype(dtype), name="y")
@@ -97,7 +96,7 @@ def col_func(n_out: int, n_in: int, k: int, index_dtype: str, dtype: str = "floa
     r = te.reduce_axis((0, k), name="r")
     acc = te.compute((n_out, batch), lambda o, b: te.sum(
         _f32(w[o, r], dtype) * _f32(x[idx[o, r].astype("int64"), b], dtype), axis=r), name="acc")
-    y = _output(te, acc, weights, (n_out, batch), lambda o, b: o, dtype, has_bias)
+    y = _output(te, lambda o, b: acc[o, b], weights, (n_out, batch), lambda o, b: o, dtype, has_bias)
     return te.create_prim_func([x, *weights, y]).with_attr({"global_symbol": symbol, "srigl.layout": "col"})
 
 

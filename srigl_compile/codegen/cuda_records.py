@@ -68,19 +68,17 @@ class CudaVariants:
 
     @classmethod
     def default(cls) -> CudaVariants:
-        # Tile 1 gathers through L1 (staging x would cost a block as much as its rows' weights); wider tiles
-        # stage it, 16 warps sharing one copy. Col: a row a thread for occupancy (the previous 4 rows x 128
-        # threads left 80% of the GPU idle at batch 256, GPU.md). Unmeasured choices: records replace them.
-        decode = tuple((t, DecodeParams(warps=8, vec=8, stage=False) if t == 1 else DecodeParams(warps=16, vec=8))
-                       for t in DECODE_TILES)
-        return cls(decode, ColParams(threads=64, rows=1, unroll=8))
+        """The rules' defaults (unmeasured; records replace them)."""
+        from .cuda_rules import ColRule, DecodeRule
+
+        return cls(tuple((t, DecodeRule().default(t)) for t in DECODE_TILES), ColRule().default())
 
     def layouts(self) -> list[str]:
         return [f"decode{tile}" for tile, _ in self.decode] + ["col", "expand"]
 
     def schedule_all(self, n_out: int, n_in: int, k_pad: int, k: int, index_dtype: str, dtype: str,
                      has_bias: bool, symbol) -> dict[str, Any]:
-        """{symbol(layout): scheduled PrimFunc}; decode tiles whose rule declines are left out."""
+        """{layout: scheduled PrimFunc named symbol(layout)}; decode tiles whose rule declines are left out."""
         from .cuda_kernels import col_func, decode_func, expand_func
         from .cuda_rules import ColRule, DecodeRule
 
@@ -96,15 +94,15 @@ class CudaVariants:
         funcs["col"] = col.mod["main"]
         funcs["expand"] = expand_func(n_out, n_in, k_pad, k, index_dtype, dtype, rows=expand_rows(n_in, dtype),
                                       symbol=symbol("expand"))
-        return {symbol(layout): func for layout, func in funcs.items()}
+        return funcs
 
-    def decode_tiles(self, funcs: dict[str, Any]) -> tuple[int, ...]:
-        """The tiles among the scheduled functions (named by their global symbols' layouts)."""
-        names = {str(f.attrs["global_symbol"]) for f in funcs.values()}
-        return tuple(t for t, _ in self.decode if any(n.startswith(f"srigl_cuda_decode{t}_") for n in names))
+    def decode_tiles(self, layouts) -> tuple[int, ...]:
+        """The tiles among the scheduled layouts (``schedule_all``'s keys)."""
+        return tuple(t for t, _ in self.decode if f"decode{t}" in layouts)
 
-    def only(self, funcs: dict[str, Any]) -> CudaVariants:
-        tiles = set(self.decode_tiles(funcs))
+    def only(self, layouts) -> CudaVariants:
+        """These variants less the decode tiles not among ``layouts``."""
+        tiles = set(self.decode_tiles(layouts))
         return dataclasses.replace(self, decode=tuple((t, p) for t, p in self.decode if t in tiles))
 
     def to_dict(self) -> dict[str, Any]:

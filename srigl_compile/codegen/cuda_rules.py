@@ -5,9 +5,9 @@ not fit the shape: the decode rule declines when the staged x tile would not fit
 schedule it. Each rule offers ``space(...)`` (the variants a GPU timing run compares) and ``default(...)``.
 
 Decode rule (batch <= tile). Step 1: a warp per output row (``warps`` rows a block on threadIdx.y; a staged x serves
-them all; a loop of row groups per block, to share it further, made TVM's cross-thread reduction refuse). Step 2: lanes stride the fan-in
-``vec`` positions at a time; w and idx of those positions come in one vector load each (16 bytes for fp16 values and
-int16 indices at vec 8), cached in registers. Step 3: per position, the lane gathers xs[idx, 0:tile] from shared
+them all; a loop of row groups per block, to share it further, made TVM's cross-thread reduction refuse). Step 2:
+lanes stride the fan-in ``vec`` positions at a time; w and idx of those positions come in one vector load each
+(16 bytes for fp16 values and int16 indices at vec 8), cached in registers. Step 3: per position, the lane gathers xs[idx, 0:tile] from shared
 memory and accumulates ``tile`` float32 partial sums (rfactor over the lanes). Step 4: a warp-shuffle all-reduce
 per batch column; lane 0 adds the bias and writes. ``stage=False`` (tile 1 only) gathers x through L1 instead of
 staging it: for a batch of one, x is small and staging it costs a block as much as its rows' weights.
@@ -16,7 +16,8 @@ Col rule (x as [n_in, B]). Threads along the batch (coalesced), ``rows`` output 
 registers, w and idx warp-uniform (broadcast), the fan-in unrolled by ``unroll``.
 
 Example:
-    >>> sch = DecodeRule().apply(decode_func(768, 3072, 312, "int16", "float16", tile=8), DecodeParams())  # doctest: +SKIP
+    >>> func = decode_func(768, 3072, 312, "int16", "float16", tile=8)     # doctest: +SKIP
+    >>> sch = DecodeRule().apply(func, DecodeParams())                     # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class DecodeParams:
     """warps: rows of a block (a warp each: more rows share one staged x); vec: fan-in positions a lane loads at
     once; stage: x staged in shared memory (else read through L1; tile 1 only)."""
 
-    warps: int = 8
+    warps: int = 16
     vec: int = 8
     stage: bool = True
 
@@ -49,9 +50,9 @@ class DecodeParams:
 class ColParams:
     """threads: batch columns a block; rows: output rows a thread; unroll: fan-in steps unrolled."""
 
-    threads: int = 128
-    rows: int = 4
-    unroll: int = 4
+    threads: int = 64
+    rows: int = 1
+    unroll: int = 8
 
 
 def decode_fits(n_in: int, tile: int, dtype: str, params: DecodeParams) -> bool:
@@ -79,7 +80,9 @@ class DecodeRule:
     params_type = DecodeParams
 
     def default(self, tile: int) -> DecodeParams:
-        return DecodeParams(stage=tile > 1)
+        # Unmeasured choices (GPU timing records replace them): tile 1 gathers through L1 (staging x would cost a
+        # block as much as its rows' weights); wider tiles stage it once for 16 warps' rows.
+        return DecodeParams(warps=8, stage=False) if tile == 1 else DecodeParams()
 
     def space(self, tile: int) -> list[DecodeParams]:
         grid = [DecodeParams(w, v, st) for w in (4, 8, 16, 32) for v in (4, 8) for st in (True, False)]
@@ -149,6 +152,8 @@ class ColRule:
     params_type = ColParams
 
     def default(self) -> ColParams:
+        # A row a thread, for occupancy: 4 rows x 128 threads gave 192 x (B / 128) blocks, about a fifth of the
+        # H200's thread slots at batch 256 (GPU.md). Unmeasured: records replace it.
         return ColParams()
 
     def space(self) -> list[ColParams]:

@@ -151,8 +151,8 @@ def _load_cuda(folder: Path, entry: dict, fields: dict, file: Path):
     source = _checked_file(folder, entry["source"], entry["source_sha256"]).read_text()
     fatbin = _checked_file(folder, entry["fatbin"], entry["fatbin_sha256"]).read_bytes()
     return CudaKernelHandle(**fields, **{name: entry[name] for name in _CUDA_FIELDS},
-                            fatbin_archs=tuple(entry["fatbin_archs"]), variants=CudaVariants.from_dict(entry["variants"]),
-                            dispatch=CudaDispatch.from_dict(entry["dispatch"]), source=source, fatbin=fatbin,
+                            fatbin_archs=tuple(entry["fatbin_archs"]),
+                            variants=CudaVariants.from_dict(entry["variants"]), dispatch=CudaDispatch.from_dict(entry["dispatch"]), source=source, fatbin=fatbin,
                             library_path=str(file))
 
 

@@ -61,11 +61,12 @@ def ptx(source: str, arch: str = "sm_90") -> str:
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_every_kernel_compiles_to_fatbins(dtype, arch, tmp_path):
     funcs = CudaVariants.default().schedule_all(768, 3072, 312, 307, "int16", dtype, True, lambda l: f"k_{l}")
-    assert {"k_col", "k_expand"} <= set(funcs) and "k_decode1" in funcs
+    assert {"col", "expand", "decode1"} <= set(funcs)
     from srigl_compile.codegen._tvm_compat import import_tvm
 
     tvm = import_tvm()
-    source = [m for m in tvm.compile(tvm.IRModule(funcs), target=tvm.target.Target({"kind": "cuda", "arch": arch}))
+    module = tvm.IRModule({f"k_{layout}": func for layout, func in funcs.items()})
+    source = [m for m in tvm.compile(module, target=tvm.target.Target({"kind": "cuda", "arch": arch}))
               .mod.imports if m.kind == "cuda"][0].inspect_source()
     fatbin = compile_fatbin(source, arch, cache_dir=tmp_path)
     assert len(fatbin) > 1000
