@@ -19,6 +19,7 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from .._warnings import warn_user
@@ -41,6 +42,7 @@ from . import checkpoint_state
 from ._grad_hooks import GradientTap
 from .exploration import pack_bits, unpack_bits
 from .optim_state import reset_optimizer_state_, state_tensors
+from .rank_sync import resolve_rank_sync
 
 __all__ = ["SRigLUpdater"]
 
@@ -57,10 +59,17 @@ class SRigLUpdater:
         config: the training half of SRigLConfig (method, ablation, gamma_sal, alpha, delta_t, t_end_fraction,
             grad_accumulation_n, seed). Defaults to ``SRigLConfig()``.
         total_steps: optimizer steps of the whole run; T_end = floor(t_end_fraction * total_steps).
+        grad_scaler: the run's ``torch.amp.GradScaler``, if any: recorded gradients are divided by the loss scale
+            they were computed at. Steps the optimizer did not take (a scaler skipping inf/NaN gradients) are never
+            recorded, with or without it: the updater hooks ``optimizer.step``.
+        distributed: keep every rank's masks identical (the dense gradient averaged across ranks once per update,
+            masks compared by checksum after each update). ``None``: on when torch.distributed is initialised with
+            more than one rank. Every rank must hold the whole model (DDP); ``process_group`` picks the ranks.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: SRigLConfig | None = None,
-                 total_steps: int = 1) -> None:
+                 total_steps: int = 1, *, grad_scaler: torch.amp.GradScaler | None = None,
+                 distributed: bool | None = None, process_group: dist.ProcessGroup | None = None) -> None:
         self.config = config if config is not None else SRigLConfig()
         if not isinstance(self.config, SRigLConfig):
             raise ConfigError(f"config must be an SRigLConfig, not {type(self.config).__name__}")
@@ -69,7 +78,7 @@ class SRigLUpdater:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer over the sparse model's parameters, not "
                             f"{type(optimizer).__name__}")
-        self.layers = dict(sparse_layers(model))
+        self.layers = dict(sparse_layers(_unwrapped(model)))
         if not self.layers:
             raise LayerError("the model has no sparse layers: call srigl_compile.sparsify(model, config) first")
         self._check_optimizer(optimizer)
@@ -83,8 +92,16 @@ class SRigLUpdater:
         self.generator = torch.Generator().manual_seed(self.config.seed + 1)
         self.step_count = 0
         self.explored = {name: pack_bits(layer.mask) for name, layer in self.layers.items()}
-        self._tap = GradientTap(self.layers, self.config.grad_accumulation_n)
+        self._sync = resolve_rank_sync(distributed, process_group)
+        self._tap = GradientTap(self.layers, self.config.grad_accumulation_n,
+                                loss_scale=grad_scaler.get_scale if grad_scaler is not None else None)
+        self._optimizer_stepped = False
+        self._window_skips = 0  # steps of the open window the optimizer skipped
+        self._step_hook = optimizer.register_step_post_hook(self._on_optimizer_step)
         self._warned_unused: set[str] = set()
+        self._warn_if_never_updating()
+        if self._sync is not None:
+            self._sync.check_same_masks(self._masks(), self.step_count)
         self._open_window()
 
     @property
@@ -100,6 +117,19 @@ class SRigLUpdater:
                 "sparsified model's parameters (sparsify returns a copy unless inplace=True)"
             )
 
+    def _warn_if_never_updating(self) -> None:
+        if self.config.method is not Method.STATIC and self.schedule.next_update_step(1) is None:
+            warn_user(f"the masks will never be updated: the first update would come at step delta_t="
+                      f"{self.config.delta_t}, but they freeze at T_end = t_end_fraction x total_steps = "
+                      f"{self.config.t_end_fraction} x {self.total_steps} = {self.schedule.t_end}; this trains as "
+                      f"method='static'. Lower delta_t or train for more steps.")
+
+    def _on_optimizer_step(self, optimizer, args, kwargs) -> None:
+        self._optimizer_stepped = True
+
+    def _masks(self) -> dict[str, torch.Tensor]:
+        return {name: layer.mask for name, layer in self.layers.items()}
+
     def _open_window(self) -> None:
         self._tap.active = self._needs_gradients and self.schedule.accumulates(self.step_count + 1)
 
@@ -110,11 +140,24 @@ class SRigLUpdater:
         # under SGD/Adam/AdamW (weight decay of a zero is zero); check_invariants catches any optimizer that moves
         # them, loudly, at the next update.
         self.step_count += 1
+        self._record_step_gradient()
         updated = self.config.method is not Method.STATIC and self.schedule.is_update_step(self.step_count)
         if updated:
             self._update(self.step_count)
         self._open_window()
         return updated
+
+    def _record_step_gradient(self) -> None:
+        """The step's dense gradient joins the window only if the optimizer took the step (GradScaler skips
+        steps whose gradients overflowed; their gradients hold inf/NaN and say nothing about the weights)."""
+        if self._optimizer_stepped:
+            self._tap.commit()
+        elif self._tap.pending:
+            self._tap.discard()
+            self._window_skips += 1
+            log.info("step %d: the optimizer did not step (a loss scaler skipped it?); its gradient is not recorded",
+                     self.step_count)
+        self._optimizer_stepped = False
 
     # -- one mask update -----------------------------------------------------------------------------------
     def _layers_to_update(self, t: int) -> dict[str, nn.Module]:
@@ -155,13 +198,23 @@ class SRigLUpdater:
         return unstructured_select(mask, scores, drop_fraction)
 
     def _update(self, t: int) -> None:
-        drop_fraction = self.schedule.drop_fraction(t)
-        for name, layer in self._layers_to_update(t).items():
-            selection = self.select(layer, self.compute_scores(name, layer), drop_fraction)
-            self._apply(name, layer, selection)
+        if self._sync is not None and self._needs_gradients:
+            shapes = {name: layer.weight.shape for name, layer in self.layers.items()}
+            self._tap.buffers = self._sync.average_gradients(self._tap.buffers, shapes)
+        if self._needs_gradients and not self._tap.buffers and self._window_skips:
+            warn_user(f"mask update at step {t} skipped: the optimizer skipped all {self._window_skips} steps of its "
+                      "gradient window (loss-scale overflow); the masks stay as they are until the next update")
+        else:
+            drop_fraction = self.schedule.drop_fraction(t)
+            for name, layer in self._layers_to_update(t).items():
+                selection = self.select(layer, self.compute_scores(name, layer), drop_fraction)
+                self._apply(name, layer, selection)
+            log.debug("mask update at step %d, drop fraction %.4f", t, drop_fraction)
         self._tap.release()
+        self._window_skips = 0
         self.check_invariants()
-        log.debug("mask update at step %d, drop fraction %.4f", t, drop_fraction)
+        if self._sync is not None:
+            self._sync.check_same_masks(self._masks(), t)
 
     def _apply(self, name: str, layer: nn.Module, selection: Selection) -> None:
         old = layer.neuron_view(layer.mask).clone()
@@ -236,8 +289,19 @@ class SRigLUpdater:
         self._open_window()
 
     def close(self) -> None:
-        """Remove the gradient hooks (the model's gradients are no longer masked afterwards)."""
+        """Remove the gradient and optimizer hooks (the model's gradients are no longer masked afterwards)."""
         self._tap.close()
+        self._step_hook.remove()
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside DDP / torch.compile wrappers, so layer names (and checkpoints) do not depend on them."""
+    while True:
+        inner = getattr(model, "module", None) if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        inner = inner if inner is not None else getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def _nonzero_outside(tensor: torch.Tensor, mask: torch.Tensor) -> bool:

@@ -1,0 +1,112 @@
+"""Training runs executed on every rank of a 2-process gloo group (started by test_distributed.py).
+
+Each run writes, per rank, a snapshot of the masks and parameters after every mask update; the test compares the
+ranks' files itself, so the check does not rely on the updater's own checksum.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from srigl_compile import InvariantError, SRigLConfig, SRigLUpdater, sparse_layers, sparsify
+
+from .test_updater import SmallCNN
+
+STEPS, DELTA_T = 10, 2  # T_end = 7: updates after steps 2, 4 and 6
+
+
+class Transformer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(12, 32)
+        self.block = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.block(self.embed(x)).mean(dim=1))
+
+
+MODELS = {"cnn": (SmallCNN, (3, 4, 4)), "transformer": (Transformer, (6, 12))}
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+}
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    masks = {f"{name}.mask": layer.mask.clone() for name, layer in sparse_layers(model)}
+    return masks | {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def train(model_kind: str, optimizer: str, *, method: str = "srigl", sync: bool | None = None,
+          broadcast_buffers: bool = True, micro_batches: int = 1, grad_accumulation_n: int = 1) -> list[dict]:
+    rank = dist.get_rank()
+    factory, input_shape = MODELS[model_kind]
+    torch.manual_seed(0)  # the same initial model everywhere, as a user's script would build it
+    config = SRigLConfig(sparsity=0.8, distribution="uniform", delta_t=DELTA_T, method=method,
+                         grad_accumulation_n=grad_accumulation_n, seed=0)
+    sparse = sparsify(factory(), config, example_inputs=(torch.randn(2, *input_shape),))
+    ddp = DDP(sparse, broadcast_buffers=broadcast_buffers)
+    opt = OPTIMIZERS[optimizer](ddp.parameters())
+    updater = SRigLUpdater(ddp, opt, config, total_steps=STEPS, distributed=sync)
+    data = torch.Generator().manual_seed(100 + rank)  # every rank sees different data
+    snapshots = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        for micro in range(micro_batches):
+            x = torch.randn(8, *input_shape, generator=data)
+            y = torch.randint(0, 5, (8,), generator=data)
+            quiet = ddp.no_sync() if micro < micro_batches - 1 else contextlib.nullcontext()
+            with quiet:
+                F.cross_entropy(ddp(x), y).backward()
+        opt.step()
+        if updater.step():
+            snapshots.append(snapshot(sparse))
+    return snapshots
+
+
+def tampered_mask_is_caught() -> str:
+    """Flip one mask entry on rank 1 only: the next rank check must fail on every rank, naming the layer."""
+    torch.manual_seed(0)
+    config = SRigLConfig(sparsity=0.8, distribution="uniform", seed=0)
+    sparse = sparsify(SmallCNN(), config, example_inputs=(torch.randn(2, 3, 4, 4),))
+    updater = SRigLUpdater(DDP(sparse), torch.optim.SGD(sparse.parameters(), lr=0.1), config, total_steps=10)
+    if dist.get_rank() == 1:
+        with torch.no_grad():
+            sparse.fc1.mask.view(-1)[0] ^= True
+    try:
+        updater._sync.check_same_masks(updater._masks(), updater.step_count)
+    except InvariantError as err:
+        return str(err)
+    return "not caught"
+
+
+RUNS = {
+    "cnn-sgd": lambda: train("cnn", "sgd"),
+    "cnn-adam": lambda: train("cnn", "adam"),
+    "transformer-sgd": lambda: train("transformer", "sgd"),
+    "transformer-adam": lambda: train("transformer", "adam", broadcast_buffers=False),
+    "cnn-set": lambda: train("cnn", "sgd", method="set"),
+    "cnn-no-sync-accumulation": lambda: train("cnn", "sgd", micro_batches=2, grad_accumulation_n=2),
+    "cnn-unsynchronised": lambda: train("cnn", "sgd", sync=False),
+}
+
+
+def worker(rank: int, world_size: int, out: str, runs: list[str]) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world_size)
+    try:
+        results = {name: RUNS[name]() for name in runs}
+        results["tampered"] = tampered_mask_is_caught()
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
