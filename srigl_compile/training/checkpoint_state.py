@@ -1,18 +1,26 @@
-"""The updater's checkpoint schema: explicit fields, validated on load.
+"""The updater's checkpoint schema: explicit fields, all validated before anything is restored.
 
 Fields: format, step, total_steps, config (dict), masks {layer: bool tensor}, plans {layer: dict}, generator
 (torch.Generator state), grad_buffers {layer: float32 tensor} (only mid-window), explored {layer: packed bits}.
+
+``load_updater_state`` checks every field against what the updater maintains (the mask invariants of each method,
+step in [0, total_steps], a generator state torch accepts, buffer and bit-array shapes) and raises a
+``CheckpointError`` naming the field and layer before it changes anything: a failed load leaves the updater and
+its model as they were.
 """
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..config import Method, SRigLConfig
-from ..errors import CheckpointError, InvariantError
-from ..sparsity import check_constant_fan_in
+from ..errors import CheckpointError, InvariantError, SRigLError
+from ..sparsity import check_constant_fan_in, row_counts
+from .exploration import unpack_bits
 
 if TYPE_CHECKING:
     from .updater import SRigLUpdater
@@ -24,8 +32,10 @@ FORMAT = "srigl_compile.updater/1"
 _TRAINING_FIELDS = ("method", "ablation", "gamma_sal", "alpha", "delta_t", "t_end_fraction", "grad_accumulation_n",
                     "seed")
 _FIELDS = ("format", "step", "total_steps", "config", "masks", "plans", "generator", "grad_buffers", "explored")
+_LAYER_FIELDS = ("masks", "plans", "grad_buffers", "explored")  # {layer name: ...}
 # Plan fields a resumed run must share: they fix each layer's budget and fan-in (the sparsity it trains at).
 _PLAN_FIELDS = ("n_out", "fan_in", "budget", "k0", "protected")
+_FIX = "the checkpoint is corrupt or was edited: resume from an intact one (saved with updater.state_dict())"
 
 
 def updater_state(updater: SRigLUpdater) -> dict[str, Any]:
@@ -42,8 +52,13 @@ def updater_state(updater: SRigLUpdater) -> dict[str, Any]:
     }
 
 
-def _check_compatible(updater: SRigLUpdater, state: dict[str, Any]) -> None:
-    if not isinstance(state, dict) or "masks" not in state:
+def _corrupt(field: str, problem: str, layer: str | None = None) -> CheckpointError:
+    where = f"checkpoint field {field!r}" + (f", layer {layer!r}" if layer is not None else "")
+    return CheckpointError(f"{where}: {problem}; {_FIX}")
+
+
+def _check_fields(state: Any) -> None:
+    if not isinstance(state, Mapping) or "masks" not in state:
         raise CheckpointError(
             "the checkpoint has no masks: it is not an SRigLUpdater.state_dict() (save one with "
             "updater.state_dict() next to the model and optimizer state)"
@@ -51,44 +66,127 @@ def _check_compatible(updater: SRigLUpdater, state: dict[str, Any]) -> None:
     if state.get("format") != FORMAT:
         raise CheckpointError(f"unknown updater checkpoint format {state.get('format')!r}; expected {FORMAT!r}")
     missing = [field for field in _FIELDS if field not in state]
-    if missing:  # checked before anything is restored: a failed load leaves the model as it was
+    if missing:
         raise CheckpointError(f"the updater checkpoint lacks {missing}: it is truncated or was edited; save it "
                               "again with updater.state_dict()")
-    saved, ours = set(state["masks"]), set(updater.layers)
-    if saved != ours:
-        raise CheckpointError(
-            f"the checkpoint belongs to another model: layers only in the checkpoint {sorted(saved - ours)[:5]}, "
-            f"only in this model {sorted(ours - saved)[:5]}"
-        )
-    for name, mask in state["masks"].items():
-        if tuple(mask.shape) != tuple(updater.layers[name].mask.shape):
-            raise CheckpointError(f"layer {name!r}: checkpoint mask {tuple(mask.shape)} does not match the model's "
-                                  f"{tuple(updater.layers[name].mask.shape)}")
-    for name, layer in updater.layers.items():
-        saved_plan, plan = state["plans"].get(name, {}), layer.srigl_plan.to_dict()
-        differing = [f for f in _PLAN_FIELDS if saved_plan.get(f) != plan.get(f)]
-        if differing:
-            raise CheckpointError(
-                f"layer {name!r}: the checkpoint's plan differs in {differing} "
-                f"({[saved_plan.get(f) for f in differing]} against {[plan.get(f) for f in differing]}): it was made "
-                "at another sparsity or distribution. Sparsify the model with the saved config "
-                "(SRigLConfig.from_dict(state['config'])) to resume")
-        mask = state["masks"][name]
-        if int(mask.sum()) > plan["budget"]:
-            raise CheckpointError(f"layer {name!r}: the checkpoint's mask holds {int(mask.sum())} non-zeros, over "
-                                  f"the layer's budget of {plan['budget']}: it is corrupt")
-        if updater.config.method in (Method.SRIGL, Method.STATIC):
-            try:
-                check_constant_fan_in(layer.neuron_view(mask), layer=name)
-            except InvariantError as err:
-                raise CheckpointError(f"the checkpoint's mask is not constant fan-in: {err}") from None
-    saved_config = SRigLConfig.from_dict(state["config"])
+    for field in _LAYER_FIELDS:
+        if not isinstance(state[field], Mapping):
+            raise _corrupt(field, f"must map layer names to tensors, not {type(state[field]).__name__}")
+
+
+def _check_run(updater: SRigLUpdater, state: Mapping[str, Any]) -> None:
+    """config and total_steps must be this run's; step an int in [0, total_steps]; generator a valid state."""
+    try:
+        saved_config = SRigLConfig.from_dict(state["config"])
+    except (SRigLError, TypeError, ValueError, AttributeError) as err:
+        raise _corrupt("config", f"is not an SRigLConfig.to_dict() ({err})") from None
     differing = [f for f in _TRAINING_FIELDS if getattr(saved_config, f) != getattr(updater.config, f)]
     if differing or state["total_steps"] != updater.total_steps:
         raise CheckpointError(
             f"the checkpoint was made with other training settings ({differing or 'total_steps'}); build the "
             "updater with the saved config (SRigLConfig.from_dict(state['config'])) and total_steps to resume"
         )
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step <= updater.total_steps:
+        raise _corrupt("step", f"{step!r} must be an int in [0, total_steps={updater.total_steps}]")
+    try:  # on a scratch generator: a state torch refuses must not reach the updater's
+        torch.Generator().set_state(state["generator"])
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise _corrupt("generator", f"is not a torch.Generator state ({err})") from None
+
+
+def _check_plan(name: str, layer: Any, saved_plan: Any) -> None:
+    plan = layer.srigl_plan.to_dict()
+    saved_plan = saved_plan if isinstance(saved_plan, Mapping) else {}
+    differing = [f for f in _PLAN_FIELDS if saved_plan.get(f) != plan.get(f)]
+    if differing:
+        raise CheckpointError(
+            f"layer {name!r}: the checkpoint's plan differs in {differing} "
+            f"({[saved_plan.get(f) for f in differing]} against {[plan.get(f) for f in differing]}): it was made "
+            "at another sparsity or distribution. Sparsify the model with the saved config "
+            "(SRigLConfig.from_dict(state['config'])) to resume")
+
+
+def _check_mask(updater: SRigLUpdater, name: str, layer: Any, mask: Any) -> None:
+    """The mask the updater would hold: bool, the layer's shape, never empty, and the method's invariant."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise _corrupt("masks", f"must be a bool tensor, not {getattr(mask, 'dtype', type(mask).__name__)}", name)
+    if tuple(mask.shape) != tuple(layer.mask.shape):
+        raise CheckpointError(f"layer {name!r}: checkpoint mask {tuple(mask.shape)} does not match the model's "
+                              f"{tuple(layer.mask.shape)}")
+    plan, nnz = layer.srigl_plan, int(torch.count_nonzero(mask))
+    if nnz == 0:
+        kind = "the output layer's (protected) mask" if plan.protected else "the mask"
+        raise _corrupt("masks", f"{kind} is empty: no weight is active", name)
+    if nnz > plan.budget:
+        raise _corrupt("masks", f"holds {nnz} non-zeros, over the layer's budget of {plan.budget}", name)
+    if updater.config.method in (Method.SRIGL, Method.STATIC):
+        _check_constant_fan_in(updater, name, layer, mask)
+    elif nnz != plan.n_out * plan.k0:  # RigL / SET move weights, never change their number (sparsify's n_out x k0)
+        raise _corrupt("masks", f"holds {nnz} non-zeros; {updater.config.method.value} keeps the initial "
+                                f"n_out x k0 = {plan.n_out} x {plan.k0} = {plan.n_out * plan.k0}", name)
+
+
+def _check_constant_fan_in(updater: SRigLUpdater, name: str, layer: Any, mask: torch.Tensor) -> None:
+    """Every active neuron has k = floor(budget / active neurons) inputs (``srigl_select``); neurons are ablated
+    only by SRigL with ablation on, and never in a protected (output) layer."""
+    plan = layer.srigl_plan
+    try:
+        k, ablated = check_constant_fan_in(layer.neuron_view(mask), layer=name)
+    except InvariantError as err:
+        raise _corrupt("masks", f"is not constant fan-in ({err})", name) from None
+    n_ablated = int(torch.count_nonzero(ablated))
+    can_ablate = updater.config.method is Method.SRIGL and updater.config.ablation and not plan.protected
+    if n_ablated and not can_ablate:
+        why = "a protected (output) layer" if plan.protected else f"{updater.config.method.value} without ablation"
+        raise _corrupt("masks", f"neurons {ablated.nonzero().flatten().tolist()[:5]} have no inputs, but {why} "
+                                "never ablates", name)
+    expected = plan.budget // (plan.n_out - n_ablated)
+    if k != expected:
+        raise _corrupt("masks", f"active neurons have fan-in {k}; with {plan.n_out - n_ablated} active the updater "
+                                f"keeps k = budget // active = {plan.budget} // {plan.n_out - n_ablated} = {expected}",
+                       name)
+
+
+def _check_buffers(updater: SRigLUpdater, buffers: Mapping[str, Any]) -> None:
+    for name, buf in buffers.items():
+        if name not in updater.layers:
+            raise _corrupt("grad_buffers", "is not a sparse layer of this model", name)
+        shape = tuple(updater.layers[name].weight.shape)
+        if not isinstance(buf, torch.Tensor) or buf.dtype != torch.float32 or tuple(buf.shape) != shape:
+            got = f"{buf.dtype} {tuple(buf.shape)}" if isinstance(buf, torch.Tensor) else type(buf).__name__
+            raise _corrupt("grad_buffers", f"must be float32 of the weight's shape {shape}, not {got}", name)
+
+
+def _check_explored(updater: SRigLUpdater, explored: Mapping[str, Any], masks: Mapping[str, Any]) -> None:
+    if set(explored) != set(updater.layers):
+        raise _corrupt("explored", f"covers layers {sorted(explored)[:5]}, not this model's "
+                                   f"{sorted(updater.layers)[:5]}")
+    for name, layer in updater.layers.items():
+        bits, numel = explored[name], layer.mask.numel()
+        size = -(-numel // 8)
+        if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8 or tuple(bits.shape) != (size,):
+            got = f"{bits.dtype} {tuple(bits.shape)}" if isinstance(bits, torch.Tensor) else type(bits).__name__
+            raise _corrupt("explored", f"must be uint8 of shape ({size},) (one bit per weight), not {got}", name)
+        if (masks[name].reshape(-1).cpu() & ~unpack_bits(bits.cpu(), numel)).any():
+            raise _corrupt("explored", "misses weights active in the mask (every active weight was explored)", name)
+
+
+def _check_compatible(updater: SRigLUpdater, state: Any) -> None:
+    """Everything ``load_updater_state`` restores, checked before it restores anything."""
+    _check_fields(state)
+    saved, ours = set(state["masks"]), set(updater.layers)
+    if saved != ours:
+        raise CheckpointError(
+            f"the checkpoint belongs to another model: layers only in the checkpoint {sorted(saved - ours)[:5]}, "
+            f"only in this model {sorted(ours - saved)[:5]}"
+        )
+    _check_run(updater, state)
+    for name, layer in updater.layers.items():
+        _check_plan(name, layer, state["plans"].get(name))
+        _check_mask(updater, name, layer, state["masks"][name])
+    _check_buffers(updater, state["grad_buffers"])
+    _check_explored(updater, state["explored"], state["masks"])
 
 
 @torch.no_grad()
