@@ -23,6 +23,7 @@ from .errors import (
     LoweringError,
     SRigLError,
     TraceError,
+    TrainingError,
     UnsupportedTargetError,
 )
 from .passes.condense import condense
@@ -53,6 +54,7 @@ __all__ = [
     "TraceError",
     "InvariantError",
     "CheckpointError",
+    "TrainingError",
     "UnsupportedTargetError",
     "LoweringError",
     "InferenceOnlyError",

@@ -12,6 +12,7 @@ __all__ = [
     "TraceError",
     "InvariantError",
     "CheckpointError",
+    "TrainingError",
     "UnsupportedTargetError",
     "LoweringError",
     "DeviceError",
@@ -40,6 +41,10 @@ class InvariantError(SRigLError, RuntimeError):
 
 class CheckpointError(SRigLError, ValueError):
     """A checkpoint lacks masks, belongs to another model, or is corrupt."""
+
+
+class TrainingError(SRigLError, RuntimeError):
+    """Training cannot go on (a non-finite loss or weights); the message says at which step and what to change."""
 
 
 class UnsupportedTargetError(SRigLError, ValueError):

@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 
 from .config import SRigLConfig
 from .data import ArrayData, load_digits
-from .errors import CheckpointError
+from .errors import CheckpointError, TrainingError
 from .passes.sparsify import sparsify
 from .training.updater import SRigLUpdater
 from .zoo import build_model
@@ -59,14 +62,61 @@ class _State:
     history: list = dataclasses.field(default_factory=list)
 
 
-def _save(path: Path, model, optimizer, scheduler, updater, state: _State, meta: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({
-        "format": CHECKPOINT_FORMAT, "meta": meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "updater": updater.state_dict() if updater else None,
-        "state": dataclasses.asdict(state),
-    }, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)  # never leave a half-written checkpoint under the real name
+@dataclasses.dataclass(frozen=True)
+class _Ranks:
+    """This process's place in a data-parallel run (torchrun); one rank when torch.distributed is not set up."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> _Ranks:
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard_size(self, n: int) -> int:
+        return -(-n // self.world)  # DistributedSampler pads every rank to the same count
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of ``value`` over the ranks (itself on one rank)."""
+        if self.world == 1:
+            return value
+        total = value.detach().clone()
+        dist.all_reduce(total)
+        return total / self.world
+
+    def epoch_order(self, n: int, epoch: int, seed: int, generator: torch.Generator) -> torch.Tensor:
+        """This rank's sample order for one epoch: a shuffle by ``generator``, or this rank's DistributedSampler
+        shard (seeded by ``seed`` and the epoch, so it needs no state of its own)."""
+        if self.world == 1:
+            return torch.randperm(n, generator=generator)
+        sampler = DistributedSampler(range(n), num_replicas=self.world, rank=self.rank, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+        return torch.tensor(list(sampler))
+
+
+def _save(path: Path, model, optimizer, scheduler, updater, state: _State, meta: dict, ranks: _Ranks) -> None:
+    """Every rank takes part (the updater gathers each rank's open gradient window); rank 0 writes."""
+    updater_state = updater.state_dict() if updater else None
+    if ranks.is_main:
+        bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingError(f"parameters {bad[:5]} are not finite at step {state.step}: not saving a checkpoint "
+                                "of them (lower --lr, or resume from the last good checkpoint)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({
+            "format": CHECKPOINT_FORMAT, "meta": meta, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "updater": updater_state,
+            "state": dataclasses.asdict(state),
+        }, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)  # never leave a half-written checkpoint under the real name
+    if ranks.world > 1:
+        dist.barrier()  # nobody reads or overwrites the file before it is whole
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -105,46 +155,57 @@ def train_classifier(
     ``config=None`` trains dense; otherwise the model is sparsified with ``config`` and trained with an
     SRigLUpdater. Every ``checkpoint_every`` steps (and at the end) a checkpoint goes to ``checkpoint_path``;
     ``resume`` (a ``load_checkpoint`` result) continues a run exactly where it stopped.
+
+    Under torchrun (torch.distributed initialised) the model trains as DistributedDataParallel, each rank on its
+    DistributedSampler shard of the data, the masks kept identical by the updater; rank 0 writes checkpoints and
+    shows progress. ``losses`` are means over the ranks. A non-finite loss stops the run with ``TrainingError``.
     """
     torch.manual_seed(seed)
+    ranks = _Ranks.current()
     if config is not None:
         model = sparsify(model, config, example_inputs=(data.x_train[:2],))
-    steps_per_epoch = -(-len(data.y_train) // batch_size)
+    steps_per_epoch = -(-ranks.shard_size(len(data.y_train)) // batch_size)
     total = epochs * steps_per_epoch
+    forward = DistributedDataParallel(model) if ranks.world > 1 else model
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4, nesterov=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
-    updater = SRigLUpdater(model, optimizer, config, total_steps=total) if config is not None else None
+    updater = SRigLUpdater(forward, optimizer, config, total_steps=total) if config is not None else None
     generator, state = torch.Generator().manual_seed(seed), _State()
     if resume is not None:
         state = _restore(resume, model, optimizer, scheduler, updater, generator)
     meta = dict(meta or {}, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-    bar = _progress(total, progress, initial=state.step)
+    bar = _progress(total, progress and ranks.is_main, initial=state.step)
     for epoch in range(state.epoch, epochs):
         if state.epoch_generator is None or epoch != state.epoch:
             state.epoch, state.epoch_generator = epoch, generator.get_state()
         generator.set_state(state.epoch_generator)
-        order = torch.randperm(len(data.y_train), generator=generator)
+        order = ranks.epoch_order(len(data.y_train), epoch, seed, generator)
         for start in range((state.step - epoch * steps_per_epoch) * batch_size, len(order), batch_size):
             idx = order[start:start + batch_size]
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            loss = F.cross_entropy(forward(data.x_train[idx]), data.y_train[idx])
+            mean_loss = ranks.mean(loss.detach())
+            if not torch.isfinite(mean_loss):  # the mean: every rank stops at the same step
+                raise TrainingError(f"the loss is {mean_loss.item()} at step {state.step + 1} (epoch {epoch + 1}): "
+                                    f"training diverged. Lower the learning rate (lr={lr}); no checkpoint was written "
+                                    "for this step")
             loss.backward()
             optimizer.step()
             scheduler.step()
             state.step += 1
             if updater is not None and updater.step():
                 state.history.append(updater.stats())
-            state.losses.append(loss.item())
+            state.losses.append(mean_loss.item())
             if on_step is not None:
                 on_step(state.step, updater)
             if checkpoint_path and checkpoint_every and state.step % checkpoint_every == 0:
-                _save(Path(checkpoint_path), model, optimizer, scheduler, updater, state, meta)
+                _save(Path(checkpoint_path), model, optimizer, scheduler, updater, state, meta, ranks)
             bar.update(1)
         state.epoch_generator = None
     bar.close()
     if checkpoint_path:
         state.epoch = epochs
-        _save(Path(checkpoint_path), model, optimizer, scheduler, updater, state, meta)
+        _save(Path(checkpoint_path), model, optimizer, scheduler, updater, state, meta, ranks)
     return TrainResult(evaluate(model, data.x_test, data.y_test), state.losses, model, updater, state.history)
 
 

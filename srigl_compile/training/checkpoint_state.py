@@ -1,7 +1,8 @@
 """The updater's checkpoint schema: explicit fields, all validated before anything is restored.
 
 Fields: format, step, total_steps, config (dict), masks {layer: bool tensor}, plans {layer: dict}, generator
-(torch.Generator state), grad_buffers {layer: float32 tensor} (only mid-window), explored {layer: packed bits}.
+(torch.Generator state), grad_buffers {layer: float32 tensor} (only mid-window), explored {layer: packed bits};
+distributed runs add rank_grad_buffers [one grad_buffers per rank] (each rank's own, not yet averaged, window).
 
 ``load_updater_state`` checks every field against what the updater maintains (the mask invariants of each method,
 step in [0, total_steps], a generator state torch accepts, buffer and bit-array shapes) and raises a
@@ -23,6 +24,7 @@ from ..sparsity import check_constant_fan_in, row_counts
 from .exploration import unpack_bits
 
 if TYPE_CHECKING:
+    from .rank_sync import RankSync
     from .updater import SRigLUpdater
 
 __all__ = ["FORMAT", "updater_state", "load_updater_state"]
@@ -148,14 +150,32 @@ def _check_constant_fan_in(updater: SRigLUpdater, name: str, layer: Any, mask: t
                        name)
 
 
-def _check_buffers(updater: SRigLUpdater, buffers: Mapping[str, Any]) -> None:
+def _check_buffers(updater: SRigLUpdater, buffers: Mapping[str, Any], field: str = "grad_buffers") -> None:
     for name, buf in buffers.items():
         if name not in updater.layers:
-            raise _corrupt("grad_buffers", "is not a sparse layer of this model", name)
+            raise _corrupt(field, "is not a sparse layer of this model", name)
         shape = tuple(updater.layers[name].weight.shape)
         if not isinstance(buf, torch.Tensor) or buf.dtype != torch.float32 or tuple(buf.shape) != shape:
             got = f"{buf.dtype} {tuple(buf.shape)}" if isinstance(buf, torch.Tensor) else type(buf).__name__
-            raise _corrupt("grad_buffers", f"must be float32 of the weight's shape {shape}, not {got}", name)
+            raise _corrupt(field, f"must be float32 of the weight's shape {shape}, not {got}", name)
+
+
+def _window_to_resume(updater: SRigLUpdater, state: Mapping[str, Any], sync: RankSync | None
+                      ) -> dict[str, torch.Tensor]:
+    """The gradient window this rank continues: its own when the checkpoint has one per rank and the number of
+    ranks is the same (bit-exact resume); their mean on any other number of ranks (the same average, up to
+    rounding, once every rank adds its own gradients); ``grad_buffers`` from a single-process run."""
+    by_rank = state.get("rank_grad_buffers")
+    if by_rank is None:
+        return dict(state["grad_buffers"])
+    if not isinstance(by_rank, list) or not by_rank or not all(isinstance(b, Mapping) for b in by_rank):
+        raise _corrupt("rank_grad_buffers", "must be a non-empty list of {layer: tensor}, one per rank")
+    for buffers in by_rank:
+        _check_buffers(updater, buffers, field="rank_grad_buffers")
+    if sync is not None and len(by_rank) == sync.world_size:
+        return dict(by_rank[sync.rank])
+    names = set().union(*by_rank)
+    return {name: sum(b[name] for b in by_rank if name in b) / len(by_rank) for name in names}
 
 
 def _check_explored(updater: SRigLUpdater, explored: Mapping[str, Any], masks: Mapping[str, Any]) -> None:
@@ -190,12 +210,14 @@ def _check_compatible(updater: SRigLUpdater, state: Any) -> None:
 
 
 @torch.no_grad()
-def load_updater_state(updater: SRigLUpdater, state: dict[str, Any]) -> None:
+def load_updater_state(updater: SRigLUpdater, state: dict[str, Any], sync: RankSync | None = None) -> None:
     _check_compatible(updater, state)
+    window = _window_to_resume(updater, state, sync)
     for name, layer in updater.layers.items():
         layer.mask.copy_(state["masks"][name])
         layer.apply_mask_()
     updater.step_count = int(state["step"])
     updater.generator.set_state(state["generator"])
-    updater._tap.buffers = {name: buf.clone() for name, buf in state["grad_buffers"].items()}
+    updater._tap.buffers = {name: buf.to(updater.layers[name].weight.device, copy=True)
+                            for name, buf in window.items()}
     updater.explored = {name: bits.clone() for name, bits in state["explored"].items()}

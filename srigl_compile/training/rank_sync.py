@@ -58,6 +58,12 @@ class RankSync:
             offset += piece.numel()
         return averaged
 
+    def gather_buffers(self, buffers: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Every rank's open gradient window (index = rank), for a checkpoint that resumes bit for bit."""
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, {name: buf.cpu() for name, buf in buffers.items()}, group=self.group)
+        return gathered
+
     def check_same_masks(self, masks: Mapping[str, torch.Tensor], step: int) -> None:
         """Raise InvariantError naming the first layer whose mask differs between ranks (or if the steps do)."""
         names = list(masks)

@@ -280,12 +280,19 @@ class SRigLUpdater:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Explicit fields: step, masks by layer name, generator state, config, gradient buffers, exploration."""
-        return checkpoint_state.updater_state(self)
+        """Explicit fields: step, masks by layer name, generator state, config, gradient buffers, exploration.
+
+        Distributed, every rank must call it (a collective): each rank's open gradient window is gathered into
+        ``rank_grad_buffers``, so the checkpoint one rank saves resumes every rank bit for bit.
+        """
+        state = checkpoint_state.updater_state(self)
+        if self._sync is not None:
+            state["rank_grad_buffers"] = self._sync.gather_buffers(self._tap.buffers)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a ``state_dict``; raises CheckpointError if it has no masks or belongs to another model."""
-        checkpoint_state.load_updater_state(self, state)
+        """Restore a ``state_dict``; raises CheckpointError (changing nothing) if any field does not fit."""
+        checkpoint_state.load_updater_state(self, state, self._sync)
         self._open_window()
 
     def close(self) -> None:

@@ -17,7 +17,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from srigl_compile import InvariantError, SRigLConfig, SRigLUpdater, sparse_layers, sparsify
+from srigl_compile.recipes import load_checkpoint
 
+from .test_recipes_data import Stop
+from .test_recipes_data import run as recipes_run
 from .test_updater import SmallCNN
 
 STEPS, DELTA_T = 10, 2  # T_end = 7: updates after steps 2, 4 and 6
@@ -89,6 +92,29 @@ def tampered_mask_is_caught() -> str:
     return "not caught"
 
 
+def recipe(out: str, name: str, stop_at: int | None = None, resume: dict | None = None):
+    """The reference training loop (test_recipes_data.run) under 2 ranks: DDP + DistributedSampler, 8 steps an
+    epoch (512 samples / 2 ranks / batch 32), updates after steps 5, 10 and 15 (each scoring a 2-step window),
+    checkpoints every 7 steps."""
+    return recipes_run(Path(out), name, stop_at, resume, checkpoint_every=7, batch_size=32)
+
+
+def resumed_run(out: str) -> dict:
+    """An uninterrupted 2-rank run, and one cut at step 17 and resumed from its step-14 checkpoint (mid-epoch,
+    inside the open gradient window of the update after step 15): both ranks' final models and losses."""
+    full = recipe(out, "full.pt")
+    try:
+        recipe(out, "cut.pt", stop_at=17)
+    except Stop:
+        pass
+    saved = load_checkpoint(Path(out) / "cut.pt")
+    windows = [sorted(b) for b in saved["updater"]["rank_grad_buffers"]]
+    resumed = recipe(out, "cut.pt", resume=saved)
+    return {"full": full.model.state_dict(), "resumed": resumed.model.state_dict(), "full_losses": full.losses,
+            "resumed_losses": resumed.losses, "steps": len(full.losses),
+            "saved_windows": windows}
+
+
 RUNS = {
     "cnn-sgd": lambda: train("cnn", "sgd"),
     "cnn-adam": lambda: train("cnn", "adam"),
@@ -98,6 +124,8 @@ RUNS = {
     "cnn-no-sync-accumulation": lambda: train("cnn", "sgd", micro_batches=2, grad_accumulation_n=2),
     "cnn-unsynchronised": lambda: train("cnn", "sgd", sync=False),
 }
+# Runs that need a folder shared by the ranks.
+FOLDER_RUNS = {"resume": resumed_run}
 
 
 def worker(rank: int, world_size: int, out: str, runs: list[str]) -> None:
@@ -105,7 +133,7 @@ def worker(rank: int, world_size: int, out: str, runs: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world_size)
     try:
-        results = {name: RUNS[name]() for name in runs}
+        results = {name: RUNS[name]() if name in RUNS else FOLDER_RUNS[name](out) for name in runs}
         results["tampered"] = tampered_mask_is_caught()
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:

@@ -11,7 +11,7 @@ from . import ddp_runs
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 
-RUNS = list(ddp_runs.RUNS)
+RUNS = list(ddp_runs.RUNS) + list(ddp_runs.FOLDER_RUNS)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[st
     return [name for name in a if not torch.equal(a[name], b[name])]
 
 
-@pytest.mark.parametrize("run", [name for name in RUNS if name != "cnn-unsynchronised"])
+@pytest.mark.parametrize("run", [name for name in ddp_runs.RUNS if name != "cnn-unsynchronised"])
 def test_masks_and_weights_are_identical_on_every_rank_after_every_update(ranks, run):
     first, second = ranks[0][run], ranks[1][run]
     assert len(first) == len(second) == 3
@@ -46,3 +46,28 @@ def test_without_synchronisation_the_ranks_diverge(ranks):
 def test_a_mask_that_differs_on_one_rank_fails_on_every_rank_naming_the_layer(ranks):
     for rank in ranks:
         assert "'fc1'" in rank["tampered"] and "differs between ranks" in rank["tampered"]
+
+
+def test_a_two_rank_run_resumed_from_a_checkpoint_is_bit_identical_to_the_uninterrupted_run(ranks):
+    for rank in ranks:
+        run = rank["resume"]
+        assert run["steps"] == 3 * 8
+        # the step-14 checkpoint, written by rank 0, holds both ranks' own (different) gradient windows
+        assert len(run["saved_windows"]) == 2 and run["saved_windows"][0] and run["saved_windows"][0] == run["saved_windows"][1]
+        assert run["resumed_losses"] == run["full_losses"]
+        assert not differing(run["full"], run["resumed"])
+    assert not differing(ranks[0]["resume"]["full"], ranks[1]["resume"]["full"])
+    assert ranks[0]["resume"]["full_losses"] == ranks[1]["resume"]["full_losses"]  # means over the ranks
+
+
+@pytest.mark.parametrize("n", [512, 37])
+def test_each_rank_trains_on_its_own_distributed_sampler_shard(n):
+    from srigl_compile.recipes import _Ranks
+
+    generator = torch.Generator()
+    shards = [_Ranks(rank, 2).epoch_order(n, epoch=1, seed=0, generator=generator) for rank in range(2)]
+    assert all(len(shard) == _Ranks(0, 2).shard_size(n) for shard in shards)
+    together = torch.cat(shards)
+    assert set(together.tolist()) == set(range(n))  # every sample, on one rank (one repeated when n is odd)
+    assert len(set(shards[0].tolist()) & set(shards[1].tolist())) == n % 2
+    assert not torch.equal(shards[0], _Ranks(0, 2).epoch_order(n, epoch=2, seed=0, generator=generator))

@@ -16,7 +16,7 @@ class Stop(Exception):
     pass
 
 
-def run(tmp_path, name, stop_at=None, resume=None):
+def run(tmp_path, name, stop_at=None, resume=None, checkpoint_every=11, batch_size=64):
     data = teacher_student(n_train=512, n_test=128, seed=1)
     torch.manual_seed(0)
     model = build_model("mlp", data.input_shape, data.num_classes)
@@ -26,8 +26,8 @@ def run(tmp_path, name, stop_at=None, resume=None):
             raise Stop
 
     return train_classifier(model, data, SRigLConfig(sparsity=0.9, delta_t=5, grad_accumulation_n=2), epochs=3,
-                            checkpoint_path=tmp_path / name, checkpoint_every=11, resume=resume, on_step=stop,
-                            meta={"method": "srigl"})
+                            batch_size=batch_size, checkpoint_path=tmp_path / name, checkpoint_every=checkpoint_every,
+                            resume=resume, on_step=stop, meta={"method": "srigl"})
 
 
 def test_interrupted_run_resumes_bit_exactly(tmp_path):
@@ -117,3 +117,20 @@ def test_factory_loading():
         build_model("alexnet", (3, 32, 32), 10)
     with pytest.raises(ConfigError, match="cannot load"):
         build_model("no_such_module:f", (3, 32, 32), 10)
+
+
+@pytest.mark.parametrize("checkpoint_every", [None, 1])
+def test_a_non_finite_run_stops_without_a_checkpoint_of_it(tmp_path, checkpoint_every):
+    """lr=nan: step 1 turns the weights to NaN. Checkpointing every step, the checkpoint of step 1 is refused;
+    otherwise the loss of step 2 stops the run. Either way nothing non-finite is written."""
+    from srigl_compile import TrainingError
+
+    data = teacher_student(n_train=256, n_test=64, seed=1)
+    torch.manual_seed(0)
+    model = build_model("mlp", data.input_shape, data.num_classes)
+    match = r"parameters \['1.weight'.* not finite at step 1" if checkpoint_every else \
+        r"loss is nan at step 2 .*Lower the learning rate \(lr=nan\)"
+    with pytest.raises(TrainingError, match=match):
+        train_classifier(model, data, SRigLConfig(sparsity=0.9, delta_t=2), epochs=1, lr=float("nan"),
+                         checkpoint_path=tmp_path / "run.pt", checkpoint_every=checkpoint_every)
+    assert not (tmp_path / "run.pt").exists()
