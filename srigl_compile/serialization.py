@@ -46,10 +46,10 @@ def save_lowered(model: nn.Module, path) -> Path:
     """
     from importlib.metadata import version
 
-    from .codegen.kernel_io import export_kernels
+    from .codegen.kernel_io import as_folder, export_kernels
     from .codegen.kernel_op import get_handle
 
-    path = Path(path)
+    path = as_folder(path, "save_lowered writes a folder (model.pt, manifest.json, kernels/)", CheckpointError)
     keys = sorted({layer.kernel_key for _, layer in _lowered_layers(model) if layer.n_active})
     if not _lowered_layers(model):
         raise CheckpointError("the model has no lowered layers: call srigl_compile.lower(model) first")
@@ -79,9 +79,9 @@ def _read_manifest(path: Path) -> dict:
 
 def load_lowered(path) -> nn.Module:
     """Load a folder written by ``save_lowered``; no compiler runs."""
-    from .codegen.kernel_io import load_kernels
+    from .codegen.kernel_io import as_folder, load_kernels
 
-    path = Path(path)
+    path = as_folder(path, "load_lowered reads the folder save_lowered wrote", CheckpointError)
     manifest = _read_manifest(path)
     loaded = load_kernels(path / "kernels")
     model_file = path / "model.pt"

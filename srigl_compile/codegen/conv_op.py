@@ -153,12 +153,15 @@ def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilati
     if not handle.is_packed(values):
         values, columns = handle.pack(values, columns)  # slow path: callers should pack once
     batch = x.shape[0]
-    if strided:
-        plan, pads = strided_plan(x.shape[2], x.shape[3], kernel, stride, padding, dilation, handle.lanes)
-        read_dilation = (1, 1)
-    else:
-        plan = direct_plan(x.shape[2], x.shape[3], kernel, padding, dilation, handle.lanes)
-        pads, read_dilation = (padding[1], padding[1], padding[0], padding[0] + plan.extra), dilation
+    try:
+        if strided:
+            plan, pads = strided_plan(x.shape[2], x.shape[3], kernel, stride, padding, dilation, handle.lanes)
+            read_dilation = (1, 1)
+        else:
+            plan = direct_plan(x.shape[2], x.shape[3], kernel, padding, dilation, handle.lanes)
+            pads, read_dilation = (padding[1], padding[1], padding[0], padding[0] + plan.extra), dilation
+    except ValueError as err:  # an image smaller than the kernel (conv_geometry is pure maths: plain ValueError)
+        raise KernelShapeError(f"needs images at least as large as its kernel: {err} (kernel {handle.key})") from None
     if batch == 0:
         return x.new_empty(0, handle.n_out, plan.out_h, plan.out_w)
     # The temporaries live in scratch buffers (fresh large tensors are page-faulted in on every call).

@@ -45,13 +45,19 @@ def check_llvm_target(target: Mapping[str, Any] | None) -> dict[str, Any]:
     """Validate a target dict for the CPU kernels (``None`` means the host); returns a plain dict copy.
 
     Raises:
-        UnsupportedTargetError: not an llvm target, or ``mcpu='native'`` (compiles for a generic CPU).
+        UnsupportedTargetError: not an llvm target, a key TVM's llvm target does not take, or ``mcpu='native'``
+            (compiles for a generic CPU).
     """
     if target is None:
         return host_llvm_target()
     if not isinstance(target, Mapping) or target.get("kind") != "llvm":
         raise UnsupportedTargetError(f"the CPU kernels need an llvm target dict, got {target!r}; "
                                      "use None for the host CPU or {'kind': 'llvm', 'mcpu': ..., 'num-cores': ...}")
+    known = import_tvm().target.TargetKind.options_from_name("llvm")
+    unknown = sorted(set(target) - set(known))
+    if unknown:
+        raise UnsupportedTargetError(f"unknown llvm target key(s) {unknown}; TVM's llvm target takes "
+                                     f"{', '.join(known)}")
     if target.get("mcpu") in (None, "native"):
         raise UnsupportedTargetError("name the CPU in the target ('mcpu': 'znver3', ...): 'native' or no mcpu "
                                      "compiles for a generic x86 without AVX2; host_llvm_target() detects it")

@@ -32,7 +32,7 @@ from .conv_op import ConvKernelHandle
 from .kernel_op import KernelHandle, register_handle
 from .rules import ColParams, RowParams
 
-__all__ = ["export_kernels", "load_kernels", "KernelFileError", "FORMAT"]
+__all__ = ["export_kernels", "load_kernels", "as_folder", "KernelFileError", "FORMAT"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,16 @@ class KernelFileError(CheckpointError):
     """A kernel folder is missing, corrupt, from another format, or does not match its manifest."""
 
 
+def as_folder(path: str | os.PathLike, what: str, error: type[CheckpointError] = KernelFileError) -> Path:
+    """``path`` as a folder to read or write: a file at it (or at a parent) is ``error`` saying ``what`` the path
+    must be, rather than the NotADirectoryError / FileExistsError of the first file operation."""
+    folder = Path(path)
+    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise error(f"{blocking} is a file, not a folder: {what}; pass a folder path")
+    return folder
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -53,7 +63,7 @@ def export_kernels(handles: Iterable, path: str | os.PathLike) -> Path:
     """Write the handles' libraries (and CUDA sources and fatbins) and ``manifest.json`` into the folder ``path``;
     returns the manifest path."""
     tvm = import_tvm_runtime()
-    folder = Path(path)
+    folder = as_folder(path, "export_kernels writes a folder of libraries and manifest.json")
     folder.mkdir(parents=True, exist_ok=True)
     entries = {}
     for handle in handles:
@@ -162,7 +172,7 @@ def load_kernels(path: str | os.PathLike) -> dict[str, KernelHandle]:
     Raises:
         KernelFileError: missing/corrupt manifest or library, another format, or a library lacking a kernel.
     """
-    folder = Path(path)
+    folder = as_folder(path, "load_kernels reads the folder export_kernels wrote")
     manifest = _read_manifest(folder)
     handles = {key: _load_one(folder, entry) for key, entry in manifest.get("kernels", {}).items()}
     for handle in handles.values():

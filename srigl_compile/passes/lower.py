@@ -59,7 +59,7 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
 
     Raises:
         UnsupportedTargetError: an unknown target (the message lists the supported ones).
-        LayerError: nothing to lower.
+        LayerError: nothing to lower (no sparse layers, or the model is lowered already).
         LoweringError: TVM is not installed, or (cuda) nvcc is missing or the dtype is not supported. (Calling
             the lowered model on an input autograd tracks raises InferenceOnlyError, a LoweringError.)
 
@@ -87,9 +87,15 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
     if fold_batchnorm:  # eval semantics (the model is returned in eval mode): running statistics fold exactly
         batchnorm_folding.fold_batchnorm(model, example_inputs=example_inputs, inplace=True)
     layers = [(name, m) for name, m in model.named_modules() if type(m) in (CondensedLinear, CondensedConv)]
+    from ..nn.lowered import LoweredConv, LoweredLinear, fill_ablated_rows_
+
     if not layers:
+        lowered = [name or type(m).__name__ for name, m in model.named_modules()
+                   if isinstance(m, (LoweredLinear, LoweredConv))]
+        if lowered:
+            raise LayerError(f"the model is already lowered (layers {lowered[:5]} run compiled kernels): use it as "
+                             "it is, or lower the sparse model it came from")
         raise LayerError("the model has no sparse or condensed layers to lower: sparsify (and train) it first")
-    from ..nn.lowered import fill_ablated_rows_
 
     for _, layer in layers:
         fill_ablated_rows_(layer)  # full-width layers with few ablated neurons: no scatter after the kernel

@@ -1,0 +1,56 @@
+"""Lowering's bad inputs are typed SRigLErrors naming the layer, key or path (the no-TVM ones are in
+tests/null/test_typed_errors.py)."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from srigl_compile import CheckpointError, LayerError, SRigLConfig, UnsupportedTargetError, lower, save_lowered, \
+    sparsify
+from srigl_compile.codegen.kernel_io import KernelFileError, export_kernels, load_kernels
+from srigl_compile.codegen.kernel_op import KernelShapeError, get_handle
+from srigl_compile.errors import LoweringError
+
+pytestmark = pytest.mark.tvm
+
+
+@pytest.fixture(scope="module")
+def lowered():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 5), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    return lower(sparsify(net, SRigLConfig(sparsity=0.8, seed=1)), progress=False)
+
+
+@pytest.mark.parametrize("size, layer", [(4, "0"), (6, "2")], ids=["stride-1", "strided"])
+def test_an_image_smaller_than_the_kernel_names_the_layer(lowered, size, layer):
+    with pytest.raises(KernelShapeError, match=f"lowered LoweredConv '{layer}' needs images at least as large as its "
+                                               "kernel") as info:
+        lowered(torch.randn(1, 3, size, size))
+    assert isinstance(info.value, (LoweringError, ValueError))
+
+
+def test_lowering_a_lowered_model_says_it_is_lowered_already(lowered):
+    with pytest.raises(LayerError, match=r"already lowered \(layers \['0', '2'"):
+        lower(lowered, progress=False)
+
+
+def test_an_unknown_key_in_a_target_dict_is_named_with_the_allowed_ones(lowered):
+    from srigl_compile.codegen.cpu_target import host_cpu_name
+
+    for target in ({"kind": "llvm", "bogus": 1}, {"kind": "llvm", "mcpu": host_cpu_name(), "bogus": 1}):
+        with pytest.raises(UnsupportedTargetError, match=r"unknown llvm target key\(s\) \['bogus'\].*mcpu.*num-cores"):
+            lower(nn.Sequential(nn.Linear(8, 8)), target=target)
+
+
+def test_save_lowered_and_kernel_folders_onto_a_file_name_the_file(lowered, tmp_path):
+    file = tmp_path / "taken"
+    file.write_text("a file")
+    with pytest.raises(CheckpointError, match=f"{file} is a file, not a folder: save_lowered writes a folder"):
+        save_lowered(lowered, file)
+    handles = [get_handle(lowered[0].kernel_key)]
+    with pytest.raises(KernelFileError, match="is a file, not a folder: export_kernels writes"):
+        export_kernels(handles, file / "kernels")
+    with pytest.raises(KernelFileError, match="is a file, not a folder: load_kernels reads"):
+        load_kernels(file)
+    assert file.read_text() == "a file"
