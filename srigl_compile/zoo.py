@@ -164,7 +164,13 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise ConfigError(f"cannot load model factory {name!r}: {err}") from None
-    model = factory(input_shape, num_classes)
+    contract = "a model factory is called as factory(input_shape, num_classes) and returns an nn.Module"
+    if not callable(factory):
+        raise ConfigError(f"{name} is a {type(factory).__name__}, not a function: {contract}")
+    try:
+        model = factory(input_shape, num_classes)
+    except TypeError as err:  # (a factory with another signature, such as os:getcwd)
+        raise ConfigError(f"{name}(input_shape, num_classes) failed ({err}): {contract}") from err
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"{name} returned {type(model).__name__}, not an nn.Module")
+        raise ConfigError(f"{name} returned {type(model).__name__}, not an nn.Module: {contract}")
     return model

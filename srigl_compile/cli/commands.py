@@ -13,22 +13,24 @@ from ..data import DATASETS, load_dataset
 from ..errors import CheckpointError
 from ..zoo import MODELS, build_model
 from . import friendly_errors, main
+from .options import FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, OPEN_FRACTION, POSITIVE, POSITIVE_INT
 
 METHODS = ("dense", "static", "set", "rigl", "srigl")
 
 
 def config_options(command):
-    """SRigLConfig fields as options (validated by SRigLConfig itself)."""
+    """SRigLConfig fields as options (ranges checked by click, naming the option; SRigLConfig checks the rest)."""
     options = [
         click.option("--method", type=click.Choice(METHODS), default="srigl", show_default=True),
-        click.option("--sparsity", type=float, default=0.9, show_default=True, help="in (0, 1)"),
+        click.option("--sparsity", type=OPEN_FRACTION, default=0.9, show_default=True, help="in (0, 1)"),
         click.option("--distribution", type=click.Choice(["erk", "uniform"]), default="erk", show_default=True),
-        click.option("--delta-t", type=int, default=100, show_default=True, help="steps between mask updates"),
-        click.option("--alpha", type=float, default=0.3, show_default=True, help="initial drop fraction"),
-        click.option("--gamma-sal", type=float, default=0.3, show_default=True, help="ablation threshold"),
+        click.option("--delta-t", type=POSITIVE_INT, default=100, show_default=True,
+                     help="steps between mask updates"),
+        click.option("--alpha", type=FRACTION, default=0.3, show_default=True, help="initial drop fraction"),
+        click.option("--gamma-sal", type=NON_NEGATIVE, default=0.3, show_default=True, help="ablation threshold"),
         click.option("--no-ablation", is_flag=True, help="SRigL without neuron ablation"),
-        click.option("--grad-accumulation-n", type=int, default=1, show_default=True),
-        click.option("--t-end-fraction", type=float, default=0.75, show_default=True),
+        click.option("--grad-accumulation-n", type=POSITIVE_INT, default=1, show_default=True),
+        click.option("--t-end-fraction", type=FRACTION, default=0.75, show_default=True),
         click.option("--dense", "dense_layers", multiple=True, metavar="NAME",
                      help="keep this layer dense (exact name or regex); repeatable"),
         click.option("--too-small", type=click.Choice(["error", "dense"]), default="error", show_default=True,
@@ -55,13 +57,14 @@ def make_config(method, sparsity, distribution, delta_t, alpha, gamma_sal, no_ab
 @click.option("--data", type=click.Choice(DATASETS), default="digits", show_default=True)
 @click.option("--data-dir", type=click.Path(exists=True, file_okay=False), help="folder holding CIFAR (pickle format)")
 @config_options
-@click.option("--epochs", type=int, default=20, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--lr", type=float, default=0.05, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=POSITIVE_INT, default=20, show_default=True)
+@click.option("--batch-size", type=POSITIVE_INT, default=64, show_default=True)
+@click.option("--lr", type=POSITIVE, default=0.05, show_default=True)
+@click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default="runs/train", show_default=True,
               help="folder for checkpoint.pt and metrics.json")
-@click.option("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: only at the end)")
+@click.option("--checkpoint-every", type=NON_NEGATIVE_INT, default=0,
+              help="also checkpoint every N steps (0: only at the end)")
 @click.option("--resume", is_flag=True, help="continue from OUT/checkpoint.pt")
 @friendly_errors
 def train(model, data, data_dir, method, sparsity, distribution, delta_t, alpha, gamma_sal, no_ablation,
@@ -157,9 +160,9 @@ def lower(checkpoint, target, dtype, out, tune):
 
 
 @main.command()
-@click.option("--sparsity", type=float, default=0.9, show_default=True)
+@click.option("--sparsity", type=OPEN_FRACTION, default=0.9, show_default=True)
 @click.option("--batches", default="1,256", show_default=True, help="comma-separated batch sizes")
-@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--threads", type=POSITIVE_INT, default=2, show_default=True)
 @friendly_errors
 def bench(sparsity, batches, threads):
     """Quick layer benchmark: the paper's 3072->768 layer, dense vs CSR vs lowered (median us per call).

@@ -10,6 +10,7 @@ import click
 import torch
 
 from . import friendly_errors, main
+from .options import NON_NEGATIVE_INT, OPEN_FRACTION, POSITIVE_INT
 
 DEMO_METHODS = ("dense", "static", "rigl", "srigl")
 
@@ -56,9 +57,9 @@ def _lower_and_time(runs, models, seed):
 
 
 @main.command()
-@click.option("--sparsity", type=float, default=0.9, show_default=True)
-@click.option("--epochs", type=int, default=20, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--sparsity", type=OPEN_FRACTION, default=0.9, show_default=True)
+@click.option("--epochs", type=POSITIVE_INT, default=20, show_default=True)
+@click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True)
 @click.option("--models", default="mlp,cnn", show_default=True, help="comma-separated: mlp, cnn")
 @click.option("--out", type=click.Path(file_okay=False), default="reports/demo", show_default=True)
 @friendly_errors
