@@ -24,6 +24,8 @@ import dataclasses
 import torch
 import torch.nn as nn
 
+from .sharding import local_part, part_like
+
 __all__ = [
     "LayerPlan",
     "MaskedLayer",
@@ -79,8 +81,8 @@ class MaskedLayer:
 
     @torch.no_grad()
     def apply_mask_(self) -> None:
-        """Zero the weights outside the mask (in place)."""
-        self.weight.mul_(self.mask)
+        """Zero the weights outside the mask (in place; this rank's part of a sharded weight)."""
+        local_part(self.weight).mul_(part_like(self.mask, self.weight))
 
     def sparsity_repr(self) -> str:
         counts = self.neuron_view(self.mask).view(torch.uint8).sum(dim=1)

@@ -6,6 +6,10 @@ backward pass, only one buffer per layer while the window is open (SRIGL_SPEC §
 
 A step's gradient is held apart (``pending``) until the updater learns whether the optimizer took the step:
 a step that a GradScaler skips (inf/NaN in the scaled gradients) is dropped, not averaged into the window.
+
+Weights sharded by FSDP2 get no tensor hooks (autograd runs on the unsharded copy; the shard receives the
+reduce-scattered gradient afterwards): their gradient is recorded and masked just before the optimizer steps
+(``before_optimizer_step``), already averaged over ranks and unscaled. Their window holds this rank's rows.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+
+from ..nn.sharding import is_sharded, local_part, part_like, whole_like
 
 __all__ = ["GradientTap"]
 
@@ -36,8 +42,11 @@ class GradientTap:
         self.buffers: dict[str, torch.Tensor] = {}
         self.pending: dict[str, torch.Tensor] = {}
         self._step_scale: float | None = None
+        self.layers = layers
+        self.sharded = {name: layer for name, layer in layers.items() if is_sharded(layer.weight)}
         self._handles = [
-            layer.weight.register_hook(functools.partial(self._hook, name, layer)) for name, layer in layers.items()
+            layer.weight.register_hook(functools.partial(self._hook, name, layer))
+            for name, layer in layers.items() if name not in self.sharded
         ]
 
     def _hook(self, name: str, layer: nn.Module, grad: torch.Tensor) -> torch.Tensor:
@@ -51,6 +60,18 @@ class GradientTap:
             else:
                 pending.add_(grad.detach(), alpha=1.0 / self._step_scale)
         return torch.where(layer.mask, grad, 0.0)
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Record (when the window is open) and mask the sharded weights' gradients."""
+        for name, layer in self.sharded.items():
+            grad = layer.weight.grad
+            if grad is None:
+                continue
+            part = local_part(grad)
+            if self.active:
+                self.pending[name] = part.float().clone()
+            part.masked_fill_(~part_like(layer.mask, grad), 0)
 
     def commit(self) -> None:
         """The optimizer took the step: its gradient joins the window."""
@@ -71,7 +92,9 @@ class GradientTap:
         return name in self.buffers
 
     def take(self, name: str) -> torch.Tensor | None:
-        return self.buffers.pop(name, None)
+        """The layer's window, whole (gathered from every rank for a sharded weight: a collective)."""
+        buffer = self.buffers.pop(name, None)
+        return whole_like(buffer, self.layers[name].weight) if buffer is not None else None
 
     def release(self) -> None:
         self.buffers.clear()

@@ -20,6 +20,7 @@ import torch
 
 from ..config import Method, SRigLConfig
 from ..errors import CheckpointError, InvariantError, SRigLError
+from ..nn.sharding import part_like, whole_like
 from ..sparsity import check_constant_fan_in, row_counts
 from .exploration import unpack_bits
 
@@ -49,7 +50,9 @@ def updater_state(updater: SRigLUpdater) -> dict[str, Any]:
         "masks": {name: layer.mask.clone() for name, layer in updater.layers.items()},
         "plans": {name: layer.srigl_plan.to_dict() for name, layer in updater.layers.items()},
         "generator": updater.generator.get_state(),
-        "grad_buffers": {name: buf.clone() for name, buf in updater._tap.buffers.items()},
+        # whole tensors: a sharded weight's window is gathered (a collective), so any layout can resume it
+        "grad_buffers": {name: whole_like(buf, updater.layers[name].weight).clone()
+                         for name, buf in updater._tap.buffers.items()},
         "explored": {name: bits.clone() for name, bits in updater.explored.items()},
     }
 
@@ -162,20 +165,25 @@ def _check_buffers(updater: SRigLUpdater, buffers: Mapping[str, Any], field: str
 
 def _window_to_resume(updater: SRigLUpdater, state: Mapping[str, Any], sync: RankSync | None
                       ) -> dict[str, torch.Tensor]:
-    """The gradient window this rank continues: its own when the checkpoint has one per rank and the number of
-    ranks is the same (bit-exact resume); their mean on any other number of ranks (the same average, up to
-    rounding, once every rank adds its own gradients); ``grad_buffers`` from a single-process run."""
+    """The gradient window this rank continues. ``grad_buffers`` from a single-process run, and for sharded
+    weights (whose window is averaged over the ranks already). Replicated weights of a distributed run take their
+    rank's own window from ``rank_grad_buffers`` when the number of ranks is the same (bit-exact resume), else the
+    mean of them all (the same average, up to rounding, once every rank adds its own gradients)."""
+    window = dict(state["grad_buffers"])
     by_rank = state.get("rank_grad_buffers")
     if by_rank is None:
-        return dict(state["grad_buffers"])
+        return window
     if not isinstance(by_rank, list) or not by_rank or not all(isinstance(b, Mapping) for b in by_rank):
         raise _corrupt("rank_grad_buffers", "must be a non-empty list of {layer: tensor}, one per rank")
     for buffers in by_rank:
         _check_buffers(updater, buffers, field="rank_grad_buffers")
     if sync is not None and len(by_rank) == sync.world_size:
-        return dict(by_rank[sync.rank])
-    names = set().union(*by_rank)
-    return {name: sum(b[name] for b in by_rank if name in b) / len(by_rank) for name in names}
+        own = dict(by_rank[sync.rank])
+    else:
+        names = set().union(*by_rank)
+        own = {name: sum(b[name] for b in by_rank if name in b) / len(by_rank) for name in names}
+    sharded = {name: buf for name, buf in window.items() if name in updater._tap.sharded}
+    return own | sharded
 
 
 def _check_explored(updater: SRigLUpdater, explored: Mapping[str, Any], masks: Mapping[str, Any]) -> None:
@@ -218,6 +226,7 @@ def load_updater_state(updater: SRigLUpdater, state: dict[str, Any], sync: RankS
         layer.apply_mask_()
     updater.step_count = int(state["step"])
     updater.generator.set_state(state["generator"])
-    updater._tap.buffers = {name: buf.to(updater.layers[name].weight.device, copy=True)
+    updater._tap.buffers = {name: part_like(buf, updater.layers[name].weight).to(updater.layers[name].weight.device,
+                                                                                 copy=True)
                             for name, buf in window.items()}
     updater.explored = {name: bits.clone() for name, bits in state["explored"].items()}

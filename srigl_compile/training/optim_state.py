@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import torch
 
+from ..nn.sharding import local_part, part_like
+
 __all__ = ["state_tensors", "reset_optimizer_state_"]
 
 
@@ -22,6 +24,7 @@ def state_tensors(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> Iter
 
 @torch.no_grad()
 def reset_optimizer_state_(optimizer: torch.optim.Optimizer, param: torch.Tensor, where: torch.Tensor) -> None:
-    """Zero every weight-shaped state tensor of ``param`` at the positions ``where`` (bool, param's shape)."""
+    """Zero every weight-shaped state tensor of ``param`` at the positions ``where`` (bool, param's whole shape;
+    a sharded state tensor is zeroed in this rank's part)."""
     for _, tensor in state_tensors(optimizer, param):
-        tensor.masked_fill_(where, 0)
+        local_part(tensor).masked_fill_(part_like(where, tensor), 0)

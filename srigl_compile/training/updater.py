@@ -25,6 +25,7 @@ import torch.nn as nn
 from .._warnings import warn_user
 from ..config import Method, SRigLConfig
 from ..errors import ConfigError, InvariantError, LayerError
+from ..nn.sharding import local_part, part_like, whole
 from ..passes.sparsify import sparse_layers
 from ..sparsity import (
     LayerScores,
@@ -97,7 +98,8 @@ class SRigLUpdater:
                                 loss_scale=grad_scaler.get_scale if grad_scaler is not None else None)
         self._optimizer_stepped = False
         self._window_skips = 0  # steps of the open window the optimizer skipped
-        self._step_hook = optimizer.register_step_post_hook(self._on_optimizer_step)
+        self._step_hooks = [optimizer.register_step_pre_hook(lambda *_: self._tap.before_optimizer_step()),
+                            optimizer.register_step_post_hook(self._on_optimizer_step)]
         self._warned_unused: set[str] = set()
         self._warn_if_never_updating()
         if self._sync is not None:
@@ -178,7 +180,7 @@ class SRigLUpdater:
 
     def compute_scores(self, name: str, layer: nn.Module) -> LayerScores:
         """Drop and grow scores of one layer (a distributed trainer can average these across ranks)."""
-        drop = magnitude_drop_scores(layer.neuron_view(layer.weight), layer.neuron_view(layer.mask))
+        drop = magnitude_drop_scores(layer.neuron_view(whole(layer.weight)), layer.neuron_view(layer.mask))
         if self.config.method is Method.SET:
             return LayerScores(drop, random_grow_scores(drop.shape, self.generator))
         dense_grad = self._tap.take(name)
@@ -199,8 +201,7 @@ class SRigLUpdater:
 
     def _update(self, t: int) -> None:
         if self._sync is not None and self._needs_gradients:
-            shapes = {name: layer.weight.shape for name, layer in self.layers.items()}
-            self._tap.buffers = self._sync.average_gradients(self._tap.buffers, shapes)
+            self._average_replicated_windows()
         if self._needs_gradients and not self._tap.buffers and self._window_skips:
             warn_user(f"mask update at step {t} skipped: the optimizer skipped all {self._window_skips} steps of its "
                       "gradient window (loss-scale overflow); the masks stay as they are until the next update")
@@ -216,18 +217,30 @@ class SRigLUpdater:
         if self._sync is not None:
             self._sync.check_same_masks(self._masks(), t)
 
+    def _average_replicated_windows(self) -> None:
+        """Average the windows of replicated (DDP) weights over the ranks; sharded (FSDP2) weights' gradients were
+        averaged by their reduce-scatter already."""
+        replicated = {name: layer.weight.shape for name, layer in self.layers.items() if name not in self._tap.sharded}
+        if not replicated:
+            return
+        buffers = self._tap.buffers
+        averaged = self._sync.average_gradients({n: b for n, b in buffers.items() if n in replicated}, replicated)
+        self._tap.buffers = averaged | {name: buf for name, buf in buffers.items() if name not in replicated}
+
     def _apply(self, name: str, layer: nn.Module, selection: Selection) -> None:
         old = layer.neuron_view(layer.mask).clone()
         new = selection.new_mask
         newly_grown = new & ~old
         # Dropped weights become 0, newly grown start at 0; dropped-then-regrown keep their value (as in RigL).
         reset = ~new | newly_grown
-        shape = layer.weight.shape  # weight-shaped masks: the weight or its gradient may be channels_last
-        layer.weight.masked_fill_(reset.reshape(shape), 0)
+        # Weight-shaped masks: the weight or its gradient may be channels_last. A sharded weight, its gradient and
+        # optimizer state are written in this rank's part.
+        weight, shape = layer.weight, layer.weight.shape
+        local_part(weight).masked_fill_(part_like(reset.reshape(shape), weight), 0)
         layer.mask.copy_(new.reshape(shape))
-        if layer.weight.grad is not None:
-            layer.weight.grad.masked_fill_(~new.reshape(shape), 0)
-        reset_optimizer_state_(self.optimizer, layer.weight, reset.reshape(shape))
+        if weight.grad is not None:
+            local_part(weight.grad).masked_fill_(part_like(~new.reshape(shape), weight.grad), 0)
+        reset_optimizer_state_(self.optimizer, weight, reset.reshape(shape))
         explored = unpack_bits(self.explored[name], new.numel()) | new.reshape(-1)
         self.explored[name] = pack_bits(explored)
 
@@ -287,7 +300,8 @@ class SRigLUpdater:
         """
         state = checkpoint_state.updater_state(self)
         if self._sync is not None:
-            state["rank_grad_buffers"] = self._sync.gather_buffers(self._tap.buffers)
+            replicated = {n: b for n, b in self._tap.buffers.items() if n not in self._tap.sharded}
+            state["rank_grad_buffers"] = self._sync.gather_buffers(replicated)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -298,7 +312,8 @@ class SRigLUpdater:
     def close(self) -> None:
         """Remove the gradient and optimizer hooks (the model's gradients are no longer masked afterwards)."""
         self._tap.close()
-        self._step_hook.remove()
+        for hook in self._step_hooks:
+            hook.remove()
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -312,4 +327,5 @@ def _unwrapped(model: nn.Module) -> nn.Module:
 
 
 def _nonzero_outside(tensor: torch.Tensor, mask: torch.Tensor) -> bool:
-    return bool(torch.any((tensor != 0) & ~mask))
+    """Whether ``tensor`` (this rank's part, if sharded) is non-zero anywhere the whole ``mask`` is False."""
+    return bool(torch.any((local_part(tensor) != 0) & ~part_like(mask, tensor)))

@@ -6,18 +6,18 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from . import ddp_runs
+from . import distributed_runs as runs
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 
-RUNS = list(ddp_runs.RUNS) + list(ddp_runs.FOLDER_RUNS)
+RUNS = list(runs.RUNS) + list(runs.FOLDER_RUNS)
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    mp.start_processes(ddp_runs.worker, args=(2, str(out), RUNS), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(runs.worker, args=(2, str(out), RUNS), nprocs=2, join=True, start_method="spawn")
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
 
 
@@ -26,7 +26,7 @@ def differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[st
     return [name for name in a if not torch.equal(a[name], b[name])]
 
 
-@pytest.mark.parametrize("run", [name for name in ddp_runs.RUNS if name != "cnn-unsynchronised"])
+@pytest.mark.parametrize("run", [name for name in runs.RUNS if name != "cnn-unsynchronised"])
 def test_masks_and_weights_are_identical_on_every_rank_after_every_update(ranks, run):
     first, second = ranks[0][run], ranks[1][run]
     assert len(first) == len(second) == 3
@@ -35,6 +35,30 @@ def test_masks_and_weights_are_identical_on_every_rank_after_every_update(ranks,
     # the masks did move: an updater that never changed anything would pass the check above trivially
     masks = [name for name in first[0] if name.endswith(".mask")]
     assert any(not torch.equal(first[0][m], first[-1][m]) for m in masks)
+
+
+FSDP_TWINS = [("cnn-sgd-fsdp", "cnn-sgd"), ("cnn-adam-fsdp-accumulation", "cnn-adam-accumulation"),
+              ("cnn-set-fsdp", "cnn-set")]
+
+
+@pytest.mark.parametrize("sharded, replicated", FSDP_TWINS)
+def test_fsdp2_takes_the_same_masks_as_ddp(ranks, sharded, replicated):
+    """The same run under FSDP2 (sharded weights, masks whole, gradients recorded from the reduce-scattered shard)
+    and under DDP: the same masks after every update, the same weights up to the collectives' rounding."""
+    for update, (a, b) in enumerate(zip(ranks[0][sharded], ranks[0][replicated], strict=True)):
+        masks = [name for name in a if name.endswith(".mask")]
+        assert all(torch.equal(a[m], b[m]) for m in masks), f"update {update + 1}"
+        for name in a.keys() - masks:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=f"{name}, update {update + 1}")
+
+
+def test_an_fsdp2_run_resumed_from_full_state_dicts_is_bit_identical(ranks):
+    for rank in ranks:
+        run = rank["fsdp-resume"]
+        assert run["window"]  # the checkpoint was taken inside an open gradient window
+        assert len(run["full"]) == len(run["resumed"]) == 3
+        for update, (a, b) in enumerate(zip(run["full"], run["resumed"])):
+            assert not differing(a, b), f"update {update + 1}: {differing(a, b)}"
 
 
 def test_without_synchronisation_the_ranks_diverge(ranks):

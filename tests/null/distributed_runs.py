@@ -14,9 +14,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from srigl_compile import InvariantError, SRigLConfig, SRigLUpdater, sparse_layers, sparsify
+from srigl_compile.nn.sharding import whole
 from srigl_compile.recipes import load_checkpoint
 
 from .test_recipes_data import Stop
@@ -45,35 +48,78 @@ OPTIMIZERS = {
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Masks and whole parameters (gathered when FSDP2 shards them)."""
     masks = {f"{name}.mask": layer.mask.clone() for name, layer in sparse_layers(model)}
-    return masks | {name: p.detach().clone() for name, p in model.named_parameters()}
+    return masks | {name: whole(p.detach()).clone() for name, p in model.named_parameters()}
 
 
-def train(model_kind: str, optimizer: str, *, method: str = "srigl", sync: bool | None = None,
-          broadcast_buffers: bool = True, micro_batches: int = 1, grad_accumulation_n: int = 1) -> list[dict]:
-    rank = dist.get_rank()
+def shard(model: nn.Module) -> nn.Module:
+    """FSDP2 as a user applies it: each top-level child (a layer or a block) its own unit, then the root."""
+    for child in model.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child)
+    return fully_shard(model)
+
+
+def build(model_kind: str, optimizer: str, wrap: str, *, method: str = "srigl", sync: bool | None = None,
+          broadcast_buffers: bool = True, grad_accumulation_n: int = 1):
     factory, input_shape = MODELS[model_kind]
     torch.manual_seed(0)  # the same initial model everywhere, as a user's script would build it
     config = SRigLConfig(sparsity=0.8, distribution="uniform", delta_t=DELTA_T, method=method,
                          grad_accumulation_n=grad_accumulation_n, seed=0)
     sparse = sparsify(factory(), config, example_inputs=(torch.randn(2, *input_shape),))
-    ddp = DDP(sparse, broadcast_buffers=broadcast_buffers)
-    opt = OPTIMIZERS[optimizer](ddp.parameters())
-    updater = SRigLUpdater(ddp, opt, config, total_steps=STEPS, distributed=sync)
-    data = torch.Generator().manual_seed(100 + rank)  # every rank sees different data
+    forward = DDP(sparse, broadcast_buffers=broadcast_buffers) if wrap == "ddp" else shard(sparse)
+    opt = OPTIMIZERS[optimizer](forward.parameters())
+    updater = SRigLUpdater(forward, opt, config, total_steps=STEPS, distributed=sync)
+    return sparse, forward, opt, updater
+
+
+def batch(model_kind: str, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Different data on every rank, the same on a resumed run."""
+    data = torch.Generator().manual_seed(1000 * step + 10 * micro + dist.get_rank())
+    return torch.randn(8, *MODELS[model_kind][1], generator=data), torch.randint(0, 5, (8,), generator=data)
+
+
+def train(model_kind: str, optimizer: str, wrap: str = "ddp", *, micro_batches: int = 1, steps=range(STEPS),
+          built=None, **options) -> list[dict]:
+    sparse, forward, opt, updater = built or build(model_kind, optimizer, wrap, **options)
     snapshots = []
-    for _ in range(STEPS):
+    for step in steps:
         opt.zero_grad()
         for micro in range(micro_batches):
-            x = torch.randn(8, *input_shape, generator=data)
-            y = torch.randint(0, 5, (8,), generator=data)
-            quiet = ddp.no_sync() if micro < micro_batches - 1 else contextlib.nullcontext()
+            x, y = batch(model_kind, step, micro)
+            last = micro == micro_batches - 1
+            quiet = forward.no_sync() if wrap == "ddp" and not last else contextlib.nullcontext()
+            if wrap == "fsdp":
+                forward.set_requires_gradient_sync(last)
             with quiet:
-                F.cross_entropy(ddp(x), y).backward()
+                F.cross_entropy(forward(x), y).backward()
         opt.step()
         if updater.step():
             snapshots.append(snapshot(sparse))
     return snapshots
+
+
+def fsdp_resumed(out: str) -> dict:
+    """FSDP2, cut after step 5 (inside the window of the update after step 6 with grad_accumulation_n 2) and
+    resumed from full state dicts (torch.distributed.checkpoint.state_dict) written by rank 0."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    kwargs = {"grad_accumulation_n": 2}
+    full = train("cnn", "adam", "fsdp", **kwargs)
+    sparse, forward, opt, updater = built = build("cnn", "adam", "fsdp", **kwargs)
+    first = train("cnn", "adam", "fsdp", steps=range(5), built=built)
+    model_state, optim_state = get_state_dict(forward, opt, options=options)
+    checkpoint = {"model": model_state, "optimizer": optim_state, "updater": updater.state_dict()}
+    if dist.get_rank() == 0:
+        torch.save(checkpoint, Path(out) / "fsdp.pt")
+    dist.barrier()
+    saved = torch.load(Path(out) / "fsdp.pt", weights_only=False)
+    sparse, forward, opt, updater = built = build("cnn", "adam", "fsdp", **kwargs)
+    set_state_dict(forward, opt, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"],
+                   options=StateDictOptions(full_state_dict=True))
+    updater.load_state_dict(saved["updater"])
+    rest = train("cnn", "adam", "fsdp", steps=range(5, STEPS), built=built)
+    return {"full": full, "resumed": first + rest, "window": sorted(saved["updater"]["grad_buffers"])}
 
 
 def tampered_mask_is_caught() -> str:
@@ -117,15 +163,20 @@ def resumed_run(out: str) -> dict:
 
 RUNS = {
     "cnn-sgd": lambda: train("cnn", "sgd"),
+    "cnn-sgd-fsdp": lambda: train("cnn", "sgd", "fsdp"),
+    "cnn-adam-fsdp-accumulation": lambda: train("cnn", "adam", "fsdp", micro_batches=2, grad_accumulation_n=2),
+    "transformer-adam-fsdp": lambda: train("transformer", "adam", "fsdp"),
+    "cnn-set-fsdp": lambda: train("cnn", "sgd", "fsdp", method="set"),
     "cnn-adam": lambda: train("cnn", "adam"),
     "transformer-sgd": lambda: train("transformer", "sgd"),
     "transformer-adam": lambda: train("transformer", "adam", broadcast_buffers=False),
     "cnn-set": lambda: train("cnn", "sgd", method="set"),
     "cnn-no-sync-accumulation": lambda: train("cnn", "sgd", micro_batches=2, grad_accumulation_n=2),
+    "cnn-adam-accumulation": lambda: train("cnn", "adam", micro_batches=2, grad_accumulation_n=2),
     "cnn-unsynchronised": lambda: train("cnn", "sgd", sync=False),
 }
 # Runs that need a folder shared by the ranks.
-FOLDER_RUNS = {"resume": resumed_run}
+FOLDER_RUNS = {"resume": resumed_run, "fsdp-resume": fsdp_resumed}
 
 
 def worker(rank: int, world_size: int, out: str, runs: list[str]) -> None:
