@@ -13,6 +13,7 @@ from ..data import DATASETS, load_dataset
 from ..errors import CheckpointError
 from ..zoo import MODELS, build_model
 from . import friendly_errors, main
+from .torchrun import is_main_rank, torchrun_group, world_size
 from .options import FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, OPEN_FRACTION, POSITIVE, POSITIVE_INT
 
 METHODS = ("dense", "static", "set", "rigl", "srigl")
@@ -73,7 +74,19 @@ def train(model, data, data_dir, method, sparsity, distribution, delta_t, alpha,
     """Train a model dense or sparse (SRigL, RigL, SET, static) and save a checkpoint with masks.
 
     Example: srigl-compile train --model cnn --data digits --sparsity 0.9 --epochs 10 --out runs/cnn90
+
+    On N processes (DDP, each on its shard of the data, masks identical on every rank; rank 0 writes):
+    torchrun --nproc-per-node 2 -m srigl_compile train --model cnn --epochs 10 --out runs/cnn90
     """
+    with torchrun_group():
+        _train(model, data, data_dir, method, sparsity, distribution, delta_t, alpha, gamma_sal, no_ablation,
+               grad_accumulation_n, t_end_fraction, dense_layers, too_small, epochs, batch_size, lr, seed, out,
+               checkpoint_every, resume)
+
+
+def _train(model, data, data_dir, method, sparsity, distribution, delta_t, alpha, gamma_sal, no_ablation,
+           grad_accumulation_n, t_end_fraction, dense_layers, too_small, epochs, batch_size, lr, seed, out,
+           checkpoint_every, resume):
     from ..recipes import load_checkpoint, train_classifier
 
     config = make_config(method, sparsity, distribution, delta_t, alpha, gamma_sal, no_ablation,
@@ -84,7 +97,8 @@ def train(model, data, data_dir, method, sparsity, distribution, delta_t, alpha,
     checkpoint = Path(out) / "checkpoint.pt"
     state = load_checkpoint(checkpoint) if resume else None
     meta = {"model": model, "data": data, "method": method, "input_shape": list(dataset.input_shape),
-            "num_classes": dataset.num_classes, "config": config.to_dict() if config else None}
+            "num_classes": dataset.num_classes, "config": config.to_dict() if config else None,
+            "ranks": world_size()}
     if state is not None:
         check_same_run(checkpoint, state["meta"], meta)
     result = train_classifier(net, dataset, config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
@@ -92,6 +106,8 @@ def train(model, data, data_dir, method, sparsity, distribution, delta_t, alpha,
                               resume=state, meta=meta)
     metrics = {"accuracy": result.accuracy, "final_loss": result.losses[-1] if result.losses else None,
                "stats": result.updater.stats() if result.updater else None, **meta}
+    if not is_main_rank():
+        return
     Path(out, "metrics.json").write_text(json.dumps(metrics, indent=1))
     click.echo(f"{model} on {data}, {method}: test accuracy {result.accuracy:.4f}; checkpoint {checkpoint}")
 
@@ -99,6 +115,7 @@ def train(model, data, data_dir, method, sparsity, distribution, delta_t, alpha,
 def check_same_run(checkpoint: Path, saved: dict, ours: dict) -> None:
     """--resume continues the run the checkpoint holds: the model, data, method and sparsity settings must match."""
     pairs = [(key, saved.get(key), ours.get(key)) for key in ("model", "data", "method")]
+    pairs.append(("ranks", saved.get("ranks", 1), ours.get("ranks", 1)))  # steps per epoch depend on it
     saved_config, our_config = saved.get("config") or {}, ours.get("config") or {}
     pairs += [(key, saved_config.get(key), our_config.get(key)) for key in saved_config.keys() | our_config.keys()]
     differing = [f"{key} {old!r} (now {new!r})" for key, old, new in sorted(pairs, key=str) if old != new]

@@ -95,3 +95,28 @@ def test_each_rank_trains_on_its_own_distributed_sampler_shard(n):
     assert set(together.tolist()) == set(range(n))  # every sample, on one rank (one repeated when n is odd)
     assert len(set(shards[0].tolist()) & set(shards[1].tolist())) == n % 2
     assert not torch.equal(shards[0], _Ranks(0, 2).epoch_order(n, epoch=2, seed=0, generator=generator))
+
+
+def test_the_train_command_runs_under_torchrun_and_its_checkpoint_resumes_only_on_as_many_ranks(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from srigl_compile.cli import main
+    from srigl_compile.recipes import load_checkpoint
+
+    out = tmp_path / "run"
+    args = ["train", "--model", "mlp", "--epochs", "1", "--delta-t", "3", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                           "srigl_compile", *args], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("test accuracy") == 1  # rank 0 reports
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ranks"] == 2 and metrics["stats"]["step"] == 12  # ceil(ceil(1437 / 2) / 64) steps
+    assert len(load_checkpoint(out / "checkpoint.pt")["updater"]["rank_grad_buffers"]) == 2
+    alone = CliRunner().invoke(main, [*args, "--resume"])
+    assert alone.exit_code == 1 and "ranks 2 (now 1)" in alone.output
