@@ -2,7 +2,8 @@
 
 Fields: format, step, total_steps, config (dict), masks {layer: bool tensor}, plans {layer: dict}, generator
 (torch.Generator state), grad_buffers {layer: float32 tensor} (only mid-window), explored {layer: packed bits};
-distributed runs add rank_grad_buffers [one grad_buffers per rank] (each rank's own, not yet averaged, window).
+window_skips (steps of the open window the optimizer skipped); distributed runs add rank_grad_buffers [one
+grad_buffers per rank] (each rank's own, not yet averaged, window).
 
 ``load_updater_state`` checks every field against what the updater maintains (the mask invariants of each method,
 step in [0, total_steps], a generator state torch accepts, buffer and bit-array shapes) and raises a
@@ -54,6 +55,7 @@ def updater_state(updater: SRigLUpdater) -> dict[str, Any]:
         "grad_buffers": {name: whole_like(buf, updater.layers[name].weight).clone()
                          for name, buf in updater._tap.buffers.items()},
         "explored": {name: bits.clone() for name, bits in updater.explored.items()},
+        "window_skips": updater._window_skips,
     }
 
 
@@ -94,6 +96,11 @@ def _check_run(updater: SRigLUpdater, state: Mapping[str, Any]) -> None:
     step = state["step"]
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step <= updater.total_steps:
         raise _corrupt("step", f"{step!r} must be an int in [0, total_steps={updater.total_steps}]")
+    skips = state.get("window_skips", 0)  # absent in checkpoints older than the field
+    if isinstance(skips, bool) or not isinstance(skips, numbers.Integral) or not \
+            0 <= skips <= updater.config.grad_accumulation_n:
+        raise _corrupt("window_skips", f"{skips!r} must be an int in [0, grad_accumulation_n="
+                                       f"{updater.config.grad_accumulation_n}] (skipped steps of the open window)")
     try:  # on a scratch generator: a state torch refuses must not reach the updater's
         torch.Generator().set_state(state["generator"])
     except (RuntimeError, TypeError, ValueError) as err:
@@ -226,6 +233,7 @@ def load_updater_state(updater: SRigLUpdater, state: dict[str, Any], sync: RankS
         layer.apply_mask_()
     updater.step_count = int(state["step"])
     updater.generator.set_state(state["generator"])
+    updater._window_skips = int(state.get("window_skips", 0))
     updater._tap.buffers = {name: part_like(buf, updater.layers[name].weight).to(updater.layers[name].weight.device,
                                                                                  copy=True)
                             for name, buf in window.items()}

@@ -94,6 +94,7 @@ class SRigLUpdater:
         self.step_count = 0
         self.explored = {name: pack_bits(layer.mask) for name, layer in self.layers.items()}
         self._sync = resolve_rank_sync(distributed, process_group)
+        self._weights = {name: layer.weight for name, layer in self.layers.items()}
         self._tap = GradientTap(self.layers, self.config.grad_accumulation_n,
                                 loss_scale=grad_scaler.get_scale if grad_scaler is not None else None)
         self._optimizer_stepped = False
@@ -141,6 +142,7 @@ class SRigLUpdater:
         # No per-step weight masking: masked gradients and zero optimizer state keep masked weights exactly zero
         # under SGD/Adam/AdamW (weight decay of a zero is zero); check_invariants catches any optimizer that moves
         # them, loudly, at the next update.
+        self._check_weights_unchanged()
         self.step_count += 1
         self._record_step_gradient()
         updated = self.config.method is not Method.STATIC and self.schedule.is_update_step(self.step_count)
@@ -148,6 +150,15 @@ class SRigLUpdater:
             self._update(self.step_count)
         self._open_window()
         return updated
+
+    def _check_weights_unchanged(self) -> None:
+        """The hooks sit on the weights the updater was built with; wrapping that replaces them (fully_shard)
+        would leave the new ones unmasked and unrecorded."""
+        for name, layer in self.layers.items():
+            if layer.weight is not self._weights[name]:
+                raise ConfigError(f"layer {name!r}: its weight was replaced after the updater was built (by "
+                                  "fully_shard, or by assigning a new Parameter): build the optimizer and the "
+                                  "SRigLUpdater after wrapping the model")
 
     def _record_step_gradient(self) -> None:
         """The step's dense gradient joins the window only if the optimizer took the step (GradScaler skips

@@ -92,3 +92,36 @@ def test_all_steps_of_the_window_skipped_leaves_the_masks_with_a_warning():
         after, _, scored = run({3: "overflow", 4: "overflow"})
     assert not scored
     assert_same_masks(masks(before), masks(after))
+
+
+def test_skipped_steps_of_an_open_window_survive_a_checkpoint():
+    """Steps 3 and 4 both skipped, with a checkpoint between them: the resumed updater still knows step 3 was
+    skipped, so the update after step 4 is skipped with a warning instead of failing for want of gradients."""
+    model, config = sparse_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    updater = SRigLUpdater(model, opt, config, total_steps=40)
+    x, y = make_data("mlp", 0)
+    for t in range(1, 4):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if t != 3:  # step 3: backward but no optimizer step, as when a scaler skips it
+            opt.step()
+        updater.step()
+    state = updater.state_dict()
+    assert state["window_skips"] == 1
+    resumed = SRigLUpdater(model, opt, config, total_steps=40)
+    resumed.load_state_dict(state)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.warns(UserWarning, match="skipped all 2 steps"):
+        assert resumed.step()
+
+
+def test_an_updater_built_before_fully_shard_replaced_the_weights_says_so():
+    from srigl_compile import ConfigError
+
+    model, config = sparse_mlp()
+    updater = SRigLUpdater(model, torch.optim.SGD(model.parameters(), lr=0.1), config, total_steps=40)
+    model[2].weight = torch.nn.Parameter(model[2].weight.detach().clone())  # what fully_shard does to each weight
+    with pytest.raises(ConfigError, match="layer '2': its weight was replaced .* after wrapping"):
+        updater.step()

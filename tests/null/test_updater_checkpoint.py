@@ -103,6 +103,11 @@ def test_a_bad_generator_state_is_refused_before_masks_or_step_change(state, val
     assert_refused({**state, "generator": value}, "generator", match)
 
 
+@pytest.mark.parametrize("skips", [-1, 99, 1.0, True])
+def test_window_skips_must_be_an_int_within_the_window(state, skips):
+    assert_refused({**state, "window_skips": skips}, "window_skips", r"int in \[0, grad_accumulation_n=")
+
+
 @pytest.mark.parametrize("step", [-7, TOTAL + 1, 3.0, True, "7"])
 def test_step_must_be_an_int_within_the_run(state, step):
     assert_refused({**state, "step": step}, "step", r"int in \[0, total_steps=40\]")
