@@ -3,6 +3,8 @@
 Public API (``import srigl_compile`` never imports TVM nor touches CUDA):
 
     sparsify(model, config)                  -> model with masked constant-fan-in layers
+    prune(model, config, "magnitude"|"wanda", calibration) -> the same, masks from a trained model's weights
+    from_sparse_weights(model)               -> masks where an already-pruned model's weights are non-zero
     SRigLUpdater(model, optimizer, config, total_steps).step()   after every optimizer.step()
     sparse_layers(model)                     -> (name, layer) pairs
     condense(model)                          -> sparse layers as values/indices [n_active, k], ablated removed
@@ -29,6 +31,7 @@ from .errors import (
 from .passes.condense import condense
 from .passes.fold_batchnorm import fold_batchnorm
 from .passes.lower import lower
+from .passes.prune import from_sparse_weights, prune
 from .passes.sparsify import sparse_layers, sparsify
 from .serialization import load_lowered, save_lowered
 from .training.updater import SRigLUpdater
@@ -40,6 +43,8 @@ __all__ = [
     "Distribution",
     "Method",
     "sparsify",
+    "prune",
+    "from_sparse_weights",
     "sparse_layers",
     "SRigLUpdater",
     "condense",

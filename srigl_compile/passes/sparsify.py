@@ -86,12 +86,28 @@ def plan_layers(candidates: list[LayerCandidate], config: SRigLConfig) -> list[t
 
 
 class SparsifyPass(Pass):
-    """Rewrite the planned layers of a model (in place) into masked layers with random constant-fan-in masks."""
+    """Rewrite the planned layers of a model (in place) into masked layers with random constant-fan-in masks.
+
+    Subclasses choose the masks otherwise (``passes/prune.py``): ``plan`` the layers, ``prepare`` from the model
+    before anything changes, and give each layer its ``initial_mask``; ``reinit`` says whether kept weights are
+    redrawn.
+    """
 
     def __init__(self, config: SRigLConfig, filter_fn: FilterFn | None = None, example_inputs=None) -> None:
         self.config = config
         self.filter_fn = filter_fn
         self.example_inputs = example_inputs
+        self.reinit = config.reinit
+
+    def plan(self, candidates: list[LayerCandidate]) -> list[tuple[LayerCandidate, LayerPlan]]:
+        return plan_layers(candidates, self.config)
+
+    def prepare(self, model: nn.Module, plans: list[tuple[LayerCandidate, LayerPlan]]) -> None:
+        """Read what the masks need from the unchanged model (raise here, before any layer is rewritten)."""
+
+    def initial_mask(self, candidate: LayerCandidate, plan: LayerPlan, generator: torch.Generator) -> torch.Tensor:
+        """The layer's mask as a bool neuron view [n_out, fan_in]."""
+        return random_fan_in_mask(plan.n_out, plan.fan_in, plan.k0, generator)
 
     def requires(self, model: nn.Module) -> None:
         already = [name for name, m in model.named_modules() if is_masked(m)]
@@ -109,11 +125,12 @@ class SparsifyPass(Pass):
                 f"{type(model).__name__} has no layer sparsify can mask (Linear, Conv1d/2d/3d, MultiheadAttention "
                 "used by the forward and not tied or filtered out); see the warnings above for the layers it skipped"
             )
-        self.plans = plan_layers(candidates, self.config)
+        self.plans = self.plan(candidates)
+        self.prepare(model, self.plans)
         generator = torch.Generator().manual_seed(self.config.seed)
         for candidate, plan in self.plans:
-            mask = random_fan_in_mask(plan.n_out, plan.fan_in, plan.k0, generator)
-            if self.config.reinit:
+            mask = self.initial_mask(candidate, plan, generator)
+            if self.reinit:
                 std = math.sqrt(2.0 / plan.k0)
                 values = torch.randn(plan.n_out, plan.fan_in, generator=generator) * std
                 with torch.no_grad():
@@ -131,7 +148,11 @@ class SparsifyPass(Pass):
             plan = planned.pop(layer.srigl_plan.name, None)
             if plan is None:
                 raise LayerError(f"layer {name!r} is masked but was not planned")
-            check_constant_fan_in(layer.neuron_view(layer.mask), k=plan.k0, layer=name)
+            k, ablated = check_constant_fan_in(layer.neuron_view(layer.mask), layer=name)
+            n_active = plan.n_out - int(ablated.sum())
+            if (plan.protected and ablated.any()) or n_active == 0 or k != plan.budget // n_active:
+                raise LayerError(f"layer {name!r}: {n_active} active neurons of fan-in {k} do not fit its plan "
+                                 f"(budget {plan.budget}, protected {plan.protected})")
             if (layer.weight.detach()[~layer.mask] != 0).any():
                 raise LayerError(f"layer {name!r}: masked weights are not zero after sparsify")
         if planned:
