@@ -2,8 +2,8 @@
 
     python benchmarks/report.py [benchmarks/results] [--publish]
 
-Reads layers.json, models.json and training.json (whichever exist) from the folder, writes report.md and the PNGs
-next to them. ``--publish`` also copies the PNGs to benchmarks/img/ and puts report.md between the
+Reads layers.json, models.json, training.json and decoder.json (whichever exist) from the folder, writes report.md
+and the PNGs next to them. ``--publish`` also copies the PNGs to benchmarks/img/ and puts report.md between the
 ``<!-- generated -->`` markers of benchmarks/RESULTS.md (the prose around them is kept).
 """
 
@@ -28,7 +28,7 @@ STYLE = {"dense_compile": "C0", "csr": "C1", "structured": "C2", "gather": "C4",
 
 def load(folder: Path) -> dict[str, dict]:
     return {part: json.loads((folder / f"{part}.json").read_text())
-            for part in ("layers", "models", "training") if (folder / f"{part}.json").exists()}
+            for part in ("layers", "models", "training", "decoder") if (folder / f"{part}.json").exists()}
 
 
 def fmt_us(us: float) -> str:
@@ -131,6 +131,17 @@ def model_table(rows: list[dict]) -> list[str]:
                      f"{ms.get('masked')} | {ms.get('lowered')} | {ratio('speedup_vs_dense')} | "
                      f"{ratio('speedup_vs_dense_folded')} | {best_cell} | {ratio('speedup_vs_best_dense')} | "
                      f"{share(v.get('dense'))} | {share(low)} | {err:.1e} |")
+    return lines + [""]
+
+
+def decoder_table(rows: list[dict]) -> list[str]:
+    lines = ["| model | variant | batch | prompt + new tokens | generate() ms | tokens/s | vs dense | lowered tokens "
+             "== pruned |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        ratio = f"{row['speedup_vs_dense']:.2f}x" if "speedup_vs_dense" in row else "-"
+        check = ("yes" if row["check"]["passed"] else "NO") if "check" in row else "-"
+        lines.append(f"| {row['model']} | {row['variant']} | {row['batch']} | {row['prompt']} + {row['new_tokens']} | "
+                     f"{row['time_us']['median'] / 1e3:.0f} | {row['tokens_per_s']:.1f} | {ratio} | {check} |")
     return lines + [""]
 
 
@@ -264,6 +275,9 @@ def render(results: dict[str, dict], out: Path, image_prefix: str = "", level: i
     if "training" in results:
         lines += [f"{h} Training", "", provenance(results["training"]), ""]
         lines += training_table(results["training"]["rows"])
+    if "decoder" in results:
+        lines += [f"{h} Decoder pruned by Wanda (90%), greedy generate()", "", provenance(results["decoder"]), ""]
+        lines += decoder_table(results["decoder"]["rows"])
     return "\n".join(lines) + "\n"
 
 

@@ -1,11 +1,12 @@
-"""The benchmark suite's one entry point: layers, models and training; JSON, a markdown report and plots.
+"""The benchmark suite's one entry point: layers, models, training and a pruned decoder; JSON, a markdown report
+and plots.
 
     python benchmarks/run.py                      # the full run (~25 min on 2 cores) -> benchmarks/results/
     python benchmarks/run.py --quick              # CI smoke test: tiny shapes, correctness checks, < 1 min
     python benchmarks/run.py --only layers --layers vit_fc2 --sparsities 0.9 --batches 1 256
     python benchmarks/run.py --publish            # ... and update benchmarks/RESULTS.md and benchmarks/img/
 
-Writes layers.json, models.json, training.json (rows with machine, versions, threads and this command), report.md
+Writes layers.json, models.json, training.json, decoder.json (rows with machine, versions, threads and this command), report.md
 and PNG plots into --out. Exits with status 1 if any variant failed its correctness check.
 """
 
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS_DIR, TimerConfig, save_results, set_threads  # noqa: E402
 
-PARTS = ("layers", "models", "training")
+PARTS = ("layers", "models", "training", "decoder")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,6 +72,10 @@ def run_part(part: str, args: argparse.Namespace, config: TimerConfig) -> list[d
 
         inputs = [tuple(int(v) for v in pair.lower().split("x")) for pair in args.model_inputs or []]
         return run_models(pick(QUICK_MODELS if args.quick else MODELS, args.models, "models"), config, inputs)
+    if part == "decoder":
+        from decoder import DECODERS, QUICK_DECODERS, run_decoders
+
+        return run_decoders(list((QUICK_DECODERS if args.quick else DECODERS).values()), config)
     from bench_training import suite_rows
 
     return suite_rows(args.quick)

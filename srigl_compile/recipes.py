@@ -25,7 +25,7 @@ from torch.utils.data import DistributedSampler
 from .config import SRigLConfig
 from .data import ArrayData, load_digits
 from .errors import CheckpointError, TrainingError
-from .passes.sparsify import sparsify
+from .passes.sparsify import sparse_layers, sparsify
 from .training.updater import SRigLUpdater
 from .zoo import build_model
 
@@ -152,8 +152,8 @@ def train_classifier(
 ) -> TrainResult:
     """SGD (Nesterov momentum 0.9, weight decay 1e-4) with a cosine learning rate.
 
-    ``config=None`` trains dense; otherwise the model is sparsified with ``config`` and trained with an
-    SRigLUpdater. Every ``checkpoint_every`` steps (and at the end) a checkpoint goes to ``checkpoint_path``;
+    ``config=None`` trains dense; otherwise the model is sparsified with ``config`` (unless it has masked layers
+    already: a pruned model is fine-tuned with its masks) and trained with an SRigLUpdater. Every ``checkpoint_every`` steps (and at the end) a checkpoint goes to ``checkpoint_path``;
     ``resume`` (a ``load_checkpoint`` result) continues a run exactly where it stopped.
 
     Under torchrun (torch.distributed initialised) the model trains as DistributedDataParallel, each rank on its
@@ -162,7 +162,7 @@ def train_classifier(
     """
     torch.manual_seed(seed)
     ranks = _Ranks.current()
-    if config is not None:
+    if config is not None and not any(True for _ in sparse_layers(model)):  # a pruned model is fine-tuned as it is
         model = sparsify(model, config, example_inputs=(data.x_train[:2],))
     steps_per_epoch = -(-ranks.shard_size(len(data.y_train)) // batch_size)
     total = epochs * steps_per_epoch

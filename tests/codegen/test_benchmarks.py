@@ -26,14 +26,16 @@ def test_quick_mode(tmp_path):
     check_outputs(tmp_path)
     check_layer_rows(tmp_path)
     check_model_rows(tmp_path)
+    check_decoder_rows(tmp_path)
 
 
 def check_outputs(folder):
-    for name in ("layers.json", "models.json", "training.json", "report.md", "speedup_vs_sparsity_b1.png"):
+    for name in ("layers.json", "models.json", "training.json", "decoder.json", "report.md",
+                 "speedup_vs_sparsity_b1.png"):
         assert (folder / name).stat().st_size > 0, name
     assert list(folder.glob("speedup_vs_batch_*.png"))
     report = (folder / "report.md").read_text()
-    assert "## Layers" in report and "## Models" in report and "## Training" in report
+    assert "## Layers" in report and "## Models" in report and "## Training" in report and "## Decoder" in report
     assert "Quick mode" in report
 
 
@@ -65,3 +67,12 @@ def check_model_rows(folder):
         dense_times = [d["time_us"]["median"] for d in rows if d["variant"].startswith("dense")
                        and d["model"] == r["model"] and d["batch"] == r["batch"] and "time_us" in d]
         assert r["best_dense"]["median_us"] == min(dense_times)
+
+
+def check_decoder_rows(folder):
+    """The Wanda-pruned decoder: dense, pruned and lowered timed; the lowered model generated the pruned tokens."""
+    rows = json.loads((folder / "decoder.json").read_text())["rows"]
+    assert {r["variant"] for r in rows} == {"dense", "pruned", "lowered"}
+    lowered = next(r for r in rows if r["variant"] == "lowered")
+    assert lowered["check"]["passed"] and lowered["sparse_layers"] > 0
+    assert all(r["tokens_per_s"] > 0 for r in rows)

@@ -141,6 +141,21 @@ def test_a_pruned_model_fine_tunes_with_moving_or_fixed_masks():
         assert moved == (method == "srigl")
 
 
+def test_the_reference_loop_fine_tunes_a_pruned_model_with_its_masks():
+    from srigl_compile.data import teacher_student
+    from srigl_compile.recipes import train_classifier
+    from srigl_compile.zoo import build_model
+
+    data = teacher_student(n_train=256, n_test=64, seed=1)
+    torch.manual_seed(0)
+    config = SRigLConfig(sparsity=0.9, delta_t=2, method="static")
+    pruned = prune(build_model("mlp", data.input_shape, data.num_classes), config, "magnitude")
+    before = {name: layer.mask.clone() for name, layer in sparse_layers(pruned)}
+    result = train_classifier(pruned, data, config, epochs=1)
+    assert result.model is pruned  # trained as it is, not sparsified again
+    assert all(torch.equal(before[name], layer.mask) for name, layer in sparse_layers(pruned))
+
+
 # -- calibration norms -------------------------------------------------------------------------------------------
 def unfold_norms(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """The reference: im2col columns of each group, their L2 norm over batch x positions."""
