@@ -69,7 +69,7 @@ def run_decoders(specs: list[DecoderSpec], config: TimerConfig) -> list[dict]:
         tokens = {name: generate(model, prompt) for name, model in models.items()}
         same = torch.equal(tokens["lowered"], tokens["pruned"])
         layers = len(dict(sparse_layers(models["pruned"])))
-        times = {name: measure(lambda m=model: generate(m, prompt), config) for name, model in models.items()}
+        times = {name: measure(lambda m=model, p=prompt: generate(m, p), config) for name, model in models.items()}
         for name, time_us in times.items():
             row = {"model": spec.name, "spec": dataclasses.asdict(spec), "variant": name, "batch": BATCH,
                    "prompt": PROMPT, "new_tokens": NEW_TOKENS, "sparsity": SPARSITY, "sparse_layers": layers,

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config import Method, SRigLConfig
+from ..config import SRigLConfig
 from ..errors import CheckpointError, InvariantError, SRigLError
 from ..nn.sharding import part_like, whole_like
-from ..sparsity import check_constant_fan_in, row_counts
+from ..sparsity import check_constant_fan_in
 from .exploration import unpack_bits
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def _check_mask(updater: SRigLUpdater, name: str, layer: Any, mask: Any) -> None
         raise _corrupt("masks", f"{kind} is empty: no weight is active", name)
     if nnz > plan.budget:
         raise _corrupt("masks", f"holds {nnz} non-zeros, over the layer's budget of {plan.budget}", name)
-    if updater.config.method in (Method.SRIGL, Method.STATIC):
+    if updater.rule.constant_fan_in:
         _check_constant_fan_in(updater, name, layer, mask)
     elif nnz != plan.n_out * plan.k0:  # RigL / SET move weights, never change their number (sparsify's n_out x k0)
         raise _corrupt("masks", f"holds {nnz} non-zeros; {updater.config.method.value} keeps the initial "
@@ -148,7 +148,7 @@ def _check_constant_fan_in(updater: SRigLUpdater, name: str, layer: Any, mask: t
     except InvariantError as err:
         raise _corrupt("masks", f"is not constant fan-in ({err})", name) from None
     n_ablated = int(torch.count_nonzero(ablated))
-    can_ablate = updater.config.method is Method.SRIGL and updater.config.ablation and not plan.protected
+    can_ablate = updater.rule.may_ablate(updater.config, plan)
     if n_ablated and not can_ablate:
         why = "a protected (output) layer" if plan.protected else f"{updater.config.method.value} without ablation"
         raise _corrupt("masks", f"neurons {ablated.nonzero().flatten().tolist()[:5]} have no inputs, but {why} "

@@ -32,16 +32,13 @@ from ..sparsity import (
     Selection,
     UpdateSchedule,
     check_constant_fan_in,
-    gradient_grow_scores,
     magnitude_drop_scores,
-    random_grow_scores,
     row_counts,
-    srigl_select,
-    unstructured_select,
 )
 from . import checkpoint_state
 from ._grad_hooks import GradientTap
 from .exploration import pack_bits, unpack_bits
+from .methods import method_rule
 from .optim_state import reset_optimizer_state_, state_tensors
 from .rank_sync import resolve_rank_sync
 
@@ -85,6 +82,7 @@ class SRigLUpdater:
         self._check_optimizer(optimizer)
         self.optimizer = optimizer
         self.total_steps = total_steps
+        self.rule = method_rule(self.config.method)
         self.schedule = UpdateSchedule(
             self.config.delta_t, math.floor(self.config.t_end_fraction * total_steps), self.config.alpha,
             self.config.grad_accumulation_n,
@@ -109,7 +107,7 @@ class SRigLUpdater:
 
     @property
     def _needs_gradients(self) -> bool:
-        return self.config.method in (Method.SRIGL, Method.RIGL)
+        return self.rule.needs_gradients
 
     def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -121,7 +119,7 @@ class SRigLUpdater:
             )
 
     def _warn_if_never_updating(self) -> None:
-        if self.config.method is not Method.STATIC and self.schedule.next_update_step(1) is None:
+        if self.rule.updates and self.schedule.next_update_step(1) is None:
             warn_user(f"the masks will never be updated: the first update would come at step delta_t="
                       f"{self.config.delta_t}, but they freeze at T_end = t_end_fraction x total_steps = "
                       f"{self.config.t_end_fraction} x {self.total_steps} = {self.schedule.t_end}; this trains as "
@@ -145,7 +143,7 @@ class SRigLUpdater:
         self._check_weights_unchanged()
         self.step_count += 1
         self._record_step_gradient()
-        updated = self.config.method is not Method.STATIC and self.schedule.is_update_step(self.step_count)
+        updated = self.rule.updates and self.schedule.is_update_step(self.step_count)
         if updated:
             self._update(self.step_count)
         self._open_window()
@@ -177,7 +175,7 @@ class SRigLUpdater:
         """The layers whose masks change at step t. A layer that got no gradient in the window while others did
         does not reach the loss (a pooler whose output the loss ignores): with nothing to grow by, its mask stays,
         with a warning. No gradient anywhere is a training-loop mistake, raised by ``compute_scores``."""
-        if self.config.method is Method.SET:
+        if not self.rule.needs_gradients:
             return self.layers
         unused = [name for name in self.layers if not self._tap.has(name)]
         if not unused or len(unused) == len(self.layers):
@@ -192,23 +190,17 @@ class SRigLUpdater:
     def compute_scores(self, name: str, layer: nn.Module) -> LayerScores:
         """Drop and grow scores of one layer (a distributed trainer can average these across ranks)."""
         drop = magnitude_drop_scores(layer.neuron_view(whole(layer.weight)), layer.neuron_view(layer.mask))
-        if self.config.method is Method.SET:
-            return LayerScores(drop, random_grow_scores(drop.shape, self.generator))
-        dense_grad = self._tap.take(name)
-        if dense_grad is None:
+        dense_grad = self._tap.take(name) if self.rule.needs_gradients else None
+        if self.rule.needs_gradients and dense_grad is None:
             raise InvariantError(
                 f"layer {name!r}: no dense gradient was recorded before the mask update at step {self.step_count}; "
                 "call loss.backward() and optimizer.step() before every updater.step() (no layer got one)"
             )
-        return LayerScores(drop, gradient_grow_scores(layer.neuron_view(dense_grad), name))
+        grad_view = layer.neuron_view(dense_grad) if dense_grad is not None else None
+        return LayerScores(drop, self.rule.grow_scores(grad_view, drop.shape, name, self.generator))
 
     def select(self, layer: nn.Module, scores: LayerScores, drop_fraction: float) -> Selection:
-        mask = layer.neuron_view(layer.mask)
-        if self.config.method is Method.SRIGL:
-            plan = layer.srigl_plan
-            return srigl_select(mask, scores, plan.budget, drop_fraction,
-                                ablation=self.config.ablation and not plan.protected, gamma_sal=self.config.gamma_sal)
-        return unstructured_select(mask, scores, drop_fraction)
+        return self.rule.select(layer.neuron_view(layer.mask), scores, layer.srigl_plan, drop_fraction, self.config)
 
     def _update(self, t: int) -> None:
         if self._sync is not None and self._needs_gradients:
@@ -260,7 +252,7 @@ class SRigLUpdater:
         """Raise InvariantError unless every layer is consistent; called after every mask update."""
         for name, layer in self.layers.items():
             mask = layer.neuron_view(layer.mask)
-            if self.config.method in (Method.SRIGL, Method.STATIC):  # constant fan-in holds for both
+            if self.rule.constant_fan_in:
                 k, ablated = check_constant_fan_in(mask, layer=name)
                 plan = layer.srigl_plan
                 if k * int((~ablated).sum()) > plan.budget:
@@ -285,7 +277,7 @@ class SRigLUpdater:
             nnz, numel = int(counts.sum()), layer.mask.numel()
             explored = int(torch.count_nonzero(unpack_bits(self.explored[name], numel)))
             layers[name] = {
-                "k": int(counts.max()) if self.config.method is Method.SRIGL else None,
+                "k": int(counts.max()) if self.rule.method is Method.SRIGL else None,
                 "min_fan_in": int(counts[active].min()) if active.any() else 0,
                 "max_fan_in": int(counts.max()),
                 "fan_in": layer.srigl_plan.fan_in,

@@ -114,7 +114,7 @@ def fsdp_resumed(out: str) -> dict:
         torch.save(checkpoint, Path(out) / "fsdp.pt")
     dist.barrier()
     saved = torch.load(Path(out) / "fsdp.pt", weights_only=False)
-    sparse, forward, opt, updater = built = build("cnn", "adam", "fsdp", **kwargs)
+    _, forward, opt, updater = built = build("cnn", "adam", "fsdp", **kwargs)
     set_state_dict(forward, opt, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"],
                    options=StateDictOptions(full_state_dict=True))
     updater.load_state_dict(saved["updater"])
