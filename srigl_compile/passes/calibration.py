@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from .discover import LayerCandidate
 
-__all__ = ["calibration_batches", "collect_input_norms"]
+__all__ = ["calibration_batches", "collect_input_norms", "recalibrate_batchnorm_"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -133,15 +133,45 @@ def collect_input_norms(model: nn.Module, candidates: list[LayerCandidate], cali
             handle = c.owner.register_forward_pre_hook(_hook(c, sums[c.name]), with_kwargs=True)
             stack.callback(handle.remove)
         model.eval()
-        count = 0
-        for count, (args, kwargs) in enumerate(calibration_batches(calibration), start=1):
-            try:
-                model(*args, **kwargs)
-            except Exception as err:  # any error of the user's model: name the item, keep the cause
-                raise ConfigError(f"calibration input #{count} does not fit the model "
-                                  f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); pass "
-                                  "what the model's forward takes") from err
-        model.train(was_training)
+        try:
+            _forward_all(model, calibration)
+        finally:
+            model.train(was_training)
+    return {name: s.norms() for name, s in sums.items()}
+
+
+def _forward_all(model: nn.Module, calibration: Any) -> None:
+    count = 0
+    for count, (args, kwargs) in enumerate(calibration_batches(calibration), start=1):
+        try:
+            model(*args, **kwargs)
+        except Exception as err:  # any error of the user's model: name the item, keep the cause
+            raise ConfigError(f"calibration input #{count} does not fit the model "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); pass "
+                              "what the model's forward takes") from err
     if count == 0:
         raise ConfigError("calibration is empty: pass at least one batch of inputs")
-    return {name: s.norms() for name, s in sums.items()}
+
+
+@torch.no_grad()
+def recalibrate_batchnorm_(model: nn.Module, calibration: Any) -> int:
+    """Re-estimate every BatchNorm's running mean and variance over the calibration inputs (the cumulative
+    average, as if they were the training set), with the rest of the model in eval mode: pruning changes the
+    activations those statistics describe. Returns the number of BatchNorm modules updated."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every calibration batch counts alike
+        m.train()
+    try:
+        _forward_all(model, calibration)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return len(norms)

@@ -26,7 +26,7 @@ from ..sparsity import row_counts
 from ..sparsity.pruning import magnitude_scores, prune_to_fan_in, wanda_scores
 from ..sparsity.selection import top_per_row_mask
 from .as_linear import AsLinearPass
-from .calibration import collect_input_norms
+from .calibration import collect_input_norms, recalibrate_batchnorm_
 from .discover import FilterFn, LayerCandidate
 from .sparsify import SparsifyPass
 
@@ -141,8 +141,8 @@ def _prepared(model: nn.Module, config: SRigLConfig | None, inplace: bool, calle
 
 
 def prune(model: nn.Module, config: SRigLConfig | None = None, criterion: Criterion = "magnitude",
-          calibration: Any = None, *, ablation: bool = False, filter_fn: FilterFn | None = None,
-          example_inputs=None, inplace: bool = False) -> nn.Module:
+          calibration: Any = None, *, ablation: bool = False, recalibrate_batchnorm: bool = False,
+          filter_fn: FilterFn | None = None, example_inputs=None, inplace: bool = False) -> nn.Module:
     """Prune a trained model one-shot to constant fan-in: the masked model ``sparsify`` returns, with each neuron
     keeping its k best inputs and their trained values.
 
@@ -155,6 +155,8 @@ def prune(model: nn.Module, config: SRigLConfig | None = None, criterion: Criter
             or an iterable (list, DataLoader) of them. Feature norms are gathered in eval mode.
         ablation: also ablate neurons with fewer than ``config.gamma_sal`` x k0 weights among the layer's
             ``budget`` highest scores (SRigL's rule); their budget goes to the other neurons.
+        recalibrate_batchnorm: re-estimate BatchNorm running statistics over ``calibration`` after pruning (the
+            pruned layers' outputs no longer have the statistics the dense model's BatchNorms hold).
         filter_fn, example_inputs, inplace: as in ``sparsify``.
 
     Fine-tune the result with ``SRigLUpdater`` (masks keep moving) or ``method="static"`` (masks fixed), then
@@ -170,9 +172,14 @@ def prune(model: nn.Module, config: SRigLConfig | None = None, criterion: Criter
     """
     if criterion not in CRITERIA:
         raise ConfigError(f"criterion={criterion!r}; choose one of {list(CRITERIA)}")
+    if recalibrate_batchnorm and calibration is None:
+        raise ConfigError("recalibrate_batchnorm=True needs calibration inputs to estimate the statistics from")
     model, config = _prepared(model, config, inplace, "prune")
-    return PrunePass(config, criterion, calibration, ablation=ablation, filter_fn=filter_fn,
-                     example_inputs=example_inputs)(model).module
+    pruned = PrunePass(config, criterion, calibration, ablation=ablation, filter_fn=filter_fn,
+                       example_inputs=example_inputs)(model).module
+    if recalibrate_batchnorm:
+        recalibrate_batchnorm_(pruned, calibration)
+    return pruned
 
 
 def from_sparse_weights(model: nn.Module, config: SRigLConfig | None = None, *, rebalance: bool = False,

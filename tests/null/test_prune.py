@@ -156,6 +156,22 @@ def test_the_reference_loop_fine_tunes_a_pruned_model_with_its_masks():
     assert all(torch.equal(before[name], layer.mask) for name, layer in sparse_layers(pruned))
 
 
+def test_batchnorm_statistics_recalibrated_after_pruning_are_those_of_the_pruned_activations():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
+    x = torch.randn(16, 3, 8, 8)
+    with torch.no_grad():
+        net[1].running_mean.fill_(5.0)
+    pruned = prune(net, UNIFORM_90, "magnitude", calibration=[x[:8], x[8:]], recalibrate_batchnorm=True)
+    halves = [pruned[0](half).detach() for half in (x[:8], x[8:])]  # the cumulative average over the 2 batches
+    torch.testing.assert_close(pruned[1].running_mean, sum(h.mean(dim=(0, 2, 3)) for h in halves) / 2)
+    torch.testing.assert_close(pruned[1].running_var, sum(h.var(dim=(0, 2, 3)) for h in halves) / 2)
+    assert pruned[1].momentum == net[1].momentum and pruned.training == net.training
+    assert net[1].running_mean.eq(5.0).all()  # the original model is untouched
+    with pytest.raises(ConfigError, match="recalibrate_batchnorm=True needs calibration"):
+        prune(net, UNIFORM_90, "magnitude", recalibrate_batchnorm=True)
+
+
 # -- calibration norms -------------------------------------------------------------------------------------------
 def unfold_norms(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """The reference: im2col columns of each group, their L2 norm over batch x positions."""
