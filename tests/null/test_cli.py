@@ -1,5 +1,6 @@
 """The srigl-compile commands on tiny settings, the demo's report, and one-line errors for bad arguments."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -88,8 +89,11 @@ def test_lowering_a_dense_checkpoint_is_refused(runner, tmp_path):
 
 @pytest.mark.tvm
 def test_demo_report_holds_what_it_claims(runner, tmp_path):
+    from srigl_compile.cli.report import accuracy_series, neuron_series
+
     out = tmp_path / "demo"
-    result = runner.invoke(main, ["demo", "--epochs", "1", "--models", "mlp", "--out", str(out)])
+    result = runner.invoke(main, ["demo", "--epochs", "1", "--models", "mlp", "--hidden", "64", "--delta-t", "10",
+                                  "--out", str(out)])
     assert result.exit_code == 0, result.output
     for name in ("results.json", "summary.md", "accuracy.png", "loss.png", "layers.png", "latency.png"):
         assert (out / name).stat().st_size > 0, name
@@ -100,12 +104,28 @@ def test_demo_report_holds_what_it_claims(runner, tmp_path):
     assert all(r["max_abs_error"] < 1e-4 and r["same_predictions"] for r in results["latency"])
     summary = (out / "summary.md").read_text()
     assert "mlp/srigl" in summary and "![latency.png](latency.png)" in summary
+    # Accuracy over training: before training, then after each epoch, ending at the final accuracy.
+    for run, (epochs, accuracy) in accuracy_series(results).items():
+        assert epochs == [0, 1] and accuracy[-1] == results["accuracy"][run], run
+    # gamma_sal 0.95 (the default) ablates neurons: the plotted active-neuron series is not constant, ablations are
+    # counted, each layer's k grows as its budget goes to fewer neurons, and the output layer is never ablated.
+    series = neuron_series(results, "mlp")
+    assert series["1"]["steps"] == [0, 10, 20, 30, 40] and series["1"]["active"][0] == 64
+    hidden = [series[layer] for layer in ("1", "3")]
+    assert any(len(set(s["active"])) > 1 and sum(s["ablated"]) > 0 and max(s["k"]) > s["k"][0] for s in hidden)
+    assert [set(series[layer]["active"]) for layer in set(series) - {"1", "3"}] == [{10}]  # the output layer
+    for s in hidden:  # every count follows from the one before: active = before - newly ablated + revived
+        assert all(b == a - ab + rv for a, b, ab, rv in zip(s["active"], s["active"][1:], s["ablated"][1:],
+                                                            s["revived"][1:]))
+    assert [t["met"] for t in results["targets"]] == [r["speedup"] >= 2 for r in results["latency"]] + [
+        100 * (results["accuracy"]["mlp/dense"] - results["accuracy"]["mlp/srigl"]) <= 1.5]
+    assert "## Targets" in summary and results["args"]["data"] == "mnist"
 
 
 def test_table_on_tiny_settings(runner, tmp_path, monkeypatch):
     from srigl_compile.cli import table
 
-    monkeypatch.setitem(table.SETTINGS, "digits", (1, 5))
+    monkeypatch.setitem(table.SETTINGS, "digits", dataclasses.replace(table.SETTINGS["digits"], epochs=1, delta_t=5))
     result = runner.invoke(main, ["table", "--data", "digits", "--sparsities", "0.9", "--seeds", "2",
                                   "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -113,3 +133,25 @@ def test_table_on_tiny_settings(runner, tmp_path, monkeypatch):
     assert len(rows) == 2 + 5 * 2
     text = (tmp_path / "table.md").read_text()
     assert "SRigL w/ ablation" in text and "RigL: neurons with no inputs" in text and "±" in text
+
+
+def test_table_states_whether_the_teacher_is_representable(runner, tmp_path, monkeypatch):
+    from srigl_compile.cli import table
+    from srigl_compile.data import teacher_student
+
+    for name in ("teacher-representable", "teacher-unrepresentable"):
+        monkeypatch.setitem(table.SETTINGS, name, dataclasses.replace(table.SETTINGS[name], epochs=2, delta_t=4))
+    monkeypatch.setattr(table, "_load", lambda setting, seed: teacher_student(
+        n_train=640, n_test=128, seed=seed, fan_in=setting.teacher_fan_in))  # the full 8192 samples take minutes
+    result = runner.invoke(main, ["table", "--data", "teacher-representable,teacher-unrepresentable", "--seeds", "1",
+                                  "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "table.md").read_text()
+    # Student 32-128-10: ERK gives the first layer k = 4 / 2 / 1 at 80 / 90 / 95%; the teachers read 2 or 8 inputs.
+    assert "| representable: teacher fan-in (0: 2 / 2: 2) <= student k in every layer? | yes | yes |" in text
+    assert "| representable: teacher fan-in (0: 8 / 2: 8) <= student k in every layer? | no | no | no |" in text
+    assert "| SRigL k per sparse layer (w/o ablation) | 0: 4 / 2: 49 | 0: 2 / 2: 24 |" in text
+    rows = json.loads((tmp_path / "table.json").read_text())
+    srigl = [r for r in rows if r["label"] == "SRigL w/ ablation"]
+    assert len(srigl) == 5 and all(0 <= r["no_input_fraction"] < 1 for r in srigl)
+    assert all(r["no_input_fraction"] == 0 for r in rows if r["label"] == "SRigL w/o ablation")

