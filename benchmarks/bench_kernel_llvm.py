@@ -43,7 +43,8 @@ def make_layer(n_in: int, n_out: int, k: int):
 
 def variants(dense, values, indices, bias, handle, batch: int):
     """(label, fn) pairs, declared once; None where a variant is not run at this batch."""
-    from srigl_compile.codegen.kernel_op import DEFAULT_COL_THRESHOLD, condensed_linear
+    from srigl_compile.runtime.linear_op import condensed_linear
+    from srigl_compile.runtime.llvm_linear import DEFAULT_COL_THRESHOLD
 
     csr = dense.weight.detach().to_sparse_csr()
     packed = handle.pack(values, indices)
@@ -58,7 +59,7 @@ def variants(dense, values, indices, bias, handle, batch: int):
 
 
 def run(args) -> list[dict]:
-    from srigl_compile.codegen.kernel_op import build_condensed_linear
+    from srigl_compile.codegen.backends.llvm import build_condensed_linear
 
     rows = []
     for n_in, n_out, k in LAYERS:

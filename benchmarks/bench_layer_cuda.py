@@ -62,14 +62,14 @@ def masked_layer(n_in: int, n_out: int, sparsity: float, ablate: float, seed: in
 def build_handles(n_in: int = DEFAULT_LAYER[0], n_out: int = DEFAULT_LAYER[1],
                   sparsities=DEFAULT_SPARSITIES, ablate: float = 0.0) -> list:
     """Lower the benchmark's layers for sm_90 (no GPU needed); returns their CUDA kernel handles."""
-    from srigl_compile.codegen.kernel_op import get_handle
+    from srigl_compile.runtime.registry import get_handle
 
     return [get_handle(lower(masked_layer(n_in, n_out, s, ablate), target=BUILD_TARGET, dtype=dtype)[0].kernel_key)
             for s in sparsities for dtype in DTYPES.values()]
 
 
 def build_kernels(args, folder: Path) -> None:
-    from srigl_compile.codegen.kernel_io import export_kernels
+    from srigl_compile.runtime.kernel_io import export_kernels
 
     handles = build_handles(args.n_in, args.n_out, args.sparsities, args.ablate)
     export_kernels(handles, folder)
@@ -130,7 +130,7 @@ TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2}  # relative to the output
 
 
 def run(args) -> list[dict]:
-    from srigl_compile.codegen.kernel_op import get_handle
+    from srigl_compile.runtime.registry import get_handle
 
     bandwidth = copy_bandwidth()
     print(f"device-to-device copy: {bandwidth / 1e12:.2f} TB/s (read + write)")

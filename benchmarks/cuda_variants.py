@@ -131,11 +131,11 @@ def run(folder: Path, out: Path, shapes: list[str] | None, repeats: int, budget_
     import torch
     import torch.nn.functional as F
 
-    from srigl_compile.codegen._tvm_compat import import_tvm_runtime
-    from srigl_compile.codegen.cuda_build import _ensure_cuda_runtime, register_fatbin
+    from srigl_compile.runtime.cuda_linear import ensure_cuda_runtime, register_fatbin
+    from srigl_compile.runtime.tvm_runtime import import_tvm_runtime
 
     tvm = import_tvm_runtime()
-    _ensure_cuda_runtime(tvm)
+    ensure_cuda_runtime(tvm)
     results = []
     started = time.time()
     for entry in json.loads((folder / "manifest.json").read_text()):
@@ -239,8 +239,9 @@ def records(results_file: Path, cache: Path, arch: str = "sm_90") -> list[Path]:
     """Tuning records from a timing run: per shape, the fastest decode variant of each tile, the col variant
     fastest over the col batches, and the thresholds where col beats decode and expand + cuBLAS beats col.
     ``lower(target="cuda")`` then uses them for that shape (``codegen/cuda_records.lookup``)."""
-    from srigl_compile.codegen.cuda_records import CudaDispatch, CudaRecord, CudaVariants, write_record
-    from srigl_compile.codegen.cuda_rules import ColParams, DecodeParams
+    from srigl_compile.codegen.cuda_records import CudaRecord, write_record
+    from srigl_compile.runtime.cuda_params import ColParams, CudaDispatch, CudaVariants, DecodeParams
+    from srigl_compile.runtime.spec import KernelSpec
 
     data = json.loads(Path(results_file).read_text())
     written = []
@@ -274,8 +275,10 @@ def records(results_file: Path, cache: Path, arch: str = "sm_90") -> list[Path]:
         tiles = tuple(t for t, _ in decode)
         record = CudaRecord(CudaVariants(tuple(decode), ColParams(**by_symbol[col_symbol]["params"])),
                             CudaDispatch(tiles, col_from, dense_from, f"measured {data['environment']['gpu']}"))
-        written.append(write_record(cache, entry["n_out"], entry["n_in"], entry["k_pad"], entry["dtype"], arch,
-                                    record, {"results": str(results_file), **data["environment"]}))
+        # (a record is per padded shape and dtype: the index dtype and the bias do not name it)
+        spec = KernelSpec(entry["n_out"], entry["n_in"], entry["k_pad"], "int32", True, entry["dtype"])
+        written.append(write_record(cache, spec, arch, record, {"results": str(results_file),
+                                                                **data["environment"]}))
     return written
 
 

@@ -10,7 +10,7 @@ Inputs arrive on the variant's device. Every variant computes the same layer fro
 the active neurons only (what dropping ablated neurons alone buys) and is compared on those neurons' outputs.
 Variants marked ``mask_independent`` cost the same whatever the mask (dense products): they are checked for
 every mask but timed once per layer and batch. Convolutions run CSR and TVM dense on im2col rows (the lowered
-stride-1 convolution reads the padded input directly: ``codegen.conv_op``). ``lowered_cuda`` calls
+stride-1 convolution reads the padded input directly: ``runtime.conv_op``). ``lowered_cuda`` calls
 ``lower(target="cuda")`` only where torch sees a GPU.
 """
 

@@ -12,11 +12,16 @@ Contents:
     kernels/     every CUDA kernel the GPU tests and the GPU benchmark use, prebuilt for sm_90 (library, CUDA
                  source, nvcc fatbin, manifest), so lower() finds them and compiles nothing there
     run.sh       installs the wheels into .gpu_bundle/site (once), sets the environment and runs its arguments
+
+srigl_compile itself comes from the repository (run.sh puts it on the path). What runs a lowered model there is
+the package ``srigl_compile.runtime``: the build imports every module of it under the bundle's runtime-only TVM
+(``check_runtime_package``), so a module that needs the compiler fails here, not on the GPU machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -69,9 +74,9 @@ def build_kernels(out: Path) -> int:
     import bench_layer_cuda
 
     from srigl_compile import lower
-    from srigl_compile.codegen.kernel_io import export_kernels
-    from srigl_compile.codegen.kernel_op import get_handle
     from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
+    from srigl_compile.runtime.kernel_io import export_kernels
+    from srigl_compile.runtime.registry import get_handle
     from tests.gpu.cases import DTYPES, TARGET, cases
 
     handles = bench_layer_cuda.build_handles()  # the benchmark's default layers and sparsities
@@ -88,6 +93,22 @@ def build_kernels(out: Path) -> int:
     return len({h.key for h in handles})
 
 
+def check_runtime_package(out: Path) -> None:
+    """Import every module of ``srigl_compile.runtime`` (found by walking the package, not listed) with the
+    bundle's runtime-only TVM and load the bundle's kernels with it; none of it may need the compile side."""
+    code = ("import importlib, pkgutil, sys\n"
+            "import srigl_compile.runtime as runtime\n"
+            "for module in pkgutil.walk_packages(runtime.__path__, 'srigl_compile.runtime.'):\n"
+            "    importlib.import_module(module.name)\n"
+            "from srigl_compile.runtime.kernel_io import load_kernels\n"
+            f"assert load_kernels({str(out / 'kernels')!r})\n"
+            "compile_side = [m for m in sys.modules if m.startswith('srigl_compile.codegen.')\n"
+            "                and m != 'srigl_compile.codegen.scratch']  # (an alias of runtime.scratch)\n"
+            "assert not compile_side, f'the runtime imported {compile_side}'\n")
+    env = {**os.environ, "PYTHONPATH": f"{out}{os.pathsep}{ROOT}", "TVM_USE_RUNTIME_LIB": "1"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / ".gpu_bundle")
@@ -99,6 +120,7 @@ def main() -> None:
     if not args.skip_wheels:
         download_wheels(args.out, args.python_version)
     count = build_kernels(args.out)
+    check_runtime_package(args.out)
     (args.out / "run.sh").write_text(RUN_SH)
     (args.out / "run.sh").chmod(0o755)
     size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file()) / 2**20

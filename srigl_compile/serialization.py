@@ -2,7 +2,7 @@
 
 A saved model is a folder:
     model.pt        the module (torch.save of the whole nn.Module; lowered layers hold only tensors and a key)
-    kernels/        every compiled kernel library with its manifest and SHA-256s (``codegen.kernel_io``)
+    kernels/        every compiled kernel library with its manifest and SHA-256s (``runtime.kernel_io``)
     manifest.json   format, versions, the model file's SHA-256, the kernel keys it needs
 
 Loading checks the manifests and hashes, registers the kernel libraries, then loads the module and checks that
@@ -46,8 +46,8 @@ def save_lowered(model: nn.Module, path) -> Path:
     """
     from importlib.metadata import version
 
-    from .codegen.kernel_io import as_folder, export_kernels
-    from .codegen.kernel_op import get_handle
+    from .runtime.kernel_io import as_folder, export_kernels
+    from .runtime.registry import get_handle
 
     path = as_folder(path, "save_lowered writes a folder (model.pt, manifest.json, kernels/)", CheckpointError)
     keys = sorted({layer.kernel_key for _, layer in _lowered_layers(model) if layer.n_active})
@@ -79,7 +79,7 @@ def _read_manifest(path: Path) -> dict:
 
 def load_lowered(path) -> nn.Module:
     """Load a folder written by ``save_lowered``; no compiler runs."""
-    from .codegen.kernel_io import as_folder, load_kernels
+    from .runtime.kernel_io import as_folder, load_kernels
 
     path = as_folder(path, "load_lowered reads the folder save_lowered wrote", CheckpointError)
     manifest = _read_manifest(path)

@@ -20,7 +20,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from srigl_compile.codegen.kernel_op import build_condensed_linear, condensed_linear  # noqa: E402
+from srigl_compile.codegen.backends.llvm import build_condensed_linear  # noqa: E402
+from srigl_compile.runtime.linear_op import condensed_linear  # noqa: E402
 
 LAYERS = {"fc2": (768, 3072, 307), "fc1": (3072, 768, 76), "qkv": (2304, 768, 76)}  # (n_out, n_in, k)
 

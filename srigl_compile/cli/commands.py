@@ -161,11 +161,8 @@ def lower(checkpoint, target, dtype, out, tune):
 
     sparse, meta = model_from_checkpoint(checkpoint)
     example = torch.randn(4, *meta["input_shape"])
-    if target.startswith("cuda:"):
-        target_arg = {"kind": "cuda", "arch": target.split(":", 1)[1]}
-    else:
-        target_arg = target
-    lowered = lower_model(sparse, target=target_arg, tune=tune, example_inputs=(example,), dtype=getattr(torch, dtype))
+    # ("cuda:sm_90" and the other target forms are parsed by lower's target parser, codegen/target.py)
+    lowered = lower_model(sparse, target=target, tune=tune, example_inputs=(example,), dtype=getattr(torch, dtype))
     device = next(lowered.buffers()).device
     if device.type == "cpu" and target != "llvm":
         check = "not checked here (no CUDA device): check it on the GPU machine"

@@ -1,7 +1,7 @@
 """CUDA condensed kernels: definitions (TE / TIR), and ahead-of-time compilation to fatbins with nvcc.
 
-One layer shape gets three kernels, one per regime (``cuda_rules`` schedules them; ``cuda_build`` picks one per
-call by batch size):
+One layer shape gets three kernels, one per regime (``cuda_rules`` schedules them; ``runtime.cuda_linear`` picks
+one per call by batch size):
 
     decode (batch 1..~32): y[b, o] = bias[o] + sum_r w[o, r] * xs[idx[o, r], b]     x [B, n_in], y [B, n_out]
         ``xs`` is a static tile of ``tile`` batch columns of x, transposed to [n_in, tile] (zero past B) and staged

@@ -22,8 +22,7 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-
+from ..runtime.cuda_params import ColParams, DecodeParams
 from ._tvm_compat import import_tvm
 
 __all__ = ["DecodeParams", "ColParams", "DecodeRule", "ColRule", "STAGE_BUDGET", "DTYPE_BYTES",
@@ -34,25 +33,6 @@ __all__ = ["DecodeParams", "ColParams", "DecodeRule", "ColRule", "STAGE_BUDGET",
 STAGE_BUDGET = 96 * 1024
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 EXPAND_SHARED_BYTES = 48 * 1024  # the expand kernel's zeroed rows: static shared memory limit
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeParams:
-    """warps: rows of a block (a warp each: more rows share one staged x); vec: fan-in positions a lane loads at
-    once; stage: x staged in shared memory (else read through L1; tile 1 only)."""
-
-    warps: int = 16
-    vec: int = 8
-    stage: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class ColParams:
-    """threads: batch columns a block; rows: output rows a thread; unroll: fan-in steps unrolled."""
-
-    threads: int = 64
-    rows: int = 1
-    unroll: int = 8
 
 
 def decode_fits(n_in: int, tile: int, dtype: str, params: DecodeParams) -> bool:

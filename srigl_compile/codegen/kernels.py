@@ -11,7 +11,7 @@
                                x [B, L]: one zero-padded image per row, flattened [C, Hx, Wp]; off[o, r] is where
                                the r-th input (channel, kernel row, kernel column) of output o starts in it, so the
                                output positions q = t * lanes + l run over the padded grid [OH, Wp] (see
-                               ``conv_op``): each non-zero reads ``lanes`` contiguous floats, no im2col copy
+                               ``runtime.conv_op``): each non-zero reads ``lanes`` contiguous floats, no im2col copy
 
 ``w``, ``idx`` and ``bias`` are runtime arguments, so one compiled kernel serves every layer of a shape. The batch
 is symbolic (``B``, or ``NT`` tiles of ``lanes`` columns: the caller pads the batch to a multiple of ``lanes``).
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from ._tvm_compat import import_tvm
 
-__all__ = ["row_kernel", "col_kernel", "pack_kernel", "offset_kernel", "kernel_symbol", "index_words",
+__all__ = ["row_kernel", "col_kernel", "pack_kernel", "offset_kernel", "index_words",
            "fused_pack_supported", "ROW_SYMBOL", "COL_SYMBOL", "INDEX_DTYPES"]
 
 ROW_SYMBOL = "srigl_condensed_row"
@@ -48,11 +48,6 @@ _INDEX_BITS = {"int16": 16, "int32": 32}
 def index_words(index_dtype: str) -> int:
     """Indices per 64-bit word of the row kernel's index operand (4 int16, 2 int32)."""
     return 64 // _INDEX_BITS[index_dtype]
-
-
-def kernel_symbol(layout: str, n_out: int, n_in: int, k: int, index_dtype: str, has_bias: bool) -> str:
-    """A global symbol unique per layout and shape, so several kernels can live in one library."""
-    return f"srigl_{layout}_o{n_out}_i{n_in}_k{k}_{index_dtype}_{'b' if has_bias else 'nb'}"  # pack: same key
 
 
 def _check(n_out: int, n_in: int, k: int, index_dtype: str) -> None:
@@ -198,7 +193,7 @@ def offset_kernel(n_out: int, k: int, lanes: int, has_bias: bool, symbol: str, b
     y[B, n_out, NT, lanes])``: a stride-1 convolution read straight from the padded input; the caller guarantees
     ``off + NT * lanes <= L``.
 
-    w and off are [n_out, k] blocked in the order a task reads them (``kernel_op.block_rows``): row block c holds
+    w and off are [n_out, k] blocked in the order a task reads them (``runtime.spec.block_rows``): row block c holds
     rows c * block_rows ... (zero rows pad the last block), k-tile by k-tile. Row-major [n_out, k] made a task read
     ``block_rows`` strided streams per operand at once, which the prefetchers could not follow and which aliased in
     L1 (1.1-2x slower, hot or cold). Every size but n_out and k is a runtime argument, so one kernel serves a layer

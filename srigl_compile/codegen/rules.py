@@ -33,33 +33,13 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from ..runtime.llvm_params import ColParams, RowParams
 from ._tvm_compat import import_tvm
 
 __all__ = ["RowParams", "ColParams", "RowRule", "ColRule", "PackRule", "OffsetRule", "RULES", "schedule", "layout_of"]
-
-
-
-@dataclasses.dataclass(frozen=True)
-class RowParams:
-    """vec: k-inner vector width (must divide k); chunk: output rows per parallel task; unroll: ko unroll steps."""
-
-    vec: int = 8
-    chunk: int = 32
-    unroll: int = 16
-
-
-@dataclasses.dataclass(frozen=True)
-class ColParams:
-    """rows: output rows per task; kin: k-inner tile (divides k); rin: rows interleaved; lanes: batch tile width."""
-
-    rows: int = 32
-    kin: int = 8
-    rin: int = 1
-    lanes: int = 64
 
 
 def layout_of(func) -> str:

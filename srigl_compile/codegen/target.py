@@ -1,67 +1,79 @@
-"""Lowering targets: names and dicts in, a TVM target dict out; unknown targets are a clear error.
+"""Lowering targets: a name, "kind:arch", a dict or a config in; a checked config and its backend out.
 
-"llvm" detects the host CPU and names it (``mcpu: native`` would silently compile for a generic x86 without
-AVX2/AVX-512). "cuda" builds for this machine's GPU when there is one, else machine code for sm_80 and sm_90 (A100,
-H100/H200) plus PTX that newer GPUs compile when they load it; ``{"kind": "cuda", "arch": "sm_90"}`` builds for one
-arch, and a ``fatbin_archs`` list adds machine code for more.
+    "llvm"                      the host CPU, detected and named (``mcpu: native`` would silently compile for a
+                                generic x86 without AVX2/AVX-512)
+    "cuda"                      this machine's GPU when there is one, else machine code for sm_80 and sm_90 + PTX
+    "cuda:sm_90"                one arch: {"kind": "cuda", "arch": "sm_90"}
+    {"kind": ..., ...}          a TVM target dict of a supported kind
+    LlvmConfig(...), CudaConfig(...)   a backend's frozen config (``codegen.backends``)
+
+Unknown targets are ``UnsupportedTargetError`` listing the supported kinds.
 
 Example:
+    >>> parse_target("cuda:sm_90")
+    ('cuda', {'kind': 'cuda', 'arch': 'sm_90'})
     >>> resolve_target("llvm")["kind"]   # doctest: +SKIP
     'llvm'
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import UnsupportedTargetError
+import torch
 
-__all__ = ["SUPPORTED_TARGETS", "resolve_target"]
+from ..errors import LoweringError, UnsupportedTargetError
+from .backends import BACKENDS, Backend, TargetConfig
 
-SUPPORTED_TARGETS = {"llvm": "x86 / ARM CPUs through LLVM (host CPU detected)",
-                     "cuda": "NVIDIA GPUs (built ahead of time with nvcc; runs where CUDA is available)"}
-_ARCH = re.compile(r"^sm_\d{2,3}[a-z]?$")
+__all__ = ["SUPPORTED_TARGETS", "parse_target", "resolve_target", "lowering_config"]
+
+SUPPORTED_TARGETS = {kind: backend.description for kind, backend in BACKENDS.items()}
+# lower()'s keyword options and their defaults (a config object carries its own)
+OPTION_DEFAULTS = {"tune": False, "cache_dir": None, "col_threshold": None, "progress": True,
+                   "dtype": torch.float32}
 
 
-def resolve_target(target: str | Mapping[str, Any]) -> dict[str, Any]:
-    """A TVM target dict for ``target`` ("llvm", "cuda" or a dict with a supported "kind")."""
+def parse_target(target: str | Mapping[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    """(kind, the target dict given, or None for the kind's default).
+
+    Raises:
+        UnsupportedTargetError: not a supported kind (the message lists them).
+    """
     if isinstance(target, Mapping):
-        kind = target.get("kind")
-        resolved = dict(target)
+        kind, given = target.get("kind"), dict(target)
     elif isinstance(target, str):
-        kind, resolved = target, None
+        kind, _, arch = target.partition(":")
+        given = {"kind": kind, "arch": arch} if arch else None
     else:
-        kind, resolved = None, None
-    if kind not in SUPPORTED_TARGETS:
+        kind, given = None, None
+    if kind not in BACKENDS:
         listing = "; ".join(f"{name!r}: {what}" for name, what in SUPPORTED_TARGETS.items())
         raise UnsupportedTargetError(f"unknown target {target!r}; supported: {listing}, or a TVM target dict with "
                                      "one of those kinds")
-    if kind == "cuda":
-        return _cuda_target(resolved)
-    from .cpu_target import check_llvm_target, host_llvm_target
-
-    return host_llvm_target() if resolved is None else check_llvm_target(resolved)
+    return kind, given
 
 
-def _cuda_target(given: dict[str, Any] | None) -> dict[str, Any]:
-    if given is None:
-        import torch
+def resolve_target(target: str | Mapping[str, Any]) -> dict[str, Any]:
+    """A checked TVM target dict for ``target`` ("llvm", "cuda", "cuda:sm_90" or a dict of a supported kind)."""
+    kind, given = parse_target(target)
+    return BACKENDS[kind].resolve_target(given)
 
-        if torch.cuda.is_available():
-            arch = "sm_%d%d" % torch.cuda.get_device_capability()
-            return {"kind": "cuda", "arch": arch, "fatbin_archs": [arch]}
-        from .cuda_build import DEFAULT_FATBIN_ARCHS
 
-        return {"kind": "cuda", "arch": DEFAULT_FATBIN_ARCHS[0], "fatbin_archs": list(DEFAULT_FATBIN_ARCHS)}
-    arch = given.get("arch")
-    archs = list(given.get("fatbin_archs") or [arch])
-    unknown = set(given) - {"kind", "arch", "fatbin_archs"}
-    if not isinstance(arch, str) or not all(isinstance(a, str) and _ARCH.match(a) for a in [arch, *archs]):
-        raise UnsupportedTargetError(f"a CUDA target needs an 'arch' such as 'sm_90' (and optional 'fatbin_archs' "
-                                     f"of the same form); got {dict(given)!r}")
-    if unknown:
-        raise UnsupportedTargetError(f"unknown CUDA target keys {sorted(unknown)}; supported: kind, arch, "
-                                     "fatbin_archs")
-    return {"kind": "cuda", "arch": arch, "fatbin_archs": sorted(set([arch, *archs]))}
+def lowering_config(target: str | Mapping[str, Any] | TargetConfig, **options) -> tuple[Backend, TargetConfig]:
+    """The backend and checked config for ``lower(model, target, **options)``.
+
+    Raises:
+        UnsupportedTargetError: an unknown target. LoweringError: a dtype or option the backend does not have,
+            or a config given together with keyword options (they belong in the config).
+    """
+    if isinstance(target, TargetConfig):
+        given = sorted(name for name, value in options.items() if value != OPTION_DEFAULTS[name])
+        if given:
+            raise LoweringError(f"lower() got a {type(target).__name__} and the options {given}: set them in the "
+                                "config")
+        backend = BACKENDS[target.kind]
+        return backend, backend.checked(target)
+    kind, given = parse_target(target)
+    backend = BACKENDS[kind]
+    return backend, backend.config(given, **options)

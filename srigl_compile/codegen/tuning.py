@@ -7,9 +7,12 @@ the rule's ``space`` when ``tune=True`` (then stored), else the rule's default. 
 into one library and keeps it for the life of the process, so repeated layers compile once;
 ``compile_offset_kernel`` does the same for a convolution's direct (offset) kernel.
 
+Everything here is keyed by a ``KernelSpec``'s padded shape: layers whose k differ but round up to the same
+``k_pad`` share records and compiled libraries.
+
 Example:
-    >>> shape = KernelShape(768, 3072, 312, "int16", True)
-    >>> params = select_params(shape, "row", host_llvm_target(), tune=True)   # doctest: +SKIP
+    >>> spec = KernelSpec(768, 3072, 307, "int16", True)
+    >>> params = select_params(spec, "row", host_llvm_target(), tune=True)   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -28,50 +31,45 @@ import numpy as np
 import torch
 
 from ..errors import LoweringError
+from ..runtime.conv_geometry import column_offsets, direct_plan
+from ..runtime.cpu_features import missing_host_features
+from ..runtime.spec import MID_LANES, KernelSpec, block_rows, target_key
 from ._tvm_compat import import_tvm
-from .cpu_target import has_bit_extract, missing_host_features, target_key
-from .conv_geometry import column_offsets, direct_plan
-from .kernel_op import MID_LANES, block_rows
-from .kernels import col_kernel, fused_pack_supported, kernel_symbol, offset_kernel, pack_kernel, row_kernel
+from .cpu_target import has_bit_extract
+from .kernels import col_kernel, fused_pack_supported, offset_kernel, pack_kernel, row_kernel
 from .rules import RULES, ColParams, RowParams
 
-__all__ = ["KernelShape", "TuningRecords", "default_cache_dir", "select_params", "tune_layout", "compile_kernels",
-           "compile_offset_kernel",
-           "record_key", "TIMING_BATCH", "mid_params"]
+__all__ = ["TuningRecords", "default_cache_dir", "select_params", "tune_layout", "compile_kernels",
+           "compile_offset_kernel", "kernel_func", "pack_func", "TIMING_BATCH", "mid_params"]
 
 log = logging.getLogger(__name__)
 
-OP_NAME = "condensed_linear"
 TIMING_BATCH = {"row": 1, "col": 256, "offset": 1}  # the batch each layout is timed at while tuning
 _PARAMS = {"row": RowParams, "col": ColParams, "offset": ColParams}
 TIMING_IMAGE = 14  # the offset (direct conv) layout is timed on 14x14 images (ResNet stage 3)
 
 
-@dataclasses.dataclass(frozen=True)
-class KernelShape:
-    """What a compiled kernel depends on (k is the kernel's k, after any padding)."""
+def kernel_func(spec: KernelSpec, layout: str, params, target: Mapping[str, Any]):
+    """The unscheduled PrimFunc of one layout ("row", "col", "fused", "offset") for the padded shape."""
+    k = spec.k_pad
+    if layout == "row":
+        return row_kernel(spec.n_out, spec.n_in, k, spec.index_dtype, spec.has_bias, spec.symbol("row"),
+                          bit_extract=has_bit_extract(target))
+    if layout == "offset":
+        return offset_kernel(spec.n_out, k, params.lanes, spec.has_bias, spec.symbol("offset"), params.rows,
+                             params.kin)
+    return col_kernel(spec.n_out, spec.n_in, k, spec.index_dtype, params.lanes, spec.has_bias, spec.symbol(layout),
+                      tiles_first=True, fused_pack=layout == "fused")
 
-    n_out: int
-    n_in: int
-    k: int
-    index_dtype: str
-    has_bias: bool
 
-    def symbol(self, layout: str) -> str:
-        return kernel_symbol(layout, self.n_out, self.n_in, self.k, self.index_dtype, self.has_bias)
+def pack_func(spec: KernelSpec, lanes: int, layout: str = "pack"):
+    """x [B, n_in] -> [B / lanes, n_in, lanes] tiles, named ``spec.symbol(layout)``."""
+    return pack_kernel(spec.n_in, lanes, spec.symbol(layout))
 
-    def pack_func(self, lanes: int):
-        return pack_kernel(self.n_in, lanes, self.symbol("pack"))
 
-    def func(self, layout: str, params, target: Mapping[str, Any]):
-        if layout == "row":
-            return row_kernel(self.n_out, self.n_in, self.k, self.index_dtype, self.has_bias, self.symbol("row"),
-                              bit_extract=has_bit_extract(target))
-        if layout == "offset":
-            return offset_kernel(self.n_out, self.k, params.lanes, self.has_bias, self.symbol("offset"),
-                                 params.rows, params.kin)
-        return col_kernel(self.n_out, self.n_in, self.k, self.index_dtype, params.lanes, self.has_bias,
-                          self.symbol(layout), tiles_first=True, fused_pack=layout == "fused")
+def _padded(spec: KernelSpec) -> tuple:
+    """What a CPU library depends on: the shape with k padded (not the real k, nor a convolution's tile)."""
+    return spec.n_out, spec.n_in, spec.k_pad, spec.index_dtype, spec.has_bias
 
 
 def default_cache_dir() -> Path:
@@ -79,12 +77,6 @@ def default_cache_dir() -> Path:
     if os.environ.get("SRIGL_COMPILE_CACHE"):
         return Path(os.environ["SRIGL_COMPILE_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "srigl_compile" / "tuning"
-
-
-def record_key(shape: KernelShape, layout: str, target: Mapping[str, Any]) -> str:
-    bias = "bias" if shape.has_bias else "nobias"
-    return (f"{OP_NAME}|{layout}|o{shape.n_out}|i{shape.n_in}|k{shape.k}|{shape.index_dtype}|{bias}|"
-            f"{target_key(target)}")
 
 
 class TuningRecords:
@@ -126,10 +118,10 @@ def _build(funcs: dict[str, Any], target: Mapping[str, Any]):
     return tvm.compile(mod, target=tvm.target.Target(dict(target)))
 
 
-def _scheduled(shape: KernelShape, layout: str, params, target):
-    sch = RULES[layout].apply(shape.func(layout, params, target), target, params)
+def _scheduled(spec: KernelSpec, layout: str, params, target):
+    sch = RULES[layout].apply(kernel_func(spec, layout, params, target), target, params)
     if sch is None:
-        raise ValueError(f"the {layout} rule declines {params} for {shape}")
+        raise ValueError(f"the {layout} rule declines {params} for {spec}")
     return sch.mod["main"]
 
 
@@ -140,83 +132,84 @@ def mid_params(col: ColParams) -> ColParams:
     return dataclasses.replace(col, lanes=MID_LANES, rin=4 if col.rows % 4 == 0 else 1)
 
 
-def compile_kernels(shape: KernelShape, row: RowParams, col: ColParams, target: Mapping[str, Any]):
-    """One executable holding ``shape.symbol(layout)`` for layout in row, col, pack, mid, packmid (the col
+def compile_kernels(spec: KernelSpec, row: RowParams, col: ColParams, target: Mapping[str, Any]):
+    """One executable holding ``spec.symbol(layout)`` for layout in row, col, pack, mid, packmid (the col
     kernel and its pack at ``MID_LANES`` lanes), fused (the col kernel packing its tiles itself); cached per
     process."""
-    key = (shape, row, col, target_key(target))
+    key = (_padded(spec), row, col, target_key(target))
     if key not in _COMPILED:
-        mid = mid_params(col)
-        funcs = {shape.symbol("row"): _scheduled(shape, "row", row, target),
-                 shape.symbol("col"): _scheduled(shape, "col", col, target),
-                 shape.symbol("pack"): RULES["pack"].apply(shape.pack_func(col.lanes), target).mod["main"],
-                 shape.symbol("mid"): _scheduled(shape, "col", mid, target).with_attr("global_symbol",
-                                                                                      shape.symbol("mid")),
-                 shape.symbol("packmid"): RULES["pack"].apply(
-                     pack_kernel(shape.n_in, MID_LANES, shape.symbol("packmid")), target).mod["main"]}
-        if fused_pack_supported(shape.n_in, shape.index_dtype):
-            funcs[shape.symbol("fused")] = RULES["col"].apply(shape.func("fused", col, target), target, col).mod["main"]
+        symbol = spec.symbol
+        funcs = {symbol("row"): _scheduled(spec, "row", row, target),
+                 symbol("col"): _scheduled(spec, "col", col, target),
+                 symbol("pack"): RULES["pack"].apply(pack_func(spec, col.lanes), target).mod["main"],
+                 symbol("mid"): _scheduled(spec, "col", mid_params(col), target).with_attr("global_symbol",
+                                                                                            symbol("mid")),
+                 symbol("packmid"): RULES["pack"].apply(pack_func(spec, MID_LANES, "packmid"), target).mod["main"]}
+        if fused_pack_supported(spec.n_in, spec.index_dtype):
+            funcs[symbol("fused")] = RULES["col"].apply(kernel_func(spec, "fused", col, target), target,
+                                                        col).mod["main"]
         _COMPILED[key] = _build(funcs, target)
-        log.info("compiled %s (row %s, col %s)", shape, row, col)
+        log.info("compiled %s (row %s, col %s)", spec, row, col)
     return _COMPILED[key]
 
 
-def compile_offset_kernel(shape: KernelShape, params: ColParams, target: Mapping[str, Any]):
-    """An executable holding ``shape.symbol("offset")`` (the direct-convolution kernel); cached per process."""
-    key = (shape, "offset", params, target_key(target))
+def compile_offset_kernel(spec: KernelSpec, params: ColParams, target: Mapping[str, Any]):
+    """An executable holding ``spec.symbol("offset")`` (the direct-convolution kernel); cached per process."""
+    key = (_padded(spec), "offset", params, target_key(target))
     if key not in _COMPILED:
-        _COMPILED[key] = _build({shape.symbol("offset"): _scheduled(shape, "offset", params, target)}, target)
-        log.info("compiled %s (offset %s)", shape, params)
+        _COMPILED[key] = _build({spec.symbol("offset"): _scheduled(spec, "offset", params, target)}, target)
+        log.info("compiled %s (offset %s)", spec, params)
     return _COMPILED[key]
 
 
-def _offset_geometry(shape: KernelShape, params: ColParams):
+def _offset_geometry(spec: KernelSpec, params: ColParams):
     """A representative image for timing the offset kernel: a 3x3 kernel when the width allows, else 1x1."""
-    kernel = (3, 3) if shape.n_in % 9 == 0 else (1, 1)
+    kernel = (3, 3) if spec.n_in % 9 == 0 else (1, 1)
     pad = (kernel[0] // 2, kernel[1] // 2)
     plan = direct_plan(TIMING_IMAGE, TIMING_IMAGE, kernel, pad, (1, 1), params.lanes)
-    return kernel, plan, shape.n_in // (kernel[0] * kernel[1])
+    return kernel, plan, spec.n_in // (kernel[0] * kernel[1])
 
 
-def _timing_args(shape: KernelShape, layout: str, params, device) -> list:
+def _timing_args(spec: KernelSpec, layout: str, params, device) -> list:
     """Realistic operands: sorted distinct in-range indices per row (garbage indices would read out of bounds)."""
     tvm = import_tvm()
     rng = np.random.default_rng(0)
-    k_real = min(shape.k, shape.n_in)
-    idx = np.sort(np.argsort(rng.random((shape.n_out, shape.n_in)), axis=1)[:, :k_real], axis=1)
-    idx = np.concatenate([idx, np.repeat(idx[:, -1:], shape.k - k_real, axis=1)], axis=1)
+    k, n_out, n_in = spec.k_pad, spec.n_out, spec.n_in
+    k_real = min(k, n_in)
+    idx = np.sort(np.argsort(rng.random((n_out, n_in)), axis=1)[:, :k_real], axis=1)
+    idx = np.concatenate([idx, np.repeat(idx[:, -1:], k - k_real, axis=1)], axis=1)
     if layout == "offset":
-        kernel, plan, channels = _offset_geometry(shape, params)
+        kernel, plan, channels = _offset_geometry(spec, params)
         idx = column_offsets(torch.from_numpy(idx), kernel, (1, 1), plan).numpy()
-    idx = idx.astype("int32" if layout == "offset" else shape.index_dtype)
-    ops = [rng.standard_normal((shape.n_out, shape.k), dtype=np.float32),
+    idx = idx.astype("int32" if layout == "offset" else spec.index_dtype)
+    ops = [rng.standard_normal((n_out, k), dtype=np.float32),
            idx.view(np.int64) if layout == "row" else idx]  # (the row kernel reads 64-bit index words)
     if layout == "offset":  # operands blocked as the offset kernel reads them
         ops = [block_rows(torch.from_numpy(a), params.rows, params.kin).numpy() for a in ops]
-    if shape.has_bias:
-        ops.append(rng.standard_normal(shape.n_out, dtype=np.float32))
+    if spec.has_bias:
+        ops.append(rng.standard_normal(n_out, dtype=np.float32))
     if layout == "row":
-        x, y = np.ones((TIMING_BATCH["row"], shape.n_in)), np.zeros((TIMING_BATCH["row"], shape.n_out))
+        x, y = np.ones((TIMING_BATCH["row"], n_in)), np.zeros((TIMING_BATCH["row"], n_out))
     elif layout == "offset":
         x = np.ones((TIMING_BATCH["offset"], channels * plan.rows * plan.pitch))
-        y = np.zeros((TIMING_BATCH["offset"], shape.n_out, plan.tiles, params.lanes))
+        y = np.zeros((TIMING_BATCH["offset"], n_out, plan.tiles, params.lanes))
     else:
         tiles = -(-TIMING_BATCH["col"] // params.lanes)
-        x, y = np.ones((tiles, shape.n_in, params.lanes)), np.zeros((tiles, params.lanes, shape.n_out))
+        x, y = np.ones((tiles, n_in, params.lanes)), np.zeros((tiles, params.lanes, n_out))
     return [tvm.runtime.tensor(np.asarray(a, np.float32) if a.dtype == np.float64 else a, device)
             for a in [x, *ops, y]]
 
 
-def _measure_us(shape: KernelShape, layout: str, params, target, repeat: int) -> float:
+def _measure_us(spec: KernelSpec, layout: str, params, target, repeat: int) -> float:
     tvm = import_tvm()
-    executable = _build({shape.symbol(layout): _scheduled(shape, layout, params, target)}, target)
+    executable = _build({spec.symbol(layout): _scheduled(spec, layout, params, target)}, target)
     device = tvm.cpu()
-    evaluator = executable.mod.time_evaluator(shape.symbol(layout), device, number=5, repeat=repeat,
+    evaluator = executable.mod.time_evaluator(spec.symbol(layout), device, number=5, repeat=repeat,
                                               min_repeat_ms=10)
-    return float(np.median(evaluator(*_timing_args(shape, layout, params, device)).results)) * 1e6
+    return float(np.median(evaluator(*_timing_args(spec, layout, params, device)).results)) * 1e6
 
 
-def tune_layout(shape: KernelShape, layout: str, target: Mapping[str, Any], *, space: Sequence | None = None,
+def tune_layout(spec: KernelSpec, layout: str, target: Mapping[str, Any], *, space: Sequence | None = None,
                 repeat: int = 5, progress: bool | None = None) -> tuple[Any, float, list[dict]]:
     """Time every variant of ``space`` that the rule accepts (default: the rule's space, its default first);
     returns the fastest, its median time in microseconds, and every candidate's time."""
@@ -224,37 +217,37 @@ def tune_layout(shape: KernelShape, layout: str, target: Mapping[str, Any], *, s
 
     rule = RULES[layout]
     if space is None:
-        default = rule.default(shape.k)
-        space = [default] + [p for p in rule.space(shape.k) if p != default]
-    fits = [p for p in space if rule.apply(shape.func(layout, p, target), target, p) is not None]
+        default = rule.default(spec.k_pad)
+        space = [default] + [p for p in rule.space(spec.k_pad) if p != default]
+    fits = [p for p in space if rule.apply(kernel_func(spec, layout, p, target), target, p) is not None]
     if not fits:
-        raise ValueError(f"the {layout} rule declines every variant of {list(space)} for {shape}")
+        raise ValueError(f"the {layout} rule declines every variant of {list(space)} for {spec}")
     candidates, best, best_us = [], None, float("inf")
-    for params in tqdm(fits, desc=f"tuning {layout} o{shape.n_out} i{shape.n_in} k{shape.k}", leave=False,
+    for params in tqdm(fits, desc=f"tuning {layout} o{spec.n_out} i{spec.n_in} k{spec.k_pad}", leave=False,
                        disable=None if progress is None else not progress):
-        micros = _measure_us(shape, layout, params, target, repeat)
+        micros = _measure_us(spec, layout, params, target, repeat)
         candidates.append({"params": dataclasses.asdict(params), "median_us": micros})
         if micros < best_us:
             best, best_us = params, micros
     return best, best_us, candidates
 
 
-def select_params(shape: KernelShape, layout: str, target: Mapping[str, Any], *, tune: bool = False,
+def select_params(spec: KernelSpec, layout: str, target: Mapping[str, Any], *, tune: bool = False,
                   cache_dir: str | os.PathLike | None = None, space: Sequence | None = None,
                   progress: bool | None = None):
     """The variant to compile: stored record, else a search (``tune=True``, then stored), else the default."""
     records = TuningRecords(cache_dir)
-    key = record_key(shape, layout, target)
+    key = spec.record_key(layout, target_key(target))
     found = records.get(key, layout)
-    if found is not None and RULES[layout].apply(shape.func(layout, found, target), target, found) is not None:
+    if found is not None and RULES[layout].apply(kernel_func(spec, layout, found, target), target, found) is not None:
         return found
     if not tune:
-        return RULES[layout].default(shape.k)
+        return RULES[layout].default(spec.k_pad)
     lacking = missing_host_features(target)
     if lacking:  # timing runs the kernels here, which would kill the process
         raise LoweringError(f"cannot tune for {target.get('mcpu')} on this machine: it lacks {list(lacking)}. "
                             "Tune on that CPU, or lower with tune=False.")
-    best, best_us, candidates = tune_layout(shape, layout, target, space=space, progress=progress)
+    best, best_us, candidates = tune_layout(spec, layout, target, space=space, progress=progress)
     path = records.put(key, best, best_us, candidates)
     log.info("tuned %s: %s at %.1f us (record %s)", key, best, best_us, path)
     return best

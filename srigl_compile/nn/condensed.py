@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..codegen.conv_geometry import output_size
+from ..runtime.conv_geometry import output_size
 from ..errors import LayerError
 from ..sparsity.selection import row_counts
 

@@ -1,28 +1,31 @@
-"""Lowered layers: condensed layers whose forward calls a TVM-compiled kernel (``codegen.kernel_op``).
+"""Lowered layers: condensed layers whose forward calls a TVM-compiled kernel (``runtime.linear_op`` /
+``runtime.conv_op``).
 
 They keep the condensed layers' buffers and full-width/compact output, with the operands packed by the kernel's
 handle (fan-in padded to a multiple of 8 with zero weights on each row's last index, so rows stay sorted) and a
-kernel key naming the handle in the registry. On the CPU convolutions run the direct kernel on the padded input
-(``codegen.conv_op``: no im2col copy): stride-1 ones and strided 1x1 ones (on the subsampled input) store global
-im2col columns, other strided ones the columns of the stride-1 convolution over the input's phase images. CUDA
-convolutions run the linear kernel on the [B * positions, C * kernel] rows of im2col.
+kernel key naming the handle in the registry. A convolution runs the route its backend chose (``conv_route``):
+"direct", the offset kernel on the padded input (no im2col copy): stride-1 ones and strided 1x1 ones (on the
+subsampled input) store global im2col columns, other strided ones the columns of the stride-1 convolution over
+the input's phase images; "im2col", the linear kernel on the [B * positions, C * kernel] rows of im2col.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..codegen import conv_op, kernel_op  # register torch.ops.srigl_compile.tvm_condensed_* (no TVM import)
-from ..codegen.conv_geometry import output_size, phase_columns, phase_kernel
+from ..runtime import conv_op, linear_op  # register torch.ops.srigl_compile.tvm_condensed_* (no TVM import)
+from ..runtime.checks import KernelShapeError
+from ..runtime.conv_geometry import output_size, phase_columns, phase_kernel
+from ..runtime.spec import KernelSpec
 from .condensed import CondensedConv, CondensedLinear, accepts_unbatched, index_dtype_for
 
-__all__ = ["LoweredLinear", "LoweredConv", "kernel_operands", "make_lowered_", "fill_ablated_rows_", "subsamples",
-           "pointwise_unpadded", "with_layer_name"]
+__all__ = ["LoweredLinear", "LoweredConv", "kernel_operands", "kernel_spec", "make_lowered_", "fill_ablated_rows_",
+           "subsamples", "pointwise_unpadded", "with_layer_name"]
 
 
 class LoweredLinear(CondensedLinear):
-    """A CondensedLinear running its compiled kernel (``kernel_key``); batches of ``col_threshold`` rows or more
-    use the large-batch layout."""
+    """A CondensedLinear running its compiled kernel (``kernel_key``); ``col_threshold`` > 0 forces the
+    large-batch kernel from that many rows (0: the kernel's own dispatch)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if type(x) is not torch.Tensor or torch.compiler.is_compiling():  # tracers see the buffers as attributes
@@ -35,8 +38,8 @@ class LoweredLinear(CondensedLinear):
         if values.shape[0] == 0:
             return self.scatter(x.new_empty(*x.shape[:-1], 0), dim=-1)
         try:
-            y = kernel_op.condensed_linear(x, values, indices, bias, self.kernel_key, self.col_threshold)
-        except kernel_op.KernelShapeError as err:
+            y = linear_op.condensed_linear(x, values, indices, bias, self.kernel_key, self.col_threshold)
+        except KernelShapeError as err:
             raise with_layer_name(err, self) from None
         return y if self.compact or values.shape[0] == self.n_out else self.scatter(y, dim=-1)
 
@@ -45,13 +48,13 @@ class LoweredLinear(CondensedLinear):
 
 
 class LoweredConv(CondensedConv):
-    """A CondensedConv running its compiled kernel: the direct kernel when ``direct`` (every CPU convolution),
-    else (CUDA) the linear kernel on im2col rows."""
+    """A CondensedConv running its compiled kernel: the direct kernel when ``direct`` (its backend's
+    ``conv_route``), else the linear kernel on im2col rows."""
 
     direct = False  # (layers saved before the direct kernel existed run im2col)
 
     # Direct layers hold their operands blocked as the kernel reads them, [row blocks, k / kin, rows, kin]
-    # (``ConvKernelHandle.pack``), zero rows filling the last block: k and n_active come from elsewhere.
+    # (``LlvmConvHandle.pack``), zero rows filling the last block: k and n_active come from elsewhere.
     @property
     def k(self) -> int:
         return self.values.shape[1] * self.values.shape[3] if self.values.dim() == 4 else self.values.shape[1]
@@ -66,7 +69,7 @@ class LoweredConv(CondensedConv):
             return self._forward_direct(x)
         rows, spatial = self.im2col_rows(x)  # [B * L, C * kernel]
         batch = x.shape[0]
-        y = kernel_op.condensed_linear(rows, self.values, self.indices, self.bias, self.kernel_key, self.col_threshold)
+        y = linear_op.condensed_linear(rows, self.values, self.indices, self.bias, self.kernel_key, self.col_threshold)
         y = self.scatter(y.view(batch, -1, y.shape[-1]).transpose(1, 2), dim=1)
         return y.reshape(batch, y.shape[1], *spatial)
 
@@ -80,7 +83,7 @@ class LoweredConv(CondensedConv):
             try:
                 y = conv_op.condensed_conv2d(x2, self.values, self.indices, self.bias, self.kernel_key, kernel,
                                              padding, dilation, stride)
-            except kernel_op.KernelShapeError as err:
+            except KernelShapeError as err:
                 raise with_layer_name(err, self) from None
         y = self.scatter(y, dim=1)
         return y.squeeze(2) if self.dims == 1 else y
@@ -89,11 +92,11 @@ class LoweredConv(CondensedConv):
         return f"{super().extra_repr()}, kernel={self.kernel_key.split('@')[0]}, direct={self.direct}"
 
 
-def with_layer_name(err: kernel_op.KernelShapeError, layer) -> kernel_op.KernelShapeError:
+def with_layer_name(err: KernelShapeError, layer) -> KernelShapeError:
     """The kernel's shape error, naming the layer (``lower`` records each lowered layer's name)."""
     name = getattr(layer, "layer_name", "")
     where = f"lowered {type(layer).__name__} {name!r}" if name else f"lowered {type(layer).__name__}"
-    return kernel_op.KernelShapeError(f"{where} {err}")
+    return KernelShapeError(f"{where} {err}")
 
 
 def pointwise_unpadded(layer: CondensedConv) -> bool:
@@ -130,6 +133,23 @@ def kernel_operands(layer, direct: bool = False) -> tuple[int, torch.Tensor, tor
     return layer.fan_in, layer.values, layer.indices
 
 
+def is_direct(layer, conv_route: str) -> bool:
+    """Whether ``layer`` runs the direct convolution kernel on a backend whose convolutions take ``conv_route``."""
+    return conv_route == "direct" and isinstance(layer, CondensedConv)
+
+
+def kernel_spec(layer, conv_route: str, dtype: str | None = None) -> KernelSpec | None:
+    """The KernelSpec of a condensed layer on a backend whose convolutions take ``conv_route`` ("direct" or
+    "im2col"), its float dtype named when the backend has several; None for a layer with no active neuron (it
+    needs no kernel)."""
+    if not layer.n_active:
+        return None
+    direct = is_direct(layer, conv_route)
+    width, values, indices = kernel_operands(layer, direct)
+    return KernelSpec(layer.n_active, width, values.shape[1], str(indices.dtype).removeprefix("torch."),
+                      layer.bias is not None, dtype, "conv" if direct else "linear")
+
+
 @torch.no_grad()
 def fill_ablated_rows_(layer, max_fraction: float = 0.25) -> bool:
     """Give the ablated neurons of a full-width condensed layer zero-weight rows (their bias stays what they
@@ -157,10 +177,12 @@ def fill_ablated_rows_(layer, max_fraction: float = 0.25) -> bool:
 
 
 @torch.no_grad()
-def make_lowered_(layer, handle, col_threshold: int, name: str = ""):
-    """Turn a condensed layer into its lowered class in place, with operands packed for ``handle``; ``name`` (its
-    name in the model) is what its errors call it."""
-    direct = getattr(handle, "kind", None) == "conv"
+def make_lowered_(layer, handle, conv_route: str, col_threshold: int = 0, name: str = ""):
+    """Turn a condensed layer into its lowered class in place, with operands packed for ``handle`` (None for a
+    layer with no active neuron), running the convolution route ``conv_route`` of its backend; ``col_threshold``
+    > 0 forces the large-batch kernel from that many rows; ``name`` (its name in the model) is what its errors
+    call it."""
+    direct = is_direct(layer, conv_route)
     _, values, indices = kernel_operands(layer, direct)
     layer.__class__ = LoweredConv if isinstance(layer, CondensedConv) else LoweredLinear
     if layer.n_active:
@@ -168,6 +190,6 @@ def make_lowered_(layer, handle, col_threshold: int, name: str = ""):
     layer.kernel_key = handle.key if handle is not None else ""
     layer.col_threshold = col_threshold
     layer.layer_name = name
-    if isinstance(layer, LoweredConv):  # a layer without kernel (no active filter) follows its shape's route
-        layer.direct = direct or handle is None  # (no kernel: the direct route only scatters the biases)
+    if isinstance(layer, LoweredConv):  # (no kernel: the direct route only scatters the biases)
+        layer.direct = direct or handle is None
     return layer

@@ -12,14 +12,17 @@ Contract.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 
 import torch
 import torch.nn as nn
 
-from ..errors import LayerError, LoweringError
+from ..errors import LayerError
 from ..nn.condensed import CondensedConv, CondensedLinear
+from ..nn.lowered import LoweredConv, LoweredLinear, fill_ablated_rows_, kernel_spec, make_lowered_, pointwise_unpadded
 from ..nn.masked import is_masked
+from ..runtime.conv_geometry import exact_tile
 from . import fold_batchnorm as batchnorm_folding
 from .condense import condense
 
@@ -38,8 +41,11 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
         model: a model from ``sparsify`` (+ training) or from ``condense``; it is not modified.
         target: "llvm" (host CPU, detected and named), "cuda" (NVIDIA GPUs: the kernels are compiled to fatbins
             with nvcc here, so no GPU is needed to lower; on a machine with CUDA the model is moved to the GPU,
-            elsewhere save it with ``save_lowered`` and load it on the GPU machine), or a TVM target dict such as
-            ``{"kind": "llvm", "mcpu": "znver3", "num-cores": 2}`` or ``{"kind": "cuda", "arch": "sm_90"}``.
+            elsewhere save it with ``save_lowered`` and load it on the GPU machine), "cuda:sm_90" (one arch), a
+            TVM target dict such as ``{"kind": "llvm", "mcpu": "znver3", "num-cores": 2}`` or ``{"kind": "cuda",
+            "arch": "sm_90"}``, or a backend's frozen config (``codegen.backends.LlvmConfig(tune=True)``,
+            ``CudaConfig(dtype=torch.float16)``), which then holds every option below but ``example_inputs`` and
+            ``fold_batchnorm``.
         dtype: the lowered model's float dtype: float32, or for "cuda" also float16 / bfloat16 (the kernels sum
             in float32). The whole model is converted to it, whatever its dtype was (a float64 or float16 model
             lowered for "llvm" becomes float32).
@@ -47,9 +53,10 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
         tune: (llvm only) search schedule variants per layer shape (records kept under ``cache_dir``, default
             ``~/.cache/srigl_compile/tuning``, so a shape is tuned once); False uses tuned records if present,
             else default schedules.
-        col_threshold: batches (rows of the flattened input) from this size on use the large-batch kernel
-            (default, llvm: the measured crossover, ``kernel_op.DEFAULT_COL_THRESHOLD``; cuda: each layer's own
-            dispatch between its decode, col and dense regimes, ``codegen.cuda_records.CudaDispatch``).
+        col_threshold: force the large-batch kernel for batches (rows of the flattened input) from this size on;
+            None leaves it to each kernel's dispatch (llvm: the measured crossover,
+            ``runtime.llvm_linear.DEFAULT_COL_THRESHOLD``; cuda: the layer's decode / col / dense regimes,
+            ``runtime.cuda_params.CudaDispatch``).
         progress: show a progress bar while tuning.
         fold_batchnorm: fold each BatchNorm that directly follows a condensed (or dense) Linear/Conv into that
             layer's weights and bias and replace it by nn.Identity (``passes/fold_batchnorm.py`` says which fold).
@@ -67,18 +74,12 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
         >>> fast = lower(trained_sparse_model, target="llvm")       # doctest: +SKIP
         >>> fast(x)                                                 # doctest: +SKIP
     """
-    from ..codegen.target import resolve_target
+    from ..codegen.target import lowering_config
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"lower expects an nn.Module (a model from sparsify, or condense), not {type(model).__name__}")
-    target_dict = resolve_target(target)
-    dtype_name = str(dtype).removeprefix("torch.")
-    if dtype_name not in SUPPORTED_DTYPES[target_dict["kind"]]:
-        raise LoweringError(f"target {target_dict['kind']!r} lowers to dtypes {SUPPORTED_DTYPES[target_dict['kind']]}, "
-                            f"not {dtype_name}")
-    if tune and target_dict["kind"] == "cuda":
-        raise LoweringError("tune=True is not available for target 'cuda': CUDA variants must be timed on a GPU, "
-                            "so lower with tune=False (the default schedules)")
+    backend, config = lowering_config(target, tune=tune, cache_dir=cache_dir, col_threshold=col_threshold,
+                                      progress=progress, dtype=dtype)
     if any(is_masked(m) for m in model.modules()):
         model = condense(model, example_inputs=example_inputs)
     else:
@@ -87,8 +88,6 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
     if fold_batchnorm:  # eval semantics (the model is returned in eval mode): running statistics fold exactly
         batchnorm_folding.fold_batchnorm(model, example_inputs=example_inputs, inplace=True)
     layers = [(name, m) for name, m in model.named_modules() if type(m) in (CondensedLinear, CondensedConv)]
-    from ..nn.lowered import LoweredConv, LoweredLinear, fill_ablated_rows_
-
     if not layers:
         lowered = [name or type(m).__name__ for name, m in model.named_modules()
                    if isinstance(m, (LoweredLinear, LoweredConv))]
@@ -99,22 +98,20 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
 
     for _, layer in layers:
         fill_ablated_rows_(layer)  # full-width layers with few ablated neurons: no scatter after the kernel
-    if any(t.is_floating_point() and t.dtype != dtype for t in (*model.parameters(), *model.buffers())):
-        log.info("converting the model to %s (the kernels' dtype)", dtype)
-        model = model.to(dtype)  # floating tensors only: the index buffers keep their integer types
-    if target_dict["kind"] == "cuda":
-        _compile_layers(layers, *_cuda_builder(target_dict, dtype_name, cache_dir, col_threshold), direct=False)
-        model = model.cuda() if torch.cuda.is_available() else model
-    else:
-        tiles = _exact_tiles(model, layers, example_inputs)
-        _compile_layers(layers, *_llvm_builder(target_dict, tune, cache_dir, col_threshold, progress, tiles),
-                        direct=True)
+    if any(t.is_floating_point() and t.dtype != config.dtype for t in (*model.parameters(), *model.buffers())):
+        log.info("converting the model to %s (the kernels' dtype)", config.dtype)
+        model = model.to(config.dtype)  # floating tensors only: the index buffers keep their integer types
+    tiles = _exact_tiles(model, layers, example_inputs) if backend.conv_route == "direct" else {}
+    for name, layer in layers:
+        spec = kernel_spec(layer, backend.conv_route, backend.spec_dtype(config))
+        if spec is not None and id(layer) in tiles:
+            spec = dataclasses.replace(spec, lanes=tiles[id(layer)])
+        handle = backend.build(spec, config) if spec is not None else None  # (no active neuron: no kernel)
+        make_lowered_(layer, handle, backend.conv_route, config.col_threshold or 0, name)
+        log.info("lowered %s -> %s", name, layer.kernel_key)
     # Inference only: the kernels have no backward, dropout must be off, and dense parameters need no gradients
     # (a lowered layer refuses an input autograd tracks, InferenceOnlyError).
-    return model.eval().requires_grad_(False)
-
-
-SUPPORTED_DTYPES = {"llvm": ("float32",), "cuda": ("float32", "float16", "bfloat16")}
+    return backend.place(model).eval().requires_grad_(False)
 
 
 def _bake_parametrizations(model: nn.Module) -> None:
@@ -139,29 +136,6 @@ def _bake_parametrizations(model: nn.Module) -> None:
             del hooks[key]
 
 
-def _kernel_shapes(layers, direct: bool):
-    """(name, layer, kernel shape or None) per layer; a layer with no active neuron needs no kernel. ``direct``:
-    convolutions run the direct kernel (their width and columns are those of ``kernel_operands(layer, True)``)."""
-    from ..nn.lowered import kernel_operands
-
-    for name, layer in layers:
-        if not layer.n_active:
-            yield name, layer, None
-            continue
-        width, values, indices = kernel_operands(layer, direct)
-        yield name, layer, (layer.n_active, width, values.shape[1], str(indices.dtype).removeprefix("torch."),
-                            layer.bias is not None)
-
-
-def _compile_layers(layers, build, threshold: int, direct: bool) -> None:
-    """Compile each layer's kernel with ``build(*shape)`` and turn the layer into its lowered class."""
-    from ..nn.lowered import make_lowered_
-
-    for name, layer, shape in list(_kernel_shapes(layers, direct)):
-        make_lowered_(layer, shape and build(layer, *shape), threshold, name)
-        log.info("lowered %s -> %s", name, layer.kernel_key)
-
-
 def _exact_tiles(model: nn.Module, layers, example_inputs) -> dict[int, int]:
     """id(layer) -> a tile width dividing the output grid, for unpadded 1x1 convolutions, from the output sizes on
     ``example_inputs`` (shapes only: the forward runs on fake tensors). Empty without example inputs, or when the
@@ -169,8 +143,6 @@ def _exact_tiles(model: nn.Module, layers, example_inputs) -> dict[int, int]:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._pytree import tree_map
 
-    from ..codegen.conv_geometry import exact_tile
-    from ..nn.lowered import pointwise_unpadded
     from .graph_capture import example_args
 
     pointwise = [m for _, m in layers if isinstance(m, CondensedConv) and pointwise_unpadded(m)]
@@ -191,25 +163,3 @@ def _exact_tiles(model: nn.Module, layers, example_inputs) -> dict[int, int]:
         for hook in hooks:
             hook.remove()
     return {key: lanes for key, size in positions.items() if (lanes := exact_tile(size))}
-
-
-def _llvm_builder(target_dict, tune, cache_dir, col_threshold, progress, tiles: dict[int, int]):
-    from ..codegen.conv_op import build_condensed_conv
-    from ..codegen.kernel_op import DEFAULT_COL_THRESHOLD, build_condensed_linear
-
-    def build(layer, *shape):
-        options = dict(tune=tune, cache_dir=cache_dir, progress=tune and progress)
-        if isinstance(layer, CondensedConv):
-            return build_condensed_conv(*shape, target_dict, lanes=tiles.get(id(layer)), **options)
-        return build_condensed_linear(*shape, target_dict, **options)
-
-    return build, DEFAULT_COL_THRESHOLD if col_threshold is None else col_threshold
-
-
-def _cuda_builder(target_dict, dtype_name, cache_dir, col_threshold):
-    from ..codegen.cuda_build import DEFAULT_CUDA_COL_THRESHOLD, build_cuda_condensed_linear
-
-    def build(layer, *shape):  # convolutions run im2col on CUDA
-        return build_cuda_condensed_linear(*shape, dtype_name, target_dict, cache_dir=cache_dir)
-
-    return build, DEFAULT_CUDA_COL_THRESHOLD if col_threshold is None else col_threshold

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from srigl_compile import SRigLConfig, load_lowered, lower, save_lowered, sparsify
-from srigl_compile.codegen.conv_geometry import column_offsets, direct_plan, phase_columns, phase_kernel, strided_plan
+from srigl_compile.runtime.conv_geometry import column_offsets, direct_plan, phase_columns, phase_kernel, strided_plan
 from srigl_compile.nn.lowered import LoweredConv
 from tests.null.test_condense import ResidualCNN, ablate, randomize_bn
 
@@ -236,7 +236,7 @@ def test_direct_kernels_save_and_load_in_a_fresh_process(lowered_cnn, tmp_path):
 @pytest.mark.tvm
 def test_bad_conv_inputs_are_clear_errors(lowered_cnn):
     from srigl_compile import DeviceError
-    from srigl_compile.codegen.conv_op import condensed_conv2d
+    from srigl_compile.runtime.conv_op import condensed_conv2d
 
     _, lowered = lowered_cnn
     layer = next(m for m in lowered.modules() if isinstance(m, LoweredConv) and m.direct)
@@ -255,7 +255,7 @@ def test_bad_conv_inputs_are_clear_errors(lowered_cnn):
 
 
 def test_block_rows_orders_operands_as_a_task_reads_them():
-    from srigl_compile.codegen.kernel_op import block_rows
+    from srigl_compile.runtime.spec import block_rows
 
     operand = torch.arange(5 * 8).view(5, 8) + 1
     blocked = block_rows(operand, rows=2, k_tile=4)  # 3 row blocks, the last one padded with a zero row
@@ -267,7 +267,7 @@ def test_block_rows_orders_operands_as_a_task_reads_them():
 
 
 def test_exact_tile_divides_the_grid():
-    from srigl_compile.codegen.conv_geometry import exact_tile
+    from srigl_compile.runtime.conv_geometry import exact_tile
 
     assert [exact_tile(n) for n in (3136, 784, 196, 49, 12544, 16, 9)] == [64, 56, 49, 49, 64, 16, None]
     for positions in range(1, 300):
@@ -277,7 +277,7 @@ def test_exact_tile_divides_the_grid():
 
 @pytest.mark.tvm
 def test_example_inputs_give_1x1_layers_a_tile_that_needs_no_padding():
-    from srigl_compile.codegen.kernel_op import get_handle
+    from srigl_compile.runtime.registry import get_handle
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(16, 32, 1), nn.ReLU(), nn.Conv2d(32, 24, 1, stride=2, bias=False),
@@ -295,7 +295,7 @@ def test_example_inputs_give_1x1_layers_a_tile_that_needs_no_padding():
 
 @pytest.mark.tvm
 def test_offsets_are_cached_per_layer_even_when_many_layers_share_a_kernel(monkeypatch):
-    from srigl_compile.codegen import conv_op
+    from srigl_compile.runtime import llvm_conv
 
     torch.manual_seed(0)
     net = nn.Sequential(*[nn.Conv2d(8, 8, 3, padding=1) for _ in range(20)])  # one shape: one shared handle
@@ -303,8 +303,8 @@ def test_offsets_are_cached_per_layer_even_when_many_layers_share_a_kernel(monke
     lowered = lower(masked, progress=False)
     assert len({m.kernel_key for m in lowered}) == 1
     calls = []
-    real = conv_op.column_offsets
-    monkeypatch.setattr(conv_op, "column_offsets", lambda *a: calls.append(1) or real(*a))
+    real = llvm_conv.column_offsets
+    monkeypatch.setattr(llvm_conv, "column_offsets", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(1, 8, 6, 6)
     with torch.no_grad():
         lowered(x)
@@ -319,7 +319,7 @@ def test_results_are_not_views_of_the_reused_scratch_buffers(kernel, padding, st
     """The pad, phase-split and uncropped output buffers are reused from call to call; a result must survive the
     next call. One image of one output channel (1x1: no padding columns, a ragged last tile) is the case where a
     cropped result is contiguous already."""
-    from srigl_compile.codegen.scratch import scratch_bytes
+    from srigl_compile.runtime.scratch import scratch_bytes
 
     torch.manual_seed(0)
     masked = sparsify(nn.Sequential(nn.Conv2d(3, 1, kernel, stride=stride, padding=padding)),
@@ -361,7 +361,7 @@ def test_unbatched_inputs_work_as_in_torch(conv, shape):
 def test_scratch_buffers_serve_inference_mode_and_no_grad_alike(first, then, monkeypatch):
     """A scratch buffer first made under inference_mode must still take in-place writes under no_grad (an
     inference tensor would not), and the other way round: tiles, phase images and padded images."""
-    from srigl_compile.codegen import scratch as scratch_module
+    from srigl_compile.runtime import scratch as scratch_module
 
     scratch_module.release_scratch()
     monkeypatch.setattr(scratch_module, "MMAPPED_BYTES", 0)  # pad into scratch at this size too

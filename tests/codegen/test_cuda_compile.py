@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from srigl_compile.codegen.cuda_kernels import col_func, compile_fatbin, cuda_source, decode_func, expand_func
-from srigl_compile.codegen.cuda_records import DECODE_TILES, CudaVariants, model_dispatch
+from srigl_compile.codegen.cuda_records import DECODE_TILES, default_variants, model_dispatch, schedule_all
 from srigl_compile.codegen.cuda_rules import ColParams, ColRule, DecodeParams, DecodeRule, decode_fits, expand_rows
+from srigl_compile.runtime.spec import KernelSpec
 
 pytestmark = pytest.mark.tvm
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
@@ -60,7 +61,7 @@ def ptx(source: str, arch: str = "sm_90") -> str:
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_every_kernel_compiles_to_fatbins(dtype, arch, tmp_path):
-    funcs = CudaVariants.default().schedule_all(768, 3072, 312, 307, "int16", dtype, True, lambda l: f"k_{l}")
+    funcs = schedule_all(default_variants(), KernelSpec(768, 3072, 307, "int16", True, dtype), lambda layout: f"k_{layout}")
     assert {"col", "expand", "decode1"} <= set(funcs)
     from srigl_compile.codegen._tvm_compat import import_tvm
 

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from srigl_compile.codegen.cuda_records import CudaDispatch, CudaVariants, lookup, model_dispatch
+from srigl_compile.codegen.cuda_records import default_variants, lookup, model_dispatch
 from srigl_compile.codegen.cuda_rules import ColParams, DecodeParams
+from srigl_compile.runtime.cuda_params import CudaDispatch, CudaVariants
+from srigl_compile.runtime.spec import KernelSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 pytestmark = pytest.mark.tvm
@@ -38,23 +40,24 @@ def test_records_pick_the_fastest_variants_and_the_crossovers(tmp_path):
 
     written = cuda_variants.records(fake_results(tmp_path), tmp_path / "cache")
     assert len(written) == 1
-    record = lookup(768, 3072, 312, "float16", "sm_90", tmp_path / "cache")
+    record = lookup(KernelSpec(768, 3072, 312, "int16", True, "float16"), "sm_90", tmp_path / "cache")
     assert record.variants.decode == ((1, DecodeParams(8, 8, False)), (8, DecodeParams(16, 8, True)))
     assert record.variants.col == ColParams(64, 1, 8), "fastest summed over the col batches"
     assert record.dispatch == CudaDispatch((1, 8), 16, 256, "measured H200"), \
         "col from 16 (beats no decode there), expand + cuBLAS from 256 (10 < 30)"
-    assert lookup(768, 3072, 312, "float32", "sm_90", tmp_path / "cache") is None, "another dtype: no record"
+    assert lookup(KernelSpec(768, 3072, 312, "int16", True, "float32"), "sm_90", tmp_path / "cache") is None, \
+        "another dtype: no record"
 
 
 def test_a_corrupt_record_falls_back_to_the_defaults(tmp_path):
     folder = tmp_path / "cuda" / "sm_90"
     folder.mkdir(parents=True)
     (folder / "o768_i3072_k312_float16.json").write_text("{not json")
-    assert lookup(768, 3072, 312, "float16", "sm_90", tmp_path) is None
+    assert lookup(KernelSpec(768, 3072, 312, "int16", True, "float16"), "sm_90", tmp_path) is None
 
 
 def test_variants_and_dispatch_round_trip():
-    variants = CudaVariants.default()
+    variants = default_variants()
     assert CudaVariants.from_dict(json.loads(json.dumps(variants.to_dict()))) == variants
     dispatch = model_dispatch(768, 3072, 312, "float16")
     assert CudaDispatch.from_dict(json.loads(json.dumps(dispatch.to_dict()))) == dispatch
@@ -67,7 +70,7 @@ def test_lower_uses_a_record_for_its_shape(tmp_path, monkeypatch):
     import torch.nn as nn
 
     from srigl_compile import SRigLConfig, lower, sparsify
-    from srigl_compile.codegen.kernel_op import get_handle
+    from srigl_compile.runtime.registry import get_handle
 
     if shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").exists():
         pytest.skip("nvcc is not installed")

@@ -13,24 +13,22 @@ pytestmark = pytest.mark.tvm
 
 tvm = pytest.importorskip("tvm")
 
-from srigl_compile.codegen import kernel_op  # noqa: E402
+from srigl_compile.codegen.backends.llvm import build_condensed_conv, build_condensed_linear  # noqa: E402
 from srigl_compile.codegen.cpu_target import (  # noqa: E402
     check_llvm_target,
     has_bit_extract,
     host_llvm_target,
     vector_registers,
 )
-from srigl_compile.codegen.kernel_io import KernelFileError, export_kernels, load_kernels  # noqa: E402
-from srigl_compile.codegen.kernel_op import (  # noqa: E402
-    KernelDeviceError,
-    KernelDtypeError,
-    build_condensed_linear,
-    condensed_linear,
-)
+from srigl_compile.runtime.kernel_io import KernelFileError, export_kernels, load_kernels  # noqa: E402
 from srigl_compile.codegen.kernels import col_kernel, row_kernel  # noqa: E402
 from srigl_compile.codegen.rules import ColParams, ColRule, RowParams, RowRule, schedule  # noqa: E402
-from srigl_compile.codegen.tuning import KernelShape, TuningRecords, record_key, select_params  # noqa: E402
+from srigl_compile.codegen.tuning import TuningRecords, select_params  # noqa: E402
 from srigl_compile.errors import LoweringError, UnsupportedTargetError  # noqa: E402
+from srigl_compile.runtime import registry  # noqa: E402
+from srigl_compile.runtime.checks import KernelDeviceError, KernelDtypeError  # noqa: E402
+from srigl_compile.runtime.linear_op import condensed_linear  # noqa: E402
+from srigl_compile.runtime.spec import KernelSpec, target_key  # noqa: E402
 
 OP = torch.ops.srigl_compile.tvm_condensed_linear.default
 ROW_ONLY, COL_ONLY = 10**9, 1  # col_threshold values forcing one layout
@@ -94,21 +92,21 @@ def test_fused_path_needs_enough_tiles_and_a_library_that_has_it(monkeypatch):
     """The fused kernel runs from ``fused_from_tiles`` full tiles; libraries saved before it existed load and run
     on the separate pack."""
     from srigl_compile.codegen.cpu_target import host_llvm_target
-    from srigl_compile.codegen.kernel_op import FUSED_TILES_PER_THREAD, KernelHandle
-    from srigl_compile.codegen.tuning import KernelShape, _build, _scheduled, mid_params
     from srigl_compile.codegen.kernels import pack_kernel
     from srigl_compile.codegen.rules import RULES
+    from srigl_compile.codegen.tuning import _build, _scheduled, mid_params, pack_func
+    from srigl_compile.runtime.llvm_linear import FUSED_TILES_PER_THREAD, LlvmLinearHandle
 
     target = host_llvm_target()
-    shape, row, col = KernelShape(5, 7, 8, "int16", True), RowParams(vec=8), ColParams(kin=8)
+    shape, row, col = KernelSpec(5, 7, 8, "int16", True), RowParams(vec=8), ColParams(kin=8)
     old = _build({shape.symbol("row"): _scheduled(shape, "row", row, target),
                   shape.symbol("col"): _scheduled(shape, "col", col, target),
-                  shape.symbol("pack"): RULES["pack"].apply(shape.pack_func(col.lanes), target).mod["main"],
+                  shape.symbol("pack"): RULES["pack"].apply(pack_func(shape, col.lanes), target).mod["main"],
                   shape.symbol("mid"): _scheduled(shape, "col", mid_params(col), target).with_attr(
                       "global_symbol", shape.symbol("mid")),
                   shape.symbol("packmid"): RULES["pack"].apply(pack_kernel(7, 8, shape.symbol("packmid")),
                                                                target).mod["main"]}, target)
-    handle = KernelHandle("old-library", 5, 7, 1, 8, "int16", True, target, row, col, old.mod)
+    handle = LlvmLinearHandle("old-library", KernelSpec(5, 7, 1, "int16", True), target, row, col, old.mod)
     assert handle.fused_fn is None
     values, indices, bias = make_layer(5, 7, 1, "int16", True)
     x = torch.randn(64 * 40, 7)
@@ -317,8 +315,8 @@ def test_target_names_the_cpu_and_code_uses_avx2():
 def test_kernels_for_a_cpu_with_instructions_this_one_lacks_refuse_to_run(tmp_path):
     """Calling them would kill the interpreter with SIGILL: a typed error instead, and tuning (which runs them)
     is refused; an mcpu LLVM does not know is an error, not a silent generic build."""
-    from srigl_compile.codegen.conv_op import build_condensed_conv, condensed_conv2d
     from srigl_compile.errors import LoweringError
+    from srigl_compile.runtime.conv_op import condensed_conv2d
 
     foreign = {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2}
     handle = build_condensed_linear(8, 16, 4, "int16", True, foreign)
@@ -338,7 +336,7 @@ def test_kernels_for_a_cpu_with_instructions_this_one_lacks_refuse_to_run(tmp_pa
 
 def test_tuning_records_written_and_reread(tmp_path, caplog):
     target = host_llvm_target()
-    shape = KernelShape(48, 96, 16, "int16", True)
+    shape = KernelSpec(48, 96, 16, "int16", True)
     space = {"row": [RowParams(8, 16, 4), RowParams(16, 32, 16)], "col": [ColParams(32, 8, 1, 32),
                                                                            ColParams(16, 4, 2, 64)],
              "offset": [ColParams(16, 8, 2, 32), ColParams(32, 4, 1, 64)]}  # (96 = 32 channels x 3x3 kernel)
@@ -346,29 +344,28 @@ def test_tuning_records_written_and_reread(tmp_path, caplog):
                                     progress=False) for layout in space}
     for layout in space:
         assert chosen[layout] in space[layout]
-        record = json.loads(TuningRecords(tmp_path).path(record_key(shape, layout, target)).read_text())
-        assert record["key"] == record_key(shape, layout, target) and len(record["candidates"]) == 2
+        key = shape.record_key(layout, target_key(target))
+        record = json.loads(TuningRecords(tmp_path).path(key).read_text())
+        assert record["key"] == key and len(record["candidates"]) == 2
         assert select_params(shape, layout, target, tune=False, cache_dir=tmp_path) == chosen[layout]
     handle = build_condensed_linear(48, 96, 11, "int16", True, target, cache_dir=tmp_path)  # k 11 -> 16
     assert (handle.row_params, handle.col_params) == (chosen["row"], chosen["col"])
-    from srigl_compile.codegen.conv_op import build_condensed_conv
-
     assert build_condensed_conv(48, 96, 11, "int16", True, target, cache_dir=tmp_path).params == chosen["offset"]
-    TuningRecords(tmp_path).path(record_key(shape, "row", target)).write_text("{not json")
+    TuningRecords(tmp_path).path(shape.record_key("row", target_key(target))).write_text("{not json")
     assert select_params(shape, "row", target, cache_dir=tmp_path) == RowRule().default(16)
     assert "ignoring tuning record" in caplog.text
 
 
 def test_export_load_round_trip_and_corrupt_files(tmp_path, small_model):
     model, (values, indices, bias) = small_model
-    handles = [kernel_op.get_handle(model.key), build_condensed_linear(5, 7, 1, "int16", True)]
+    handles = [registry.get_handle(model.key), build_condensed_linear(5, 7, 1, "int16", True)]
     export_kernels(handles, tmp_path / "k")
-    saved = dict(kernel_op._HANDLES)
-    kernel_op._HANDLES.clear()  # as in a fresh process
+    saved = dict(registry._HANDLES)
+    registry._HANDLES.clear()  # as in a fresh process
     try:
         loaded = load_kernels(tmp_path / "k")
     finally:
-        kernel_op._HANDLES.update({key: h for key, h in saved.items() if key not in kernel_op._HANDLES})
+        registry._HANDLES.update({key: h for key, h in saved.items() if key not in registry._HANDLES})
     assert set(loaded) == {h.key for h in handles}
     x = torch.randn(30, 100)
     torch.testing.assert_close(model(x), torch.relu(reference(x, values, indices, bias)), rtol=1e-4, atol=1e-4)
@@ -392,6 +389,7 @@ def test_missing_kernel_key_names_the_fix():
 
 
 def test_codegen_package_import_does_not_import_tvm():
-    code = ("import sys, srigl_compile, srigl_compile.codegen, srigl_compile.codegen.kernel_op; "
+    code = ("import sys, srigl_compile, srigl_compile.codegen.target, srigl_compile.codegen.backends, "
+            "srigl_compile.runtime.kernel_io, srigl_compile.runtime.linear_op, srigl_compile.nn.lowered; "
             "assert 'tvm' not in sys.modules, 'tvm imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

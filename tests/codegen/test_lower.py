@@ -65,7 +65,7 @@ def test_a_model_that_is_one_sparse_layer(layer, shape, tmp_path):
 def test_each_batch_size_runs_its_kernel(lowered_mlp, batch, kernel, monkeypatch):
     """Row kernel for 1-2 rows, 8-lane mid kernel up to the threshold, 64-lane col kernel beyond; a ragged tail
     of at most half a tile (197 = 3 x 64 + 5; 160 = 2 x 64 + 32) runs on the mid kernel after the full tiles."""
-    from srigl_compile.codegen.kernel_op import get_handle
+    from srigl_compile.runtime.registry import get_handle
 
     masked, lowered = lowered_mlp
     handle = get_handle(lowered[0].kernel_key)
@@ -246,7 +246,7 @@ def test_lowered_models_are_inference_only_and_say_so():
 def test_a_model_in_another_dtype_lowers_to_float32_and_stays_there(dtype):
     """The llvm kernels run float32: lower() converts the whole model; converting the lowered model afterwards
     is a typed error at the call, not TVM's argument mismatch."""
-    from srigl_compile.codegen.kernel_op import KernelDtypeError
+    from srigl_compile.runtime.checks import KernelDtypeError
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Unflatten(1, (32, 1)), nn.Conv1d(32, 4, 1))
@@ -295,14 +295,14 @@ def test_fx_export_and_compile_keep_the_op(lowered_mlp):
 
 
 def test_bad_inputs_are_clear_errors(lowered_mlp):
-    from srigl_compile.codegen.kernel_op import get_handle
+    from srigl_compile.runtime.registry import get_handle
 
     _, lowered = lowered_mlp
     with pytest.raises(DeviceError, match="float32"):
         lowered(torch.randn(2, 32, dtype=torch.float64))
     with pytest.raises(DeviceError, match="CPU"):
         get_handle(lowered[0].kernel_key).check_input(torch.empty(2, 32, device="meta"))
-    from srigl_compile.codegen.kernel_op import KernelShapeError
+    from srigl_compile.runtime.checks import KernelShapeError
 
     with pytest.raises(KernelShapeError, match=r"lowered LoweredLinear '0' expects 32 input features.*\(2, 31\)"):
         lowered(torch.randn(2, 31))
@@ -322,19 +322,20 @@ def test_nothing_to_lower():
 
 
 def test_tuning_records_are_written_once_and_reused(tmp_path, monkeypatch):
-    from srigl_compile.codegen import kernel_op, rules, tuning
+    from srigl_compile.codegen import rules, tuning
+    from srigl_compile.runtime import registry
 
     monkeypatch.setattr(rules.RowRule, "space", lambda self, k: [rules.RowParams(8, 8, 8), rules.RowParams(8, 16, 8)])
     monkeypatch.setattr(rules.ColRule, "space", lambda self, k: [rules.ColParams(32, 8, 1, 16),
                                                                  rules.ColParams(32, 8, 1, 32)])
-    monkeypatch.setattr(kernel_op, "_HANDLES", {})
+    monkeypatch.setattr(registry, "_HANDLES", {})
     masked = sparsify(nn.Sequential(nn.Linear(48, 24)), SRigLConfig(sparsity=0.5, distribution="uniform"))
     lowered = lower(masked, tune=True, cache_dir=tmp_path, progress=False)
     records = list(tmp_path.rglob("*.json"))
     assert len(records) == 2, "one record per layout"
     calls = []
     monkeypatch.setattr(tuning, "tune_layout", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError))
-    monkeypatch.setattr(kernel_op, "_HANDLES", {})
+    monkeypatch.setattr(registry, "_HANDLES", {})
     lower(masked, tune=True, cache_dir=tmp_path, progress=False)
     assert not calls, "a tuned shape is read from the records, not searched again"
     assert_same(lowered, masked, torch.randn(3, 48))

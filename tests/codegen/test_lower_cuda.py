@@ -27,7 +27,7 @@ def built():
 
 
 def handles(model):
-    from srigl_compile.codegen.kernel_op import get_handle
+    from srigl_compile.runtime.registry import get_handle
 
     return [get_handle(m.kernel_key) for m in model.modules()
             if isinstance(m, (LoweredLinear, LoweredConv)) and m.n_active]
@@ -81,7 +81,7 @@ def test_dtypes_and_options_cuda_does_not_have():
 
 @no_cuda
 def test_running_without_cuda_is_a_clear_error(built):
-    from srigl_compile.codegen.cuda_build import CudaUnavailableError
+    from srigl_compile.runtime.cuda_linear import CudaUnavailableError
 
     _, lowered = built
     with pytest.raises(CudaUnavailableError, match="no usable CUDA device.*target='llvm'") as info:
@@ -113,7 +113,7 @@ def test_save_load_carries_fatbins_and_their_sources(built, tmp_path):
 def test_the_loader_callback_answers_with_the_prebuilt_fatbin(built):
     import tvm_ffi
 
-    from srigl_compile.codegen.cuda_build import register_fatbin
+    from srigl_compile.runtime.cuda_linear import register_fatbin
 
     handle = handles(built[1])[0]
     register_fatbin(handle.source, handle.fatbin)
@@ -134,12 +134,12 @@ def test_prebuilt_kernels_need_no_compiler(built, monkeypatch):
 
 
 def test_paper_layer_fatbin_is_deterministic_and_cached(tmp_path):
-    from srigl_compile.codegen import kernel_op
+    from srigl_compile.runtime import registry
 
     masked = sparsify(nn.Sequential(nn.Linear(3072, 768, bias=False)),
                       SRigLConfig(sparsity=0.95, distribution="uniform"))
     first = handles(lower(masked, target=TARGET, cache_dir=tmp_path))[0]
-    kernel_op._HANDLES.pop(first.key)
+    registry._HANDLES.pop(first.key)
     second = handles(lower(masked, target=TARGET, cache_dir=tmp_path))[0]
     assert second is not first and second.fatbin == first.fatbin and second.source == first.source
     digest = hashlib.sha256(first.fatbin).hexdigest()

@@ -7,8 +7,9 @@ import torch.nn as nn
 
 from srigl_compile import CheckpointError, LayerError, SRigLConfig, UnsupportedTargetError, lower, save_lowered, \
     sparsify
-from srigl_compile.codegen.kernel_io import KernelFileError, export_kernels, load_kernels
-from srigl_compile.codegen.kernel_op import KernelShapeError, get_handle
+from srigl_compile.runtime.kernel_io import KernelFileError, export_kernels, load_kernels
+from srigl_compile.runtime.checks import KernelShapeError
+from srigl_compile.runtime.registry import get_handle
 from srigl_compile.errors import LoweringError
 
 pytestmark = pytest.mark.tvm
@@ -36,7 +37,7 @@ def test_lowering_a_lowered_model_says_it_is_lowered_already(lowered):
 
 
 def test_an_unknown_key_in_a_target_dict_is_named_with_the_allowed_ones(lowered):
-    from srigl_compile.codegen.cpu_target import host_cpu_name
+    from srigl_compile.runtime.cpu_features import host_cpu_name
 
     for target in ({"kind": "llvm", "bogus": 1}, {"kind": "llvm", "mcpu": host_cpu_name(), "bogus": 1}):
         with pytest.raises(UnsupportedTargetError, match=r"unknown llvm target key\(s\) \['bogus'\].*mcpu.*num-cores"):

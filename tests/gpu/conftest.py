@@ -10,6 +10,6 @@ import pytest
 def prebuilt_cuda_kernels():
     folder = os.environ.get("SRIGL_CUDA_KERNELS")
     if folder:
-        from srigl_compile.codegen.kernel_io import load_kernels
+        from srigl_compile.runtime.kernel_io import load_kernels
 
         load_kernels(folder)

@@ -82,7 +82,7 @@ def test_runs_on_a_side_stream_and_under_torch_compile(lowered_models):
 
 
 def _paper_layer(lowered_models, dtype):
-    from srigl_compile.codegen.kernel_op import get_handle
+    from srigl_compile.runtime.registry import get_handle
 
     lowered = lowered_models["linear_3072_768", dtype]
     return lowered, get_handle(lowered[0].kernel_key)
@@ -92,7 +92,7 @@ def _paper_layer(lowered_models, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_regime_matches_at_every_batch(lowered_models, regime, dtype, monkeypatch):
     """Each kernel on its own (the dispatch forced), at batches inside and across its tiles."""
-    from srigl_compile.codegen.cuda_records import CudaDispatch
+    from srigl_compile.runtime.cuda_params import CudaDispatch
 
     masked, _ = CASES["linear_3072_768"]
     lowered, handle = _paper_layer(lowered_models, dtype)

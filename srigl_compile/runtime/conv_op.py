@@ -1,4 +1,4 @@
-"""Direct condensed convolution on the CPU: ``torch.ops.srigl_compile.tvm_condensed_conv2d`` and its handles.
+"""``torch.ops.srigl_compile.tvm_condensed_conv2d``: a lowered convolution's call into its direct CPU kernel.
 
     tvm_condensed_conv2d(x [B, C, H, W], values [n_out, k], columns [n_out, k], bias [n_out]?, kernel_key,
                          kernel_size, padding, dilation, stride) -> y [B, n_out, OH, OW]     (zero padding)
@@ -7,126 +7,32 @@ The im2col route copies every input nine times for a 3x3 kernel, packs the copy 
 output back: those copies cost more than the sparse kernel saved (a lowered ResNet-50 ran slower than dense). Here
 the input is padded once (``conv_geometry``) and the offset kernel reads each non-zero's ``lanes`` output
 positions as one contiguous run of the padded image; the only other copy drops the padding columns of the output.
-Offsets depend on the image size, so they are computed on first use of a size and cached per layer. A strided
-convolution runs as a stride-1 one over the input's phase images (space-to-depth, ``conv_geometry``): one more
-copy of the input, instead of im2col's kernel-size-fold blow-up; its columns are remapped once, when lowering.
+Offsets depend on the image size, so they are computed on first use of a size and cached per layer
+(``LlvmConvHandle.offsets``). A strided convolution runs as a stride-1 one over the input's phase images
+(space-to-depth, ``conv_geometry``): one more copy of the input, instead of im2col's kernel-size-fold blow-up; its
+columns are remapped once, when lowering.
 
 The operator has a fake implementation (``torch.fx``, ``torch.export``, ``torch.compile(fullgraph=True)`` keep it
 as one node) and passes ``torch.library.opcheck``; ``condensed_conv2d`` skips the dispatcher for plain tensors.
 
 Example:
-    >>> h = build_condensed_conv(64, 576, 58, "int16", True)                     # doctest: +SKIP
-    >>> values, columns = h.pack(values, columns)                              # doctest: +SKIP
-    >>> y = condensed_conv2d(x, values, columns, bias, h.key, (3, 3), (1, 1), (1, 1))  # doctest: +SKIP
+    >>> values, columns = handle.pack(values, columns)                                  # doctest: +SKIP
+    >>> y = condensed_conv2d(x, values, columns, bias, handle.key, (3, 3), (1, 1), (1, 1))  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
-from .conv_geometry import DirectPlan, column_offsets, direct_plan, output_size, phase_kernel, strided_plan
-from .kernel_op import (K_MULTIPLE, KernelShapeError, KernelShapeFields, block_rows, check_bias, check_cpu_float32,
-                        check_float32_operands, check_no_grad, check_runs_here, get_handle, get_registered,
-                        handle_key, pack_operands, register_handle)
-from .rules import ColParams
+from .checks import (KernelShapeError, check_bias, check_cpu_float32, check_float32_operands, check_no_grad,
+                     check_runs_here)
+from .conv_geometry import direct_plan, output_size, phase_kernel, strided_plan
+from .registry import get_handle
 from .scratch import pad_images, scratch
 
-__all__ = ["ConvKernelHandle", "build_condensed_conv", "condensed_conv2d"]
-
-_SIZES_PER_LAYER = 4  # image sizes whose offsets a layer keeps (each costs 4 bytes per non-zero)
-
-
-@dataclasses.dataclass(eq=False)
-class ConvKernelHandle(KernelShapeFields):
-    """The compiled offset kernel of one layer shape (n_in = the im2col width C * kh * kw, for bounds checks).
-
-    Attributes:
-        params: the compiled variant (rows per task, k-inner tile, rows interleaved, lanes = positions per tile).
-        module: the TVM module holding the kernel (for ``export_kernels``).
-    """
-
-    target: dict[str, Any]
-    params: ColParams
-    module: Any
-    library_path: str | None = None
-    device_type = "cpu"
-    kind = "conv"
-    conv_fn: Any = dataclasses.field(init=False, repr=False)
-    # columns tensor (one per layer; held weakly, so a freed layer's entries go) -> {image size: offsets}
-    _offsets: Any = dataclasses.field(init=False, repr=False, default_factory=WeakIdKeyDictionary)
-    missing_features: tuple = dataclasses.field(init=False, repr=False, default=())
-
-    def __post_init__(self) -> None:
-        from .cpu_target import missing_host_features
-        from .tuning import KernelShape
-
-        self.conv_fn = self.module[KernelShape(self.n_out, self.n_in, self.k_pad, self.index_dtype,
-                                               self.has_bias).symbol("offset")]
-        self.missing_features = missing_host_features(self.target)
-
-    @property
-    def lanes(self) -> int:
-        return self.params.lanes
-
-    def pack(self, values: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kernel operands from a condensed conv's (values, im2col columns) [n_out, k]: ``pack_operands``, then
-        blocked as the kernel reads them (``block_rows``: [n_out / rows, k_pad / kin, rows, kin]). Do it once."""
-        values, columns = pack_operands(self, values, columns, torch.float32)
-        return block_rows(values, self.params.rows, self.params.kin), block_rows(columns, self.params.rows,
-                                                                                 self.params.kin)
-
-    def is_packed(self, values: torch.Tensor) -> bool:
-        return values.dim() == 4 and values.shape[1] * values.shape[3] == self.k_pad
-
-    def offsets(self, columns: torch.Tensor, kernel, dilation, plan: DirectPlan) -> torch.Tensor:
-        """``column_offsets`` for this image size, computed once per layer (its columns tensor) and size. The
-        cache is per layer, not per handle: layers of one shape share a handle (35 in a ResNet-152 stage), and a
-        shared bound would make them evict each other on every call."""
-        sizes = self._offsets.get(columns)
-        if sizes is None:
-            sizes = self._offsets[columns] = {}
-        key = (columns._version, kernel, dilation, plan.rows, plan.pitch)
-        if key not in sizes:
-            if len(sizes) >= _SIZES_PER_LAYER:
-                sizes.clear()
-            sizes[key] = column_offsets(columns, kernel, dilation, plan)
-        return sizes[key]
-
-
-def build_condensed_conv(n_out: int, n_in: int, k: int, index_dtype: str = "int32", has_bias: bool = True,
-                         target: Mapping[str, Any] | None = None, *, tune: bool = False, cache_dir=None,
-                         progress: bool | None = None, lanes: int | None = None) -> ConvKernelHandle:
-    """Compile (once per process) the offset kernel of a condensed convolution and register its handle.
-
-    Args:
-        n_out, k: active filters and fan-in (k is rounded up to a multiple of 8 with zero weights).
-        n_in: the im2col width C * kh * kw (the columns must lie below it).
-        index_dtype: dtype of the stored columns ("int16" or "int32"); the kernel itself reads int32 offsets.
-        tune / cache_dir / progress: as ``build_condensed_linear`` (the search runs on 14x14 images).
-        lanes: output positions per tile, overriding the chosen variant's (``conv_geometry.exact_tile``: a width
-            that divides a 1x1 layer's grid needs no padding or crop); part of the handle's key.
-    """
-    from .cpu_target import check_llvm_target
-    from .tuning import KernelShape, compile_offset_kernel, select_params
-
-    target = check_llvm_target(target)
-    k_pad = -(-k // K_MULTIPLE) * K_MULTIPLE
-    shape = KernelShape(n_out, n_in, k_pad, index_dtype, has_bias)
-    key = "conv_" + handle_key(n_out, n_in, k, index_dtype, has_bias, target) + (f"_l{lanes}" if lanes else "")
-    params = select_params(shape, "offset", target, tune=tune, cache_dir=cache_dir, progress=progress)
-    if lanes:
-        params = dataclasses.replace(params, lanes=lanes)
-    existing = get_registered(key)
-    if existing is not None and existing.params == params:
-        return existing
-    executable = compile_offset_kernel(shape, params, target)
-    return register_handle(ConvKernelHandle(key, n_out, n_in, k, k_pad, index_dtype, has_bias, target, params,
-                                            executable.mod))
+__all__ = ["condensed_conv2d"]
 
 
 def _pair(values: Sequence[int]) -> tuple[int, int]:

@@ -1,0 +1,123 @@
+"""The llvm backend: x86 / ARM CPUs through LLVM, float32, tuned per shape on this machine, direct convolutions.
+
+Linear layers get a library of row, mid, col, fused and pack kernels (``tuning.compile_kernels``; which runs for a
+batch is the handle's dispatch, ``runtime.llvm_linear``); convolutions the offset kernel reading the padded input
+(``tuning.compile_offset_kernel``; no im2col), with a tile width that divides the output grid when ``lower`` knows
+the image size (``KernelSpec.lanes``). Variants come from the tuning records, from a search (``tune=True``), or
+from the rules' defaults.
+
+Example:
+    >>> handle = build_condensed_linear(768, 3072, 307, "int16", True)       # doctest: +SKIP
+    >>> y = handle(x, *handle.pack(values, indices), bias)                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from ...runtime.llvm_conv import LlvmConvHandle
+from ...runtime.llvm_linear import LlvmLinearHandle
+from ...runtime.registry import get_registered, register_handle
+from ...runtime.spec import KernelSpec, target_key
+from ..cpu_target import check_llvm_target
+from ..tuning import compile_kernels, compile_offset_kernel, select_params
+from .base import Backend, TargetConfig
+
+__all__ = ["LlvmBackend", "LlvmConfig", "build_linear", "build_conv", "build_condensed_linear",
+           "build_condensed_conv"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LlvmConfig(TargetConfig):
+    """``TargetConfig`` plus tuning: ``tune`` searches schedule variants per layer shape on this machine (records
+    kept under ``cache_dir``, so a shape is tuned once); ``progress`` shows a progress bar meanwhile.
+
+    Example:
+        >>> lower(model, LlvmConfig(tune=True))         # doctest: +SKIP
+    """
+
+    tune: bool = False
+    progress: bool = True
+    kind = "llvm"
+
+
+class LlvmBackend(Backend):
+    kind = "llvm"
+    description = "x86 / ARM CPUs through LLVM (host CPU detected)"
+    dtypes = ("float32",)
+    conv_route = "direct"
+    config_type = LlvmConfig
+    handle_types = (LlvmLinearHandle, LlvmConvHandle)
+
+    def resolve_target(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
+        return check_llvm_target(given)  # (None: the host CPU, detected and named)
+
+    def target_tag(self, target: Mapping[str, Any]) -> str:
+        return target_key(target)
+
+    def build(self, spec: KernelSpec, config: LlvmConfig):
+        options = dict(tune=config.tune, cache_dir=config.cache_dir, progress=config.tune and config.progress)
+        build = build_conv if spec.op == "conv" else build_linear
+        return build(spec, config.target, **options)
+
+
+def build_linear(spec: KernelSpec, target: Mapping[str, Any] | None = None, *, tune: bool = False,
+                 cache_dir=None, progress: bool | None = None) -> LlvmLinearHandle:
+    """Compile (once per process) the kernels of a condensed linear layer and register their handle.
+
+    Args:
+        spec: the layer's kernel (any k >= 1; kernels use ``spec.k_pad``; int16 indices need n_in <= 32768).
+        target: llvm target dict; None detects the host CPU (``cpu_target.host_llvm_target``).
+        tune: time each rule's variants for this shape and keep the fastest in the tuning records (a shape is
+            tuned once per cache_dir); False uses a stored record if any, else the default variants.
+        cache_dir: tuning-record folder (default ``$SRIGL_COMPILE_CACHE`` or ``~/.cache/srigl_compile/tuning``).
+
+    Returns:
+        The registered handle; pass ``handle.key`` to the op.
+    """
+    target = check_llvm_target(target)
+    key = spec.key(target_key(target))
+    params = {layout: select_params(spec, layout, target, tune=tune, cache_dir=cache_dir, progress=progress)
+              for layout in ("row", "col")}
+    existing = get_registered(key)
+    if existing is not None and (existing.row_params, existing.col_params) == (params["row"], params["col"]):
+        return existing
+    executable = compile_kernels(spec, params["row"], params["col"], target)
+    return register_handle(LlvmLinearHandle(key, spec, target, params["row"], params["col"], executable.mod))
+
+
+def build_conv(spec: KernelSpec, target: Mapping[str, Any] | None = None, *, tune: bool = False, cache_dir=None,
+               progress: bool | None = None) -> LlvmConvHandle:
+    """Compile (once per process) the offset kernel of a condensed convolution and register its handle.
+
+    ``spec.n_in`` is the im2col width C * kh * kw (the columns must lie below it); its index dtype is that of the
+    stored columns (the kernel itself reads int32 offsets); ``spec.lanes`` (output positions per tile) overrides
+    the chosen variant's (``conv_geometry.exact_tile``: a width that divides a 1x1 layer's grid needs no padding
+    or crop). Tuning times the kernel on 14x14 images.
+    """
+    target = check_llvm_target(target)
+    key = spec.key(target_key(target))
+    params = select_params(spec, "offset", target, tune=tune, cache_dir=cache_dir, progress=progress)
+    if spec.lanes:
+        params = dataclasses.replace(params, lanes=spec.lanes)
+    existing = get_registered(key)
+    if existing is not None and existing.params == params:
+        return existing
+    executable = compile_offset_kernel(spec, params, target)
+    return register_handle(LlvmConvHandle(key, spec, target, params, executable.mod))
+
+
+def build_condensed_linear(n_out: int, n_in: int, k: int, index_dtype: str = "int32", has_bias: bool = True,
+                           target: Mapping[str, Any] | None = None, **options) -> LlvmLinearHandle:
+    """``build_linear`` of ``KernelSpec(n_out, n_in, k, index_dtype, has_bias)`` (options: tune, cache_dir,
+    progress)."""
+    return build_linear(KernelSpec(n_out, n_in, k, index_dtype, has_bias), target, **options)
+
+
+def build_condensed_conv(n_out: int, n_in: int, k: int, index_dtype: str = "int32", has_bias: bool = True,
+                         target: Mapping[str, Any] | None = None, *, lanes: int | None = None,
+                         **options) -> LlvmConvHandle:
+    """``build_conv`` of a convolution's ``KernelSpec`` (n_in: the im2col width; lanes: its tile width)."""
+    return build_conv(KernelSpec(n_out, n_in, k, index_dtype, has_bias, op="conv", lanes=lanes), target, **options)

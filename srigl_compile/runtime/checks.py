@@ -1,0 +1,76 @@
+"""Typed errors and input checks shared by the kernel operators and handles (each names the fix).
+
+Example:
+    >>> check_cpu_float32(torch.zeros(2, 3), "o4_i3_k1_int16_b@...")   # float32 on the CPU: fine
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import DeviceError, InferenceOnlyError, LoweringError
+
+__all__ = ["KernelDeviceError", "KernelDtypeError", "KernelShapeError", "check_cpu_float32", "check_runs_here",
+           "check_no_grad", "check_float32_operands", "check_bias", "check_batch_input"]
+
+
+class KernelDeviceError(DeviceError, ValueError):
+    """The input is not on the device the kernel runs on (the llvm kernels: the host CPU)."""
+
+
+class KernelDtypeError(DeviceError, TypeError):
+    """The input's dtype is not the kernel's."""
+
+
+class KernelShapeError(LoweringError, ValueError):
+    """The input's shape does not fit the layer (features, channels, dimensions); lowered layers add their name."""
+
+
+def check_cpu_float32(x: torch.Tensor, key: str) -> None:
+    """The CPU kernels' input check: a float32 tensor on the CPU, else a typed error naming the fix."""
+    if not x.is_cpu:  # (x.device.type costs 0.4 us; this path is per call)
+        raise KernelDeviceError(f"kernel {key} runs on the CPU but got a tensor on {x.device}; move the "
+                                "input (and the layer) to the CPU with .cpu()")
+    if x.dtype != torch.float32:
+        raise KernelDtypeError(f"kernel {key} takes float32 inputs, got {x.dtype}; call .float() on it")
+
+
+def check_runs_here(handle) -> None:
+    """Kernels compiled for a CPU with instructions this one lacks would kill the process (SIGILL): refuse."""
+    if handle.missing_features:
+        mcpu = handle.target.get("mcpu")
+        raise KernelDeviceError(
+            f"kernel {handle.key} was compiled for {mcpu}, whose instructions {list(handle.missing_features)} this "
+            f"CPU lacks: running it would crash the process. Lower for this machine (target='llvm'), or run the "
+            f"model on a {mcpu} machine.")
+
+
+def check_no_grad(x: torch.Tensor, key: str) -> None:
+    """The kernels have no backward: an input that autograd tracks would otherwise leave every parameter upstream
+    of the layer without a gradient, silently."""
+    if x.requires_grad and torch.is_grad_enabled():
+        raise InferenceOnlyError(
+            f"kernel {key} got an input that requires grad: lowered layers run inference only (no backward). "
+            "Call the model under torch.no_grad() or torch.inference_mode(), or train the sparse model from "
+            "sparsify() and lower it afterwards.")
+
+
+def check_float32_operands(values: torch.Tensor, bias: torch.Tensor | None, key: str) -> None:
+    """A lowered model converted after lowering (``.half()``, ``.double()``) no longer matches its kernels."""
+    for tensor in (values, bias):
+        if tensor is not None and tensor.dtype != torch.float32:
+            raise KernelDtypeError(f"kernel {key} runs float32 but the layer holds {tensor.dtype}: a lowered model "
+                                   "keeps the dtype lower() gave it; convert the sparse model and lower it again")
+
+
+def check_bias(handle, bias) -> None:
+    """The op got a bias exactly when its kernel was built with one."""
+    if (bias is not None) != handle.has_bias:
+        raise ValueError(f"kernel {handle.key} was built with has_bias={handle.has_bias}, got bias="
+                         f"{'a tensor' if bias is not None else 'None'}")
+
+
+def check_batch_input(x: torch.Tensor, handle) -> None:
+    if x.dim() == 0 or x.shape[-1] != handle.n_in:
+        raise KernelShapeError(f"expects {handle.n_in} input features, got an input of shape {tuple(x.shape)} "
+                               f"(kernel {handle.key})")

@@ -1,0 +1,90 @@
+"""The direct convolution's kernel on the CPU: one layer shape's offset kernel, and each layer's offsets.
+
+The offset kernel reads non-zero r of output row o at ``offsets[o, r] + q`` in a flattened padded image (q: the
+output position, ``conv_geometry``); offsets depend on the image size, so each layer computes them on first use of
+a size. Operands are blocked as a kernel task reads them (``block_rows``).
+
+Example:
+    >>> handle = get_handle(layer.kernel_key)                              # doctest: +SKIP
+    >>> offsets = handle.offsets(layer.indices, (3, 3), (1, 1), plan)       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .conv_geometry import DirectPlan, column_offsets
+from .cpu_features import missing_host_features
+from .handle import HandleBase
+from .llvm_linear import load_cpu_library
+from .llvm_params import ColParams
+from .spec import KernelSpec, block_rows
+
+__all__ = ["LlvmConvHandle"]
+
+_SIZES_PER_LAYER = 4  # image sizes whose offsets a layer keeps (each costs 4 bytes per non-zero)
+
+
+@dataclasses.dataclass(eq=False)
+class LlvmConvHandle(HandleBase):
+    """The compiled offset kernel of one layer shape (n_in = the im2col width C * kh * kw, for bounds checks).
+
+    Attributes:
+        params: the compiled variant (rows per task, k-inner tile, rows interleaved, lanes = positions per tile).
+        module: the TVM module holding the kernel (for ``export_kernels``).
+    """
+
+    params: ColParams
+    module: Any
+    library_path: str | None = None
+    device_type: ClassVar[str] = "cpu"
+    kind: ClassVar[str] = "conv"
+    conv_fn: Any = dataclasses.field(init=False, repr=False)
+    # columns tensor (one per layer; held weakly, so a freed layer's entries go) -> {image size: offsets}
+    _offsets: Any = dataclasses.field(init=False, repr=False, default_factory=WeakIdKeyDictionary)
+    missing_features: tuple = dataclasses.field(init=False, repr=False, default=())
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.conv_fn = self.module[self.spec.symbol("offset")]
+        self.missing_features = missing_host_features(self.target)
+
+    @property
+    def lanes(self) -> int:
+        return self.params.lanes
+
+    def pack(self, values: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernel operands from a condensed conv's (values, im2col columns) [n_out, k]: ``KernelSpec.pack``, then
+        blocked as the kernel reads them (``block_rows``: [n_out / rows, k_pad / kin, rows, kin]). Do it once."""
+        values, columns = super().pack(values, columns)
+        return block_rows(values, self.params.rows, self.params.kin), block_rows(columns, self.params.rows,
+                                                                                 self.params.kin)
+
+    def is_packed(self, values: torch.Tensor) -> bool:
+        return values.dim() == 4 and values.shape[1] * values.shape[3] == self.k_pad
+
+    def offsets(self, columns: torch.Tensor, kernel, dilation, plan: DirectPlan) -> torch.Tensor:
+        """``column_offsets`` for this image size, computed once per layer (its columns tensor) and size. The
+        cache is per layer, not per handle: layers of one shape share a handle (35 in a ResNet-152 stage), and a
+        shared bound would make them evict each other on every call."""
+        sizes = self._offsets.get(columns)
+        if sizes is None:
+            sizes = self._offsets[columns] = {}
+        key = (columns._version, kernel, dilation, plan.rows, plan.pitch)
+        if key not in sizes:
+            if len(sizes) >= _SIZES_PER_LAYER:
+                sizes.clear()
+            sizes[key] = column_offsets(columns, kernel, dilation, plan)
+        return sizes[key]
+
+    def manifest_entry(self, folder: Path, stem: str) -> dict[str, Any]:
+        return {"kind": "conv", "params": dataclasses.asdict(self.params)}
+
+    @classmethod
+    def from_manifest(cls, folder: Path, entry: dict[str, Any], spec: KernelSpec, library: Path):
+        return load_cpu_library(cls, folder, entry, spec, library, {"params": ColParams(**entry["params"])})

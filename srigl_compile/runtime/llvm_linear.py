@@ -1,0 +1,162 @@
+"""The CPU linear kernels of one shape, and which of them runs for a batch of m rows.
+
+    m < MID_FROM            row kernel on x as is (given the indices viewed as 64-bit words, ``kernels.row_kernel``)
+    m < col threshold       x packed into 8-row tiles [m / 8, n_in, 8] for the mid kernel (the col kernel at one
+                            vector of lanes: x[idx] is a vector load shared by 8 rows, not a gather)
+    beyond                  [m / lanes, n_in, lanes] tiles for the col kernel; from ``FUSED_TILES_PER_THREAD`` full
+                            tiles a thread, the fused col kernel (a task per tile packs it into a local buffer and
+                            runs every row on it, so the tiles never go out to memory and back: fc2 at 2048 rows
+                            25.7 -> 21.0 ms, at 12608 165 -> 127 ms; equal where n_in is 768)
+
+Packing is a TVM kernel (zero-padding; torch's permuted copy is slow here), into a reused scratch buffer; the col
+kernels write y as [B, n_out]. The col threshold is the handle's (``DEFAULT_COL_THRESHOLD``, measured) unless the
+caller forces one (a layer lowered with ``col_threshold=``).
+
+Example:
+    >>> handle = get_handle(key)                                # doctest: +SKIP
+    >>> y = handle.launch(rows, [values, indices, bias], 0)     # 0: the handle's own threshold   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import LoweringError
+from .checks import check_batch_input, check_cpu_float32, check_runs_here
+from .cpu_features import host_cpu_name, missing_host_features
+from .handle import LinearHandleBase
+from .kernel_files import KernelFileError
+from .llvm_params import ColParams, RowParams
+from .scratch import scratch
+from .spec import MID_LANES, KernelSpec
+from .tvm_runtime import import_tvm_runtime, tvm_thread_count
+
+__all__ = ["LlvmLinearHandle", "DEFAULT_COL_THRESHOLD", "MID_FROM", "FUSED_TILES_PER_THREAD", "load_cpu_library"]
+
+log = logging.getLogger(__name__)
+
+# Kernel per batch size, measured on Zen 3 (2 threads), 3072 -> 768 at 90%: row (gathers) 53 us at 1 row, 90 at 2,
+# then +50 us a row; mid (8-lane tiles) ~110 us per 8 rows from 1 to 8 rows; col (64-lane tiles) ~510 us from 1
+# to 64 rows. So: row for 1-2 rows, mid below 49, col from 49 on.
+DEFAULT_COL_THRESHOLD = 49
+MID_FROM = 3  # batches from here up to the col threshold run the 8-lane mid kernel
+# From this many full tiles a thread, the tiles are packed inside the col kernel's tasks (one task a tile: fewer
+# tiles leave threads idle; at 3 tiles on 2 threads it was slower, at 4 about even, from 8 on faster).
+FUSED_TILES_PER_THREAD = 4
+LAYOUTS = ("row", "col", "pack", "mid", "packmid")  # the functions every CPU linear library holds (+ "fused")
+
+
+@dataclasses.dataclass(eq=False)
+class LlvmLinearHandle(LinearHandleBase):
+    """Compiled row, mid and col kernels of one shape (and their pack kernels); call it like the op.
+
+    Attributes:
+        row_params / col_params: the compiled variants; module: the TVM module holding every function.
+        col_threshold: batches (rows) from this size on run the col kernel, unless a call forces another.
+    """
+
+    row_params: RowParams
+    col_params: ColParams
+    module: Any
+    library_path: str | None = None
+    col_threshold: int = DEFAULT_COL_THRESHOLD
+    device_type: ClassVar[str] = "cpu"
+    row_fn: Any = dataclasses.field(init=False, repr=False)
+    col_fn: Any = dataclasses.field(init=False, repr=False)
+    pack_fn: Any = dataclasses.field(init=False, repr=False)
+    mid_fn: Any = dataclasses.field(init=False, repr=False)
+    packmid_fn: Any = dataclasses.field(init=False, repr=False)
+    fused_fn: Any = dataclasses.field(init=False, repr=False, default=None)
+    fused_from_tiles: int = dataclasses.field(init=False, repr=False, default=0)
+    missing_features: tuple = dataclasses.field(init=False, repr=False, default=())
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.row_fn, self.col_fn, self.pack_fn, self.mid_fn, self.packmid_fn = (
+            self.module[self.spec.symbol(layout)] for layout in LAYOUTS)
+        # (libraries saved before the fused kernel existed lack it: they keep the separate pack)
+        fused = self.spec.symbol("fused")
+        self.fused_fn = self.module[fused] if self.module.implements_function(fused, True) else None
+        threads = int(os.environ.get("TVM_NUM_THREADS") or tvm_thread_count())
+        self.fused_from_tiles = FUSED_TILES_PER_THREAD * threads
+        self.missing_features = missing_host_features(self.target)
+
+    @property
+    def lanes(self) -> int:
+        return self.col_params.lanes
+
+    def check_input(self, x: torch.Tensor) -> None:
+        check_runs_here(self)
+        check_cpu_float32(x, self.key)
+        check_batch_input(x, self)
+
+    def launch(self, rows: torch.Tensor, operands: list[torch.Tensor], col_threshold: int) -> torch.Tensor:
+        """y [m, n_out] for rows [m, n_in] (contiguous, m >= 1); ``col_threshold`` <= 0: the handle's own."""
+        m, n_out = rows.shape[0], self.n_out
+        if m < MID_FROM:
+            out = rows.new_empty(m, n_out)
+            values, indices, *bias = operands
+            self.row_fn(rows, values, indices.view(torch.int64), *bias, out)  # the row kernel reads index words
+            return out
+        if m < (col_threshold if col_threshold > 0 else self.col_threshold):
+            return self._tiled(rows, operands, self.packmid_fn, self.mid_fn, MID_LANES)
+        full, tail = divmod(m, self.lanes)
+        if self.fused_fn is not None and full >= self.fused_from_tiles:
+            # Enough tiles for every thread: a task per tile packs it into a local buffer and runs all rows on
+            # it, instead of packing every tile out to memory (DRAM-bound at large batch) and reading it back.
+            y = rows.new_empty(-(-m // self.lanes) * self.lanes, n_out)
+            self.fused_fn(rows, *operands, y.view(-1, self.lanes, n_out))
+            return y[:m] if tail else y
+        if not full or not tail or tail > self.lanes // 2:
+            return self._tiled(rows, operands, self.pack_fn, self.col_fn, self.lanes)
+        # A ragged tail (ViT's 197 tokens = 3 x 64 + 5) would fill a whole 64-lane tile mostly with padding, at the
+        # cost of a full tile (~5-7 mid tiles): the full tiles run the col kernel, the tail the 8-lane one.
+        split = full * self.lanes
+        y = rows.new_empty(split + -(-tail // MID_LANES) * MID_LANES, n_out)
+        self._tiled(rows[:split], operands, self.pack_fn, self.col_fn, self.lanes, y[:split])
+        self._tiled(rows[split:], operands, self.packmid_fn, self.mid_fn, MID_LANES, y[split:])
+        return y[:m]
+
+    def _tiled(self, rows, operands, pack, col, lanes: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """y [m, n_out] from a batch-tiled kernel; ``out`` (when given) has the rows rounded up to ``lanes``."""
+        m, n_out = rows.shape[0], self.n_out
+        tiles = -(-m // lanes)
+        xt = scratch("tiles", (tiles, self.n_in, lanes))  # (a fresh one is page-faulted in on every call)
+        pack(rows, xt)  # [m, n_in] -> [tiles, n_in, lanes], zero-padded
+        y = rows.new_empty(tiles * lanes, n_out) if out is None else out
+        col(xt, *operands, y.view(tiles, lanes, n_out))  # writes y as [B, n_out] directly
+        return y[:m] if tiles * lanes != m else y  # the padding rows are at the end: still contiguous
+
+    def manifest_entry(self, folder: Path, stem: str) -> dict[str, Any]:
+        return {"row_params": dataclasses.asdict(self.row_params), "col_params": dataclasses.asdict(self.col_params)}
+
+    @classmethod
+    def from_manifest(cls, folder: Path, entry: dict[str, Any], spec: KernelSpec, library: Path):
+        variants = {"row_params": RowParams(**entry["row_params"]), "col_params": ColParams(**entry["col_params"])}
+        return load_cpu_library(cls, folder, entry, spec, library, variants)
+
+
+def load_cpu_library(cls, folder: Path, entry: dict[str, Any], spec: KernelSpec, library: Path, variants: dict):
+    """A CPU handle of ``cls`` on its library, loaded with the TVM runtime (a warning when it was compiled for
+    another CPU; running it there is refused if that CPU has instructions this one lacks)."""
+    here = _host_cpu_or_none()
+    if here is not None and entry["target"].get("mcpu") != here:
+        log.warning("kernels in %s were compiled for %s, this CPU is %s", folder, entry["target"].get("mcpu"), here)
+    try:
+        module = import_tvm_runtime().runtime.load_module(str(library))
+        return cls(entry["key"], spec, entry["target"], **variants, module=module, library_path=str(library))
+    except Exception as err:  # TVM raises its own error types for bad libraries and missing symbols
+        raise KernelFileError(f"cannot load kernel {entry['key']} from {library}: {err}") from err
+
+
+def _host_cpu_or_none() -> str | None:
+    try:
+        return host_cpu_name()
+    except (LoweringError, AttributeError):  # no TVM at all, or the runtime-only TVM: no LLVM to ask
+        return None

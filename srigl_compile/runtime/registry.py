@@ -1,0 +1,36 @@
+"""The process-wide kernel registry: key -> handle. Lowered layers hold only a key (a string the graph can carry
+and torch.save can pickle); the operators look the handle up here on every call.
+
+Example:
+    >>> register_handle(handle)          # doctest: +SKIP   (what building or loading a kernel does)
+    >>> get_handle(handle.key) is handle  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+from ..errors import LoweringError
+
+__all__ = ["register_handle", "get_handle", "get_registered"]
+
+_HANDLES: dict = {}  # key -> handle (runtime.handle.KernelHandle)
+
+
+def register_handle(handle):
+    _HANDLES[handle.key] = handle
+    return handle
+
+
+def get_registered(key: str):
+    """The handle registered under ``key``, or None."""
+    return _HANDLES.get(key)
+
+
+def get_handle(key: str):
+    """The registered handle; raises ``LoweringError`` naming the fix when this process has not built/loaded it."""
+    try:
+        return _HANDLES[key]
+    except KeyError:
+        raise LoweringError(f"compiled kernel {key!r} is not loaded in this process. A lowered model travels with "
+                            "srigl_compile.save_lowered(model, path) and load_lowered(path), which carry its kernels "
+                            "(torch.save alone does not); or lower the model again here") from None

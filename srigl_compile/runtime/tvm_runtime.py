@@ -1,0 +1,79 @@
+"""Importing TVM for loading and running kernels, and sizing its thread pool first.
+
+TVM's CPU thread pool sizes itself once, on first use, to half the cores on x86; ``TVM_NUM_THREADS`` is set before
+that happens (here and in ``codegen._tvm_compat.import_tvm``, which imports the compiler on top).
+
+Example:
+    >>> tvm = import_tvm_runtime()            # doctest: +SKIP
+    >>> tvm.runtime.load_module("k.so")       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import types
+
+from ..errors import LoweringError
+
+__all__ = ["import_tvm_runtime", "tvm_thread_count", "set_thread_count", "check_ffi_version", "install_hint",
+           "EXPECTED_TVM_FFI"]
+
+log = logging.getLogger(__name__)
+
+EXPECTED_TVM_FFI = "0.1.14.post1"  # 0.1.15.post2 segfaults when TVM serialises IR to JSON (see TVM.md)
+
+
+def tvm_thread_count() -> int:
+    """Threads for TVM's pool: torch's intra-op thread count, capped by the physical cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or threads
+    except ImportError:
+        physical = os.cpu_count() or threads
+    return max(1, min(threads, physical))
+
+
+def set_thread_count() -> None:
+    """``TVM_NUM_THREADS`` unless the user set it: TVM reads it once, when its pool starts."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(tvm_thread_count()))
+
+
+def check_ffi_version() -> None:
+    try:
+        from importlib.metadata import version
+
+        found = version("apache-tvm-ffi")
+    except Exception:  # metadata missing in odd installs: not worth failing for
+        return
+    if found != EXPECTED_TVM_FFI:
+        log.warning("apache-tvm-ffi %s found; srigl_compile is tested with %s (newer builds crash in JSON "
+                    "serialisation)", found, EXPECTED_TVM_FFI)
+
+
+def install_hint() -> str:
+    return (f"pip install 'srigl-compile[tvm]' (apache-tvm==0.27.0.post1 with apache-tvm-ffi=={EXPECTED_TVM_FFI}); "
+            "a GPU machine may use the runtime-only bundle of scripts/build_gpu_bundle.py instead")
+
+
+@functools.cache
+def import_tvm_runtime() -> types.ModuleType:
+    """Import only what loading and running compiled kernels needs (works with the runtime-only TVM package,
+    ``TVM_USE_RUNTIME_LIB=1``).
+
+    Raises:
+        LoweringError: TVM is not installed.
+    """
+    set_thread_count()
+    try:
+        import tvm
+        import tvm.runtime  # noqa: F401
+    except ImportError as err:
+        raise LoweringError("running compiled kernels needs TVM: " + install_hint()) from err
+    check_ffi_version()
+    return tvm
