@@ -19,8 +19,8 @@ from ..runtime.conv_geometry import output_size, phase_columns, phase_kernel
 from ..runtime.spec import KernelSpec
 from .condensed import CondensedConv, CondensedLinear, accepts_unbatched, index_dtype_for
 
-__all__ = ["LoweredLinear", "LoweredConv", "kernel_operands", "kernel_spec", "make_lowered_", "fill_ablated_rows_",
-           "subsamples", "pointwise_unpadded", "with_layer_name"]
+__all__ = ["LoweredLinear", "LoweredConv", "kernel_operands", "kernel_spec", "make_lowered_", "subsamples",
+           "pointwise_unpadded", "with_layer_name"]
 
 
 class LoweredLinear(CondensedLinear):
@@ -148,32 +148,6 @@ def kernel_spec(layer, conv_route: str, dtype: str | None = None) -> KernelSpec 
     width, values, indices = kernel_operands(layer, direct)
     return KernelSpec(layer.n_active, width, values.shape[1], str(indices.dtype).removeprefix("torch."),
                       layer.bias is not None, dtype, "conv" if direct else "linear")
-
-
-@torch.no_grad()
-def fill_ablated_rows_(layer, max_fraction: float = 0.25) -> bool:
-    """Give the ablated neurons of a full-width condensed layer zero-weight rows (their bias stays what they
-    output), so the kernel writes the whole width and no scatter follows: scattering [B, n_active] into
-    [B, n_out] along the last dim cost more than the kernel (3 ms against 0.4 at batch 256, 3072 outputs).
-    Only when at most ``max_fraction`` of the neurons are ablated (beyond that the zero rows cost more).
-
-    Returns whether the layer changed; its outputs do not.
-    """
-    missing = layer.n_out - layer.n_active
-    if layer.compact or layer.n_active == 0 or missing == 0 or missing > max_fraction * layer.n_out:
-        return False
-    values = layer.values.new_zeros(layer.n_out, layer.k)
-    indices = layer.indices.new_zeros(layer.n_out, layer.k)
-    values[layer.active], indices[layer.active] = layer.values, layer.indices
-    if layer.bias is not None:
-        bias = layer.full_bias.clone()
-        bias[layer.active] = layer.bias
-        layer.bias = bias
-    layer.values, layer.indices = values, indices
-    layer.active = torch.arange(layer.n_out, device=layer.active.device)
-    if isinstance(layer, CondensedConv):
-        layer.column_offsets = layer.active // (layer.out_channels // layer.groups) * layer.fan_in
-    return True
 
 
 @torch.no_grad()

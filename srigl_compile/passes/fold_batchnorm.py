@@ -37,7 +37,8 @@ from ..errors import LayerError, TraceError
 from ..nn.condensed import CondensedConv, CondensedLinear
 from .base import Pass, PassResult, replace_submodule
 from .graph_capture import ModelGraph, capture_graph
-from .shrink_ablated import _passes_through
+from .layer_edits import layer_edits
+from .per_feature import passes_through
 
 __all__ = ["FoldBatchNormPass", "fold_batchnorm", "plan_folds"]
 
@@ -125,24 +126,18 @@ def _provably_2d(node: fx.Node, modules: dict) -> bool:
         if _makes_2d(node, modules):
             return True
         is_linear = node.op == "call_module" and type(modules[node.target]) in _LINEARS
-        if not (is_linear or _passes_through(node, modules, conv=True)):
+        if not (is_linear or passes_through(node, modules, conv=True)):
             return False
         node = node.args[0]
     return False
 
 
-def _output_width(layer: nn.Module) -> int:
-    if isinstance(layer, _CONDENSED):
-        return layer.n_active if layer.compact else layer.n_out
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-
-
 def _batchnorm_fits(layer: nn.Module, bn: nn.Module, layer_call: ModuleCall, modules: dict) -> bool:
-    if bn.num_features != _output_width(layer):
+    if bn.num_features != layer_edits(layer).out_width:
         return False
     if type(layer) in _LINEARS:
         return type(bn) is nn.BatchNorm1d and _provably_2d(layer_call.output, modules)
-    dims = layer.dims if isinstance(layer, CondensedConv) else layer.weight.dim() - 2
+    dims = layer.weight.dim() - 2  # (a condensed layer's weight is a stand-in of the dense one's shape)
     return type(bn) is (nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d)
 
 
@@ -182,33 +177,6 @@ def _scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift if bn.bias is None else shift + bn.bias.double()
 
 
-@torch.no_grad()
-def _fold_into_condensed(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
-    dtype = layer.values.dtype
-    bias = layer.bias.double() if layer.bias is not None else layer.values.new_zeros(layer.n_active, dtype=scale.dtype)
-    full_bias = layer.full_bias.double()
-    if layer.compact:  # channel j of the output is active neuron j
-        row_scale, row_shift = scale, shift
-    else:  # channel c is neuron c; ablated neurons output full_bias[c], which the BatchNorm maps too
-        row_scale, row_shift = scale[layer.active], shift[layer.active]
-        full_bias = full_bias * scale + shift
-    layer.values = (layer.values.double() * row_scale.unsqueeze(1)).to(dtype)
-    layer.bias = (bias * row_scale + row_shift).to(dtype)
-    full_bias[layer.active] = layer.bias.double()  # keeps full_bias[active] == bias, as fill_ablated_rows_ expects
-    layer.full_bias = full_bias.to(dtype)
-
-
-@torch.no_grad()
-def _fold_into_dense(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
-    # torch.nn.utils.fusion.fuse_linear_bn_weights needs an affine BatchNorm and fuse_*_eval eval-mode modules;
-    # this is the same formula. New Parameters, not in-place: a weight tied to another layer stays as it was.
-    weight = layer.weight
-    rows = scale.view(-1, *[1] * (weight.dim() - 1))
-    bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(shift)
-    layer.weight = nn.Parameter((weight.double() * rows).to(weight.dtype), weight.requires_grad)
-    layer.bias = nn.Parameter((bias * scale + shift).to(weight.dtype), weight.requires_grad)
-
-
 class FoldBatchNormPass(Pass):
     """Fold the BatchNorms ``plan_folds`` finds on ``graph`` (captured from this model) into their layers."""
 
@@ -219,16 +187,14 @@ class FoldBatchNormPass(Pass):
     def call(self, model: nn.Module) -> PassResult:
         self.folded = plan_folds(model, self.graph)
         for layer_name, bn_name in self.folded:
-            layer = model.get_submodule(layer_name)
-            fold = _fold_into_condensed if isinstance(layer, _CONDENSED) else _fold_into_dense
-            fold(layer, *_scale_shift(model.get_submodule(bn_name)))
+            layer_edits(model.get_submodule(layer_name)).scale_outputs_(*_scale_shift(model.get_submodule(bn_name)))
             replace_submodule(model, bn_name, nn.Identity())
         return PassResult(model, bool(self.folded))
 
     def ensures(self, result: PassResult) -> None:
         for layer_name, bn_name in self.folded:
             layer = result.module.get_submodule(layer_name)
-            width = layer.n_active if isinstance(layer, _CONDENSED) else _output_width(layer)
+            width = layer_edits(layer).bias_width
             if not isinstance(result.module.get_submodule(bn_name), nn.Identity) or layer.bias.numel() != width:
                 raise LayerError(f"folding BatchNorm {bn_name!r} into {layer_name!r} left it inconsistent")
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..errors import LayerError
 from ..nn.condensed import CondensedConv, CondensedLinear
-from ..nn.lowered import LoweredConv, LoweredLinear, fill_ablated_rows_, kernel_spec, make_lowered_, pointwise_unpadded
+from ..nn.lowered import LoweredConv, LoweredLinear, kernel_spec, make_lowered_, pointwise_unpadded
 from ..nn.masked import is_masked
 from ..runtime.conv_geometry import exact_tile
 from . import fold_batchnorm as batchnorm_folding
@@ -97,7 +97,7 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
         raise LayerError("the model has no sparse or condensed layers to lower: sparsify (and train) it first")
 
     for _, layer in layers:
-        fill_ablated_rows_(layer)  # full-width layers with few ablated neurons: no scatter after the kernel
+        layer.pad_ablated_rows_()  # full-width layers with few ablated neurons: no scatter after the kernel
     if any(t.is_floating_point() and t.dtype != config.dtype for t in (*model.parameters(), *model.buffers())):
         log.info("converting the model to %s (the kernels' dtype)", config.dtype)
         model = model.to(config.dtype)  # floating tensors only: the index buffers keep their integer types

@@ -28,22 +28,14 @@ import torch.nn.functional as F
 from ..nn.condensed import CondensedConv, CondensedLinear
 from ..nn.masked import MaskedConv1d, MaskedConv2d, MaskedLinear
 from .graph_capture import ModelGraph
+from .layer_edits import layer_edits
+from .per_feature import is_aten, is_dropout, passes_through
 from .sparsify import sparse_layers
 
 __all__ = ["ShrinkPlan", "plan_shrink", "apply_shrink"]
 
 log = logging.getLogger(__name__)
 
-_ACT_MODULES = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.ReLU6, nn.Hardswish,
-                nn.Hardtanh, nn.Mish, nn.Softplus, nn.Identity)
-_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
-_ACT_FUNCTIONS = {F.relu, torch.relu, F.gelu, F.silu, torch.tanh, torch.sigmoid, F.leaky_relu, F.elu, F.relu6,
-                  F.hardswish, F.hardtanh, F.mish, F.softplus, torch.nn.functional.tanh, torch.nn.functional.sigmoid}
-_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d}
-_ACT_METHODS = {"relu", "sigmoid", "tanh"}
-_ATEN_ACTS = {"relu", "gelu", "silu", "tanh", "sigmoid", "leaky_relu", "elu", "hardtanh", "hardswish", "mish",
-              "softplus"}
-_ATEN_DROPOUTS = {"dropout", "clone", "alias"}
 _SHRINKABLE = (MaskedLinear, MaskedConv1d, MaskedConv2d)
 
 
@@ -58,39 +50,6 @@ class ShrinkPlan:
     consumers: dict[str, torch.Tensor]
 
 
-def _is_dropout(node: fx.Node, modules: dict) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[node.target], _DROPOUT_MODULES)
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "").split(".")[0]
-        return node.target in _DROPOUT_FUNCTIONS or (_is_aten(node) and name in _ATEN_DROPOUTS)
-    return False
-
-
-def _is_aten(node: fx.Node) -> bool:
-    return isinstance(node.target, torch._ops.OpOverload)
-
-
-def _only_first_arg_is_tensor(node: fx.Node) -> bool:
-    others = list(node.args[1:]) + list(node.kwargs.values())
-    return not any(isinstance(a, fx.Node) for a in others)
-
-
-def _passes_through(node: fx.Node, modules: dict, conv: bool) -> bool:
-    """A per-feature op whose only tensor input is the producer's value (args[0])."""
-    if not node.args or not _only_first_arg_is_tensor(node):
-        return False
-    if node.op == "call_module":
-        module = modules[node.target]
-        is_bn = conv and isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and module.track_running_stats
-        return isinstance(module, _ACT_MODULES + _DROPOUT_MODULES) or is_bn
-    if node.op == "call_function":
-        if _is_aten(node):
-            return node.target._opname in _ATEN_ACTS | _ATEN_DROPOUTS
-        return node.target in _ACT_FUNCTIONS | _DROPOUT_FUNCTIONS
-    return node.op == "call_method" and node.target in _ACT_METHODS
-
-
 def _layer_nodes(model: nn.Module, graph: ModelGraph) -> dict[fx.Node, str]:
     """graph node -> name of the Linear/Conv layer it computes: the layer's own module call (symbolic_trace) or
     an aten linear/conv reading the layer's weight as its second argument (torch.export)."""
@@ -100,7 +59,7 @@ def _layer_nodes(model: nn.Module, graph: ModelGraph) -> dict[fx.Node, str]:
             continue
         for node in graph.consumers.get(f"{name}.weight" if name else "weight", []):
             own_call = node.op == "call_module" and node.target == name
-            aten_op = (node.op == "call_function" and _is_aten(node) and len(node.args) > 1
+            aten_op = (node.op == "call_function" and is_aten(node) and len(node.args) > 1
                        and isinstance(node.args[1], fx.Node) and node.args[1].op == "placeholder"
                        and node.target._opname in ("linear", "conv1d", "conv2d", "convolution"))
             if own_call or aten_op:
@@ -120,7 +79,7 @@ def _constant(value: torch.Tensor, channels: torch.Tensor, path: list[fx.Node], 
     x = value.reshape(1, -1, *([1] * dims))
     with torch.no_grad():
         for node in path:
-            if _is_dropout(node, modules):
+            if is_dropout(node, modules):
                 continue  # inference: dropout is the identity
             if node.op == "call_module":
                 module = modules[node.target]
@@ -146,7 +105,7 @@ def _walk(start: fx.Node, layer_of: dict, modules: dict, conv: bool):
                 return None
             if user in layer_of:
                 found.append((layer_of[user], path))
-            elif _passes_through(user, modules, conv):
+            elif passes_through(user, modules, conv):
                 stack.append((user, path + [user]))
             else:
                 return None
@@ -213,44 +172,6 @@ def _slice_batchnorm(bn: nn.Module, keep: torch.Tensor) -> None:
     bn.num_features = int(keep.sum())
 
 
-@torch.no_grad()
-def _drop_dense_inputs(layer: nn.Module, keep: torch.Tensor, constant_full: torch.Tensor) -> None:
-    weight = layer.weight.detach()
-    per_input = weight.reshape(weight.shape[0], weight.shape[1], -1).sum(dim=2)  # a conv's kernel taps add up
-    fold = per_input[:, ~keep] @ constant_full[~keep]
-    if layer.bias is None:
-        layer.bias = nn.Parameter(fold.clone())
-    else:
-        layer.bias.add_(fold)
-    layer.weight = nn.Parameter(weight[:, keep].clone())
-    if isinstance(layer, nn.Linear):
-        layer.in_features = int(keep.sum())
-    else:
-        layer.in_channels = int(keep.sum())
-
-
-@torch.no_grad()
-def _drop_condensed_inputs(layer: nn.Module, keep: torch.Tensor, constant_full: torch.Tensor) -> None:
-    taps = 1 if isinstance(layer, CondensedLinear) else layer.fan_in // layer.in_channels
-    index = layer.indices.long()
-    channel, tap = index // taps, index % taps
-    gone = ~keep[channel]
-    fold = (layer.values * constant_full[channel] * gone).sum(dim=1)
-    if layer.bias is None:
-        layer.bias = torch.zeros(layer.n_active, dtype=layer.values.dtype)
-    layer.bias += fold
-    layer.full_bias[layer.active] += fold
-    # Removed entries become zero-valued taps on the previous kept column, which keeps every row sorted.
-    new_channel = (torch.cumsum(keep.long(), 0) - 1).clamp(min=0)[channel]
-    layer.values.masked_fill_(gone, 0)
-    layer.indices = (new_channel * taps + tap).to(layer.indices.dtype)
-    if isinstance(layer, CondensedLinear):
-        layer.in_features = layer.fan_in = int(keep.sum())
-    else:
-        layer.in_channels = int(keep.sum())
-        layer.fan_in = layer.in_channels * taps
-
-
 def apply_shrink(model: nn.Module, plans: list[ShrinkPlan]) -> int:
     """Apply ``plan_shrink``'s plans to the condensed model; returns how many neurons were removed."""
     removed_total = 0
@@ -259,16 +180,12 @@ def apply_shrink(model: nn.Module, plans: list[ShrinkPlan]) -> int:
         if not isinstance(producer, (CondensedLinear, CondensedConv)):
             continue
         keep = _keep(producer.n_out, plan.removed)
-        producer.compact = True
+        producer.set_compact_()
         for bn in plan.batchnorms:
             _slice_batchnorm(model.get_submodule(bn), keep)
         for name, constant in plan.consumers.items():
-            consumer = model.get_submodule(name)
             constant_full = torch.zeros(producer.n_out, dtype=constant.dtype)
             constant_full[plan.removed] = constant
-            if isinstance(consumer, (CondensedLinear, CondensedConv)):
-                _drop_condensed_inputs(consumer, keep, constant_full)
-            else:
-                _drop_dense_inputs(consumer, keep, constant_full)
+            layer_edits(model.get_submodule(name)).drop_inputs_(keep, constant_full)
         removed_total += plan.removed.numel()
     return removed_total
