@@ -144,7 +144,10 @@ def _summary(results: dict, plots: list[str]) -> str:
         if run.endswith("/srigl"):
             lines += [f"| {run.split('/')[0]} | {layer} | {s['active_neurons']} | {s['ablated_neurons']} | {s['k']} |"
                       for layer, s in stats["layers"].items()]
-    lines += ["", "## Latency", "",
+    rounds = {len(r["rounds_us"]["dense_us"]) for r in results["latency"] if "rounds_us" in r}
+    how = (f"Median microseconds per call over {rounds.pop()} interleaved rounds of dense / masked / lowered (each "
+           "round a blocked_autorange median; every round is in results.json)." if len(rounds) == 1 else "")
+    lines += ["", "## Latency", "", how, "",
               "| model | batch | dense us | SRigL masked us | SRigL lowered us | speed-up | max abs error |",
               "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['batch']} | {r['dense_us']:.1f} | {r['srigl_masked_us']:.1f} | "

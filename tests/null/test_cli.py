@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,10 @@ def test_demo_report_holds_what_it_claims(runner, tmp_path):
     assert [t["met"] for t in results["targets"]] == [r["speedup"] >= 2 for r in results["latency"]] + [
         100 * (results["accuracy"]["mlp/dense"] - results["accuracy"]["mlp/srigl"]) <= 1.5]
     assert "## Targets" in summary and results["args"]["data"] == "mnist"
+    for row in results["latency"]:  # each figure is the median of interleaved rounds, all of them kept
+        assert {name: statistics.median(times) for name, times in row["rounds_us"].items()} == {
+            name: row[name] for name in ("dense_us", "srigl_masked_us", "lowered_us")}
+        assert {len(times) for times in row["rounds_us"].values()} == {3}
 
 
 def test_table_on_tiny_settings(runner, tmp_path, monkeypatch):
