@@ -4,50 +4,7 @@ Each command's --help says what it does, with an example. Library errors (bad sp
 model ...) exit with status 1 and one line naming the problem.
 """
 
-from __future__ import annotations
+from .app import console_main, friendly_errors, main
+from . import commands, demo, table  # noqa: F401  (register the commands on main)
 
-import functools
-import os
-import sys
-
-import click
-
-from ..errors import SRigLError
-
-__all__ = ["main", "console_main"]
-
-
-def friendly_errors(command):
-    """Turn srigl_compile's typed errors into one clean line and a non-zero exit."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except SRigLError as err:
-            raise click.ClickException(str(err)) from None
-
-    return wrapper
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-def main() -> None:
-    """Train PyTorch models sparse with SRigL and compile them into fast condensed kernels.
-
-    Start with `srigl-compile demo`.
-    """
-
-
-def console_main() -> None:
-    """The ``srigl-compile`` executable: restart once with OMP_WAIT_POLICY=PASSIVE unless the user chose one.
-
-    torch's OpenMP threads otherwise spin after each parallel region and take the cores TVM's kernels need; the
-    variable is read when the OpenMP runtime loads, i.e. before any of our code runs, hence the restart.
-    """
-    if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        os.execv(sys.executable, [sys.executable, "-m", "srigl_compile", *sys.argv[1:]])
-    main()
-
-
-from . import commands, demo, table  # noqa: E402,F401  (register the commands)
+__all__ = ["main", "console_main", "friendly_errors"]

@@ -12,7 +12,7 @@ from ..config import SRigLConfig
 from ..data import DATASETS, load_dataset
 from ..errors import CheckpointError
 from ..zoo import MODELS, build_model
-from . import friendly_errors, main
+from .app import friendly_errors, main
 from .torchrun import is_main_rank, torchrun_group, world_size
 from .options import FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, OPEN_FRACTION, POSITIVE, POSITIVE_INT
 

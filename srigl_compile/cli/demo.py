@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 import torch
 
-from . import friendly_errors, main
+from .app import friendly_errors, main
 from .options import NON_NEGATIVE, NON_NEGATIVE_INT, OPEN_FRACTION, POSITIVE_INT
 
 DEMO_METHODS = ("dense", "static", "rigl", "srigl")

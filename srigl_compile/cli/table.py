@@ -17,7 +17,7 @@ import click
 import torch
 import torch.nn as nn
 
-from . import friendly_errors, main
+from .app import friendly_errors, main
 from .options import NON_NEGATIVE
 
 # (label, method, ablation)

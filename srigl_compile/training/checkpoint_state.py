@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -25,9 +25,8 @@ from ..nn.sharding import part_like, whole_like
 from ..sparsity import check_constant_fan_in
 from .exploration import unpack_bits
 
-if TYPE_CHECKING:
-    from .rank_sync import RankSync
-    from .updater import SRigLUpdater
+from .methods import MethodRule
+from .rank_sync import RankSync
 
 __all__ = ["FORMAT", "updater_state", "load_updater_state"]
 
@@ -42,7 +41,22 @@ _PLAN_FIELDS = ("n_out", "fan_in", "budget", "k0", "protected")
 _FIX = "the checkpoint is corrupt or was edited: resume from an intact one (saved with updater.state_dict())"
 
 
-def updater_state(updater: SRigLUpdater) -> dict[str, Any]:
+class UpdaterState(Protocol):
+    """What of an ``SRigLUpdater`` a checkpoint saves and restores (declared here, so that this module does not
+    import the updater that imports it)."""
+
+    config: SRigLConfig
+    rule: MethodRule
+    layers: dict[str, Any]
+    step_count: int
+    total_steps: int
+    generator: torch.Generator
+    explored: dict[str, torch.Tensor]
+    _tap: Any  # GradientTap: buffers (the open window) and sharded (FSDP2 layers)
+    _window_skips: int
+
+
+def updater_state(updater: UpdaterState) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "step": updater.step_count,
@@ -81,7 +95,7 @@ def _check_fields(state: Any) -> None:
             raise _corrupt(field, f"must map layer names to tensors, not {type(state[field]).__name__}")
 
 
-def _check_run(updater: SRigLUpdater, state: Mapping[str, Any]) -> None:
+def _check_run(updater: UpdaterState, state: Mapping[str, Any]) -> None:
     """config and total_steps must be this run's; step an int in [0, total_steps]; generator a valid state."""
     try:
         saved_config = SRigLConfig.from_dict(state["config"])
@@ -119,7 +133,7 @@ def _check_plan(name: str, layer: Any, saved_plan: Any) -> None:
             "(SRigLConfig.from_dict(state['config'])) to resume")
 
 
-def _check_mask(updater: SRigLUpdater, name: str, layer: Any, mask: Any) -> None:
+def _check_mask(updater: UpdaterState, name: str, layer: Any, mask: Any) -> None:
     """The mask the updater would hold: bool, the layer's shape, never empty, and the method's invariant."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise _corrupt("masks", f"must be a bool tensor, not {getattr(mask, 'dtype', type(mask).__name__)}", name)
@@ -139,7 +153,7 @@ def _check_mask(updater: SRigLUpdater, name: str, layer: Any, mask: Any) -> None
                                 f"n_out x k0 = {plan.n_out} x {plan.k0} = {plan.n_out * plan.k0}", name)
 
 
-def _check_constant_fan_in(updater: SRigLUpdater, name: str, layer: Any, mask: torch.Tensor) -> None:
+def _check_constant_fan_in(updater: UpdaterState, name: str, layer: Any, mask: torch.Tensor) -> None:
     """Every active neuron has k = floor(budget / active neurons) inputs (``srigl_select``); neurons are ablated
     only by SRigL with ablation on, and never in a protected (output) layer."""
     plan = layer.srigl_plan
@@ -160,7 +174,7 @@ def _check_constant_fan_in(updater: SRigLUpdater, name: str, layer: Any, mask: t
                        name)
 
 
-def _check_buffers(updater: SRigLUpdater, buffers: Mapping[str, Any], field: str = "grad_buffers") -> None:
+def _check_buffers(updater: UpdaterState, buffers: Mapping[str, Any], field: str = "grad_buffers") -> None:
     for name, buf in buffers.items():
         if name not in updater.layers:
             raise _corrupt(field, "is not a sparse layer of this model", name)
@@ -170,7 +184,7 @@ def _check_buffers(updater: SRigLUpdater, buffers: Mapping[str, Any], field: str
             raise _corrupt(field, f"must be float32 of the weight's shape {shape}, not {got}", name)
 
 
-def _window_to_resume(updater: SRigLUpdater, state: Mapping[str, Any], sync: RankSync | None
+def _window_to_resume(updater: UpdaterState, state: Mapping[str, Any], sync: RankSync | None
                       ) -> dict[str, torch.Tensor]:
     """The gradient window this rank continues. ``grad_buffers`` from a single-process run, and for sharded
     weights (whose window is averaged over the ranks already). Replicated weights of a distributed run take their
@@ -193,7 +207,7 @@ def _window_to_resume(updater: SRigLUpdater, state: Mapping[str, Any], sync: Ran
     return own | sharded
 
 
-def _check_explored(updater: SRigLUpdater, explored: Mapping[str, Any], masks: Mapping[str, Any]) -> None:
+def _check_explored(updater: UpdaterState, explored: Mapping[str, Any], masks: Mapping[str, Any]) -> None:
     if set(explored) != set(updater.layers):
         raise _corrupt("explored", f"covers layers {sorted(explored)[:5]}, not this model's "
                                    f"{sorted(updater.layers)[:5]}")
@@ -207,7 +221,7 @@ def _check_explored(updater: SRigLUpdater, explored: Mapping[str, Any], masks: M
             raise _corrupt("explored", "misses weights active in the mask (every active weight was explored)", name)
 
 
-def _check_compatible(updater: SRigLUpdater, state: Any) -> None:
+def _check_compatible(updater: UpdaterState, state: Any) -> None:
     """Everything ``load_updater_state`` restores, checked before it restores anything."""
     _check_fields(state)
     saved, ours = set(state["masks"]), set(updater.layers)
@@ -225,7 +239,7 @@ def _check_compatible(updater: SRigLUpdater, state: Any) -> None:
 
 
 @torch.no_grad()
-def load_updater_state(updater: SRigLUpdater, state: dict[str, Any], sync: RankSync | None = None) -> None:
+def load_updater_state(updater: UpdaterState, state: dict[str, Any], sync: RankSync | None = None) -> None:
     _check_compatible(updater, state)
     window = _window_to_resume(updater, state, sync)
     for name, layer in updater.layers.items():

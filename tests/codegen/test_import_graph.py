@@ -11,7 +11,6 @@ import ast
 from pathlib import Path
 
 import networkx as nx
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2] / "srigl_compile"
 
@@ -47,10 +46,6 @@ def import_graph() -> nx.DiGraph:
     return graph
 
 
-# Cycles in packages this architecture step could not edit (cli/, training/): open, named so they stay visible.
-ELSEWHERE = ("srigl_compile.cli", "srigl_compile.training")
-
-
 def _cycles(graph: nx.DiGraph) -> list[list[str]]:
     return [sorted(cycle) for cycle in nx.simple_cycles(graph)]
 
@@ -61,14 +56,6 @@ def test_the_graph_sees_in_function_imports():
     assert graph.has_edge("srigl_compile.nn.lowered", "srigl_compile.runtime.linear_op"), "a submodule by name"
 
 
-def test_no_import_cycles_between_modules():
-    graph = import_graph()
-    cycles = [c for c in _cycles(graph) if not all(m.startswith(ELSEWHERE) for m in c)]
-    assert not cycles, f"import cycles: {cycles}"
-
-
-@pytest.mark.xfail(reason="open cycles in cli/ (__init__ <-> commands, demo, table) and training/ (updater <-> "
-                          "checkpoint_state), packages outside this architecture step", strict=False)
 def test_no_import_cycles_anywhere():
     assert not _cycles(import_graph())
 

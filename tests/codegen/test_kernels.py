@@ -184,7 +184,10 @@ def test_row_kernel_both_index_extractions_are_exact(index_dtype, bmi):
 
 
 def test_row_kernel_needs_whole_index_words():
-    assert row_kernel(4, 8, 12, "int16") is not None
+    operands = [(str(b.name), [str(d) for d in b.shape], str(b.dtype)) for b in row_kernel(4, 8, 12, "int16").params]
+    # 12 int16 indices a row are read as 3 int64 words
+    assert operands == [("x", ["B", "8"], "float32"), ("w", ["4", "12"], "float32"), ("idx", ["4", "3"], "int64"),
+                        ("bias", ["4"], "float32"), ("y", ["B", "4"], "float32")]
     with pytest.raises(ValueError, match="multiple of 4"):
         row_kernel(4, 8, 13, "int16")
     with pytest.raises(ValueError, match="multiple of 2"):

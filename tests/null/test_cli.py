@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from srigl_compile.cli import main
@@ -72,8 +73,12 @@ def test_train_checkpoint_resume_and_lower(runner, tmp_path):
     assert lowered.exit_code == 0, lowered.output
     assert (tmp_path / "lowered" / "manifest.json").exists()
     from srigl_compile import load_lowered
+    from srigl_compile.cli.commands import model_from_checkpoint
 
-    assert load_lowered(tmp_path / "lowered") is not None
+    trained, meta = model_from_checkpoint(out / "checkpoint.pt")
+    x = torch.randn(5, *meta["input_shape"])
+    with torch.no_grad():
+        torch.testing.assert_close(load_lowered(tmp_path / "lowered")(x), trained(x), rtol=1e-5, atol=1e-5)
     if shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists():  # CUDA builds need no GPU
         cuda = runner.invoke(main, ["lower", str(out / "checkpoint.pt"), "--target", "cuda:sm_90", "--dtype",
                                     "float16", "--out", str(tmp_path / "cuda")])
