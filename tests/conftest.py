@@ -1,4 +1,5 @@
-"""Test tiers and markers: `slow` runs with --run-slow; `tvm` needs apache-tvm; `gpu` needs CUDA."""
+"""Test tiers: tests/no_tvm (torch only), tests/codegen (TVM; CUDA builds need nvcc), tests/gpu (a CUDA GPU).
+Markers: `slow` runs with --run-slow; `tvm` needs apache-tvm; `gpu` needs CUDA."""
 
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ import torch.nn as nn
 
 from srigl_compile import SRigLConfig, lower, sparsify
 from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
-from tests.null.test_condense import ResidualCNN, ablate, randomize_bn
-from tests.null.test_fold_batchnorm import FoldNet, batchnorm_names, masked_foldnet
+from tests.no_tvm.test_condense import ResidualCNN, ablate, randomize_bn
+from tests.no_tvm.test_fold_batchnorm import FoldNet, batchnorm_names, masked_foldnet
 
 pytestmark = pytest.mark.tvm
 

@@ -6,8 +6,8 @@ import torch.nn as nn
 
 from srigl_compile import SRigLConfig, from_sparse_weights, lower, prune, sparse_layers
 from tests.codegen.test_lower import assert_same
-from tests.null.test_condense import ResidualCNN, randomize_bn
-from tests.null.test_prune import mlp, zeroed
+from tests.no_tvm.test_condense import ResidualCNN, randomize_bn
+from tests.no_tvm.test_prune import mlp, zeroed
 
 pytestmark = pytest.mark.tvm
 
@@ -54,7 +54,7 @@ def test_hf_bert():
 
 
 def test_llama_decoder_generates_the_pruned_models_tokens():
-    from tests.null.test_sparsify_attention import DECODERS
+    from tests.no_tvm.test_sparsify_attention import DECODERS
 
     model, ids = DECODERS["llama"]()
     calibration = [{"input_ids": torch.randint(0, model.config.vocab_size, (2, 16))} for _ in range(2)]

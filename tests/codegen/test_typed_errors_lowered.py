@@ -1,5 +1,5 @@
 """Lowering's bad inputs are typed SRigLErrors naming the layer, key or path (the no-TVM ones are in
-tests/null/test_typed_errors.py)."""
+tests/no_tvm/test_typed_errors.py)."""
 
 import pytest
 import torch

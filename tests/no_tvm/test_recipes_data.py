@@ -109,10 +109,10 @@ def not_a_model(input_shape, num_classes):
 
 
 def test_factory_loading():
-    model = build_model("tests.null.test_recipes_data:tiny_factory", (1, 8, 8), 10)
+    model = build_model("tests.no_tvm.test_recipes_data:tiny_factory", (1, 8, 8), 10)
     assert model[1].in_features == 64 and model[1].out_features == 10
     with pytest.raises(ConfigError, match="not an nn.Module"):
-        build_model("tests.null.test_recipes_data:not_a_model", (3,), 4)
+        build_model("tests.no_tvm.test_recipes_data:not_a_model", (3,), 4)
     with pytest.raises(ConfigError, match="unknown model"):
         build_model("alexnet", (3, 32, 32), 10)
     with pytest.raises(ConfigError, match="cannot load"):

@@ -23,7 +23,7 @@ from srigl_compile.nn.masked import MaskedMultiheadAttention, MaskedProjection, 
 from srigl_compile.passes.as_linear import AsLinearPass, is_hf_conv1d
 from srigl_compile.passes.discover import capture_graph, discover_layers
 
-from tests.null.test_sparsify_models import (  # noqa: F401  shared helpers
+from tests.no_tvm.test_sparsify_models import (  # noqa: F401  shared helpers
     masked_dense_reference, assert_fresh_invariants, assert_training_invariants, assert_same_classes, make_encoder,
 )
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from srigl_compile import LayerError, SRigLConfig, sparse_layers, sparsify
 from srigl_compile.passes.graph_capture import capture_graph, output_tensors
-from tests.null.test_sparsify_models import assert_fresh_invariants, masked_dense_reference
+from tests.no_tvm.test_sparsify_models import assert_fresh_invariants, masked_dense_reference
 
 
 class _Cache:  # like a decoder's key/value cache: tensors behind plain attributes

@@ -11,7 +11,7 @@ from srigl_compile import SRigLConfig, condense, sparsify
 from srigl_compile.nn.condensed import CondensedConv, CondensedLinear
 from srigl_compile.passes.fold_batchnorm import fold_batchnorm, plan_folds
 from srigl_compile.passes.graph_capture import capture_graph
-from tests.null.test_condense import ablate
+from tests.no_tvm.test_condense import ablate
 
 TIGHT = {"rtol": 1e-10, "atol": 1e-10}  # float64 models: the fold only reorders a few roundings
 

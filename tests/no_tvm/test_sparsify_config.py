@@ -19,7 +19,7 @@ from srigl_compile import (
     sparsify,
 )
 
-from tests.null.test_sparsify_models import (  # noqa: F401  shared helpers and models
+from tests.no_tvm.test_sparsify_models import (  # noqa: F401  shared helpers and models
     CNN_FAN_IN, assert_fresh_invariants, collect_warnings, make_cnn, make_encoder, make_mlp, masked_dense_reference,
 )
 
