@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["Distribution", "Method", "TooSmallPolicy", "SRigLConfig"]
+__all__ = ["Distribution", "Method", "TooSmallPolicy", "SRigLConfig", "DENSE", "TRAINING_METHODS", "training_config"]
 
 
 class Distribution(str, Enum):
@@ -204,3 +204,19 @@ class SRigLConfig:
     def replace(self, **changes: Any) -> SRigLConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+# The baseline every comparison trains next to the sparse methods: not a Method (nothing is sparsified, no
+# SRigLConfig exists), so it is handled here once rather than by each caller comparing strings.
+DENSE = "dense"
+TRAINING_METHODS = (DENSE, *(method.value for method in Method))
+
+
+def training_config(method: str, **fields: Any) -> SRigLConfig | None:
+    """The SRigLConfig that trains with ``method`` (a Method value) and ``fields``; None for the dense baseline.
+
+    Example:
+        >>> training_config("dense", sparsity=0.9) is None, training_config("rigl", sparsity=0.8).method.value
+        (True, 'rigl')
+    """
+    return None if method == DENSE else SRigLConfig(method=method, **fields)

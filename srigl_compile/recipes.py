@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from .config import SRigLConfig
+from .config import DENSE, SRigLConfig, training_config
 from .data import ArrayData, load_digits
 from .errors import CheckpointError, TrainingError
 from .passes.sparsify import sparse_layers, sparsify
@@ -129,7 +129,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a readable checkpoint ({err})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a srigl_compile training checkpoint")
-    if checkpoint["meta"].get("method") != "dense" and not any(k.endswith(".mask") for k in checkpoint["model"]):
+    if checkpoint["meta"].get("method") != DENSE and not any(k.endswith(".mask") for k in checkpoint["model"]):
         raise CheckpointError(f"{path} holds no masks: it was not saved from a sparsified model")
     return checkpoint
 
@@ -233,8 +233,8 @@ def train_digits(method: str = "srigl", sparsity: float = 0.9, *, model: str = "
     data = load_digits(seed)
     torch.manual_seed(seed)
     net = build_model(model, data.input_shape, data.num_classes)
-    config = None if method == "dense" else SRigLConfig(sparsity=sparsity, method=method, seed=seed,
-                                                       delta_t=config_fields.pop("delta_t", 20), **config_fields)
+    config = training_config(method, sparsity=sparsity, seed=seed, delta_t=config_fields.pop("delta_t", 20),
+                             **config_fields)
     return train_classifier(net, data, config, epochs=epochs, seed=seed, progress=progress)
 
 

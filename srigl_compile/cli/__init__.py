@@ -4,7 +4,7 @@ Each command's --help says what it does, with an example. Library errors (bad sp
 model ...) exit with status 1 and one line naming the problem.
 """
 
-from .app import console_main, friendly_errors, main
 from . import commands, demo, table  # noqa: F401  (register the commands on main)
+from .app import console_main, friendly_errors, main
 
 __all__ = ["main", "console_main", "friendly_errors"]

@@ -8,15 +8,15 @@ from pathlib import Path
 import click
 import torch
 
-from ..config import SRigLConfig
+from ..config import TRAINING_METHODS, SRigLConfig, training_config
 from ..data import DATASETS, load_dataset
 from ..errors import CheckpointError
 from ..zoo import MODELS, build_model
 from .app import friendly_errors, main
-from .torchrun import is_main_rank, torchrun_group, world_size
 from .options import FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, OPEN_FRACTION, POSITIVE, POSITIVE_INT
+from .torchrun import is_main_rank, torchrun_group, world_size
 
-METHODS = ("dense", "static", "set", "rigl", "srigl")
+METHODS = TRAINING_METHODS
 
 
 def config_options(command):
@@ -44,12 +44,10 @@ def config_options(command):
 
 def make_config(method, sparsity, distribution, delta_t, alpha, gamma_sal, no_ablation, grad_accumulation_n,
                 t_end_fraction, dense_layers, too_small, seed) -> SRigLConfig | None:
-    if method == "dense":
-        return None
-    return SRigLConfig(sparsity=sparsity, distribution=distribution, method=method, delta_t=delta_t, alpha=alpha,
-                       gamma_sal=gamma_sal, ablation=not no_ablation, grad_accumulation_n=grad_accumulation_n,
-                       t_end_fraction=t_end_fraction, overrides={name: None for name in dense_layers},
-                       too_small=too_small, seed=seed)
+    return training_config(method, sparsity=sparsity, distribution=distribution, delta_t=delta_t, alpha=alpha,
+                           gamma_sal=gamma_sal, ablation=not no_ablation, grad_accumulation_n=grad_accumulation_n,
+                           t_end_fraction=t_end_fraction, overrides={name: None for name in dense_layers},
+                           too_small=too_small, seed=seed)
 
 
 @main.command()

@@ -17,10 +17,11 @@ from pathlib import Path
 import click
 import torch
 
+from ..config import DENSE
 from .app import friendly_errors, main
 from .options import NON_NEGATIVE, NON_NEGATIVE_INT, OPEN_FRACTION, POSITIVE_INT
 
-DEMO_METHODS = ("dense", "static", "rigl", "srigl")
+DEMO_METHODS = (DENSE, "static", "rigl", "srigl")
 DEMO_MODELS = ("mlp", "cnn")
 # The demo's claims, checked on every run and reported as met or not (summary.md, results.json["targets"]).
 TARGET_SPEEDUP = 2.0  # lowered SRigL over dense, at batch 1 and at batch 256
@@ -92,16 +93,15 @@ class _Recorder:
 
 
 def _train_one(model_name, method, data, args) -> dict:
-    from ..config import SRigLConfig
+    from ..config import training_config
     from ..passes.sparsify import sparse_layers, sparsify
     from ..recipes import train_classifier
 
     torch.manual_seed(args["seed"])
     model = _build(model_name, data, args["hidden"])
-    config = None
-    if method != "dense":
-        config = SRigLConfig(sparsity=args["sparsity"], method=method, seed=args["seed"], delta_t=args["delta_t"],
+    config = training_config(method, sparsity=args["sparsity"], seed=args["seed"], delta_t=args["delta_t"],
                              gamma_sal=args["gamma_sal"])
+    if config is not None:
         # train_classifier trains an already-masked model in place, so the recorder evaluates the model in training
         model = sparsify(model, config, example_inputs=(data.x_train[:2],))
     steps_per_epoch = -(-len(data.y_train) // BATCH_SIZE)
@@ -128,7 +128,7 @@ def _lower_and_time(runs, models, data) -> list[dict]:
 
     rows = []
     for model in models:
-        sparse, dense = runs[(model, "srigl")]["result"].model.eval(), runs[(model, "dense")]["result"].model.eval()
+        sparse, dense = runs[(model, "srigl")]["result"].model.eval(), runs[(model, DENSE)]["result"].model.eval()
         start = time.perf_counter()
         lowered = lower(sparse, target="llvm", progress=False)
         click.echo(f"lowered {model} in {time.perf_counter() - start:.1f} s")

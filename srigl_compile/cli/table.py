@@ -17,6 +17,7 @@ import click
 import torch
 import torch.nn as nn
 
+from ..config import DENSE
 from .app import friendly_errors, main
 from .options import NON_NEGATIVE
 
@@ -78,13 +79,12 @@ def _model(setting: Setting, data) -> nn.Module:
 
 
 def _run(setting: Setting, data, method, ablation, sparsity, seed, gamma_sal) -> dict:
-    from ..config import SRigLConfig
+    from ..config import training_config
     from ..recipes import train_classifier
 
     torch.manual_seed(seed)
-    config = None if method == "dense" else SRigLConfig(
-        sparsity=sparsity, method=method, ablation=ablation, seed=seed, delta_t=setting.delta_t,
-        gamma_sal=gamma_sal, too_small="dense")
+    config = training_config(method, sparsity=sparsity, ablation=ablation, seed=seed, delta_t=setting.delta_t,
+                             gamma_sal=gamma_sal, too_small="dense")
     start = time.perf_counter()
     result = train_classifier(_model(setting, data), data, config, epochs=setting.epochs, seed=seed)
     row = {"accuracy": result.accuracy, "density": _weight_density(result.model), "no_input_fraction": None,
@@ -132,7 +132,7 @@ def _markdown(name: str, setting: Setting, rows: list[dict], sparsities: list[fl
              "of test accuracy %.", "",
              "| method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |", "|---|" + "---|" * len(sparsities)]
     at = {s: [r for r in rows if r["sparsity"] == s] for s in sparsities}
-    dense = [r["accuracy"] for r in rows if r["method"] == "dense"]
+    dense = [r["accuracy"] for r in rows if r["method"] == DENSE]
     lines.append("| dense | " + " | ".join(_cell(dense) for _ in sparsities) + " |")
     for label, _, _ in VARIANTS:
         lines.append(f"| {label} | " + " | ".join(_cell([r["accuracy"] for r in at[s] if r["label"] == label])
@@ -163,7 +163,7 @@ def _markdown(name: str, setting: Setting, rows: list[dict], sparsities: list[fl
 
 
 def _jobs(names: list[str], levels: dict[str, list[float]], seeds: int) -> list[tuple]:
-    jobs = [(name, "dense", "dense", False, None, seed) for name in names for seed in range(seeds)]
+    jobs = [(name, DENSE, DENSE, False, None, seed) for name in names for seed in range(seeds)]
     jobs += [(name, label, method, ablation, s, seed) for name in names for s in levels[name]
              for label, method, ablation in VARIANTS for seed in range(seeds)]
     return jobs
