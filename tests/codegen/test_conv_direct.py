@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from srigl_compile import SRigLConfig, load_lowered, lower, save_lowered, sparsify
 from srigl_compile.runtime.conv_geometry import column_offsets, direct_plan, phase_columns, phase_kernel, strided_plan
 from srigl_compile.nn.lowered import LoweredConv
-from tests.no_tvm.test_condense import ResidualCNN, ablate, randomize_bn
+from tests.helpers import randomize_bn
+from tests.no_tvm.test_condense import ResidualCNN, ablate
 
 
 def grid_conv(x, values, columns, kernel, padding, dilation, lanes):

@@ -18,16 +18,10 @@ from srigl_compile import (
     sparsify,
 )
 from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
-from tests.no_tvm.test_condense import Block, ResidualCNN, ablate, mlp, randomize_bn
+from tests.helpers import assert_same, randomize_bn
+from tests.no_tvm.test_condense import Block, ResidualCNN, ablate, mlp
 
 pytestmark = pytest.mark.tvm
-
-
-def assert_same(lowered, masked, *inputs, tol=1e-5):
-    masked.eval()
-    lowered.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(lowered(*inputs), masked(*inputs), rtol=tol, atol=tol)
 
 
 @pytest.fixture(scope="module")

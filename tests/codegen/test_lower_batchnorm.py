@@ -6,15 +6,11 @@ import torch.nn as nn
 
 from srigl_compile import SRigLConfig, lower, sparsify
 from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
-from tests.no_tvm.test_condense import ResidualCNN, ablate, randomize_bn
+from tests.helpers import assert_same, randomize_bn
+from tests.no_tvm.test_condense import ResidualCNN, ablate
 from tests.no_tvm.test_fold_batchnorm import FoldNet, batchnorm_names, masked_foldnet
 
 pytestmark = pytest.mark.tvm
-
-
-def assert_same(lowered, masked, x):
-    with torch.no_grad():
-        torch.testing.assert_close(lowered.eval()(x), masked.eval()(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 
 from srigl_compile import SRigLConfig, from_sparse_weights, lower, prune, sparse_layers
-from tests.codegen.test_lower import assert_same
-from tests.no_tvm.test_condense import ResidualCNN, randomize_bn
+from tests.helpers import assert_same, randomize_bn
+from tests.no_tvm.test_condense import ResidualCNN
 from tests.no_tvm.test_prune import mlp, zeroed
 
 pytestmark = pytest.mark.tvm

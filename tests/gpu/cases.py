@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from srigl_compile import SRigLConfig, sparsify
-from tests.no_tvm.test_condense import ResidualCNN, ablate, mlp, randomize_bn
+from tests.helpers import randomize_bn
+from tests.no_tvm.test_condense import ResidualCNN, ablate, mlp
 
 TARGET = {"kind": "cuda", "arch": "sm_90"}  # H100 and H200
 DTYPES = (torch.float32, torch.float16)

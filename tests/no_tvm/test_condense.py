@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from srigl_compile import LayerError, SRigLConfig, condense, sparse_layers, sparsify
 from srigl_compile.nn.condensed import CondensedConv, CondensedLinear
+from tests.helpers import assert_same, randomize_bn
 
 
 def ablate(model, rows_by_layer, biases=None):
@@ -19,13 +20,6 @@ def ablate(model, rows_by_layer, biases=None):
         for (name, row), value in (biases or {}).items():
             layers[name].bias[row] = value
     return model
-
-
-def assert_same(condensed, masked, *inputs):
-    masked.eval()
-    condensed.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(condensed(*inputs), masked(*inputs), rtol=1e-5, atol=1e-5)
 
 
 def mlp(bias=True):
@@ -89,17 +83,6 @@ class ResidualCNN(nn.Module):
         h = F.relu(self.bn3(self.spatial(h)))
         h = self.depthwise(F.relu(self.mix(h)))
         return self.head(h.mean(dim=(2, 3)))
-
-
-def randomize_bn(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-1, 1)
-                m.running_var.uniform_(0.5, 2)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-1, 1)
-    return model
 
 
 def test_cnn_with_batchnorm_and_residuals():

@@ -11,9 +11,15 @@ from srigl_compile import SRigLConfig, condense, sparsify
 from srigl_compile.nn.condensed import CondensedConv, CondensedLinear
 from srigl_compile.passes.fold_batchnorm import fold_batchnorm, plan_folds
 from srigl_compile.passes.graph_capture import capture_graph
+from tests import helpers
+from tests.helpers import randomize_bn
 from tests.no_tvm.test_condense import ablate
 
 TIGHT = {"rtol": 1e-10, "atol": 1e-10}  # float64 models: the fold only reorders a few roundings
+
+
+def assert_same(folded, reference, *inputs, tol=TIGHT):
+    helpers.assert_same(folded, reference, *inputs, tol=tol)  # float64 models: this module's tight default
 
 
 class FoldNet(nn.Module):
@@ -48,18 +54,6 @@ class FoldNet(nn.Module):
 FOLDED = [("stem", "bn_stem"), ("expand", "bn_expand"), ("project", "bn_project"), ("fc", "bn_fc")]
 
 
-def randomize_bn(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-1, 1)
-                m.running_var.uniform_(0.5, 2)
-                if m.affine:
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.uniform_(-1, 1)
-    return model
-
-
 def masked_foldnet():
     torch.manual_seed(0)
     config = SRigLConfig(sparsity=0.8, seed=2, keep_first_dense=True)
@@ -74,11 +68,6 @@ def condensed_float64(masked, **kwargs):
     float32 zeros, which a float64 BatchNorm rejects."""
     condensed = condense(masked, **kwargs).double()
     return masked.double(), condensed
-
-
-def assert_same(folded, reference, *inputs, tol=TIGHT):
-    with torch.no_grad():
-        torch.testing.assert_close(folded.eval()(*inputs), reference.eval()(*inputs), **tol)
 
 
 def batchnorm_names(model):
