@@ -13,7 +13,7 @@ Public API (``import srigl_compile`` never imports TVM nor touches CUDA):
     release_scratch()                        frees this thread's reused kernel buffers (after a huge batch)
 """
 
-from .codegen.scratch import release_scratch
+from .runtime.scratch import release_scratch
 from .config import Distribution, Method, SRigLConfig
 from .errors import (
     CheckpointError,

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from srigl_compile.codegen import scratch as scratch_module
-from srigl_compile.codegen.scratch import pad_images, release_scratch, scratch, scratch_bytes
+from srigl_compile.runtime import scratch as scratch_module
+from srigl_compile.runtime.scratch import pad_images, release_scratch, scratch, scratch_bytes
 
 
 def test_a_slot_is_reused_grown_and_released():
