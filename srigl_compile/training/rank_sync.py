@@ -67,9 +67,12 @@ class RankSync:
     def check_same_masks(self, masks: Mapping[str, torch.Tensor], step: int) -> None:
         """Raise InvariantError naming the first layer whose mask differs between ranks (or if the steps do)."""
         names = list(masks)
-        sums = torch.stack([_checksum(masks[name]) for name in names] + [torch.tensor([step, step, step])])
+        device = _device_of(masks)
+        # Each checksum is computed where its mask lives; only 3 numbers a layer move.
+        sums = torch.stack([_checksum(masks[name]).to(device) for name in names]
+                           + [torch.tensor([step, step, step], device=device)])
         # One all-reduce gives both extremes: max over ranks of (s, -s) is (max s, -min s).
-        both = torch.cat([sums, -sums]).to(_device_of(masks))
+        both = torch.cat([sums, -sums])
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
         high, low = both[: len(sums)].cpu(), -both[len(sums):].cpu()
         differs = (high != low).any(dim=1)
@@ -86,8 +89,8 @@ class RankSync:
 
 
 def _checksum(mask: torch.Tensor) -> torch.Tensor:
-    """[count, sum of positions, sum of squared positions mod p] of the set entries: int64, on the CPU."""
-    positions = torch.nonzero(mask.reshape(-1).cpu()).reshape(-1).to(torch.int64)
+    """[count, sum of positions, sum of squared positions mod p] of the set entries: int64, on the mask's device."""
+    positions = torch.nonzero(mask.reshape(-1)).reshape(-1).to(torch.int64)
     return torch.stack([positions.new_tensor(positions.numel()), positions.sum(),
                         (positions * positions % _MODULUS).sum()])
 
