@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import LayerError
+from .analysis import Analyses
 from .base import Pass, PassResult, replace_submodule
 from .discover import tied_parameter_ids
 
@@ -48,7 +49,7 @@ def _as_linear(conv: nn.Module) -> nn.Linear:
 class AsLinearPass(Pass):
     """Rewrite Hugging Face Conv1D layers into nn.Linear (in place, the root excepted: see ``call``)."""
 
-    def call(self, model: nn.Module) -> PassResult:
+    def call(self, model: nn.Module, analyses: Analyses) -> PassResult:
         shared = tied_parameter_ids(model)
         found = [(name, m) for name, m in model.named_modules() if is_hf_conv1d(m)]
         for name, conv in found:

@@ -1,8 +1,9 @@
-"""The pass contract: ``requires`` (checked before), ``call`` (the rewrite), ``ensures`` (checked after).
+"""The pass contract: ``requires`` (checked before), ``call`` (the rewrite), ``ensures`` (checked after), and
+``preserves``: the analyses (``passes/analysis.py``) still true of the model after the pass modified it.
 
 Example:
     >>> class Nothing(Pass):
-    ...     def call(self, model):
+    ...     def call(self, model, analyses):
     ...         return PassResult(model, modified=False)
     >>> Nothing()(torch.nn.Linear(2, 2)).modified
     False
@@ -14,6 +15,8 @@ import abc
 import dataclasses
 
 import torch.nn as nn
+
+from .analysis import Analyses, Analysis
 
 __all__ = ["Pass", "PassResult", "replace_submodule"]
 
@@ -27,19 +30,29 @@ class PassResult:
 class Pass(abc.ABC):
     """A model rewrite with stated pre- and post-conditions. Subclasses raise typed errors from both checks."""
 
+    #: analyses that stay valid when this pass modifies the model in place (see each analysis's promise)
+    preserves: frozenset[Analysis] = frozenset()
+
     def requires(self, model: nn.Module) -> None:
         """Raise if ``model`` does not meet this pass's precondition."""
 
     @abc.abstractmethod
-    def call(self, model: nn.Module) -> PassResult:
-        """Rewrite ``model`` and say whether anything changed."""
+    def call(self, model: nn.Module, analyses: Analyses) -> PassResult:
+        """Rewrite ``model`` (reading analyses of it from ``analyses``) and say whether anything changed."""
 
     def ensures(self, result: PassResult) -> None:
         """Raise if the rewritten model does not meet this pass's postcondition."""
 
-    def __call__(self, model: nn.Module) -> PassResult:
+    def default_analyses(self) -> Analyses:
+        """Analyses for a run outside a pipeline (a pass given ``example_inputs`` hands them on)."""
+        return Analyses(getattr(self, "example_inputs", None))
+
+    def __call__(self, model: nn.Module, analyses: Analyses | None = None) -> PassResult:
+        """Run the pass alone (fresh analyses) or in a ``PassManager``'s pipeline (its shared analyses)."""
+        if analyses is None:
+            analyses = self.default_analyses()
         self.requires(model)
-        result = self.call(model)
+        result = self.call(model, analyses)
         self.ensures(result)
         return result
 

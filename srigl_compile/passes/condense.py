@@ -1,11 +1,15 @@
-"""CondensePass: masked layers -> condensed [n_active, k] layers with a reference PyTorch forward.
+"""CondensePass: masked layers -> condensed [n_active, k] layers with a reference PyTorch forward; with
+``shrink``, ablated neurons removed across the graph (``passes/shrink_ablated.py``).
 
 Contract.
     requires: the model has masked layers, each constant fan-in (method "srigl" or "static").
-    ensures:  every MaskedLinear / MaskedConv1d / MaskedConv2d is a full-width condensed layer whose output equals
-              the masked layer's output, and every MultiheadAttention with sparse projections is a
+    ensures:  every MaskedLinear / MaskedConv1d / MaskedConv2d is a condensed layer whose output equals the masked
+              layer's output (full width, or its active neurons only where ``shrink`` removed the ablated ones from
+              it and their inputs from its consumers), and every MultiheadAttention with sparse projections is a
               CondensedMultiheadAttention; nothing else changed. MaskedConv3d has no condensed form yet and stays
-              masked, with a warning naming it.
+              masked, with a warning naming it. A graph that cannot be captured keeps every layer full width,
+              with a warning.
+    preserves: GRAPH (layers are swapped under their names with the same call signature; widths change).
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from ..errors import LayerError, TraceError
 from ..nn.condensed import CondensedConv, CondensedLinear
 from ..nn.condensed_attention import CondensedMultiheadAttention
 from ..nn.masked import MaskedConv1d, MaskedConv2d, MaskedLinear, is_masked
+from .analysis import GRAPH, Analyses
 from .base import Pass, PassResult, replace_submodule
-from .graph_capture import capture_graph
+from .manager import PassManager
 from .shrink_ablated import apply_shrink, plan_shrink
 from .sparsify import sparse_layers
 
@@ -37,13 +42,25 @@ def _condensed_class(layer: nn.Module):
 
 
 class CondensePass(Pass):
-    """Replace each masked Linear/Conv1d/Conv2d by its condensed form (in place)."""
+    """Replace each masked Linear/Conv1d/Conv2d by its condensed form (in place) and, with ``shrink``, remove the
+    ablated neurons whose width is not observable (planned on the masked model's graph, applied after)."""
+
+    preserves = frozenset({GRAPH})
+
+    def __init__(self, shrink: bool = True) -> None:
+        self.shrink = shrink
 
     def requires(self, model: nn.Module) -> None:
         if not any(True for _ in sparse_layers(model)):
             raise LayerError("the model has no sparse layers to condense: sparsify and train it first")
 
-    def call(self, model: nn.Module) -> PassResult:
+    def call(self, model: nn.Module, analyses: Analyses) -> PassResult:
+        plans = []
+        if self.shrink:
+            try:
+                plans = plan_shrink(model, analyses.get(GRAPH, model))
+            except TraceError as err:
+                warn_user(f"ablated neurons are kept at full width: {err}")
         model, modified = self._condense_attention(model)
         kept = []
         for name, layer in list(sparse_layers(model)):
@@ -55,6 +72,8 @@ class CondensePass(Pass):
             modified = True
         if kept:
             warn_user(f"no condensed form yet for {kept}; they stay masked (dense compute)")
+        removed = apply_shrink(model, plans)
+        log.info("condensed; removed %d ablated neurons across %d layers", removed, len(plans))
         return PassResult(model, modified)
 
     @staticmethod
@@ -94,13 +113,5 @@ def condense(model: nn.Module, *, example_inputs=None, shrink: bool = True, inpl
     """
     if not inplace:
         model = copy.deepcopy(model)
-    plans = []
-    if shrink:
-        try:
-            plans = plan_shrink(model, capture_graph(model, example_inputs))
-        except TraceError as err:
-            warn_user(f"ablated neurons are kept at full width: {err}")
-    model = CondensePass()(model).module  # (a new module when the model is a single sparse layer)
-    removed = apply_shrink(model, plans)
-    log.info("condensed; removed %d ablated neurons across %d layers", removed, len(plans))
-    return model.eval()
+    # (a new module when the model is a single sparse layer)
+    return PassManager([CondensePass(shrink)]).run(model, Analyses(example_inputs)).eval()

@@ -20,6 +20,7 @@ Contract.
               layer has a bias and computes layer + BatchNorm. Every other BatchNorm is untouched. In eval mode
               the outputs are unchanged up to float rounding (the fold is computed in float64). A graph that
               cannot be captured leaves the model as it was, with a warning.
+    preserves: GRAPH and OUTPUT_SHAPES (a folded BatchNorm becomes nn.Identity under its name; no size changes).
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ import torch.nn as nn
 
 from ..errors import LayerError, TraceError
 from ..nn.condensed import CondensedConv, CondensedLinear
+from .analysis import GRAPH, OUTPUT_SHAPES, Analyses
 from .base import Pass, PassResult, replace_submodule
-from .graph_capture import ModelGraph, capture_graph
+from .graph_capture import ModelGraph
 from .layer_edits import layer_edits
+from .manager import PassManager
 from .per_feature import passes_through
 
 __all__ = ["FoldBatchNormPass", "fold_batchnorm", "plan_folds"]
@@ -178,17 +181,27 @@ def _scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class FoldBatchNormPass(Pass):
-    """Fold the BatchNorms ``plan_folds`` finds on ``graph`` (captured from this model) into their layers."""
+    """Fold the BatchNorms ``plan_folds`` finds on the model's graph into their layers."""
 
-    def __init__(self, graph: ModelGraph) -> None:
-        self.graph = graph
+    preserves = frozenset({GRAPH, OUTPUT_SHAPES})
+
+    def __init__(self) -> None:
         self.folded: list[tuple[str, str]] = []
 
-    def call(self, model: nn.Module) -> PassResult:
-        self.folded = plan_folds(model, self.graph)
+    def call(self, model: nn.Module, analyses: Analyses) -> PassResult:
+        self.folded = []
+        if not any(type(m) in _BATCHNORMS for m in model.modules()):
+            return PassResult(model, modified=False)  # nothing to fold: no graph capture (export can be slow)
+        try:
+            graph = analyses.get(GRAPH, model)
+        except TraceError as err:
+            log.warning("BatchNorm layers stay unfolded (the model is still correct, only slower): %s", err)
+            return PassResult(model, modified=False)
+        self.folded = plan_folds(model, graph)
         for layer_name, bn_name in self.folded:
             layer_edits(model.get_submodule(layer_name)).scale_outputs_(*_scale_shift(model.get_submodule(bn_name)))
             replace_submodule(model, bn_name, nn.Identity())
+        log.info("folded %d BatchNorms into their layers: %s", len(self.folded), self.folded)
         return PassResult(model, bool(self.folded))
 
     def ensures(self, result: PassResult) -> None:
@@ -220,14 +233,4 @@ def fold_batchnorm(model: nn.Module, *, example_inputs=None, inplace: bool = Fal
     """
     if not inplace:
         model = copy.deepcopy(model)
-    if not any(type(m) in _BATCHNORMS for m in model.modules()):
-        return model.eval()  # nothing to fold: no graph capture (torch.export can be slow)
-    try:
-        graph = capture_graph(model, example_inputs)
-    except TraceError as err:
-        log.warning("BatchNorm layers stay unfolded (the model is still correct, only slower): %s", err)
-        return model.eval()
-    fold_pass = FoldBatchNormPass(graph)
-    fold_pass(model)
-    log.info("folded %d BatchNorms into their layers: %s", len(fold_pass.folded), fold_pass.folded)
-    return model.eval()
+    return PassManager([FoldBatchNormPass()]).run(model, Analyses(example_inputs)).eval()

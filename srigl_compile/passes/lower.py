@@ -1,5 +1,9 @@
 """lower(): condense if needed, then replace condensed layers by TVM-compiled kernels.
 
+A pipeline of passes on a deep copy, sharing one graph capture and one shape analysis (``passes/analysis.py``):
+CondensePass (masked models; shrinks ablated neurons) -> BakeParametrizationsPass -> FoldBatchNormPass (unless
+``fold_batchnorm=False``) -> PadAblatedRowsPass -> CastPass -> CompileKernelsPass.
+
 Contract.
     requires: the model has sparse (masked) or condensed layers; the target is supported.
     ensures:  every CondensedLinear / CondensedConv is a LoweredLinear / LoweredConv whose kernel is compiled and
@@ -23,10 +27,13 @@ from ..nn.condensed import CondensedConv, CondensedLinear
 from ..nn.lowered import LoweredConv, LoweredLinear, kernel_spec, make_lowered_, pointwise_unpadded
 from ..nn.masked import is_masked
 from ..runtime.conv_geometry import exact_tile
-from . import fold_batchnorm as batchnorm_folding
-from .condense import condense
+from .analysis import GRAPH, OUTPUT_SHAPES, Analyses
+from .base import Pass, PassResult
+from .condense import CondensePass
+from .fold_batchnorm import FoldBatchNormPass
+from .manager import PassManager
 
-__all__ = ["lower"]
+__all__ = ["lower", "BakeParametrizationsPass", "PadAblatedRowsPass", "CastPass", "CompileKernelsPass"]
 
 log = logging.getLogger(__name__)
 
@@ -80,86 +87,136 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
         raise TypeError(f"lower expects an nn.Module (a model from sparsify, or condense), not {type(model).__name__}")
     backend, config = lowering_config(target, tune=tune, cache_dir=cache_dir, col_threshold=col_threshold,
                                       progress=progress, dtype=dtype)
-    if any(is_masked(m) for m in model.modules()):
-        model = condense(model, example_inputs=example_inputs)
-    else:
-        model = copy.deepcopy(model)
-    _bake_parametrizations(model)
+    _check_lowerable(model)
+    masked = any(is_masked(m) for m in model.modules())
+    passes = [CondensePass()] if masked else []
+    passes += [BakeParametrizationsPass()]
     if fold_batchnorm:  # eval semantics (the model is returned in eval mode): running statistics fold exactly
-        batchnorm_folding.fold_batchnorm(model, example_inputs=example_inputs, inplace=True)
-    layers = [(name, m) for name, m in model.named_modules() if type(m) in (CondensedLinear, CondensedConv)]
-    if not layers:
-        lowered = [name or type(m).__name__ for name, m in model.named_modules()
-                   if isinstance(m, (LoweredLinear, LoweredConv))]
-        if lowered:
-            raise LayerError(f"the model is already lowered (layers {lowered[:5]} run compiled kernels): use it as "
-                             "it is, or lower the sparse model it came from")
-        raise LayerError("the model has no sparse or condensed layers to lower: sparsify (and train) it first")
-
-    for _, layer in layers:
-        layer.pad_ablated_rows_()  # full-width layers with few ablated neurons: no scatter after the kernel
-    if any(t.is_floating_point() and t.dtype != config.dtype for t in (*model.parameters(), *model.buffers())):
-        log.info("converting the model to %s (the kernels' dtype)", config.dtype)
-        model = model.to(config.dtype)  # floating tensors only: the index buffers keep their integer types
-    tiles = _exact_tiles(model, layers, example_inputs) if backend.conv_route == "direct" else {}
-    for name, layer in layers:
-        spec = kernel_spec(layer, backend.conv_route, backend.spec_dtype(config))
-        if spec is not None and id(layer) in tiles:
-            spec = dataclasses.replace(spec, lanes=tiles[id(layer)])
-        handle = backend.build(spec, config) if spec is not None else None  # (no active neuron: no kernel)
-        make_lowered_(layer, handle, backend.conv_route, config.col_threshold or 0, name)
-        log.info("lowered %s -> %s", name, layer.kernel_key)
+        passes += [FoldBatchNormPass()]
+    passes += [PadAblatedRowsPass(), CastPass(config.dtype), CompileKernelsPass(backend, config)]
+    model = PassManager(passes).run(copy.deepcopy(model), Analyses(example_inputs))
     # Inference only: the kernels have no backward, dropout must be off, and dense parameters need no gradients
     # (a lowered layer refuses an input autograd tracks, InferenceOnlyError).
     return backend.place(model).eval().requires_grad_(False)
 
 
-def _bake_parametrizations(model: nn.Module) -> None:
+def _condensed_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if type(m) in (CondensedLinear, CondensedConv)]
+
+
+def _check_lowerable(model: nn.Module) -> None:
+    """A LayerError, before any work, for a model with nothing to lower."""
+    if any(is_masked(m) for m in model.modules()) or _condensed_layers(model):
+        return
+    lowered = [name or type(m).__name__ for name, m in model.named_modules()
+               if isinstance(m, (LoweredLinear, LoweredConv))]
+    if lowered:
+        raise LayerError(f"the model is already lowered (layers {lowered[:5]} run compiled kernels): use it as "
+                         "it is, or lower the sparse model it came from")
+    raise LayerError("the model has no sparse or condensed layers to lower: sparsify (and train) it first")
+
+
+class BakeParametrizationsPass(Pass):
     """Store each parametrized tensor (weight norm, ...) as the plain tensor it evaluates to: the lowered model is
     inference-only, so this is exact, saves recomputing it every forward, and lets ``save_lowered`` pickle the
-    model (torch refuses to pickle parametrized modules)."""
+    model (torch refuses to pickle parametrized modules).
+
+    ensures: no module is parametrized. Preserves nothing: the graph read the weights through the
+    parametrization modules.
+    """
+
+    def call(self, model: nn.Module, analyses: Analyses) -> PassResult:
+        from torch.nn.utils import parametrize
+
+        found = [m for m in model.modules() if parametrize.is_parametrized(m)]
+        for module in found:
+            _bake_parametrizations(module)
+        return PassResult(model, modified=bool(found))
+
+
+class PadAblatedRowsPass(Pass):
+    """Full-width layers with at most a quarter of their neurons ablated compute them as zero-weight rows, so no
+    scatter follows the kernel (``CondensedLinear.pad_ablated_rows_``).
+
+    preserves: GRAPH, OUTPUT_SHAPES (a layer's internal form changes, not its outputs)."""
+
+    preserves = frozenset({GRAPH, OUTPUT_SHAPES})
+
+    def call(self, model: nn.Module, analyses: Analyses) -> PassResult:
+        padded = [layer.pad_ablated_rows_() for _, layer in _condensed_layers(model)]
+        return PassResult(model, modified=any(padded))
+
+
+class CastPass(Pass):
+    """Convert every floating tensor of the model to the kernels' dtype (the index buffers keep their integer
+    types). preserves: GRAPH, OUTPUT_SHAPES (dtypes change, not dataflow or sizes)."""
+
+    preserves = frozenset({GRAPH, OUTPUT_SHAPES})
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def call(self, model: nn.Module, analyses: Analyses) -> PassResult:
+        tensors = (*model.parameters(), *model.buffers())
+        if not any(t.is_floating_point() and t.dtype != self.dtype for t in tensors):
+            return PassResult(model, modified=False)
+        log.info("converting the model to %s (the kernels' dtype)", self.dtype)
+        return PassResult(model.to(self.dtype), modified=True)  # (Module.to works in place)
+
+
+class CompileKernelsPass(Pass):
+    """Compile a kernel for each condensed layer on ``backend`` and turn the layer into its lowered form.
+
+    requires: condensed layers. ensures: each is a LoweredLinear / LoweredConv whose kernel is registered.
+    A 1x1 unpadded convolution on a direct-convolution backend gets a tile width dividing its output grid, read
+    from OUTPUT_SHAPES (none without example inputs: the default tile, correct with a padded tail).
+    """
+
+    def __init__(self, backend, config) -> None:
+        self.backend, self.config = backend, config
+        self.lowered: list[str] = []
+
+    def requires(self, model: nn.Module) -> None:
+        if not _condensed_layers(model):
+            raise LayerError("no condensed layers left to compile (every sparse layer was removed?)")
+
+    def call(self, model: nn.Module, analyses: Analyses) -> PassResult:
+        route = self.backend.conv_route
+        for name, layer in _condensed_layers(model):
+            spec = kernel_spec(layer, route, self.backend.spec_dtype(self.config))
+            if spec is not None and route == "direct" and isinstance(layer, CondensedConv) \
+                    and pointwise_unpadded(layer):
+                spec = dataclasses.replace(spec, lanes=_exact_lanes(analyses.get(OUTPUT_SHAPES, model).get(name)))
+            handle = self.backend.build(spec, self.config) if spec is not None else None  # (no neuron: no kernel)
+            make_lowered_(layer, handle, route, self.config.col_threshold or 0, name)
+            self.lowered.append(name)
+            log.info("lowered %s -> %s", name, layer.kernel_key)
+        return PassResult(model, modified=bool(self.lowered))
+
+    def ensures(self, result: PassResult) -> None:
+        left = [name for name, _ in _condensed_layers(result.module)]
+        if left:
+            raise LayerError(f"layers {left[:5]} were not lowered")
+
+
+def _exact_lanes(shape: torch.Size | None) -> int | None:
+    """A tile width dividing a convolution's output positions (None: unknown sizes, or no such width)."""
+    return exact_tile(shape[2:].numel()) if shape is not None and len(shape) > 2 else None
+
+
+def _bake_parametrizations(module: nn.Module) -> None:
     from torch.nn.utils import parametrize
 
-    for module in [m for m in model.modules() if parametrize.is_parametrized(m)]:
-        # A deep copy shares its original's generated Parametrized* class, and removal deletes the tensor's
-        # property from that class, which would break the caller's model: give the copy a class of its own.
-        cls = type(module)
-        module.__class__ = type(cls.__name__, cls.__bases__,
-                                {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
-        for name in list(module.parametrizations):
-            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-        # weight_norm's hook mapping old weight_g / weight_v checkpoints onto the parametrization: moot now, and
-        # a local function, which pickling (save_lowered) rejects.
-        hooks = module._load_state_dict_pre_hooks
-        for key in [k for k, h in hooks.items()
-                    if getattr(getattr(h, "hook", None), "__module__", "") == "torch.nn.utils.parametrizations"]:
-            del hooks[key]
-
-
-def _exact_tiles(model: nn.Module, layers, example_inputs) -> dict[int, int]:
-    """id(layer) -> a tile width dividing the output grid, for unpadded 1x1 convolutions, from the output sizes on
-    ``example_inputs`` (shapes only: the forward runs on fake tensors). Empty without example inputs, or when the
-    fake forward fails (the layers then use their default tiles: correct, with a padded tail)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._pytree import tree_map
-
-    from .graph_capture import example_args
-
-    pointwise = [m for _, m in layers if isinstance(m, CondensedConv) and pointwise_unpadded(m)]
-    if example_inputs is None or not pointwise:
-        return {}
-    positions: dict[int, int] = {}
-    hooks = [m.register_forward_hook(lambda mod, args, out: positions.__setitem__(id(mod), out.shape[2:].numel()))
-             for m in pointwise]
-    try:
-        args, kwargs = example_args(example_inputs)
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
-            fake = lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t  # noqa: E731
-            model.eval()(*tree_map(fake, args), **tree_map(fake, kwargs))
-    except Exception as err:  # an op without a fake implementation: an optimisation is lost, nothing else
-        log.info("no output sizes for the 1x1 convolutions' tiles (%s): default tiles", err)
-        return {}
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return {key: lanes for key, size in positions.items() if (lanes := exact_tile(size))}
+    # A deep copy shares its original's generated Parametrized* class, and removal deletes the tensor's property
+    # from that class, which would break the caller's model: give the copy a class of its own.
+    cls = type(module)
+    module.__class__ = type(cls.__name__, cls.__bases__,
+                            {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
+    for name in list(module.parametrizations):
+        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    # weight_norm's hook mapping old weight_g / weight_v checkpoints onto the parametrization: moot now, and a
+    # local function, which pickling (save_lowered) rejects.
+    hooks = module._load_state_dict_pre_hooks
+    for key in [k for k, h in hooks.items()
+                if getattr(getattr(h, "hook", None), "__module__", "") == "torch.nn.utils.parametrizations"]:
+        del hooks[key]

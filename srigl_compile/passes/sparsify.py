@@ -23,12 +23,13 @@ import torch.nn as nn
 
 from ..config import Distribution, SRigLConfig, TooSmallPolicy
 from ..errors import ConfigError, LayerError
-from ..nn.masked import LayerPlan, is_masked, make_masked_
-from ..nn.masked import mask_attention_projection_
+from ..nn.masked import LayerPlan, is_masked, make_masked_, mask_attention_projection_
 from ..sparsity import check_constant_fan_in, erk_densities, layer_budget, random_fan_in_mask, uniform_densities
+from .analysis import GRAPH, Analyses
 from .as_linear import AsLinearPass
 from .base import Pass, PassResult
-from .discover import FilterFn, LayerCandidate, capture_graph, discover_layers
+from .discover import FilterFn, LayerCandidate, discover_layers
+from .manager import PassManager
 
 __all__ = ["SparsifyPass", "plan_layers", "sparsify", "sparse_layers"]
 
@@ -118,8 +119,8 @@ class SparsifyPass(Pass):
             raise LayerError(f"parameters {on_meta[:3]} are on the meta device (no values to draw masks over): "
                              "materialize the model first, e.g. model.to_empty(device='cpu') and initialize it")
 
-    def call(self, model: nn.Module) -> PassResult:
-        candidates = discover_layers(model, capture_graph(model, self.example_inputs), self.filter_fn)
+    def call(self, model: nn.Module, analyses: Analyses) -> PassResult:
+        candidates = discover_layers(model, analyses.get(GRAPH, model), self.filter_fn)
         if not candidates:
             raise LayerError(
                 f"{type(model).__name__} has no layer sparsify can mask (Linear, Conv1d/2d/3d, MultiheadAttention "
@@ -205,5 +206,6 @@ def sparsify(model: nn.Module, config: SRigLConfig | None = None, *, filter_fn: 
         raise TypeError(f"sparsify expects an nn.Module, not {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
-    model = AsLinearPass()(model).module  # Hugging Face Conv1D (GPT-2) -> nn.Linear
-    return SparsifyPass(config, filter_fn, example_inputs)(model).module
+    # Hugging Face Conv1D (GPT-2) -> nn.Linear, then masks; the graph is captured once, after the rewrite.
+    passes = [AsLinearPass(), SparsifyPass(config, filter_fn, example_inputs)]
+    return PassManager(passes).run(model, Analyses(example_inputs))
