@@ -188,10 +188,11 @@ def pack_kernel(n_in: int, lanes: int, symbol: str):
 
 
 def offset_kernel(n_out: int, k: int, lanes: int, has_bias: bool, symbol: str, block_rows: int = 32,
-                  k_tile: int = 8):
+                  k_tile: int = 8, epilogue: str = ""):
     """PrimFunc ``f(x[B, L], w[NB, k / k_tile, block_rows, k_tile], off[same] int32, (bias[n_out],)
-    y[B, n_out, NT, lanes])``: a stride-1 convolution read straight from the padded input; the caller guarantees
-    ``off + NT * lanes <= L``.
+    (res[B, n_out, NT, lanes],) y[B, n_out, NT, lanes])``: a stride-1 convolution read straight from the padded
+    input; the caller guarantees ``off + NT * lanes <= L``. ``epilogue`` ("relu", "add", "add_relu") is computed in
+    the write-back block: y = relu(acc + bias + res), with ``res`` in y's layout (the output grid).
 
     w and off are [n_out, k] blocked in the order a task reads them (``runtime.spec.block_rows``): row block c holds
     rows c * block_rows ... (zero rows pad the last block), k-tile by k-tile. Row-major [n_out, k] made a task read
@@ -213,8 +214,14 @@ def offset_kernel(n_out: int, k: int, lanes: int, has_bias: bool, symbol: str, b
         w[c, ko, o, ki] * x[b, off[c, ko, o, ki].astype("int64") + t * lanes + lane], axis=[ko, ki]), name="acc")
     # y is always a block of its own: the write-back from the task's [rows, lanes] accumulators to [B, n_out, ...]
     bias = te.placeholder((n_out,), "float32", name="bias")
-    y = te.compute((batch, n_out, tiles, lanes), lambda b, o, t, lane: (
-        acc[b, t, o // block_rows, o % block_rows, lane] + (bias[o] if has_bias else 0.0)), name="y")
-    args = [x, w, off, bias, y] if has_bias else [x, w, off, y]
+    res = te.placeholder((batch, n_out, tiles, lanes), "float32", name="res")
+
+    def out(b, o, t, lane):
+        value = acc[b, t, o // block_rows, o % block_rows, lane] + (bias[o] if has_bias else 0.0)
+        value = value + res[b, o, t, lane] if "add" in epilogue else value
+        return te.max(value, te.const(0.0, "float32")) if "relu" in epilogue else value
+
+    y = te.compute((batch, n_out, tiles, lanes), out, name="y")
+    args = [x, w, off] + ([bias] if has_bias else []) + ([res] if "add" in epilogue else []) + [y]
     func = te.create_prim_func(args)
     return func.with_attr("global_symbol", symbol).with_attr("srigl.layout", "offset")

@@ -57,7 +57,7 @@ def kernel_func(spec: KernelSpec, layout: str, params, target: Mapping[str, Any]
                           bit_extract=has_bit_extract(target))
     if layout == "offset":
         return offset_kernel(spec.n_out, k, params.lanes, spec.has_bias, spec.symbol("offset"), params.rows,
-                             params.kin)
+                             params.kin, spec.epilogue)
     return col_kernel(spec.n_out, spec.n_in, k, spec.index_dtype, params.lanes, spec.has_bias, spec.symbol(layout),
                       tiles_first=True, fused_pack=layout == "fused")
 
@@ -69,7 +69,7 @@ def pack_func(spec: KernelSpec, lanes: int, layout: str = "pack"):
 
 def _padded(spec: KernelSpec) -> tuple:
     """What a CPU library depends on: the shape with k padded (not the real k, nor a convolution's tile)."""
-    return spec.n_out, spec.n_in, spec.k_pad, spec.index_dtype, spec.has_bias
+    return spec.n_out, spec.n_in, spec.k_pad, spec.index_dtype, spec.has_bias, spec.epilogue
 
 
 def default_cache_dir() -> Path:

@@ -26,8 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..runtime.conv_geometry import output_size
 from ..errors import LayerError
+from ..runtime.conv_geometry import output_size
+from ..runtime.spec import EPILOGUES, apply_epilogue
 from ..sparsity.selection import row_counts
 
 __all__ = ["CondensedLinear", "CondensedConv", "condensed_arrays", "index_dtype_for"]
@@ -271,10 +272,12 @@ def accepts_unbatched(forward):
     as a batch of one)."""
 
     @functools.wraps(forward)
-    def batched_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def batched_forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(x, torch.Tensor) and x.dim() == self.dims + 1:  # (an fx Proxy is taken as batched)
-            return forward(self, x.unsqueeze(0)).squeeze(0)
-        return forward(self, x)
+            if residual is not None and residual.dim() == self.dims + 1:
+                residual = residual.unsqueeze(0)
+            return forward(self, x.unsqueeze(0), residual).squeeze(0)
+        return forward(self, x, residual)
 
     return batched_forward
 
@@ -284,7 +287,10 @@ class CondensedConv(_Condensed):
 
     ``indices`` are positions inside the neuron's own group window (as in the mask); ``column_offsets`` turns them
     into columns of the full im2col matrix [in_channels * prod(kernel), L], which is what the kernels read.
+    ``epilogue`` (``set_epilogue_``): what the layer computes on its output after the bias (ReLU, a residual add).
     """
+
+    epilogue = ""  # (a class default: layers condensed or saved before epilogues existed have none)
 
     def __init__(self, conv: nn.Module, active, values, indices, bias=None) -> None:
         super().__init__()
@@ -368,14 +374,22 @@ class CondensedConv(_Condensed):
         return self.indices.long() + self.column_offsets.unsqueeze(1)
 
     @accepts_unbatched
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         columns, spatial = self.im2col(x)
         gathered = columns[:, self.global_columns()]  # [B, n_active, k, L]
         y = torch.einsum("bnkl,nk->bnl", gathered, self.values)
         if self.bias is not None:
             y = y + self.bias.unsqueeze(1)
         y = self.scatter(y, dim=1)
-        return y.reshape(*y.shape[:2], *spatial)
+        return apply_epilogue(y.reshape(*y.shape[:2], *spatial), self.epilogue, residual)
+
+    def set_epilogue_(self, epilogue: str) -> None:
+        """Compute ``epilogue`` (``runtime.spec.EPILOGUES``: "relu", "add", "add_relu") on the output: forward
+        then takes the residual of an "add" as ``residual=``. Lowered onto the direct kernel, the kernel computes
+        it on its output tile (``passes/fuse_epilogue.py`` decides where)."""
+        if epilogue not in EPILOGUES:
+            raise LayerError(f"epilogue {epilogue!r} is not one of {EPILOGUES}")
+        self.epilogue = epilogue
 
 
 def _explicit_padding(mode: str, kernel: tuple, dilation: tuple) -> tuple:

@@ -16,11 +16,11 @@ import torch
 from ..runtime import conv_op, linear_op  # register torch.ops.srigl_compile.tvm_condensed_* (no TVM import)
 from ..runtime.checks import KernelShapeError
 from ..runtime.conv_geometry import output_size, phase_columns, phase_kernel
-from ..runtime.spec import KernelSpec
+from ..runtime.spec import KernelSpec, apply_epilogue
 from .condensed import CondensedConv, CondensedLinear, accepts_unbatched, index_dtype_for
 
-__all__ = ["LoweredLinear", "LoweredConv", "kernel_operands", "kernel_spec", "make_lowered_", "subsamples",
-           "pointwise_unpadded", "with_layer_name"]
+__all__ = ["LoweredLinear", "LoweredConv", "kernel_operands", "kernel_spec", "can_fuse_epilogue", "fuses_epilogue",
+           "make_lowered_", "subsamples", "pointwise_unpadded", "with_layer_name"]
 
 
 class LoweredLinear(CondensedLinear):
@@ -63,17 +63,20 @@ class LoweredConv(CondensedConv):
     def n_active(self) -> int:
         return self.active.numel() if self.values.dim() == 4 else self.values.shape[0]
 
+    fused_epilogue = False  # whether the kernel computes the epilogue (else torch does, after the kernel)
+
     @accepts_unbatched
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.direct:
-            return self._forward_direct(x)
+            y = self._forward_direct(x, residual if self.fused_epilogue else None)
+            return y if self.fused_epilogue else apply_epilogue(y, self.epilogue, residual)
         rows, spatial = self.im2col_rows(x)  # [B * L, C * kernel]
         batch = x.shape[0]
         y = linear_op.condensed_linear(rows, self.values, self.indices, self.bias, self.kernel_key, self.col_threshold)
         y = self.scatter(y.view(batch, -1, y.shape[-1]).transpose(1, 2), dim=1)
-        return y.reshape(batch, y.shape[1], *spatial)
+        return apply_epilogue(y.reshape(batch, y.shape[1], *spatial), self.epilogue, residual)
 
-    def _forward_direct(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_direct(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         x2, kernel, stride, dilation, padding = self._as_2d(x)  # Conv1d as height 1; padding modes applied
         if subsamples(self):  # a 1x1 kernel without padding: the strided pixels are all it reads
             x2, stride = x2[:, :, :: stride[0], :: stride[1]], (1, 1)
@@ -82,7 +85,7 @@ class LoweredConv(CondensedConv):
         else:  # (strided: self.indices hold the phase convolution's columns, see kernel_operands)
             try:
                 y = conv_op.condensed_conv2d(x2, self.values, self.indices, self.bias, self.kernel_key, kernel,
-                                             padding, dilation, stride)
+                                             padding, dilation, stride, residual)
             except KernelShapeError as err:
                 raise with_layer_name(err, self) from None
         y = self.scatter(y, dim=1)
@@ -147,7 +150,20 @@ def kernel_spec(layer, conv_route: str, dtype: str | None = None) -> KernelSpec 
     direct = is_direct(layer, conv_route)
     width, values, indices = kernel_operands(layer, direct)
     return KernelSpec(layer.n_active, width, values.shape[1], str(indices.dtype).removeprefix("torch."),
-                      layer.bias is not None, dtype, "conv" if direct else "linear")
+                      layer.bias is not None, dtype, "conv" if direct else "linear",
+                      epilogue=layer.epilogue if fuses_epilogue(layer, conv_route) else "")
+
+
+def can_fuse_epilogue(layer, conv_route: str) -> bool:
+    """Whether a layer's kernel can compute an epilogue: a 2-d convolution on the direct route whose kernel output
+    is the layer's output (no scatter of ablated neurons after it); elsewhere torch computes it after the kernel."""
+    return is_direct(layer, conv_route) and layer.dims == 2 and layer.n_active > 0 \
+        and (layer.compact or layer.n_active == layer.n_out)
+
+
+def fuses_epilogue(layer, conv_route: str) -> bool:
+    """Whether a layer has an epilogue its kernel computes."""
+    return bool(getattr(layer, "epilogue", "")) and can_fuse_epilogue(layer, conv_route)
 
 
 @torch.no_grad()
@@ -166,4 +182,5 @@ def make_lowered_(layer, handle, conv_route: str, col_threshold: int = 0, name: 
     layer.layer_name = name
     if isinstance(layer, LoweredConv):  # (no kernel: the direct route only scatters the biases)
         layer.direct = direct or handle is None
+        layer.fused_epilogue = handle is not None and bool(handle.spec.epilogue)
     return layer

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import dataclasses
 import logging
 
 import torch
@@ -38,7 +37,7 @@ from ..errors import LayerError, TraceError
 from ..nn.condensed import CondensedConv, CondensedLinear
 from .analysis import GRAPH, OUTPUT_SHAPES, Analyses
 from .base import Pass, PassResult, replace_submodule
-from .graph_capture import ModelGraph
+from .graph_capture import ModelGraph, ModuleCall, is_state, module_calls
 from .layer_edits import layer_edits
 from .manager import PassManager
 from .per_feature import passes_through
@@ -53,50 +52,13 @@ _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _LINEARS = (nn.Linear, CondensedLinear)
 
 
-@dataclasses.dataclass
-class ModuleCall:
-    """One call of a module in the graph: its nodes, the tensors it reads from outside (not its own parameters or
-    buffers), and the node its result leaves by (None when several do)."""
-
-    module: str
-    nodes: set[fx.Node]
-    inputs: list[fx.Node]
-    output: fx.Node | None
-
-
-def _module_calls(graph: ModelGraph) -> list[ModuleCall]:
-    """symbolic_trace: one call_module node per call. torch.export: the aten nodes sharing an innermost
-    ``nn_module_stack`` entry (a second call of a module gets its own entry, ``name@1``)."""
-    if graph.method == "symbolic_trace":
-        return [ModuleCall(n.target, {n}, list(n.all_input_nodes), n) for n in graph.graph.nodes
-                if n.op == "call_module"]
-    groups: dict[str, tuple[str, list[fx.Node]]] = {}
-    for node in graph.graph.nodes:
-        stack = node.meta.get("nn_module_stack")
-        if node.op == "call_function" and stack:
-            key, (fqn, _) = next(reversed(stack.items()))
-            groups.setdefault(key, (fqn, []))[1].append(node)
-    calls = []
-    for fqn, nodes in groups.values():
-        inside = set(nodes)
-        inputs = [a for n in nodes for a in n.all_input_nodes if a not in inside and not _is_state(a, graph)]
-        outputs = [n for n in nodes if any(u not in inside for u in n.users)]
-        calls.append(ModuleCall(fqn, inside, list(dict.fromkeys(inputs)), outputs[0] if len(outputs) == 1 else None))
-    return calls
-
-
-def _is_state(node: fx.Node, graph: ModelGraph) -> bool:
-    """A parameter, buffer or constant (not a user input)."""
-    return node.op == "get_attr" or (node.op == "placeholder" and node not in graph.inputs)
-
-
 def _state_read_elsewhere(call: ModuleCall, graph: ModelGraph) -> bool:
     """Whether the forward reads this module's parameters or buffers outside its call (``self.bn.weight`` read
     by hand, a tied weight): folding would change what that code sees."""
     prefix = f"{call.module}."
     if any(n.op == "get_attr" and str(n.target).startswith(prefix) for n in graph.graph.nodes):
         return True
-    state = [a for n in call.nodes for a in n.all_input_nodes if _is_state(a, graph)]
+    state = [a for n in call.nodes for a in n.all_input_nodes if is_state(a, graph)]
     return any(user not in call.nodes for a in state for user in a.users)
 
 
@@ -148,7 +110,7 @@ def plan_folds(model: nn.Module, graph: ModelGraph) -> list[tuple[str, str]]:
     """(layer, BatchNorm) name pairs that the contract allows to fold."""
     modules = dict(model.named_modules())
     names_of = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    calls = _module_calls(graph)
+    calls = module_calls(graph)
     call_count = collections.Counter(c.module for c in calls)
     call_by_output = {c.output: c for c in calls if c.output is not None}
     pairs = []

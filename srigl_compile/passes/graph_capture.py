@@ -25,7 +25,8 @@ import torch.nn as nn
 
 from ..errors import TraceError
 
-__all__ = ["ModelGraph", "capture_graph", "example_args", "output_tensors", "LEAF_TYPES"]
+__all__ = ["ModelGraph", "ModuleCall", "capture_graph", "trace_module", "module_calls", "is_state", "example_args",
+           "output_tensors", "LEAF_TYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,43 @@ class ModelGraph:
     method: str
     consumers: dict[str, list[fx.Node]]
     inputs: list[fx.Node]
+
+
+@dataclasses.dataclass
+class ModuleCall:
+    """One call of a module in the graph: its nodes, the tensors it reads from outside (not its own parameters or
+    buffers), and the node its result leaves by (None when several do)."""
+
+    module: str
+    nodes: set[fx.Node]
+    inputs: list[fx.Node]
+    output: fx.Node | None
+
+
+def module_calls(graph: ModelGraph) -> list[ModuleCall]:
+    """symbolic_trace: one call_module node per call. torch.export: the aten nodes sharing an innermost
+    ``nn_module_stack`` entry (a second call of a module gets its own entry, ``name@1``)."""
+    if graph.method == "symbolic_trace":
+        return [ModuleCall(n.target, {n}, list(n.all_input_nodes), n) for n in graph.graph.nodes
+                if n.op == "call_module"]
+    groups: dict[str, tuple[str, list[fx.Node]]] = {}
+    for node in graph.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op == "call_function" and stack:
+            key, (fqn, _) = next(reversed(stack.items()))
+            groups.setdefault(key, (fqn, []))[1].append(node)
+    calls = []
+    for fqn, nodes in groups.values():
+        inside = set(nodes)
+        inputs = [a for n in nodes for a in n.all_input_nodes if a not in inside and not is_state(a, graph)]
+        outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+        calls.append(ModuleCall(fqn, inside, list(dict.fromkeys(inputs)), outputs[0] if len(outputs) == 1 else None))
+    return calls
+
+
+def is_state(node: fx.Node, graph: ModelGraph) -> bool:
+    """A parameter, buffer or constant (not a user input)."""
+    return node.op == "get_attr" or (node.op == "placeholder" and node not in graph.inputs)
 
 
 class _LayerTracer(fx.Tracer):
@@ -80,9 +118,14 @@ def _eval_mode(model: nn.Module):
             m.training = flag
 
 
+def trace_module(module: nn.Module) -> fx.Graph:
+    """symbolic_trace's graph of ``module`` with the sparsifiable (and condensed) layers as call_module leaves;
+    raises what fx raises on code it cannot trace."""
+    return _LayerTracer().trace(module)
+
+
 def _trace(model: nn.Module) -> ModelGraph:
-    tracer = _LayerTracer()
-    graph = tracer.trace(model)
+    graph = trace_module(model)
     modules = dict(model.named_modules())
     consumers: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:

@@ -2,7 +2,8 @@
 
 A pipeline of passes on a deep copy, sharing one graph capture and one shape analysis (``passes/analysis.py``):
 CondensePass (masked models; shrinks ablated neurons) -> BakeParametrizationsPass -> FoldBatchNormPass (unless
-``fold_batchnorm=False``) -> PadAblatedRowsPass -> CastPass -> CompileKernelsPass.
+``fold_batchnorm=False``) -> PadAblatedRowsPass -> FuseEpiloguePass (unless ``fuse_epilogues=False``) -> CastPass
+-> CompileKernelsPass.
 
 Contract.
     requires: the model has sparse (masked) or condensed layers; the target is supported.
@@ -31,6 +32,7 @@ from .analysis import GRAPH, OUTPUT_SHAPES, Analyses
 from .base import Pass, PassResult
 from .condense import CondensePass
 from .fold_batchnorm import FoldBatchNormPass
+from .fuse_epilogue import FuseEpiloguePass
 from .manager import PassManager
 
 __all__ = ["lower", "BakeParametrizationsPass", "PadAblatedRowsPass", "CastPass", "CompileKernelsPass"]
@@ -40,7 +42,7 @@ log = logging.getLogger(__name__)
 
 def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = False, cache_dir=None,
           col_threshold: int | None = None, progress: bool = True, dtype: torch.dtype = torch.float32,
-          fold_batchnorm: bool = True) -> nn.Module:
+          fold_batchnorm: bool = True, fuse_epilogues: bool = True) -> nn.Module:
     """Return ``model`` (in eval mode, parameters frozen: inference only) with its sparse layers running
     TVM-compiled condensed kernels.
 
@@ -70,6 +72,10 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
             The lowered model runs in eval mode, where a BatchNorm applies its running statistics, so the fold is
             exact up to float rounding; False keeps the BatchNorms. (Parametrized tensors, such as a weight-normed
             convolution's, are likewise stored as the plain tensors they evaluate to.)
+        fuse_epilogues: let each convolution's kernel compute the residual add and ReLU after it where its
+            parent module's forward can be traced (``passes/fuse_epilogue.py``: that parent becomes an
+            fx.GraphModule with the same submodules; the model itself keeps its class); False leaves them as torch
+            ops. Outputs are the same either way.
 
     Raises:
         UnsupportedTargetError: an unknown target (the message lists the supported ones).
@@ -93,7 +99,10 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
     passes += [BakeParametrizationsPass()]
     if fold_batchnorm:  # eval semantics (the model is returned in eval mode): running statistics fold exactly
         passes += [FoldBatchNormPass()]
-    passes += [PadAblatedRowsPass(), CastPass(config.dtype), CompileKernelsPass(backend, config)]
+    passes += [PadAblatedRowsPass()]
+    if fuse_epilogues:
+        passes += [FuseEpiloguePass(backend.conv_route)]
+    passes += [CastPass(config.dtype), CompileKernelsPass(backend, config)]
     model = PassManager(passes).run(copy.deepcopy(model), Analyses(example_inputs))
     # Inference only: the kernels have no backward, dropout must be off, and dense parameters need no gradients
     # (a lowered layer refuses an input autograd tracks, InferenceOnlyError).

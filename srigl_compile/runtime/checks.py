@@ -11,7 +11,7 @@ import torch
 from ..errors import DeviceError, InferenceOnlyError, LoweringError
 
 __all__ = ["KernelDeviceError", "KernelDtypeError", "KernelShapeError", "check_cpu_float32", "check_runs_here",
-           "check_no_grad", "check_float32_operands", "check_bias", "check_batch_input"]
+           "check_no_grad", "check_float32_operands", "check_bias", "check_residual", "check_batch_input"]
 
 
 class KernelDeviceError(DeviceError, ValueError):
@@ -68,6 +68,13 @@ def check_bias(handle, bias) -> None:
     if (bias is not None) != handle.has_bias:
         raise ValueError(f"kernel {handle.key} was built with has_bias={handle.has_bias}, got bias="
                          f"{'a tensor' if bias is not None else 'None'}")
+
+
+def check_residual(handle, residual) -> None:
+    """The op got a residual exactly when its kernel was built with an "add" epilogue."""
+    if (residual is not None) != handle.spec.has_residual:
+        raise ValueError(f"kernel {handle.key} was built with epilogue {handle.spec.epilogue!r}, got residual="
+                         f"{'a tensor' if residual is not None else 'None'}")
 
 
 def check_batch_input(x: torch.Tensor, handle) -> None:

@@ -26,8 +26,15 @@ from collections.abc import Sequence
 
 import torch
 
-from .checks import (KernelShapeError, check_bias, check_cpu_float32, check_float32_operands, check_no_grad,
-                     check_runs_here)
+from .checks import (
+    KernelShapeError,
+    check_bias,
+    check_cpu_float32,
+    check_float32_operands,
+    check_no_grad,
+    check_residual,
+    check_runs_here,
+)
 from .conv_geometry import direct_plan, output_size, phase_kernel, strided_plan
 from .registry import get_handle
 from .scratch import pad_images, scratch
@@ -39,12 +46,14 @@ def _pair(values: Sequence[int]) -> tuple[int, int]:
     return int(values[0]), int(values[1])
 
 
-def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilation, stride) -> torch.Tensor:
+def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilation, stride,
+         residual=None) -> torch.Tensor:
     handle = get_handle(kernel_key)
     check_runs_here(handle)
     check_float32_operands(values, bias, handle.key)
     check_cpu_float32(x, handle.key)
     check_bias(handle, bias)
+    check_residual(handle, residual)
     if x.dim() != 4:
         raise KernelShapeError(f"takes images [B, C, H, W] (or [C, H, W]), got an input of shape {tuple(x.shape)} "
                                f"(kernel {handle.key})")
@@ -70,6 +79,7 @@ def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilati
         raise KernelShapeError(f"needs images at least as large as its kernel: {err} (kernel {handle.key})") from None
     if batch == 0:
         return x.new_empty(0, handle.n_out, plan.out_h, plan.out_w)
+    out_shape = (batch, handle.n_out, plan.out_h, plan.out_w)
     # The temporaries live in scratch buffers (fresh large tensors are page-faulted in on every call).
     images = pad_images(x, pads, "padded") if any(pads) else x.contiguous()
     if strided:  # space-to-depth: [B, C, s_h * rows, s_w * pitch] -> phase images [B, C * s_h * s_w, rows, pitch]
@@ -82,6 +92,8 @@ def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilati
     grid_shape = (batch, handle.n_out, plan.tiles * plan.lanes)
     grid = scratch("grid", grid_shape) if cropped else x.new_empty(grid_shape)  # (uncropped, it is the result)
     tail = [bias.contiguous()] if handle.has_bias else []
+    if residual is not None:  # in the output grid's layout: as it is when uncropped, else placed in a scratch grid
+        tail.append(_residual_grid(residual, out_shape, plan, cropped))
     handle.conv_fn(images.view(batch, -1), values.contiguous(), offsets, *tail,
                    grid.view(batch, handle.n_out, plan.tiles, plan.lanes))
     if not cropped:
@@ -92,26 +104,46 @@ def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilati
     return rows[..., :plan.out_w].clone(memory_format=torch.contiguous_format)
 
 
+def _residual_grid(residual: torch.Tensor, out_shape: tuple, plan, cropped: bool) -> torch.Tensor:
+    """The residual [B, n_out, OH, OW] (or anything broadcasting to it) as the kernel's res operand
+    [B, n_out, NT, lanes] over the padded output grid [OH, pitch] (the padding positions are cropped away later,
+    so what they hold does not matter)."""
+    if tuple(torch.broadcast_shapes(residual.shape, out_shape)) != tuple(out_shape):
+        raise KernelShapeError(f"a fused residual of shape {tuple(residual.shape)} does not broadcast to the "
+                               f"convolution's output {tuple(out_shape)}")
+    residual = residual.to(torch.float32)
+    batch, n_out = out_shape[:2]
+    if not cropped:
+        return residual.expand(out_shape).contiguous().view(batch, n_out, plan.tiles, plan.lanes)
+    grid = scratch("residual", (batch, n_out, plan.tiles * plan.lanes))
+    rows = grid[:, :, :plan.positions].unflatten(2, (plan.out_h, plan.pitch))
+    rows[..., :plan.out_w].copy_(residual.expand(out_shape))
+    return grid.view(batch, n_out, plan.tiles, plan.lanes)
+
+
 # Low-level Library API, as for tvm_condensed_linear (custom_op's wrapper costs ~30 us a call).
 _LIB = torch.library.Library("srigl_compile", "FRAGMENT")
 _LIB.define("tvm_condensed_conv2d(Tensor x, Tensor values, Tensor columns, Tensor? bias, str kernel_key, "
-            "int[] kernel_size, int[] padding, int[] dilation, int[] stride) -> Tensor")
+            "int[] kernel_size, int[] padding, int[] dilation, int[] stride, Tensor? residual=None) -> Tensor")
 _LIB.impl("tvm_condensed_conv2d", _run, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("srigl_compile::tvm_condensed_conv2d", lib=_LIB)
-def _tvm_condensed_conv2d_fake(x, values, columns, bias, kernel_key, kernel_size, padding, dilation, stride):
+def _tvm_condensed_conv2d_fake(x, values, columns, bias, kernel_key, kernel_size, padding, dilation, stride,
+                               residual=None):
     out = output_size(x.shape[2:], kernel_size, stride, padding, dilation)
     return x.new_empty(x.shape[0], get_handle(kernel_key).n_out, *out)  # (values are blocked, padded)
 
 
 def condensed_conv2d(x: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, bias: torch.Tensor | None,
-                     kernel_key: str, kernel_size, padding, dilation, stride=(1, 1)) -> torch.Tensor:
+                     kernel_key: str, kernel_size, padding, dilation, stride=(1, 1),
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
     """Run the offset kernel registered as ``kernel_key`` (symmetric zero padding; with a stride, ``columns`` are
-    the phase convolution's, see ``conv_geometry.phase_columns``); plain eager tensors skip the dispatcher, tracers
-    go through ``torch.ops.srigl_compile``."""
+    the phase convolution's, see ``conv_geometry.phase_columns``); ``residual`` is the tensor a kernel built with
+    an "add" epilogue adds to its output. Plain eager tensors skip the dispatcher, tracers go through
+    ``torch.ops.srigl_compile``."""
     if type(x) is torch.Tensor and not torch.compiler.is_compiling():
         check_no_grad(x, kernel_key)
-        return _run(x, values, columns, bias, kernel_key, kernel_size, padding, dilation, stride)
+        return _run(x, values, columns, bias, kernel_key, kernel_size, padding, dilation, stride, residual)
     return torch.ops.srigl_compile.tvm_condensed_conv2d(x, values, columns, bias, kernel_key, list(kernel_size),
-                                                        list(padding), list(dilation), list(stride))
+                                                        list(padding), list(dilation), list(stride), residual)

@@ -68,12 +68,13 @@ class HandleBase:
     k_pad: int = dataclasses.field(init=False, repr=False)
     index_dtype: str = dataclasses.field(init=False, repr=False)
     has_bias: bool = dataclasses.field(init=False, repr=False)
+    epilogue: str = dataclasses.field(init=False, repr=False)
     kind: ClassVar[str] = "linear"
 
     def __post_init__(self) -> None:
         spec = self.spec
         self.n_out, self.n_in, self.k, self.k_pad = spec.n_out, spec.n_in, spec.k, spec.k_pad
-        self.index_dtype, self.has_bias = spec.index_dtype, spec.has_bias
+        self.index_dtype, self.has_bias, self.epilogue = spec.index_dtype, spec.has_bias, spec.epilogue
 
     def pack(self, values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Kernel operands from a condensed layer's (values, indices) [n_out, k] (``KernelSpec.pack``). Do it once.

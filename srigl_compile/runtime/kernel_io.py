@@ -59,6 +59,8 @@ def export_kernels(handles: Iterable, path: str | os.PathLike) -> Path:
             handle.module.export_library(str(file))
         entry = {name: getattr(handle, name) for name in _FIELDS}
         entry.update(device=handle.device_type, file=file.name, sha256=sha256(file))
+        if handle.spec.epilogue:
+            entry["epilogue"] = handle.spec.epilogue
         entry.update(handle.manifest_entry(folder, stem))
         entries[handle.key] = entry
     manifest = {"format": FORMAT, "tvm": str(tvm.__version__), "kernels": entries}
@@ -84,7 +86,7 @@ def _spec(entry: dict, kind: str) -> KernelSpec:
     lanes = entry["params"]["lanes"] if kind == "conv" and entry["key"].endswith(f"_l{entry['params']['lanes']}") \
         else None
     spec = KernelSpec(entry["n_out"], entry["n_in"], entry["k"], entry["index_dtype"], entry["has_bias"],
-                      entry.get("dtype"), kind, lanes)
+                      entry.get("dtype"), kind, lanes, entry.get("epilogue", ""))
     if spec.k_pad != entry["k_pad"]:
         raise KernelFileError(f"manifest entry {entry['key']} has k_pad {entry['k_pad']}, not {spec.k_pad} for k "
                               f"{entry['k']}: written by another version, or edited")

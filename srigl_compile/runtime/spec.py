@@ -31,12 +31,23 @@ from typing import Any
 
 import torch
 
-__all__ = ["KernelSpec", "K_MULTIPLE", "MID_LANES", "TORCH_INDEX", "TORCH_FLOAT", "target_key", "block_rows"]
+__all__ = ["KernelSpec", "K_MULTIPLE", "MID_LANES", "TORCH_INDEX", "TORCH_FLOAT", "EPILOGUES", "target_key",
+           "block_rows", "apply_epilogue"]
 
 K_MULTIPLE = 8  # kernels are compiled for k rounded up to this (zero weights on the row's last index)
 MID_LANES = 8  # batch rows per tile of the CPU mid-batch kernel: one AVX2 vector
 TORCH_INDEX = {"int16": torch.int16, "int32": torch.int32}
 TORCH_FLOAT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# What a kernel may compute on its output before writing it: "" nothing, "relu", "add" (a residual tensor of the
+# output's shape), "add_relu" (relu(y + residual)).
+EPILOGUES = ("", "relu", "add", "add_relu")
+
+
+def apply_epilogue(y: torch.Tensor, epilogue: str, residual: torch.Tensor | None) -> torch.Tensor:
+    """The reference of a kernel's epilogue, in torch (what condensed layers run, and what kernels must equal)."""
+    if "add" in epilogue:
+        y = y + residual
+    return torch.relu(y) if "relu" in epilogue else y
 
 
 def target_key(target: Mapping[str, Any]) -> str:
@@ -53,6 +64,8 @@ class KernelSpec:
             the key; None for a float32-only target (llvm), whose keys do not name it.
         op: "linear" (rows of x) or "conv" (the direct convolution kernel on padded images).
         lanes: a convolution's output positions per tile, chosen for its image size (None: the variant's own).
+        epilogue: one of ``EPILOGUES``, computed on the output tile before it is written (a key and symbol
+            suffix ``_e<epilogue>``; tuning records ignore it).
     """
 
     n_out: int
@@ -63,6 +76,15 @@ class KernelSpec:
     dtype: str | None = None
     op: str = "linear"
     lanes: int | None = None
+    epilogue: str = ""
+
+    def __post_init__(self) -> None:
+        if self.epilogue not in EPILOGUES:
+            raise ValueError(f"epilogue {self.epilogue!r} is not one of {EPILOGUES}")
+
+    @property
+    def has_residual(self) -> bool:
+        return "add" in self.epilogue
 
     @property
     def k_pad(self) -> int:
@@ -74,7 +96,7 @@ class KernelSpec:
 
     @property
     def _bias_tag(self) -> str:
-        return "b" if self.has_bias else "nb"
+        return ("b" if self.has_bias else "nb") + (f"_e{self.epilogue}" if self.epilogue else "")
 
     def key(self, target_tag: str) -> str:
         """The registry key, ``target_tag`` naming the target (the backend's ``target_tag``)."""

@@ -1,0 +1,173 @@
+"""FuseEpiloguePass: a convolution's residual add and ReLU computed by its kernel, on the tile it writes.
+
+In a lowered ResNet the ReLUs and residual adds after the convolutions are separate torch ops, each reading and
+writing a whole activation (49 ReLUs and 16 adds: about a fifth of a batch-1 ResNet-50 forward). This pass finds,
+in the forward of the module that calls a condensed convolution (its parent), the chain
+
+    conv -> [nn.Identity (a folded BatchNorm) | nn.Dropout (eval)]* -> [add(., other)] -> [relu]
+
+where each link is the only use of the one before, and rewrites the parent as an ``fx.GraphModule`` (under the same
+name and class name, holding the same submodules) whose conv call takes ``residual=other`` and whose add and relu
+nodes are gone; the conv's ``epilogue`` ("relu", "add", "add_relu") says what it now computes
+(``CondensedConv.set_epilogue_``), and its kernel computes it (``runtime.spec.apply_epilogue`` is the reference).
+
+Contract.
+    requires: condensed layers, after CondensePass, FoldBatchNormPass and PadAblatedRowsPass (a fold turns
+              conv -> BatchNorm -> relu into conv -> Identity -> relu; a padded layer's kernel writes its whole
+              output); inference (the model is returned in eval mode).
+    ensures:  outputs unchanged (the kernel computes relu(conv + bias + other): the same float operations in the
+              same order). Only convolutions that (1) their kernel can compute an epilogue for
+              (``nn.lowered.can_fuse_epilogue`` on the backend's route), (2) are reachable under one name and
+              called once in the model's graph, (3) sit in a parent other than the model itself (the model keeps its
+              class and forward) that symbolic_trace can trace; the add's other operand is a tensor node, and an
+              in-place add (``+=``, ``add_``) must update the convolution's own output. Everything else is left as
+              it was.
+    preserves: OUTPUT_SHAPES (no size changes). Not GRAPH: the graph loses nodes.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import TraceError
+from ..nn.condensed import CondensedConv
+from ..nn.lowered import can_fuse_epilogue
+from .analysis import GRAPH, OUTPUT_SHAPES, Analyses
+from .base import Pass, PassResult, replace_submodule
+from .graph_capture import module_calls, trace_module
+
+__all__ = ["FuseEpiloguePass"]
+
+log = logging.getLogger(__name__)
+
+_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)  # in eval mode: the identity
+_ADDS = (operator.add, torch.add)
+_INPLACE_ADDS = (operator.iadd,)
+_RELUS = (F.relu, torch.relu, torch.relu_)
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _module(node: fx.Node, modules: dict) -> nn.Module | None:
+    return modules.get(node.target) if node.op == "call_module" else None
+
+
+def _residual_of(add: fx.Node, value: fx.Node) -> fx.Node | None:
+    """The other operand when ``add`` adds ``value`` and a tensor node (no alpha, no in-place update of the other
+    operand); else None."""
+    inplace = (add.op == "call_function" and add.target in _INPLACE_ADDS) or \
+        (add.op == "call_method" and add.target == "add_")
+    plain = (add.op == "call_function" and add.target in _ADDS) or (add.op == "call_method" and add.target == "add")
+    if not (inplace or plain) or add.kwargs or len(add.args) != 2:
+        return None
+    first, second = add.args
+    if first is value and isinstance(second, fx.Node):
+        return second
+    if second is value and isinstance(first, fx.Node) and not inplace:
+        return first
+    return None
+
+
+def _is_relu(node: fx.Node, modules: dict) -> bool:
+    if node.op == "call_function" and node.target in _RELUS:
+        return len(node.args) == 1 and set(node.kwargs) <= {"inplace"}
+    if node.op == "call_method" and node.target in ("relu", "relu_"):
+        return len(node.args) == 1 and not node.kwargs
+    return type(_module(node, modules)) is nn.ReLU
+
+
+def _fuse_one(graph: fx.Graph, call: fx.Node, modules: dict) -> str:
+    """Rewrite the chain after ``call`` (a conv's call node) in ``graph``; the epilogue fused ("" when none)."""
+    chain, end = [call], call
+    while (user := _only_user(end)) is not None and isinstance(_module(user, modules), _PASS_THROUGH):
+        chain.append(user)
+        end = user
+    epilogue, residual, nodes = "", None, []
+    user = _only_user(end)
+    if user is not None and (residual := _residual_of(user, end)) is not None:
+        epilogue, end = "add", user
+        nodes.append(user)
+        user = _only_user(end)
+    if user is not None and _is_relu(user, modules):
+        epilogue, end = ("add_relu" if epilogue else "relu"), user
+        nodes.append(user)
+    if not epilogue:
+        return ""
+    with graph.inserting_before(end):
+        kwargs = dict(call.kwargs, residual=residual) if residual is not None else dict(call.kwargs)
+        fused = graph.call_module(call.target, call.args, kwargs)
+    end.replace_all_uses_with(fused)
+    for node in reversed(chain + nodes):
+        graph.erase_node(node)
+    return epilogue
+
+
+class FuseEpiloguePass(Pass):
+    """Fuse each condensed convolution's residual add and ReLU into its kernel (see the module's contract)."""
+
+    preserves = frozenset({OUTPUT_SHAPES})
+
+    def __init__(self, conv_route: str) -> None:
+        self.conv_route = conv_route
+        self.fused: dict[str, str] = {}  # layer name -> epilogue
+
+    def _candidates(self, model: nn.Module, analyses: Analyses) -> dict[str, list[str]]:
+        """parent name -> names (relative to it) of the convolutions it may fuse."""
+        layers = [name for name, m in model.named_modules() if type(m) is CondensedConv and not m.epilogue
+                  and can_fuse_epilogue(m, self.conv_route) and "." in name]
+        if not layers:
+            return {}
+        try:
+            calls = collections.Counter(c.module for c in module_calls(analyses.get(GRAPH, model)))
+        except TraceError as err:
+            log.info("no epilogue fusion (the graph cannot be captured: %s)", err)
+            return {}
+        names_of = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+        parents: dict[str, list[str]] = {}
+        for name in layers:
+            if calls[name] == 1 and names_of[id(model.get_submodule(name))] == 1:
+                parent, _, child = name.rpartition(".")
+                parents.setdefault(parent, []).append(child)
+        return parents
+
+    def call(self, model: nn.Module, analyses: Analyses) -> PassResult:
+        self.fused = {}
+        # Deepest parents first: rewriting a parent turns its nested children into plain containers.
+        candidates = self._candidates(model, analyses)
+        for parent_name in sorted(candidates, key=lambda name: -name.count(".")):
+            children = candidates[parent_name]
+            parent = model.get_submodule(parent_name)
+            try:
+                graph = trace_module(parent)
+            except Exception as err:  # fx raises many types on code it cannot follow: that parent stays as it is
+                log.info("%s: not traceable, its convolutions keep their epilogues in torch (%s)", parent_name,
+                         f"{type(err).__name__}: {err}".splitlines()[0][:200])
+                continue
+            modules = dict(parent.named_modules())
+            fused = {}
+            for node in [n for n in graph.nodes if n.op == "call_module" and n.target in children]:
+                if (epilogue := _fuse_one(graph, node, modules)):
+                    fused[node.target] = epilogue
+            if not fused:
+                continue
+            for node in graph.nodes:  # postponed annotations are strings, which GraphModule cannot pickle
+                node.type = None
+            graph.lint()
+            rewritten = fx.GraphModule(parent, graph, class_name=type(parent).__name__)
+            rewritten.train(parent.training)
+            for child, epilogue in fused.items():
+                rewritten.get_submodule(child).set_epilogue_(epilogue)
+                self.fused[f"{parent_name}.{child}"] = epilogue
+            replace_submodule(model, parent_name, rewritten)
+        if self.fused:
+            log.info("fused %d epilogues: %s", len(self.fused), collections.Counter(self.fused.values()))
+        return PassResult(model, modified=bool(self.fused))

@@ -1,0 +1,58 @@
+"""Lowered convolutions compute their fused ReLU / residual add in the kernel: same outputs as unfused, bit for bit."""
+
+import pytest
+import torch
+
+from srigl_compile import SRigLConfig, load_lowered, lower, save_lowered, sparsify
+from srigl_compile.nn.lowered import LoweredConv
+from srigl_compile.runtime.registry import get_handle
+from srigl_compile.zoo import ResNet
+from tests.helpers import randomize_bn
+
+pytestmark = pytest.mark.tvm
+
+
+@pytest.fixture(scope="module")
+def lowered_pair():
+    torch.manual_seed(0)
+    masked = randomize_bn(sparsify(ResNet(10, blocks=(1, 2), width=8), SRigLConfig(sparsity=0.8))).eval()
+    x = torch.randn(2, 3, 32, 32)
+    fused = lower(masked, example_inputs=(x,), progress=False)
+    plain = lower(masked, example_inputs=(x,), progress=False, fuse_epilogues=False)
+    return masked, fused, plain
+
+
+def test_every_bottleneck_relu_and_residual_add_runs_in_the_kernels(lowered_pair):
+    _, fused, plain = lowered_pair
+    epilogues = {name: get_handle(m.kernel_key).spec.epilogue for name, m in fused.named_modules()
+                 if isinstance(m, LoweredConv) and m.fused_epilogue}
+    assert sorted(e for n, e in epilogues.items() if n.endswith("conv3")) == ["add_relu"] * 3
+    assert all(epilogues[f"layers.{i}.conv2"] == "relu" for i in range(3))
+    assert not any(isinstance(m, LoweredConv) and m.fused_epilogue for m in plain.modules())
+    for block in fused.layers:  # only what follows a layer kept dense (too small to sparsify) is left
+        for node in [n for n in block.graph.nodes if n.op == "call_function"]:
+            source = node.args[0]
+            while type(block.get_submodule(source.target)) is torch.nn.Identity:  # a folded BatchNorm
+                source = source.args[0]
+            assert type(block.get_submodule(source.target)) is torch.nn.Conv2d, f"{node} after {source}"
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 32, 32), (1, 3, 27, 19)])  # the example's size, and one needing crops
+def test_fused_outputs_equal_unfused_bit_for_bit_and_the_masked_model(lowered_pair, shape):
+    masked, fused, plain = lowered_pair
+    x = torch.randn(shape)
+    with torch.no_grad():
+        got, unfused, reference = fused(x), plain(x), masked(x)
+    torch.testing.assert_close(got, unfused, rtol=0, atol=0)
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_a_fused_model_saves_loads_and_exports(lowered_pair, tmp_path):
+    _, fused, _ = lowered_pair
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = fused(x)
+        save_lowered(fused, tmp_path / "model")
+        torch.testing.assert_close(load_lowered(tmp_path / "model")(x), want, rtol=0, atol=0)
+        program = torch.export.export(fused, (x,), strict=False)
+        torch.testing.assert_close(program.module()(x), want, rtol=0, atol=0)

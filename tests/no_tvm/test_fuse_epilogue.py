@@ -1,0 +1,111 @@
+"""FuseEpiloguePass on condensed models (no kernels): which chains it fuses, and outputs unchanged."""
+
+import operator
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from srigl_compile import SRigLConfig, sparsify
+from srigl_compile.errors import LayerError
+from srigl_compile.nn.condensed import CondensedConv
+from srigl_compile.passes.condense import condense
+from srigl_compile.passes.fold_batchnorm import fold_batchnorm
+from srigl_compile.passes.fuse_epilogue import FuseEpiloguePass
+from srigl_compile.passes.lower import PadAblatedRowsPass
+from srigl_compile.passes.manager import PassManager
+from srigl_compile.runtime.spec import apply_epilogue
+from tests.helpers import randomize_bn
+
+
+class Block(nn.Module):
+    """Every chain the pass must fuse, and every one it must leave alone."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        conv = lambda k=1: nn.Conv2d(c, c, k, padding=k // 2)  # noqa: E731
+        self.a, self.bn_a = conv(3), nn.BatchNorm2d(c)       # a -> bn (folded) -> F.relu             : relu
+        self.b, self.drop = conv(), nn.Dropout(0.5)          # b -> dropout -> += x -> shared ReLU    : add_relu
+        self.c = conv()                                      # torch.add(x, c) -> relu_ method        : add_relu
+        self.d = conv()                                      # d + x, no activation                   : add
+        self.e = conv()                                      # e used twice                           : none
+        self.f = conv()                                      # x.add_(f): updates x, not f's output    : none
+        self.g = conv()                                      # called twice                           : none
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        y = F.relu(self.bn_a(self.a(x)))
+        out = self.drop(self.b(y))
+        out += x
+        y = self.relu(out)
+        y = torch.add(y, self.c(y)).relu_()
+        y = self.d(y) + y
+        e = self.e(y)
+        y = y + e * e
+        z = y.clone()
+        z.add_(self.f(y))
+        return self.g(self.g(z))
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)  # the model's own forward is never rewritten
+        self.block = Block()
+
+    def forward(self, x):
+        return self.block(F.relu(self.stem(x)))
+
+
+def _prepared(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    masked = randomize_bn(sparsify(Net(), SRigLConfig(sparsity=0.6, distribution="uniform", ablation=False)))
+    return PassManager([PadAblatedRowsPass()]).run(fold_batchnorm(condense(masked))).eval()
+
+
+def test_the_pass_fuses_exactly_the_chains_its_contract_allows_and_outputs_do_not_change():
+    model = _prepared()
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        before = model(x)
+    fuse = FuseEpiloguePass("direct")
+    fused = fuse(model).module
+    assert fuse.fused == {"block.a": "relu", "block.b": "add_relu", "block.c": "add_relu", "block.d": "add"}
+    assert type(fused) is Net and type(fused.block).__name__ == "Block", "the parent keeps its class name"
+    assert isinstance(fused.block, torch.fx.GraphModule) and fused.block.a is model.block.a
+    assert {n.target for n in fused.block.graph.nodes if n.op == "call_function"} >= {operator.mul}
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), before, rtol=0, atol=0)
+
+
+def test_no_fusion_without_a_direct_kernel_route_or_at_the_model_root():
+    model = _prepared()
+    fuse = FuseEpiloguePass("im2col")
+    assert not fuse(model).modified and fuse.fused == {}
+    single = condense(sparsify(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), SRigLConfig(sparsity=0.5)))
+    assert not FuseEpiloguePass("direct")(single).modified, "a conv of the model itself: the model keeps its forward"
+
+
+@pytest.mark.parametrize("epilogue", ["relu", "add", "add_relu"])
+def test_a_condensed_convolution_computes_its_epilogue_as_the_reference_says(epilogue):
+    torch.manual_seed(1)
+    layer = condense(sparsify(nn.Sequential(nn.Conv2d(4, 6, 3, padding=1)), SRigLConfig(sparsity=0.5)))[0]
+    x, residual = torch.randn(2, 4, 5, 5), torch.randn(2, 6, 5, 5)
+    plain = layer(x)
+    layer.set_epilogue_(epilogue)
+    got = layer(x, residual=residual if "add" in epilogue else None)
+    want = apply_epilogue(plain, epilogue, residual)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    unbatched = layer(x[0], residual=residual[0] if "add" in epilogue else None)
+    torch.testing.assert_close(unbatched, want[0], rtol=1e-5, atol=1e-6)  # (a batch of one sums in another order)
+    with pytest.raises(LayerError, match="gelu"):
+        layer.set_epilogue_("gelu")
+
+
+def test_a_layer_reachable_under_two_names_is_not_fused():
+    model = _prepared()
+    model.block.alias = model.block.a  # the same module twice: its epilogue would apply to both
+    fuse = FuseEpiloguePass("direct")
+    fuse(model)
+    assert "block.a" not in fuse.fused and isinstance(model.block.a, CondensedConv) and not model.block.a.epilogue
