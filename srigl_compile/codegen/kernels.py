@@ -65,17 +65,23 @@ def _operands(te, n_out: int, k: int, index_dtype: str):
     return w, idx
 
 
-def _finish(te, acc, bias_shape_n: int, has_bias: bool, inputs: list, out_fn):
-    """Add the bias block (when there is one) and build the PrimFunc's argument list."""
-    if not has_bias:
+def _relu(te, value, epilogue: str):
+    return te.max(value, te.const(0.0, "float32")) if "relu" in epilogue else value
+
+
+def _finish(te, acc, bias_shape_n: int, has_bias: bool, inputs: list, out_fn, epilogue: str = ""):
+    """Add the write-back block y = relu(acc + bias) (bias and relu where asked; no block when neither is) and
+    build the PrimFunc's argument list. (Linear kernels take no residual: "relu" is their only epilogue.)"""
+    if not has_bias and not epilogue:
         return inputs + [acc]
     bias = te.placeholder((bias_shape_n,), "float32", name="bias")
-    y = te.compute(acc.shape, lambda *i: acc(*i) + bias[out_fn(*i)], name="y")
-    return inputs + [bias, y]
+    y = te.compute(acc.shape, lambda *i: _relu(te, acc(*i) + bias[out_fn(*i)] if has_bias else acc(*i), epilogue),
+                   name="y")
+    return inputs + ([bias] if has_bias else []) + [y]
 
 
 def row_kernel(n_out: int, n_in: int, k: int, index_dtype: str, has_bias: bool = True, symbol: str = ROW_SYMBOL,
-               bit_extract: bool = False):
+               bit_extract: bool = False, epilogue: str = ""):
     """PrimFunc ``f(x[B, n_in], w[n_out, k], idx[n_out, k / per] int64, (bias[n_out],) y[B, n_out])``, where idx is
     the [n_out, k] ``index_dtype`` indices read as 64-bit words (``per = index_words(index_dtype)``; the first index
     in the low bits, as a little-endian ``view`` gives them).
@@ -109,13 +115,13 @@ def row_kernel(n_out: int, n_in: int, k: int, index_dtype: str, has_bias: bool =
     xg = te.compute((batch, n_out, k), lambda b, o, r: x[b, index(o, r)], name="xg")
     r = te.reduce_axis((0, k), name="r")
     acc = te.compute((batch, n_out), lambda b, o: te.sum(w[o, r] * xg[b, o, r], axis=r), name="acc")
-    args = _finish(te, acc, n_out, has_bias, [x, w, words], lambda b, o: o)
+    args = _finish(te, acc, n_out, has_bias, [x, w, words], lambda b, o: o, epilogue)
     func = te.create_prim_func(args)
     return func.with_attr("global_symbol", symbol).with_attr("srigl.layout", "row")
 
 
 def col_kernel(n_out: int, n_in: int, k: int, index_dtype: str, lanes: int = 64, has_bias: bool = True,
-               symbol: str = COL_SYMBOL, tiles_first: bool = False, fused_pack: bool = False):
+               symbol: str = COL_SYMBOL, tiles_first: bool = False, fused_pack: bool = False, epilogue: str = ""):
     """PrimFunc ``f(xt, w, idx, (bias,) y)``: batch columns in tiles of ``lanes``.
 
     ``tiles_first``: xt [NT, n_in, lanes] (from ``pack_kernel``; each tile contiguous, so no 4 KiB-stride cache
@@ -147,15 +153,15 @@ def col_kernel(n_out: int, n_in: int, k: int, index_dtype: str, lanes: int = 64,
         acc = te.compute((tiles, n_out, lanes), lambda t, o, lane: te.sum(
             w[o, r] * xt[t, column(o), lane], axis=r), name="acc")
         bias = te.placeholder((n_out,), "float32", name="bias")
-        y = te.compute((tiles, lanes, n_out), lambda t, lane, o: acc[t, o, lane] + bias[o] if has_bias
-                       else acc[t, o, lane], name="y")
+        y = te.compute((tiles, lanes, n_out), lambda t, lane, o: _relu(
+            te, acc[t, o, lane] + bias[o] if has_bias else acc[t, o, lane], epilogue), name="y")
         first = x if fused_pack else xt
         args = [first, w, idx, bias, y] if has_bias else [first, w, idx, y]
     else:
         xt = te.placeholder((n_in, tiles, lanes), "float32", name="xt")
         acc = te.compute((n_out, tiles, lanes), lambda o, t, lane: te.sum(
             w[o, r] * xt[idx[o, r].astype("int32"), t, lane], axis=r), name="acc")
-        args = _finish(te, acc, n_out, has_bias, [xt, w, idx], lambda o, t, lane: o)
+        args = _finish(te, acc, n_out, has_bias, [xt, w, idx], lambda o, t, lane: o, epilogue)
     func = te.create_prim_func(args).with_attr("srigl.tiles_first", int(tiles_first))
     func = func.with_attr("srigl.fused_pack", int(fused_pack))
     return func.with_attr("global_symbol", symbol).with_attr("srigl.layout", "col")

@@ -54,12 +54,12 @@ def kernel_func(spec: KernelSpec, layout: str, params, target: Mapping[str, Any]
     k = spec.k_pad
     if layout == "row":
         return row_kernel(spec.n_out, spec.n_in, k, spec.index_dtype, spec.has_bias, spec.symbol("row"),
-                          bit_extract=has_bit_extract(target))
+                          bit_extract=has_bit_extract(target), epilogue=spec.epilogue)
     if layout == "offset":
         return offset_kernel(spec.n_out, k, params.lanes, spec.has_bias, spec.symbol("offset"), params.rows,
                              params.kin, spec.epilogue)
     return col_kernel(spec.n_out, spec.n_in, k, spec.index_dtype, params.lanes, spec.has_bias, spec.symbol(layout),
-                      tiles_first=True, fused_pack=layout == "fused")
+                      tiles_first=True, fused_pack=layout == "fused", epilogue=spec.epilogue)
 
 
 def pack_func(spec: KernelSpec, lanes: int, layout: str = "pack"):
@@ -247,7 +247,9 @@ def select_params(spec: KernelSpec, layout: str, target: Mapping[str, Any], *, t
     if lacking:  # timing runs the kernels here, which would kill the process
         raise LoweringError(f"cannot tune for {target.get('mcpu')} on this machine: it lacks {list(lacking)}. "
                             "Tune on that CPU, or lower with tune=False.")
-    best, best_us, candidates = tune_layout(spec, layout, target, space=space, progress=progress)
+    # Timed without the epilogue: records are shared by a shape's kernels whatever they compute after the sum.
+    best, best_us, candidates = tune_layout(dataclasses.replace(spec, epilogue=""), layout, target, space=space,
+                                            progress=progress)
     path = records.put(key, best, best_us, candidates)
     log.info("tuned %s: %s at %.1f us (record %s)", key, best, best_us, path)
     return best

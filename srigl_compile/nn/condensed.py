@@ -101,6 +101,16 @@ class _Condensed(nn.Module):
     """Shared storage and the full-width scatter of condensed layers."""
 
     srigl_leaf = True  # graph capture keeps condensed layers as single call_module nodes
+    epilogue = ""  # what forward computes after the bias (a class default: older layers and pickles have none)
+    epilogues: tuple[str, ...] = ("", "relu")  # the epilogues this kind of layer can compute
+
+    def set_epilogue_(self, epilogue: str) -> None:
+        """Compute ``epilogue`` (one of ``epilogues``: "relu"; convolutions also "add", "add_relu", whose forward
+        then takes the residual as ``residual=``) on the output. Lowered where its kernel can, the kernel computes
+        it on the tile it writes (``passes/fuse_epilogue.py`` decides where)."""
+        if epilogue not in self.epilogues:
+            raise LayerError(f"{type(self).__name__} computes the epilogues {self.epilogues}, not {epilogue!r}")
+        self.epilogue = epilogue
 
     def _init_storage(self, n_out: int, fan_in: int, active, values, indices, bias) -> None:
         self.n_out, self.fan_in = n_out, fan_in
@@ -264,7 +274,7 @@ class CondensedLinear(_Condensed):
         y = (gathered * self.values).sum(dim=-1)
         if self.bias is not None:
             y = y + self.bias
-        return self.scatter(y, dim=-1)
+        return apply_epilogue(self.scatter(y, dim=-1), self.epilogue, None)
 
 
 def accepts_unbatched(forward):
@@ -290,7 +300,7 @@ class CondensedConv(_Condensed):
     ``epilogue`` (``set_epilogue_``): what the layer computes on its output after the bias (ReLU, a residual add).
     """
 
-    epilogue = ""  # (a class default: layers condensed or saved before epilogues existed have none)
+    epilogues = EPILOGUES
 
     def __init__(self, conv: nn.Module, active, values, indices, bias=None) -> None:
         super().__init__()
@@ -382,14 +392,6 @@ class CondensedConv(_Condensed):
             y = y + self.bias.unsqueeze(1)
         y = self.scatter(y, dim=1)
         return apply_epilogue(y.reshape(*y.shape[:2], *spatial), self.epilogue, residual)
-
-    def set_epilogue_(self, epilogue: str) -> None:
-        """Compute ``epilogue`` (``runtime.spec.EPILOGUES``: "relu", "add", "add_relu") on the output: forward
-        then takes the residual of an "add" as ``residual=``. Lowered onto the direct kernel, the kernel computes
-        it on its output tile (``passes/fuse_epilogue.py`` decides where)."""
-        if epilogue not in EPILOGUES:
-            raise LayerError(f"epilogue {epilogue!r} is not one of {EPILOGUES}")
-        self.epilogue = epilogue
 
 
 def _explicit_padding(mode: str, kernel: tuple, dilation: tuple) -> tuple:

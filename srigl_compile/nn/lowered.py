@@ -27,6 +27,8 @@ class LoweredLinear(CondensedLinear):
     """A CondensedLinear running its compiled kernel (``kernel_key``); ``col_threshold`` > 0 forces the
     large-batch kernel from that many rows (0: the kernel's own dispatch)."""
 
+    fused_epilogue = False  # whether the kernel computes the epilogue (else torch does, after the kernel)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if type(x) is not torch.Tensor or torch.compiler.is_compiling():  # tracers see the buffers as attributes
             return self._call_kernel(x, self.values, self.indices, self.bias)
@@ -36,12 +38,13 @@ class LoweredLinear(CondensedLinear):
 
     def _call_kernel(self, x, values, indices, bias) -> torch.Tensor:
         if values.shape[0] == 0:
-            return self.scatter(x.new_empty(*x.shape[:-1], 0), dim=-1)
+            return apply_epilogue(self.scatter(x.new_empty(*x.shape[:-1], 0), dim=-1), self.epilogue, None)
         try:
             y = linear_op.condensed_linear(x, values, indices, bias, self.kernel_key, self.col_threshold)
         except KernelShapeError as err:
             raise with_layer_name(err, self) from None
-        return y if self.compact or values.shape[0] == self.n_out else self.scatter(y, dim=-1)
+        y = y if self.compact or values.shape[0] == self.n_out else self.scatter(y, dim=-1)
+        return y if self.fused_epilogue else apply_epilogue(y, self.epilogue, None)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kernel={self.kernel_key.split('@')[0]}"
@@ -155,10 +158,11 @@ def kernel_spec(layer, conv_route: str, dtype: str | None = None) -> KernelSpec 
 
 
 def can_fuse_epilogue(layer, conv_route: str) -> bool:
-    """Whether a layer's kernel can compute an epilogue: a 2-d convolution on the direct route whose kernel output
-    is the layer's output (no scatter of ablated neurons after it); elsewhere torch computes it after the kernel."""
-    return is_direct(layer, conv_route) and layer.dims == 2 and layer.n_active > 0 \
-        and (layer.compact or layer.n_active == layer.n_out)
+    """Whether a layer's kernel can compute an epilogue: one whose output is the layer's output (no scatter of
+    ablated neurons after it), a Linear or a 2-d convolution on the direct route; elsewhere (im2col, Conv1d) torch
+    computes it after the kernel. Which epilogues a backend's kernels compute is the backend's (``epilogues``)."""
+    conv_ok = isinstance(layer, CondensedLinear) or (is_direct(layer, conv_route) and layer.dims == 2)
+    return conv_ok and layer.n_active > 0 and (layer.compact or layer.n_active == layer.n_out)
 
 
 def fuses_epilogue(layer, conv_route: str) -> bool:
@@ -180,7 +184,7 @@ def make_lowered_(layer, handle, conv_route: str, col_threshold: int = 0, name: 
     layer.kernel_key = handle.key if handle is not None else ""
     layer.col_threshold = col_threshold
     layer.layer_name = name
+    layer.fused_epilogue = handle is not None and bool(handle.spec.epilogue)
     if isinstance(layer, LoweredConv):  # (no kernel: the direct route only scatters the biases)
         layer.direct = direct or handle is None
-        layer.fused_epilogue = handle is not None and bool(handle.spec.epilogue)
     return layer

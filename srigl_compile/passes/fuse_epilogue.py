@@ -1,27 +1,34 @@
-"""FuseEpiloguePass: a convolution's residual add and ReLU computed by its kernel, on the tile it writes.
+"""FuseEpiloguePass: a layer's residual add and ReLU computed by its kernel, on the tile it writes.
 
 In a lowered ResNet the ReLUs and residual adds after the convolutions are separate torch ops, each reading and
-writing a whole activation (49 ReLUs and 16 adds: about a fifth of a batch-1 ResNet-50 forward). This pass finds,
-in the forward of the module that calls a condensed convolution (its parent), the chain
+writing a whole activation (49 ReLUs and 16 adds: about a fifth of a batch-1 ResNet-50 forward). Two rewrites:
 
-    conv -> [nn.Identity (a folded BatchNorm) | nn.Dropout (eval)]* -> [add(., other)] -> [relu]
+- in an ``nn.Sequential`` (the model itself included), a condensed layer followed (past nn.Identity / eval
+  Dropout children) by an ``nn.ReLU`` child: the layer computes the ReLU and the ReLU child becomes nn.Identity;
+- in the forward of any other module that calls a condensed layer (its parent; not the model itself, which keeps
+  its class and forward), the chain
 
-where each link is the only use of the one before, and rewrites the parent as an ``fx.GraphModule`` (under the same
-name and class name, holding the same submodules) whose conv call takes ``residual=other`` and whose add and relu
-nodes are gone; the conv's ``epilogue`` ("relu", "add", "add_relu") says what it now computes
-(``CondensedConv.set_epilogue_``), and its kernel computes it (``runtime.spec.apply_epilogue`` is the reference).
+    layer -> [nn.Identity (a folded BatchNorm) | nn.Dropout (eval)]* -> [add(., other)] -> [relu]
+
+  where each link is the only use of the one before: the parent is rewritten as an ``fx.GraphModule`` (under the
+  same name and class name, holding the same submodules) whose layer call takes ``residual=other`` and whose add
+  and relu nodes are gone.
+
+The layer's ``epilogue`` ("relu", "add", "add_relu") says what it now computes (``set_epilogue_``), and its kernel
+computes it (``runtime.spec.apply_epilogue`` is the reference). Which epilogues a layer kind may take is the
+backend's (``Backend.epilogues``: on llvm, convolutions all three, Linear layers "relu").
 
 Contract.
     requires: condensed layers, after CondensePass, FoldBatchNormPass and PadAblatedRowsPass (a fold turns
               conv -> BatchNorm -> relu into conv -> Identity -> relu; a padded layer's kernel writes its whole
               output); inference (the model is returned in eval mode).
-    ensures:  outputs unchanged (the kernel computes relu(conv + bias + other): the same float operations in the
-              same order). Only convolutions that (1) their kernel can compute an epilogue for
-              (``nn.lowered.can_fuse_epilogue`` on the backend's route), (2) are reachable under one name and
-              called once in the model's graph, (3) sit in a parent other than the model itself (the model keeps its
-              class and forward) that symbolic_trace can trace; the add's other operand is a tensor node, and an
-              in-place add (``+=``, ``add_``) must update the convolution's own output. Everything else is left as
-              it was.
+    ensures:  outputs unchanged (the kernel computes relu(layer + bias + other): the same float operations in the
+              same order). Only layers that (1) their kernel can compute an epilogue for
+              (``nn.lowered.can_fuse_epilogue``) and whose backend computes that epilogue, (2) are reachable under
+              one name and called once in the model's graph, (3) sit in an nn.Sequential, or in a parent other than
+              the model itself that symbolic_trace can trace; the add's other operand is a tensor node, and an
+              in-place add (``+=``, ``add_``) must update the layer's own output; a ReLU child of a Sequential is
+              replaced only when it has one name. Everything else is left as it was.
     preserves: OUTPUT_SHAPES (no size changes). Not GRAPH: the graph loses nodes.
 """
 
@@ -37,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import TraceError
-from ..nn.condensed import CondensedConv
+from ..nn.condensed import CondensedConv, CondensedLinear
 from ..nn.lowered import can_fuse_epilogue
 from .analysis import GRAPH, OUTPUT_SHAPES, Analyses
 from .base import Pass, PassResult, replace_submodule
@@ -85,19 +92,20 @@ def _is_relu(node: fx.Node, modules: dict) -> bool:
     return type(_module(node, modules)) is nn.ReLU
 
 
-def _fuse_one(graph: fx.Graph, call: fx.Node, modules: dict) -> str:
-    """Rewrite the chain after ``call`` (a conv's call node) in ``graph``; the epilogue fused ("" when none)."""
+def _fuse_one(graph: fx.Graph, call: fx.Node, modules: dict, allowed: frozenset[str]) -> str:
+    """Rewrite the chain after ``call`` (a layer's call node) in ``graph`` into a call computing the longest
+    epilogue in ``allowed``; the epilogue fused ("" when none)."""
     chain, end = [call], call
     while (user := _only_user(end)) is not None and isinstance(_module(user, modules), _PASS_THROUGH):
         chain.append(user)
         end = user
     epilogue, residual, nodes = "", None, []
     user = _only_user(end)
-    if user is not None and (residual := _residual_of(user, end)) is not None:
+    if user is not None and "add" in allowed and (residual := _residual_of(user, end)) is not None:
         epilogue, end = "add", user
         nodes.append(user)
         user = _only_user(end)
-    if user is not None and _is_relu(user, modules):
+    if user is not None and _is_relu(user, modules) and ("add_relu" if epilogue else "relu") in allowed:
         epilogue, end = ("add_relu" if epilogue else "relu"), user
         nodes.append(user)
     if not epilogue:
@@ -111,19 +119,31 @@ def _fuse_one(graph: fx.Graph, call: fx.Node, modules: dict) -> str:
     return epilogue
 
 
+_KINDS = {CondensedLinear: "linear", CondensedConv: "conv"}
+
+
 class FuseEpiloguePass(Pass):
-    """Fuse each condensed convolution's residual add and ReLU into its kernel (see the module's contract)."""
+    """Fuse each condensed layer's residual add and ReLU into its kernel (see the module's contract).
+
+    Args:
+        conv_route: the backend's convolution route (``Backend.conv_route``).
+        epilogues: what the backend's kernels compute, per op kind (``Backend.epilogues``).
+    """
 
     preserves = frozenset({OUTPUT_SHAPES})
 
-    def __init__(self, conv_route: str) -> None:
+    def __init__(self, conv_route: str, epilogues: dict[str, frozenset[str]]) -> None:
         self.conv_route = conv_route
+        self.epilogues = epilogues
         self.fused: dict[str, str] = {}  # layer name -> epilogue
 
+    def _allowed(self, layer: nn.Module) -> frozenset[str]:
+        return self.epilogues.get(_KINDS.get(type(layer), ""), frozenset())
+
     def _candidates(self, model: nn.Module, analyses: Analyses) -> dict[str, list[str]]:
-        """parent name -> names (relative to it) of the convolutions it may fuse."""
-        layers = [name for name, m in model.named_modules() if type(m) is CondensedConv and not m.epilogue
-                  and can_fuse_epilogue(m, self.conv_route) and "." in name]
+        """parent name -> names (relative to it) of the layers it may fuse."""
+        layers = [name for name, m in model.named_modules() if type(m) in _KINDS and not m.epilogue
+                  and self._allowed(m) and can_fuse_epilogue(m, self.conv_route)]
         if not layers:
             return {}
         try:
@@ -139,11 +159,29 @@ class FuseEpiloguePass(Pass):
                 parents.setdefault(parent, []).append(child)
         return parents
 
+    def _fuse_sequential(self, model: nn.Module, parent_name: str, children: list[str], names_of) -> None:
+        """A layer child followed by an nn.ReLU child (past pass-through children) computes the ReLU."""
+        parent = model.get_submodule(parent_name)
+        keys = list(parent._modules)
+        for child in children:
+            layer, at = parent._modules[child], keys.index(child) + 1
+            while at < len(keys) and isinstance(parent._modules[keys[at]], _PASS_THROUGH):
+                at += 1
+            relu = parent._modules[keys[at]] if at < len(keys) else None
+            if type(relu) is nn.ReLU and names_of[id(relu)] == 1 and "relu" in self._allowed(layer):
+                layer.set_epilogue_("relu")
+                parent._modules[keys[at]] = nn.Identity()
+                self.fused[f"{parent_name}.{child}" if parent_name else child] = "relu"
+
     def call(self, model: nn.Module, analyses: Analyses) -> PassResult:
         self.fused = {}
-        # Deepest parents first: rewriting a parent turns its nested children into plain containers.
         candidates = self._candidates(model, analyses)
-        for parent_name in sorted(candidates, key=lambda name: -name.count(".")):
+        names_of = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+        for parent_name in [p for p in candidates if type(model.get_submodule(p)) is nn.Sequential]:
+            self._fuse_sequential(model, parent_name, candidates.pop(parent_name), names_of)
+        # Deepest parents first: rewriting a parent turns its nested children into plain containers. The model
+        # itself is never rewritten: it keeps its class and forward.
+        for parent_name in sorted((p for p in candidates if p), key=lambda name: -name.count(".")):
             children = candidates[parent_name]
             parent = model.get_submodule(parent_name)
             try:
@@ -155,7 +193,7 @@ class FuseEpiloguePass(Pass):
             modules = dict(parent.named_modules())
             fused = {}
             for node in [n for n in graph.nodes if n.op == "call_module" and n.target in children]:
-                if (epilogue := _fuse_one(graph, node, modules)):
+                if (epilogue := _fuse_one(graph, node, modules, self._allowed(modules[node.target]))):
                     fused[node.target] = epilogue
             if not fused:
                 continue

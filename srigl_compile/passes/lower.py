@@ -72,10 +72,10 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
             The lowered model runs in eval mode, where a BatchNorm applies its running statistics, so the fold is
             exact up to float rounding; False keeps the BatchNorms. (Parametrized tensors, such as a weight-normed
             convolution's, are likewise stored as the plain tensors they evaluate to.)
-        fuse_epilogues: let each convolution's kernel compute the residual add and ReLU after it where its
-            parent module's forward can be traced (``passes/fuse_epilogue.py``: that parent becomes an
-            fx.GraphModule with the same submodules; the model itself keeps its class); False leaves them as torch
-            ops. Outputs are the same either way.
+        fuse_epilogues: let each layer's kernel compute the ReLU (and a convolution's residual add) after it,
+            in an nn.Sequential or where its parent module's forward can be traced (``passes/fuse_epilogue.py``:
+            that parent becomes an fx.GraphModule with the same submodules; the model itself keeps its class);
+            False leaves them as torch ops. Outputs are the same either way.
 
     Raises:
         UnsupportedTargetError: an unknown target (the message lists the supported ones).
@@ -101,7 +101,7 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
         passes += [FoldBatchNormPass()]
     passes += [PadAblatedRowsPass()]
     if fuse_epilogues:
-        passes += [FuseEpiloguePass(backend.conv_route)]
+        passes += [FuseEpiloguePass(backend.conv_route, backend.epilogues)]
     passes += [CastPass(config.dtype), CompileKernelsPass(backend, config)]
     model = PassManager(passes).run(copy.deepcopy(model), Analyses(example_inputs))
     # Inference only: the kernels have no backward, dropout must be off, and dense parameters need no gradients

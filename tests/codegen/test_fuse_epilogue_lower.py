@@ -56,3 +56,36 @@ def test_a_fused_model_saves_loads_and_exports(lowered_pair, tmp_path):
         torch.testing.assert_close(load_lowered(tmp_path / "model")(x), want, rtol=0, atol=0)
         program = torch.export.export(fused, (x,), strict=False)
         torch.testing.assert_close(program.module()(x), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_kernels_compute_the_relu_at_every_batch(bias):
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Linear(96, 128, bias=bias), torch.nn.ReLU(), torch.nn.Linear(128, 64),
+                              torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    masked = sparsify(net, SRigLConfig(sparsity=0.8, distribution="uniform")).eval()
+    fused = lower(masked, progress=False)
+    plain = lower(masked, progress=False, fuse_epilogues=False)
+    assert [get_handle(fused[i].kernel_key).spec.epilogue for i in (0, 2, 4)] == ["relu", "relu", ""]
+    assert all(fused[i].fused_epilogue for i in (0, 2)) and isinstance(fused[1], torch.nn.Identity)
+    for rows in (1, 2, 5, 64, 300):  # the row, mid, col and fused-pack kernels
+        x = torch.randn(rows, 96)
+        with torch.no_grad():
+            got = fused(x)
+            torch.testing.assert_close(got, plain(x), rtol=0, atol=0)
+            torch.testing.assert_close(got, masked(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_kernel_with_an_epilogue_tunes_as_its_plain_shape_and_shares_its_record(tmp_path):
+    from srigl_compile.codegen.cpu_target import host_llvm_target
+    from srigl_compile.codegen.tuning import select_params
+    from srigl_compile.runtime.llvm_params import ColParams
+    from srigl_compile.runtime.spec import KernelSpec
+
+    target = host_llvm_target()
+    fused = KernelSpec(48, 96, 16, "int16", True, op="conv", epilogue="add_relu")
+    space = [ColParams(16, 8, 2, 32), ColParams(32, 4, 1, 64)]
+    chosen = select_params(fused, "offset", target, tune=True, cache_dir=tmp_path, space=space, progress=False)
+    assert chosen in space
+    plain = KernelSpec(48, 96, 16, "int16", True, op="conv")
+    assert select_params(plain, "offset", target, tune=False, cache_dir=tmp_path) == chosen

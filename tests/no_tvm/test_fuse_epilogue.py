@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from srigl_compile import SRigLConfig, sparsify
+from srigl_compile.codegen.backends.llvm import LlvmBackend
 from srigl_compile.errors import LayerError
 from srigl_compile.nn.condensed import CondensedConv
 from srigl_compile.passes.condense import condense
@@ -17,6 +18,8 @@ from srigl_compile.passes.lower import PadAblatedRowsPass
 from srigl_compile.passes.manager import PassManager
 from srigl_compile.runtime.spec import apply_epilogue
 from tests.helpers import randomize_bn
+
+LLVM = LlvmBackend.epilogues  # (a class attribute: no TVM import)
 
 
 class Block(nn.Module):
@@ -69,7 +72,7 @@ def test_the_pass_fuses_exactly_the_chains_its_contract_allows_and_outputs_do_no
     x = torch.randn(2, 3, 10, 10)
     with torch.no_grad():
         before = model(x)
-    fuse = FuseEpiloguePass("direct")
+    fuse = FuseEpiloguePass("direct", LLVM)
     fused = fuse(model).module
     assert fuse.fused == {"block.a": "relu", "block.b": "add_relu", "block.c": "add_relu", "block.d": "add"}
     assert type(fused) is Net and type(fused.block).__name__ == "Block", "the parent keeps its class name"
@@ -79,12 +82,39 @@ def test_the_pass_fuses_exactly_the_chains_its_contract_allows_and_outputs_do_no
         torch.testing.assert_close(fused(x), before, rtol=0, atol=0)
 
 
-def test_no_fusion_without_a_direct_kernel_route_or_at_the_model_root():
+def test_no_fusion_without_a_direct_kernel_route_nor_in_the_model_s_own_forward():
     model = _prepared()
-    fuse = FuseEpiloguePass("im2col")
-    assert not fuse(model).modified and fuse.fused == {}
-    single = condense(sparsify(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), SRigLConfig(sparsity=0.5)))
-    assert not FuseEpiloguePass("direct")(single).modified, "a conv of the model itself: the model keeps its forward"
+    fuse = FuseEpiloguePass("im2col", LLVM)
+    assert not fuse(model).modified and fuse.fused == {}, "im2col convolutions: torch computes the epilogue"
+    assert "stem" not in FuseEpiloguePass("direct", LLVM)(_prepared()).module.block.code
+    fuse = FuseEpiloguePass("direct", LLVM)
+    fuse(_prepared())
+    assert "stem" not in fuse.fused, "the model's own forward (F.relu after stem) is never rewritten"
+    assert not FuseEpiloguePass("direct", {})(_prepared()).modified, "a backend without epilogues: nothing"
+
+
+def test_in_a_sequential_a_relu_child_moves_into_the_layer_before_it():
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(12, 32), nn.Dropout(0.1), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                        nn.Identity(), nn.Linear(32, 4), nn.ReLU())
+    shared = nn.ReLU()
+    net.append(nn.Linear(4, 4))
+    net.append(shared)
+    net.extra = shared  # the same ReLU under two names: left alone
+    masked = sparsify(net, SRigLConfig(sparsity=0.5, distribution="uniform", ablation=False))
+    model = PassManager([PadAblatedRowsPass()]).run(condense(masked)).eval()
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        before = model(x)
+    fuse = FuseEpiloguePass("direct", LLVM)
+    fused = fuse(model).module
+    assert fuse.fused == {"0": "relu", "3": "relu", "6": "relu"}
+    assert type(fused) is nn.Sequential and [type(fused[i]) for i in (2, 4, 7)] == [nn.Identity] * 3
+    assert type(fused[9]) is nn.ReLU and fused[9] is fused.extra and not fused[8].epilogue
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), before, rtol=0, atol=0)
+    linear_only = FuseEpiloguePass("direct", {"conv": LLVM["conv"]})
+    assert not linear_only(PassManager([PadAblatedRowsPass()]).run(condense(masked)).eval()).modified
 
 
 @pytest.mark.parametrize("epilogue", ["relu", "add", "add_relu"])
@@ -101,11 +131,14 @@ def test_a_condensed_convolution_computes_its_epilogue_as_the_reference_says(epi
     torch.testing.assert_close(unbatched, want[0], rtol=1e-5, atol=1e-6)  # (a batch of one sums in another order)
     with pytest.raises(LayerError, match="gelu"):
         layer.set_epilogue_("gelu")
+    linear = condense(sparsify(nn.Sequential(nn.Linear(4, 6)), SRigLConfig(sparsity=0.5)))[0]
+    with pytest.raises(LayerError, match="'add'"):
+        linear.set_epilogue_("add")  # a Linear takes no residual
 
 
 def test_a_layer_reachable_under_two_names_is_not_fused():
     model = _prepared()
     model.block.alias = model.block.a  # the same module twice: its epilogue would apply to both
-    fuse = FuseEpiloguePass("direct")
+    fuse = FuseEpiloguePass("direct", LLVM)
     fuse(model)
     assert "block.a" not in fuse.fused and isinstance(model.block.a, CondensedConv) and not model.block.a.epilogue

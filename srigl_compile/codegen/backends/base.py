@@ -62,6 +62,8 @@ class Backend(abc.ABC):
     description: ClassVar[str]  # one line for the list of supported targets
     dtypes: ClassVar[tuple[str, ...]]
     conv_route: ClassVar[str]
+    # what its kernels compute after the bias, per op ("linear", "conv"; runtime.spec.EPILOGUES): none by default
+    epilogues: ClassVar[dict[str, frozenset[str]]] = {}
     config_type: ClassVar[type[TargetConfig]]
     handle_types: ClassVar[tuple[type, ...]]  # the runtime handles it builds (and that load its saved kernels)
 
