@@ -59,10 +59,15 @@ def _check(n_out: int, n_in: int, k: int, index_dtype: str) -> None:
         raise ValueError(f"int16 indices cannot address {n_in} inputs; use int32")
 
 
-def _operands(te, n_out: int, k: int, index_dtype: str):
-    w = te.placeholder((n_out, k), "float32", name="w")
+def _operands(te, n_out: int, k: int, index_dtype: str, value_dtype: str = "float32"):
+    w = te.placeholder((n_out, k), value_dtype, name="w")
     idx = te.placeholder((n_out, k), index_dtype, name="idx")
     return w, idx
+
+
+def _f32(value):
+    """A value operand read as float32 (bfloat16 values widen exactly; the sums stay float32)."""
+    return value if value.dtype == "float32" else value.astype("float32")
 
 
 def _relu(te, value, epilogue: str):
@@ -81,7 +86,7 @@ def _finish(te, acc, bias_shape_n: int, has_bias: bool, inputs: list, out_fn, ep
 
 
 def row_kernel(n_out: int, n_in: int, k: int, index_dtype: str, has_bias: bool = True, symbol: str = ROW_SYMBOL,
-               bit_extract: bool = False, epilogue: str = ""):
+               bit_extract: bool = False, epilogue: str = "", value_dtype: str = "float32"):
     """PrimFunc ``f(x[B, n_in], w[n_out, k], idx[n_out, k / per] int64, (bias[n_out],) y[B, n_out])``, where idx is
     the [n_out, k] ``index_dtype`` indices read as 64-bit words (``per = index_words(index_dtype)``; the first index
     in the low bits, as a little-endian ``view`` gives them).
@@ -102,7 +107,7 @@ def row_kernel(n_out: int, n_in: int, k: int, index_dtype: str, has_bias: bool =
     te, tirx = tvm.te, tvm.tirx
     batch = te.var("B", "int64")
     x = te.placeholder((batch, n_in), "float32", name="x")
-    w = te.placeholder((n_out, k), "float32", name="w")
+    w = te.placeholder((n_out, k), value_dtype, name="w")
     words = te.placeholder((n_out, k // per), "int64", name="idx")
 
     def index(o, r):  # indices are < 2**15 (int16) or < 2**31 (int32): the masked field is the index itself
@@ -114,14 +119,15 @@ def row_kernel(n_out: int, n_in: int, k: int, index_dtype: str, has_bias: bool =
 
     xg = te.compute((batch, n_out, k), lambda b, o, r: x[b, index(o, r)], name="xg")
     r = te.reduce_axis((0, k), name="r")
-    acc = te.compute((batch, n_out), lambda b, o: te.sum(w[o, r] * xg[b, o, r], axis=r), name="acc")
+    acc = te.compute((batch, n_out), lambda b, o: te.sum(_f32(w[o, r]) * xg[b, o, r], axis=r), name="acc")
     args = _finish(te, acc, n_out, has_bias, [x, w, words], lambda b, o: o, epilogue)
     func = te.create_prim_func(args)
     return func.with_attr("global_symbol", symbol).with_attr("srigl.layout", "row")
 
 
 def col_kernel(n_out: int, n_in: int, k: int, index_dtype: str, lanes: int = 64, has_bias: bool = True,
-               symbol: str = COL_SYMBOL, tiles_first: bool = False, fused_pack: bool = False, epilogue: str = ""):
+               symbol: str = COL_SYMBOL, tiles_first: bool = False, fused_pack: bool = False, epilogue: str = "",
+               value_dtype: str = "float32"):
     """PrimFunc ``f(xt, w, idx, (bias,) y)``: batch columns in tiles of ``lanes``.
 
     ``tiles_first``: xt [NT, n_in, lanes] (from ``pack_kernel``; each tile contiguous, so no 4 KiB-stride cache
@@ -136,7 +142,7 @@ def col_kernel(n_out: int, n_in: int, k: int, index_dtype: str, lanes: int = 64,
     _check(n_out, n_in, k, index_dtype)
     te = import_tvm().te
     tiles = te.var("NT", "int64")
-    w, idx = _operands(te, n_out, k, index_dtype)
+    w, idx = _operands(te, n_out, k, index_dtype, value_dtype)
     r = te.reduce_axis((0, k), name="r")
     if fused_pack and not (tiles_first and fused_pack_supported(n_in, index_dtype)):
         raise ValueError(f"fused_pack needs tiles_first=True and fused_pack_supported({n_in}, {index_dtype!r})")
@@ -151,7 +157,7 @@ def col_kernel(n_out: int, n_in: int, k: int, index_dtype: str, lanes: int = 64,
             return te.min(te.max(i, 0), n_in - 1) if fused_pack else i
 
         acc = te.compute((tiles, n_out, lanes), lambda t, o, lane: te.sum(
-            w[o, r] * xt[t, column(o), lane], axis=r), name="acc")
+            _f32(w[o, r]) * xt[t, column(o), lane], axis=r), name="acc")
         bias = te.placeholder((n_out,), "float32", name="bias")
         y = te.compute((tiles, lanes, n_out), lambda t, lane, o: _relu(
             te, acc[t, o, lane] + bias[o] if has_bias else acc[t, o, lane], epilogue), name="y")
@@ -160,7 +166,7 @@ def col_kernel(n_out: int, n_in: int, k: int, index_dtype: str, lanes: int = 64,
     else:
         xt = te.placeholder((n_in, tiles, lanes), "float32", name="xt")
         acc = te.compute((n_out, tiles, lanes), lambda o, t, lane: te.sum(
-            w[o, r] * xt[idx[o, r].astype("int32"), t, lane], axis=r), name="acc")
+            _f32(w[o, r]) * xt[idx[o, r].astype("int32"), t, lane], axis=r), name="acc")
         args = _finish(te, acc, n_out, has_bias, [xt, w, idx], lambda o, t, lane: o, epilogue)
     func = te.create_prim_func(args).with_attr("srigl.tiles_first", int(tiles_first))
     func = func.with_attr("srigl.fused_pack", int(fused_pack))
@@ -194,7 +200,7 @@ def pack_kernel(n_in: int, lanes: int, symbol: str):
 
 
 def offset_kernel(n_out: int, k: int, lanes: int, has_bias: bool, symbol: str, block_rows: int = 32,
-                  k_tile: int = 8, epilogue: str = ""):
+                  k_tile: int = 8, epilogue: str = "", value_dtype: str = "float32"):
     """PrimFunc ``f(x[B, L], w[NB, k / k_tile, block_rows, k_tile], off[same] int32, (bias[n_out],)
     (res[B, n_out, NT, lanes],) y[B, n_out, NT, lanes])``: a stride-1 convolution read straight from the padded
     input; the caller guarantees ``off + NT * lanes <= L``. ``epilogue`` ("relu", "add", "add_relu") is computed in
@@ -213,11 +219,12 @@ def offset_kernel(n_out: int, k: int, lanes: int, has_bias: bool, symbol: str, b
     batch, length, tiles = te.var("B", "int64"), te.var("L", "int64"), te.var("NT", "int64")
     blocks = -(-n_out // block_rows)
     x = te.placeholder((batch, length), "float32", name="x")
-    w = te.placeholder((blocks, k // k_tile, block_rows, k_tile), "float32", name="w")
+    w = te.placeholder((blocks, k // k_tile, block_rows, k_tile), value_dtype, name="w")
     off = te.placeholder((blocks, k // k_tile, block_rows, k_tile), "int32", name="idx")
     ko, ki = te.reduce_axis((0, k // k_tile), name="ko"), te.reduce_axis((0, k_tile), name="ki")
     acc = te.compute((batch, tiles, blocks, block_rows, lanes), lambda b, t, c, o, lane: te.sum(
-        w[c, ko, o, ki] * x[b, off[c, ko, o, ki].astype("int64") + t * lanes + lane], axis=[ko, ki]), name="acc")
+        _f32(w[c, ko, o, ki]) * x[b, off[c, ko, o, ki].astype("int64") + t * lanes + lane], axis=[ko, ki]),
+        name="acc")
     # y is always a block of its own: the write-back from the task's [rows, lanes] accumulators to [B, n_out, ...]
     bias = te.placeholder((n_out,), "float32", name="bias")
     res = te.placeholder((batch, n_out, tiles, lanes), "float32", name="res")

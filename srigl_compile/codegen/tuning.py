@@ -51,15 +51,15 @@ TIMING_IMAGE = 14  # the offset (direct conv) layout is timed on 14x14 images (R
 
 def kernel_func(spec: KernelSpec, layout: str, params, target: Mapping[str, Any]):
     """The unscheduled PrimFunc of one layout ("row", "col", "fused", "offset") for the padded shape."""
-    k = spec.k_pad
+    k, values = spec.k_pad, spec.dtype or "float32"
     if layout == "row":
         return row_kernel(spec.n_out, spec.n_in, k, spec.index_dtype, spec.has_bias, spec.symbol("row"),
-                          bit_extract=has_bit_extract(target), epilogue=spec.epilogue)
+                          bit_extract=has_bit_extract(target), epilogue=spec.epilogue, value_dtype=values)
     if layout == "offset":
         return offset_kernel(spec.n_out, k, params.lanes, spec.has_bias, spec.symbol("offset"), params.rows,
-                             params.kin, spec.epilogue)
+                             params.kin, spec.epilogue, values)
     return col_kernel(spec.n_out, spec.n_in, k, spec.index_dtype, params.lanes, spec.has_bias, spec.symbol(layout),
-                      tiles_first=True, fused_pack=layout == "fused", epilogue=spec.epilogue)
+                      tiles_first=True, fused_pack=layout == "fused", epilogue=spec.epilogue, value_dtype=values)
 
 
 def pack_func(spec: KernelSpec, lanes: int, layout: str = "pack"):
@@ -69,7 +69,7 @@ def pack_func(spec: KernelSpec, lanes: int, layout: str = "pack"):
 
 def _padded(spec: KernelSpec) -> tuple:
     """What a CPU library depends on: the shape with k padded (not the real k, nor a convolution's tile)."""
-    return spec.n_out, spec.n_in, spec.k_pad, spec.index_dtype, spec.has_bias, spec.epilogue
+    return spec.n_out, spec.n_in, spec.k_pad, spec.index_dtype, spec.has_bias, spec.epilogue, spec.dtype
 
 
 def default_cache_dir() -> Path:
@@ -247,9 +247,10 @@ def select_params(spec: KernelSpec, layout: str, target: Mapping[str, Any], *, t
     if lacking:  # timing runs the kernels here, which would kill the process
         raise LoweringError(f"cannot tune for {target.get('mcpu')} on this machine: it lacks {list(lacking)}. "
                             "Tune on that CPU, or lower with tune=False.")
-    # Timed without the epilogue: records are shared by a shape's kernels whatever they compute after the sum.
-    best, best_us, candidates = tune_layout(dataclasses.replace(spec, epilogue=""), layout, target, space=space,
-                                            progress=progress)
+    # Timed as the plain float32 shape: records are shared by a shape's kernels whatever their values' dtype and
+    # whatever they compute after the sum.
+    best, best_us, candidates = tune_layout(dataclasses.replace(spec, epilogue="", dtype=None), layout, target,
+                                            space=space, progress=progress)
     path = records.put(key, best, best_us, candidates)
     log.info("tuned %s: %s at %.1f us (record %s)", key, best, best_us, path)
     return best

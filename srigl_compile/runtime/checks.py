@@ -11,7 +11,7 @@ import torch
 from ..errors import DeviceError, InferenceOnlyError, LoweringError
 
 __all__ = ["KernelDeviceError", "KernelDtypeError", "KernelShapeError", "check_cpu_float32", "check_runs_here",
-           "check_no_grad", "check_float32_operands", "check_bias", "check_residual", "check_batch_input"]
+           "check_no_grad", "check_cpu_operands", "check_bias", "check_residual", "check_batch_input"]
 
 
 class KernelDeviceError(DeviceError, ValueError):
@@ -55,12 +55,14 @@ def check_no_grad(x: torch.Tensor, key: str) -> None:
             "sparsify() and lower it afterwards.")
 
 
-def check_float32_operands(values: torch.Tensor, bias: torch.Tensor | None, key: str) -> None:
-    """A lowered model converted after lowering (``.half()``, ``.double()``) no longer matches its kernels."""
-    for tensor in (values, bias):
-        if tensor is not None and tensor.dtype != torch.float32:
-            raise KernelDtypeError(f"kernel {key} runs float32 but the layer holds {tensor.dtype}: a lowered model "
-                                   "keeps the dtype lower() gave it; convert the sparse model and lower it again")
+def check_cpu_operands(values: torch.Tensor, bias: torch.Tensor | None, handle) -> None:
+    """A lowered model converted after lowering (``.half()``, ``.double()``) no longer matches its CPU kernels,
+    which take float32 biases and values of the kernel's value dtype (float32, or bfloat16)."""
+    for tensor, dtype in ((values, handle.spec.value_dtype), (bias, torch.float32)):
+        if tensor is not None and tensor.dtype != dtype:
+            raise KernelDtypeError(f"kernel {handle.key} takes {dtype} but the layer holds {tensor.dtype}: a "
+                                   "lowered model keeps the dtypes lower() gave it; convert the sparse model and "
+                                   "lower it again")
 
 
 def check_bias(handle, bias) -> None:

@@ -30,7 +30,7 @@ from .checks import (
     KernelShapeError,
     check_bias,
     check_cpu_float32,
-    check_float32_operands,
+    check_cpu_operands,
     check_no_grad,
     check_residual,
     check_runs_here,
@@ -50,7 +50,7 @@ def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilati
          residual=None) -> torch.Tensor:
     handle = get_handle(kernel_key)
     check_runs_here(handle)
-    check_float32_operands(values, bias, handle.key)
+    check_cpu_operands(values, bias, handle)
     check_cpu_float32(x, handle.key)
     check_bias(handle, bias)
     check_residual(handle, residual)

@@ -61,6 +61,8 @@ def export_kernels(handles: Iterable, path: str | os.PathLike) -> Path:
         entry.update(device=handle.device_type, file=file.name, sha256=sha256(file))
         if handle.spec.epilogue:
             entry["epilogue"] = handle.spec.epilogue
+        if handle.spec.dtype:
+            entry.setdefault("dtype", handle.spec.dtype)
         entry.update(handle.manifest_entry(folder, stem))
         entries[handle.key] = entry
     manifest = {"format": FORMAT, "tvm": str(tvm.__version__), "kernels": entries}

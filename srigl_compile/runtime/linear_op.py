@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_bias, check_float32_operands, check_no_grad
+from .checks import check_bias, check_cpu_operands, check_no_grad
 from .registry import get_handle
 from .spec import TORCH_INDEX
 
@@ -37,7 +37,7 @@ def _operands(handle, values, indices, bias):
 def _run(x, values, indices, bias, kernel_key: str, col_threshold: int) -> torch.Tensor:
     handle = get_handle(kernel_key)
     if handle.device_type == "cpu":  # (first: a converted model explains a wrong input dtype too)
-        check_float32_operands(values, bias, handle.key)
+        check_cpu_operands(values, bias, handle)
     handle.check_input(x)
     operands = _operands(handle, values, indices, bias)
     flat = x.dim() == 2  # the common case skips reshape/view (about 4 us of a ~10 us call overhead)

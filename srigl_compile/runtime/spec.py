@@ -60,8 +60,9 @@ class KernelSpec:
     """One kernel's shape (k = the layer's real fan-in).
 
     Attributes:
-        dtype: the float dtype where the target offers several ("float32", "float16", "bfloat16": CUDA), part of
-            the key; None for a float32-only target (llvm), whose keys do not name it.
+        dtype: the float dtype where the target offers several, part of the key: CUDA's model dtype
+            ("float32", "float16", "bfloat16"); on llvm the values' dtype when not float32 ("bfloat16": inputs,
+            outputs and sums stay float32); None for float32 on llvm, whose keys do not name it.
         op: "linear" (rows of x) or "conv" (the direct convolution kernel on padded images).
         lanes: a convolution's output positions per tile, chosen for its image size (None: the variant's own).
         epilogue: one of ``EPILOGUES``, computed on the output tile before it is written (a key and symbol
@@ -107,8 +108,10 @@ class KernelSpec:
         return key
 
     def symbol(self, layout: str) -> str:
-        """A CPU kernel's global symbol, unique per layout and padded shape, so several kernels share a library."""
-        return f"srigl_{layout}_o{self.n_out}_i{self.n_in}_k{self.k_pad}_{self.index_dtype}_{self._bias_tag}"
+        """A CPU kernel's global symbol, unique per layout, padded shape, epilogue and value dtype, so several
+        kernels share a library."""
+        dtype = f"_{self.dtype}" if self.dtype else ""
+        return f"srigl_{layout}_o{self.n_out}_i{self.n_in}_k{self.k_pad}_{self.index_dtype}_{self._bias_tag}{dtype}"
 
     @staticmethod
     def hashed_symbol(layout: str, key: str) -> str:

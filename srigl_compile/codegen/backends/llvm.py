@@ -17,6 +17,9 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
+from ...errors import LoweringError
 from ...runtime.llvm_conv import LlvmConvHandle
 from ...runtime.llvm_linear import LlvmLinearHandle
 from ...runtime.registry import get_registered, register_handle
@@ -26,20 +29,26 @@ from ..tuning import compile_kernels, compile_offset_kernel, select_params
 from .base import Backend, TargetConfig
 
 __all__ = ["LlvmBackend", "LlvmConfig", "build_linear", "build_conv", "build_condensed_linear",
-           "build_condensed_conv"]
+           "build_condensed_conv", "VALUE_DTYPES"]
+
+VALUE_DTYPES = (torch.float32, torch.bfloat16)  # what the CPU kernels' values may be stored as
 
 
 @dataclasses.dataclass(frozen=True)
 class LlvmConfig(TargetConfig):
     """``TargetConfig`` plus tuning: ``tune`` searches schedule variants per layer shape on this machine (records
     kept under ``cache_dir``, so a shape is tuned once); ``progress`` shows a progress bar meanwhile.
+    ``value_dtype=torch.bfloat16`` stores the condensed values as bfloat16 (half their bytes; inputs, outputs,
+    biases and the sums stay float32, the model's dtype): the kernels widen each value as they read it.
 
     Example:
-        >>> lower(model, LlvmConfig(tune=True))         # doctest: +SKIP
+        >>> lower(model, LlvmConfig(tune=True))                          # doctest: +SKIP
+        >>> lower(model, LlvmConfig(value_dtype=torch.bfloat16))         # doctest: +SKIP
     """
 
     tune: bool = False
     progress: bool = True
+    value_dtype: torch.dtype = torch.float32
     kind = "llvm"
 
 
@@ -57,6 +66,23 @@ class LlvmBackend(Backend):
 
     def target_tag(self, target: Mapping[str, Any]) -> str:
         return target_key(target)
+
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        if dtype in (torch.bfloat16, torch.float16):
+            raise LoweringError(f"target 'llvm' lowers float32 models, not {dtype}; for bfloat16 condensed values "
+                                "(float32 activations) lower with LlvmConfig(value_dtype=torch.bfloat16)")
+        super().check_dtype(dtype)
+
+    def checked(self, config: LlvmConfig) -> LlvmConfig:
+        config = super().checked(config)
+        if config.value_dtype not in VALUE_DTYPES:
+            raise LoweringError(f"LlvmConfig.value_dtype={config.value_dtype}: choose one of {VALUE_DTYPES}")
+        return config
+
+    def spec_dtype(self, config: LlvmConfig) -> str | None:
+        """The values' dtype when not float32 (then part of each kernel's key and symbol)."""
+        value_dtype = getattr(config, "value_dtype", torch.float32)
+        return None if value_dtype == torch.float32 else str(value_dtype).removeprefix("torch.")
 
     def build(self, spec: KernelSpec, config: LlvmConfig):
         options = dict(tune=config.tune, cache_dir=config.cache_dir, progress=config.tune and config.progress)
