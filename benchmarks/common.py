@@ -116,6 +116,19 @@ def _tvm_info() -> dict[str, Any]:
     return info
 
 
+def peer_versions() -> dict[str, str | None]:
+    """Versions of the model benchmark's optional peers (the [peers] extra); None where not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for name in ("onnxruntime", "openvino", "onnx", "onnxscript"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def environment() -> dict[str, Any]:
     import torch
 
@@ -134,7 +147,7 @@ def environment() -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:]),
     }
-    return {**env, **_tvm_info()}
+    return {**env, **_tvm_info(), "peers": peer_versions()}
 
 
 def save_results(name: str, rows: list[dict[str, Any]], extra: dict[str, Any] | None = None,

@@ -20,6 +20,12 @@ it: spinning torch threads starve TVM's pool), which makes every small torch op 
 ResNet-50 at batch 1 from ~82 to ~157 ms. So the dense (and BN-folded dense) models are also timed in child
 processes under each of ``DENSE_THREAD_SETTINGS`` (``python benchmarks/models.py --dense-child ...``), and the
 fastest of every dense time is the "best dense" the lowered model is compared with.
+
+Peers (``--peers``, ``benchmarks/peers.py``; the ``[peers]`` extra): ONNX Runtime and OpenVINO (f32 and its default
+precision) on the dense model and on the masked model's weights baked into a plain dense copy, each in its own
+process with the same threads, checked against torch's output. The lowered row then also gets
+``speedup_vs_fastest_dense_f32``: over the fastest dense f32 runtime of all (torch under every setting, ONNX
+Runtime, OpenVINO f32). A runtime not installed gives a row with ``skipped`` saying so.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -148,7 +155,8 @@ def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
     return float((out - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
 
 
-def run_input(spec: ModelSpec, models: dict, batch: int, resolution: int, config: TimerConfig) -> list[dict]:
+def run_input(spec: ModelSpec, models: dict, batch: int, resolution: int, config: TimerConfig,
+              peer_sources: dict | None = None, peer_folder: Path | None = None) -> list[dict]:
     x = torch.randn(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(batch))
     base = {"model": spec.name, "batch": batch, "resolution": resolution, "sparsity": SPARSITY,
             "threads": config.threads}
@@ -173,7 +181,27 @@ def run_input(spec: ModelSpec, models: dict, batch: int, resolution: int, config
                     row["speedup_vs_dense_folded"] = folded["time_us"]["median"] / row["time_us"]["median"]
             rows.append(row)
     rows += best_dense_rows(spec, rows, base, batch, resolution, config)
+    if peer_sources is not None:
+        rows += peer_model_rows(models, rows, peer_sources, x, base, config, peer_folder)
     return rows
+
+
+def peer_model_rows(models: dict, rows: list[dict], sources: dict, x: torch.Tensor, base: dict,
+                    config: TimerConfig, folder: Path) -> list[dict]:
+    """ONNX Runtime and OpenVINO on the dense and the masked model (``peers.peer_rows``), and the lowered model's
+    ratio to the fastest dense f32 runtime of all."""
+    from peers import fastest_dense_f32, peer_rows
+
+    with torch.no_grad():
+        expected = {"dense": models["dense"](x), "masked": models["masked"](x)}
+    dense_us = next(r["time_us"]["median"] for r in rows if r["variant"] == "dense" and "time_us" in r)
+    new = peer_rows(sources, x, expected, base, config, folder, dense_us=dense_us)
+    lowered = next((r for r in rows if r["variant"] == "lowered" and "time_us" in r), None)
+    fastest = fastest_dense_f32(rows + new)
+    if lowered is not None and fastest is not None:
+        lowered["fastest_dense_f32"] = {"variant": fastest[0], "median_us": fastest[1]}
+        lowered["speedup_vs_fastest_dense_f32"] = fastest[1] / lowered["time_us"]["median"]
+    return new
 
 
 def best_dense_rows(spec: ModelSpec, rows: list[dict], base: dict, batch: int, resolution: int,
@@ -195,18 +223,39 @@ def best_dense_rows(spec: ModelSpec, rows: list[dict], base: dict, batch: int, r
     return extra
 
 
-def run_models(specs: list[ModelSpec], config: TimerConfig, inputs=None) -> list[dict]:
+def export_peer_sources(models: dict, resolution: int, folder: Path) -> dict:
+    """The dense model and the masked model (masks baked into a plain dense copy) as ONNX, once per resolution."""
+    from peers import bake_masks, export_sources
+
+    example = torch.randn(2, 3, resolution, resolution)
+    baked = bake_masks(models["masked"], models["dense"])
+    return export_sources({"dense": models["dense"], "masked": baked}, example, folder)
+
+
+def run_models(specs: list[ModelSpec], config: TimerConfig, inputs=None, peers: bool = False) -> list[dict]:
     rows = []
-    for spec in specs:
-        built = {}
-        for batch, resolution in inputs or spec.inputs:
-            start = time.perf_counter()
-            if resolution not in built:
-                built[resolution] = build(spec, resolution)
-            new = run_input(spec, built[resolution], batch, resolution, config)
-            rows += new
-            times = ", ".join(f"{r['variant']} {r['time_us']['median'] / 1e3:.1f} ms" for r in new)
-            print(f"{spec.name} B={batch} {resolution}x{resolution}: {times} ({time.perf_counter() - start:.0f} s)")
+    with tempfile.TemporaryDirectory(prefix="srigl_peers_") as tmp:
+        for spec in specs:
+            built, sources = {}, {}
+            for batch, resolution in inputs or spec.inputs:
+                start = time.perf_counter()
+                if resolution not in built:
+                    built[resolution] = build(spec, resolution)
+                    if peers:
+                        folder = Path(tmp) / f"{spec.name}_{resolution}"
+                        folder.mkdir()
+                        sources[resolution] = (export_peer_sources(built[resolution], resolution, folder), folder)
+                peer_sources, peer_folder = sources.get(resolution, (None, None))
+                new = run_input(spec, built[resolution], batch, resolution, config, peer_sources, peer_folder)
+                rows += new
+                times = ", ".join(f"{r['variant']} {r['time_us']['median'] / 1e3:.1f} ms" for r in new
+                                  if "time_us" in r)
+                print(f"{spec.name} B={batch} {resolution}x{resolution}: {times} "
+                      f"({time.perf_counter() - start:.0f} s)")
+                for r in new:
+                    if "skipped" in r:
+                        print(f"  {r['variant']} skipped: {r['skipped']}")
+            built.clear()
     return rows
 
 

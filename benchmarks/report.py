@@ -134,6 +134,56 @@ def model_table(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+PEER_PREFIXES = ("onnxruntime", "openvino")
+
+
+def peer_table(rows: list[dict]) -> list[str]:
+    """ONNX Runtime and OpenVINO beside torch (``run.py --peers``): ms on the dense / the masked model, the
+    lowered model's ratio to the fastest dense f32 runtime, the peers' errors against torch; empty without them."""
+    peers = [r for r in rows if r["variant"].startswith(PEER_PREFIXES)]
+    if not peers:
+        return []
+    timed = [r for r in peers if "peer" in r]
+    versions = {f"{r['peer']['runtime']} {r['peer']['version']}" for r in timed}
+    threads = sorted({r["peer"]["threads"] for r in timed})
+    intro = ("Peers (`--peers`, `benchmarks/peers.py`): " + (", ".join(sorted(versions)) or "none installed")
+             + (f", each with {'/'.join(map(str, threads))} threads, in its own process" if threads else "")
+             + "; dense / masked = the dense model / the masked model's weights (zeros kept) in a plain dense copy. "
+             "Errors: largest |peer - torch| over torch's largest output.")
+    header = ("| model | batch | torch dense ms (best setting) | lowered ms | ONNX Runtime dense / masked ms | "
+              "OpenVINO f32 dense / masked ms | OpenVINO default dense / masked ms (precision) | fastest dense f32 "
+              "runtime ms | lowered vs it | rel. err f32 / default |")
+    lines = [intro, "", header, "|" + "---|" * 10]
+
+    def ms(row: dict | None) -> str:
+        return f"{row['time_us']['median'] / 1e3:.1f}" if row and "time_us" in row else "-"
+
+    def pair(v: dict[str, dict], name: str) -> str:
+        return f"{ms(v.get(name + '_dense'))} / {ms(v.get(name + '_masked'))}"
+
+    for (model, batch), v in group(rows, ("model", "batch")).items():
+        if not any(name.startswith(PEER_PREFIXES) for name in v):
+            continue
+        low = v.get("lowered", {})
+        best = low.get("best_dense")
+        best_cell = f"{best['median_us'] / 1e3:.1f} ({best['variant']} @ {best['setting']})" if best else "-"
+        fastest = low.get("fastest_dense_f32")
+        fastest_cell = f"{fastest['median_us'] / 1e3:.1f} ({fastest['variant']})" if fastest else "-"
+        ratio = f"{low['speedup_vs_fastest_dense_f32']:.2f}x" if "speedup_vs_fastest_dense_f32" in low else "-"
+        default = v.get("openvino_default_dense", {}).get("peer", {}).get("precision", "-")
+        errors = {kind: max((r["check"]["max_rel_err"] for n, r in v.items() if n.startswith(PEER_PREFIXES)
+                             and "check" in r and (r["peer"]["precision"] == "f32") == (kind == "f32")),
+                            default=None) for kind in ("f32", "default")}
+        err = " / ".join(f"{e:.1e}" if e is not None else "-" for e in errors.values())
+        lines.append(f"| {model} | {batch} | {best_cell} | {ms(low)} | {pair(v, 'onnxruntime')} | "
+                     f"{pair(v, 'openvino_f32')} | {pair(v, 'openvino_default')} ({default}) | {fastest_cell} | {ratio} | "
+                     f"{err} |")
+    notes = dict.fromkeys(f"{r['variant']}: {r['skipped']}" for r in peers if "skipped" in r)
+    failed = [f"{r['model']} B={r['batch']} {r['variant']}: {r['check']}" for r in peers
+              if "check" in r and not r["check"]["passed"]]
+    return lines + [""] + [f"- skipped {note}" for note in notes] + [f"- FAILED {f}" for f in failed] + [""]
+
+
 def decoder_table(rows: list[dict]) -> list[str]:
     lines = ["| model | variant | batch | prompt + new tokens | generate() ms | tokens/s | vs dense | lowered tokens "
              "== pruned |", "|---|---|---|---|---|---|---|---|"]
@@ -271,7 +321,7 @@ def render(results: dict[str, dict], out: Path, image_prefix: str = "", level: i
         lines += [f"![{name}]({image_prefix}{name})" for name in plots] + [""]
     if "models" in results:
         lines += [f"{h} Models (90% sparse)", "", provenance(results["models"]), ""]
-        lines += model_table(results["models"]["rows"])
+        lines += model_table(results["models"]["rows"]) + peer_table(results["models"]["rows"])
     if "training" in results:
         lines += [f"{h} Training", "", provenance(results["training"]), ""]
         lines += training_table(results["training"]["rows"])

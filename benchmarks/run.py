@@ -5,6 +5,7 @@ and plots.
     python benchmarks/run.py --quick              # CI smoke test: tiny shapes, correctness checks, < 1 min
     python benchmarks/run.py --only layers --layers vit_fc2 --sparsities 0.9 --batches 1 256
     python benchmarks/run.py --publish            # ... and update benchmarks/RESULTS.md and benchmarks/img/
+    python benchmarks/run.py --only models --peers  # ... with ONNX Runtime and OpenVINO (pip install -e '.[peers]')
 
 Writes layers.json, models.json, training.json, decoder.json (rows with machine, versions, threads and this command), report.md
 and PNG plots into --out. Exits with status 1 if any variant failed its correctness check.
@@ -45,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", help="model names (default: all of the mode's)")
     parser.add_argument("--model-inputs", nargs="+", metavar="BxRES",
                         help="batch x resolution pairs (default 1x224 64x224; 64x112 saves ~8 min)")
+    parser.add_argument("--peers", action="store_true",
+                        help="models: also time ONNX Runtime and OpenVINO (the [peers] extra) on the dense and masked "
+                             "models")
     parser.add_argument("--publish", action="store_true", help="update benchmarks/RESULTS.md and benchmarks/img/")
     args = parser.parse_args(argv)
     if os.environ["OMP_WAIT_POLICY"].upper() != "PASSIVE":
@@ -71,7 +75,8 @@ def run_part(part: str, args: argparse.Namespace, config: TimerConfig) -> list[d
         from models import MODELS, QUICK_MODELS, run_models
 
         inputs = [tuple(int(v) for v in pair.lower().split("x")) for pair in args.model_inputs or []]
-        return run_models(pick(QUICK_MODELS if args.quick else MODELS, args.models, "models"), config, inputs)
+        return run_models(pick(QUICK_MODELS if args.quick else MODELS, args.models, "models"), config, inputs,
+                          peers=args.peers)
     if part == "decoder":
         from decoder import DECODERS, QUICK_DECODERS, run_decoders
 
