@@ -85,7 +85,8 @@ def _read_manifest(folder: Path) -> dict:
 
 def _spec(entry: dict, kind: str) -> KernelSpec:
     """The entry's KernelSpec (a CUDA entry names its dtype; a convolution's key ends in its own tile width)."""
-    lanes = entry["params"]["lanes"] if kind == "conv" and entry["key"].endswith(f"_l{entry['params']['lanes']}") \
+    base_key = entry["key"].split("#")[0]  # (a shape's second variant in one process: "<key>#2")
+    lanes = entry["params"]["lanes"] if kind == "conv" and base_key.endswith(f"_l{entry['params']['lanes']}") \
         else None
     spec = KernelSpec(entry["n_out"], entry["n_in"], entry["k"], entry["index_dtype"], entry["has_bias"],
                       entry.get("dtype"), kind, lanes, entry.get("epilogue", ""))

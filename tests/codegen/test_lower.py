@@ -402,3 +402,31 @@ def test_schedule_rules_decline_what_they_do_not_apply_to():
     with pytest.raises(ValueError, match="no schedule rule"):
         schedule(row, list(RULES.values()), RowParams(vec=8))
     assert all(12 % p.vec == 0 for p in RowRule().space(12))
+
+
+def test_a_shape_lowered_again_with_other_variants_leaves_the_first_model_working(tmp_path):
+    from srigl_compile.codegen.cpu_target import host_llvm_target
+    from srigl_compile.codegen.tuning import select_params
+    from srigl_compile.nn.lowered import kernel_spec
+    from srigl_compile.runtime.llvm_params import ColParams, RowParams
+
+    torch.manual_seed(0)
+    masked = sparsify(nn.Sequential(nn.Linear(40, 48), nn.ReLU(), nn.Unflatten(1, (3, 4, 4)),
+                                    nn.Conv2d(3, 8, 3, padding=1)),
+                      SRigLConfig(sparsity=0.7, distribution="uniform")).eval()
+    target, condensed = host_llvm_target(), condense(masked)
+    for layer, layout, variant in ((condensed[0], "row", RowParams(16, 32, 16)),
+                                   (condensed[3], "offset", ColParams(16, 4, 1, 32))):
+        spec = kernel_spec(layer, "direct")
+        chosen = select_params(spec, layout, target, tune=True, cache_dir=tmp_path / "records", space=[variant],
+                               progress=False)
+        assert chosen == variant and chosen != select_params(spec, layout, target, cache_dir=tmp_path / "none")
+    first = lower(masked, cache_dir=tmp_path / "records", progress=False)
+    second = lower(masked, cache_dir=tmp_path / "none", progress=False)  # default variants, same shapes
+    assert first[0].kernel_key != second[0].kernel_key and second[0].kernel_key.endswith("#2")
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        for lowered in (first, second):
+            torch.testing.assert_close(lowered(x), masked(x), rtol=1e-5, atol=1e-5)
+        save_lowered(second, tmp_path / "second")
+        torch.testing.assert_close(load_lowered(tmp_path / "second")(x), second(x), rtol=0, atol=0)

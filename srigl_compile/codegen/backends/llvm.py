@@ -108,8 +108,9 @@ def build_linear(spec: KernelSpec, target: Mapping[str, Any] | None = None, *, t
     key = spec.key(target_key(target))
     params = {layout: select_params(spec, layout, target, tune=tune, cache_dir=cache_dir, progress=progress)
               for layout in ("row", "col")}
-    existing = get_registered(key)
-    if existing is not None and (existing.row_params, existing.col_params) == (params["row"], params["col"]):
+    key, existing = _variant_key(key, lambda handle: (handle.row_params, handle.col_params) ==
+                                 (params["row"], params["col"]))
+    if existing is not None:
         return existing
     executable = compile_kernels(spec, params["row"], params["col"], target)
     return register_handle(LlvmLinearHandle(key, spec, target, params["row"], params["col"], executable.mod))
@@ -129,11 +130,24 @@ def build_conv(spec: KernelSpec, target: Mapping[str, Any] | None = None, *, tun
     params = select_params(spec, "offset", target, tune=tune, cache_dir=cache_dir, progress=progress)
     if spec.lanes:
         params = dataclasses.replace(params, lanes=spec.lanes)
-    existing = get_registered(key)
-    if existing is not None and existing.params == params:
+    key, existing = _variant_key(key, lambda handle: handle.params == params)
+    if existing is not None:
         return existing
     executable = compile_offset_kernel(spec, params, target)
     return register_handle(LlvmConvHandle(key, spec, target, params, executable.mod))
+
+
+def _variant_key(key: str, same_variant) -> tuple[str, Any]:
+    """(key, handle): the handle of this variant when one is registered, else (a free key, None). A shape built
+    again with other variants (another tuning record, another cache_dir) gets ``key#2``, ``#3``, ...: replacing the
+    handle under ``key`` would leave the layers already lowered with operands packed for the old variant."""
+    candidate, n = key, 1
+    while (existing := get_registered(candidate)) is not None:
+        if same_variant(existing):
+            return candidate, existing
+        n += 1
+        candidate = f"{key}#{n}"
+    return candidate, None
 
 
 def build_condensed_linear(n_out: int, n_in: int, k: int, index_dtype: str = "int32", has_bias: bool = True,
