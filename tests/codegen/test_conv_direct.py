@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from srigl_compile import SRigLConfig, load_lowered, lower, save_lowered, sparsify
-from srigl_compile.runtime.conv_geometry import column_offsets, direct_plan, phase_columns, phase_kernel, strided_plan
 from srigl_compile.nn.lowered import LoweredConv
-from tests.helpers import randomize_bn
-from tests.no_tvm.test_condense import ResidualCNN, ablate
+from srigl_compile.runtime.conv_geometry import column_offsets, direct_plan, phase_columns, phase_kernel, strided_plan
+from tests.helpers import ablate, randomize_bn
+from tests.models import ResidualCNN
 
 
 def grid_conv(x, values, columns, kernel, padding, dilation, lanes):

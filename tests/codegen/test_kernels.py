@@ -20,13 +20,13 @@ from srigl_compile.codegen.cpu_target import (  # noqa: E402
     host_llvm_target,
     vector_registers,
 )
-from srigl_compile.runtime.kernel_io import KernelFileError, export_kernels, load_kernels  # noqa: E402
 from srigl_compile.codegen.kernels import col_kernel, row_kernel  # noqa: E402
 from srigl_compile.codegen.rules import ColParams, ColRule, RowParams, RowRule, schedule  # noqa: E402
 from srigl_compile.codegen.tuning import TuningRecords, select_params  # noqa: E402
 from srigl_compile.errors import LoweringError, UnsupportedTargetError  # noqa: E402
 from srigl_compile.runtime import registry  # noqa: E402
 from srigl_compile.runtime.checks import KernelDeviceError, KernelDtypeError  # noqa: E402
+from srigl_compile.runtime.kernel_io import KernelFileError, export_kernels, load_kernels  # noqa: E402
 from srigl_compile.runtime.linear_op import condensed_linear  # noqa: E402
 from srigl_compile.runtime.spec import KernelSpec, target_key  # noqa: E402
 

@@ -18,8 +18,9 @@ from srigl_compile import (
     sparsify,
 )
 from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
-from tests.helpers import assert_same, randomize_bn
-from tests.no_tvm.test_condense import Block, ResidualCNN, ablate, mlp
+from tests.helpers import ablate, assert_same, randomize_bn
+from tests.models import Block, ResidualCNN
+from tests.models import condense_mlp as mlp
 
 pytestmark = pytest.mark.tvm
 
@@ -159,7 +160,7 @@ def test_hf_bert():
 def test_hf_decoders_with_their_cache_on(kind):
     """GPT-2 (Conv1D projections, tied lm_head) and Llama (gated MLP, grouped-query attention, RMSNorm), captured
     with use_cache left on; an ablated MLP neuron in each."""
-    from tests.no_tvm.test_sparsify_attention import DECODERS
+    from tests.models import DECODERS
 
     model, ids = DECODERS[kind]()
     config = SRigLConfig(sparsity=0.8, distribution="uniform")
@@ -198,7 +199,7 @@ def test_hf_t5_reads_its_lowered_layers_weight_dtype():
 def test_weight_norm_layers_are_baked_so_the_lowered_model_saves(tmp_path):
     """A weight-normed conv stays dense (sparsify warns); lowering stores its weight as a plain tensor, which
     save_lowered can pickle (torch refuses parametrized modules)."""
-    from tests.no_tvm.test_capture_and_discovery import WeightNormAndRNN
+    from tests.models import WeightNormAndRNN
 
     torch.manual_seed(0)
     x = torch.randn(3, 4, 6)

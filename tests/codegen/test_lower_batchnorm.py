@@ -6,9 +6,8 @@ import torch.nn as nn
 
 from srigl_compile import SRigLConfig, lower, sparsify
 from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
-from tests.helpers import assert_same, randomize_bn
-from tests.no_tvm.test_condense import ResidualCNN, ablate
-from tests.no_tvm.test_fold_batchnorm import FoldNet, batchnorm_names, masked_foldnet
+from tests.helpers import ablate, assert_same, batchnorm_names, randomize_bn
+from tests.models import FoldNet, ResidualCNN, masked_foldnet
 
 pytestmark = pytest.mark.tvm
 

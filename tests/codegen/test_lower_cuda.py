@@ -10,8 +10,18 @@ import pytest
 import torch
 import torch.nn as nn
 
-from srigl_compile import CheckpointError, DeviceError, LoweringError, SRigLConfig, UnsupportedTargetError, \
-    load_lowered, lower, save_lowered, sparse_layers, sparsify
+from srigl_compile import (
+    CheckpointError,
+    DeviceError,
+    LoweringError,
+    SRigLConfig,
+    UnsupportedTargetError,
+    load_lowered,
+    lower,
+    save_lowered,
+    sparse_layers,
+    sparsify,
+)
 from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
 from tests.gpu.cases import TARGET, cases
 

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-import torch.nn as nn
 
 from srigl_compile import SRigLConfig, from_sparse_weights, lower, prune, sparse_layers
 from tests.helpers import assert_same, randomize_bn
-from tests.no_tvm.test_condense import ResidualCNN
-from tests.no_tvm.test_prune import mlp, zeroed
+from tests.models import ResidualCNN, zeroed
+from tests.models import prune_mlp as mlp
 
 pytestmark = pytest.mark.tvm
 
@@ -54,7 +53,7 @@ def test_hf_bert():
 
 
 def test_llama_decoder_generates_the_pruned_models_tokens():
-    from tests.no_tvm.test_sparsify_attention import DECODERS
+    from tests.models import DECODERS
 
     model, ids = DECODERS["llama"]()
     calibration = [{"input_ids": torch.randint(0, model.config.vocab_size, (2, 16))} for _ in range(2)]

@@ -5,12 +5,19 @@ import pytest
 import torch
 import torch.nn as nn
 
-from srigl_compile import CheckpointError, LayerError, SRigLConfig, UnsupportedTargetError, lower, save_lowered, \
-    sparsify
-from srigl_compile.runtime.kernel_io import KernelFileError, export_kernels, load_kernels
-from srigl_compile.runtime.checks import KernelShapeError
-from srigl_compile.runtime.registry import get_handle
+from srigl_compile import (
+    CheckpointError,
+    LayerError,
+    SRigLConfig,
+    UnsupportedTargetError,
+    lower,
+    save_lowered,
+    sparsify,
+)
 from srigl_compile.errors import LoweringError
+from srigl_compile.runtime.checks import KernelShapeError
+from srigl_compile.runtime.kernel_io import KernelFileError, export_kernels, load_kernels
+from srigl_compile.runtime.registry import get_handle
 
 pytestmark = pytest.mark.tvm
 

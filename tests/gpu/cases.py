@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 
 from srigl_compile import SRigLConfig, sparsify
-from tests.helpers import randomize_bn
-from tests.no_tvm.test_condense import ResidualCNN, ablate, mlp
+from tests.helpers import ablate, randomize_bn
+from tests.models import ResidualCNN
+from tests.models import condense_mlp as mlp
 
 TARGET = {"kind": "cuda", "arch": "sm_90"}  # H100 and H200
 DTYPES = (torch.float32, torch.float16)

@@ -21,10 +21,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from srigl_compile import InvariantError, SRigLConfig, SRigLUpdater, sparse_layers, sparsify
 from srigl_compile.nn.sharding import whole
 from srigl_compile.recipes import load_checkpoint
-
-from .test_recipes_data import Stop
-from .test_recipes_data import run as recipes_run
-from .test_updater import SmallCNN
+from tests.helpers import Stop
+from tests.helpers import run_recipe as recipes_run
+from tests.models import SmallCNN
 
 STEPS, DELTA_T = 10, 2  # T_end = 7: updates after steps 2, 4 and 6
 

@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from srigl_compile import LayerError, SRigLConfig, sparse_layers, sparsify
 from srigl_compile.passes.graph_capture import capture_graph, output_tensors
-from tests.no_tvm.test_sparsify_models import assert_fresh_invariants, masked_dense_reference
+from tests.helpers import assert_fresh_invariants, masked_dense_reference
+from tests.models import WeightNormAndRNN
 
 
 class _Cache:  # like a decoder's key/value cache: tensors behind plain attributes
@@ -48,20 +49,6 @@ def test_export_captures_a_model_whose_output_holds_an_object():
     sparse = sparsify(net, SRigLConfig(sparsity=0.5), example_inputs=x)
     assert_fresh_invariants(sparse, {"a": 8, "b": 16})
     assert type(sparse(x)["cache"]) is _Cache  # the model itself is untouched by the capture
-
-
-class WeightNormAndRNN(nn.Module):
-    """A weight-normed conv (Wav2Vec2's positional conv) and an LSTM: neither can be masked."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 8, 3, padding=1))
-        self.rnn = nn.LSTM(8, 16, batch_first=True)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        h, _ = self.rnn(self.conv(x).transpose(1, 2))
-        return self.head(h[:, -1])
 
 
 def test_parametrized_and_recurrent_weights_stay_dense_with_a_warning_at_the_callers_line():

@@ -7,24 +7,9 @@ import torch.nn.functional as F
 
 from srigl_compile import LayerError, SRigLConfig, condense, sparse_layers, sparsify
 from srigl_compile.nn.condensed import CondensedConv, CondensedLinear
-from tests.helpers import assert_same, randomize_bn
-
-
-def ablate(model, rows_by_layer, biases=None):
-    """Ablate neurons by hand (as the updater would): empty their mask rows and zero their weights."""
-    layers = dict(sparse_layers(model))
-    with torch.no_grad():
-        for name, rows in rows_by_layer.items():
-            layers[name].mask[rows] = False
-            layers[name].weight[rows] = 0
-        for (name, row), value in (biases or {}).items():
-            layers[name].bias[row] = value
-    return model
-
-
-def mlp(bias=True):
-    return nn.Sequential(nn.Linear(32, 64, bias=bias), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, 48, bias=bias),
-                         nn.GELU(), nn.Linear(48, 8, bias=bias))
+from tests.helpers import ablate, assert_same, randomize_bn
+from tests.models import Block, ResidualCNN
+from tests.models import condense_mlp as mlp
 
 
 @pytest.mark.parametrize("batch", [1, 7, 64])
@@ -60,29 +45,6 @@ def test_k_equal_one_layers():
     condensed = condense(masked)
     assert condensed[0].k == 1
     assert_same(condensed, masked, torch.randn(5, 16))
-
-
-class ResidualCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.bn0 = nn.BatchNorm2d(16)
-        self.expand = nn.Conv2d(16, 32, 1)
-        self.bn1 = nn.BatchNorm2d(32)
-        self.project = nn.Conv2d(32, 16, 1)
-        self.bn2 = nn.BatchNorm2d(16)
-        self.spatial = nn.Conv2d(16, 24, 3, padding=1)
-        self.bn3 = nn.BatchNorm2d(24)
-        self.mix = nn.Conv2d(24, 24, 3, padding=1)
-        self.depthwise = nn.Conv2d(24, 24, 3, padding=1, groups=24)
-        self.head = nn.Linear(24, 5)
-
-    def forward(self, x):
-        h = F.relu(self.bn0(self.stem(x)))
-        h = h + self.bn2(self.project(F.relu(self.bn1(self.expand(h)))))  # residual: stem/project widths observable
-        h = F.relu(self.bn3(self.spatial(h)))
-        h = self.depthwise(F.relu(self.mix(h)))
-        return self.head(h.mean(dim=(2, 3)))
 
 
 def test_cnn_with_batchnorm_and_residuals():
@@ -126,24 +88,6 @@ def test_conv1d_and_strided_dilated_convs():
                          nn.Conv2d(6, 6, 3, padding="same", dilation=2))
     masked2 = sparsify(net2, SRigLConfig(sparsity=0.7))
     assert_same(condense(masked2), masked2, torch.randn(2, 3, 9, 11))
-
-
-class Block(nn.Module):
-    """A pre-norm transformer block written with Linear layers (no MultiheadAttention)."""
-
-    def __init__(self, d=32, heads=4, hidden=64):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
-        x = x + self.proj(attn)
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
 def test_transformer_block_shrinks_the_mlp_only():

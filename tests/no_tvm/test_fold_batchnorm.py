@@ -5,15 +5,14 @@ import logging
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from srigl_compile import SRigLConfig, condense, sparsify
 from srigl_compile.nn.condensed import CondensedConv, CondensedLinear
 from srigl_compile.passes.fold_batchnorm import fold_batchnorm, plan_folds
 from srigl_compile.passes.graph_capture import capture_graph
 from tests import helpers
-from tests.helpers import randomize_bn
-from tests.no_tvm.test_condense import ablate
+from tests.helpers import ablate, batchnorm_names, randomize_bn
+from tests.models import FoldNet, masked_foldnet
 
 TIGHT = {"rtol": 1e-10, "atol": 1e-10}  # float64 models: the fold only reorders a few roundings
 
@@ -22,45 +21,7 @@ def assert_same(folded, reference, *inputs, tol=TIGHT):
     helpers.assert_same(folded, reference, *inputs, tol=tol)  # float64 models: this module's tight default
 
 
-class FoldNet(nn.Module):
-    """Each case of the fold's contract once: folded BNs are named bn_*, the others say why they stay."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)  # kept dense (keep_first_dense)
-        self.bn_stem = nn.BatchNorm2d(16)
-        self.expand = nn.Conv2d(16, 32, 1, bias=False)  # no bias; compact once shrink removes its ablated rows
-        self.bn_expand = nn.BatchNorm2d(32, affine=False)
-        self.project = nn.Conv2d(32, 16, 1)  # full width (its BN feeds the residual add), ablated rows
-        self.bn_project = nn.BatchNorm2d(16)
-        self.branch = nn.Conv2d(16, 16, 3, padding=1)
-        self.branch_norm = nn.BatchNorm2d(16)  # branch's output also feeds the add: stays
-        self.mix = nn.Conv2d(16, 16, 3, padding=1)
-        self.shared_norm = nn.BatchNorm2d(16)  # called twice: stays
-        self.fc = nn.Linear(16 * 4, 24)  # input flattened from dim 1: output [batch, features]
-        self.bn_fc = nn.BatchNorm1d(24)
-        self.head = nn.Linear(24, 5)
-
-    def forward(self, x):
-        h = F.relu(self.bn_stem(self.stem(x)))
-        h = h + self.bn_project(self.project(F.relu(self.bn_expand(self.expand(h)))))
-        b = self.branch(h)
-        h = F.relu(self.branch_norm(b)) + b
-        h = self.shared_norm(self.mix(h)) + self.shared_norm(h)
-        h = torch.flatten(F.adaptive_avg_pool2d(h, 2), 1)
-        return self.head(F.relu(self.bn_fc(self.fc(h))))
-
-
 FOLDED = [("stem", "bn_stem"), ("expand", "bn_expand"), ("project", "bn_project"), ("fc", "bn_fc")]
-
-
-def masked_foldnet():
-    torch.manual_seed(0)
-    config = SRigLConfig(sparsity=0.8, seed=2, keep_first_dense=True)
-    masked = randomize_bn(sparsify(FoldNet(), config))
-    ablate(masked, {"expand": [0, 3, 9], "project": [2], "fc": [1, 4], "branch": [5]},
-           {("project", 2): 0.7, ("fc", 4): -0.6})
-    return masked.eval()
 
 
 def condensed_float64(masked, **kwargs):
@@ -68,10 +29,6 @@ def condensed_float64(masked, **kwargs):
     float32 zeros, which a float64 BatchNorm rejects."""
     condensed = condense(masked, **kwargs).double()
     return masked.double(), condensed
-
-
-def batchnorm_names(model):
-    return sorted(name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
 
 @pytest.mark.parametrize("shrink", [True, False])

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from srigl_compile import SRigLConfig, SRigLUpdater, sparse_layers, sparsify
-
-from .test_updater import make_data, mlp
+from tests.models import make_data
+from tests.models import updater_mlp as mlp
 
 DELTA_T, WINDOW = 4, 2  # the update after step 4 scores the gradients of steps 3 and 4
 

@@ -23,15 +23,10 @@ from srigl_compile.passes.calibration import collect_input_norms
 from srigl_compile.passes.discover import capture_graph, discover_layers
 from srigl_compile.sparsity import check_constant_fan_in
 from srigl_compile.sparsity.pruning import magnitude_scores, prune_to_fan_in, wanda_scores
-
-from .test_updater import SmallCNN, make_data
+from tests.models import SmallCNN, make_data, zeroed
+from tests.models import prune_mlp as mlp
 
 UNIFORM_90 = SRigLConfig(sparsity=0.9, distribution="uniform")
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 80), nn.ReLU(), nn.Linear(80, 10))
 
 
 # -- the maths ---------------------------------------------------------------------------------------------------
@@ -220,18 +215,6 @@ def test_conv1d_and_attention_input_norms():
     expected = torch.cat([q.reshape(-1, 8).norm(dim=0).expand(8, 8), kv.reshape(-1, 8).norm(dim=0).expand(8, 8),
                           (kv * 2).reshape(-1, 8).norm(dim=0).expand(8, 8)])
     torch.testing.assert_close(norms, expected)
-
-
-# -- importing already-pruned weights ----------------------------------------------------------------------------
-def zeroed(net: nn.Module, keep_per_row: dict[str, int], seed=0) -> nn.Module:
-    """Zero all but the given number of weights in each row of the named layers (a dense-stored pruned model)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, keep in keep_per_row.items():
-            weight = net.get_submodule(name).weight
-            order = torch.rand(weight.shape, generator=g).argsort(dim=1)
-            weight.scatter_(1, order[:, keep:], 0.0)
-    return net
 
 
 def test_weights_pruned_to_constant_fan_in_import_without_changing_a_weight():

@@ -10,24 +10,8 @@ from srigl_compile import CheckpointError, ConfigError, SRigLConfig
 from srigl_compile.data import DataError, load_cifar, load_dataset, teacher_student
 from srigl_compile.recipes import load_checkpoint, train_classifier
 from srigl_compile.zoo import MODELS, build_model
-
-
-class Stop(Exception):
-    pass
-
-
-def run(tmp_path, name, stop_at=None, resume=None, checkpoint_every=11, batch_size=64):
-    data = teacher_student(n_train=512, n_test=128, seed=1)
-    torch.manual_seed(0)
-    model = build_model("mlp", data.input_shape, data.num_classes)
-
-    def stop(step, updater):
-        if step == stop_at:
-            raise Stop
-
-    return train_classifier(model, data, SRigLConfig(sparsity=0.9, delta_t=5, grad_accumulation_n=2), epochs=3,
-                            batch_size=batch_size, checkpoint_path=tmp_path / name, checkpoint_every=checkpoint_every,
-                            resume=resume, on_step=stop, meta={"method": "srigl"})
+from tests.helpers import Stop
+from tests.helpers import run_recipe as run
 
 
 def test_interrupted_run_resumes_bit_exactly(tmp_path):

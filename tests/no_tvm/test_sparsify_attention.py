@@ -22,11 +22,13 @@ from srigl_compile import (
 from srigl_compile.nn.masked import MaskedMultiheadAttention, MaskedProjection, is_masked
 from srigl_compile.passes.as_linear import AsLinearPass, is_hf_conv1d
 from srigl_compile.passes.discover import capture_graph, discover_layers
-
-from tests.no_tvm.test_sparsify_models import (  # noqa: F401  shared helpers
-    masked_dense_reference, assert_fresh_invariants, assert_training_invariants, assert_same_classes, make_encoder,
+from tests.helpers import (
+    assert_fresh_invariants,
+    assert_same_classes,
+    assert_training_invariants,
+    masked_dense_reference,
 )
-
+from tests.models import DECODERS, make_encoder, make_gpt2
 
 # -- 3. nn.TransformerEncoder (torch.export) ----------------------------------------------------------------------
 
@@ -254,28 +256,6 @@ def test_hf_short_training_loop_keeps_invariants(kind):
     with torch.no_grad():
         torch.testing.assert_close(_call(sparse, inputs).logits,
                                    _call(masked_dense_reference(model, sparse).eval(), inputs).logits)
-
-
-def make_gpt2(seed=0):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=32,
-                                     bos_token_id=0, eos_token_id=0)
-    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(seed))
-    return transformers.GPT2LMHeadModel(config), ids
-
-
-def make_llama(seed=0):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=32,
-                                      tie_word_embeddings=False)
-    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(seed))
-    return transformers.LlamaForCausalLM(config), ids
-
-
-DECODERS = {"gpt2": make_gpt2, "llama": make_llama}
 
 
 def test_hf_conv1d_becomes_linear_with_the_same_names_and_outputs():

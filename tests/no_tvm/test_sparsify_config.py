@@ -18,11 +18,8 @@ from srigl_compile import (
     sparse_layers,
     sparsify,
 )
-
-from tests.no_tvm.test_sparsify_models import (  # noqa: F401  shared helpers and models
-    CNN_FAN_IN, assert_fresh_invariants, collect_warnings, make_cnn, make_encoder, make_mlp, masked_dense_reference,
-)
-
+from tests.helpers import assert_fresh_invariants, collect_warnings, masked_dense_reference
+from tests.models import CNN_FAN_IN, make_cnn, make_encoder, make_mlp
 
 # -- 5. configuration: filter_fn, overrides, keep_first/last_dense, no_ablation, errors, inplace ----------
 

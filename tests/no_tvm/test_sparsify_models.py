@@ -6,10 +6,7 @@ are set to the sparsified model's masked weights. Invariant asserts sit inside t
 
 from __future__ import annotations
 
-import copy
 import math
-import re
-import warnings
 
 import pytest
 import torch
@@ -22,97 +19,19 @@ from srigl_compile import (
     sparse_layers,
     sparsify,
 )
-from srigl_compile.nn.masked import MaskedMultiheadAttention, MaskedProjection, is_masked
+from srigl_compile.nn.masked import is_masked
 from srigl_compile.passes.discover import capture_graph, discover_layers
-from srigl_compile.sparsity import check_constant_fan_in
+from tests.helpers import (
+    assert_fresh_invariants,
+    assert_same_classes,
+    masked_dense_reference,
+)
+from tests.models import CNN_FAN_IN, SmallResNet, make_cnn, make_mlp
 
 # -- helpers ----------------------------------------------------------------------------------------------------
 
 
-def masked_dense_reference(original: nn.Module, sparse: nn.Module) -> nn.Module:
-    """A plain copy of ``original`` carrying the sparse model's state, with each sparse weight set to weight * mask.
-
-    The packed attention weight lives at ``<mha>.in_proj.weight`` in the sparse model and at ``<mha>.in_proj_weight``
-    in the plain one.
-    """
-    reference = copy.deepcopy(original)
-    state = {k: v.detach().clone() for k, v in sparse.state_dict().items()}
-    for name, layer in sparse_layers(sparse):
-        state[f"{name}.weight" if name else "weight"] = (layer.weight * layer.mask).detach().clone()
-    new_state = {}
-    for key in reference.state_dict():
-        source = key if key in state else re.sub(r"(^|\.)((?:in|q|k|v)_proj)_weight$", r"\1\2.weight", key)
-        new_state[key] = state[source]
-    reference.load_state_dict(new_state, strict=True)
-    assert not any(is_masked(m) for m in reference.modules())
-    return reference
-
-
-def assert_fresh_invariants(model: nn.Module, expected_names=None) -> dict[str, nn.Module]:
-    """Right after sparsify: every active neuron has exactly k0 inputs, none ablated, masked weights exactly zero."""
-    layers = dict(sparse_layers(model))
-    assert layers, "no sparse layer"
-    if expected_names is not None:
-        assert sorted(layers) == sorted(expected_names)
-    for name, layer in layers.items():
-        plan = layer.srigl_plan
-        assert layer.mask.dtype == torch.bool, name
-        assert layer.mask.shape == layer.weight.shape, name
-        counts = layer.neuron_view(layer.mask).sum(dim=1)
-        assert torch.all(counts == plan.k0), (name, counts.unique().tolist(), plan.k0)
-        assert 1 <= plan.k0 <= plan.fan_in, name
-        assert plan.k0 == plan.budget // plan.n_out, name
-        assert plan.fan_in == math.prod(layer.weight.shape[1:]), name
-        assert torch.all(layer.weight.detach()[~layer.mask] == 0), name
-        assert torch.count_nonzero(layer.weight.detach()[layer.mask]) > 0, name
-    return layers
-
-
-def assert_training_invariants(model: nn.Module) -> None:
-    """During training: constant fan-in over active neurons, budget respected, protected layers unablated, zeros."""
-    for name, layer in sparse_layers(model):
-        k, ablated = check_constant_fan_in(layer.neuron_view(layer.mask), layer=name)
-        assert k >= 1, name
-        assert k * int((~ablated).sum()) <= layer.srigl_plan.budget, name
-        if layer.srigl_plan.protected:
-            assert not ablated.any(), name
-        assert torch.all(layer.weight.detach()[~layer.mask] == 0), name
-        if layer.weight.grad is not None:
-            assert torch.all(layer.weight.grad[~layer.mask] == 0), name
-
-
-def assert_same_classes(original: nn.Module, sparse: nn.Module) -> None:
-    """Same module tree; each module is of its original class, or a masked subclass of it."""
-    assert type(sparse) is type(original)
-    orig = dict(original.named_modules())
-    for name, module in sparse.named_modules():
-        if isinstance(module, MaskedProjection):
-            continue  # the new child holding a packed attention weight
-        assert name in orig, name
-        if isinstance(module, MaskedMultiheadAttention):
-            assert isinstance(module, type(orig[name])), name
-        elif is_masked(module):
-            # the masked class subclasses the *base* layer class: a subclass that keeps the base forward (e.g.
-            # MultiheadAttention's NonDynamicallyQuantizableLinear out_proj) becomes the plain masked class
-            base = next(b for b in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(orig[name], b))
-            assert isinstance(module, base), name
-        else:
-            assert type(module) is type(orig[name]), name
-
-
-def collect_warnings(fn):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = fn()
-    return result, [str(w.message) for w in caught]
-
-
 # -- models -----------------------------------------------------------------------------------------------------
-
-
-def make_mlp(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 5))
 
 
 class TwoHeads(nn.Module):
@@ -127,39 +46,6 @@ class TwoHeads(nn.Module):
         return self.head_a(h), self.head_b(h)
 
 
-class ResBlock(nn.Module):
-    def __init__(self, c_in, c_out, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, groups=4, bias=False)  # grouped
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        h = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(h)) + self.down(x))
-
-
-class SmallResNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(16)
-        self.block = ResBlock(16, 32, stride=2)
-        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)  # depthwise
-        self.dw_bn = nn.BatchNorm2d(32)
-        self.seq = nn.Conv1d(32, 24, 3, padding=1)  # over the flattened spatial positions
-        self.fc = nn.Linear(24, 5)
-
-    def forward(self, x):
-        h = F.relu(self.bn(self.stem(x)))
-        h = self.block(h)
-        h = F.relu(self.dw_bn(self.dw(h)) + h)
-        h = F.relu(self.seq(h.flatten(2)))
-        return self.fc(h.mean(dim=2))
-
-
 class ShapeBranchingResNet(SmallResNet):
     """symbolic_trace cannot branch on a shape; torch.export (static shapes) can: forces the export path."""
 
@@ -167,25 +53,6 @@ class ShapeBranchingResNet(SmallResNet):
         if x.shape[-1] > 4:
             x = F.avg_pool2d(x, 2)
         return super().forward(x)
-
-
-def make_cnn(cls=SmallResNet, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    net = cls()
-    with torch.no_grad():  # non-trivial BN state, so "untouched" means something
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return net
-
-
-def make_encoder(seed: int = 0) -> nn.TransformerEncoder:
-    torch.manual_seed(seed)
-    layer = nn.TransformerEncoderLayer(d_model=32, nhead=2, dim_feedforward=64, dropout=0.0, batch_first=True)
-    return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=True)
 
 
 # -- 1. MLP (symbolic_trace) ------------------------------------------------------------------------------------
@@ -302,16 +169,6 @@ def test_linear_subclass_keeps_its_class_and_methods():
 
 
 # -- 2. CNN with BatchNorm, residuals, grouped / depthwise convs, Conv1d -------------------------------------------
-
-CNN_FAN_IN = {  # in_channels / groups * kernel size
-    "stem": 3 * 9,
-    "block.conv1": 16 * 9,
-    "block.conv2": 32 // 4 * 9,
-    "block.down.0": 16 * 1,
-    "dw": 1 * 9,
-    "seq": 32 * 3,
-    "fc": 24,
-}
 
 
 def test_cnn_fan_in_is_in_channels_over_groups_times_kernel():

@@ -20,34 +20,8 @@ from srigl_compile import (
 )
 from srigl_compile.sparsity import check_constant_fan_in
 from srigl_compile.training.optim_state import state_tensors
-
-
-class SmallCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, groups=2)
-        self.bn2 = nn.BatchNorm2d(16)
-        self.fc1 = nn.Linear(16 * 4, 48)
-        self.fc2 = nn.Linear(48, 5)
-
-    def forward(self, x):
-        h = F.relu(self.bn1(self.conv1(x)))
-        h = F.relu(self.bn2(self.conv2(h)) + h)
-        h = F.adaptive_avg_pool2d(h, 2).flatten(1)
-        return self.fc2(F.relu(self.fc1(h)))
-
-
-def mlp():
-    return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
-
-
-def make_data(model_kind, seed, n=64):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 4, 4, generator=g) if model_kind == "cnn" else torch.randn(n, 20, generator=g)
-    return x, torch.randint(0, 5, (n,), generator=g)
-
+from tests.models import SmallCNN, make_data
+from tests.models import updater_mlp as mlp
 
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4),
