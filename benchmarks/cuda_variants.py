@@ -237,7 +237,8 @@ def _write(out: Path, folder: Path, results: list) -> None:
 
 def records(results_file: Path, cache: Path, arch: str = "sm_90") -> list[Path]:
     """Tuning records from a timing run: per shape, the fastest decode variant of each tile, the col variant
-    fastest over the col batches, and the thresholds where col beats decode and expand + cuBLAS beats col.
+    fastest over the col batches, and the thresholds where col or expand + cuBLAS beats decode (the end of decode)
+    and where expand + cuBLAS beats col.
     ``lower(target="cuda")`` then uses them for that shape (``codegen/cuda_records.lookup``)."""
     from srigl_compile.codegen.cuda_records import CudaRecord, write_record
     from srigl_compile.runtime.cuda_params import ColParams, CudaDispatch, CudaVariants, DecodeParams
@@ -267,8 +268,12 @@ def records(results_file: Path, cache: Path, arch: str = "sm_90") -> list[Path]:
         decode_best = {b: best("decode", b) for b in timings}
         col_time = {b: timings[b].get(col_symbol) for b in timings}
         dense_time = {b: timings[b]["v_expand"] for b in timings if "v_expand" in timings[b]}
-        col_from = min((b for b in sorted(timings) if col_time[b] and (decode_best[b] is None
-                                                                        or col_time[b] < decode_best[b][0])),
+        # Decode runs below col_from: up to the first batch where it is missing, or beaten by col or by expand +
+        # cuBLAS (on the H200's fp16 3072->768, expand + cuBLAS beat decode from 16 while col never did).
+        others = {b: min(t for t in (col_time[b], dense_time.get(b)) if t) for b in timings
+                  if col_time[b] or dense_time.get(b)}
+        col_from = min((b for b in sorted(timings) if b in others and (decode_best[b] is None
+                                                                        or others[b] < decode_best[b][0])),
                        default=max(timings) + 1)
         dense_from = min((b for b in sorted(dense_time) if col_time.get(b) and dense_time[b] < col_time[b]),
                          default=0)

@@ -2,7 +2,9 @@
 (``CudaDispatch``; both types are in ``runtime.cuda_params``, which handles record them in).
 
 Both come from a tuning record when one was measured on a GPU for the shape (``lookup``: JSON files under
-``<cache>/cuda/<arch>/``, written by ``write_record`` from ``benchmarks/cuda_variants.py``), else from defaults:
+``<cache>/cuda/<arch>/``, written by ``write_record`` from ``benchmarks/cuda_variants.py``; else the records
+shipped in ``codegen/cuda_measured/<arch>/``, each naming the GPU, commit and command it came from), else from
+defaults:
 ``default_variants()`` and ``model_dispatch``, a cost model of the three regimes. The cost model's constants
 are estimates from ../shared/GPU.md (H200), not measurements of these kernels: replace them by records.
 
@@ -85,19 +87,23 @@ def model_dispatch(n_out: int, n_in: int, k_pad: int, dtype: str) -> CudaDispatc
     return CudaDispatch(tiles, 2 * tiles[-1] + 1 if tiles else 1, dense_from, "model")
 
 
+SHIPPED = Path(__file__).resolve().parent / "cuda_measured"  # records measured on lent GPUs, shipped with the code
+
+
 def _record_path(cache: Path, spec: KernelSpec, arch: str) -> Path:
     return Path(cache) / "cuda" / arch / f"{spec.measured_record_name()}.json"
 
 
 def lookup(spec: KernelSpec, arch: str, cache: Path) -> CudaRecord | None:
-    """The measured record of a shape (its padded shape and dtype), or None (a corrupt record is ignored: the
-    defaults are always valid)."""
-    path = _record_path(cache, spec, arch)
-    try:
-        data = json.loads(path.read_text())
-        return CudaRecord(CudaVariants.from_dict(data["variants"]), CudaDispatch.from_dict(data["dispatch"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    """The measured record of a shape (its padded shape and dtype): the user's own (``cache``) first, else a
+    shipped one, else None (a corrupt record is ignored: the defaults are always valid)."""
+    for path in (_record_path(cache, spec, arch), SHIPPED / arch / f"{spec.measured_record_name()}.json"):
+        try:
+            data = json.loads(path.read_text())
+            return CudaRecord(CudaVariants.from_dict(data["variants"]), CudaDispatch.from_dict(data["dispatch"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def write_record(cache: Path, spec: KernelSpec, arch: str, record: CudaRecord, evidence: dict[str, Any]) -> Path:

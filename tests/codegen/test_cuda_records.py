@@ -49,11 +49,29 @@ def test_records_pick_the_fastest_variants_and_the_crossovers(tmp_path):
         "another dtype: no record"
 
 
-def test_a_corrupt_record_falls_back_to_the_defaults(tmp_path):
+def test_a_corrupt_record_falls_back_to_a_shipped_one_or_the_defaults(tmp_path):
     folder = tmp_path / "cuda" / "sm_90"
     folder.mkdir(parents=True)
+    (folder / "o768_i3072_k320_float16.json").write_text("{not json")
+    assert lookup(KernelSpec(768, 3072, 320, "int16", True, "float16"), "sm_90", tmp_path) is None
     (folder / "o768_i3072_k312_float16.json").write_text("{not json")
-    assert lookup(KernelSpec(768, 3072, 312, "int16", True, "float16"), "sm_90", tmp_path) is None
+    shipped = lookup(KernelSpec(768, 3072, 312, "int16", True, "float16"), "sm_90", tmp_path)
+    assert shipped is not None and shipped.dispatch.source == "measured NVIDIA H200"
+
+
+def test_the_shipped_h200_record_of_the_paper_layer_is_used_unless_the_user_has_one(tmp_path):
+    paper_fp16 = KernelSpec(768, 3072, 307, "int16", True, "float16")  # 90% of 3072: k 307, padded to 312
+    record = lookup(paper_fp16, "sm_90", tmp_path / "empty")
+    assert record.dispatch == CudaDispatch((1, 2, 4, 8, 16), 16, 8, "measured NVIDIA H200")
+    regimes = {batch: record.dispatch.regime(batch) for batch in (1, 8, 15, 16, 32, 4096)}
+    assert regimes == {1: "decode", 8: "decode", 15: "decode", 16: "dense", 32: "dense", 4096: "dense"}, \
+        "H200: decode 7.9 us against expand + cuBLAS 15.3 at batch 8, 20.0 against 15.8 at 16; col never won"
+    assert lookup(paper_fp16, "sm_80", tmp_path / "empty") is None, "records are per arch"
+    assert lookup(KernelSpec(768, 3072, 307, "int16", True, "float32"), "sm_90", tmp_path / "empty") is None
+    import cuda_variants
+
+    cuda_variants.records(fake_results(tmp_path), tmp_path / "mine")  # the user's own measurement wins
+    assert lookup(paper_fp16, "sm_90", tmp_path / "mine").dispatch.source == "measured H200"
 
 
 def test_variants_and_dispatch_round_trip():
