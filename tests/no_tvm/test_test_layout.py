@@ -6,12 +6,36 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent.parent
 
 
+def imported_test_modules(tree: ast.AST) -> list[str]:
+    """The test modules (``test_*``) a module imports, in any of the forms ``from tests.x.test_y import ...``,
+    ``from .test_y import ...``, ``from tests.x import test_y``, ``from . import test_y``, ``import tests.x.test_y``."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            relative_or_tests = node.level or module == "tests" or module.startswith("tests.")
+            if not relative_or_tests:
+                continue
+            shown = "." * node.level + module
+            if module.rpartition(".")[2].startswith("test_"):
+                found.append(f"from {shown} import ...")
+            found += [f"from {shown} import {a.name}" for a in node.names if a.name.startswith("test_")]
+        elif isinstance(node, ast.Import):
+            found += [f"import {a.name}" for a in node.names
+                      if a.name.startswith("tests.") and a.name.rpartition(".")[2].startswith("test_")]
+    return found
+
+
+def test_the_check_sees_every_import_form():
+    source = ("from tests.no_tvm.test_a import x\nfrom .test_b import y\nfrom tests.codegen import test_c\n"
+              "from . import test_d\nimport tests.gpu.test_e\nfrom tests.models import make_mlp\n"
+              "from tests.helpers import assert_same\nimport pytest\nfrom srigl_compile import test_utils\n")
+    assert imported_test_modules(ast.parse(source)) == [
+        "from tests.no_tvm.test_a import ...", "from .test_b import ...", "from tests.codegen import test_c",
+        "from . import test_d", "import tests.gpu.test_e"]
+
+
 def test_no_test_module_imports_another():
-    offenders = []
-    for path in TESTS.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                name = node.module.rpartition(".")[2]
-                if name.startswith("test_") and (node.level or node.module.startswith("tests.")):
-                    offenders.append(f"{path.relative_to(TESTS)}: from {'.' * node.level}{node.module}")
+    offenders = [f"{path.relative_to(TESTS)}: {found}" for path in sorted(TESTS.rglob("*.py"))
+                 for found in imported_test_modules(ast.parse(path.read_text()))]
     assert offenders == []
