@@ -57,7 +57,8 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
             ``fold_batchnorm``.
         dtype: the lowered model's float dtype: float32, or for "cuda" also float16 / bfloat16 (the kernels sum
             in float32). The whole model is converted to it, whatever its dtype was (a float64 or float16 model
-            lowered for "llvm" becomes float32).
+            lowered for "llvm" becomes float32). On "llvm", bfloat16 condensed values with float32 activations:
+            ``LlvmConfig(value_dtype=torch.bfloat16)``.
         example_inputs: as for ``sparsify``, when the graph must be captured with torch.export.
         tune: (llvm only) search schedule variants per layer shape (records kept under ``cache_dir``, default
             ``~/.cache/srigl_compile/tuning``, so a shape is tuned once); False uses tuned records if present,
