@@ -16,6 +16,7 @@ import torch
 from ..runtime import conv_op, linear_op  # register torch.ops.srigl_compile.tvm_condensed_* (no TVM import)
 from ..runtime.checks import KernelShapeError
 from ..runtime.conv_geometry import output_size, phase_columns, phase_kernel
+from ..runtime.registry import get_handle
 from ..runtime.spec import KernelSpec, apply_epilogue
 from .condensed import CondensedConv, CondensedLinear, accepts_unbatched, index_dtype_for
 
@@ -34,7 +35,11 @@ class LoweredLinear(CondensedLinear):
             return self._call_kernel(x, self.values, self.indices, self.bias)
         # Eager: nn.Module.__getattr__ costs ~1 us a buffer, and a batch-1 call reads four (about 10% of it).
         buffers = self._buffers
-        return self._call_kernel(x, buffers["values"], buffers["indices"], buffers["bias"])
+        values, indices, bias = buffers["values"], buffers["indices"], buffers["bias"]
+        row_call = self.__dict__.get("_row_call")  # (the CPU row kernel on operands already checked: 1-2 rows)
+        if row_call is not None and (y := row_call(x, values, indices, bias)) is not None:
+            return self._finish(y, values)
+        return self._call_kernel(x, values, indices, bias)
 
     def _call_kernel(self, x, values, indices, bias) -> torch.Tensor:
         if values.shape[0] == 0:
@@ -43,8 +48,27 @@ class LoweredLinear(CondensedLinear):
             y = linear_op.condensed_linear(x, values, indices, bias, self.kernel_key, self.col_threshold)
         except KernelShapeError as err:
             raise with_layer_name(err, self) from None
+        if type(x) is torch.Tensor and not torch.compiler.is_compiling():
+            self._refresh_row_call(values, indices, bias)
+        return self._finish(y, values)
+
+    def _refresh_row_call(self, values, indices, bias) -> None:
+        """After a full call accepted these operands: the CPU row kernel on them, for the next small eager calls
+        (kept while the same operand tensors stay in place; rebuilt when they are replaced)."""
+        current = self.__dict__.get("_row_call", False)
+        if current is None or (current and current.values is values and current.indices is indices
+                                and current.bias is bias):
+            return  # (None: this handle has no such call)
+        verified = getattr(get_handle(self.kernel_key), "verified_row_call", None)
+        self._row_call = verified(values, indices, bias) if verified else None
+
+    def _finish(self, y: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         y = y if self.compact or values.shape[0] == self.n_out else self.scatter(y, dim=-1)
         return y if self.fused_epilogue else apply_epilogue(y, self.epilogue, None)
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {key: value for key, value in state.items() if key != "_row_call"}  # (holds compiled functions)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kernel={self.kernel_key.split('@')[0]}"

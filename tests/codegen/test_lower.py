@@ -431,3 +431,40 @@ def test_a_shape_lowered_again_with_other_variants_leaves_the_first_model_workin
             torch.testing.assert_close(lowered(x), masked(x), rtol=1e-5, atol=1e-5)
         save_lowered(second, tmp_path / "second")
         torch.testing.assert_close(load_lowered(tmp_path / "second")(x), second(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_small_eager_calls_skip_the_checks_only_while_the_checked_operands_are_in_place(bias, tmp_path):
+    from srigl_compile.errors import InferenceOnlyError
+    from srigl_compile.runtime.checks import KernelDtypeError, KernelShapeError
+
+    torch.manual_seed(1)
+    masked = sparsify(nn.Sequential(nn.Linear(48, 40, bias=bias)), SRigLConfig(sparsity=0.8)).eval()
+    layer = lower(masked, progress=False)[0]
+    x = torch.randn(2, 48)
+    with torch.no_grad():
+        full = layer(x)  # the first call takes the full path, with every check
+        assert type(layer._row_call).__name__ == "RowCall"
+        for rows in (x[:1], x, x.t().contiguous().t(), torch.randn(7, 48)):  # row kernel, strided rows, mid kernel
+            torch.testing.assert_close(layer(rows), masked(rows), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(x), full, rtol=0, atol=0)
+        with pytest.raises(KernelDtypeError):
+            layer(x.double())
+        with pytest.raises(KernelShapeError):
+            layer(torch.randn(1, 47))
+    with pytest.raises(InferenceOnlyError):
+        layer(x.requires_grad_())
+    with torch.no_grad():
+        layer.values = layer.values * 2  # replaced operands: checked again, then the fast path on the new ones
+        torch.testing.assert_close(layer(x[:1]), 2 * (full[:1] - (layer.bias if bias else 0)) +
+                                   (layer.bias if bias else 0), rtol=1e-5, atol=1e-5)
+        assert layer._row_call.values is layer.values
+        layer.values = layer.values.double()
+        with pytest.raises(KernelDtypeError):
+            layer(x[:1])
+    called = lower(masked, progress=False)
+    with torch.no_grad():
+        want = called(x[:1])
+        assert called[0]._row_call is not None
+        save_lowered(called, tmp_path / "m")  # a called model pickles without its fast path (compiled functions)
+        torch.testing.assert_close(load_lowered(tmp_path / "m")(x[:1]), want, rtol=0, atol=0)
