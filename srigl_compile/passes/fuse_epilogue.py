@@ -187,7 +187,7 @@ class FuseEpiloguePass(Pass):
             try:
                 graph = trace_module(parent)
             except Exception as err:  # fx raises many types on code it cannot follow: that parent stays as it is
-                log.info("%s: not traceable, its convolutions keep their epilogues in torch (%s)", parent_name,
+                log.info("%s: not traceable, its layers keep their epilogues in torch (%s)", parent_name,
                          f"{type(err).__name__}: {err}".splitlines()[0][:200])
                 continue
             modules = dict(parent.named_modules())
