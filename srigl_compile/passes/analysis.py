@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .graph_capture import capture_graph, example_args
+from .graph_capture import capture_graph, eval_mode, example_args
 
 __all__ = ["Analysis", "Analyses", "GRAPH", "OUTPUT_SHAPES"]
 
@@ -62,20 +62,17 @@ def _output_shapes(model: nn.Module, example_inputs: Any) -> dict[str, torch.Siz
         return hook
 
     hooks = [m.register_forward_hook(record(name)) for name, m in model.named_modules()]
-    was_training = [m.training for m in model.modules()]
     try:
         args, kwargs = example_args(example_inputs)
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+        with eval_mode(model), FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
             fake = lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t  # noqa: E731
-            model.eval()(*tree_map(fake, args), **tree_map(fake, kwargs))
+            model(*tree_map(fake, args), **tree_map(fake, kwargs))
     except Exception as err:  # an op without a fake implementation: sizes unknown, which passes must accept
         log.info("no output sizes from a fake forward (%s)", err)
         return {}
     finally:
         for hook in hooks:
             hook.remove()
-        for m, flag in zip(model.modules(), was_training):
-            m.training = flag
     return shapes
 
 

@@ -26,7 +26,7 @@ import torch.nn as nn
 from ..errors import TraceError
 
 __all__ = ["ModelGraph", "ModuleCall", "capture_graph", "trace_module", "module_calls", "is_state", "example_args",
-           "output_tensors", "LEAF_TYPES"]
+           "eval_mode", "output_tensors", "LEAF_TYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,8 @@ def example_args(example_inputs: Any) -> tuple[tuple, dict]:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module):
+def eval_mode(model: nn.Module):
+    """The model in eval mode for the block, each module's own training flag restored after."""
     was_training = [m.training for m in model.modules()]
     model.eval()
     try:
@@ -169,7 +170,7 @@ def _tensor_output_view(model: nn.Module) -> nn.Module:
 
 def _export(model: nn.Module, example_inputs: Any) -> ModelGraph:
     args, kwargs = example_args(example_inputs)
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         try:
             program = torch.export.export(model, args, kwargs, strict=False)
         except Exception as err:  # only the graph matters here, not the output's structure: retry on its tensors
