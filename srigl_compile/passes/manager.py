@@ -1,7 +1,8 @@
 """PassManager: run a pipeline's passes in order on one model with one shared ``Analyses`` (``passes/analysis.py``).
 
 After a pass that modified the model, the analyses it does not list in ``Pass.preserves`` are dropped (recomputed
-when next asked for); a pass returning a different module object drops them all.
+when next asked for); a pass returning a different module object drops them all (``Analyses`` belongs to one model
+object).
 
 Example:
     >>> from srigl_compile.passes.fold_batchnorm import FoldBatchNormPass
@@ -35,9 +36,7 @@ class PassManager:
         analyses = analyses if analyses is not None else Analyses()
         for p in self.passes:
             result = p(model, analyses)
-            if result.module is not model:
-                analyses.invalidate()
-            elif result.modified:
+            if result.modified:  # (a different module object starts afresh anyway: Analyses is per model object)
                 analyses.invalidate(p.preserves)
             log.debug("%s: modified=%s, analyses kept: %s", type(p).__name__, result.modified, analyses.computed)
             model = result.module
