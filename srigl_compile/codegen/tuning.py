@@ -36,6 +36,7 @@ from ..runtime.cpu_features import missing_host_features
 from ..runtime.spec import MID_LANES, KernelSpec, block_rows, target_key
 from ._tvm_compat import import_tvm
 from .cpu_target import has_bit_extract
+from .glue_kernels import glue_funcs
 from .kernels import col_kernel, fused_pack_supported, offset_kernel, pack_kernel, row_kernel
 from .rules import RULES, ColParams, RowParams
 
@@ -154,10 +155,12 @@ def compile_kernels(spec: KernelSpec, row: RowParams, col: ColParams, target: Ma
 
 
 def compile_offset_kernel(spec: KernelSpec, params: ColParams, target: Mapping[str, Any]):
-    """An executable holding ``spec.symbol("offset")`` (the direct-convolution kernel); cached per process."""
+    """An executable holding ``spec.symbol("offset")`` (the direct-convolution kernel) and the copies around it
+    (``glue_kernels``: ``spec.symbol("pad")``, ``spec.symbol("crop")``); cached per process."""
     key = (_padded(spec), "offset", params, target_key(target))
     if key not in _COMPILED:
-        _COMPILED[key] = _build({spec.symbol("offset"): _scheduled(spec, "offset", params, target)}, target)
+        funcs = {spec.symbol("offset"): _scheduled(spec, "offset", params, target), **glue_funcs(spec.symbol)}
+        _COMPILED[key] = _build(funcs, target)
         log.info("compiled %s (offset %s)", spec, params)
     return _COMPILED[key]
 

@@ -106,7 +106,7 @@ class LoweredConv(CondensedConv):
     def _forward_direct(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         x2, kernel, stride, dilation, padding = self._as_2d(x)  # Conv1d as height 1; padding modes applied
         if subsamples(self):  # a 1x1 kernel without padding: the strided pixels are all it reads
-            x2, stride = x2[:, :, :: stride[0], :: stride[1]], (1, 1)
+            x2, stride = conv_op.subsample_images(x2, stride, self.kernel_key), (1, 1)
         if self.n_active == 0:  # every filter ablated: no kernel, only the scatter of biases below
             y = x2.new_empty(x2.shape[0], 0, *output_size(x2.shape[2:], kernel, stride, padding, dilation))
         else:  # (strided: self.indices hold the phase convolution's columns, see kernel_operands)

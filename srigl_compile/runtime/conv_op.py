@@ -39,7 +39,7 @@ from .conv_geometry import direct_plan, output_size, phase_kernel, strided_plan
 from .registry import get_handle
 from .scratch import pad_images, scratch
 
-__all__ = ["condensed_conv2d"]
+__all__ = ["condensed_conv2d", "subsample_images"]
 
 
 def _pair(values: Sequence[int]) -> tuple[int, int]:
@@ -81,12 +81,7 @@ def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilati
         return x.new_empty(0, handle.n_out, plan.out_h, plan.out_w)
     out_shape = (batch, handle.n_out, plan.out_h, plan.out_w)
     # The temporaries live in scratch buffers (fresh large tensors are page-faulted in on every call).
-    images = pad_images(x, pads, "padded") if any(pads) else x.contiguous()
-    if strided:  # space-to-depth: [B, C, s_h * rows, s_w * pitch] -> phase images [B, C * s_h * s_w, rows, pitch]
-        phases = scratch("phases", (batch, x.shape[1] * stride[0] * stride[1], plan.rows, plan.pitch))
-        phases.view(batch, x.shape[1], stride[0], stride[1], plan.rows, plan.pitch).copy_(
-            images.view(batch, x.shape[1], plan.rows, stride[0], plan.pitch, stride[1]).permute(0, 1, 3, 5, 2, 4))
-        images = phases
+    images = _padded_input(handle, x, pads, stride, plan)
     offsets = handle.offsets(columns, read_kernel, read_dilation, plan)
     cropped = plan.pitch != plan.out_w or plan.positions != plan.tiles * plan.lanes
     grid_shape = (batch, handle.n_out, plan.tiles * plan.lanes)
@@ -98,17 +93,44 @@ def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilati
                    grid.view(batch, handle.n_out, plan.tiles, plan.lanes))
     if not cropped:
         return grid.view(batch, handle.n_out, plan.out_h, plan.out_w)
+    if handle.crop_fn is not None:
+        out = x.new_empty(out_shape)
+        handle.crop_fn(grid.view(batch * handle.n_out, -1), out.view(-1, plan.out_h, plan.out_w), plan.pitch)
+        return out
     rows = grid[:, :, :plan.positions].unflatten(2, (plan.out_h, plan.pitch))
     # drop the padding columns; clone, not contiguous(): with one image and one channel the crop can be
     # contiguous already, and the result must not be a view of the scratch buffer
     return rows[..., :plan.out_w].clone(memory_format=torch.contiguous_format)
 
 
+def _padded_input(handle, x: torch.Tensor, pads: tuple[int, int, int, int], stride: tuple[int, int],
+                  plan) -> torch.Tensor:
+    """x zero-padded by ``pads`` (left, right, top, bottom; negative ones crop) into ``plan``'s images, split into
+    its s_h * s_w phase images when strided (space-to-depth): [B, C * s_h * s_w, rows, pitch]. One TVM copy where
+    the kernel's library holds ``pad_images``, else torch's pad (and permute)."""
+    batch, channels = x.shape[:2]
+    phases = stride[0] * stride[1]
+    if not any(pads) and phases == 1:
+        return x.contiguous()
+    if handle.pad_fn is not None:
+        images = scratch("padded", (batch * channels, stride[0], stride[1], plan.rows, plan.pitch))
+        handle.pad_fn(x.contiguous().view(batch * channels, x.shape[2], x.shape[3]), images, pads[2], pads[0],
+                      *stride)
+        return images.view(batch, channels * phases, plan.rows, plan.pitch)
+    images = pad_images(x, pads, "padded") if any(pads) else x.contiguous()
+    if phases == 1:
+        return images
+    split = scratch("phases", (batch, channels * phases, plan.rows, plan.pitch))
+    split.view(batch, channels, stride[0], stride[1], plan.rows, plan.pitch).copy_(
+        images.view(batch, channels, plan.rows, stride[0], plan.pitch, stride[1]).permute(0, 1, 3, 5, 2, 4))
+    return split
+
 def _residual_grid(residual: torch.Tensor, out_shape: tuple, plan, cropped: bool) -> torch.Tensor:
     """The residual [B, n_out, OH, OW] (or anything broadcasting to it) as the kernel's res operand
     [B, n_out, NT, lanes] over the padded output grid [OH, pitch] (the padding positions are cropped away later,
     so what they hold does not matter)."""
-    if tuple(torch.broadcast_shapes(residual.shape, out_shape)) != tuple(out_shape):
+    # (torch.broadcast_shapes costs ~80 us: compare first, the usual residual has the output's shape)
+    if tuple(residual.shape) != out_shape and tuple(torch.broadcast_shapes(residual.shape, out_shape)) != out_shape:
         raise KernelShapeError(f"a fused residual of shape {tuple(residual.shape)} does not broadcast to the "
                                f"convolution's output {tuple(out_shape)}")
     residual = residual.to(torch.float32)
@@ -147,3 +169,20 @@ def condensed_conv2d(x: torch.Tensor, values: torch.Tensor, columns: torch.Tenso
         return _run(x, values, columns, bias, kernel_key, kernel_size, padding, dilation, stride, residual)
     return torch.ops.srigl_compile.tvm_condensed_conv2d(x, values, columns, bias, kernel_key, list(kernel_size),
                                                         list(padding), list(dilation), list(stride), residual)
+
+
+def subsample_images(x: torch.Tensor, stride: tuple[int, int], kernel_key: str) -> torch.Tensor:
+    """``x[:, :, ::s_h, ::s_w]``, the pixels a strided unpadded 1x1 convolution reads, as contiguous images: one
+    TVM copy (the kernel library's ``pad_images`` at that stride) for plain float32 CPU tensors, else the view
+    (which the kernel call copies, or a tracer records). The copy lives in a scratch buffer: pass it straight to
+    ``condensed_conv2d``."""
+    step_h, step_w = int(stride[0]), int(stride[1])
+    pad_fn = getattr(get_handle(kernel_key), "pad_fn", None)
+    if (pad_fn is None or type(x) is not torch.Tensor or torch.compiler.is_compiling() or x.dim() != 4
+            or x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() == 0):
+        return x[:, :, ::step_h, ::step_w]
+    batch, channels, height, width = x.shape
+    out_h, out_w = -(-height // step_h), -(-width // step_w)
+    images = scratch("subsampled", (batch * channels, 1, 1, out_h, out_w))
+    pad_fn(x.contiguous().view(batch * channels, height, width), images, 0, 0, step_h, step_w)
+    return images.view(batch, channels, out_h, out_w)

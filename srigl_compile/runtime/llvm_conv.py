@@ -45,6 +45,9 @@ class LlvmConvHandle(HandleBase):
     device_type: ClassVar[str] = "cpu"
     kind: ClassVar[str] = "conv"
     conv_fn: Any = dataclasses.field(init=False, repr=False)
+    # the copies around the kernel (``codegen.glue_kernels``); None in libraries saved before they existed
+    pad_fn: Any = dataclasses.field(init=False, repr=False, default=None)
+    crop_fn: Any = dataclasses.field(init=False, repr=False, default=None)
     # columns tensor (one per layer; held weakly, so a freed layer's entries go) -> {image size: offsets}
     _offsets: Any = dataclasses.field(init=False, repr=False, default_factory=WeakIdKeyDictionary)
     missing_features: tuple = dataclasses.field(init=False, repr=False, default=())
@@ -52,6 +55,9 @@ class LlvmConvHandle(HandleBase):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.conv_fn = self.module[self.spec.symbol("offset")]
+        self.pad_fn, self.crop_fn = (self.module[self.spec.symbol(name)]
+                                     if self.module.implements_function(self.spec.symbol(name), True) else None
+                                     for name in ("pad", "crop"))
         self.missing_features = missing_host_features(self.target)
 
     @property

@@ -1,0 +1,129 @@
+"""TIR of the copies around a direct convolution's kernel: padding (and phase-splitting) its input, cropping its
+output grid. Every size is a runtime argument, so one compiled copy serves every layer and image size.
+
+    pad_images(x [N, H, W], y [N, S_h, S_w, R, P], top, left, stride_h, stride_w)
+        y[n, a, b, u, v] = x[n, stride_h * u + a - top, stride_w * v + b - left], 0 outside x
+        (stride 1: y is x zero-padded to R x P; stride s: the s_h * s_w phase images of that padded x, which is
+        what ``runtime.conv_op`` feeds a strided convolution; negative top / left crop)
+    crop_grid(g [N, G], y [N, OH, OW], pitch)
+        y[n, h, w] = g[n, h * pitch + w]            (the output grid [OH, pitch] without its padding columns)
+    max_pool(x [N, H, W], y [N, OH, OW], kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+             dilation_w)
+        y[n, h, w] = max over the taps (i, j) inside x of x[n, stride_h * h - pad_h + dilation_h * i,
+        stride_w * w - pad_w + dilation_w * j]      (``F.max_pool2d``, -inf padding; OH, OW as torch sizes them)
+
+Why in TVM: torch's pad, permute and crop copies of these small images (0.1-1 MB) cost 30-200 us each inside a
+lowered model, mostly thread hand-over between torch's OpenMP pool and TVM's; in TVM they run on the pool the
+kernel just used, at memory speed. A task is one image (a channel): per row of y, the part of x it holds is
+copied (a contiguous loop at stride 1, which LLVM vectorises) and the rest zeroed. The max-pool is here because a
+lowered model's pooling layers (``nn.lowered.LoweredMaxPool2d``) call it from a convolution's library: torch's
+NCHW max_pool2d takes 3.1 ms on a ResNet-50 stem's 64x112x112 (2 cores), this ~0.1 ms.
+
+Example:
+    >>> funcs = glue_funcs(lambda name: f"srigl_glue_{name}")          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ._tvm_compat import import_tvm
+
+__all__ = ["pad_func", "crop_func", "max_pool_func", "glue_funcs", "GLUE"]
+
+GLUE = ("pad", "crop", "max_pool")  # the glue functions a conv library holds (symbol names: spec.symbol(name))
+
+
+def pad_func(symbol: str):
+    """The ``pad_images`` PrimFunc (module docstring)."""
+    import_tvm()
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def pad_images(x_handle: T.handle, y_handle: T.handle, top: T.int64, left: T.int64, stride_h: T.int64,
+                   stride_w: T.int64):
+        T.func_attr({"global_symbol": symbol, "tirx.noalias": True, "srigl.layout": "pad"})
+        n, height, width = T.int64(), T.int64(), T.int64()
+        phases_h, phases_w, rows, pitch = T.int64(), T.int64(), T.int64(), T.int64()
+        x = T.match_buffer(x_handle, (n, height, width), "float32")
+        y = T.match_buffer(y_handle, (n, phases_h, phases_w, rows, pitch), "float32")
+        for image in T.parallel(n):  # (no divisions per row: a 64-bit division by a runtime value is slow)
+            for a, b in T.grid(phases_h, phases_w):
+                # the columns v whose source column stride_w * v + b - left lies in [0, width)
+                first = T.min(T.max((left - b + stride_w - 1) // stride_w, T.int64(0)), pitch)
+                end = T.max(T.min((width - 1 + left - b) // stride_w + 1, pitch), first)
+                for u in range(rows):
+                    source_row = stride_h * u + a - top
+                    if source_row >= 0 and source_row < height:
+                        for v in range(first):
+                            y[image, a, b, u, v] = T.float32(0)
+                        if stride_w == 1:  # a contiguous copy (vectorised by LLVM)
+                            for v in range(end - first):
+                                y[image, a, b, u, first + v] = x[image, source_row, first + v + b - left]
+                        else:
+                            for v in range(end - first):
+                                y[image, a, b, u, first + v] = x[image, source_row,
+                                                                 stride_w * (first + v) + b - left]
+                        for v in range(pitch - end):
+                            y[image, a, b, u, end + v] = T.float32(0)
+                    else:
+                        for v in range(pitch):
+                            y[image, a, b, u, v] = T.float32(0)
+
+    return pad_images
+
+
+def crop_func(symbol: str):
+    """The ``crop_grid`` PrimFunc (module docstring)."""
+    import_tvm()
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def crop_grid(g_handle: T.handle, y_handle: T.handle, pitch: T.int64):
+        T.func_attr({"global_symbol": symbol, "tirx.noalias": True, "srigl.layout": "crop"})
+        n, grid, out_h, out_w = T.int64(), T.int64(), T.int64(), T.int64()
+        g = T.match_buffer(g_handle, (n, grid), "float32")
+        y = T.match_buffer(y_handle, (n, out_h, out_w), "float32")
+        for task in T.parallel(n * out_h):
+            for w in range(out_w):
+                y[task // out_h, task % out_h, w] = g[task // out_h, task % out_h * pitch + w]
+
+    return crop_grid
+
+
+def max_pool_func(symbol: str):
+    """The ``max_pool`` PrimFunc (module docstring). Per image: y = -inf, then per kernel column j the range of
+    output columns whose tap lies inside x (no test per element), per output row the kernel rows inside x."""
+    import_tvm()
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def max_pool(x_handle: T.handle, y_handle: T.handle, kernel_h: T.int64, kernel_w: T.int64, stride_h: T.int64,
+                 stride_w: T.int64, pad_h: T.int64, pad_w: T.int64, dilation_h: T.int64, dilation_w: T.int64):
+        T.func_attr({"global_symbol": symbol, "tirx.noalias": True, "srigl.layout": "max_pool"})
+        n, height, width, out_h, out_w = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        x = T.match_buffer(x_handle, (n, height, width), "float32")
+        y = T.match_buffer(y_handle, (n, out_h, out_w), "float32")
+        for image in T.parallel(n):
+            for h, w in T.grid(out_h, out_w):
+                y[image, h, w] = T.float32(float("-inf"))  # (a window wholly in the padding: -inf, as torch)
+            for j in range(kernel_w):
+                shift = dilation_w * j - pad_w  # tap j of output column w reads column stride_w * w + shift
+                first = T.min(T.max((stride_w - 1 - shift) // stride_w, T.int64(0)), out_w)
+                end = T.max(T.min((width - 1 - shift) // stride_w + 1, out_w), first)
+                for h, i in T.grid(out_h, kernel_h):
+                    row = stride_h * h - pad_h + dilation_h * i
+                    if row >= 0 and row < height:
+                        for w in range(end - first):  # a NaN wins, as in torch (T.max would drop it)
+                            y[image, h, first + w] = T.if_then_else(
+                                T.isnan(x[image, row, stride_w * (first + w) + shift])
+                                or x[image, row, stride_w * (first + w) + shift] > y[image, h, first + w],
+                                x[image, row, stride_w * (first + w) + shift], y[image, h, first + w])
+
+    return max_pool
+
+
+def glue_funcs(symbol: Callable[[str], str]) -> dict:
+    """{symbol(name): PrimFunc} for every name in ``GLUE``."""
+    makers = {"pad": pad_func, "crop": crop_func, "max_pool": max_pool_func}
+    return {symbol(name): makers[name](symbol(name)) for name in GLUE}
