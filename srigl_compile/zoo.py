@@ -103,6 +103,7 @@ class ResNet(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)  # a module, as in torchvision (lower() runs it in TVM)
         stages, cin = [], width
         for i, count in enumerate(blocks):
             for j in range(count):
@@ -112,7 +113,7 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        out = self.maxpool(F.relu(self.bn1(self.conv1(x))))
         return self.fc(F.adaptive_avg_pool2d(self.layers(out), 1).flatten(1))
 
 

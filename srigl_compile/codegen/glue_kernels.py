@@ -27,11 +27,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..runtime.spec import CONV_GLUE
 from ._tvm_compat import import_tvm
 
-__all__ = ["pad_func", "crop_func", "max_pool_func", "glue_funcs", "GLUE"]
+__all__ = ["pad_func", "crop_func", "max_pool_func", "glue_funcs"]
 
-GLUE = ("pad", "crop", "max_pool")  # the glue functions a conv library holds (symbol names: spec.symbol(name))
 
 
 def pad_func(symbol: str):
@@ -124,6 +124,6 @@ def max_pool_func(symbol: str):
 
 
 def glue_funcs(symbol: Callable[[str], str]) -> dict:
-    """{symbol(name): PrimFunc} for every name in ``GLUE``."""
+    """{symbol(name): PrimFunc} for every name in ``runtime.spec.CONV_GLUE``."""
     makers = {"pad": pad_func, "crop": crop_func, "max_pool": max_pool_func}
-    return {symbol(name): makers[name](symbol(name)) for name in GLUE}
+    return {symbol(name): makers[name](symbol(name)) for name in CONV_GLUE}

@@ -23,7 +23,7 @@ from .cpu_features import missing_host_features
 from .handle import HandleBase
 from .llvm_linear import load_cpu_library
 from .llvm_params import ColParams
-from .spec import KernelSpec, block_rows
+from .spec import CONV_GLUE, KernelSpec, block_rows
 
 __all__ = ["LlvmConvHandle"]
 
@@ -48,6 +48,7 @@ class LlvmConvHandle(HandleBase):
     # the copies around the kernel (``codegen.glue_kernels``); None in libraries saved before they existed
     pad_fn: Any = dataclasses.field(init=False, repr=False, default=None)
     crop_fn: Any = dataclasses.field(init=False, repr=False, default=None)
+    max_pool_fn: Any = dataclasses.field(init=False, repr=False, default=None)  # (for ``runtime.pool_op``)
     # columns tensor (one per layer; held weakly, so a freed layer's entries go) -> {image size: offsets}
     _offsets: Any = dataclasses.field(init=False, repr=False, default_factory=WeakIdKeyDictionary)
     missing_features: tuple = dataclasses.field(init=False, repr=False, default=())
@@ -55,9 +56,9 @@ class LlvmConvHandle(HandleBase):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.conv_fn = self.module[self.spec.symbol("offset")]
-        self.pad_fn, self.crop_fn = (self.module[self.spec.symbol(name)]
-                                     if self.module.implements_function(self.spec.symbol(name), True) else None
-                                     for name in ("pad", "crop"))
+        self.pad_fn, self.crop_fn, self.max_pool_fn = (
+            self.module[self.spec.symbol(name)] if self.module.implements_function(self.spec.symbol(name), True)
+            else None for name in CONV_GLUE)
         self.missing_features = missing_host_features(self.target)
 
     @property

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 __all__ = ["KernelSpec", "K_MULTIPLE", "MID_LANES", "TORCH_INDEX", "TORCH_FLOAT", "EPILOGUES", "target_key",
-           "block_rows", "apply_epilogue"]
+           "block_rows", "apply_epilogue", "CONV_GLUE"]
 
 K_MULTIPLE = 8  # kernels are compiled for k rounded up to this (zero weights on the row's last index)
 MID_LANES = 8  # batch rows per tile of the CPU mid-batch kernel: one AVX2 vector
@@ -41,6 +41,9 @@ TORCH_FLOAT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 # What a kernel may compute on its output before writing it: "" nothing, "relu", "add" (a residual tensor of the
 # output's shape), "add_relu" (relu(y + residual)).
 EPILOGUES = ("", "relu", "add", "add_relu")
+# The TIR helpers a CPU convolution's library holds besides its kernel (``codegen.glue_kernels``), each under
+# ``spec.symbol(name)``: input padding / phase split, output crop, and the model's max-pooling (``pool_op``).
+CONV_GLUE = ("pad", "crop", "max_pool")
 
 
 def apply_epilogue(y: torch.Tensor, epilogue: str, residual: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,98 @@
+"""LowerMaxPoolPass: a lowered model's nn.MaxPool2d layers run the max-pool kernel of its convolution libraries."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from srigl_compile import SRigLConfig, load_lowered, lower, save_lowered, sparsify
+from srigl_compile.nn.pooling import LoweredMaxPool2d
+from srigl_compile.runtime.registry import get_handle
+
+pytestmark = pytest.mark.tvm
+
+
+class PoolingCNN(nn.Module):
+    """Pools the kernel computes (stem 3x3/2, dilated, unbatched-friendly) and two it does not (ceil mode, indices)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        self.dilated = nn.MaxPool2d((2, 3), stride=(1, 2), padding=(1, 1), dilation=(2, 1))
+        self.ceil = nn.MaxPool2d(2, ceil_mode=True)
+        self.indices = nn.MaxPool2d(2, return_indices=True)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.ceil(self.dilated(self.stem(x)))
+        h, _ = self.indices(h)
+        return self.head(h)
+
+
+@pytest.fixture(scope="module")
+def pooling_cnn():
+    torch.manual_seed(0)
+    masked = sparsify(PoolingCNN(), SRigLConfig(sparsity=0.6, distribution="uniform")).eval()
+    return masked, lower(masked, progress=False)
+
+
+def test_pools_the_kernel_computes_are_lowered_and_equal_torch(pooling_cnn):
+    masked, lowered = pooling_cnn
+    assert isinstance(lowered.stem[2], LoweredMaxPool2d) and isinstance(lowered.dilated, LoweredMaxPool2d)
+    assert type(lowered.ceil) is nn.MaxPool2d and type(lowered.indices) is nn.MaxPool2d  # left as they were
+    assert getattr(get_handle(lowered.stem[2].kernel_key), "max_pool_fn", None) is not None
+    with torch.no_grad():
+        for shape in ((1, 3, 17, 19), (3, 3, 12, 12)):
+            x = torch.randn(shape)
+            torch.testing.assert_close(lowered(x), masked(x), rtol=1e-5, atol=1e-5)
+        x = torch.randn(8, 9, 10)  # unbatched, as nn.MaxPool2d takes it
+        assert torch.equal(lowered.stem[2](x), nn.functional.max_pool2d(x, 3, 2, 1))
+
+
+def test_a_library_without_the_pool_and_autograd_inputs_run_torch(pooling_cnn, monkeypatch):
+    _, lowered = pooling_cnn
+    pool = lowered.stem[2]
+    x = torch.randn(2, 8, 9, 9)
+    expected = nn.functional.max_pool2d(x, 3, 2, 1)
+    monkeypatch.setattr(get_handle(pool.kernel_key), "max_pool_fn", None)  # a library saved before it existed
+    assert torch.equal(pool(x), expected)
+    monkeypatch.undo()
+    tracked = x.clone().requires_grad_()
+    pool(tracked).sum().backward()  # torch's pool, so gradients flow
+    assert tracked.grad is not None and torch.equal(pool(x), expected)
+
+
+def test_lowered_pools_under_fx_export_and_compile(pooling_cnn):
+    masked, lowered = pooling_cnn
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = masked(x)
+        program = torch.export.export(lowered, (x,))
+        assert any("tvm_max_pool2d" in str(node.target) for node in program.graph.nodes)
+        torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-5)
+        compiled = torch.compile(lowered, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lowered_pools_save_and_load_in_a_fresh_process(pooling_cnn, tmp_path):
+    masked, lowered = pooling_cnn
+    save_lowered(lowered, tmp_path / "model")
+    x = torch.randn(2, 3, 15, 15)
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(masked(x), tmp_path / "expected.pt")
+    code = (f"import torch; from srigl_compile import load_lowered; m = load_lowered({str(tmp_path / 'model')!r}); "
+            f"x = torch.load({str(tmp_path / 'x.pt')!r}); e = torch.load({str(tmp_path / 'expected.pt')!r}); "
+            "assert type(m.stem[2]).__name__ == 'LoweredMaxPool2d'; "
+            "torch.testing.assert_close(m(x), e, rtol=1e-5, atol=1e-5)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert torch.equal(load_lowered(tmp_path / "model")(x), lowered(x))
+
+
+def test_a_model_without_a_direct_convolution_keeps_its_pools():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 6))
+    lowered = lower(sparsify(model, SRigLConfig(sparsity=0.5)), progress=False)
+    assert type(lowered[0]) is nn.MaxPool2d  # no convolution library to run it from
