@@ -70,13 +70,39 @@ def _f32(value):
     return value if value.dtype == "float32" else value.astype("float32")
 
 
+# erf(x) = x P(x^2) / Q(x^2) on [-4, 4] (+-1 beyond, to float32 precision): Eigen's float erf rational
+# approximation (also TVM's topi.fast_erf), here as an expression so it fuses into a kernel's write-back. TVM's
+# own erf on llvm is a scalar libm call per element; this is mul / add / one divide, vectorised with the tile.
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)
+
+
+def _erf(te, value):
+    x = te.min(te.max(value, te.const(-4.0, "float32")), te.const(4.0, "float32"))
+    x2 = x * x
+    p, q = te.const(_ERF_P[0], "float32"), te.const(_ERF_Q[0], "float32")
+    for c in _ERF_P[1:]:
+        p = p * x2 + te.const(c, "float32")
+    for c in _ERF_Q[1:]:
+        q = q * x2 + te.const(c, "float32")
+    return x * p / q
+
+
 def _relu(te, value, epilogue: str):
-    return te.max(value, te.const(0.0, "float32")) if "relu" in epilogue else value
+    """The epilogue's activation on ``value``: ReLU, or GELU (exact form, 0.5 x (1 + erf(x / sqrt 2)))."""
+    if "relu" in epilogue:
+        return te.max(value, te.const(0.0, "float32"))
+    if "gelu" in epilogue:
+        return te.const(0.5, "float32") * value * (
+            te.const(1.0, "float32") + _erf(te, value * te.const(0.7071067811865476, "float32")))
+    return value
 
 
 def _finish(te, acc, bias_shape_n: int, has_bias: bool, inputs: list, out_fn, epilogue: str = ""):
-    """Add the write-back block y = relu(acc + bias) (bias and relu where asked; no block when neither is) and
-    build the PrimFunc's argument list. (Linear kernels take no residual: "relu" is their only epilogue.)"""
+    """Add the write-back block y = act(acc + bias) (bias and activation where asked; no block when neither is)
+    and build the PrimFunc's argument list. (Linear kernels take no residual: "relu" / "gelu" only.)"""
     if not has_bias and not epilogue:
         return inputs + [acc]
     bias = te.placeholder((bias_shape_n,), "float32", name="bias")
@@ -203,8 +229,8 @@ def offset_kernel(n_out: int, k: int, lanes: int, has_bias: bool, symbol: str, b
                   k_tile: int = 8, epilogue: str = "", value_dtype: str = "float32"):
     """PrimFunc ``f(x[B, L], w[NB, k / k_tile, block_rows, k_tile], off[same] int32, (bias[n_out],)
     (res[B, n_out, NT, lanes],) y[B, n_out, NT, lanes])``: a stride-1 convolution read straight from the padded
-    input; the caller guarantees ``off + NT * lanes <= L``. ``epilogue`` ("relu", "add", "add_relu") is computed in
-    the write-back block: y = relu(acc + bias + res), with ``res`` in y's layout (the output grid).
+    input; the caller guarantees ``off + NT * lanes <= L``. ``epilogue`` ("relu", "add", "add_relu", "gelu") is
+    computed in the write-back block: y = act(acc + bias + res), with ``res`` in y's layout (the output grid).
 
     w and off are [n_out, k] blocked in the order a task reads them (``runtime.spec.block_rows``): row block c holds
     rows c * block_rows ... (zero rows pad the last block), k-tile by k-tile. Row-major [n_out, k] made a task read
@@ -232,7 +258,7 @@ def offset_kernel(n_out: int, k: int, lanes: int, has_bias: bool, symbol: str, b
     def out(b, o, t, lane):
         value = acc[b, t, o // block_rows, o % block_rows, lane] + (bias[o] if has_bias else 0.0)
         value = value + res[b, o, t, lane] if "add" in epilogue else value
-        return te.max(value, te.const(0.0, "float32")) if "relu" in epilogue else value
+        return _relu(te, value, epilogue)
 
     y = te.compute((batch, n_out, tiles, lanes), out, name="y")
     args = [x, w, off] + ([bias] if has_bias else []) + ([res] if "add" in epilogue else []) + [y]

@@ -102,12 +102,12 @@ class _Condensed(nn.Module):
 
     srigl_leaf = True  # graph capture keeps condensed layers as single call_module nodes
     epilogue = ""  # what forward computes after the bias (a class default: older layers and pickles have none)
-    epilogues: tuple[str, ...] = ("", "relu")  # the epilogues this kind of layer can compute
+    epilogues: tuple[str, ...] = ("", "relu", "gelu")  # the epilogues this kind of layer can compute
 
     def set_epilogue_(self, epilogue: str) -> None:
-        """Compute ``epilogue`` (one of ``epilogues``: "relu"; convolutions also "add", "add_relu", whose forward
-        then takes the residual as ``residual=``) on the output. Lowered where its kernel can, the kernel computes
-        it on the tile it writes (``passes/fuse_epilogue.py`` decides where)."""
+        """Compute ``epilogue`` (one of ``epilogues``: "relu", "gelu"; convolutions also "add", "add_relu", whose
+        forward then takes the residual as ``residual=``) on the output. Lowered where its kernel can, the kernel
+        computes it on the tile it writes (``passes/fuse_epilogue.py`` decides where)."""
         if epilogue not in self.epilogues:
             raise LayerError(f"{type(self).__name__} computes the epilogues {self.epilogues}, not {epilogue!r}")
         self.epilogue = epilogue

@@ -1,34 +1,41 @@
-"""FuseEpiloguePass: a layer's residual add and ReLU computed by its kernel, on the tile it writes.
+"""FuseEpiloguePass: a layer's residual add and activation computed by its kernel, on the tile it writes.
 
 In a lowered ResNet the ReLUs and residual adds after the convolutions are separate torch ops, each reading and
-writing a whole activation (49 ReLUs and 16 adds: about a fifth of a batch-1 ResNet-50 forward). Two rewrites:
+writing a whole activation (49 ReLUs and 16 adds: about a fifth of a batch-1 ResNet-50 forward); in a ViT the
+GELUs after each MLP's first layer (12 of them, ~4 ms of a batch-1 ViT-B/16 forward). Three rewrites:
 
 - in an ``nn.Sequential`` (the model itself included), a condensed layer followed (past nn.Identity / eval
-  Dropout children) by an ``nn.ReLU`` child: the layer computes the ReLU and the ReLU child becomes nn.Identity;
+  Dropout children) by an ``nn.ReLU`` or exact ``nn.GELU`` child: the layer computes the activation and the
+  child becomes nn.Identity;
+- in ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` (whose forward does not trace), ``linear1``
+  computes the layer's ReLU / exact GELU ``activation``, which becomes ``no_activation`` (or nn.Identity);
 - in the forward of any other module that calls a condensed layer (its parent; not the model itself, which keeps
   its class and forward), the chain
 
-    layer -> [nn.Identity (a folded BatchNorm) | nn.Dropout (eval)]* -> [add(., other)] -> [relu]
+    layer -> [nn.Identity (a folded BatchNorm) | nn.Dropout (eval)]* -> [add(., other)] -> [relu | gelu]
 
-  where each link is the only use of the one before: the parent is rewritten as an ``fx.GraphModule`` (under the
-  same name and class name, holding the same submodules) whose layer call takes ``residual=other`` and whose add
-  and relu nodes are gone.
+  where each link is the only use of the one before (no GELU after an add): the parent is rewritten as an
+  ``fx.GraphModule`` (under the same name and class name, holding the same submodules) whose layer call takes
+  ``residual=other`` and whose add and activation nodes are gone.
 
-The layer's ``epilogue`` ("relu", "add", "add_relu") says what it now computes (``set_epilogue_``), and its kernel
-computes it (``runtime.spec.apply_epilogue`` is the reference). Which epilogues a layer kind may take is the
-backend's (``Backend.epilogues``: on llvm, convolutions all three, Linear layers "relu").
+The layer's ``epilogue`` ("relu", "add", "add_relu", "gelu") says what it now computes (``set_epilogue_``), and
+its kernel computes it (``runtime.spec.apply_epilogue`` is the reference). Which epilogues a layer kind may take
+is the backend's (``Backend.epilogues``: on llvm, convolutions all four, Linear layers "relu" and "gelu").
 
 Contract.
     requires: condensed layers, after CondensePass, FoldBatchNormPass and PadAblatedRowsPass (a fold turns
               conv -> BatchNorm -> relu into conv -> Identity -> relu; a padded layer's kernel writes its whole
               output); inference (the model is returned in eval mode).
-    ensures:  outputs unchanged (the kernel computes relu(layer + bias + other): the same float operations in the
-              same order). Only layers that (1) their kernel can compute an epilogue for
-              (``nn.lowered.can_fuse_epilogue``) and whose backend computes that epilogue, (2) are reachable under
-              one name and called once in the model's graph, (3) sit in an nn.Sequential, or in a parent other than
-              the model itself that symbolic_trace can trace; the add's other operand is a tensor node, and an
-              in-place add (``+=``, ``add_``) must update the layer's own output; a ReLU child of a Sequential is
-              replaced only when it has one name. Everything else is left as it was.
+    ensures:  outputs unchanged: bit for bit with ReLU and adds (the kernel computes relu(layer + bias + other):
+              the same float operations in the same order), to ~1e-6 relative with GELU (the kernels' erf is a
+              rational approximation good to a few float32 ulps). Only layers that (1) their kernel can compute an
+              epilogue for (``nn.lowered.can_fuse_epilogue``) and whose backend computes that epilogue, (2) are
+              reachable under one name and called once in the model's graph (a torch transformer layer's linear1:
+              one name; its layer may run any number of times), (3) sit in an nn.Sequential or a torch transformer
+              layer, or in a parent other than the model itself that symbolic_trace can trace; the add's other
+              operand is a tensor node, and an in-place add (``+=``, ``add_``) must update the layer's own output;
+              an activation child of a Sequential is replaced only when it has one name. Everything else is left
+              as it was.
     preserves: OUTPUT_SHAPES (no size changes). Not GRAPH: the graph loses nodes.
 """
 
@@ -58,6 +65,8 @@ _PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)  # in eval
 _ADDS = (operator.add, torch.add)
 _INPLACE_ADDS = (operator.iadd,)
 _RELUS = (F.relu, torch.relu, torch.relu_)
+_GELUS = (F.gelu,)
+_TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)  # activation(linear1(x))
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
@@ -84,12 +93,35 @@ def _residual_of(add: fx.Node, value: fx.Node) -> fx.Node | None:
     return None
 
 
-def _is_relu(node: fx.Node, modules: dict) -> bool:
+def _activation_of(node: fx.Node, modules: dict) -> str:
+    """"relu" or "gelu" (exact) when ``node`` applies it to its one input, else ""."""
     if node.op == "call_function" and node.target in _RELUS:
-        return len(node.args) == 1 and set(node.kwargs) <= {"inplace"}
+        return "relu" if len(node.args) == 1 and set(node.kwargs) <= {"inplace"} else ""
     if node.op == "call_method" and node.target in ("relu", "relu_"):
-        return len(node.args) == 1 and not node.kwargs
-    return type(_module(node, modules)) is nn.ReLU
+        return "relu" if len(node.args) == 1 and not node.kwargs else ""
+    if node.op == "call_function" and node.target in _GELUS:
+        exact = node.kwargs.get("approximate", "none") == "none" and set(node.kwargs) <= {"approximate"}
+        return "gelu" if len(node.args) == 1 and exact else ""
+    return _activation_module(_module(node, modules))
+
+
+def _activation_module(module) -> str:
+    """"relu" for nn.ReLU, "gelu" for an exact nn.GELU (the function forms: ``_activation_function``), else ""."""
+    if type(module) is nn.ReLU:
+        return "relu"
+    return "gelu" if type(module) is nn.GELU and module.approximate == "none" else ""
+
+
+def _activation_function(function) -> str:
+    """What a transformer layer's ``activation`` attribute computes ("relu", "gelu" or "")."""
+    if function in _RELUS:
+        return "relu"
+    return "gelu" if function in _GELUS else _activation_module(function)
+
+
+def no_activation(x: torch.Tensor) -> torch.Tensor:
+    """The activation of a transformer layer whose ``linear1`` computes it (module level: pickled by name)."""
+    return x
 
 
 def _fuse_one(graph: fx.Graph, call: fx.Node, modules: dict, allowed: frozenset[str]) -> str:
@@ -105,8 +137,10 @@ def _fuse_one(graph: fx.Graph, call: fx.Node, modules: dict, allowed: frozenset[
         epilogue, end = "add", user
         nodes.append(user)
         user = _only_user(end)
-    if user is not None and _is_relu(user, modules) and ("add_relu" if epilogue else "relu") in allowed:
-        epilogue, end = ("add_relu" if epilogue else "relu"), user
+    activation = _activation_of(user, modules) if user is not None else ""
+    fused = {"relu": "add_relu" if epilogue else "relu", "gelu": "" if epilogue else "gelu"}.get(activation, "")
+    if fused and fused in allowed:  # (no "add_gelu": a GELU after a residual add stays in torch)
+        epilogue, end = fused, user
         nodes.append(user)
     if not epilogue:
         return ""
@@ -160,23 +194,42 @@ class FuseEpiloguePass(Pass):
         return parents
 
     def _fuse_sequential(self, model: nn.Module, parent_name: str, children: list[str], names_of) -> None:
-        """A layer child followed by an nn.ReLU child (past pass-through children) computes the ReLU."""
+        """A layer child followed by an nn.ReLU / exact nn.GELU child (past pass-through children) computes it."""
         parent = model.get_submodule(parent_name)
         keys = list(parent._modules)
         for child in children:
             layer, at = parent._modules[child], keys.index(child) + 1
             while at < len(keys) and isinstance(parent._modules[keys[at]], _PASS_THROUGH):
                 at += 1
-            relu = parent._modules[keys[at]] if at < len(keys) else None
-            if type(relu) is nn.ReLU and names_of[id(relu)] == 1 and "relu" in self._allowed(layer):
-                layer.set_epilogue_("relu")
+            module = parent._modules[keys[at]] if at < len(keys) else None
+            activation = _activation_module(module)
+            if activation and names_of[id(module)] == 1 and activation in self._allowed(layer):
+                layer.set_epilogue_(activation)
                 parent._modules[keys[at]] = nn.Identity()
-                self.fused[f"{parent_name}.{child}" if parent_name else child] = "relu"
+                self.fused[f"{parent_name}.{child}" if parent_name else child] = activation
+
+    def _fuse_transformer_layers(self, model: nn.Module, names_of) -> None:
+        """torch's transformer layers apply ``self.activation`` to ``self.linear1``'s output, once per call (their
+        forward, with its fast-path checks, does not trace, and needs no graph: it is torch's): linear1 computes
+        a ReLU / exact GELU activation, which becomes ``no_activation`` (nn.Identity for a module; the native
+        fast path, which would bypass the layers, stays off)."""
+        for name, parent in model.named_modules():
+            layer = getattr(parent, "linear1", None)
+            if type(parent) not in _TRANSFORMER_LAYERS or type(layer) not in _KINDS or layer.epilogue \
+                    or names_of[id(layer)] != 1 or not can_fuse_epilogue(layer, self.conv_route):
+                continue
+            activation = _activation_function(parent.activation)
+            if activation in self._allowed(layer):
+                layer.set_epilogue_(activation)
+                parent.activation = nn.Identity() if isinstance(parent.activation, nn.Module) else no_activation
+                parent.activation_relu_or_gelu = 0
+                self.fused[f"{name}.linear1" if name else "linear1"] = activation
 
     def call(self, model: nn.Module, analyses: Analyses) -> PassResult:
         self.fused = {}
-        candidates = self._candidates(model, analyses)
         names_of = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+        self._fuse_transformer_layers(model, names_of)
+        candidates = self._candidates(model, analyses)
         for parent_name in [p for p in candidates if type(model.get_submodule(p)) is nn.Sequential]:
             self._fuse_sequential(model, parent_name, candidates.pop(parent_name), names_of)
         # Deepest parents first: rewriting a parent turns its nested children into plain containers. The model

@@ -11,6 +11,7 @@ from srigl_compile import SRigLConfig, sparsify
 from srigl_compile.codegen.backends.llvm import LlvmBackend
 from srigl_compile.errors import LayerError
 from srigl_compile.nn.condensed import CondensedConv
+from srigl_compile.passes.analysis import Analyses
 from srigl_compile.passes.condense import condense
 from srigl_compile.passes.fold_batchnorm import fold_batchnorm
 from srigl_compile.passes.fuse_epilogue import FuseEpiloguePass
@@ -117,7 +118,7 @@ def test_in_a_sequential_a_relu_child_moves_into_the_layer_before_it():
     assert not linear_only(PassManager([PadAblatedRowsPass()]).run(condense(masked)).eval()).modified
 
 
-@pytest.mark.parametrize("epilogue", ["relu", "add", "add_relu"])
+@pytest.mark.parametrize("epilogue", ["relu", "add", "add_relu", "gelu"])
 def test_a_condensed_convolution_computes_its_epilogue_as_the_reference_says(epilogue):
     torch.manual_seed(1)
     layer = condense(sparsify(nn.Sequential(nn.Conv2d(4, 6, 3, padding=1)), SRigLConfig(sparsity=0.5)))[0]
@@ -129,8 +130,8 @@ def test_a_condensed_convolution_computes_its_epilogue_as_the_reference_says(epi
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     unbatched = layer(x[0], residual=residual[0] if "add" in epilogue else None)
     torch.testing.assert_close(unbatched, want[0], rtol=1e-5, atol=1e-6)  # (a batch of one sums in another order)
-    with pytest.raises(LayerError, match="gelu"):
-        layer.set_epilogue_("gelu")
+    with pytest.raises(LayerError, match="silu"):
+        layer.set_epilogue_("silu")
     linear = condense(sparsify(nn.Sequential(nn.Linear(4, 6)), SRigLConfig(sparsity=0.5)))[0]
     with pytest.raises(LayerError, match="'add'"):
         linear.set_epilogue_("add")  # a Linear takes no residual
@@ -142,3 +143,69 @@ def test_a_layer_reachable_under_two_names_is_not_fused():
     fuse = FuseEpiloguePass("direct", LLVM)
     fuse(model)
     assert "block.a" not in fuse.fused and isinstance(model.block.a, CondensedConv) and not model.block.a.epilogue
+
+
+class GeluMLP(nn.Module):
+    """GELU chains: exact ones fuse, the tanh approximation and a GELU after a residual add do not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3, self.fc4 = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 16), \
+            nn.Linear(16, 16)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        h = F.gelu(self.fc1(x))                      # gelu
+        h = self.act(self.fc2(h))                    # gelu (an exact nn.GELU module)
+        h = F.gelu(self.fc3(h), approximate="tanh")  # not the exact GELU: none
+        return F.gelu(self.fc4(h) + h)               # after an add (a Linear takes no residual anyway): none
+
+
+class GeluNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = GeluMLP()
+        self.seq = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16), nn.GELU(approximate="tanh"))
+
+    def forward(self, x):
+        return self.seq(self.mlp(x))
+
+
+def _condensed(model: nn.Module, example=None, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    masked = sparsify(model, SRigLConfig(sparsity=0.5, distribution="uniform", ablation=False),
+                      example_inputs=example)
+    return PassManager([PadAblatedRowsPass()]).run(condense(masked, example_inputs=example)).eval()
+
+
+def test_exact_gelus_fuse_in_traced_parents_and_sequentials_and_outputs_do_not_change():
+    model = _condensed(GeluNet())
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        before = model(x)
+    fuse = FuseEpiloguePass("direct", LLVM)
+    fused = fuse(model).module
+    assert fuse.fused == {"mlp.fc1": "gelu", "mlp.fc2": "gelu", "seq.0": "gelu"}
+    assert type(fused.seq[1]) is nn.Identity and type(fused.seq[3]) is nn.GELU
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), before, rtol=0, atol=0)  # condensed layers run F.gelu itself
+    relu_only = FuseEpiloguePass("direct", {"linear": frozenset({"relu"})})
+    assert not relu_only(_condensed(GeluNet())).modified, "a backend whose kernels compute no GELU: nothing"
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", nn.GELU(), F.relu])
+def test_a_transformer_layer_s_linear1_computes_its_activation(activation):
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, activation=activation,
+                                                               batch_first=True), 2, enable_nested_tensor=False)
+    x = torch.randn(2, 5, 8)
+    model = _condensed(nn.Sequential(nn.Linear(8, 16), encoder), x)
+    with torch.no_grad():
+        before = model(x)
+    fuse = FuseEpiloguePass("direct", LLVM)
+    fused = fuse(model, Analyses(x)).module  # (the encoder's graph: torch.export on the example input)
+    name = "gelu" if activation in ("gelu",) or isinstance(activation, nn.GELU) else "relu"
+    assert fuse.fused == {f"1.layers.{i}.linear1": name for i in (0, 1)}
+    for layer in fused[1].layers:
+        assert layer.linear1.epilogue == name and layer.activation(x) is x and not layer.activation_relu_or_gelu
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), before, rtol=0, atol=0)

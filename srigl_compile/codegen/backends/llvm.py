@@ -57,7 +57,7 @@ class LlvmBackend(Backend):
     description = "x86 / ARM CPUs through LLVM (host CPU detected)"
     dtypes = ("float32",)
     conv_route = "direct"
-    epilogues = {"linear": frozenset({"relu"}), "conv": frozenset({"relu", "add", "add_relu"})}
+    epilogues = {"linear": frozenset({"relu", "gelu"}), "conv": frozenset({"relu", "add", "add_relu", "gelu"})}
     config_type = LlvmConfig
     handle_types = (LlvmLinearHandle, LlvmConvHandle)
 
