@@ -226,30 +226,37 @@ def pack_kernel(n_in: int, lanes: int, symbol: str):
 
 
 def offset_kernel(n_out: int, k: int, lanes: int, has_bias: bool, symbol: str, block_rows: int = 32,
-                  k_tile: int = 8, epilogue: str = "", value_dtype: str = "float32"):
-    """PrimFunc ``f(x[B, L], w[NB, k / k_tile, block_rows, k_tile], off[same] int32, (bias[n_out],)
-    (res[B, n_out, NT, lanes],) y[B, n_out, NT, lanes])``: a stride-1 convolution read straight from the padded
-    input; the caller guarantees ``off + NT * lanes <= L``. ``epilogue`` ("relu", "add", "add_relu", "gelu") is
-    computed in the write-back block: y = act(acc + bias + res), with ``res`` in y's layout (the output grid).
+                  k_tile: int = 8, epilogue: str = "", value_dtype: str = "float32", share: int = 1):
+    """PrimFunc ``f(x[B, L], w[NB, k / k_tile, block_rows, k_tile], off[NB, k / k_tile, block_rows / share, k_tile]
+    int32, (bias[n_out],) (res[B, n_out, NT, lanes],) y[B, n_out, NT, lanes])``: a stride-1 convolution read
+    straight from the padded input; the caller guarantees ``off + NT * lanes <= L``. ``epilogue`` ("relu", "add",
+    "add_relu", "gelu") is computed in the write-back block: y = act(acc + bias + res), with ``res`` in y's layout
+    (the output grid).
 
     w and off are [n_out, k] blocked in the order a task reads them (``runtime.spec.block_rows``): row block c holds
     rows c * block_rows ... (zero rows pad the last block), k-tile by k-tile. Row-major [n_out, k] made a task read
     ``block_rows`` strided streams per operand at once, which the prefetchers could not follow and which aliased in
     L1 (1.1-2x slower, hot or cold). Every size but n_out and k is a runtime argument, so one kernel serves a layer
     at any image size.
+
+    ``share`` > 1: ``share`` consecutive rows read one offset list (their union, ``runtime.spec.shared_columns``;
+    zero weights where a row lacks an input), so a schedule that unrolls them loads each input vector once for all
+    of them (near-dense layers, where the union is barely longer than k). Its length differs per layer, so then k
+    is a runtime argument too (the ``k`` given is ignored).
     """
-    if min(n_out, k, lanes, block_rows, k_tile) < 1 or k % k_tile:
-        raise ValueError(f"n_out, k, lanes, block_rows and k_tile must be >= 1 and k_tile must divide k, got "
-                         f"{n_out}, {k}, {lanes}, {block_rows}, {k_tile}")
+    if min(n_out, k, lanes, block_rows, k_tile, share) < 1 or k % k_tile or block_rows % share:
+        raise ValueError(f"n_out, k, lanes, block_rows, k_tile and share must be >= 1, k_tile must divide k and share "
+                         f"block_rows, got {n_out}, {k}, {lanes}, {block_rows}, {k_tile}, {share}")
     te = import_tvm().te
     batch, length, tiles = te.var("B", "int64"), te.var("L", "int64"), te.var("NT", "int64")
+    k_tiles = te.var("KT", "int64") if share > 1 else k // k_tile
     blocks = -(-n_out // block_rows)
     x = te.placeholder((batch, length), "float32", name="x")
-    w = te.placeholder((blocks, k // k_tile, block_rows, k_tile), value_dtype, name="w")
-    off = te.placeholder((blocks, k // k_tile, block_rows, k_tile), "int32", name="idx")
-    ko, ki = te.reduce_axis((0, k // k_tile), name="ko"), te.reduce_axis((0, k_tile), name="ki")
+    w = te.placeholder((blocks, k_tiles, block_rows, k_tile), value_dtype, name="w")
+    off = te.placeholder((blocks, k_tiles, block_rows // share, k_tile), "int32", name="idx")
+    ko, ki = te.reduce_axis((0, k_tiles), name="ko"), te.reduce_axis((0, k_tile), name="ki")
     acc = te.compute((batch, tiles, blocks, block_rows, lanes), lambda b, t, c, o, lane: te.sum(
-        _f32(w[c, ko, o, ki]) * x[b, off[c, ko, o, ki].astype("int64") + t * lanes + lane], axis=[ko, ki]),
+        _f32(w[c, ko, o, ki]) * x[b, off[c, ko, o // share, ki].astype("int64") + t * lanes + lane], axis=[ko, ki]),
         name="acc")
     # y is always a block of its own: the write-back from the task's [rows, lanes] accumulators to [B, n_out, ...]
     bias = te.placeholder((n_out,), "float32", name="bias")

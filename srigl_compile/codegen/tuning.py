@@ -58,7 +58,7 @@ def kernel_func(spec: KernelSpec, layout: str, params, target: Mapping[str, Any]
                           bit_extract=has_bit_extract(target), epilogue=spec.epilogue, value_dtype=values)
     if layout == "offset":
         return offset_kernel(spec.n_out, k, params.lanes, spec.has_bias, spec.symbol("offset"), params.rows,
-                             params.kin, spec.epilogue, values)
+                             params.kin, spec.epilogue, values, params.share)
     return col_kernel(spec.n_out, spec.n_in, k, spec.index_dtype, params.lanes, spec.has_bias, spec.symbol(layout),
                       tiles_first=True, fused_pack=layout == "fused", epilogue=spec.epilogue, value_dtype=values)
 

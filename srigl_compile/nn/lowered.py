@@ -82,9 +82,13 @@ class LoweredConv(CondensedConv):
 
     # Direct layers hold their operands blocked as the kernel reads them, [row blocks, k / kin, rows, kin]
     # (``LlvmConvHandle.pack``), zero rows filling the last block: k and n_active come from elsewhere.
+    kernel_k = 0  # k as the kernel spec pads it (set when lowering; layers saved before: from the blocks)
+
     @property
     def k(self) -> int:
-        return self.values.shape[1] * self.values.shape[3] if self.values.dim() == 4 else self.values.shape[1]
+        if self.values.dim() != 4:
+            return self.values.shape[1]
+        return self.kernel_k or self.values.shape[1] * self.values.shape[3]  # (shared offsets: blocks are wider)
 
     @property
     def n_active(self) -> int:
@@ -211,4 +215,5 @@ def make_lowered_(layer, handle, conv_route: str, col_threshold: int = 0, name: 
     layer.fused_epilogue = handle is not None and bool(handle.spec.epilogue)
     if isinstance(layer, LoweredConv):  # (no kernel: the direct route only scatters the biases)
         layer.direct = direct or handle is None
+        layer.kernel_k = handle.k_pad if handle is not None and direct else 0
     return layer

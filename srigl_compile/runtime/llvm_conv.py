@@ -23,7 +23,7 @@ from .cpu_features import missing_host_features
 from .handle import HandleBase
 from .llvm_linear import load_cpu_library
 from .llvm_params import ColParams
-from .spec import CONV_GLUE, KernelSpec, block_rows
+from .spec import CONV_GLUE, KernelSpec, block_rows, shared_columns
 
 __all__ = ["LlvmConvHandle"]
 
@@ -67,13 +67,17 @@ class LlvmConvHandle(HandleBase):
 
     def pack(self, values: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Kernel operands from a condensed conv's (values, im2col columns) [n_out, k]: ``KernelSpec.pack``, then
-        blocked as the kernel reads them (``block_rows``: [n_out / rows, k_pad / kin, rows, kin]). Do it once."""
+        (with ``params.share`` > 1) grouped by ``shared_columns``, then blocked as the kernel reads them
+        (``block_rows``: [n_out / rows, k / kin, rows (or rows / share for the columns), kin]). Do it once."""
         values, columns = super().pack(values, columns)
-        return block_rows(values, self.params.rows, self.params.kin), block_rows(columns, self.params.rows,
-                                                                                 self.params.kin)
+        rows, kin, share = self.params.rows, self.params.kin, self.params.share
+        if share > 1:  # groups of rows reading their union of columns (``spec.shared_columns``)
+            values, columns = shared_columns(values, columns, share, rows, kin)
+        return block_rows(values, rows, kin), block_rows(columns, rows // share, kin)
 
     def is_packed(self, values: torch.Tensor) -> bool:
-        return values.dim() == 4 and values.shape[1] * values.shape[3] == self.k_pad
+        return values.dim() == 4 and values.shape[2] == self.params.rows and (
+            self.params.share > 1 or values.shape[1] * values.shape[3] == self.k_pad)
 
     def offsets(self, columns: torch.Tensor, kernel, dilation, plan: DirectPlan) -> torch.Tensor:
         """``column_offsets`` for this image size, computed once per layer (its columns tensor) and size. The

@@ -24,9 +24,12 @@ class RowParams:
 
 @dataclasses.dataclass(frozen=True)
 class ColParams:
-    """rows: output rows per task; kin: k-inner tile (divides k); rin: rows interleaved; lanes: batch tile width."""
+    """rows: output rows per task; kin: k-inner tile (divides k); rin: rows interleaved; lanes: batch tile width;
+    share (offset kernel only): consecutive rows reading one shared list of inputs (the union of theirs, zero
+    weights where a row lacks one), so each input vector loaded serves ``share`` rows; 1: every row its own."""
 
     rows: int = 32
     kin: int = 8
     rin: int = 1
     lanes: int = 64
+    share: int = 1

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 __all__ = ["KernelSpec", "K_MULTIPLE", "MID_LANES", "TORCH_INDEX", "TORCH_FLOAT", "EPILOGUES", "target_key",
-           "block_rows", "apply_epilogue", "CONV_GLUE"]
+           "block_rows", "shared_columns", "apply_epilogue", "CONV_GLUE"]
 
 K_MULTIPLE = 8  # kernels are compiled for k rounded up to this (zero weights on the row's last index)
 MID_LANES = 8  # batch rows per tile of the CPU mid-batch kernel: one AVX2 vector
@@ -164,3 +164,29 @@ def block_rows(operand: torch.Tensor, rows: int, k_tile: int) -> torch.Tensor:
     if blocks * rows != n:
         operand = torch.cat([operand, operand.new_zeros(blocks * rows - n, k)])
     return operand.view(blocks, rows, k // k_tile, k_tile).permute(0, 2, 1, 3).contiguous()
+
+
+def shared_columns(values: torch.Tensor, columns: torch.Tensor, share: int, rows: int,
+                   k_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows in groups of ``share`` reading one list of columns: ([n', ku] values, [n' / share, ku] columns), n' = n
+    rounded up to ``rows`` (zero rows at column 0), ku = the largest group's union of columns rounded up to
+    ``k_tile``. Each group's columns are its rows' union, sorted (then its last column repeated); a row's value
+    sits at its column's place in its group, zero elsewhere. Duplicate columns within a row (``pack``'s zero-weight
+    padding) add up: their weights are zero.
+    """
+    n, k = values.shape
+    padded = -(-n // rows) * rows
+    if padded != n:
+        values = torch.cat([values, values.new_zeros(padded - n, k)])
+        columns = torch.cat([columns, columns.new_zeros(padded - n, k)])
+    ordered = columns.reshape(padded // share, share * k).sort(dim=1).values
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    counts = first.sum(dim=1)
+    width = -(-int(counts.max()) // k_tile) * k_tile
+    union = ordered.new_zeros(padded // share, width).scatter_(1, first.long().cumsum(1) - 1, ordered)
+    last = union.gather(1, (counts - 1)[:, None])
+    union = torch.where(torch.arange(width) < counts[:, None], union, last)  # (sorted: searchsorted finds slots)
+    slots = torch.searchsorted(union.repeat_interleave(share, dim=0), columns)
+    spread = values.new_zeros(padded, width).scatter_add_(1, slots, values)
+    return spread, union

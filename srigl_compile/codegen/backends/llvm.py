@@ -25,6 +25,7 @@ from ...runtime.llvm_linear import LlvmLinearHandle
 from ...runtime.registry import get_registered, register_handle
 from ...runtime.spec import KernelSpec, target_key
 from ..cpu_target import check_llvm_target
+from ..rules import offset_share
 from ..tuning import compile_kernels, compile_offset_kernel, select_params
 from .base import Backend, TargetConfig
 
@@ -130,6 +131,8 @@ def build_conv(spec: KernelSpec, target: Mapping[str, Any] | None = None, *, tun
     params = select_params(spec, "offset", target, tune=tune, cache_dir=cache_dir, progress=progress)
     if spec.lanes:
         params = dataclasses.replace(params, lanes=spec.lanes)
+    if (share := offset_share(spec.n_in, spec.k)) > 1 and params.rows % share == 0:  # near-dense: shared offsets
+        params = dataclasses.replace(params, share=share, rin=share)
     key, existing = _variant_key(key, lambda handle: handle.params == params)
     if existing is not None:
         return existing
