@@ -28,7 +28,6 @@ from ..errors import LayerError
 from ..nn.condensed import CondensedConv, CondensedLinear
 from ..nn.lowered import LoweredConv, LoweredLinear, kernel_spec, make_lowered_, pointwise_unpadded
 from ..nn.masked import is_masked
-from ..runtime.conv_geometry import exact_tile
 from .analysis import GRAPH, OUTPUT_SHAPES, Analyses
 from .base import Pass, PassResult
 from .condense import CondensePass
@@ -180,8 +179,9 @@ class CompileKernelsPass(Pass):
     """Compile a kernel for each condensed layer on ``backend`` and turn the layer into its lowered form.
 
     requires: condensed layers. ensures: each is a LoweredLinear / LoweredConv whose kernel is registered.
-    A 1x1 unpadded convolution on a direct-convolution backend gets a tile width dividing its output grid, read
-    from OUTPUT_SHAPES (none without example inputs: the default tile, correct with a padded tail).
+    A 1x1 unpadded convolution on a direct-convolution backend gets a tile width dividing its output grid, sized
+    from OUTPUT_SHAPES by the backend (``conv_tile``; none without example inputs: the default tile, correct with
+    a padded tail).
     """
 
     def __init__(self, backend, config) -> None:
@@ -198,7 +198,10 @@ class CompileKernelsPass(Pass):
             spec = kernel_spec(layer, route, self.backend.spec_dtype(self.config))
             if spec is not None and route == "direct" and isinstance(layer, CondensedConv) \
                     and pointwise_unpadded(layer):
-                spec = dataclasses.replace(spec, lanes=_exact_lanes(analyses.get(OUTPUT_SHAPES, model).get(name)))
+                shape = analyses.get(OUTPUT_SHAPES, model).get(name)
+                if shape is not None and len(shape) > 2:  # (unknown sizes: the variant's tile, a padded tail)
+                    spec = dataclasses.replace(spec, lanes=self.backend.conv_tile(spec, shape[2:].numel(),
+                                                                                  self.config))
             handle = self.backend.build(spec, self.config) if spec is not None else None  # (no neuron: no kernel)
             make_lowered_(layer, handle, route, self.config.col_threshold or 0, name)
             self.lowered.append(name)
@@ -209,11 +212,6 @@ class CompileKernelsPass(Pass):
         left = [name for name, _ in _condensed_layers(result.module)]
         if left:
             raise LayerError(f"layers {left[:5]} were not lowered")
-
-
-def _exact_lanes(shape: torch.Size | None) -> int | None:
-    """A tile width dividing a convolution's output positions (None: unknown sizes, or no such width)."""
-    return exact_tile(shape[2:].numel()) if shape is not None and len(shape) > 2 else None
 
 
 def _bake_parametrizations(module: nn.Module) -> None:

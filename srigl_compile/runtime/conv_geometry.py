@@ -132,12 +132,17 @@ def strided_plan(height: int, width: int, kernel: tuple[int, int], stride: tuple
     return plan, pads
 
 
-def exact_tile(positions: int) -> int | None:
+def exact_tile(positions: int, vector: int = 8, widest: int = 64) -> int | None:
     """A tile width (lanes) that divides an unpadded 1x1 convolution's ``positions`` (= out_h * out_w), so its
     grid has no rounded-up tail: no zero rows to pad in, no columns to crop out, no lanes computed for nothing.
-    The widest multiple of 8 up to 64 that divides it (whole AVX2 vectors), else the widest divisor in 33..64 (49
-    for 7x7 and 14x14 maps: 6 vectors and one scalar lane), else None."""
-    for lanes in (*range(64, 7, -8), *range(63, 32, -1)):
-        if positions % lanes == 0:
-            return lanes
-    return None
+
+    Among the divisors from 32 (or the whole grid, when smaller) up to ``widest``, the one filling its vectors best
+    (``lanes / (vector * ceil(lanes / vector))``), the widest on a tie; None when there is none. With AVX2's 8
+    lanes and 64 at most: 64 for 56x56 maps, 56 for 28x28, 49 for 14x14 and 7x7 (6 vectors and one scalar lane).
+    With AVX-512's 16 and 208 (13 vectors): 112 for 28x28 (7 whole vectors; 56 lanes are 3.5, 1.5x slower), 196
+    for 14x14 (12.25 vectors; 49 lanes, 3 and a scalar one, up to 1.9x slower), 49 for 7x7."""
+    fits = [lanes for lanes in range(1, min(positions, widest) + 1) if positions % lanes == 0
+            and (lanes >= 32 or lanes == positions)]  # (narrower tiles pay a weight and offset load per vector)
+    if not fits:
+        return None
+    return max(fits, key=lambda lanes: (lanes / (vector * -(-lanes // vector)), lanes))

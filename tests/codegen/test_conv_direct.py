@@ -270,14 +270,19 @@ def test_block_rows_orders_operands_as_a_task_reads_them():
 def test_exact_tile_divides_the_grid():
     from srigl_compile.runtime.conv_geometry import exact_tile
 
-    assert [exact_tile(n) for n in (3136, 784, 196, 49, 12544, 16, 9)] == [64, 56, 49, 49, 64, 16, None]
+    assert [exact_tile(n) for n in (3136, 784, 196, 49, 12544, 16, 9)] == [64, 56, 49, 49, 64, 16, 9]
+    assert [exact_tile(n, 16, 208) for n in (3136, 784, 196, 49, 12544, 16)] == [112, 112, 196, 49, 128, 16]
+    assert exact_tile(784, 16, 64) == 56 and exact_tile(2 * 67) is None  # (2 or 67 lanes: none fits)
     for positions in range(1, 300):
-        lanes = exact_tile(positions)
-        assert lanes is None or (positions % lanes == 0 and 8 <= lanes <= 64)
+        for vector, widest in ((8, 64), (16, 208)):
+            lanes = exact_tile(positions, vector, widest)
+            assert lanes is None or (positions % lanes == 0 and min(32, positions) <= lanes <= widest)
 
 
 @pytest.mark.tvm
 def test_example_inputs_give_1x1_layers_a_tile_that_needs_no_padding():
+    from srigl_compile.codegen.cpu_target import host_llvm_target
+    from srigl_compile.runtime.cpu_features import cpu_features
     from srigl_compile.runtime.registry import get_handle
 
     torch.manual_seed(0)
@@ -286,7 +291,8 @@ def test_example_inputs_give_1x1_layers_a_tile_that_needs_no_padding():
     masked = sparsify(net, SRigLConfig(sparsity=0.7, distribution="uniform")).eval()
     lowered = lower(masked, example_inputs=(torch.randn(2, 16, 14, 14),), progress=False)
     lanes = [get_handle(m.kernel_key).lanes for m in lowered if isinstance(m, LoweredConv)]
-    assert lanes == [49, 49, 64], "14x14 and its 7x7 subsample: 49 lanes; the 3x3 keeps the default"
+    wide = "avx512f" in cpu_features(host_llvm_target())  # (14x14: 196 lanes in 16-lane vectors, 49 in 8-lane)
+    assert lanes == [196 if wide else 49, 49, 64], "14x14 and its 7x7 subsample divided; the 3x3 keeps the default"
     assert get_handle(lower(masked, progress=False)[0].kernel_key).lanes == 64, "no example inputs: default tile"
     with torch.no_grad():
         for shape in ((2, 16, 14, 14), (1, 16, 9, 11)):  # the example's size and another one

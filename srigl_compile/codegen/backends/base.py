@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from ...errors import LoweringError
+from ...runtime.conv_geometry import exact_tile
 from ...runtime.spec import KernelSpec
 
 __all__ = ["Backend", "TargetConfig", "CONV_ROUTES"]
@@ -108,6 +109,11 @@ class Backend(abc.ABC):
     def spec_dtype(self, config: TargetConfig) -> str | None:
         """The dtype a KernelSpec names: only where the backend has several (it is then part of the key)."""
         return config.dtype_name if len(self.dtypes) > 1 else None
+
+    def conv_tile(self, spec: KernelSpec, positions: int, config: TargetConfig) -> int | None:
+        """The tile width of an unpadded 1x1 convolution whose output has ``positions`` positions (a divisor: no
+        padded tail; ``conv_geometry.exact_tile``), or None for the variant's own. Default: AVX2-sized."""
+        return exact_tile(positions)
 
     def place(self, model: nn.Module) -> nn.Module:
         """Where the lowered model goes (default: it stays where it is)."""

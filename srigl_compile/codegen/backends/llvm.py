@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 from ...errors import LoweringError
+from ...runtime.conv_geometry import exact_tile
+from ...runtime.cpu_features import cpu_features
 from ...runtime.llvm_conv import LlvmConvHandle
 from ...runtime.llvm_linear import LlvmLinearHandle
 from ...runtime.registry import get_registered, register_handle
@@ -85,6 +87,15 @@ class LlvmBackend(Backend):
         value_dtype = getattr(config, "value_dtype", torch.float32)
         return None if value_dtype == torch.float32 else str(value_dtype).removeprefix("torch.")
 
+    def conv_tile(self, spec: KernelSpec, positions: int, config: LlvmConfig) -> int | None:
+        """With AVX-512, tiles of whole 16-lane vectors up to 13 of them (``rin`` = 2 rows: 26 of the 32
+        accumulator registers); 64 lanes at most for near-dense layers, whose shared offsets interleave 4 rows.
+        Else (AVX2) 8-lane vectors, 64 lanes at most."""
+        if "avx512f" not in cpu_features(config.target):
+            return exact_tile(positions)
+        widest = 64 if offset_share(spec.n_in, spec.k) > 1 else 13 * 16
+        return exact_tile(positions, vector=16, widest=widest)
+
     def build(self, spec: KernelSpec, config: LlvmConfig):
         options = dict(tune=config.tune, cache_dir=config.cache_dir, progress=config.tune and config.progress)
         build = build_conv if spec.op == "conv" else build_linear
@@ -131,7 +142,11 @@ def build_conv(spec: KernelSpec, target: Mapping[str, Any] | None = None, *, tun
     params = select_params(spec, "offset", target, tune=tune, cache_dir=cache_dir, progress=progress)
     if spec.lanes:
         params = dataclasses.replace(params, lanes=spec.lanes)
-    if (share := offset_share(spec.n_in, spec.k)) > 1 and params.rows % share == 0:  # near-dense: shared offsets
+    share = offset_share(spec.n_in, spec.k)
+    # near-dense: shared offsets, share rows x lanes / 16 accumulators in AVX-512's 32 registers (measured there
+    # only; AVX2's 16 registers would spill)
+    if share > 1 and params.rows % share == 0 and "avx512f" in cpu_features(target) \
+            and share * -(-params.lanes // 16) <= 16:
         params = dataclasses.replace(params, share=share, rin=share)
     key, existing = _variant_key(key, lambda handle: handle.params == params)
     if existing is not None:
