@@ -179,9 +179,9 @@ class CompileKernelsPass(Pass):
     """Compile a kernel for each condensed layer on ``backend`` and turn the layer into its lowered form.
 
     requires: condensed layers. ensures: each is a LoweredLinear / LoweredConv whose kernel is registered.
-    A convolution on a direct-convolution backend gets the tile width the backend picks for its output size, read
-    from OUTPUT_SHAPES (``conv_tile``: for a 1x1 unpadded one, a width dividing its output grid; none without
-    example inputs: the variant's tile, correct with a padded tail).
+    A 1x1 unpadded convolution on a direct-convolution backend gets a tile width dividing its output grid, sized
+    from OUTPUT_SHAPES by the backend (``conv_tile``; none without example inputs: the default tile, correct with
+    a padded tail).
     """
 
     def __init__(self, backend, config) -> None:
@@ -196,11 +196,12 @@ class CompileKernelsPass(Pass):
         route = self.backend.conv_route
         for name, layer in _condensed_layers(model):
             spec = kernel_spec(layer, route, self.backend.spec_dtype(self.config))
-            if spec is not None and route == "direct" and isinstance(layer, CondensedConv):
+            if spec is not None and route == "direct" and isinstance(layer, CondensedConv) \
+                    and pointwise_unpadded(layer):
                 shape = analyses.get(OUTPUT_SHAPES, model).get(name)
                 if shape is not None and len(shape) > 2:  # (unknown sizes: the variant's tile, a padded tail)
-                    spec = dataclasses.replace(spec, lanes=self.backend.conv_tile(
-                        spec, shape[2:].numel(), self.config, pointwise_unpadded(layer)))
+                    spec = dataclasses.replace(spec, lanes=self.backend.conv_tile(spec, shape[2:].numel(),
+                                                                                  self.config))
             handle = self.backend.build(spec, self.config) if spec is not None else None  # (no neuron: no kernel)
             make_lowered_(layer, handle, route, self.config.col_threshold or 0, name)
             self.lowered.append(name)

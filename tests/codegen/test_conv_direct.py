@@ -292,10 +292,7 @@ def test_example_inputs_give_1x1_layers_a_tile_that_needs_no_padding():
     lowered = lower(masked, example_inputs=(torch.randn(2, 16, 14, 14),), progress=False)
     lanes = [get_handle(m.kernel_key).lanes for m in lowered if isinstance(m, LoweredConv)]
     wide = "avx512f" in cpu_features(host_llvm_target())  # (14x14: 196 lanes in 16-lane vectors, 49 in 8-lane)
-    assert lanes == [196 if wide else 49, 49, 64], "14x14 and its 7x7 subsample divided; the 3x3 at 7x7: default"
-    padded = sparsify(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1)), SRigLConfig(sparsity=0.7)).eval()
-    tile = get_handle(lower(padded, example_inputs=(torch.randn(1, 8, 14, 14),), progress=False)[0].kernel_key).lanes
-    assert tile == (112 if wide else 64), "a padded convolution from 14x14 on: 7 whole vectors with AVX-512"
+    assert lanes == [196 if wide else 49, 49, 64], "14x14 and its 7x7 subsample divided; the 3x3 keeps the default"
     assert get_handle(lower(masked, progress=False)[0].kernel_key).lanes == 64, "no example inputs: default tile"
     with torch.no_grad():
         for shape in ((2, 16, 14, 14), (1, 16, 9, 11)):  # the example's size and another one

@@ -110,11 +110,10 @@ class Backend(abc.ABC):
         """The dtype a KernelSpec names: only where the backend has several (it is then part of the key)."""
         return config.dtype_name if len(self.dtypes) > 1 else None
 
-    def conv_tile(self, spec: KernelSpec, positions: int, config: TargetConfig, pointwise: bool) -> int | None:
-        """The tile width of a direct convolution whose output has ``positions`` positions, or None for the
-        variant's own. ``pointwise`` (1x1, unpadded: its grid is its output): a divisor, so no padded tail
-        (``conv_geometry.exact_tile``). Default: AVX2-sized divisors, the variant's tile otherwise."""
-        return exact_tile(positions) if pointwise else None
+    def conv_tile(self, spec: KernelSpec, positions: int, config: TargetConfig) -> int | None:
+        """The tile width of an unpadded 1x1 convolution whose output has ``positions`` positions (a divisor: no
+        padded tail; ``conv_geometry.exact_tile``), or None for the variant's own. Default: AVX2-sized."""
+        return exact_tile(positions)
 
     def place(self, model: nn.Module) -> nn.Module:
         """Where the lowered model goes (default: it stays where it is)."""

@@ -35,7 +35,6 @@ __all__ = ["LlvmBackend", "LlvmConfig", "build_linear", "build_conv", "build_con
            "build_condensed_conv", "VALUE_DTYPES"]
 
 VALUE_DTYPES = (torch.float32, torch.bfloat16)  # what the CPU kernels' values may be stored as
-WIDE_TILE = 112  # lanes of a padded / strided convolution's tile with AVX-512 (see LlvmBackend.conv_tile)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,18 +87,14 @@ class LlvmBackend(Backend):
         value_dtype = getattr(config, "value_dtype", torch.float32)
         return None if value_dtype == torch.float32 else str(value_dtype).removeprefix("torch.")
 
-    def conv_tile(self, spec: KernelSpec, positions: int, config: LlvmConfig, pointwise: bool) -> int | None:
-        """With AVX-512, 1x1 tiles of whole 16-lane vectors up to 13 of them (``rin`` = 2 rows: 26 of the 32
-        accumulator registers; 64 lanes at most for near-dense layers, whose shared offsets interleave 4 rows), and
-        112 lanes (7 vectors) for other convolutions from 14x14 outputs on (3x3 at 256x14x14: 122 -> 95 us, at
-        128x28x28 205 -> 183, at 64x56x56 even; at 7x7, 64 lanes stay: 112 would compute 49 of 63 for nothing).
-        Else (AVX2) 8-lane vectors, 64 lanes at most, 1x1 only."""
+    def conv_tile(self, spec: KernelSpec, positions: int, config: LlvmConfig) -> int | None:
+        """With AVX-512, tiles of whole 16-lane vectors up to 13 of them (``rin`` = 2 rows: 26 of the 32
+        accumulator registers); 64 lanes at most for near-dense layers, whose shared offsets interleave 4 rows.
+        Else (AVX2) 8-lane vectors, 64 lanes at most."""
         if "avx512f" not in cpu_features(config.target):
-            return super().conv_tile(spec, positions, config, pointwise)
-        near_dense = offset_share(spec.n_in, spec.k) > 1
-        if not pointwise:
-            return WIDE_TILE if positions >= 196 and not near_dense else None
-        return exact_tile(positions, vector=16, widest=64 if near_dense else 13 * 16)
+            return exact_tile(positions)
+        widest = 64 if offset_share(spec.n_in, spec.k) > 1 else 13 * 16
+        return exact_tile(positions, vector=16, widest=widest)
 
     def build(self, spec: KernelSpec, config: LlvmConfig):
         options = dict(tune=config.tune, cache_dir=config.cache_dir, progress=config.tune and config.progress)
