@@ -125,6 +125,7 @@ def _padded_input(handle, x: torch.Tensor, pads: tuple[int, int, int, int], stri
         images.view(batch, channels, plan.rows, stride[0], plan.pitch, stride[1]).permute(0, 1, 3, 5, 2, 4))
     return split
 
+
 def _residual_grid(residual: torch.Tensor, out_shape: tuple, plan, cropped: bool) -> torch.Tensor:
     """The residual [B, n_out, OH, OW] (or anything broadcasting to it) as the kernel's res operand
     [B, n_out, NT, lanes] over the padded output grid [OH, pitch] (the padding positions are cropped away later,
