@@ -9,8 +9,11 @@ the input is padded once (``conv_geometry``) and the offset kernel reads each no
 positions as one contiguous run of the padded image; the only other copy drops the padding columns of the output.
 Offsets depend on the image size, so they are computed on first use of a size and cached per layer
 (``LlvmConvHandle.offsets``). A strided convolution runs as a stride-1 one over the input's phase images
-(space-to-depth, ``conv_geometry``): one more copy of the input, instead of im2col's kernel-size-fold blow-up; its
-columns are remapped once, when lowering.
+(space-to-depth, ``conv_geometry``): the same one copy of the input, split as it is padded, instead of im2col's
+kernel-size-fold blow-up; its columns are remapped once, when lowering. The copies (pad / phase split, the 1x1
+strided subsample, the crop) are TVM functions of the kernel's own library (``codegen.glue_kernels``): torch's
+copies of these small images cost 30-200 us each inside a model, mostly hand-over between torch's thread pool and
+TVM's. Libraries saved before they existed run torch's copies instead.
 
 The operator has a fake implementation (``torch.fx``, ``torch.export``, ``torch.compile(fullgraph=True)`` keep it
 as one node) and passes ``torch.library.opcheck``; ``condensed_conv2d`` skips the dispatcher for plain tensors.
