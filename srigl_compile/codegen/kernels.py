@@ -90,7 +90,7 @@ def _erf(te, value):
     return x * p / q
 
 
-def _relu(te, value, epilogue: str):
+def _activation(te, value, epilogue: str):
     """The epilogue's activation on ``value``: ReLU, or GELU (exact form, 0.5 x (1 + erf(x / sqrt 2)))."""
     if "relu" in epilogue:
         return te.max(value, te.const(0.0, "float32"))
@@ -106,7 +106,7 @@ def _finish(te, acc, bias_shape_n: int, has_bias: bool, inputs: list, out_fn, ep
     if not has_bias and not epilogue:
         return inputs + [acc]
     bias = te.placeholder((bias_shape_n,), "float32", name="bias")
-    y = te.compute(acc.shape, lambda *i: _relu(te, acc(*i) + bias[out_fn(*i)] if has_bias else acc(*i), epilogue),
+    y = te.compute(acc.shape, lambda *i: _activation(te, acc(*i) + bias[out_fn(*i)] if has_bias else acc(*i), epilogue),
                    name="y")
     return inputs + ([bias] if has_bias else []) + [y]
 
@@ -185,7 +185,7 @@ def col_kernel(n_out: int, n_in: int, k: int, index_dtype: str, lanes: int = 64,
         acc = te.compute((tiles, n_out, lanes), lambda t, o, lane: te.sum(
             _f32(w[o, r]) * xt[t, column(o), lane], axis=r), name="acc")
         bias = te.placeholder((n_out,), "float32", name="bias")
-        y = te.compute((tiles, lanes, n_out), lambda t, lane, o: _relu(
+        y = te.compute((tiles, lanes, n_out), lambda t, lane, o: _activation(
             te, acc[t, o, lane] + bias[o] if has_bias else acc[t, o, lane], epilogue), name="y")
         first = x if fused_pack else xt
         args = [first, w, idx, bias, y] if has_bias else [first, w, idx, y]
@@ -265,7 +265,7 @@ def offset_kernel(n_out: int, k: int, lanes: int, has_bias: bool, symbol: str, b
     def out(b, o, t, lane):
         value = acc[b, t, o // block_rows, o % block_rows, lane] + (bias[o] if has_bias else 0.0)
         value = value + res[b, o, t, lane] if "add" in epilogue else value
-        return _relu(te, value, epilogue)
+        return _activation(te, value, epilogue)
 
     y = te.compute((batch, n_out, tiles, lanes), out, name="y")
     args = [x, w, off] + ([bias] if has_bias else []) + ([res] if "add" in epilogue else []) + [y]

@@ -155,8 +155,8 @@ def compile_kernels(spec: KernelSpec, row: RowParams, col: ColParams, target: Ma
 
 
 def compile_offset_kernel(spec: KernelSpec, params: ColParams, target: Mapping[str, Any]):
-    """An executable holding ``spec.symbol("offset")`` (the direct-convolution kernel) and the copies around it
-    (``glue_kernels``: ``spec.symbol("pad")``, ``spec.symbol("crop")``); cached per process."""
+    """An executable holding ``spec.symbol("offset")`` (the direct-convolution kernel) and the TIR helpers around
+    it (``glue_kernels``: ``spec.symbol(name)`` for each name in ``runtime.spec.CONV_GLUE``); cached per process."""
     key = (_padded(spec), "offset", params, target_key(target))
     if key not in _COMPILED:
         funcs = {spec.symbol("offset"): _scheduled(spec, "offset", params, target), **glue_funcs(spec.symbol)}

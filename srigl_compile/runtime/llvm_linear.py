@@ -106,7 +106,6 @@ class LlvmLinearHandle(LinearHandleBase):
             return None
         return RowCall(self, self.n_in, self.n_out, values, indices, indices.view(torch.int64), bias)
 
-
     def launch(self, rows: torch.Tensor, operands: list[torch.Tensor], col_threshold: int) -> torch.Tensor:
         """y [m, n_out] for rows [m, n_in] (contiguous, m >= 1); ``col_threshold`` <= 0: the handle's own."""
         m, n_out = rows.shape[0], self.n_out

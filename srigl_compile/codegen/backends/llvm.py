@@ -93,7 +93,7 @@ class LlvmBackend(Backend):
         Else (AVX2) 8-lane vectors, 64 lanes at most."""
         if "avx512f" not in cpu_features(config.target):
             return exact_tile(positions)
-        widest = 64 if offset_share(spec.n_in, spec.k) > 1 else 13 * 16
+        widest = 64 if shared_rows(spec, config.target, 64) > 1 else 13 * 16
         return exact_tile(positions, vector=16, widest=widest)
 
     def build(self, spec: KernelSpec, config: LlvmConfig):
@@ -142,17 +142,22 @@ def build_conv(spec: KernelSpec, target: Mapping[str, Any] | None = None, *, tun
     params = select_params(spec, "offset", target, tune=tune, cache_dir=cache_dir, progress=progress)
     if spec.lanes:
         params = dataclasses.replace(params, lanes=spec.lanes)
-    share = offset_share(spec.n_in, spec.k)
-    # near-dense: shared offsets, share rows x lanes / 16 accumulators in AVX-512's 32 registers (measured there
-    # only; AVX2's 16 registers would spill)
-    if share > 1 and params.rows % share == 0 and "avx512f" in cpu_features(target) \
-            and share * -(-params.lanes // 16) <= 16:
+    if (share := shared_rows(spec, target, params.lanes)) > 1 and params.rows % share == 0:
         params = dataclasses.replace(params, share=share, rin=share)
     key, existing = _variant_key(key, lambda handle: handle.params == params)
     if existing is not None:
         return existing
     executable = compile_offset_kernel(spec, params, target)
     return register_handle(LlvmConvHandle(key, spec, target, params, executable.mod))
+
+
+def shared_rows(spec: KernelSpec, target: Mapping[str, Any], lanes: int) -> int:
+    """Rows sharing one offset list in a convolution kernel of ``lanes`` lanes on ``target``: ``offset_share``'s
+    choice for a near-dense layer where AVX-512's 32 registers hold its share x lanes / 16 accumulators (measured
+    there only: AVX2's 16 registers would spill), else 1."""
+    share = offset_share(spec.n_in, spec.k)
+    fits = "avx512f" in cpu_features(target) and share * -(-lanes // 16) <= 16
+    return share if share > 1 and fits else 1
 
 
 def _variant_key(key: str, same_variant) -> tuple[str, Any]:
