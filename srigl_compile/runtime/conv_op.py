@@ -40,7 +40,7 @@ from .checks import (
 )
 from .conv_geometry import direct_plan, output_size, phase_kernel, strided_plan
 from .registry import get_handle
-from .scratch import pad_images, scratch
+from .scratch import pad_images, result, scratch
 
 __all__ = ["condensed_conv2d", "subsample_images"]
 
@@ -88,7 +88,7 @@ def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilati
     offsets = handle.offsets(columns, read_kernel, read_dilation, plan)
     cropped = plan.pitch != plan.out_w or plan.positions != plan.tiles * plan.lanes
     grid_shape = (batch, handle.n_out, plan.tiles * plan.lanes)
-    grid = scratch("grid", grid_shape) if cropped else x.new_empty(grid_shape)  # (uncropped, it is the result)
+    grid = scratch("grid", grid_shape) if cropped else result(grid_shape)  # (uncropped, it is the result)
     tail = [bias.contiguous()] if handle.has_bias else []
     if residual is not None:  # in the output grid's layout: as it is when uncropped, else placed in a scratch grid
         tail.append(_residual_grid(residual, out_shape, plan, cropped))
@@ -97,7 +97,7 @@ def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilati
     if not cropped:
         return grid.view(batch, handle.n_out, plan.out_h, plan.out_w)
     if handle.crop_fn is not None:
-        out = x.new_empty(out_shape)
+        out = result(out_shape)
         handle.crop_fn(grid.view(batch * handle.n_out, -1), out.view(-1, plan.out_h, plan.out_w), plan.pitch)
         return out
     rows = grid[:, :, :plan.positions].unflatten(2, (plan.out_h, plan.pitch))

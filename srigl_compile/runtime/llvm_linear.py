@@ -33,7 +33,7 @@ from .cpu_features import host_cpu_name, missing_host_features
 from .handle import LinearHandleBase
 from .kernel_files import KernelFileError
 from .llvm_params import ColParams, RowParams
-from .scratch import scratch
+from .scratch import result, scratch
 from .spec import MID_LANES, TORCH_INDEX, KernelSpec
 from .tvm_runtime import import_tvm_runtime, tvm_thread_count
 
@@ -120,7 +120,7 @@ class LlvmLinearHandle(LinearHandleBase):
         if self.fused_fn is not None and full >= self.fused_from_tiles:
             # Enough tiles for every thread: a task per tile packs it into a local buffer and runs all rows on
             # it, instead of packing every tile out to memory (DRAM-bound at large batch) and reading it back.
-            y = rows.new_empty(-(-m // self.lanes) * self.lanes, n_out)
+            y = result((-(-m // self.lanes) * self.lanes, n_out))
             self.fused_fn(rows, *operands, y.view(-1, self.lanes, n_out))
             return y[:m] if tail else y
         if not full or not tail or tail > self.lanes // 2:
@@ -128,7 +128,7 @@ class LlvmLinearHandle(LinearHandleBase):
         # A ragged tail (ViT's 197 tokens = 3 x 64 + 5) would fill a whole 64-lane tile mostly with padding, at the
         # cost of a full tile (~5-7 mid tiles): the full tiles run the col kernel, the tail the 8-lane one.
         split = full * self.lanes
-        y = rows.new_empty(split + -(-tail // MID_LANES) * MID_LANES, n_out)
+        y = result((split + -(-tail // MID_LANES) * MID_LANES, n_out))
         self._tiled(rows[:split], operands, self.pack_fn, self.col_fn, self.lanes, y[:split])
         self._tiled(rows[split:], operands, self.packmid_fn, self.mid_fn, MID_LANES, y[split:])
         return y[:m]
@@ -139,7 +139,7 @@ class LlvmLinearHandle(LinearHandleBase):
         tiles = -(-m // lanes)
         xt = scratch("tiles", (tiles, self.n_in, lanes))  # (a fresh one is page-faulted in on every call)
         pack(rows, xt)  # [m, n_in] -> [tiles, n_in, lanes], zero-padded
-        y = rows.new_empty(tiles * lanes, n_out) if out is None else out
+        y = result((tiles * lanes, n_out)) if out is None else out
         col(xt, *operands, y.view(tiles, lanes, n_out))  # writes y as [B, n_out] directly
         return y[:m] if tiles * lanes != m else y  # the padding rows are at the end: still contiguous
 

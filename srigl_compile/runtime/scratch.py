@@ -1,30 +1,42 @@
-"""Per-thread scratch buffers for the kernels' temporaries: packed batch tiles, padded and phase-split images,
-uncropped convolution outputs.
+"""Per-thread buffers for the kernels: scratch for their temporaries (packed batch tiles, padded and phase-split
+images, uncropped convolution outputs) and recycled storage for their results.
 
 Why: a CPU tensor of more than 32 MiB is mmapped fresh by the allocator on every call and page-faulted in on first
-touch. For ViT-B's fc2 at batch 64 (12608 rows) the 155 MiB of packed tiles cost ~66 ms of page faults against
-~15 ms of writing them, more than the kernel's own work on some layers. Each thread keeps one buffer per slot,
-grown to the largest request and reused; a call never returns a view of one (results are fresh tensors).
+touch, and smaller ones are too once glibc has trimmed its heap. For ViT-B's fc2 at batch 64 (12608 rows) the
+155 MiB of packed tiles cost ~66 ms of page faults against ~15 ms of writing them; a fresh 16x256x56x56 result
+costs 11.5 ms to allocate and fill against 1.3 ms to fill one already mapped. Dense runtimes plan their memory in
+arenas; a lowered model runs eagerly, so:
+- ``scratch(slot, shape)``: each thread keeps one buffer per slot, grown to the largest request and reused; a call
+  never returns a view of one.
+- ``result(shape)``: a result the caller owns, from ``RECYCLE_FROM_BYTES`` on carved from a buffer of an earlier
+  result that nothing references any more (its storage's use count says so: no tensor, view, numpy array or DLPack
+  capsule holds it), else newly allocated and kept for later calls (at most ``RECYCLED_PER_SIZE`` per size).
 
 The buffers stay allocated after the call (that is the point); ``release_scratch()`` frees the calling thread's.
 
 Example:
     >>> tiles = scratch("tiles", (4, 3072, 64))       # float32, uninitialised, valid until the next request
+    >>> y = result((64, 256, 56, 56))                 # the caller's until it drops every reference to it
     >>> release_scratch()                             # e.g. after a one-off large batch
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import threading
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["scratch", "release_scratch", "scratch_bytes", "pad_images", "MMAPPED_BYTES"]
+__all__ = ["scratch", "result", "release_scratch", "scratch_bytes", "pad_images", "MMAPPED_BYTES",
+           "RECYCLE_FROM_BYTES", "RECYCLED_PER_SIZE"]
 
-_LOCAL = threading.local()  # .buffers: {(slot, dtype): 1-D tensor}
+_LOCAL = threading.local()  # .buffers: {(slot, dtype): 1-D tensor}; .results: {(numel, dtype): [1-D tensor]}
 MMAPPED_BYTES = 32 * 2**20  # glibc's largest mmap threshold: fresh tensors from this size fault in on every call
+RECYCLE_FROM_BYTES = 2**20  # smaller results come from malloc's heap, mostly without faults (ResNet-50 b1: none)
+RECYCLED_PER_SIZE = 8  # results of one size held at once beyond this are plain allocations, not kept
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)  # (private; without it, results are not recycled)
 
 
 def _buffers() -> dict:
@@ -50,16 +62,64 @@ def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float3
     return buffer[:numel].view(shape)
 
 
+def _results() -> dict:
+    results = getattr(_LOCAL, "results", None)
+    if results is None:
+        results = _LOCAL.results = {}
+    return results
+
+
+def _new_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    with torch.inference_mode(False):  # an inference tensor could not be written outside inference mode
+        return torch.empty(numel, dtype=dtype)
+
+
+def _references(buffer: torch.Tensor) -> tuple[int, int]:
+    """(tensors and other C++ holders of ``buffer``'s storage, Python references to its storage object): a held
+    ``untyped_storage()`` is the same Python object each time, so it shows only in the second count."""
+    storage = buffer.untyped_storage()  # (held while counted: it is one of the references)
+    return _USE_COUNT(storage._cdata), sys.getrefcount(storage)
+
+
+_FREE = _references(_new_buffer(1, torch.float32)) if _USE_COUNT else (0, 0)  # the pool's tensor alone
+
+
+def _unreferenced(buffer: torch.Tensor) -> bool:
+    tensors, objects = _references(buffer)
+    return tensors <= _FREE[0] and objects <= _FREE[1]
+
+
+def result(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised contiguous CPU tensor of ``shape`` for a kernel's result, which the caller owns: from
+    ``RECYCLE_FROM_BYTES`` on, the storage of an earlier result that nothing references any more, when there is
+    one (no page faults: it is mapped already)."""
+    numel = math.prod(shape)
+    if _USE_COUNT is None or numel * dtype.itemsize < RECYCLE_FROM_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    pool = _results().setdefault((numel, dtype), [])
+    buffer = next((buffer for buffer in pool if _unreferenced(buffer)), None)
+    if buffer is None:
+        buffer = _new_buffer(numel, dtype)
+        if len(pool) < RECYCLED_PER_SIZE:
+            pool.append(buffer)
+    # a tensor of its own on the storage, not a view: to the caller it is a fresh tensor (no _base, and made
+    # under inference mode, an inference tensor, as torch.empty's would be)
+    return torch.empty(0, dtype=dtype).set_(buffer.untyped_storage(), 0, shape)
+
+
 def release_scratch() -> int:
-    """Free the calling thread's scratch buffers; returns the bytes released."""
+    """Free the calling thread's scratch buffers and recycled results (results still referenced stay alive with
+    their holders); returns the bytes the pools held."""
     freed = scratch_bytes()
     _buffers().clear()
+    _results().clear()
     return freed
 
 
 def scratch_bytes() -> int:
-    """Bytes held by the calling thread's scratch buffers."""
-    return sum(buffer.numel() * buffer.element_size() for buffer in _buffers().values())
+    """Bytes held by the calling thread's scratch buffers and recycled results."""
+    held = [*_buffers().values(), *(buffer for pool in _results().values() for buffer in pool)]
+    return sum(buffer.numel() * buffer.element_size() for buffer in held)
 
 
 def pad_images(x: torch.Tensor, pads: tuple[int, int, int, int], slot: str) -> torch.Tensor:

@@ -364,6 +364,34 @@ def test_unbatched_inputs_work_as_in_torch(conv, shape):
 
 
 @pytest.mark.tvm
+def test_recycled_results_are_never_shared_with_a_result_still_held(monkeypatch):
+    """Convolution (cropped and not), max-pool and linear results come from recycled buffers once nothing holds
+    them: a forward's output kept by the caller survives the next forwards; once dropped, its memory is reused."""
+    from srigl_compile.runtime import scratch as scratch_module
+
+    scratch_module.release_scratch()
+    monkeypatch.setattr(scratch_module, "RECYCLE_FROM_BYTES", 0)
+    torch.manual_seed(0)
+    masked = sparsify(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                    nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8 * 5 * 5, 16)),
+                      SRigLConfig(sparsity=0.5, distribution="uniform")).eval()
+    lowered = lower(masked, progress=False)
+    xs = [torch.randn(70, 3, 10, 10) for _ in range(3)]  # 70 rows: the Linear's 64-row tiles and a tail
+    with torch.no_grad():
+        expected = [masked(x) for x in xs]
+        first, second = lowered(xs[0]), lowered(xs[1])
+        assert first.data_ptr() != second.data_ptr()
+        for out, want in ((first, expected[0]), (second, expected[1])):
+            torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+        ptr = first.data_ptr()
+        del first
+        third = lowered(xs[2])
+        torch.testing.assert_close(third, expected[2], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(second, expected[1], rtol=1e-4, atol=1e-4)
+        assert third.data_ptr() == ptr  # the dropped result's buffer served again
+
+
+@pytest.mark.tvm
 @pytest.mark.parametrize("first, then", [(torch.inference_mode, torch.no_grad), (torch.no_grad, torch.inference_mode)])
 def test_scratch_buffers_serve_inference_mode_and_no_grad_alike(first, then, monkeypatch):
     """A scratch buffer first made under inference_mode must still take in-place writes under no_grad (an
@@ -372,6 +400,7 @@ def test_scratch_buffers_serve_inference_mode_and_no_grad_alike(first, then, mon
 
     scratch_module.release_scratch()
     monkeypatch.setattr(scratch_module, "MMAPPED_BYTES", 0)  # pad into scratch at this size too
+    monkeypatch.setattr(scratch_module, "RECYCLE_FROM_BYTES", 0)  # and recycle every result
     torch.manual_seed(0)
     masked = sparsify(nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, padding=1),
                                     nn.Flatten(), nn.Linear(8 * 8 * 8, 16)),

@@ -1,4 +1,5 @@
-"""Scratch buffers: reuse, growth, per-thread isolation, and pad_images == F.pad (pure torch, no TVM)."""
+"""Scratch buffers: reuse, growth, per-thread isolation; recycled results: reused only once nothing holds them;
+and pad_images == F.pad (pure torch, no TVM)."""
 
 import threading
 
@@ -9,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from srigl_compile.runtime import scratch as scratch_module
-from srigl_compile.runtime.scratch import pad_images, release_scratch, scratch, scratch_bytes
+from srigl_compile.runtime.scratch import pad_images, release_scratch, result, scratch, scratch_bytes
 
 
 def test_a_slot_is_reused_grown_and_released():
@@ -40,6 +41,68 @@ def test_threads_get_their_own_buffers():
     assert seen["ptr"] != mine.data_ptr() and seen["bytes"] == 16 * 4
     assert scratch_bytes() == 16 * 4  # the worker's buffer is not this thread's
     release_scratch()
+
+
+@pytest.fixture
+def recycle_all(monkeypatch):
+    """Recycle results of every size (the default threshold is 1 MiB); fresh pools before and after."""
+    monkeypatch.setattr(scratch_module, "RECYCLE_FROM_BYTES", 0)
+    release_scratch()
+    yield
+    release_scratch()
+
+
+def test_a_result_is_recycled_only_once_nothing_references_it(recycle_all):
+    first = result((4, 8))
+    ptr = first.data_ptr()
+    second = result((4, 8))
+    assert second.data_ptr() != ptr  # first is still held
+    del first
+    third = result((2, 16))  # any shape of the same size and dtype
+    assert third.data_ptr() == ptr and third.shape == (2, 16) and third.is_contiguous()
+    assert result((32,), torch.int32).data_ptr() not in (ptr, second.data_ptr())  # one pool per dtype
+    assert scratch_bytes() == 2 * 32 * 4 + 32 * 4
+
+
+@pytest.mark.parametrize("holder", [lambda t: t[1:], lambda t: t.view(-1), lambda t: t.numpy(),
+                                    lambda t: t.untyped_storage(), lambda t: torch.utils.dlpack.to_dlpack(t)])
+def test_views_arrays_and_storages_keep_a_result_from_being_recycled(recycle_all, holder):
+    first = result((4, 8))
+    first.fill_(1.0)
+    kept = holder(first)
+    ptr = first.data_ptr()
+    del first
+    again = result((4, 8))
+    assert again.data_ptr() != ptr
+    again.fill_(2.0)  # must not write into what ``kept`` still sees
+    del kept
+    assert result((4, 8)).data_ptr() == ptr
+
+
+def test_results_below_the_threshold_are_plain_allocations():
+    release_scratch()
+    small = result((4, 8))
+    assert scratch_bytes() == 0 and small.shape == (4, 8)
+
+
+def test_at_most_recycled_per_size_results_are_kept(recycle_all):
+    held = [result((16,)) for _ in range(scratch_module.RECYCLED_PER_SIZE + 3)]
+    assert len({t.data_ptr() for t in held}) == len(held)
+    assert scratch_bytes() == scratch_module.RECYCLED_PER_SIZE * 16 * 4
+    del held
+    assert release_scratch() == scratch_module.RECYCLED_PER_SIZE * 16 * 4 and scratch_bytes() == 0
+
+
+def test_a_result_taken_in_inference_mode_is_writable_outside_it(recycle_all):
+    with torch.inference_mode():
+        inside = result((8,))
+        assert inside.is_inference() and inside._base is None  # as torch.empty's would be
+        inside.fill_(1.0)
+        ptr = inside.data_ptr()
+        del inside
+    outside = result((8,))
+    assert outside.data_ptr() == ptr and not outside.is_inference() and outside._base is None
+    outside.add_(1.0)
 
 
 @settings(max_examples=60, deadline=None)
