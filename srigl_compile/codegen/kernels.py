@@ -90,19 +90,42 @@ def _erf(te, value):
     return x * p / q
 
 
+# exp(x) = 2^n e^r, n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts, so r keeps its low bits), e^r by
+# Cephes' expf polynomial on |r| <= ln 2 / 2 (float32 to ~1 ulp), 2^n written into the exponent bits. The clamp
+# keeps 2^n a normal float. Like _erf: TVM's exp on llvm is a libm call per element, this vectorises.
+_EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+_LN2_HIGH, _LN2_LOW = 0.693359375, -2.12194440e-4
+
+
+def _exp(te, value):
+    tirx = import_tvm().tirx
+    x = te.min(te.max(value, te.const(-87.3, "float32")), te.const(88.3, "float32"))
+    n = te.floor(x * te.const(1.4426950408889634, "float32") + te.const(0.5, "float32"))
+    r = x - n * te.const(_LN2_HIGH, "float32") - n * te.const(_LN2_LOW, "float32")
+    p = te.const(_EXP_P[0], "float32")
+    for c in _EXP_P[1:]:
+        p = p * r + te.const(c, "float32")
+    e_r = p * r * r + r + te.const(1.0, "float32")
+    two_to_n = tirx.reinterpret("float32", (n.astype("int32") + 127) << 23)
+    return e_r * two_to_n
+
+
 def _activation(te, value, epilogue: str):
-    """The epilogue's activation on ``value``: ReLU, or GELU (exact form, 0.5 x (1 + erf(x / sqrt 2)))."""
+    """The epilogue's activation on ``value``: ReLU, GELU (exact form, 0.5 x (1 + erf(x / sqrt 2))) or SiLU
+    (x sigmoid(x) = x / (1 + e^-x))."""
     if "relu" in epilogue:
         return te.max(value, te.const(0.0, "float32"))
     if "gelu" in epilogue:
         return te.const(0.5, "float32") * value * (
             te.const(1.0, "float32") + _erf(te, value * te.const(0.7071067811865476, "float32")))
+    if "silu" in epilogue:
+        return value / (te.const(1.0, "float32") + _exp(te, -value))
     return value
 
 
 def _finish(te, acc, bias_shape_n: int, has_bias: bool, inputs: list, out_fn, epilogue: str = ""):
     """Add the write-back block y = act(acc + bias) (bias and activation where asked; no block when neither is)
-    and build the PrimFunc's argument list. (Linear kernels take no residual: "relu" / "gelu" only.)"""
+    and build the PrimFunc's argument list. (Linear kernels take no residual: "relu", "gelu", "silu" only.)"""
     if not has_bias and not epilogue:
         return inputs + [acc]
     bias = te.placeholder((bias_shape_n,), "float32", name="bias")
@@ -230,8 +253,8 @@ def offset_kernel(n_out: int, k: int, lanes: int, has_bias: bool, symbol: str, b
     """PrimFunc ``f(x[B, L], w[NB, k / k_tile, block_rows, k_tile], off[NB, k / k_tile, block_rows / share, k_tile]
     int32, (bias[n_out],) (res[B, n_out, NT, lanes],) y[B, n_out, NT, lanes])``: a stride-1 convolution read
     straight from the padded input; the caller guarantees ``off + NT * lanes <= L``. ``epilogue`` ("relu", "add",
-    "add_relu", "gelu") is computed in the write-back block: y = act(acc + bias + res), with ``res`` in y's layout
-    (the output grid).
+    "add_relu", "gelu", "silu") is computed in the write-back block: y = act(acc + bias + res), with ``res`` in y's
+    layout (the output grid).
 
     w and off are [n_out, k] blocked in the order a task reads them (``runtime.spec.block_rows``): row block c holds
     rows c * block_rows ... (zero rows pad the last block), k-tile by k-tile. Row-major [n_out, k] made a task read

@@ -102,10 +102,10 @@ class _Condensed(nn.Module):
 
     srigl_leaf = True  # graph capture keeps condensed layers as single call_module nodes
     epilogue = ""  # what forward computes after the bias (a class default: older layers and pickles have none)
-    epilogues: tuple[str, ...] = ("", "relu", "gelu")  # the epilogues this kind of layer can compute
+    epilogues: tuple[str, ...] = ("", "relu", "gelu", "silu")  # the epilogues this kind of layer can compute
 
     def set_epilogue_(self, epilogue: str) -> None:
-        """Compute ``epilogue`` (one of ``epilogues``: "relu", "gelu"; convolutions also "add", "add_relu", whose
+        """Compute ``epilogue`` (one of ``epilogues``: "relu", "gelu", "silu"; convolutions also "add", "add_relu", whose
         forward then takes the residual as ``residual=``) on the output. Lowered where its kernel can, the kernel
         computes it on the tile it writes (``passes/fuse_epilogue.py`` decides where)."""
         if epilogue not in self.epilogues:

@@ -2,34 +2,36 @@
 
 In a lowered ResNet the ReLUs and residual adds after the convolutions are separate torch ops, each reading and
 writing a whole activation (49 ReLUs and 16 adds: about a fifth of a batch-1 ResNet-50 forward); in a ViT the
-GELUs after each MLP's first layer (12 of them, ~4 ms of a batch-1 ViT-B/16 forward). Three rewrites:
+GELUs after each MLP's first layer (12 of them, ~4 ms of a batch-1 ViT-B/16 forward); SiLUs likewise (EfficientNet,
+YOLO, LLaMA-style MLPs). Three rewrites:
 
 - in an ``nn.Sequential`` (the model itself included), a condensed layer followed (past nn.Identity / eval
-  Dropout children) by an ``nn.ReLU`` or exact ``nn.GELU`` child: the layer computes the activation and the
-  child becomes nn.Identity;
+  Dropout children) by an ``nn.ReLU``, exact ``nn.GELU`` or ``nn.SiLU`` child: the layer computes the activation
+  and the child becomes nn.Identity;
 - in ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` (whose forward does not trace), ``linear1``
-  computes the layer's ReLU / exact GELU ``activation``, which becomes ``no_activation`` (or nn.Identity);
+  computes the layer's ReLU / exact GELU / SiLU ``activation``, which becomes ``no_activation`` (or nn.Identity);
 - in the forward of any other module that calls a condensed layer (its parent; not the model itself, which keeps
   its class and forward), the chain
 
-    layer -> [nn.Identity (a folded BatchNorm) | nn.Dropout (eval)]* -> [add(., other)] -> [relu | gelu]
+    layer -> [nn.Identity (a folded BatchNorm) | nn.Dropout (eval)]* -> [add(., other)] -> [relu | gelu | silu]
 
-  where each link is the only use of the one before (no GELU after an add): the parent is rewritten as an
+  where each link is the only use of the one before (no GELU or SiLU after an add): the parent is rewritten as an
   ``fx.GraphModule`` (under the same name and class name, holding the same submodules) whose layer call takes
   ``residual=other`` and whose add and activation nodes are gone.
 
-The layer's ``epilogue`` ("relu", "add", "add_relu", "gelu") says what it now computes (``set_epilogue_``), and
-its kernel computes it (``runtime.spec.apply_epilogue`` is the reference). Which epilogues a layer kind may take
-is the backend's (``Backend.epilogues``: on llvm, convolutions all four, Linear layers "relu" and "gelu").
+The layer's ``epilogue`` ("relu", "add", "add_relu", "gelu", "silu") says what it now computes (``set_epilogue_``),
+and its kernel computes it (``runtime.spec.apply_epilogue`` is the reference). Which epilogues a layer kind may take
+is the backend's (``Backend.epilogues``: on llvm, convolutions all five, Linear layers "relu", "gelu" and "silu").
 
 Contract.
     requires: condensed layers, after CondensePass, FoldBatchNormPass and PadAblatedRowsPass (a fold turns
               conv -> BatchNorm -> relu into conv -> Identity -> relu; a padded layer's kernel writes its whole
               output); inference (the model is returned in eval mode).
     ensures:  outputs unchanged: bit for bit with ReLU and adds (the kernel computes relu(layer + bias + other):
-              the same float operations in the same order), to ~1e-6 relative with GELU (the kernels' erf is a
-              rational approximation good to a few float32 ulps). Only layers that (1) their kernel can compute an
-              epilogue for (``nn.lowered.can_fuse_epilogue``) and whose backend computes that epilogue, (2) are
+              the same float operations in the same order), to ~1e-6 relative with GELU and SiLU (the kernels'
+              erf is a rational approximation, their exp a polynomial, each good to a few float32 ulps). Only
+              layers that (1) their kernel can compute an epilogue for (``nn.lowered.can_fuse_epilogue``) and
+              whose backend computes that epilogue, (2) are
               reachable under one name and called once in the model's graph (a torch transformer layer's linear1:
               one name; its layer may run any number of times), (3) sit in an nn.Sequential or a torch transformer
               layer, or in a parent other than the model itself that symbolic_trace can trace; the add's other
@@ -66,6 +68,7 @@ _ADDS = (operator.add, torch.add)
 _INPLACE_ADDS = (operator.iadd,)
 _RELUS = (F.relu, torch.relu, torch.relu_)
 _GELUS = (F.gelu,)
+_SILUS = (F.silu,)
 _TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)  # activation(linear1(x))
 
 
@@ -94,7 +97,7 @@ def _residual_of(add: fx.Node, value: fx.Node) -> fx.Node | None:
 
 
 def _activation_of(node: fx.Node, modules: dict) -> str:
-    """"relu" or "gelu" (exact) when ``node`` applies it to its one input, else ""."""
+    """"relu", "gelu" (exact) or "silu" when ``node`` applies it to its one input, else ""."""
     if node.op == "call_function" and node.target in _RELUS:
         return "relu" if len(node.args) == 1 and set(node.kwargs) <= {"inplace"} else ""
     if node.op == "call_method" and node.target in ("relu", "relu_"):
@@ -102,20 +105,27 @@ def _activation_of(node: fx.Node, modules: dict) -> str:
     if node.op == "call_function" and node.target in _GELUS:
         exact = node.kwargs.get("approximate", "none") == "none" and set(node.kwargs) <= {"approximate"}
         return "gelu" if len(node.args) == 1 and exact else ""
+    if node.op == "call_function" and node.target in _SILUS:
+        return "silu" if len(node.args) == 1 and set(node.kwargs) <= {"inplace"} else ""
     return _activation_module(_module(node, modules))
 
 
 def _activation_module(module) -> str:
-    """"relu" for nn.ReLU, "gelu" for an exact nn.GELU (the function forms: ``_activation_function``), else ""."""
+    """"relu" for nn.ReLU, "gelu" for an exact nn.GELU, "silu" for nn.SiLU (the function forms:
+    ``_activation_function``), else ""."""
     if type(module) is nn.ReLU:
         return "relu"
+    if type(module) is nn.SiLU:
+        return "silu"
     return "gelu" if type(module) is nn.GELU and module.approximate == "none" else ""
 
 
 def _activation_function(function) -> str:
-    """What a transformer layer's ``activation`` attribute computes ("relu", "gelu" or "")."""
+    """What a transformer layer's ``activation`` attribute computes ("relu", "gelu", "silu" or "")."""
     if function in _RELUS:
         return "relu"
+    if function in _SILUS:
+        return "silu"
     return "gelu" if function in _GELUS else _activation_module(function)
 
 
@@ -138,8 +148,9 @@ def _fuse_one(graph: fx.Graph, call: fx.Node, modules: dict, allowed: frozenset[
         nodes.append(user)
         user = _only_user(end)
     activation = _activation_of(user, modules) if user is not None else ""
-    fused = {"relu": "add_relu" if epilogue else "relu", "gelu": "" if epilogue else "gelu"}.get(activation, "")
-    if fused and fused in allowed:  # (no "add_gelu": a GELU after a residual add stays in torch)
+    fused = {"relu": "add_relu" if epilogue else "relu", "gelu": "" if epilogue else "gelu",
+             "silu": "" if epilogue else "silu"}.get(activation, "")
+    if fused and fused in allowed:  # (no "add_gelu" / "add_silu": such an activation stays in torch)
         epilogue, end = fused, user
         nodes.append(user)
     if not epilogue:
@@ -194,7 +205,8 @@ class FuseEpiloguePass(Pass):
         return parents
 
     def _fuse_sequential(self, model: nn.Module, parent_name: str, children: list[str], names_of) -> None:
-        """A layer child followed by an nn.ReLU / exact nn.GELU child (past pass-through children) computes it."""
+        """A layer child followed by an nn.ReLU / exact nn.GELU / nn.SiLU child (past pass-through children)
+        computes it."""
         parent = model.get_submodule(parent_name)
         keys = list(parent._modules)
         for child in children:
@@ -211,7 +223,7 @@ class FuseEpiloguePass(Pass):
     def _fuse_transformer_layers(self, model: nn.Module, names_of) -> None:
         """torch's transformer layers apply ``self.activation`` to ``self.linear1``'s output, once per call (their
         forward, with its fast-path checks, does not trace, and needs no graph: it is torch's): linear1 computes
-        a ReLU / exact GELU activation, which becomes ``no_activation`` (nn.Identity for a module; the native
+        a ReLU / exact GELU / SiLU activation, which becomes ``no_activation`` (nn.Identity for a module; the native
         fast path, which would bypass the layers, stays off)."""
         for name, parent in model.named_modules():
             layer = getattr(parent, "linear1", None)

@@ -74,7 +74,7 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
             The lowered model runs in eval mode, where a BatchNorm applies its running statistics, so the fold is
             exact up to float rounding; False keeps the BatchNorms. (Parametrized tensors, such as a weight-normed
             convolution's, are likewise stored as the plain tensors they evaluate to.)
-        fuse_epilogues: let each layer's kernel compute the ReLU or exact GELU (and a convolution's residual
+        fuse_epilogues: let each layer's kernel compute the ReLU, exact GELU or SiLU (and a convolution's residual
             add) after it, in an nn.Sequential, a torch transformer layer (its activation, into linear1) or where
             its parent module's forward can be traced (``passes/fuse_epilogue.py``: that parent becomes an
             fx.GraphModule with the same submodules; the model itself keeps its class); False leaves them as

@@ -40,8 +40,9 @@ TORCH_INDEX = {"int16": torch.int16, "int32": torch.int32}
 TORCH_FLOAT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # What a kernel may compute on its output before writing it: "" nothing, "relu", "add" (a residual tensor of the
 # output's shape), "add_relu" (relu(y + residual)), "gelu" (exact GELU, erf form; kernels use a rational erf good
-# to a few float32 ulps, so outputs match torch's to ~1e-6, not bit for bit).
-EPILOGUES = ("", "relu", "add", "add_relu", "gelu")
+# to a few float32 ulps, so outputs match torch's to ~1e-6, not bit for bit), "silu" (x sigmoid(x); kernels use a
+# polynomial exp, likewise ~1e-6).
+EPILOGUES = ("", "relu", "add", "add_relu", "gelu", "silu")
 # The TIR helpers a CPU convolution's library holds besides its kernel (``codegen.glue_kernels``), each under
 # ``spec.symbol(name)``: input padding / phase split, output crop, and the model's max-pooling (``pool_op``).
 CONV_GLUE = ("pad", "crop", "max_pool")
@@ -53,6 +54,8 @@ def apply_epilogue(y: torch.Tensor, epilogue: str, residual: torch.Tensor | None
         y = y + residual
     if "gelu" in epilogue:
         return torch.nn.functional.gelu(y)
+    if "silu" in epilogue:
+        return torch.nn.functional.silu(y)
     return torch.relu(y) if "relu" in epilogue else y
 
 

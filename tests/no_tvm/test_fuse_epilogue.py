@@ -118,7 +118,7 @@ def test_in_a_sequential_a_relu_child_moves_into_the_layer_before_it():
     assert not linear_only(PassManager([PadAblatedRowsPass()]).run(condense(masked)).eval()).modified
 
 
-@pytest.mark.parametrize("epilogue", ["relu", "add", "add_relu", "gelu"])
+@pytest.mark.parametrize("epilogue", ["relu", "add", "add_relu", "gelu", "silu"])
 def test_a_condensed_convolution_computes_its_epilogue_as_the_reference_says(epilogue):
     torch.manual_seed(1)
     layer = condense(sparsify(nn.Sequential(nn.Conv2d(4, 6, 3, padding=1)), SRigLConfig(sparsity=0.5)))[0]
@@ -130,8 +130,8 @@ def test_a_condensed_convolution_computes_its_epilogue_as_the_reference_says(epi
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     unbatched = layer(x[0], residual=residual[0] if "add" in epilogue else None)
     torch.testing.assert_close(unbatched, want[0], rtol=1e-5, atol=1e-6)  # (a batch of one sums in another order)
-    with pytest.raises(LayerError, match="silu"):
-        layer.set_epilogue_("silu")
+    with pytest.raises(LayerError, match="tanh"):
+        layer.set_epilogue_("tanh")
     linear = condense(sparsify(nn.Sequential(nn.Linear(4, 6)), SRigLConfig(sparsity=0.5)))[0]
     with pytest.raises(LayerError, match="'add'"):
         linear.set_epilogue_("add")  # a Linear takes no residual
@@ -178,22 +178,51 @@ def _condensed(model: nn.Module, example=None, seed: int = 0) -> nn.Module:
     return PassManager([PadAblatedRowsPass()]).run(condense(masked, example_inputs=example)).eval()
 
 
-def test_exact_gelus_fuse_in_traced_parents_and_sequentials_and_outputs_do_not_change():
-    model = _condensed(GeluNet())
-    x = torch.randn(3, 8)
+def _fused_unchanged(model: nn.Module, x: torch.Tensor) -> tuple[FuseEpiloguePass, nn.Module]:
+    """(the pass, the model it returns) with llvm's epilogues; outputs unchanged bit for bit (condensed layers
+    compute an activation they take with torch's own function)."""
     with torch.no_grad():
         before = model(x)
     fuse = FuseEpiloguePass("direct", LLVM)
     fused = fuse(model).module
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), before, rtol=0, atol=0)
+    return fuse, fused
+
+
+def test_exact_gelus_fuse_in_traced_parents_and_sequentials_and_outputs_do_not_change():
+    fuse, fused = _fused_unchanged(_condensed(GeluNet()), torch.randn(3, 8))
     assert fuse.fused == {"mlp.fc1": "gelu", "mlp.fc2": "gelu", "seq.0": "gelu"}
     assert type(fused.seq[1]) is nn.Identity and type(fused.seq[3]) is nn.GELU
-    with torch.no_grad():
-        torch.testing.assert_close(fused(x), before, rtol=0, atol=0)  # condensed layers run F.gelu itself
     relu_only = FuseEpiloguePass("direct", {"linear": frozenset({"relu"})})
     assert not relu_only(_condensed(GeluNet())).modified, "a backend whose kernels compute no GELU: nothing"
 
 
-@pytest.mark.parametrize("activation", ["gelu", "relu", nn.GELU(), F.relu])
+class SiluMLP(nn.Module):
+    """SiLU chains: the function and the module fuse, a SiLU after a residual add does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        h = F.silu(self.fc1(x))        # silu
+        h = self.act(self.fc2(h))      # silu (an nn.SiLU module)
+        return F.silu(self.fc3(h) + h)  # after an add: none
+
+
+def test_silus_fuse_in_traced_parents_and_sequentials_and_outputs_do_not_change():
+    model = _condensed(nn.Sequential(SiluMLP(), nn.Linear(16, 16), nn.SiLU(inplace=True)))
+    fuse, fused = _fused_unchanged(model, torch.randn(3, 8))
+    assert fuse.fused == {"0.fc1": "silu", "0.fc2": "silu", "1": "silu"}
+    assert type(fused[2]) is nn.Identity
+    gelu_only = FuseEpiloguePass("direct", {"linear": frozenset({"gelu"})})
+    model = _condensed(nn.Sequential(SiluMLP(), nn.Linear(16, 16), nn.SiLU(inplace=True)))
+    assert not gelu_only(model).modified, "a backend whose kernels compute no SiLU: nothing"
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", nn.GELU(), F.relu, F.silu, nn.SiLU()])
 def test_a_transformer_layer_s_linear1_computes_its_activation(activation):
     encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, activation=activation,
                                                                batch_first=True), 2, enable_nested_tensor=False)
@@ -203,7 +232,8 @@ def test_a_transformer_layer_s_linear1_computes_its_activation(activation):
         before = model(x)
     fuse = FuseEpiloguePass("direct", LLVM)
     fused = fuse(model, Analyses(x)).module  # (the encoder's graph: torch.export on the example input)
-    name = "gelu" if activation in ("gelu",) or isinstance(activation, nn.GELU) else "relu"
+    name = {"gelu": "gelu", F.silu: "silu"}.get(activation, "") or \
+        {nn.GELU: "gelu", nn.SiLU: "silu"}.get(type(activation), "relu")
     assert fuse.fused == {f"1.layers.{i}.linear1": name for i in (0, 1)}
     for layer in fused[1].layers:
         assert layer.linear1.epilogue == name and layer.activation(x) is x and not layer.activation_relu_or_gelu
