@@ -11,10 +11,12 @@ the input's phase images; "im2col", the linear kernel on the [B * positions, C *
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..runtime import conv_op, linear_op  # register torch.ops.srigl_compile.tvm_condensed_* (no TVM import)
-from ..runtime.checks import KernelShapeError
+from ..runtime.checks import KernelShapeError, check_no_grad
 from ..runtime.conv_geometry import output_size, phase_columns, phase_kernel
 from ..runtime.registry import get_handle
 from ..runtime.spec import KernelSpec, apply_epilogue
@@ -96,8 +98,16 @@ class LoweredConv(CondensedConv):
 
     fused_epilogue = False  # whether the kernel computes the epilogue (else torch does, after the kernel)
 
-    @accepts_unbatched
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        repeat = None if torch.compiler.is_compiling() else self.__dict__.get("_repeat")
+        operand = residual if self.fused_epilogue else None  # (else torch adds it, after the kernel)
+        if repeat is not None and (y := repeat(x, operand, self._buffers)) is not None:
+            y = self.scatter(y, dim=1)
+            return y if self.fused_epilogue else apply_epilogue(y, self.epilogue, residual)
+        return self._forward(x, residual)
+
+    @accepts_unbatched
+    def _forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         if self.direct:
             y = self._forward_direct(x, residual if self.fused_epilogue else None)
             return y if self.fused_epilogue else apply_epilogue(y, self.epilogue, residual)
@@ -109,21 +119,80 @@ class LoweredConv(CondensedConv):
 
     def _forward_direct(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         x2, kernel, stride, dilation, padding = self._as_2d(x)  # Conv1d as height 1; padding modes applied
-        if subsamples(self):  # a 1x1 kernel without padding: the strided pixels are all it reads
-            x2, stride = conv_op.subsample_images(x2, stride, self.kernel_key), (1, 1)
+        # a 1x1 kernel without padding: the strided pixels are all it reads, at stride 1
+        subsample = stride if subsamples(self) else None
+        images = conv_op.subsample_images(x2, stride, self.kernel_key) if subsample else x2
+        stride = (1, 1) if subsample else stride
         if self.n_active == 0:  # every filter ablated: no kernel, only the scatter of biases below
-            y = x2.new_empty(x2.shape[0], 0, *output_size(x2.shape[2:], kernel, stride, padding, dilation))
+            y = x2.new_empty(x2.shape[0], 0, *output_size(images.shape[2:], kernel, stride, padding, dilation))
         else:  # (strided: self.indices hold the phase convolution's columns, see kernel_operands)
             try:
-                y = conv_op.condensed_conv2d(x2, self.values, self.indices, self.bias, self.kernel_key, kernel,
-                                             padding, dilation, stride, residual)
+                y = self._run_kernel(x, x2, images, kernel, padding, dilation, stride, subsample, residual)
             except KernelShapeError as err:
                 raise with_layer_name(err, self) from None
         y = self.scatter(y, dim=1)
         return y.squeeze(2) if self.dims == 1 else y
 
+    def _run_kernel(self, x, x2, images, kernel, padding, dilation, stride, subsample, residual):
+        """The op on the images (``subsample``: the layer's stride when they are its input's strided pixels);
+        eager calls also keep the prepared call for the next ones (``_RepeatConv``)."""
+        values, indices, bias = self.values, self.indices, self.bias
+        if type(images) is not torch.Tensor or torch.compiler.is_compiling():
+            return conv_op.condensed_conv2d(images, values, indices, bias, self.kernel_key, kernel, padding,
+                                            dilation, stride, residual)
+        check_no_grad(x, self.kernel_key)  # (the layer's input: a subsampled copy no longer carries the flag)
+        call, packed = conv_op.prepare_call(images, values, indices, bias, self.kernel_key, kernel, padding,
+                                            dilation, stride, residual)
+        y = call(images, packed, bias, residual)
+        # Repeatable when the layer's own input goes to the op unchanged (no padding-mode copy, no Conv1d view)
+        # and its operands are what the kernel reads.
+        if x2 is x and packed is values and (residual is None or type(residual) is torch.Tensor):
+            self._repeat = _RepeatConv(call, x.shape, None if residual is None else residual.shape, values, indices,
+                                       bias, indices._version, subsample)
+        return y
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {key: value for key, value in state.items() if key != "_repeat"}  # (holds compiled functions)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kernel={self.kernel_key.split('@')[0]}, direct={self.direct}"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _RepeatConv:
+    """A direct convolution's last eager call, run again for an input of the same shape (and a residual of the
+    same shape, or none again) with the very operand tensors it was prepared for, unmodified since (the offsets
+    derive from the indices): plain float32 CPU tensors autograd does not track. Anything else returns None, and
+    the layer takes the full path (which raises the typed errors). ``subsample``: the stride of a strided 1x1
+    layer, whose pixels are picked first."""
+
+    call: conv_op.ConvCall
+    x_shape: torch.Size
+    residual_shape: torch.Size | None
+    values: torch.Tensor
+    indices: torch.Tensor
+    bias: torch.Tensor | None
+    version: int
+    subsample: tuple[int, int] | None
+
+    def __call__(self, x, residual, buffers) -> torch.Tensor | None:
+        if type(x) is not torch.Tensor or x.shape != self.x_shape or x.dtype != torch.float32 or not x.is_cpu:
+            return None
+        grad = torch.is_grad_enabled()
+        if residual is None:
+            if self.residual_shape is not None:
+                return None
+        elif (type(residual) is not torch.Tensor or residual.shape != self.residual_shape or not residual.is_cpu
+              or (grad and residual.requires_grad)):
+            return None
+        values, indices, bias = buffers["values"], buffers["indices"], buffers["bias"]
+        if values is not self.values or indices is not self.indices or bias is not self.bias \
+                or indices._version != self.version or (grad and x.requires_grad):
+            return None
+        if self.subsample is not None:
+            x = conv_op.subsample_images(x, self.subsample, self.call.handle.key)
+        return self.call(x, values, bias, residual)
 
 
 def with_layer_name(err: KernelShapeError, layer) -> KernelShapeError:

@@ -25,7 +25,9 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -38,19 +40,64 @@ from .checks import (
     check_residual,
     check_runs_here,
 )
-from .conv_geometry import direct_plan, output_size, phase_kernel, strided_plan
+from .conv_geometry import DirectPlan, direct_plan, output_size, phase_kernel, strided_plan
 from .registry import get_handle
 from .scratch import pad_images, result, scratch
 
-__all__ = ["condensed_conv2d", "subsample_images"]
+__all__ = ["condensed_conv2d", "subsample_images", "prepare_call", "ConvCall"]
 
 
 def _pair(values: Sequence[int]) -> tuple[int, int]:
     return int(values[0]), int(values[1])
 
 
-def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilation, stride,
-         residual=None) -> torch.Tensor:
+@dataclasses.dataclass(frozen=True, eq=False)
+class ConvCall:
+    """What a convolution call decides from shapes alone: the read plan of the input size, the input's padding
+    (and phase split), the layer's offsets for that size and the output layout (``prepare_call``). Calling it
+    runs the copies and the kernel on an input of that shape, with the packed operands it was prepared for.
+    A lowered layer keeps its last one and calls it again while the input shape and operands stay the same
+    (``nn.lowered.LoweredConv``): the checks, plans and offsets lookup cost ~10-20 us a call at batch 1."""
+
+    handle: Any
+    pads: tuple[int, int, int, int]
+    stride: tuple[int, int]
+    plan: DirectPlan
+    offsets: torch.Tensor
+    out_shape: tuple[int, int, int, int]
+    cropped: bool  # whether the output grid has padding columns or a ragged last tile to drop
+
+    def __call__(self, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        handle, plan, batch = self.handle, self.plan, self.out_shape[0]
+        if batch == 0:
+            return x.new_empty(self.out_shape)
+        # The temporaries live in scratch buffers (fresh large tensors are page-faulted in on every call).
+        images = _padded_input(handle, x, self.pads, self.stride, plan)
+        grid_shape = (batch, handle.n_out, plan.tiles * plan.lanes)
+        grid = scratch("grid", grid_shape) if self.cropped else result(grid_shape)  # (uncropped: the result)
+        tail = [bias.contiguous()] if handle.has_bias else []
+        if residual is not None:  # in the output grid's layout: as it is when uncropped, else placed in a scratch grid
+            tail.append(_residual_grid(residual, self.out_shape, plan, self.cropped))
+        handle.conv_fn(images.view(batch, -1), values.contiguous(), self.offsets, *tail,
+                       grid.view(batch, handle.n_out, plan.tiles, plan.lanes))
+        if not self.cropped:
+            return grid.view(self.out_shape)
+        if handle.crop_fn is not None:
+            out = result(self.out_shape)
+            handle.crop_fn(grid.view(batch * handle.n_out, -1), out.view(-1, plan.out_h, plan.out_w), plan.pitch)
+            return out
+        rows = grid[:, :, :plan.positions].unflatten(2, (plan.out_h, plan.pitch))
+        # drop the padding columns; clone, not contiguous(): with one image and one channel the crop can be
+        # contiguous already, and the result must not be a view of the scratch buffer
+        return rows[..., :plan.out_w].clone(memory_format=torch.contiguous_format)
+
+
+def prepare_call(x: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, bias: torch.Tensor | None,
+                 kernel_key: str, kernel_size, padding, dilation, stride,
+                 residual: torch.Tensor | None = None) -> tuple[ConvCall, torch.Tensor]:
+    """(the call for this input's shape, the operand values as the kernel reads them), after every check of the
+    op (typed errors naming the fix); packs values and columns when the caller has not."""
     handle = get_handle(kernel_key)
     check_runs_here(handle)
     check_cpu_operands(values, bias, handle)
@@ -70,7 +117,6 @@ def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilati
                                f"{tuple(x.shape)}; kernel {handle.key})")
     if not handle.is_packed(values):
         values, columns = handle.pack(values, columns)  # slow path: callers should pack once
-    batch = x.shape[0]
     try:
         if strided:
             plan, pads = strided_plan(x.shape[2], x.shape[3], kernel, stride, padding, dilation, handle.lanes)
@@ -80,30 +126,17 @@ def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilati
             pads, read_dilation = (padding[1], padding[1], padding[0], padding[0] + plan.extra), dilation
     except ValueError as err:  # an image smaller than the kernel (conv_geometry is pure maths: plain ValueError)
         raise KernelShapeError(f"needs images at least as large as its kernel: {err} (kernel {handle.key})") from None
-    if batch == 0:
-        return x.new_empty(0, handle.n_out, plan.out_h, plan.out_w)
-    out_shape = (batch, handle.n_out, plan.out_h, plan.out_w)
-    # The temporaries live in scratch buffers (fresh large tensors are page-faulted in on every call).
-    images = _padded_input(handle, x, pads, stride, plan)
     offsets = handle.offsets(columns, read_kernel, read_dilation, plan)
     cropped = plan.pitch != plan.out_w or plan.positions != plan.tiles * plan.lanes
-    grid_shape = (batch, handle.n_out, plan.tiles * plan.lanes)
-    grid = scratch("grid", grid_shape) if cropped else result(grid_shape)  # (uncropped, it is the result)
-    tail = [bias.contiguous()] if handle.has_bias else []
-    if residual is not None:  # in the output grid's layout: as it is when uncropped, else placed in a scratch grid
-        tail.append(_residual_grid(residual, out_shape, plan, cropped))
-    handle.conv_fn(images.view(batch, -1), values.contiguous(), offsets, *tail,
-                   grid.view(batch, handle.n_out, plan.tiles, plan.lanes))
-    if not cropped:
-        return grid.view(batch, handle.n_out, plan.out_h, plan.out_w)
-    if handle.crop_fn is not None:
-        out = result(out_shape)
-        handle.crop_fn(grid.view(batch * handle.n_out, -1), out.view(-1, plan.out_h, plan.out_w), plan.pitch)
-        return out
-    rows = grid[:, :, :plan.positions].unflatten(2, (plan.out_h, plan.pitch))
-    # drop the padding columns; clone, not contiguous(): with one image and one channel the crop can be
-    # contiguous already, and the result must not be a view of the scratch buffer
-    return rows[..., :plan.out_w].clone(memory_format=torch.contiguous_format)
+    out_shape = (x.shape[0], handle.n_out, plan.out_h, plan.out_w)
+    return ConvCall(handle, pads, stride, plan, offsets, out_shape, cropped), values
+
+
+def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilation, stride,
+         residual=None) -> torch.Tensor:
+    call, values = prepare_call(x, values, columns, bias, kernel_key, kernel_size, padding, dilation, stride,
+                                residual)
+    return call(x, values, bias, residual)
 
 
 def _padded_input(handle, x: torch.Tensor, pads: tuple[int, int, int, int], stride: tuple[int, int],

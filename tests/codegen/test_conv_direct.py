@@ -415,3 +415,75 @@ def test_scratch_buffers_serve_inference_mode_and_no_grad_alike(first, then, mon
         expected = masked(x)
     torch.testing.assert_close(a, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(b, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.tvm
+def test_repeated_calls_reuse_the_prepared_call_only_while_shapes_and_operands_stay_the_same():
+    """A lowered convolution keeps its last eager call (plan, padding, offsets) for the next input of that shape:
+    outputs stay those of the masked model across new values, new sizes, residuals and operands replaced or
+    modified in place (the offsets come from the indices), and the typed errors still come."""
+    import copy
+
+    from srigl_compile.errors import InferenceOnlyError
+
+    def lowered_block(seed):
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1, stride=2))
+        masked = sparsify(net, SRigLConfig(sparsity=0.6, distribution="uniform", ablation=False)).eval()
+        return masked, lower(masked, progress=False)
+
+    masked, lowered = lowered_block(0)
+    other_masked, other = lowered_block(1)
+    first = lowered[0]
+    assert first.kernel_key == other[0].kernel_key and lowered[2].direct
+    with torch.no_grad():
+        for shape in [(2, 6, 9, 11), (2, 6, 9, 11), (1, 6, 5, 7), (2, 6, 9, 11)]:
+            x = torch.randn(shape)
+            torch.testing.assert_close(lowered(x), masked(x), rtol=1e-5, atol=1e-5)
+        assert first._repeat is not None and lowered[2]._repeat.subsample == (2, 2)
+        repeat = first._repeat
+        for name in ("values", "indices", "bias"):  # same shapes and kernel: another layer's operands, in place
+            getattr(first, name).copy_(getattr(other[0], name))
+        x = torch.randn(2, 6, 9, 11)
+        want = torch.relu(other_masked[0](x))  # (the lowered layer computes the ReLU after it)
+        assert first.epilogue == "relu"
+        torch.testing.assert_close(lowered[0](x), want, rtol=1e-5, atol=1e-5)
+        assert first._repeat is not repeat, "indices changed in place: prepared again"
+        first.indices = other[0].indices.clone()  # a replaced buffer: prepared again
+        torch.testing.assert_close(lowered[0](x), want, rtol=1e-5, atol=1e-5)
+        clone = copy.deepcopy(lowered)  # the prepared call is not part of the layer's state
+        assert "_repeat" not in clone[0].__dict__
+        torch.testing.assert_close(clone(x), lowered(x), rtol=0, atol=0)
+    with pytest.raises(InferenceOnlyError):
+        lowered(x.requires_grad_())
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return F.relu(self.conv(x) + x)
+
+
+@pytest.mark.tvm
+def test_a_repeated_call_with_a_residual_needs_one_of_the_same_shape():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _ResidualBlock())
+    masked = sparsify(model, SRigLConfig(sparsity=0.7, distribution="uniform")).eval()
+    lowered = lower(masked, progress=False)
+    fused = [m for m in lowered.modules() if isinstance(m, LoweredConv) and "add" in m.epilogue]
+    assert fused, "the block's residual add is fused"
+    with torch.no_grad():
+        for batch in (2, 2, 3, 2):
+            x = torch.randn(batch, 3, 16, 16)
+            torch.testing.assert_close(lowered(x), masked(x), rtol=1e-4, atol=1e-4)
+        layer = fused[0]
+        assert layer._repeat.residual_shape is not None
+        x = torch.randn(*layer._repeat.x_shape)
+        residual = torch.randn(layer._repeat.residual_shape)
+        want = layer(x, residual=residual)
+        torch.testing.assert_close(layer(x, residual=residual[:1]), layer(x, residual=residual[:1].expand_as(residual)),
+                                   rtol=0, atol=0)  # a broadcast residual takes the full path
+        torch.testing.assert_close(layer(x, residual=residual), want, rtol=0, atol=0)
