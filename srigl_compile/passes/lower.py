@@ -2,8 +2,8 @@
 
 A pipeline of passes on a deep copy, sharing one graph capture and one shape analysis (``passes/analysis.py``):
 CondensePass (masked models; shrinks ablated neurons) -> BakeParametrizationsPass -> FoldBatchNormPass (unless
-``fold_batchnorm=False``) -> PadAblatedRowsPass -> FuseEpiloguePass (unless ``fuse_epilogues=False``) -> CastPass
--> CompileKernelsPass -> LowerMaxPoolPass.
+``fold_batchnorm=False``) -> PadAblatedRowsPass -> FuseEpiloguePass (unless ``fuse_epilogues=False``) ->
+FuseProjectionsPass -> CastPass -> CompileKernelsPass -> LowerMaxPoolPass.
 
 Contract.
     requires: the model has sparse (masked) or condensed layers; the target is supported.
@@ -11,8 +11,10 @@ Contract.
               registered in this process (CPU kernels for llvm, fatbins for cuda); full-width layers with at most
               a quarter of their neurons ablated compute those neurons as zero-weight rows instead of scattering;
               outputs equal the condensed (= masked) model's up to float rounding (up to the dtype's rounding for
-              float16 / bfloat16); on llvm, nn.MaxPool2d layers (floor mode, no indices) of a model with a
-              direct convolution run the max-pool kernel of its library (``passes/lower_pooling.py``).
+              float16 / bfloat16); the self-attention of torch transformer layers computes q, k and v with one
+              stacked layer (``passes/fuse_projections.py``); on llvm, nn.MaxPool2d layers (floor mode, no
+              indices) of a model with a direct convolution run the max-pool kernel of its library
+              (``passes/lower_pooling.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .base import Pass, PassResult
 from .condense import CondensePass
 from .fold_batchnorm import FoldBatchNormPass
 from .fuse_epilogue import FuseEpiloguePass
+from .fuse_projections import FuseProjectionsPass
 from .lower_pooling import LowerMaxPoolPass
 from .manager import PassManager
 
@@ -105,7 +108,8 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
     passes += [PadAblatedRowsPass()]
     if fuse_epilogues:
         passes += [FuseEpiloguePass(backend.conv_route, backend.epilogues)]
-    passes += [CastPass(config.dtype), CompileKernelsPass(backend, config), LowerMaxPoolPass()]
+    passes += [FuseProjectionsPass(), CastPass(config.dtype), CompileKernelsPass(backend, config),
+               LowerMaxPoolPass()]
     model = PassManager(passes).run(copy.deepcopy(model), Analyses(example_inputs))
     # Inference only: the kernels have no backward, dropout must be off, and dense parameters need no gradients
     # (a lowered layer refuses an input autograd tracks, InferenceOnlyError).

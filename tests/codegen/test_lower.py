@@ -105,7 +105,7 @@ def test_transformer_block_and_encoder():
     x = torch.randn(3, 6, 32)
     masked_enc = sparsify(encoder, SRigLConfig(sparsity=0.8, distribution="uniform"), example_inputs=(x,))
     lowered = lower(masked_enc, example_inputs=(x,), progress=False)
-    assert isinstance(lowered.layers[0].self_attn.q_proj, LoweredLinear)
+    assert isinstance(lowered.layers[0].self_attn.qkv_proj, LoweredLinear)  # (q, k, v stacked: one kernel)
     assert_same(lowered, masked_enc, x)
 
 
