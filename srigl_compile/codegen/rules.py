@@ -2,8 +2,8 @@
 
 A rule declines (returns None) when the function is not its layout, the target is not llvm, or the variant does
 not fit the shape (a vector width that does not divide k). Each rule offers a small ``space(k)`` of variants and a
-``default(k)`` that works for every k (the row vector width falls back to a divisor of k: 8, 4, 2 or 1; the col
-k-inner tile may leave a predicated tail).
+``default(k, target)`` that works for every k (the row vector width falls back to a divisor of k: 8, 4, 2 or 1;
+the col k-inner tile may leave a predicated tail; the col row chunk is 64 on AVX-512 targets, else 32).
 
 Row rule (small batch, TVM.md "batch 1"). Step 1: parallel over chunks of output rows, batch inside each row so a
 row's weights are read once for all batch rows. Step 2: split k into (ko, ki = vec) and rfactor ki: vec partial sums
@@ -36,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..runtime.cpu_features import cpu_features
 from ..runtime.llvm_params import ColParams, RowParams
 from ._tvm_compat import import_tvm
 
@@ -78,7 +79,7 @@ class RowRule:
     name = "row"
     params_type = RowParams
 
-    def default(self, k: int) -> RowParams:
+    def default(self, k: int, target=None) -> RowParams:
         return RowParams(vec=_largest_divisor(k))
 
     def space(self, k: int) -> list[RowParams]:
@@ -139,14 +140,22 @@ def _broadcast_fma_nest(sch, before: tuple, rows, after: tuple, lanes, red, para
     return work, row_chunk if chunks_in_task else work, red_outer
 
 
+# Output rows per col-kernel task on AVX-512 CPUs: a task reads its batch tile once for 64 rows instead of 32.
+# Xeon (AVX-512), 2 threads, 90% sparse, one call: 197 rows 1.10-1.20x for 768-input layers (2304x768 721 ->
+# 630 us), 1.00x for 768x3072; 12608 rows 1.07-1.40x; 128 rows 2-4% slower than 64. (Elsewhere: 32, as tuned on
+# Zen 3 with AVX2.)
+AVX512_COL_ROWS = 64
+
+
 class ColRule:
     """Large-batch rule for the col layout (xt [n_in, NT, lanes]); see the module docstring."""
 
     name = "col"
     params_type = ColParams
 
-    def default(self, k: int) -> ColParams:
-        return ColParams(kin=_largest_divisor(k))
+    def default(self, k: int, target=None) -> ColParams:
+        wide = isinstance(target, Mapping) and _is_llvm(target) and "avx512f" in cpu_features(target)
+        return ColParams(rows=AVX512_COL_ROWS if wide else 32, kin=_largest_divisor(k))
 
     def space(self, k: int) -> list[ColParams]:
         return _col_space(k, (32, 64)) or [self.default(k)]
@@ -154,7 +163,7 @@ class ColRule:
     def apply(self, func, target=None, params: ColParams | None = None):
         if layout_of(func) != "col" or not _is_llvm(target):
             return None
-        params = params or self.default(_fan_in(func))
+        params = params or self.default(_fan_in(func), target)
         if not isinstance(params, ColParams) or params.rows % params.rin:
             return None  # (kin need not divide k: TVM predicates the tail)
         sch = import_tvm().s_tir.Schedule(func)
@@ -219,7 +228,7 @@ class OffsetRule:
     name = "offset"
     params_type = ColParams
 
-    def default(self, k: int) -> ColParams:
+    def default(self, k: int, target=None) -> ColParams:
         return ColParams(rows=32, kin=_largest_divisor(k), rin=2, lanes=64)
 
     def space(self, k: int) -> list[ColParams]:

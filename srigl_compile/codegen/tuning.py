@@ -220,7 +220,7 @@ def tune_layout(spec: KernelSpec, layout: str, target: Mapping[str, Any], *, spa
 
     rule = RULES[layout]
     if space is None:
-        default = rule.default(spec.k_pad)
+        default = rule.default(spec.k_pad, target)
         space = [default] + [p for p in rule.space(spec.k_pad) if p != default]
     fits = [p for p in space if rule.apply(kernel_func(spec, layout, p, target), target, p) is not None]
     if not fits:
@@ -245,7 +245,7 @@ def select_params(spec: KernelSpec, layout: str, target: Mapping[str, Any], *, t
     if found is not None and RULES[layout].apply(kernel_func(spec, layout, found, target), target, found) is not None:
         return found
     if not tune:
-        return RULES[layout].default(spec.k_pad)
+        return RULES[layout].default(spec.k_pad, target)
     lacking = missing_host_features(target)
     if lacking:  # timing runs the kernels here, which would kill the process
         raise LoweringError(f"cannot tune for {target.get('mcpu')} on this machine: it lacks {list(lacking)}. "

@@ -282,6 +282,16 @@ def test_rules_decline_what_they_do_not_schedule():
         schedule(row, [ColRule()])
 
 
+def test_the_col_rule_s_default_row_chunk_is_the_target_s():
+    """64 output rows a task where measured better (AVX-512), 32 elsewhere; the selected default follows."""
+    assert ColRule().default(80, {"kind": "llvm", "mcpu": "skylake-avx512"}).rows == 64
+    assert ColRule().default(80, {"kind": "llvm", "mcpu": "znver3"}).rows == 32
+    assert ColRule().default(80).rows == 32
+    spec = KernelSpec(64, 100, 13, "int32", True)
+    target = {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2}
+    assert select_params(spec, "col", target, cache_dir="/nonexistent-records").rows == 64
+
+
 @pytest.mark.parametrize("tiles_first", [True, False])
 def test_col_rule_with_a_k_tile_that_does_not_divide_k(tiles_first):
     target = host_llvm_target()
