@@ -57,7 +57,8 @@ class ConvCall:
     (and phase split), the layer's offsets for that size and the output layout (``prepare_call``). Calling it
     runs the copies and the kernel on an input of that shape, with the packed operands it was prepared for.
     A lowered layer keeps its last one and calls it again while the input shape and operands stay the same
-    (``nn.lowered.LoweredConv``): the checks, plans and offsets lookup cost ~10-20 us a call at batch 1."""
+    (``nn.lowered.LoweredConv``): skipping the checks, plans and offsets lookup took ResNet-50 at batch 1 from
+    31.95 to 30.60 ms (52 convolutions, ~26 us a call)."""
 
     handle: Any
     pads: tuple[int, int, int, int]

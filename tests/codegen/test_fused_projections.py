@@ -41,3 +41,20 @@ def test_self_attention_runs_one_stacked_kernel_and_the_model_saves_loads_and_ex
         torch.testing.assert_close(load_lowered(tmp_path / "model")(x, y), want, rtol=1e-4, atol=1e-5)
         program = torch.export.export(lowered, (x, y), strict=False)
         torch.testing.assert_close(program.module()(x, y), want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_stacked_kernel_computes_what_three_kernels_compute_bit_for_bit(monkeypatch):
+    from srigl_compile.nn.condensed_attention import CondensedMultiheadAttention
+
+    torch.manual_seed(7)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    x = torch.randn(2, 9, 32)
+    masked = sparsify(nn.Sequential(layer), SRigLConfig(sparsity=0.8), example_inputs=(x,)).eval()
+    fused = lower(masked, example_inputs=(x,), progress=False)
+    monkeypatch.setattr(CondensedMultiheadAttention, "fuse_projections_", lambda self: False)
+    separate = lower(masked, example_inputs=(x,), progress=False)
+    assert fused[0].self_attn.qkv_proj is not None and separate[0].self_attn.qkv_proj is None
+    with torch.no_grad():
+        for rows in (1, 2, 5, 70, 300):  # the row, mid, col and fused-pack kernels
+            xs = torch.randn(1, rows, 32)
+            torch.testing.assert_close(fused(xs), separate(xs), rtol=0, atol=0)
