@@ -105,18 +105,26 @@ class _Condensed(nn.Module):
     epilogues: tuple[str, ...] = ("", "relu", "gelu", "silu")  # the epilogues this kind of layer can compute
 
     def set_epilogue_(self, epilogue: str) -> None:
-        """Compute ``epilogue`` (one of ``epilogues``: "relu", "gelu", "silu"; convolutions also "add", "add_relu", whose
-        forward then takes the residual as ``residual=``) on the output. Lowered where its kernel can, the kernel
+        """Compute ``epilogue`` (one of ``epilogues``: "relu", "gelu", "silu"; convolutions also "add", "add_relu",
+        whose forward then takes the residual as ``residual=``) on the output. Lowered where its kernel can, the kernel
         computes it on the tile it writes (``passes/fuse_epilogue.py`` decides where)."""
         if epilogue not in self.epilogues:
             raise LayerError(f"{type(self).__name__} computes the epilogues {self.epilogues}, not {epilogue!r}")
         self.epilogue = epilogue
 
     def _init_storage(self, n_out: int, fan_in: int, active, values, indices, bias) -> None:
+        if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+            raise LayerError(f"{type(self).__name__}: indices must be integers (positions among the {fan_in} "
+                             f"inputs), got {indices.dtype}")
+        if indices.numel() and not (0 <= int(indices.min()) and int(indices.max()) < fan_in):
+            raise LayerError(f"{type(self).__name__}: indices must lie in [0, {fan_in}) (the layer's inputs), got "
+                             f"[{int(indices.min())}, {int(indices.max())}]")
         self.n_out, self.fan_in = n_out, fan_in
         self.compact = False
         self.register_buffer("values", values)
-        self.register_buffer("indices", indices)
+        # (stored in the narrowest dtype that addresses every input, as condensed_arrays makes them: the kernels
+        # take int16 or int32 indices)
+        self.register_buffer("indices", indices.to(index_dtype_for(fan_in)))
         self.register_buffer("active", active)
         self.register_buffer("bias", None if bias is None else bias.detach()[active].clone())
         # What ablated neurons output in full-width mode: their bias (their weights are all zero).

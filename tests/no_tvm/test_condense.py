@@ -208,3 +208,22 @@ def test_condensed_weight_is_a_dataless_stand_in_that_fails_loudly():
             misuse(linear.weight)
     conv = condense(sparsify(nn.Sequential(nn.Conv1d(8, 6, 3, groups=2)), SRigLConfig(sparsity=0.5)))[0]
     assert conv.weight.shape == (6, 4, 3)
+
+
+def test_a_hand_built_condensed_layer_takes_any_integer_indices_in_range_and_refuses_others():
+    """Indices are stored in the narrowest dtype addressing every input (what condense makes and the kernels
+    take); out-of-range or non-integer indices are a LayerError naming the range, before anything is built."""
+    active, values = torch.arange(3), torch.randn(3, 2)
+    layer = CondensedLinear(40, 3, active, values, torch.tensor([[0, 5], [1, 39], [2, 3]]))
+    assert layer.indices.dtype == torch.int16
+    wide = CondensedLinear(40000, 3, active, values, torch.tensor([[0, 5], [1, 39999], [2, 3]]))
+    assert wide.indices.dtype == torch.int32 and int(wide.indices.max()) == 39999
+    x = torch.randn(2, 40)
+    reference = (x[:, layer.indices.long()] * values).sum(-1)
+    torch.testing.assert_close(layer(x), reference)
+    with pytest.raises(LayerError, match=r"\[0, 40\)"):
+        CondensedLinear(40, 3, active, values, torch.tensor([[0, 5], [1, 40], [2, 3]]))
+    with pytest.raises(LayerError, match=r"\[0, 40\)"):
+        CondensedLinear(40, 3, active, values, torch.tensor([[-1, 5], [1, 4], [2, 3]]))
+    with pytest.raises(LayerError, match="integers"):
+        CondensedLinear(40, 3, active, values, torch.zeros(3, 2))
