@@ -16,9 +16,11 @@ Col rule (large batch, TVM.md "large batch"; x as [NT, in, lanes], or the older 
 over (batch tile x row chunk). Step 2: k outermost inside a task: rows' indices are sorted, so at one k-tile all rows
 of the chunk read a narrow band of x that stays in L1/L2. Step 3: per row, an unrolled k-inner tile of ``kin``
 broadcast-FMAs on the ``lanes`` batch columns (lanes / 8 ymm accumulators kept in registers); ``rin`` rows
-interleaved for more independent accumulators. Step 4: write the chunk back (transposed to [B, n_out] when
-tiles_first) with the bias. Fused variant (the kernel has an "xt" block): one task per tile, which first packs
-its tile into a local buffer, then runs its row chunks one after another.
+interleaved for more independent accumulators. Step 4: write the chunk back (transposed to [B, n_out] in the
+blocked form) with the bias. The blocked form's operands are stored chunk by chunk, k-tile by k-tile, so its row
+chunk and k-inner tile are fixed when the kernel is defined (a variant that differs is declined). Fused variant
+(the kernel has an "xt" block): one task per tile, which first packs its tile into a local buffer, then runs its
+row chunks one after another.
 
 Pack rule: x [B, in] -> [NT, in, lanes] tiles for the col kernel (a blocked transpose; see PackRule).
 
@@ -51,7 +53,10 @@ def layout_of(func) -> str:
 
 
 def _fan_in(func) -> int:
-    return int(func.params[1].shape[1])  # TVM 0.27: func.params are the buffers (w is the 2nd)
+    """k of a kernel from its weights (TVM 0.27: func.params are the buffers, w the 2nd): [n_out, k], or blocked
+    [blocks, k / k_tile, rows, k_tile]."""
+    shape = func.params[1].shape
+    return int(shape[1]) * (int(shape[3]) if len(shape) == 4 else 1)
 
 
 def _largest_divisor(k: int, options=(8, 4, 2, 1)) -> int:
@@ -120,24 +125,18 @@ def _col_space(k: int, row_chunks: tuple[int, ...]) -> list[ColParams]:
             if k % i == 0]
 
 
-def _broadcast_fma_nest(sch, before: tuple, rows, after: tuple, lanes, red, params: ColParams,
-                        chunks_in_task: bool = False):
-    """The col rule's loop nest: parallel tasks of (``before``, row chunk, ``after``); inside, k-tiles
-    outermost, then rows, an unrolled k-inner tile and ``rin`` unrolled rows of broadcast-FMAs on the vectorised
-    lanes. ``chunks_in_task``: the tasks are ``before`` alone and run their row chunks one after another.
-    Returns (the fused task loop, the row-chunk loop, the k-tile loop)."""
-    row_chunk, row = sch.split(rows, [None, params.rows])
-    row_outer, row_inner = sch.split(row, [None, params.rin])
-    red_outer, red_inner = sch.split(red, [None, params.kin])
-    outer = before if chunks_in_task else (*before, row_chunk, *after)
-    inside = (row_chunk, *after) if chunks_in_task else ()
-    sch.reorder(*outer, *inside, red_outer, row_outer, red_inner, row_inner, lanes)
-    work = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+def _broadcast_fma_nest(sch, tasks: tuple, red_outer, rows, red_inner, lanes, rin: int, inside: tuple = ()):
+    """The col rule's loop nest: parallel ``tasks`` (fused); inside them (after ``inside``), k-tiles outermost,
+    then rows, an unrolled k-inner tile and ``rin`` unrolled rows of broadcast-FMAs on the vectorised lanes.
+    Returns the task loop."""
+    row_outer, row_inner = sch.split(rows, [None, rin])
+    sch.reorder(*tasks, *inside, red_outer, row_outer, red_inner, row_inner, lanes)
+    work = sch.fuse(*tasks) if len(tasks) > 1 else tasks[0]
     sch.parallel(work)
     sch.vectorize(lanes)
     sch.unroll(red_inner)
     sch.unroll(row_inner)
-    return work, row_chunk if chunks_in_task else work, red_outer
+    return work
 
 
 # Output rows per col-kernel task on AVX-512 CPUs: a task reads its batch tile once for 64 rows instead of 32.
@@ -165,22 +164,39 @@ class ColRule:
             return None
         params = params or self.default(_fan_in(func), target)
         if not isinstance(params, ColParams) or params.rows % params.rin:
-            return None  # (kin need not divide k: TVM predicates the tail)
+            return None
+        block_rows = int(func.attrs.get("srigl.block_rows", 0)) if func.attrs is not None else 0
+        if block_rows:
+            return self._apply_blocked(func, params, block_rows)
+        # the older layout, row-major operands (kin need not divide k: TVM predicates the tail)
         sch = import_tvm().s_tir.Schedule(func)
-        has_bias = _has_block(sch, "y")
         acc = sch.get_sblock("acc")
-        tiles_first = func.attrs is not None and int(func.attrs.get("srigl.tiles_first", 0)) == 1
-        fused_pack = _has_block(sch, "xt")
-        loops = sch.get_loops(acc)
-        tile, rows, lanes, red = loops if tiles_first else (loops[1], loops[0], *loops[2:])
-        work, chunk, red_outer = _broadcast_fma_nest(
-            sch, (tile,) if tiles_first else (), rows, () if tiles_first else (tile,), lanes, red, params,
-            chunks_in_task=fused_pack)
-        if has_bias or tiles_first:  # tiles_first always has a "y" block: the transposed write-back
+        rows, tile, lanes, red = sch.get_loops(acc)
+        chunk, row = sch.split(rows, [None, params.rows])
+        red_outer, red_inner = sch.split(red, [None, params.kin])
+        work = _broadcast_fma_nest(sch, (chunk, tile), red_outer, row, red_inner, lanes, params.rin)
+        if _has_block(sch, "y"):
             out = sch.get_sblock("y")
-            sch.reverse_compute_at(out, chunk)
-            if not tiles_first:  # tiles_first: innermost is a row chunk that may be predicated; LLVM copes
-                sch.vectorize(sch.get_loops(out)[-1])
+            sch.reverse_compute_at(out, work)
+            sch.vectorize(sch.get_loops(out)[-1])
+        sch.decompose_reduction(acc, red_outer)
+        return sch
+
+    @staticmethod
+    def _apply_blocked(func, params: ColParams, block_rows: int):
+        """The blocked form (operands [blocks, k / kin, rows, kin]): its rows and kin are the variant's, fixed when
+        the kernel was defined; the tasks are (tile x row block), or with the fused pack one a tile."""
+        w_shape = func.params[1].shape
+        if (block_rows, int(w_shape[3]), int(func.params[-1].shape[1])) != (params.rows, params.kin, params.lanes):
+            return None
+        sch = import_tvm().s_tir.Schedule(func)
+        acc = sch.get_sblock("acc")
+        fused_pack = _has_block(sch, "xt")
+        tile, block, rows, lanes, red_outer, red_inner = sch.get_loops(acc)
+        work = _broadcast_fma_nest(sch, (tile,) if fused_pack else (tile, block), red_outer, rows, red_inner, lanes,
+                                   params.rin, inside=(block,) if fused_pack else ())
+        # the transposed write-back of a row block; its innermost loop is a row block that may be predicated
+        sch.reverse_compute_at(sch.get_sblock("y"), block if fused_pack else work)
         sch.decompose_reduction(acc, red_outer)
         if fused_pack:  # each task packs its own tile [n_in, lanes] into a local buffer first
             pack = sch.get_sblock("xt")
@@ -249,13 +265,7 @@ class OffsetRule:
         sch = import_tvm().s_tir.Schedule(func)
         acc = sch.get_sblock("acc")
         image, tile, block, rows, lanes, red_outer, red_inner = sch.get_loops(acc)
-        row_outer, row_inner = sch.split(rows, [None, params.rin])
-        sch.reorder(image, tile, block, red_outer, row_outer, red_inner, row_inner, lanes)
-        work = sch.fuse(image, tile, block)
-        sch.parallel(work)
-        sch.vectorize(lanes)
-        sch.unroll(red_inner)
-        sch.unroll(row_inner)
+        work = _broadcast_fma_nest(sch, (image, tile, block), red_outer, rows, red_inner, lanes, params.rin)
         out = sch.get_sblock("y")
         sch.reverse_compute_at(out, work)
         sch.vectorize(sch.get_loops(out)[-1])

@@ -60,7 +60,18 @@ def kernel_func(spec: KernelSpec, layout: str, params, target: Mapping[str, Any]
         return offset_kernel(spec.n_out, k, params.lanes, spec.has_bias, spec.symbol("offset"), params.rows,
                              params.kin, spec.epilogue, values, params.share)
     return col_kernel(spec.n_out, spec.n_in, k, spec.index_dtype, params.lanes, spec.has_bias, spec.symbol(layout),
-                      tiles_first=True, fused_pack=layout == "fused", epilogue=spec.epilogue, value_dtype=values)
+                      block=(params.rows, params.kin), fused_pack=layout == "fused", epilogue=spec.epilogue,
+                      value_dtype=values)
+
+
+def _fits(spec: KernelSpec, layout: str, params, target: Mapping[str, Any]) -> bool:
+    """Whether ``params`` is a variant the layout's rule schedules for this shape (a blocked kernel cannot even be
+    defined with a k-tile that does not divide k)."""
+    try:
+        func = kernel_func(spec, layout, params, target)
+    except ValueError:
+        return False
+    return RULES[layout].apply(func, target, params) is not None
 
 
 def pack_func(spec: KernelSpec, lanes: int, layout: str = "pack"):
@@ -187,7 +198,7 @@ def _timing_args(spec: KernelSpec, layout: str, params, device) -> list:
     idx = idx.astype("int32" if layout == "offset" else spec.index_dtype)
     ops = [rng.standard_normal((n_out, k), dtype=np.float32),
            idx.view(np.int64) if layout == "row" else idx]  # (the row kernel reads 64-bit index words)
-    if layout == "offset":  # operands blocked as the offset kernel reads them
+    if layout in ("offset", "col"):  # operands blocked as the kernel reads them
         ops = [block_rows(torch.from_numpy(a), params.rows, params.kin).numpy() for a in ops]
     if spec.has_bias:
         ops.append(rng.standard_normal(n_out, dtype=np.float32))
@@ -222,7 +233,7 @@ def tune_layout(spec: KernelSpec, layout: str, target: Mapping[str, Any], *, spa
     if space is None:
         default = rule.default(spec.k_pad, target)
         space = [default] + [p for p in rule.space(spec.k_pad) if p != default]
-    fits = [p for p in space if rule.apply(kernel_func(spec, layout, p, target), target, p) is not None]
+    fits = [p for p in space if _fits(spec, layout, p, target)]
     if not fits:
         raise ValueError(f"the {layout} rule declines every variant of {list(space)} for {spec}")
     candidates, best, best_us = [], None, float("inf")
@@ -242,7 +253,7 @@ def select_params(spec: KernelSpec, layout: str, target: Mapping[str, Any], *, t
     records = TuningRecords(cache_dir)
     key = spec.record_key(layout, target_key(target))
     found = records.get(key, layout)
-    if found is not None and RULES[layout].apply(kernel_func(spec, layout, found, target), target, found) is not None:
+    if found is not None and _fits(spec, layout, found, target):
         return found
     if not tune:
         return RULES[layout].default(spec.k_pad, target)

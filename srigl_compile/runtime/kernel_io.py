@@ -33,7 +33,7 @@ from .tvm_runtime import import_tvm_runtime
 
 __all__ = ["export_kernels", "load_kernels", "as_folder", "KernelFileError", "FORMAT", "HANDLE_TYPES"]
 
-FORMAT = "srigl_compile.kernels/3"  # 3: the row kernel takes its indices as 64-bit words
+FORMAT = "srigl_compile.kernels/4"  # 4: the tiled linear kernels read blocked weights (3: index words)
 _FIELDS = ("key", "n_out", "n_in", "k", "k_pad", "index_dtype", "has_bias", "target")  # every entry has these
 # (device, kind) of a manifest entry -> the handle type that loads it; a new target's handle goes here
 HANDLE_TYPES = {(handle.device_type, handle.kind): handle

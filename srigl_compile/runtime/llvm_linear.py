@@ -9,7 +9,10 @@
                             25.7 -> 21.0 ms, at 12608 165 -> 127 ms; equal where n_in is 768)
 
 Packing is a TVM kernel (zero-padding; torch's permuted copy is slow here), into a reused scratch buffer; the col
-kernels write y as [B, n_out]. The col threshold is the handle's (``DEFAULT_COL_THRESHOLD``, measured) unless the
+kernels write y as [B, n_out]. The mid, col and fused kernels read the weights blocked as a task reads them
+(``tiled_operands``): a copy made on a layer's first call of 3 rows or more and kept with the handle for that layer,
+so a model run at such batches holds its condensed weights twice (the row kernel and the state dict keep [n_out,
+k]). The col threshold is the handle's (``DEFAULT_COL_THRESHOLD``, measured) unless the
 caller forces one (a layer lowered with ``col_threshold=``).
 
 Example:
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import LoweringError
 from .checks import check_batch_input, check_cpu_float32, check_runs_here
@@ -34,7 +38,7 @@ from .handle import LinearHandleBase
 from .kernel_files import KernelFileError
 from .llvm_params import ColParams, RowParams
 from .scratch import result, scratch
-from .spec import MID_LANES, TORCH_INDEX, KernelSpec
+from .spec import MID_LANES, TORCH_INDEX, KernelSpec, block_rows
 from .tvm_runtime import import_tvm_runtime, tvm_thread_count
 
 __all__ = ["LlvmLinearHandle", "RowCall", "DEFAULT_COL_THRESHOLD", "MID_FROM", "FUSED_TILES_PER_THREAD",
@@ -76,6 +80,7 @@ class LlvmLinearHandle(LinearHandleBase):
     fused_fn: Any = dataclasses.field(init=False, repr=False, default=None)
     fused_from_tiles: int = dataclasses.field(init=False, repr=False, default=0)
     missing_features: tuple = dataclasses.field(init=False, repr=False, default=())
+    _blocked: Any = dataclasses.field(init=False, repr=False, default_factory=WeakIdKeyDictionary)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,6 +111,19 @@ class LlvmLinearHandle(LinearHandleBase):
             return None
         return RowCall(self, self.n_in, self.n_out, values, indices, indices.view(torch.int64), bias)
 
+    def tiled_operands(self, operands: list[torch.Tensor]) -> list[torch.Tensor]:
+        """[values, indices, (bias)] as the mid, col and fused kernels read them: values and indices blocked by the
+        col variant's rows and k-tile (``spec.block_rows``). Made once per layer (keyed by its values tensor, as
+        layers of one shape share this handle) and made again when its values or indices change."""
+        values, indices, *bias = operands
+        entry = self._blocked.get(values)
+        if entry is None or entry[0] is not indices or entry[1] != (values._version, indices._version):
+            rows, kin = self.col_params.rows, self.col_params.kin
+            entry = (indices, (values._version, indices._version),
+                     [block_rows(values, rows, kin), block_rows(indices, rows, kin)])
+            self._blocked[values] = entry
+        return entry[2] + bias
+
     def launch(self, rows: torch.Tensor, operands: list[torch.Tensor], col_threshold: int) -> torch.Tensor:
         """y [m, n_out] for rows [m, n_in] (contiguous, m >= 1); ``col_threshold`` <= 0: the handle's own."""
         m, n_out = rows.shape[0], self.n_out
@@ -114,6 +132,7 @@ class LlvmLinearHandle(LinearHandleBase):
             values, indices, *bias = operands
             self.row_fn(rows, values, indices.view(torch.int64), *bias, out)  # the row kernel reads index words
             return out
+        operands = self.tiled_operands(operands)
         if m < (col_threshold if col_threshold > 0 else self.col_threshold):
             return self._tiled(rows, operands, self.packmid_fn, self.mid_fn, MID_LANES)
         full, tail = divmod(m, self.lanes)
