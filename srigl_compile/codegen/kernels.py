@@ -125,19 +125,25 @@ def _activation(te, value, epilogue: str):
 
 
 def _finish(te, acc, bias_shape_n: int, has_bias: bool, inputs: list, out_fn, epilogue: str = ""):
-    """Add the write-back block y = act(acc + bias) (bias and activation where asked; no block when neither is)
-    and build the PrimFunc's argument list. (Linear kernels take no residual: "relu", "gelu", "silu" only.)"""
+    """Add the write-back block y = act(acc + bias + res) (bias, residual and activation where asked; no block
+    when none is; ``res`` in acc's layout) and build the PrimFunc's argument list."""
     if not has_bias and not epilogue:
         return inputs + [acc]
     bias = te.placeholder((bias_shape_n,), "float32", name="bias")
-    y = te.compute(acc.shape, lambda *i: _activation(te, acc(*i) + bias[out_fn(*i)] if has_bias else acc(*i), epilogue),
-                   name="y")
-    return inputs + ([bias] if has_bias else []) + [y]
+    res = te.placeholder(acc.shape, "float32", name="res")
+
+    def out(*i):
+        value = acc(*i) + bias[out_fn(*i)] if has_bias else acc(*i)
+        return _activation(te, value + res(*i) if "add" in epilogue else value, epilogue)
+
+    y = te.compute(acc.shape, out, name="y")
+    return inputs + ([bias] if has_bias else []) + ([res] if "add" in epilogue else []) + [y]
 
 
 def row_kernel(n_out: int, n_in: int, k: int, index_dtype: str, has_bias: bool = True, symbol: str = ROW_SYMBOL,
                bit_extract: bool = False, epilogue: str = "", value_dtype: str = "float32"):
-    """PrimFunc ``f(x[B, n_in], w[n_out, k], idx[n_out, k / per] int64, (bias[n_out],) y[B, n_out])``, where idx is
+    """PrimFunc ``f(x[B, n_in], w[n_out, k], idx[n_out, k / per] int64, (bias[n_out],) (res[B, n_out],) y[B, n_out])``
+    (res with an "add" epilogue), where idx is
     the [n_out, k] ``index_dtype`` indices read as 64-bit words (``per = index_words(index_dtype)``; the first index
     in the low bits, as a little-endian ``view`` gives them).
 
@@ -178,7 +184,8 @@ def row_kernel(n_out: int, n_in: int, k: int, index_dtype: str, has_bias: bool =
 def col_kernel(n_out: int, n_in: int, k: int, index_dtype: str, lanes: int = 64, has_bias: bool = True,
                symbol: str = COL_SYMBOL, block: tuple[int, int] | None = None, fused_pack: bool = False,
                epilogue: str = "", value_dtype: str = "float32"):
-    """PrimFunc ``f(xt, w, idx, (bias,) y)``: batch columns in tiles of ``lanes``.
+    """PrimFunc ``f(xt, w, idx, (bias,) (res,) y)``: batch columns in tiles of ``lanes``; res (with an "add" epilogue)
+    is the layer's residual [M, n_out] (blocked form) or in y's layout (the older one).
 
     ``block`` = (rows, k_tile), the form the CPU library compiles: xt [NT, n_in, lanes] (from ``pack_kernel``; each
     tile contiguous, so no 4 KiB-stride cache aliasing at large batch) and y [NT, lanes, n_out], i.e. y is already
@@ -227,14 +234,20 @@ def col_kernel(n_out: int, n_in: int, k: int, index_dtype: str, lanes: int = 64,
     acc = te.compute((tiles, blocks, rows, lanes), lambda t, c, o, lane: te.sum(
         _f32(w[c, ko, o, ki]) * xt[t, column(c, o), lane], axis=[ko, ki]), name="acc")
     bias = te.placeholder((n_out,), "float32", name="bias")
+    # the residual is the layer's [M, n_out]: the padding rows past M (written, never returned) read its last row
+    m_rows = x.shape[0] if fused_pack else te.var("M", "int64")
+    res = te.placeholder((m_rows, n_out), "float32", name="res")
 
     def out(t, lane, o):
         value = acc[t, o // rows, o % rows, lane]
-        return _activation(te, value + bias[o] if has_bias else value, epilogue)
+        value = value + bias[o] if has_bias else value
+        value = value + res[te.min(t * lanes + lane, m_rows - 1), o] if "add" in epilogue else value
+        return _activation(te, value, epilogue)
 
     y = te.compute((tiles, lanes, n_out), out, name="y")
     first = x if fused_pack else xt
-    func = te.create_prim_func([first, w, idx, bias, y] if has_bias else [first, w, idx, y])
+    args = [first, w, idx] + ([bias] if has_bias else []) + ([res] if "add" in epilogue else []) + [y]
+    func = te.create_prim_func(args)
     func = func.with_attr("srigl.block_rows", rows).with_attr("srigl.fused_pack", int(fused_pack))
     return func.with_attr("global_symbol", symbol).with_attr("srigl.layout", "col")
 

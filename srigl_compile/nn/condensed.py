@@ -102,11 +102,11 @@ class _Condensed(nn.Module):
 
     srigl_leaf = True  # graph capture keeps condensed layers as single call_module nodes
     epilogue = ""  # what forward computes after the bias (a class default: older layers and pickles have none)
-    epilogues: tuple[str, ...] = ("", "relu", "gelu", "silu")  # the epilogues this kind of layer can compute
+    epilogues: tuple[str, ...] = EPILOGUES  # the epilogues a layer can compute
 
     def set_epilogue_(self, epilogue: str) -> None:
-        """Compute ``epilogue`` (one of ``epilogues``: "relu", "gelu", "silu"; convolutions also "add", "add_relu",
-        whose forward then takes the residual as ``residual=``) on the output. Lowered where its kernel can, the kernel
+        """Compute ``epilogue`` (one of ``epilogues``: "relu", "gelu", "silu", "add", "add_relu"; with an add, forward
+        takes the residual as ``residual=``) on the output. Lowered where its kernel can, the kernel
         computes it on the tile it writes (``passes/fuse_epilogue.py`` decides where)."""
         if epilogue not in self.epilogues:
             raise LayerError(f"{type(self).__name__} computes the epilogues {self.epilogues}, not {epilogue!r}")
@@ -277,12 +277,12 @@ class CondensedLinear(_Condensed):
         in_features = layer.weight.shape[1]
         return cls(in_features, layer.weight.shape[0], active, values, indices, layer.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         gathered = x[..., self.indices.long()]  # [..., n_active, k]
         y = (gathered * self.values).sum(dim=-1)
         if self.bias is not None:
             y = y + self.bias
-        return apply_epilogue(self.scatter(y, dim=-1), self.epilogue, None)
+        return apply_epilogue(self.scatter(y, dim=-1), self.epilogue, residual)
 
 
 def accepts_unbatched(forward):
@@ -307,8 +307,6 @@ class CondensedConv(_Condensed):
     into columns of the full im2col matrix [in_channels * prod(kernel), L], which is what the kernels read.
     ``epilogue`` (``set_epilogue_``): what the layer computes on its output after the bias (ReLU, a residual add).
     """
-
-    epilogues = EPILOGUES
 
     def __init__(self, conv: nn.Module, active, values, indices, bias=None) -> None:
         super().__init__()

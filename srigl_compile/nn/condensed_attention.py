@@ -139,7 +139,9 @@ class CondensedMultiheadAttention(nn.Module):
         return mask
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
+                average_attn_weights=True, is_causal=False, residual=None):
+        """nn.MultiheadAttention's call; ``residual`` (shaped like the output) is added to it by ``out_proj``
+        (whose epilogue then has an add: ``nn.transformer_layers``)."""
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         q, k, v = (self._heads(x) for x in self._projections(query, key, value))
@@ -157,7 +159,11 @@ class CondensedMultiheadAttention(nn.Module):
             weights = weights.mean(dim=1) if average_attn_weights else weights
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-        out = self.out_proj(out.transpose(1, 2).reshape(query.shape[0], query.shape[1], self.embed_dim))
+        out = out.transpose(1, 2).reshape(query.shape[0], query.shape[1], self.embed_dim)
+        if residual is None:
+            out = self.out_proj(out)
+        else:
+            out = self.out_proj(out, residual=residual if self.batch_first else residual.transpose(0, 1))
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, weights

@@ -32,27 +32,28 @@ class LoweredLinear(CondensedLinear):
 
     fused_epilogue = False  # whether the kernel computes the epilogue (else torch does, after the kernel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if type(x) is not torch.Tensor or torch.compiler.is_compiling():  # tracers see the buffers as attributes
-            return self._call_kernel(x, self.values, self.indices, self.bias)
+            return self._call_kernel(x, self.values, self.indices, self.bias, residual)
         # Eager: nn.Module.__getattr__ costs ~1 us a buffer, and a batch-1 call reads four (about 10% of it).
         buffers = self._buffers
         values, indices, bias = buffers["values"], buffers["indices"], buffers["bias"]
         row_call = self.__dict__.get("_row_call")  # (the CPU row kernel on operands already checked: 1-2 rows)
         if row_call is not None and (y := row_call(x, values, indices, bias)) is not None:
-            return self._finish(y, values)
-        return self._call_kernel(x, values, indices, bias)
+            return self._finish(y, values, residual)
+        return self._call_kernel(x, values, indices, bias, residual)
 
-    def _call_kernel(self, x, values, indices, bias) -> torch.Tensor:
+    def _call_kernel(self, x, values, indices, bias, residual=None) -> torch.Tensor:
         if values.shape[0] == 0:
-            return apply_epilogue(self.scatter(x.new_empty(*x.shape[:-1], 0), dim=-1), self.epilogue, None)
+            return apply_epilogue(self.scatter(x.new_empty(*x.shape[:-1], 0), dim=-1), self.epilogue, residual)
+        operand = residual if self.fused_epilogue and "add" in self.epilogue else None  # (else added by torch)
         try:
-            y = linear_op.condensed_linear(x, values, indices, bias, self.kernel_key, self.col_threshold)
+            y = linear_op.condensed_linear(x, values, indices, bias, self.kernel_key, self.col_threshold, operand)
         except KernelShapeError as err:
             raise with_layer_name(err, self) from None
         if type(x) is torch.Tensor and not torch.compiler.is_compiling():
             self._refresh_row_call(values, indices, bias)
-        return self._finish(y, values)
+        return self._finish(y, values, residual)
 
     def _refresh_row_call(self, values, indices, bias) -> None:
         """After a full call accepted these operands: the CPU row kernel on them, for the next small eager calls
@@ -64,9 +65,9 @@ class LoweredLinear(CondensedLinear):
         verified = getattr(get_handle(self.kernel_key), "verified_row_call", None)
         self._row_call = verified(values, indices, bias) if verified else None
 
-    def _finish(self, y: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def _finish(self, y: torch.Tensor, values: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         y = y if self.compact or values.shape[0] == self.n_out else self.scatter(y, dim=-1)
-        return y if self.fused_epilogue else apply_epilogue(y, self.epilogue, None)
+        return y if self.fused_epilogue else apply_epilogue(y, self.epilogue, residual)
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__

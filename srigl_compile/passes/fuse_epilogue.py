@@ -3,13 +3,16 @@
 In a lowered ResNet the ReLUs and residual adds after the convolutions are separate torch ops, each reading and
 writing a whole activation (49 ReLUs and 16 adds: about a fifth of a batch-1 ResNet-50 forward); in a ViT the
 GELUs after each MLP's first layer (12 of them, ~4 ms of a batch-1 ViT-B/16 forward); SiLUs likewise (EfficientNet,
-YOLO, LLaMA-style MLPs). Three rewrites:
+YOLO, LLaMA-style MLPs); in a torch TransformerEncoderLayer its two residual adds (24 in ViT-B/16). Four rewrites:
 
 - in an ``nn.Sequential`` (the model itself included), a condensed layer followed (past nn.Identity / eval
   Dropout children) by an ``nn.ReLU``, exact ``nn.GELU`` or ``nn.SiLU`` child: the layer computes the activation
   and the child becomes nn.Identity;
 - in ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` (whose forward does not trace), ``linear1``
   computes the layer's ReLU / exact GELU / SiLU ``activation``, which becomes ``no_activation`` (or nn.Identity);
+- in ``nn.TransformerEncoderLayer``, ``linear2`` adds the feed-forward block's input and a batch_first condensed
+  self-attention's ``out_proj`` the attention block's; the layer becomes ``nn.transformer_layers.ResidualEncoderLayer``
+  (torch's forward with those adds passed to the layers as ``residual=``);
 - in the forward of any other module that calls a condensed layer (its parent; not the model itself, which keeps
   its class and forward), the chain
 
@@ -21,7 +24,9 @@ YOLO, LLaMA-style MLPs). Three rewrites:
 
 The layer's ``epilogue`` ("relu", "add", "add_relu", "gelu", "silu") says what it now computes (``set_epilogue_``),
 and its kernel computes it (``runtime.spec.apply_epilogue`` is the reference). Which epilogues a layer kind may take
-is the backend's (``Backend.epilogues``: on llvm, convolutions all five, Linear layers "relu", "gelu" and "silu").
+is the backend's (``Backend.epilogues``: on llvm all five for both). A Linear layer's add is fused only in an
+encoder layer, where the residual has the layer's output shape by construction: a traced graph carries no shapes,
+and a kernel adds a residual that broadcasts to its output, not one its output would broadcast to.
 
 Contract.
     requires: condensed layers, after CondensePass, FoldBatchNormPass and PadAblatedRowsPass (a fold turns
@@ -54,7 +59,9 @@ import torch.nn.functional as F
 
 from ..errors import TraceError
 from ..nn.condensed import CondensedConv, CondensedLinear
+from ..nn.condensed_attention import CondensedMultiheadAttention
 from ..nn.lowered import can_fuse_epilogue
+from ..nn.transformer_layers import ResidualEncoderLayer
 from .analysis import GRAPH, OUTPUT_SHAPES, Analyses
 from .base import Pass, PassResult, replace_submodule
 from .graph_capture import module_calls, trace_module
@@ -69,7 +76,7 @@ _INPLACE_ADDS = (operator.iadd,)
 _RELUS = (F.relu, torch.relu, torch.relu_)
 _GELUS = (F.gelu,)
 _SILUS = (F.silu,)
-_TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)  # activation(linear1(x))
+_TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, ResidualEncoderLayer, nn.TransformerDecoderLayer)  # act(linear1(x))
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
@@ -220,18 +227,42 @@ class FuseEpiloguePass(Pass):
                 parent._modules[keys[at]] = nn.Identity()
                 self.fused[f"{parent_name}.{child}" if parent_name else child] = activation
 
+    def _fusable(self, layer, epilogue: str, names_of) -> bool:
+        """Whether ``layer`` (a module, or None) can take ``epilogue`` here: a condensed layer under one name, with
+        none yet, whose kernel and backend compute it."""
+        return type(layer) in _KINDS and not layer.epilogue and names_of[id(layer)] == 1 and \
+            can_fuse_epilogue(layer, self.conv_route) and epilogue in self._allowed(layer)
+
+    def _fuse_encoder_residuals(self, model: nn.Module, names_of) -> None:
+        """torch's TransformerEncoderLayer adds each block's input to its output: ``linear2`` adds the feed-forward
+        block's, and a batch_first condensed self-attention's ``out_proj`` the attention block's (not batch_first,
+        its output is transposed after out_proj); the layer becomes a ``ResidualEncoderLayer``, whose forward
+        passes them. The residual has the layer's output shape by construction, which a traced graph (no shapes)
+        cannot promise: elsewhere Linear layers' adds stay in torch."""
+        for name, layer in model.named_modules():
+            if type(layer) not in (nn.TransformerEncoderLayer, ResidualEncoderLayer):
+                continue
+            attention = layer.self_attn
+            out_proj = attention.out_proj if isinstance(attention, CondensedMultiheadAttention) and \
+                attention.batch_first else None
+            fused = [(child, module) for child, module in (("linear2", layer.linear2), ("self_attn.out_proj", out_proj))
+                     if self._fusable(module, "add", names_of)]
+            for child, module in fused:
+                module.set_epilogue_("add")
+                self.fused[f"{name}.{child}" if name else child] = "add"
+            if fused:
+                layer.__class__ = ResidualEncoderLayer
+
     def _fuse_transformer_layers(self, model: nn.Module, names_of) -> None:
         """torch's transformer layers apply ``self.activation`` to ``self.linear1``'s output, once per call (their
         forward, with its fast-path checks, does not trace, and needs no graph: it is torch's): linear1 computes
         a ReLU / exact GELU / SiLU activation, which becomes ``no_activation`` (nn.Identity for a module; the native
         fast path, which would bypass the layers, stays off)."""
         for name, parent in model.named_modules():
-            layer = getattr(parent, "linear1", None)
-            if type(parent) not in _TRANSFORMER_LAYERS or type(layer) not in _KINDS or layer.epilogue \
-                    or names_of[id(layer)] != 1 or not can_fuse_epilogue(layer, self.conv_route):
+            if type(parent) not in _TRANSFORMER_LAYERS:
                 continue
-            activation = _activation_function(parent.activation)
-            if activation in self._allowed(layer):
+            layer, activation = parent.linear1, _activation_function(parent.activation)
+            if activation and self._fusable(layer, activation, names_of):
                 layer.set_epilogue_(activation)
                 parent.activation = nn.Identity() if isinstance(parent.activation, nn.Module) else no_activation
                 parent.activation_relu_or_gelu = 0
@@ -241,6 +272,7 @@ class FuseEpiloguePass(Pass):
         self.fused = {}
         names_of = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
         self._fuse_transformer_layers(model, names_of)
+        self._fuse_encoder_residuals(model, names_of)
         candidates = self._candidates(model, analyses)
         for parent_name in [p for p in candidates if type(model.get_submodule(p)) is nn.Sequential]:
             self._fuse_sequential(model, parent_name, candidates.pop(parent_name), names_of)
@@ -258,7 +290,10 @@ class FuseEpiloguePass(Pass):
             modules = dict(parent.named_modules())
             fused = {}
             for node in [n for n in graph.nodes if n.op == "call_module" and n.target in children]:
-                if (epilogue := _fuse_one(graph, node, modules, self._allowed(modules[node.target]))):
+                allowed = self._allowed(modules[node.target])
+                if type(modules[node.target]) is CondensedLinear:  # (its adds: see _fuse_encoder_residuals)
+                    allowed = allowed - {"add", "add_relu"}
+                if (epilogue := _fuse_one(graph, node, modules, allowed)):
                     fused[node.target] = epilogue
             if not fused:
                 continue

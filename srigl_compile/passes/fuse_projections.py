@@ -21,6 +21,7 @@ import logging
 import torch.nn as nn
 
 from ..nn.condensed_attention import CondensedMultiheadAttention
+from ..nn.transformer_layers import ResidualEncoderLayer
 from .analysis import Analyses
 from .base import Pass, PassResult
 
@@ -28,7 +29,8 @@ __all__ = ["FuseProjectionsPass"]
 
 log = logging.getLogger(__name__)
 
-_TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)  # self_attn(x, x, x)
+# self_attn(x, x, x)
+_TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, ResidualEncoderLayer, nn.TransformerDecoderLayer)
 
 
 class FuseProjectionsPass(Pass):

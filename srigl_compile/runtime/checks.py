@@ -11,6 +11,7 @@ import torch
 from ..errors import DeviceError, InferenceOnlyError, LoweringError
 
 __all__ = ["KernelDeviceError", "KernelDtypeError", "KernelShapeError", "check_cpu_float32", "check_runs_here",
+           "check_residual_shape",
            "check_no_grad", "check_cpu_operands", "check_bias", "check_residual", "check_batch_input"]
 
 
@@ -77,6 +78,19 @@ def check_residual(handle, residual) -> None:
     if (residual is not None) != handle.spec.has_residual:
         raise ValueError(f"kernel {handle.key} was built with epilogue {handle.spec.epilogue!r}, got residual="
                          f"{'a tensor' if residual is not None else 'None'}")
+
+
+def check_residual_shape(residual: torch.Tensor, out_shape: tuple, layer: str) -> None:
+    """A fused residual must broadcast to the layer's output (the kernel adds it to each output element once)."""
+    if tuple(residual.shape) == out_shape:  # (torch.broadcast_shapes costs ~80 us: compare first, the usual case)
+        return
+    try:
+        fits = tuple(torch.broadcast_shapes(residual.shape, out_shape)) == out_shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise KernelShapeError(f"a fused residual of shape {tuple(residual.shape)} does not broadcast to the "
+                               f"{layer}'s output {out_shape}")
 
 
 def check_batch_input(x: torch.Tensor, handle) -> None:

@@ -38,6 +38,7 @@ from .checks import (
     check_cpu_operands,
     check_no_grad,
     check_residual,
+    check_residual_shape,
     check_runs_here,
 )
 from .conv_geometry import DirectPlan, direct_plan, output_size, phase_kernel, strided_plan
@@ -167,10 +168,7 @@ def _residual_grid(residual: torch.Tensor, out_shape: tuple, plan, cropped: bool
     """The residual [B, n_out, OH, OW] (or anything broadcasting to it) as the kernel's res operand
     [B, n_out, NT, lanes] over the padded output grid [OH, pitch] (the padding positions are cropped away later,
     so what they hold does not matter)."""
-    # (torch.broadcast_shapes costs ~80 us: compare first, the usual residual has the output's shape)
-    if tuple(residual.shape) != out_shape and tuple(torch.broadcast_shapes(residual.shape, out_shape)) != out_shape:
-        raise KernelShapeError(f"a fused residual of shape {tuple(residual.shape)} does not broadcast to the "
-                               f"convolution's output {tuple(out_shape)}")
+    check_residual_shape(residual, tuple(out_shape), "convolution")
     residual = residual.to(torch.float32)
     batch, n_out = out_shape[:2]
     if not cropped:

@@ -104,10 +104,10 @@ class LlvmLinearHandle(LinearHandleBase):
 
     def verified_row_call(self, values: torch.Tensor, indices: torch.Tensor, bias: torch.Tensor | None):
         """A ``RowCall`` for one layer's operands, which a full call of the op has just checked (None when they
-        are not packed for this handle: that layer keeps the full path)."""
-        if self.missing_features or values.shape[1] != self.k_pad or values.dtype != self.spec.value_dtype \
-                or indices.dtype != TORCH_INDEX[self.index_dtype] or not (values.is_contiguous()
-                                                                          and indices.is_contiguous()):
+        are not packed for this handle, or the kernel takes a residual: that layer keeps the full path)."""
+        if self.missing_features or self.spec.has_residual or values.shape[1] != self.k_pad \
+                or values.dtype != self.spec.value_dtype or indices.dtype != TORCH_INDEX[self.index_dtype] \
+                or not (values.is_contiguous() and indices.is_contiguous()):
             return None
         return RowCall(self, self.n_in, self.n_out, values, indices, indices.view(torch.int64), bias)
 
@@ -124,32 +124,36 @@ class LlvmLinearHandle(LinearHandleBase):
             self._blocked[values] = entry
         return entry[2] + bias
 
-    def launch(self, rows: torch.Tensor, operands: list[torch.Tensor], col_threshold: int) -> torch.Tensor:
-        """y [m, n_out] for rows [m, n_in] (contiguous, m >= 1); ``col_threshold`` <= 0: the handle's own."""
+    def launch(self, rows: torch.Tensor, operands: list[torch.Tensor], col_threshold: int,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+        """y [m, n_out] for rows [m, n_in] (contiguous, m >= 1); ``col_threshold`` <= 0: the handle's own;
+        ``residual`` [m, n_out] (contiguous) for a kernel built with an "add" epilogue."""
         m, n_out = rows.shape[0], self.n_out
+        res = [] if residual is None else [residual]
         if m < MID_FROM:
             out = rows.new_empty(m, n_out)
             values, indices, *bias = operands
-            self.row_fn(rows, values, indices.view(torch.int64), *bias, out)  # the row kernel reads index words
+            self.row_fn(rows, values, indices.view(torch.int64), *bias, *res, out)  # (the row kernel reads words)
             return out
         operands = self.tiled_operands(operands)
         if m < (col_threshold if col_threshold > 0 else self.col_threshold):
-            return self._tiled(rows, operands, self.packmid_fn, self.mid_fn, MID_LANES)
+            return self._tiled(rows, operands + res, self.packmid_fn, self.mid_fn, MID_LANES)
         full, tail = divmod(m, self.lanes)
         if self.fused_fn is not None and full >= self.fused_from_tiles:
             # Enough tiles for every thread: a task per tile packs it into a local buffer and runs all rows on
             # it, instead of packing every tile out to memory (DRAM-bound at large batch) and reading it back.
             y = result((-(-m // self.lanes) * self.lanes, n_out))
-            self.fused_fn(rows, *operands, y.view(-1, self.lanes, n_out))
+            self.fused_fn(rows, *operands, *res, y.view(-1, self.lanes, n_out))
             return y[:m] if tail else y
         if not full or not tail or tail > self.lanes // 2:
-            return self._tiled(rows, operands, self.pack_fn, self.col_fn, self.lanes)
+            return self._tiled(rows, operands + res, self.pack_fn, self.col_fn, self.lanes)
         # A ragged tail (ViT's 197 tokens = 3 x 64 + 5) would fill a whole 64-lane tile mostly with padding, at the
         # cost of a full tile (~5-7 mid tiles): the full tiles run the col kernel, the tail the 8-lane one.
         split = full * self.lanes
         y = result((split + -(-tail // MID_LANES) * MID_LANES, n_out))
-        self._tiled(rows[:split], operands, self.pack_fn, self.col_fn, self.lanes, y[:split])
-        self._tiled(rows[split:], operands, self.packmid_fn, self.mid_fn, MID_LANES, y[split:])
+        head, rest = ([residual[:split]], [residual[split:]]) if res else ([], [])
+        self._tiled(rows[:split], operands + head, self.pack_fn, self.col_fn, self.lanes, y[:split])
+        self._tiled(rows[split:], operands + rest, self.packmid_fn, self.mid_fn, MID_LANES, y[split:])
         return y[:m]
 
     def _tiled(self, rows, operands, pack, col, lanes: int, out: torch.Tensor | None = None) -> torch.Tensor:

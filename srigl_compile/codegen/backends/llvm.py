@@ -60,7 +60,7 @@ class LlvmBackend(Backend):
     description = "x86 / ARM CPUs through LLVM (host CPU detected)"
     dtypes = ("float32",)
     conv_route = "direct"
-    epilogues = {"linear": frozenset({"relu", "gelu", "silu"}),
+    epilogues = {"linear": frozenset({"relu", "add", "add_relu", "gelu", "silu"}),
                  "conv": frozenset({"relu", "add", "add_relu", "gelu", "silu"})}
     config_type = LlvmConfig
     handle_types = (LlvmLinearHandle, LlvmConvHandle)
