@@ -33,7 +33,7 @@ import torch
 from ..errors import LoweringError
 from ..runtime.conv_geometry import column_offsets, direct_plan
 from ..runtime.cpu_features import missing_host_features
-from ..runtime.spec import MID_LANES, KernelSpec, block_rows, target_key
+from ..runtime.spec import LINEAR_GLUE, MID_LANES, KernelSpec, block_rows, target_key
 from ._tvm_compat import import_tvm
 from .cpu_target import has_bit_extract
 from .glue_kernels import glue_funcs
@@ -146,8 +146,8 @@ def mid_params(col: ColParams) -> ColParams:
 
 def compile_kernels(spec: KernelSpec, row: RowParams, col: ColParams, target: Mapping[str, Any]):
     """One executable holding ``spec.symbol(layout)`` for layout in row, col, pack, mid, packmid (the col
-    kernel and its pack at ``MID_LANES`` lanes), fused (the col kernel packing its tiles itself); cached per
-    process."""
+    kernel and its pack at ``MID_LANES`` lanes), fused (the col kernel packing its tiles itself), and the model's
+    glue in ``runtime.spec.LINEAR_GLUE`` (the layer norm); cached per process."""
     key = (_padded(spec), row, col, target_key(target))
     if key not in _COMPILED:
         symbol = spec.symbol
@@ -156,7 +156,8 @@ def compile_kernels(spec: KernelSpec, row: RowParams, col: ColParams, target: Ma
                  symbol("pack"): RULES["pack"].apply(pack_func(spec, col.lanes), target).mod["main"],
                  symbol("mid"): _scheduled(spec, "col", mid_params(col), target).with_attr("global_symbol",
                                                                                             symbol("mid")),
-                 symbol("packmid"): RULES["pack"].apply(pack_func(spec, MID_LANES, "packmid"), target).mod["main"]}
+                 symbol("packmid"): RULES["pack"].apply(pack_func(spec, MID_LANES, "packmid"), target).mod["main"],
+                 **glue_funcs(symbol, LINEAR_GLUE)}
         if fused_pack_supported(spec.n_in, spec.index_dtype):
             funcs[symbol("fused")] = RULES["col"].apply(kernel_func(spec, "fused", col, target), target,
                                                         col).mod["main"]

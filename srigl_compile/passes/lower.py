@@ -3,7 +3,7 @@
 A pipeline of passes on a deep copy, sharing one graph capture and one shape analysis (``passes/analysis.py``):
 CondensePass (masked models; shrinks ablated neurons) -> BakeParametrizationsPass -> FoldBatchNormPass (unless
 ``fold_batchnorm=False``) -> PadAblatedRowsPass -> FuseEpiloguePass (unless ``fuse_epilogues=False``) ->
-FuseProjectionsPass -> CastPass -> CompileKernelsPass -> LowerMaxPoolPass.
+FuseProjectionsPass -> CastPass -> CompileKernelsPass -> LowerMaxPoolPass -> LowerLayerNormPass.
 
 Contract.
     requires: the model has sparse (masked) or condensed layers; the target is supported.
@@ -13,8 +13,9 @@ Contract.
               outputs equal the condensed (= masked) model's up to float rounding (up to the dtype's rounding for
               float16 / bfloat16); the self-attention of torch transformer layers computes q, k and v with one
               stacked layer (``passes/fuse_projections.py``); on llvm, nn.MaxPool2d layers (floor mode, no
-              indices) of a model with a direct convolution run the max-pool kernel of its library
-              (``passes/lower_pooling.py``).
+              indices) of a model with a direct convolution run the max-pool kernel of its library, and
+              nn.LayerNorm layers over the last dimension of a model with a Linear layer the layer-norm kernel of
+              its library (``passes/lower_glue.py``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .condense import CondensePass
 from .fold_batchnorm import FoldBatchNormPass
 from .fuse_epilogue import FuseEpiloguePass
 from .fuse_projections import FuseProjectionsPass
-from .lower_pooling import LowerMaxPoolPass
+from .lower_glue import LowerLayerNormPass, LowerMaxPoolPass
 from .manager import PassManager
 
 __all__ = ["lower", "BakeParametrizationsPass", "PadAblatedRowsPass", "CastPass", "CompileKernelsPass"]
@@ -109,7 +110,7 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
     if fuse_epilogues:
         passes += [FuseEpiloguePass(backend.conv_route, backend.epilogues)]
     passes += [FuseProjectionsPass(), CastPass(config.dtype), CompileKernelsPass(backend, config),
-               LowerMaxPoolPass()]
+               LowerMaxPoolPass(), LowerLayerNormPass()]
     model = PassManager(passes).run(copy.deepcopy(model), Analyses(example_inputs))
     # Inference only: the kernels have no backward, dropout must be off, and dense parameters need no gradients
     # (a lowered layer refuses an input autograd tracks, InferenceOnlyError).

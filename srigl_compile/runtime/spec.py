@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 __all__ = ["KernelSpec", "K_MULTIPLE", "MID_LANES", "TORCH_INDEX", "TORCH_FLOAT", "EPILOGUES", "target_key",
-           "block_rows", "shared_columns", "apply_epilogue", "CONV_GLUE"]
+           "block_rows", "shared_columns", "apply_epilogue", "CONV_GLUE", "LINEAR_GLUE"]
 
 K_MULTIPLE = 8  # kernels are compiled for k rounded up to this (zero weights on the row's last index)
 MID_LANES = 8  # batch rows per tile of the CPU mid-batch kernel: one AVX2 vector
@@ -46,6 +46,8 @@ EPILOGUES = ("", "relu", "add", "add_relu", "gelu", "silu")
 # The TIR helpers a CPU convolution's library holds besides its kernel (``codegen.glue_kernels``), each under
 # ``spec.symbol(name)``: input padding / phase split, output crop, and the model's max-pooling (``pool_op``).
 CONV_GLUE = ("pad", "crop", "max_pool")
+# ... and a CPU linear layer's library: the model's layer norms (``norm_op``).
+LINEAR_GLUE = ("layer_norm",)
 
 
 def apply_epilogue(y: torch.Tensor, epilogue: str, residual: torch.Tensor | None) -> torch.Tensor:

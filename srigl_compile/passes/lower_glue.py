@@ -1,0 +1,96 @@
+"""Passes that hand a lowered model's pooling and normalisation layers to the glue kernels its lowered layers'
+libraries hold (``codegen.glue_kernels``):
+
+- LowerMaxPoolPass: ``nn.MaxPool2d`` -> ``nn.pooling.LoweredMaxPool2d`` (the max-pool of a direct CPU
+  convolution's library; equal to ``F.max_pool2d``: -inf padding, a NaN in a window wins);
+- LowerLayerNormPass: ``nn.LayerNorm`` over the last dimension -> ``nn.norms.LoweredLayerNorm`` (the layer norm of
+  a CPU Linear layer's library; ``F.layer_norm`` to float32 rounding, two-pass mean and variance; parameters
+  shared).
+
+Contract (each).
+    requires: after CompileKernelsPass (lowered layers with registered kernels).
+    ensures:  outputs unchanged (as above). When the model has a lowered layer whose library holds the function,
+              every layer the kernel can compute (``can_lower_max_pool``: floor mode, no indices;
+              ``can_lower_layer_norm``: the last dimension) becomes the lowered class calling that library; other
+              models and layers are left as they were (``F.max_pool2d`` / ``F.layer_norm`` in a module's forward
+              too: not a layer to replace).
+    preserves: GRAPH, OUTPUT_SHAPES (a leaf module under the same name computing the same values).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar
+
+import torch.nn as nn
+
+from ..nn.lowered import LoweredConv, LoweredLinear
+from ..nn.norms import LoweredLayerNorm, can_lower_layer_norm
+from ..nn.pooling import LoweredMaxPool2d, can_lower_max_pool
+from ..runtime.registry import get_registered
+from .analysis import GRAPH, OUTPUT_SHAPES, Analyses
+from .base import Pass, PassResult, replace_submodule
+
+__all__ = ["LowerMaxPoolPass", "LowerLayerNormPass"]
+
+log = logging.getLogger(__name__)
+
+
+class _LowerToGluePass(Pass):
+    """Replace each layer that ``lowerable`` by ``lowered(layer, key)``, where key is a lowered layer's (one that
+    ``runs_kernel``) whose handle holds ``function``."""
+
+    preserves = frozenset({GRAPH, OUTPUT_SHAPES})
+    function: ClassVar[str]
+
+    @staticmethod
+    def lowerable(module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    @staticmethod
+    def runs_kernel(layer: nn.Module) -> bool:
+        raise NotImplementedError
+
+    @staticmethod
+    def lowered(module: nn.Module, key: str) -> nn.Module:
+        raise NotImplementedError
+
+    def _library_key(self, model: nn.Module) -> str | None:
+        for layer in model.modules():
+            if self.runs_kernel(layer) and getattr(get_registered(layer.kernel_key), self.function, None) is not None:
+                return layer.kernel_key
+        return None
+
+    def call(self, model: nn.Module, analyses: Analyses) -> PassResult:
+        names = [name for name, module in model.named_modules(remove_duplicate=False) if self.lowerable(module)]
+        key = self._library_key(model) if names else None
+        if key is None:
+            return PassResult(model, modified=False)
+        for name in names:
+            model = replace_submodule(model, name, self.lowered(model.get_submodule(name), key))
+            log.info("lowered %s -> %s of %s", name, self.function, key)
+        return PassResult(model, modified=True)
+
+
+class LowerMaxPoolPass(_LowerToGluePass):
+    """See the module docstring."""
+
+    function = "max_pool_fn"
+    lowerable = staticmethod(can_lower_max_pool)
+    lowered = staticmethod(LoweredMaxPool2d)
+
+    @staticmethod
+    def runs_kernel(layer: nn.Module) -> bool:
+        return isinstance(layer, LoweredConv) and layer.direct and layer.n_active > 0
+
+
+class LowerLayerNormPass(_LowerToGluePass):
+    """See the module docstring."""
+
+    function = "layer_norm_fn"
+    lowerable = staticmethod(can_lower_layer_norm)
+    lowered = staticmethod(LoweredLayerNorm)
+
+    @staticmethod
+    def runs_kernel(layer: nn.Module) -> bool:
+        return isinstance(layer, LoweredLinear) and layer.values.shape[0] > 0
