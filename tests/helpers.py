@@ -155,3 +155,18 @@ def run_recipe(tmp_path, name, stop_at=None, resume=None, checkpoint_every=11, b
     return train_classifier(model, data, SRigLConfig(sparsity=0.9, delta_t=5, grad_accumulation_n=2), epochs=3,
                             batch_size=batch_size, checkpoint_path=tmp_path / name, checkpoint_every=checkpoint_every,
                             resume=resume, on_step=stop, meta={"method": "srigl"})
+
+
+def make_layer(n_out, n_in, k, index_dtype, has_bias, seed=0):
+    """Values, sorted distinct indices [n_out, k] and a bias (or None), with a deterministic generator."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.rand(n_out, n_in, generator=gen).argsort(dim=1)[:, :k].sort(dim=1).values
+    values = torch.randn(n_out, k, generator=gen)
+    bias = torch.randn(n_out, generator=gen) if has_bias else None
+    return values, idx.to(getattr(torch, index_dtype)), bias
+
+
+def reference(x, values, indices, bias):
+    """What a condensed layer computes, by gathering (the kernels' reference)."""
+    y = (values * x[..., indices.long()]).sum(-1)
+    return y + bias if bias is not None else y
