@@ -167,7 +167,7 @@ class ColRule:
             return None
         block_rows = int(func.attrs.get("srigl.block_rows", 0)) if func.attrs is not None else 0
         if block_rows:
-            return self._apply_blocked(func, params, block_rows)
+            return self._apply_blocked(func, params, block_rows, target)
         # the older layout, row-major operands (kin need not divide k: TVM predicates the tail)
         sch = import_tvm().s_tir.Schedule(func)
         acc = sch.get_sblock("acc")
@@ -183,7 +183,7 @@ class ColRule:
         return sch
 
     @staticmethod
-    def _apply_blocked(func, params: ColParams, block_rows: int):
+    def _apply_blocked(func, params: ColParams, block_rows: int, target):
         """The blocked form (operands [blocks, k / kin, rows, kin]): its rows and kin are the variant's, fixed when
         the kernel was defined; the tasks are (tile x row block), or with the fused pack one a tile."""
         w_shape = func.params[1].shape
@@ -201,27 +201,30 @@ class ColRule:
         if fused_pack:  # each task packs its own tile [n_in, lanes] into a local buffer first
             pack = sch.get_sblock("xt")
             sch.compute_at(pack, work)
-            _pack_features_as_vectors(sch, pack)
+            _pack_lanes_as_vectors(sch, pack, target)
         return sch
 
 
-def _pack_features_as_vectors(sch, pack):
-    """The innermost (feature, lane) loops of a pack block: a block of features read as one vector per batch row,
-    written with a stride of ``lanes``; returns the loop over feature blocks. 32 features a block: the 32 strided
-    write streams (256 B apart) stay within L1's sets; larger blocks alias (the reason torch's permuted copy is
-    slow here)."""
+def _pack_lanes_as_vectors(sch, pack, target):
+    """The innermost (feature, lane) loops of a pack block, in blocks of 32 features: each vector store writes
+    consecutive lanes of one feature, gathered from as many batch rows (the target's vector width: 16 with
+    AVX-512, else 8); returns the loop over feature blocks. The older order read a row's features as a vector and
+    wrote them with a stride of ``lanes``: one scalar store per element, 2.2-3.7x slower on the Xeon (192 x 768
+    rows 54 -> 25 us, 192 x 3072 305 -> 112 us, 12608 x 768 8.66 -> 2.36 ms)."""
     feature, lane = sch.get_loops(pack)[-2:]
-    width = _largest_divisor(int(sch.get(feature).extent), (32, 16, 8, 4, 2, 1))
-    chunk, inner = sch.split(feature, [None, width])
-    sch.reorder(chunk, lane, inner)
+    widths = (16, 8, 4, 2, 1) if isinstance(target, Mapping) and "avx512f" in cpu_features(target) else (8, 4, 2, 1)
+    width = _largest_divisor(int(sch.get(lane).extent), widths)
+    chunk, inner = sch.split(feature, [None, _largest_divisor(int(sch.get(feature).extent), (32, 16, 8, 4, 2, 1))])
+    lane_outer, lane_inner = sch.split(lane, [None, width])
+    sch.reorder(chunk, lane_outer, inner, lane_inner)
     if width > 1:
-        sch.vectorize(inner)
+        sch.vectorize(lane_inner)
     return chunk
 
 
 class PackRule:
     """x [M, n_in] -> tiles [NT, n_in, lanes] for the col kernel: parallel over (tile x feature block); each
-    batch row's features are read as vectors, written with a stride of ``lanes``."""
+    feature's lanes are gathered from the batch rows and written as vectors."""
 
     name = "pack"
     params_type = type(None)
@@ -232,7 +235,7 @@ class PackRule:
         sch = import_tvm().s_tir.Schedule(func)
         block = sch.get_sblock("xt")
         tile = sch.get_loops(block)[0]
-        chunk = _pack_features_as_vectors(sch, block)
+        chunk = _pack_lanes_as_vectors(sch, block, target)
         sch.parallel(sch.fuse(tile, chunk))
         return sch
 
