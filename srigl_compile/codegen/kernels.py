@@ -5,8 +5,7 @@
     col layout (large batch):  y[t, l, o]  = bias[o] + sum_r w[o, r] * xt[t, idx[o, r], l]    xt [NT, n_in, lanes]
                                y [NT, lanes, n_out] is y [B, n_out]; ``pack_kernel`` makes xt from x [B, n_in];
                                w and idx blocked by rows and k-tiles, in the order a task reads them
-                               (or, without a block, xt [n_in, NT, lanes], yt [n_out, NT, lanes], w [n_out, k];
-                               or, fused_pack, x [B, n_in] with the packing as a block of the kernel)
+                               (or, fused_pack, x [B, n_in] with the packing as a block of the kernel)
     offset layout (direct conv):  y[b, o, t, l] = bias[o] + sum_r w[o, r] * x[b, off[o, r] + t * lanes + l]
                                (w and off blocked by rows and k-tiles, in the order the kernel reads them)
                                x [B, L]: one zero-padded image per row, flattened [C, Hx, Wp]; off[o, r] is where
@@ -182,38 +181,28 @@ def row_kernel(n_out: int, n_in: int, k: int, index_dtype: str, has_bias: bool =
 
 
 def col_kernel(n_out: int, n_in: int, k: int, index_dtype: str, lanes: int = 64, has_bias: bool = True,
-               symbol: str = COL_SYMBOL, block: tuple[int, int] | None = None, fused_pack: bool = False,
+               symbol: str = COL_SYMBOL, block: tuple[int, int] = (32, 8), fused_pack: bool = False,
                epilogue: str = "", value_dtype: str = "float32"):
     """PrimFunc ``f(xt, w, idx, (bias,) (res,) y)``: batch columns in tiles of ``lanes``; res (with an "add" epilogue)
-    is the layer's residual [M, n_out] (blocked form) or in y's layout (the older one).
+    is the layer's residual [M, n_out].
 
-    ``block`` = (rows, k_tile), the form the CPU library compiles: xt [NT, n_in, lanes] (from ``pack_kernel``; each
+    ``block`` = (rows, k_tile): xt [NT, n_in, lanes] (from ``pack_kernel``; each
     tile contiguous, so no 4 KiB-stride cache aliasing at large batch) and y [NT, lanes, n_out], i.e. y is already
     [B, n_out]: the kernel writes its accumulators back transposed, one store per output against k multiply-adds.
     w and idx are [ceil(n_out / rows), k / k_tile, rows, k_tile] (``runtime.spec.block_rows``): a task's rows,
     k-tile by k-tile, in the order it reads them. Row-major [n_out, k] made a task read ``rows`` strided streams
     per operand at once, which the prefetchers could not follow once the weights were out of cache (a whole model's
-    are): ViT-B/16 at batch 1, 197 rows, 84.8 -> 78.2 ms a forward. Else (the older layout) xt [n_in, NT, lanes],
-    yt [n_out, NT, lanes] and row-major w and idx.
+    are): ViT-B/16 at batch 1, 197 rows, 84.8 -> 78.2 ms a forward.
 
-    ``fused_pack`` (with block): ``f(x [M, n_in], w, idx, (bias,) y [NT, lanes, n_out])``; the tiles are a
+    ``fused_pack``: ``f(x [M, n_in], w, idx, (bias,) y [NT, lanes, n_out])``; the tiles are a
     block of the kernel (``pack_kernel``'s expression), so a schedule can pack each tile inside the task that
     uses it instead of writing all of them out and reading them back.
     """
     _check(n_out, n_in, k, index_dtype)
     te = import_tvm().te
     tiles = te.var("NT", "int64")
-    if fused_pack and not (block and fused_pack_supported(n_in, index_dtype)):
-        raise ValueError(f"fused_pack needs a block and fused_pack_supported({n_in}, {index_dtype!r})")
-    if block is None:
-        w, idx = _operands(te, n_out, k, index_dtype, value_dtype)
-        r = te.reduce_axis((0, k), name="r")
-        xt = te.placeholder((n_in, tiles, lanes), "float32", name="xt")
-        acc = te.compute((n_out, tiles, lanes), lambda o, t, lane: te.sum(
-            _f32(w[o, r]) * xt[idx[o, r].astype("int32"), t, lane], axis=r), name="acc")
-        args = _finish(te, acc, n_out, has_bias, [xt, w, idx], lambda o, t, lane: o, epilogue)
-        func = te.create_prim_func(args).with_attr("srigl.block_rows", 0)
-        return func.with_attr("global_symbol", symbol).with_attr("srigl.layout", "col")
+    if fused_pack and not fused_pack_supported(n_in, index_dtype):
+        raise ValueError(f"fused_pack needs fused_pack_supported({n_in}, {index_dtype!r})")
     rows, k_tile = block
     if min(rows, k_tile) < 1 or k % k_tile:
         raise ValueError(f"block (rows, k_tile) must be >= 1 with k_tile dividing k = {k}, got {block}")
@@ -247,8 +236,7 @@ def col_kernel(n_out: int, n_in: int, k: int, index_dtype: str, lanes: int = 64,
     y = te.compute((tiles, lanes, n_out), out, name="y")
     first = x if fused_pack else xt
     args = [first, w, idx] + ([bias] if has_bias else []) + ([res] if "add" in epilogue else []) + [y]
-    func = te.create_prim_func(args)
-    func = func.with_attr("srigl.block_rows", rows).with_attr("srigl.fused_pack", int(fused_pack))
+    func = te.create_prim_func(args).with_attr("srigl.fused_pack", int(fused_pack))
     return func.with_attr("global_symbol", symbol).with_attr("srigl.layout", "col")
 
 

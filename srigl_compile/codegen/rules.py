@@ -2,8 +2,8 @@
 
 A rule declines (returns None) when the function is not its layout, the target is not llvm, or the variant does
 not fit the shape (a vector width that does not divide k). Each rule offers a small ``space(k)`` of variants and a
-``default(k, target)`` that works for every k (the row vector width falls back to a divisor of k: 8, 4, 2 or 1;
-the col k-inner tile may leave a predicated tail; the col row chunk is 64 on AVX-512 targets, else 32).
+``default(k, target)`` that works for every k (the row and col k-inner widths fall back to a divisor of k: 8, 4,
+2 or 1; the col row chunk is 64 on AVX-512 targets, else 32).
 
 Row rule (small batch, TVM.md "batch 1"). Step 1: parallel over chunks of output rows, batch inside each row so a
 row's weights are read once for all batch rows. Step 2: split k into (ko, ki = vec) and rfactor ki: vec partial sums
@@ -12,13 +12,13 @@ vector: Zen 3's vgatherdps is slower than that; the indices come from 64-bit wor
 ``kernels``), vectorise the multiply-add. Step 4: fold the horizontal sum and
 the bias into the row loop.
 
-Col rule (large batch, TVM.md "large batch"; x as [NT, in, lanes], or the older [in, NT, lanes]). Step 1: parallel
+Col rule (large batch, TVM.md "large batch"; x as [NT, in, lanes]). Step 1: parallel
 over (batch tile x row chunk). Step 2: k outermost inside a task: rows' indices are sorted, so at one k-tile all rows
 of the chunk read a narrow band of x that stays in L1/L2. Step 3: per row, an unrolled k-inner tile of ``kin``
 broadcast-FMAs on the ``lanes`` batch columns (lanes / 8 ymm accumulators kept in registers); ``rin`` rows
-interleaved for more independent accumulators. Step 4: write the chunk back (transposed to [B, n_out] in the
-blocked form) with the bias. The blocked form's operands are stored chunk by chunk, k-tile by k-tile, so its row
-chunk and k-inner tile are fixed when the kernel is defined (a variant that differs is declined). Fused variant
+interleaved for more independent accumulators. Step 4: write the chunk back (transposed to [B, n_out]) with the
+bias. The operands are stored chunk by chunk, k-tile by k-tile, so the row chunk and k-inner tile are fixed when
+the kernel is defined (a variant that differs is declined). Fused variant
 (the kernel has an "xt" block): one task per tile, which first packs its tile into a local buffer, then runs its
 row chunks one after another.
 
@@ -68,6 +68,11 @@ def _is_llvm(target) -> bool:
         return True
     kind = target.get("kind") if isinstance(target, Mapping) else getattr(getattr(target, "kind", None), "name", None)
     return kind == "llvm"
+
+
+def _has_avx512(target) -> bool:
+    """Whether ``target`` is an llvm target dict whose CPU has AVX-512 (16-lane float vectors, 32 registers)."""
+    return isinstance(target, Mapping) and _is_llvm(target) and "avx512f" in cpu_features(target)
 
 
 def _has_block(sch, name: str) -> bool:
@@ -147,47 +152,28 @@ AVX512_COL_ROWS = 64
 
 
 class ColRule:
-    """Large-batch rule for the col layout (xt [n_in, NT, lanes]); see the module docstring."""
+    """Large-batch rule for the col layout (xt [NT, n_in, lanes]); see the module docstring."""
 
     name = "col"
     params_type = ColParams
 
     def default(self, k: int, target=None) -> ColParams:
-        wide = isinstance(target, Mapping) and _is_llvm(target) and "avx512f" in cpu_features(target)
-        return ColParams(rows=AVX512_COL_ROWS if wide else 32, kin=_largest_divisor(k))
+        return ColParams(rows=AVX512_COL_ROWS if _has_avx512(target) else 32, kin=_largest_divisor(k))
 
     def space(self, k: int) -> list[ColParams]:
         return _col_space(k, (32, 64)) or [self.default(k)]
 
     def apply(self, func, target=None, params: ColParams | None = None):
+        """The operands are [blocks, k / kin, rows, kin] (``kernels.col_kernel``): rows and kin are fixed when the
+        kernel is defined, so a variant that differs is declined; the tasks are (tile x row block), or with the
+        fused pack one a tile."""
         if layout_of(func) != "col" or not _is_llvm(target):
             return None
         params = params or self.default(_fan_in(func), target)
-        if not isinstance(params, ColParams) or params.rows % params.rin:
-            return None
-        block_rows = int(func.attrs.get("srigl.block_rows", 0)) if func.attrs is not None else 0
-        if block_rows:
-            return self._apply_blocked(func, params, block_rows, target)
-        # the older layout, row-major operands (kin need not divide k: TVM predicates the tail)
-        sch = import_tvm().s_tir.Schedule(func)
-        acc = sch.get_sblock("acc")
-        rows, tile, lanes, red = sch.get_loops(acc)
-        chunk, row = sch.split(rows, [None, params.rows])
-        red_outer, red_inner = sch.split(red, [None, params.kin])
-        work = _broadcast_fma_nest(sch, (chunk, tile), red_outer, row, red_inner, lanes, params.rin)
-        if _has_block(sch, "y"):
-            out = sch.get_sblock("y")
-            sch.reverse_compute_at(out, work)
-            sch.vectorize(sch.get_loops(out)[-1])
-        sch.decompose_reduction(acc, red_outer)
-        return sch
-
-    @staticmethod
-    def _apply_blocked(func, params: ColParams, block_rows: int, target):
-        """The blocked form (operands [blocks, k / kin, rows, kin]): its rows and kin are the variant's, fixed when
-        the kernel was defined; the tasks are (tile x row block), or with the fused pack one a tile."""
-        w_shape = func.params[1].shape
-        if (block_rows, int(w_shape[3]), int(func.params[-1].shape[1])) != (params.rows, params.kin, params.lanes):
+        w_shape = func.params[1].shape  # (TVM 0.27: func.params are the buffers)
+        if not isinstance(params, ColParams) or params.rows % params.rin or (
+                int(w_shape[2]), int(w_shape[3]), int(func.params[-1].shape[1])) != (params.rows, params.kin,
+                                                                                       params.lanes):
             return None
         sch = import_tvm().s_tir.Schedule(func)
         acc = sch.get_sblock("acc")
@@ -212,7 +198,7 @@ def _pack_lanes_as_vectors(sch, pack, target):
     wrote them with a stride of ``lanes``: one scalar store per element, 2.2-3.7x slower on the Xeon (192 x 768
     rows 54 -> 25 us, 192 x 3072 305 -> 112 us, 12608 x 768 8.66 -> 2.36 ms)."""
     feature, lane = sch.get_loops(pack)[-2:]
-    widths = (16, 8, 4, 2, 1) if isinstance(target, Mapping) and "avx512f" in cpu_features(target) else (8, 4, 2, 1)
+    widths = (16, 8, 4, 2, 1) if _has_avx512(target) else (8, 4, 2, 1)
     width = _largest_divisor(int(sch.get(lane).extent), widths)
     chunk, inner = sch.split(feature, [None, _largest_divisor(int(sch.get(feature).extent), (32, 16, 8, 4, 2, 1))])
     lane_outer, lane_inner = sch.split(lane, [None, width])

@@ -11,8 +11,8 @@ import torch
 from ..errors import DeviceError, InferenceOnlyError, LoweringError
 
 __all__ = ["KernelDeviceError", "KernelDtypeError", "KernelShapeError", "check_cpu_float32", "check_runs_here",
-           "check_residual_shape",
-           "check_no_grad", "check_cpu_operands", "check_bias", "check_residual", "check_batch_input"]
+           "check_no_grad", "check_cpu_operands", "check_bias", "check_residual", "check_residual_shape",
+           "check_batch_input"]
 
 
 class KernelDeviceError(DeviceError, ValueError):

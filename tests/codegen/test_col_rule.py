@@ -1,5 +1,5 @@
-"""The col rule's blocked kernels: what a variant must match to be scheduled, a partial last row block, the older
-row-major layout's predicated k-tail, and the blocked copy of each layer's weights that the handle keeps."""
+"""The col rule's blocked kernels: what a variant must match to be scheduled, a partial last row block, and the
+blocked copy of each layer's weights that the handle keeps."""
 
 from __future__ import annotations
 
@@ -44,19 +44,6 @@ def test_the_col_rule_s_default_row_chunk_is_the_target_s():
     spec = KernelSpec(64, 100, 13, "int32", True)
     target = {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2}
     assert select_params(spec, "col", target, cache_dir="/nonexistent-records").rows == 64
-
-
-def test_col_rule_with_a_k_tile_that_does_not_divide_k():
-    """The older row-major layout: TVM predicates the k-tile's tail."""
-    target = host_llvm_target()
-    values, indices, bias = make_layer(8, 16, 13, "int32", True)
-    func = col_kernel(8, 16, 13, "int32", 32)
-    executable = tvm.compile(ColRule().apply(func, target, ColParams(rows=4, kin=8)).mod,
-                             target=tvm.target.Target(target))
-    x = torch.randn(32, 16)
-    y = torch.empty(8, 1, 32)
-    executable.mod["srigl_condensed_col"](x.t().contiguous().view(16, 1, 32), values, indices, bias, y)
-    torch.testing.assert_close(y.view(8, 32).t(), reference(x, values, indices, bias), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("rin", [1, 2])

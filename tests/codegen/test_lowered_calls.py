@@ -106,7 +106,7 @@ def test_schedule_rules_decline_what_they_do_not_apply_to():
     from srigl_compile.codegen.kernels import col_kernel, row_kernel
     from srigl_compile.codegen.rules import RULES, ColParams, RowParams, RowRule, schedule
 
-    row, col = row_kernel(16, 32, 12, "int16"), col_kernel(16, 32, 12, "int16", 16)
+    row, col = row_kernel(16, 32, 12, "int16"), col_kernel(16, 32, 12, "int16", 16, block=(16, 4))
     assert RowRule().apply(col, None, RowParams()) is None, "wrong layout"
     assert RowRule().apply(row, None, RowParams(vec=8)) is None, "k = 12 is not a multiple of 8"
     assert RowRule().apply(row, None, RowParams(vec=4)) is not None
