@@ -21,6 +21,7 @@ from ..runtime.conv_geometry import output_size, phase_columns, phase_kernel
 from ..runtime.registry import get_handle
 from ..runtime.spec import KernelSpec, apply_epilogue
 from .condensed import CondensedConv, CondensedLinear, accepts_unbatched, index_dtype_for
+from .dense_fallback import dense_form_for, run_dense_if_faster, watched_operands
 
 __all__ = ["LoweredLinear", "LoweredConv", "kernel_operands", "kernel_spec", "can_fuse_epilogue", "fuses_epilogue",
            "make_lowered_", "subsamples", "pointwise_unpadded", "with_layer_name"]
@@ -35,6 +36,12 @@ class LoweredLinear(CondensedLinear):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if type(x) is not torch.Tensor or torch.compiler.is_compiling():  # tracers see the buffers as attributes
             return self._call_kernel(x, self.values, self.indices, self.bias, residual)
+        form = self.__dict__.get("_dense_form")  # (near-dense CPU layers: ``nn.dense_fallback``)
+        if form is not None and (y := run_dense_if_faster(self, form, x, residual, self._eager_kernel)) is not None:
+            return y
+        return self._eager_kernel(x, residual)
+
+    def _eager_kernel(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         # Eager: nn.Module.__getattr__ costs ~1 us a buffer, and a batch-1 call reads four (about 10% of it).
         buffers = self._buffers
         values, indices, bias = buffers["values"], buffers["indices"], buffers["bias"]
@@ -100,6 +107,13 @@ class LoweredConv(CondensedConv):
     fused_epilogue = False  # whether the kernel computes the epilogue (else torch does, after the kernel)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        form = self.__dict__.get("_dense_form")  # (near-dense CPU layers: ``nn.dense_fallback``)
+        if form is not None and type(x) is torch.Tensor and not torch.compiler.is_compiling() and (
+                y := run_dense_if_faster(self, form, x, residual, self._kernel_forward)) is not None:
+            return y
+        return self._kernel_forward(x, residual)
+
+    def _kernel_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         repeat = None if torch.compiler.is_compiling() else self.__dict__.get("_repeat")
         operand = residual if self.fused_epilogue else None  # (else torch adds it, after the kernel)
         if repeat is not None and (y := repeat(x, operand, self._buffers)) is not None:
@@ -269,12 +283,17 @@ def fuses_epilogue(layer, conv_route: str) -> bool:
 
 
 @torch.no_grad()
-def make_lowered_(layer, handle, conv_route: str, col_threshold: int = 0, name: str = ""):
+def make_lowered_(layer, handle, conv_route: str, col_threshold: int = 0, name: str = "",
+                  dense_fallback: bool = False):
     """Turn a condensed layer into its lowered class in place, with operands packed for ``handle`` (None for a
     layer with no active neuron), running the convolution route ``conv_route`` of its backend; ``col_threshold``
     > 0 forces the large-batch kernel from that many rows; ``name`` (its name in the model) is what its errors
-    call it."""
+    call it; ``dense_fallback``: give a near-dense layer its dense form (``nn.dense_fallback``)."""
     direct = is_direct(layer, conv_route)
+    form = None
+    if dense_fallback and handle is not None:
+        columns = layer.global_columns() if isinstance(layer, CondensedConv) else layer.indices
+        form = dense_form_for(layer, layer.values, columns)
     _, values, indices = kernel_operands(layer, direct)
     layer.__class__ = LoweredConv if isinstance(layer, CondensedConv) else LoweredLinear
     if layer.n_active:
@@ -286,4 +305,6 @@ def make_lowered_(layer, handle, conv_route: str, col_threshold: int = 0, name: 
     if isinstance(layer, LoweredConv):  # (no kernel: the direct route only scatters the biases)
         layer.direct = direct or handle is None
         layer.kernel_k = handle.k_pad if handle is not None and direct else 0
+    if form is not None:
+        layer._dense_form = dataclasses.replace(form, watched=watched_operands(layer))
     return layer

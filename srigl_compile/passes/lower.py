@@ -209,7 +209,8 @@ class CompileKernelsPass(Pass):
                     spec = dataclasses.replace(spec, lanes=self.backend.conv_tile(spec, shape[2:].numel(),
                                                                                   self.config))
             handle = self.backend.build(spec, self.config) if spec is not None else None  # (no neuron: no kernel)
-            make_lowered_(layer, handle, route, self.config.col_threshold or 0, name)
+            make_lowered_(layer, handle, route, self.config.col_threshold or 0, name,
+                          dense_fallback=getattr(self.config, "dense_fallback", False))
             self.lowered.append(name)
             log.info("lowered %s -> %s", name, layer.kernel_key)
         return PassResult(model, modified=bool(self.lowered))

@@ -43,6 +43,9 @@ class LlvmConfig(TargetConfig):
     kept under ``cache_dir``, so a shape is tuned once); ``progress`` shows a progress bar meanwhile.
     ``value_dtype=torch.bfloat16`` stores the condensed values as bfloat16 (half their bytes; inputs, outputs,
     biases and the sums stay float32, the model's dtype): the kernels widen each value as they read it.
+    ``dense_fallback`` (default on): a near-dense layer also keeps its dense form, and at each input shape runs
+    whichever of the two measured faster on its first call there (``nn.dense_fallback``); off, every layer runs
+    its kernel (outputs then never depend on timings).
 
     Example:
         >>> lower(model, LlvmConfig(tune=True))                          # doctest: +SKIP
@@ -52,6 +55,7 @@ class LlvmConfig(TargetConfig):
     tune: bool = False
     progress: bool = True
     value_dtype: torch.dtype = torch.float32
+    dense_fallback: bool = True
     kind = "llvm"
 
 

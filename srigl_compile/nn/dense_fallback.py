@@ -1,0 +1,218 @@
+"""A lowered layer's dense form, and the choice per input shape between it and the layer's kernel: what keeps a
+lowered layer from running slower than the dense layer it replaced.
+
+The condensed kernels win by a wide margin on sparse layers, but not always on near-dense ones at large batches:
+a 1x1 convolution 2048 -> 512 on 7x7 maps at 50% sparsity, batch 64, ran 44.2 ms lowered against 26.1 ms for
+torch's dense convolution (0.59x; 70%: 0.76x) on the 2-core Xeon (``python benchmarks/run.py --only layers
+--layers r50_conv1x1 --sparsities 0.5 0.7 --batches 1 64 256 --masks uniform``). So ``lower`` gives each CPU layer
+whose density is at least ``CANDIDATE_DENSITY`` a ``DenseForm``, and the first calls at each input shape are a
+trial: each runs the kernel (whose output it returns) and the dense form, both timed inside the model, caches as
+they really are, in alternating order; after one untimed call (which prepares: plans, scratch buffers, oneDNN
+primitives) and ``ROUNDS`` timed ones (more while a path has run less than ``BUDGET_S`` in all, up to
+``MAX_ROUNDS``), the faster by the fastest call of each runs that shape from then on, like
+``torch.backends.cudnn.benchmark``. Below that density the kernels measured >= 1.3x over dense at every batch, so
+sparser layers carry no dense form (and no lookup per call).
+
+What the dense form computes is the layer's own result: the condensed weights scattered into a dense weight
+(zero where a neuron has no input; ablated neurons zero rows with their bias, unless the layer is compact), torch's
+``F.linear`` / ``F.conv2d``, then the layer's epilogue and residual as ``spec.apply_epilogue`` computes them. The
+two paths sum in different orders, so they agree to float32 rounding, not bit for bit: a shape's outputs are the
+kernel's until its choice is made, then the chosen path's. A model whose outputs must not depend on timings is
+lowered with ``LlvmConfig(dense_fallback=False)``.
+
+Scope: eager calls on plain float32 CPU tensors without autograd; traced calls (torch.compile, export) and
+anything else run the kernel. Layers: Linear, and 2-d convolutions with one group and zero padding. The dense
+weight is built only when a shape is on trial and kept only while some shape chooses it. The form snapshots the
+condensed operands at lowering (a convolution's before they are packed: a second copy of its weights); if the
+layer's operands are changed or replaced afterwards the form is dropped and the kernel runs. ``save_lowered``
+keeps the form and its choices, which a model loaded on another machine (CPU, core or thread count) forgets.
+
+Example:
+    >>> lowered = lower(model)                                              # doctest: +SKIP
+    >>> lowered(torch.randn(64, 3, 224, 224))                               # doctest: +SKIP
+    >>> lowered.layer4[0].conv1._dense_form.choices                         # doctest: +SKIP
+    {(torch.Size([64, 2048, 7, 7]), None): True}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..runtime.spec import apply_epilogue
+
+__all__ = ["DenseForm", "CANDIDATE_DENSITY", "MARGIN", "dense_form_for", "watched_operands",
+           "run_dense_if_faster"]
+
+CANDIDATE_DENSITY = 0.15  # layers at least this dense get a dense form (see the module docstring)
+ROUNDS = 3  # timed calls of each path in a shape's trial, at least (after one untimed call each) ...
+BUDGET_S = 0.01  # ... and more until each path has run this long in all (short calls are noisy) ...
+MAX_ROUNDS = 30  # ... but no more than this
+MARGIN = 0.95  # the dense path is chosen only when at least 5% faster: ties go to the sparse kernel
+
+
+@dataclasses.dataclass(eq=False)
+class DenseForm:
+    """The dense form of one lowered layer (see the module docstring).
+
+    values / columns: the condensed weights [rows, k] and the dense column each one sits in (an input feature, or
+    a convolution's im2col column), rows being the layer's output rows (active neurons of a compact layer, else
+    every neuron, ablated ones with no entries); ``dense_shape`` the weight F.linear / F.conv2d takes; ``conv``
+    F.conv2d's keyword arguments (None: a Linear); ``watched`` the layer's operand tensors when the form was made
+    and their versions (a change drops the form)."""
+
+    values: torch.Tensor
+    columns: torch.Tensor
+    rows: torch.Tensor
+    bias: torch.Tensor | None
+    dense_shape: tuple[int, ...]
+    epilogue: str
+    conv: dict[str, Any] | None
+    watched: tuple[tuple[torch.Tensor, int], ...]
+    choices: dict = dataclasses.field(default_factory=dict)  # (input shape, residual shape) -> True: dense
+    trials: dict = dataclasses.field(default_factory=dict)  # shapes still on trial -> _Trial
+    _weight: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+
+    def stale(self, operands: tuple[torch.Tensor, ...]) -> bool:
+        """Whether the layer's operands are no longer the tensors (and versions) this form was made from."""
+        return len(operands) != len(self.watched) or any(
+            now is not then or now._version != version for now, (then, version) in zip(operands, self.watched))
+
+    def weight(self) -> torch.Tensor:
+        """The dense weight (built on first use; scatter-add: padded rows repeat their last column with zeros)."""
+        if self._weight is None:
+            width = int(torch.Size(self.dense_shape[1:]).numel())
+            filled = torch.zeros(len(self.rows), width).scatter_add_(1, self.columns, self.values.float())
+            weight = torch.zeros(self.dense_shape[0], width).index_copy_(0, self.rows, filled)
+            self._weight = weight.view(self.dense_shape)
+        return self._weight
+
+    def run(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The layer's output computed densely."""
+        if self.conv is None:
+            y = F.linear(x, self.weight(), self.bias)
+        else:
+            y = F.conv2d(x, self.weight(), self.bias, **self.conv)
+        return apply_epilogue(y, self.epilogue, residual)
+
+    def choice(self, key: tuple) -> bool | None:
+        """Whether the dense path runs this shape: True / False once measured, None while on trial."""
+        return self.choices.get(key)
+
+    def run_trial(self, key: tuple, x: torch.Tensor, residual: torch.Tensor | None,
+                  kernel: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """One call of the shape's trial (module docstring): the kernel's output; the choice once the trial is
+        over (the dense weight dropped again when no shape chose it)."""
+        trial = self.trials.setdefault(key, _Trial())
+        dense_first = trial.calls % 2 == 1  # (the second call of the two finds warmer caches: take turns)
+        if dense_first:
+            dense_s = _timed(lambda: self.run(x, residual))
+        start = time.perf_counter()
+        y = kernel()
+        kernel_s = time.perf_counter() - start
+        if not dense_first:
+            dense_s = _timed(lambda: self.run(x, residual))
+        if trial.record(kernel_s, dense_s):
+            del self.trials[key]
+            self.choices[key] = trial.best[1] < MARGIN * trial.best[0]
+            if not any(self.choices.values()):
+                self._weight = None
+        return y
+
+    def __getstate__(self):  # (the weight is rebuilt on demand; an unfinished trial starts again)
+        return {**self.__dict__, "trials": {}, "_weight": None, "machine": _machine()}
+
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
+        if state.pop("machine", None) != _machine():  # timings are this machine's
+            self.choices = {}
+        self.__dict__.pop("machine", None)
+        # the loaded operands are the tensors watched (one pickle), their version counters new
+        self.watched = tuple((tensor, tensor._version) for tensor, _ in self.watched)
+
+
+def _timed(call: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def _machine() -> tuple:
+    """What the timings depend on: the CPU, its cores and torch's threads (TVM's pool follows them)."""
+    return platform.machine(), platform.processor(), os.cpu_count(), torch.get_num_threads()
+
+
+@dataclasses.dataclass
+class _Trial:
+    """One shape's trial so far: calls made, and per path (kernel, dense) the fastest timed call and the time in
+    all."""
+
+    calls: int = 0
+    best: list = dataclasses.field(default_factory=lambda: [float("inf"), float("inf")])
+    spent: list = dataclasses.field(default_factory=lambda: [0.0, 0.0])
+
+    def record(self, kernel_s: float, dense_s: float) -> bool:
+        """Count a call that ran both paths; whether the trial is over."""
+        self.calls += 1
+        if self.calls > 1:  # (the first call prepares: not timed)
+            for slot, seconds in enumerate((kernel_s, dense_s)):
+                self.best[slot] = min(self.best[slot], seconds)
+                self.spent[slot] += seconds
+        rounds = self.calls - 1
+        return rounds >= ROUNDS and (min(self.spent) >= BUDGET_S or rounds >= MAX_ROUNDS)
+
+
+def dense_form_for(layer, values: torch.Tensor, columns: torch.Tensor) -> DenseForm | None:
+    """The dense form of a condensed layer about to be lowered, from its unpacked ``values`` and dense
+    ``columns`` ([n_active, k]); None where there is none: too sparse (``CANDIDATE_DENSITY``), no active neuron,
+    or a convolution other than 2-d, single-group, zero-padded."""
+    from .condensed import CondensedConv
+
+    if not layer.n_active or values.shape[1] < CANDIDATE_DENSITY * layer.fan_in:
+        return None
+    is_conv = isinstance(layer, CondensedConv)
+    if is_conv and (layer.dims != 2 or layer.groups != 1 or layer.padding_mode != "zeros"):
+        return None
+    compact = layer.compact or layer.n_active == layer.n_out
+    rows = torch.arange(layer.n_active) if compact else layer.active.long()
+    height = layer.n_active if compact else layer.n_out
+    bias = layer.bias if compact else layer.full_bias
+    dense_shape = (height, *layer.dense_shape[1:])
+    conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation) if is_conv else None
+    return DenseForm(values.detach().float().clone(), columns.long().clone(), rows,
+                     None if bias is None else bias.detach().float().clone(), dense_shape, layer.epilogue, conv, ())
+
+
+def watched_operands(layer) -> tuple[tuple[torch.Tensor, int], ...]:
+    """The lowered layer's operand tensors (values, indices, bias if any) with their versions."""
+    buffers = layer._buffers
+    tensors = [buffers["values"], buffers["indices"]] + ([buffers["bias"]] if buffers["bias"] is not None else [])
+    return tuple((tensor, tensor._version) for tensor in tensors)
+
+
+def run_dense_if_faster(layer, form: DenseForm, x: torch.Tensor, residual: torch.Tensor | None,
+                        kernel: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> torch.Tensor | None:
+    """The layer's output by its dense form when that is the faster path at this input's shape, or by the kernel
+    (``kernel(x, residual)``) while the shape is on trial; None when the kernel runs it: the choice, or a call the
+    form does not take (module docstring). A form whose layer's operands changed since it was made is dropped."""
+    if form.stale(tuple(tensor for tensor, _ in watched_operands(layer))):
+        del layer.__dict__["_dense_form"]
+        return None
+    if (x.dtype != torch.float32 or not x.is_cpu or x.dim() != (4 if form.conv is not None else x.dim()) or not x.dim()
+            or (torch.is_grad_enabled() and x.requires_grad)
+            or (residual is not None and (type(residual) is not torch.Tensor or not residual.is_cpu
+                                          or residual.dtype != torch.float32
+                                          or (torch.is_grad_enabled() and residual.requires_grad)))):
+        return None
+    key = (x.shape, None if residual is None else residual.shape)
+    dense = form.choice(key)
+    if dense is None:
+        return form.run_trial(key, x, residual, lambda: kernel(x, residual))
+    return form.run(x, residual) if dense else None

@@ -1,0 +1,168 @@
+"""Near-dense lowered layers keep a dense form and run it at the input shapes where it measured faster
+(``nn.dense_fallback``): the dense path must compute the layer's own output (ablated neurons, compact layers,
+biases, fused epilogues and residuals, strided and padded convolutions), the choice must be measured once per
+shape, and anything the form does not take must reach the kernel."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from srigl_compile import SRigLConfig, load_lowered, lower, save_lowered, sparsify
+from srigl_compile.codegen.backends import LlvmConfig
+from srigl_compile.nn import dense_fallback
+from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
+
+from ..helpers import ablate
+
+pytestmark = pytest.mark.tvm
+
+
+class _Block(nn.Module):
+    """conv -> relu, conv (strided) + shortcut -> relu, linear: epilogues and a residual the kernels fuse."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(16, 16, 3, padding=1, bias=False)  # (ablated: compact, its zeros dropped)
+        self.conv2 = nn.Conv2d(16, 16, 3, stride=2, padding=1, bias=False)
+        self.shortcut = nn.Conv2d(16, 16, 1, stride=2)
+        self.fc = nn.Linear(16 * 5 * 5, 24)
+
+    def forward(self, x):
+        y = torch.relu(self.conv1(x))
+        y = torch.relu(self.conv2(y) + self.shortcut(x))
+        return self.fc(y.flatten(1))
+
+
+class _Net(nn.Module):
+    """The block as a child: lower fuses epilogues in traced child modules, not in the model's own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _Block()
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def _sparse(sparsity: float, ablated: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    model = sparsify(_Net().eval(), SRigLConfig(sparsity=sparsity, distribution="uniform"),
+                     example_inputs=(torch.randn(2, 16, 10, 10),))
+    if ablated:
+        # more than a quarter of each: not padded back as zero rows (conv1 becomes compact, fc scatters)
+        ablate(model, {"block.conv1": [1, 3, 7, 9, 12], "block.fc": [0, 2, 5, 8, 11, 17, 20]})
+    return model
+
+
+def _forms(model: nn.Module) -> dict:
+    return {name: m.__dict__.get("_dense_form") for name, m in model.named_modules()
+            if isinstance(m, (LoweredConv, LoweredLinear))}
+
+
+def test_near_dense_layers_get_a_dense_form_and_sparse_ones_none():
+    near_dense = lower(_sparse(0.5), progress=False)
+    assert all(form is not None for form in _forms(near_dense).values())
+    sparse = lower(_sparse(0.9), progress=False)
+    assert all(form is None for form in _forms(sparse).values())
+    off = lower(_sparse(0.5), LlvmConfig(dense_fallback=False, progress=False))
+    assert all(form is None for form in _forms(off).values())
+
+
+@pytest.fixture
+def short_trials(monkeypatch):
+    """Trials of two calls a shape: one untimed, one timed."""
+    monkeypatch.setattr(dense_fallback, "ROUNDS", 1)
+    monkeypatch.setattr(dense_fallback, "BUDGET_S", 0.0)
+
+
+@pytest.mark.parametrize("path", ["dense", "kernel"])
+@pytest.mark.parametrize("ablated", [False, True])
+def test_either_path_computes_the_condensed_layers_output(monkeypatch, short_trials, path, ablated):
+    model = _sparse(0.5, ablated)
+    lowered = lower(model, progress=False)
+    kernels_only = lower(model, LlvmConfig(dense_fallback=False, progress=False))
+    forms = _forms(lowered)
+    conv2 = lowered.block.conv2
+    assert conv2.fused_epilogue and "add" in conv2.epilogue  # (the residual reaches the form too)
+    monkeypatch.setattr(dense_fallback, "MARGIN", float("inf") if path == "dense" else 0.0)
+    for batch in (1, 3):
+        x = torch.randn(batch, 16, 10, 10)
+        with torch.no_grad():
+            for _ in range(2):  # on trial: the kernel's output, bit for bit
+                torch.testing.assert_close(lowered(x), kernels_only(x), rtol=0, atol=0)
+            for _ in range(2):  # chosen
+                torch.testing.assert_close(lowered(x), model(x), rtol=1e-5, atol=1e-5)
+    for form in forms.values():
+        assert not form.trials and len(form.choices) == 2 and all(form.choices.values()) == (path == "dense")
+        assert (form._weight is not None) == (path == "dense")  # (the dense weight is dropped when unused)
+
+
+def test_each_shape_has_one_trial(monkeypatch):
+    monkeypatch.setattr(dense_fallback, "ROUNDS", 2)
+    monkeypatch.setattr(dense_fallback, "BUDGET_S", 0.0)
+    monkeypatch.setattr(dense_fallback, "MARGIN", 0.0)  # the kernel wins
+    lowered = lower(_sparse(0.5), progress=False)
+    form = lowered.block.fc._dense_form
+    dense_calls = []
+    run = form.run
+    monkeypatch.setattr(form, "run", lambda x, residual: dense_calls.append(x.shape[0]) or run(x, residual))
+    x2, x4 = torch.randn(2, 16, 10, 10), torch.randn(4, 16, 10, 10)
+    key2, key4 = (torch.Size([2, 400]), None), (torch.Size([4, 400]), None)
+    with torch.no_grad():
+        for _ in range(2):  # one untimed call and ROUNDS timed ones, each running both paths
+            lowered(x2)
+            assert list(form.trials) == [key2] and not form.choices
+        for _ in range(3):
+            lowered(x2)
+        lowered(x4)  # another shape: its own trial
+    assert form.choices == {key2: False} and list(form.trials) == [key4]
+    assert dense_calls == [2, 2, 2, 4]
+
+
+def test_changed_operands_drop_the_form(monkeypatch, short_trials):
+    model = _sparse(0.5)
+    lowered = lower(model, progress=False)
+    monkeypatch.setattr(dense_fallback, "MARGIN", float("inf"))
+    x = torch.randn(2, 16, 10, 10)
+    with torch.no_grad():
+        for _ in range(2):
+            lowered(x)
+        assert lowered.block.fc._dense_form.choices == {(torch.Size([2, 400]), None): True}
+        lowered.block.fc.bias.mul_(2)  # in place: the dense form's copy is stale
+        out = lowered(x)
+        model.block.fc.bias.mul_(2)
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    assert "_dense_form" not in lowered.block.fc.__dict__ and "_dense_form" in lowered.block.conv1.__dict__
+
+
+def test_calls_the_form_does_not_take_run_the_kernel(monkeypatch):
+    lowered = lower(_sparse(0.5), progress=False)
+    monkeypatch.setattr(dense_fallback, "MARGIN", float("inf"))
+    form = lowered.block.conv1._dense_form
+    with torch.no_grad():
+        lowered.block.conv1(torch.randn(16, 10, 10))  # unbatched: the kernel's path
+    assert not form.choices and not form.trials
+    with pytest.raises(Exception, match="float32"):  # the kernel's typed error, not a silent dense result
+        lowered.block.conv1(torch.randn(1, 16, 10, 10, dtype=torch.float64))
+    assert not form.choices and not form.trials
+
+
+def test_saved_and_copied_models_keep_their_choices_on_this_machine_only(monkeypatch, short_trials, tmp_path):
+    lowered = lower(_sparse(0.5), progress=False)
+    monkeypatch.setattr(dense_fallback, "MARGIN", float("inf"))
+    x = torch.randn(2, 16, 10, 10)
+    with torch.no_grad():
+        for _ in range(2):
+            lowered(x)
+        want = lowered(x)  # (dense, chosen)
+        save_lowered(lowered, tmp_path / "model")
+        chosen = {name: form.choices for name, form in _forms(lowered).items()}
+        assert all(len(choices) == 1 and all(choices.values()) for choices in chosen.values())
+        for again in (copy.deepcopy(lowered), load_lowered(tmp_path / "model")):
+            assert {name: form.choices for name, form in _forms(again).items()} == chosen
+            torch.testing.assert_close(again(x), want, rtol=0, atol=0)
+        monkeypatch.setattr(dense_fallback, "_machine", lambda: ("another", "cpu"))
+        elsewhere = load_lowered(tmp_path / "model")
+    assert all(form is not None and not form.choices for form in _forms(elsewhere).values())
