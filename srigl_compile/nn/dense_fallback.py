@@ -9,9 +9,12 @@ whose density is at least ``CANDIDATE_DENSITY`` a ``DenseForm``, and the first c
 trial: each runs the kernel (whose output it returns) and the dense form, both timed inside the model, caches as
 they really are, in alternating order; after one untimed call (which prepares: plans, scratch buffers, oneDNN
 primitives) and ``ROUNDS`` timed ones (more while a path has run less than ``BUDGET_S`` in all, up to
-``MAX_ROUNDS``), the faster by the fastest call of each runs that shape from then on, like
-``torch.backends.cudnn.benchmark``. Below that density the kernels measured >= 1.3x over dense at every batch, so
-sparser layers carry no dense form (and no lookup per call).
+``MAX_ROUNDS``), the faster by the median of its timed calls runs that shape from then on, like
+``torch.backends.cudnn.benchmark`` (the median, not the fastest call: torch's dense convolution at large batches
+varies from call to call, and its best call promised more than its typical one). Below that density the kernels
+measured >= 1.3x over dense at every batch, so sparser layers carry no dense form (and no lookup per call).
+``settle(model, x)`` makes the calls that finish the trials, as a server would at start-up and as the benchmarks
+do before timing (until then, calls at a new shape run both paths: up to twice as long).
 
 What the dense form computes is the layer's own result: the condensed weights scattered into a dense weight
 (zero where a neuron has no input; ablated neurons zero rows with their bias, unless the layer is compact), torch's
@@ -39,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -49,12 +53,12 @@ import torch.nn.functional as F
 from ..runtime.spec import apply_epilogue
 
 __all__ = ["DenseForm", "CANDIDATE_DENSITY", "MARGIN", "dense_form_for", "watched_operands",
-           "run_dense_if_faster"]
+           "run_dense_if_faster", "settle"]
 
 CANDIDATE_DENSITY = 0.15  # layers at least this dense get a dense form (see the module docstring)
-ROUNDS = 3  # timed calls of each path in a shape's trial, at least (after one untimed call each) ...
-BUDGET_S = 0.01  # ... and more until each path has run this long in all (short calls are noisy) ...
-MAX_ROUNDS = 30  # ... but no more than this
+ROUNDS = 3  # timed calls of each path in a shape's trial, at least (after one untimed call) ...
+BUDGET_S = 0.005  # ... and more until each path has run this long in all (short calls are noisy) ...
+MAX_ROUNDS = 15  # ... but no more than this
 MARGIN = 0.95  # the dense path is chosen only when at least 5% faster: ties go to the sparse kernel
 
 
@@ -121,7 +125,8 @@ class DenseForm:
             dense_s = _timed(lambda: self.run(x, residual))
         if trial.record(kernel_s, dense_s):
             del self.trials[key]
-            self.choices[key] = trial.best[1] < MARGIN * trial.best[0]
+            kernel_s, dense_s = (statistics.median(times) for times in trial.times)
+            self.choices[key] = dense_s < MARGIN * kernel_s
             if not any(self.choices.values()):
                 self._weight = None
         return y
@@ -151,22 +156,19 @@ def _machine() -> tuple:
 
 @dataclasses.dataclass
 class _Trial:
-    """One shape's trial so far: calls made, and per path (kernel, dense) the fastest timed call and the time in
-    all."""
+    """One shape's trial so far: calls made, and the timed calls of each path (kernel, dense)."""
 
     calls: int = 0
-    best: list = dataclasses.field(default_factory=lambda: [float("inf"), float("inf")])
-    spent: list = dataclasses.field(default_factory=lambda: [0.0, 0.0])
+    times: tuple = dataclasses.field(default_factory=lambda: ([], []))
 
     def record(self, kernel_s: float, dense_s: float) -> bool:
         """Count a call that ran both paths; whether the trial is over."""
         self.calls += 1
         if self.calls > 1:  # (the first call prepares: not timed)
-            for slot, seconds in enumerate((kernel_s, dense_s)):
-                self.best[slot] = min(self.best[slot], seconds)
-                self.spent[slot] += seconds
+            self.times[0].append(kernel_s)
+            self.times[1].append(dense_s)
         rounds = self.calls - 1
-        return rounds >= ROUNDS and (min(self.spent) >= BUDGET_S or rounds >= MAX_ROUNDS)
+        return rounds >= ROUNDS and (min(map(sum, self.times)) >= BUDGET_S or rounds >= MAX_ROUNDS)
 
 
 def dense_form_for(layer, values: torch.Tensor, columns: torch.Tensor) -> DenseForm | None:
@@ -216,3 +218,18 @@ def run_dense_if_faster(layer, form: DenseForm, x: torch.Tensor, residual: torch
     if dense is None:
         return form.run_trial(key, x, residual, lambda: kernel(x, residual))
     return form.run(x, residual) if dense else None
+
+
+def settle(model: torch.nn.Module, *args, **kwargs) -> int:
+    """Call ``model(*args, **kwargs)`` (without gradients) until no layer's dense form has a trial open, so that
+    later calls with inputs of these shapes run their chosen paths: what a server does at start-up, and what the
+    benchmarks do before timing a lowered model. Returns the calls made (1 for a model with no trial open after
+    one call: no dense forms, or every shape decided before)."""
+    calls = 0
+    with torch.no_grad():
+        while calls < MAX_ROUNDS + 2:  # (a trial ends after MAX_ROUNDS + 1 calls at most)
+            model(*args, **kwargs)
+            calls += 1
+            if not any(m.__dict__["_dense_form"].trials for m in model.modules() if "_dense_form" in m.__dict__):
+                break
+    return calls

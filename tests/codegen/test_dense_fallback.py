@@ -12,6 +12,7 @@ import torch.nn as nn
 from srigl_compile import SRigLConfig, load_lowered, lower, save_lowered, sparsify
 from srigl_compile.codegen.backends import LlvmConfig
 from srigl_compile.nn import dense_fallback
+from srigl_compile.nn.dense_fallback import settle
 from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
 
 from ..helpers import ablate
@@ -119,6 +120,17 @@ def test_each_shape_has_one_trial(monkeypatch):
         lowered(x4)  # another shape: its own trial
     assert form.choices == {key2: False} and list(form.trials) == [key4]
     assert dense_calls == [2, 2, 2, 4]
+
+
+def test_settle_finishes_every_trial(monkeypatch):
+    monkeypatch.setattr(dense_fallback, "BUDGET_S", float("inf"))  # trials run to MAX_ROUNDS
+    lowered = lower(_sparse(0.5), progress=False)
+    x = torch.randn(3, 16, 10, 10)
+    assert settle(lowered, x) == dense_fallback.MAX_ROUNDS + 1
+    assert all(len(form.choices) == 1 and not form.trials for form in _forms(lowered).values())
+    assert settle(lowered, x) == 1
+    sparse = lower(_sparse(0.9), progress=False)  # (no dense forms)
+    assert settle(sparse, x) == 1
 
 
 def test_changed_operands_drop_the_form(monkeypatch, short_trials):
