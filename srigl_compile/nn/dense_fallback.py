@@ -172,8 +172,9 @@ class _Trial:
 
 
 def dense_form_for(layer, values: torch.Tensor, columns: torch.Tensor) -> DenseForm | None:
-    """The dense form of a condensed layer about to be lowered, from its unpacked ``values`` and dense
-    ``columns`` ([n_active, k]); None where there is none: too sparse (``CANDIDATE_DENSITY``), no active neuron,
+    """The dense form of a condensed layer about to be lowered, from its unpacked ``values`` (in the kernel's value
+    dtype: bfloat16 values give the dense form the same rounded weights) and dense ``columns`` ([n_active, k]);
+    None where there is none: too sparse (``CANDIDATE_DENSITY``), no active neuron,
     or a convolution other than 2-d, single-group, zero-padded."""
     from .condensed import CondensedConv
 
@@ -204,20 +205,23 @@ def run_dense_if_faster(layer, form: DenseForm, x: torch.Tensor, residual: torch
     """The layer's output by its dense form when that is the faster path at this input's shape, or by the kernel
     (``kernel(x, residual)``) while the shape is on trial; None when the kernel runs it: the choice, or a call the
     form does not take (module docstring). A form whose layer's operands changed since it was made is dropped."""
+    if residual is not None and type(residual) is not torch.Tensor:
+        return None
+    key = (x.shape, None if residual is None else residual.shape)
+    dense = form.choice(key)
+    if dense is False:  # (the common case first: a call costs a dict lookup more than the kernel's)
+        return None
     if form.stale(tuple(tensor for tensor, _ in watched_operands(layer))):
         del layer.__dict__["_dense_form"]
         return None
     if (x.dtype != torch.float32 or not x.is_cpu or x.dim() != (4 if form.conv is not None else x.dim()) or not x.dim()
             or (torch.is_grad_enabled() and x.requires_grad)
-            or (residual is not None and (type(residual) is not torch.Tensor or not residual.is_cpu
-                                          or residual.dtype != torch.float32
+            or (residual is not None and (not residual.is_cpu or residual.dtype != torch.float32
                                           or (torch.is_grad_enabled() and residual.requires_grad)))):
         return None
-    key = (x.shape, None if residual is None else residual.shape)
-    dense = form.choice(key)
     if dense is None:
         return form.run_trial(key, x, residual, lambda: kernel(x, residual))
-    return form.run(x, residual) if dense else None
+    return form.run(x, residual)
 
 
 def settle(model: torch.nn.Module, *args, **kwargs) -> int:

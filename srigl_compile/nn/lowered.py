@@ -293,7 +293,7 @@ def make_lowered_(layer, handle, conv_route: str, col_threshold: int = 0, name: 
     form = None
     if dense_fallback and handle is not None:
         columns = layer.global_columns() if isinstance(layer, CondensedConv) else layer.indices
-        form = dense_form_for(layer, layer.values, columns)
+        form = dense_form_for(layer, layer.values.to(handle.spec.value_dtype), columns)  # (as the kernel rounds)
     _, values, indices = kernel_operands(layer, direct)
     layer.__class__ = LoweredConv if isinstance(layer, CondensedConv) else LoweredLinear
     if layer.n_active:

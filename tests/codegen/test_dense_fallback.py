@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from srigl_compile import SRigLConfig, load_lowered, lower, save_lowered, sparsify
+from srigl_compile import SRigLConfig, load_lowered, lower, save_lowered, sparse_layers, sparsify
 from srigl_compile.codegen.backends import LlvmConfig
 from srigl_compile.nn import dense_fallback
 from srigl_compile.nn.dense_fallback import settle
@@ -178,3 +178,17 @@ def test_saved_and_copied_models_keep_their_choices_on_this_machine_only(monkeyp
         monkeypatch.setattr(dense_fallback, "_machine", lambda: ("another", "cpu"))
         elsewhere = load_lowered(tmp_path / "model")
     assert all(form is not None and not form.choices for form in _forms(elsewhere).values())
+
+
+def test_with_bf16_values_the_dense_form_reads_the_same_rounded_weights(monkeypatch, short_trials):
+    model = _sparse(0.5)
+    lowered = lower(model, LlvmConfig(value_dtype=torch.bfloat16, progress=False))
+    monkeypatch.setattr(dense_fallback, "MARGIN", float("inf"))
+    with torch.no_grad():
+        for layer in dict(sparse_layers(model)).values():
+            layer.weight.copy_(layer.weight.to(torch.bfloat16).float())
+        x = torch.randn(2, 16, 10, 10)
+        for _ in range(3):
+            out = lowered(x)
+        assert all(all(form.choices.values()) for form in _forms(lowered).values())
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
