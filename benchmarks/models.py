@@ -47,6 +47,7 @@ import torch.nn as nn
 from torch.fx.experimental.optimization import fuse
 
 from common import TimerConfig, measure
+from layer_efficiency import layer_efficiency
 
 from srigl_compile import SRigLConfig, lower, sparse_layers, sparsify
 from srigl_compile.nn.condensed_attention import CondensedMultiheadAttention
@@ -178,6 +179,8 @@ def run_input(spec: ModelSpec, models: dict, batch: int, resolution: int, config
                 if variant == "lowered":  # (its layers' trials at this shape end before it is timed)
                     settle(model, x)
                 row["time_us"] = measure(lambda m=model: m(x), config)
+                if variant == "lowered":  # each layer's time and GFLOP/s against the sgemm peak
+                    row["kernel_efficiency"] = layer_efficiency(model, x, forwards=5 if batch <= 8 else 2)
                 row["speedup_vs_dense"] = rows[0]["time_us"]["median"] / row["time_us"]["median"] if rows else 1.0
                 folded = next((r for r in rows if r["variant"] == "dense_folded"), None)
                 if folded is not None:

@@ -134,6 +134,28 @@ def model_table(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def efficiency_table(rows: list[dict]) -> list[str]:
+    """Per model and batch, the lowered layers' share of a forward and their achieved GFLOP/s against the
+    machine's sgemm peak (``layer_efficiency.py``), with the three slowest layers; empty without the figures."""
+    timed = [r for r in rows if r["variant"] == "lowered" and "kernel_efficiency" in r]
+    if not timed:
+        return []
+    peaks = sorted({f"{r['kernel_efficiency']['sgemm_peak_gflops']:.0f}" for r in timed})
+    lines = [f"Kernel efficiency (`benchmarks/layer_efficiency.py`): each lowered layer's call timed inside the "
+             f"forward (hooks; its padding and crop included), useful GFLOP = 2 x active neurons x k x output "
+             f"positions, against torch's sgemm peak at the same threads ({' / '.join(peaks)} GFLOP/s).", "",
+             "| model | batch | forward ms | in lowered layers ms | useful GFLOP | GFLOP/s | of peak | slowest layers "
+             "(ms, of peak) |", "|" + "---|" * 8]
+    for r in timed:
+        e = r["kernel_efficiency"]
+        slowest = sorted(e["layers"], key=lambda layer: -layer["ms"])[:3]
+        names = ", ".join(f"{layer['layer']} {layer['ms']:.2f} ({layer['of_peak']:.0%})" for layer in slowest)
+        lines.append(f"| {r['model']} | {r['batch']} | {e['forward_ms']:.1f} | {e['layers_ms']:.1f} | "
+                     f"{e['useful_gflop']:.2f} | {e['gflops']:.0f} | {e['gflops'] / e['sgemm_peak_gflops']:.0%} | "
+                     f"{names} |")
+    return lines + [""]
+
+
 PEER_PREFIXES = ("onnxruntime", "openvino")
 
 
@@ -321,7 +343,8 @@ def render(results: dict[str, dict], out: Path, image_prefix: str = "", level: i
         lines += [f"![{name}]({image_prefix}{name})" for name in plots] + [""]
     if "models" in results:
         lines += [f"{h} Models (90% sparse)", "", provenance(results["models"]), ""]
-        lines += model_table(results["models"]["rows"]) + peer_table(results["models"]["rows"])
+        lines += model_table(results["models"]["rows"]) + efficiency_table(results["models"]["rows"])
+        lines += peer_table(results["models"]["rows"])
     if "training" in results:
         lines += [f"{h} Training", "", provenance(results["training"]), ""]
         lines += training_table(results["training"]["rows"])

@@ -36,7 +36,7 @@ def check_outputs(folder):
     assert list(folder.glob("speedup_vs_batch_*.png"))
     report = (folder / "report.md").read_text()
     assert "## Layers" in report and "## Models" in report and "## Training" in report and "## Decoder" in report
-    assert "Quick mode" in report
+    assert "Quick mode" in report and "Kernel efficiency" in report
 
 
 def check_layer_rows(folder):
@@ -59,6 +59,11 @@ def check_model_rows(folder):
     lowered = [r for r in rows if r["variant"] == "lowered"]
     assert lowered and all(r["check"]["passed"] for r in lowered)
     assert all(0 < r["sparse_share"]["share"] < 1 for r in lowered)
+    for r in lowered:  # each lowered layer's time and GFLOP/s inside the forward, against the sgemm peak
+        e = r["kernel_efficiency"]
+        assert e["layers"] and e["sgemm_peak_gflops"] > 0 and e["forward_ms"] > 0
+        assert all(0 < layer["ms"] < e["forward_ms"] and layer["gflops"] > 0 for layer in e["layers"])
+        assert abs(sum(layer["ms"] for layer in e["layers"]) - e["layers_ms"]) < 1e-6
     # dense is also timed in its own processes, under each other thread setting; the best of all is the baseline
     variants = {r["variant"] for r in rows}
     assert {"dense@default_omp", "dense@gomp_spin_20k"} <= variants
