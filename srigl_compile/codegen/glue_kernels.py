@@ -14,6 +14,8 @@ runtime argument, so one compiled copy serves every layer and image size.
         stride_w * w - pad_w + dilation_w * j]      (``F.max_pool2d``, -inf padding; OH, OW as torch sizes them)
     layer_norm(x [M, N], weight [N], bias [N], y [M, N], eps)
         y[m, :] = (x[m, :] - mean) / sqrt(var + eps) * weight + bias      (``F.layer_norm`` over the last dim)
+    attention(q, k, v, kt, o, heads, q_off, k_off, v_off, scale)       (``codegen.attention_kernel``)
+        o = softmax(q k^T * scale) v per head, read from and written to [B, T, columns]
 
 Why in TVM: torch's pad, permute and crop copies of these small images (0.1-1 MB) cost 30-200 us each inside a
 lowered model, mostly thread hand-over between torch's OpenMP pool and TVM's; in TVM they run on the pool the
@@ -34,6 +36,7 @@ from collections.abc import Callable
 
 from ..runtime.spec import CONV_GLUE
 from ._tvm_compat import import_tvm
+from .attention_kernel import attention_func
 
 __all__ = ["pad_func", "crop_func", "max_pool_func", "layer_norm_func", "glue_funcs"]
 
@@ -180,7 +183,8 @@ def layer_norm_func(symbol: str):
     return layer_norm
 
 
-_MAKERS = {"pad": pad_func, "crop": crop_func, "max_pool": max_pool_func, "layer_norm": layer_norm_func}
+_MAKERS = {"pad": pad_func, "crop": crop_func, "max_pool": max_pool_func, "layer_norm": layer_norm_func,
+           "attention": attention_func}
 
 
 def glue_funcs(symbol: Callable[[str], str], names: tuple[str, ...] = CONV_GLUE) -> dict:

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LayerError
+from ..runtime import attention_op  # registers torch.ops.srigl_compile.tvm_attention (no TVM import)
 from .condensed import CondensedLinear, condensed_arrays
 
 __all__ = ["CondensedMultiheadAttention"]
@@ -53,6 +54,9 @@ class CondensedMultiheadAttention(nn.Module):
     # with no packed projection, they must take the module path that calls our forward.
     _qkv_same_embed_dim = False
     in_proj_bias = None
+    # A lowered model's CPU library holding the attention kernel (``passes.lower_glue.LowerAttentionPass``): calls
+    # without mask, causality or weights run softmax(q k^T) v there (``runtime.attention_op``); "" for torch's SDPA.
+    attention_key = ""
 
     def __init__(self, embed_dim: int, num_heads: int, batch_first: bool, q_proj: nn.Module, k_proj: nn.Module,
                  v_proj: nn.Module, out_proj: nn.Module) -> None:
@@ -111,14 +115,22 @@ class CondensedMultiheadAttention(nn.Module):
         self.q_proj = self.k_proj = self.v_proj = None
         return True
 
-    def _projections(self, query, key, value) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _projected(self, query, key, value, same: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
+        """(q, k, v sources, the column each starts at): the stacked projection's one output three times when
+        ``same`` (self-attention), else each projection's own."""
         stacked = self._modules.get("qkv_proj")  # (modules saved before it existed have none)
         if stacked is None:
-            return self.q_proj(query), self.k_proj(key), self.v_proj(value)
-        if query is key and key is value:
-            return stacked(query).split(self.embed_dim, dim=-1)
+            return self.q_proj(query), self.k_proj(key), self.v_proj(value), (0, 0, 0)
         e = self.embed_dim
-        return tuple(stacked(x)[..., i * e:(i + 1) * e] for i, x in enumerate((query, key, value)))
+        if same:
+            qkv = stacked(query)
+            return qkv, qkv, qkv, (0, e, 2 * e)
+        q, k, v = (stacked(x) for x in (query, key, value))
+        return q, k, v, (0, e, 2 * e)
+
+    def _projections(self, query, key, value, same: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        *sources, offsets = self._projected(query, key, value, same)
+        return tuple(x[..., start:start + self.embed_dim] for x, start in zip(sources, offsets))
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -142,9 +154,15 @@ class CondensedMultiheadAttention(nn.Module):
                 average_attn_weights=True, is_causal=False, residual=None):
         """nn.MultiheadAttention's call; ``residual`` (shaped like the output) is added to it by ``out_proj``
         (whose epilogue then has an add: ``nn.transformer_layers``)."""
+        same = query is key and key is value  # (before the transposes below make three views)
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        q, k, v = (self._heads(x) for x in self._projections(query, key, value))
+        if self.attention_key and not need_weights and attn_mask is None and key_padding_mask is None \
+                and not is_causal:
+            *sources, offsets = self._projected(query, key, value, same)
+            out = attention_op.attention(*sources, self.num_heads, self.head_dim, *offsets, self.attention_key)
+            return self._finish(out, residual), None
+        q, k, v = (self._heads(x) for x in self._projections(query, key, value, same))
         mask = self._additive_mask(attn_mask, key_padding_mask, q, k.shape[2])
         causal = is_causal and mask is None
         weights = None
@@ -160,10 +178,12 @@ class CondensedMultiheadAttention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         out = out.transpose(1, 2).reshape(query.shape[0], query.shape[1], self.embed_dim)
+        return self._finish(out, residual), weights
+
+    def _finish(self, out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The out projection of the heads' output [B, T, E] (adding ``residual``), in the caller's layout."""
         if residual is None:
             out = self.out_proj(out)
         else:
             out = self.out_proj(out, residual=residual if self.batch_first else residual.transpose(0, 1))
-        if not self.batch_first:
-            out = out.transpose(0, 1)
-        return out, weights
+        return out if self.batch_first else out.transpose(0, 1)

@@ -3,7 +3,7 @@
 A pipeline of passes on a deep copy, sharing one graph capture and one shape analysis (``passes/analysis.py``):
 CondensePass (masked models; shrinks ablated neurons) -> BakeParametrizationsPass -> FoldBatchNormPass (unless
 ``fold_batchnorm=False``) -> PadAblatedRowsPass -> FuseEpiloguePass (unless ``fuse_epilogues=False``) ->
-FuseProjectionsPass -> CastPass -> CompileKernelsPass -> LowerMaxPoolPass -> LowerLayerNormPass.
+FuseProjectionsPass -> CastPass -> CompileKernelsPass -> LowerMaxPoolPass -> LowerLayerNormPass -> LowerAttentionPass.
 
 Contract.
     requires: the model has sparse (masked) or condensed layers; the target is supported.
@@ -37,7 +37,7 @@ from .condense import CondensePass
 from .fold_batchnorm import FoldBatchNormPass
 from .fuse_epilogue import FuseEpiloguePass
 from .fuse_projections import FuseProjectionsPass
-from .lower_glue import LowerLayerNormPass, LowerMaxPoolPass
+from .lower_glue import LowerAttentionPass, LowerLayerNormPass, LowerMaxPoolPass
 from .manager import PassManager
 
 __all__ = ["lower", "BakeParametrizationsPass", "PadAblatedRowsPass", "CastPass", "CompileKernelsPass"]
@@ -110,7 +110,7 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
     if fuse_epilogues:
         passes += [FuseEpiloguePass(backend.conv_route, backend.epilogues)]
     passes += [FuseProjectionsPass(), CastPass(config.dtype), CompileKernelsPass(backend, config),
-               LowerMaxPoolPass(), LowerLayerNormPass()]
+               LowerMaxPoolPass(), LowerLayerNormPass(), LowerAttentionPass()]
     model = PassManager(passes).run(copy.deepcopy(model), Analyses(example_inputs))
     # Inference only: the kernels have no backward, dropout must be off, and dense parameters need no gradients
     # (a lowered layer refuses an input autograd tracks, InferenceOnlyError).

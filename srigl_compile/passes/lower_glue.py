@@ -5,7 +5,10 @@ libraries hold (``codegen.glue_kernels``):
   convolution's library; equal to ``F.max_pool2d``: -inf padding, a NaN in a window wins);
 - LowerLayerNormPass: ``nn.LayerNorm`` over the last dimension -> ``nn.norms.LoweredLayerNorm`` (the layer norm of
   a CPU Linear layer's library; ``F.layer_norm`` to float32 rounding, two-pass mean and variance; parameters
-  shared).
+  shared);
+- LowerAttentionPass: a ``CondensedMultiheadAttention`` whose head dim is a multiple of 64 computes softmax(q k^T)
+  v with the attention kernel of a CPU Linear layer's library (its ``attention_key``; ``runtime.attention_op``:
+  SDPA to float32 rounding) in calls without mask, causality or weights; the others run torch's SDPA as before.
 
 Contract (each).
     requires: after CompileKernelsPass (lowered layers with registered kernels).
@@ -24,16 +27,26 @@ from typing import ClassVar
 
 import torch.nn as nn
 
+from ..nn.condensed_attention import CondensedMultiheadAttention
 from ..nn.lowered import LoweredConv, LoweredLinear
 from ..nn.norms import LoweredLayerNorm, can_lower_layer_norm
 from ..nn.pooling import LoweredMaxPool2d, can_lower_max_pool
+from ..runtime.attention_op import HEAD_MULTIPLE
 from ..runtime.registry import get_registered
 from .analysis import GRAPH, OUTPUT_SHAPES, Analyses
 from .base import Pass, PassResult, replace_submodule
 
-__all__ = ["LowerMaxPoolPass", "LowerLayerNormPass"]
+__all__ = ["LowerMaxPoolPass", "LowerLayerNormPass", "LowerAttentionPass"]
 
 log = logging.getLogger(__name__)
+
+
+def _library_key(model: nn.Module, runs_kernel, function: str) -> str | None:
+    """The kernel key of a lowered layer (one that ``runs_kernel``) whose handle holds ``function``."""
+    for layer in model.modules():
+        if runs_kernel(layer) and getattr(get_registered(layer.kernel_key), function, None) is not None:
+            return layer.kernel_key
+    return None
 
 
 class _LowerToGluePass(Pass):
@@ -56,10 +69,7 @@ class _LowerToGluePass(Pass):
         raise NotImplementedError
 
     def _library_key(self, model: nn.Module) -> str | None:
-        for layer in model.modules():
-            if self.runs_kernel(layer) and getattr(get_registered(layer.kernel_key), self.function, None) is not None:
-                return layer.kernel_key
-        return None
+        return _library_key(model, self.runs_kernel, self.function)
 
     def call(self, model: nn.Module, analyses: Analyses) -> PassResult:
         names = [name for name, module in model.named_modules(remove_duplicate=False) if self.lowerable(module)]
@@ -94,3 +104,20 @@ class LowerLayerNormPass(_LowerToGluePass):
     @staticmethod
     def runs_kernel(layer: nn.Module) -> bool:
         return isinstance(layer, LoweredLinear) and layer.values.shape[0] > 0
+
+
+class LowerAttentionPass(Pass):
+    """See the module docstring."""
+
+    preserves = frozenset({GRAPH, OUTPUT_SHAPES})
+
+    def call(self, model: nn.Module, analyses: Analyses) -> PassResult:
+        names = [name for name, m in model.named_modules() if isinstance(m, CondensedMultiheadAttention)
+                 and m.head_dim % HEAD_MULTIPLE == 0 and not m.attention_key]
+        key = _library_key(model, LowerLayerNormPass.runs_kernel, "attention_fn") if names else None
+        if key is None:
+            return PassResult(model, modified=False)
+        for name in names:
+            model.get_submodule(name).attention_key = key
+            log.info("lowered %s's attention -> the attention kernel of %s", name, key)
+        return PassResult(model, modified=True)

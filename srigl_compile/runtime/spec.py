@@ -46,8 +46,9 @@ EPILOGUES = ("", "relu", "add", "add_relu", "gelu", "silu")
 # The TIR helpers a CPU convolution's library holds besides its kernel (``codegen.glue_kernels``), each under
 # ``spec.symbol(name)``: input padding / phase split, output crop, and the model's max-pooling (``pool_op``).
 CONV_GLUE = ("pad", "crop", "max_pool")
-# ... and a CPU linear layer's library: the model's layer norms (``norm_op``).
-LINEAR_GLUE = ("layer_norm",)
+# ... and a CPU linear layer's library: the model's layer norms (``norm_op``) and self-attention cores
+# (``attention_op``).
+LINEAR_GLUE = ("layer_norm", "attention")
 
 
 def apply_epilogue(y: torch.Tensor, epilogue: str, residual: torch.Tensor | None) -> torch.Tensor:
