@@ -3,7 +3,7 @@
 In a lowered ResNet the ReLUs and residual adds after the convolutions are separate torch ops, each reading and
 writing a whole activation (49 ReLUs and 16 adds: about a fifth of a batch-1 ResNet-50 forward); in a ViT the
 GELUs after each MLP's first layer (12 of them, ~4 ms of a batch-1 ViT-B/16 forward); SiLUs likewise (EfficientNet,
-YOLO, LLaMA-style MLPs); in a torch TransformerEncoderLayer its two residual adds (24 in ViT-B/16). Four rewrites:
+YOLO, LLaMA-style MLPs); in a torch TransformerEncoderLayer its two residual adds (24 in ViT-B/16). Five rewrites:
 
 - in an ``nn.Sequential`` (the model itself included), a condensed layer followed (past nn.Identity / eval
   Dropout children) by an ``nn.ReLU``, exact ``nn.GELU`` or ``nn.SiLU`` child: the layer computes the activation
@@ -20,7 +20,11 @@ YOLO, LLaMA-style MLPs); in a torch TransformerEncoderLayer its two residual add
 
   where each link is the only use of the one before (no GELU or SiLU after an add): the parent is rewritten as an
   ``fx.GraphModule`` (under the same name and class name, holding the same submodules) whose layer call takes
-  ``residual=other`` and whose add and activation nodes are gone.
+  ``residual=other`` and whose add and activation nodes are gone;
+- in the model's own forward (a torchvision ResNet's stem: ``self.relu(self.bn1(self.conv1(x)))``), a child
+  layer followed (past pass-through modules) by an activation *module* that the forward calls once and only there
+  (the only use of the chain before it): the layer computes it and the module becomes nn.Identity, so the forward
+  runs unchanged; an activation *function* there (``F.relu``) stays in torch.
 
 The layer's ``epilogue`` ("relu", "add", "add_relu", "gelu", "silu") says what it now computes (``set_epilogue_``),
 and its kernel computes it (``runtime.spec.apply_epilogue`` is the reference). Which epilogues a layer kind may take
@@ -39,7 +43,8 @@ Contract.
               whose backend computes that epilogue, (2) are
               reachable under one name and called once in the model's graph (a torch transformer layer's linear1:
               one name; its layer may run any number of times), (3) sit in an nn.Sequential or a torch transformer
-              layer, or in a parent other than the model itself that symbolic_trace can trace; the add's other
+              layer, or in a parent other than the model itself that symbolic_trace can trace, or directly in a
+              traceable model before an activation module it calls once and nowhere else; the add's other
               operand is a tensor node, and an in-place add (``+=``, ``add_``) must update the layer's own output;
               an activation child of a Sequential is replaced only when it has one name. Everything else is left
               as it was.
@@ -227,6 +232,31 @@ class FuseEpiloguePass(Pass):
                 parent._modules[keys[at]] = nn.Identity()
                 self.fused[f"{parent_name}.{child}" if parent_name else child] = activation
 
+    def _fuse_root_activations(self, model: nn.Module, children: list[str], names_of) -> None:
+        """In the model's own forward, a child layer followed (past pass-through modules, each the only use of the
+        one before) by an activation module that the forward calls there and nowhere else computes it; the module
+        becomes nn.Identity and the forward runs as it was."""
+        try:
+            graph = trace_module(model)
+        except Exception as err:  # fx raises many types on code it cannot follow
+            log.info("the model's forward is not traceable: its own activations stay in torch (%s)",
+                     f"{type(err).__name__}: {err}".splitlines()[0][:200])
+            return
+        modules = dict(model.named_modules())
+        calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
+        for node in [n for n in graph.nodes if n.op == "call_module" and n.target in children]:
+            end = node
+            while (user := _only_user(end)) is not None and isinstance(_module(user, modules), _PASS_THROUGH):
+                end = user
+            user = _only_user(end)
+            module = _module(user, modules) if user is not None else None
+            activation, layer = _activation_module(module), modules[node.target]
+            if activation and calls[user.target] == 1 and names_of[id(module)] == 1 and \
+                    activation in self._allowed(layer):
+                layer.set_epilogue_(activation)
+                replace_submodule(model, user.target, nn.Identity())
+                self.fused[node.target] = activation
+
     def _fusable(self, layer, epilogue: str, names_of) -> bool:
         """Whether ``layer`` (a module, or None) can take ``epilogue`` here: a condensed layer under one name, with
         none yet, whose kernel and backend compute it."""
@@ -276,6 +306,8 @@ class FuseEpiloguePass(Pass):
         candidates = self._candidates(model, analyses)
         for parent_name in [p for p in candidates if type(model.get_submodule(p)) is nn.Sequential]:
             self._fuse_sequential(model, parent_name, candidates.pop(parent_name), names_of)
+        if "" in candidates:  # the model's own children: activation modules only, its forward is never rewritten
+            self._fuse_root_activations(model, candidates.pop(""), names_of)
         # Deepest parents first: rewriting a parent turns its nested children into plain containers. The model
         # itself is never rewritten: it keeps its class and forward.
         for parent_name in sorted((p for p in candidates if p), key=lambda name: -name.count(".")):

@@ -94,6 +94,40 @@ def test_no_fusion_without_a_direct_kernel_route_nor_in_the_model_s_own_forward(
     assert not FuseEpiloguePass("direct", {})(_prepared()).modified, "a backend without epilogues: nothing"
 
 
+class Stem(nn.Module):
+    """A torchvision-style model: its own forward applies activation modules to its layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True)
+        self.conv2, self.act2 = nn.Conv2d(16, 16, 3, padding=1), nn.SiLU()  # act2 also runs on another tensor
+        self.conv3, self.act3 = nn.Conv2d(16, 16, 1), nn.GELU()  # conv3's output is used twice
+        self.conv4, self.act4 = nn.Conv2d(16, 8, 1), nn.ReLU()
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.act2(self.conv2(y)) + self.act2(y)
+        z = self.conv3(y)
+        y = self.act3(z) * z
+        return self.act4(self.conv4(y))
+
+
+def test_in_the_model_s_own_forward_an_activation_module_called_once_moves_into_its_layer():
+    torch.manual_seed(3)
+    masked = randomize_bn(sparsify(Stem(), SRigLConfig(sparsity=0.6, distribution="uniform", ablation=False)))
+    model = PassManager([PadAblatedRowsPass()]).run(fold_batchnorm(condense(masked))).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+    fuse = FuseEpiloguePass("direct", LLVM)
+    fused = fuse(model).module
+    assert fuse.fused == {"conv1": "relu", "conv4": "relu"}
+    assert type(fused) is Stem and type(fused.relu) is nn.Identity and type(fused.act4) is nn.Identity
+    assert (type(fused.act2), type(fused.act3)) == (nn.SiLU, nn.GELU)  # called twice; its input used twice
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), before, rtol=0, atol=0)
+
+
 def test_in_a_sequential_a_relu_child_moves_into_the_layer_before_it():
     torch.manual_seed(2)
     net = nn.Sequential(nn.Linear(12, 32), nn.Dropout(0.1), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
