@@ -9,7 +9,8 @@ whose density is at least ``CANDIDATE_DENSITY`` a ``DenseForm``, and the first c
 trial: each runs the kernel (whose output it returns) and the dense form, both timed inside the model, caches as
 they really are, in alternating order; after one untimed call (which prepares: plans, scratch buffers, oneDNN
 primitives) and ``ROUNDS`` timed ones (more while a path has run less than ``BUDGET_S`` in all, up to
-``MAX_ROUNDS``), the faster by the median of its timed calls runs that shape from then on, like
+``MAX_ROUNDS``), the faster by the median of its timed calls (the dense form only when 5% and 50 us faster a
+call: small calls stay on the kernel, their timings noise) runs that shape from then on, like
 ``torch.backends.cudnn.benchmark`` (the median, not the fastest call: torch's dense convolution at large batches
 varies from call to call, and its best call promised more than its typical one). Below that density the kernels
 measured >= 1.3x over dense at every batch, so sparser layers carry no dense form (and no lookup per call).
@@ -27,14 +28,15 @@ Scope: eager calls on plain float32 CPU tensors without autograd; traced calls (
 anything else run the kernel. Layers: Linear, and 2-d convolutions with one group and zero padding. The dense
 weight is built only when a shape is on trial and kept only while some shape chooses it. The form snapshots the
 condensed operands at lowering (a convolution's before they are packed: a second copy of its weights); if the
-layer's operands are changed or replaced afterwards the form is dropped and the kernel runs. ``save_lowered``
+layer's operands are changed or replaced afterwards the form is dropped before it would run again, and the kernel
+runs. ``save_lowered``
 keeps the form and its choices, which a model loaded on another machine (CPU, core or thread count) forgets.
 
 Example:
     >>> lowered = lower(model)                                              # doctest: +SKIP
-    >>> lowered(torch.randn(64, 3, 224, 224))                               # doctest: +SKIP
-    >>> lowered.layer4[0].conv1._dense_form.choices                         # doctest: +SKIP
-    {(torch.Size([64, 2048, 7, 7]), None): True}
+    >>> settle(lowered, torch.randn(64, 3, 224, 224))                       # doctest: +SKIP
+    >>> lowered.layer4[0].conv1._dense_form.choices   # True: dense faster  # doctest: +SKIP
+    {(torch.Size([64, 2048, 7, 7]), None): False}
 """
 
 from __future__ import annotations
@@ -52,14 +54,15 @@ import torch.nn.functional as F
 
 from ..runtime.spec import apply_epilogue
 
-__all__ = ["DenseForm", "CANDIDATE_DENSITY", "MARGIN", "dense_form_for", "watched_operands",
+__all__ = ["DenseForm", "CANDIDATE_DENSITY", "MARGIN", "MIN_SAVING_S", "dense_form_for", "watched_operands",
            "run_dense_if_faster", "settle"]
 
 CANDIDATE_DENSITY = 0.15  # layers at least this dense get a dense form (see the module docstring)
 ROUNDS = 3  # timed calls of each path in a shape's trial, at least (after one untimed call) ...
 BUDGET_S = 0.005  # ... and more until each path has run this long in all (short calls are noisy) ...
 MAX_ROUNDS = 15  # ... but no more than this
-MARGIN = 0.95  # the dense path is chosen only when at least 5% faster: ties go to the sparse kernel
+MARGIN = 0.95  # the dense path is chosen only when at least 5% faster: ties go to the sparse kernel ...
+MIN_SAVING_S = 50e-6  # ... and at least this much faster a call: below it, timing noise decides and nothing is won
 
 
 @dataclasses.dataclass(eq=False)
@@ -126,7 +129,7 @@ class DenseForm:
         if trial.record(kernel_s, dense_s):
             del self.trials[key]
             kernel_s, dense_s = (statistics.median(times) for times in trial.times)
-            self.choices[key] = dense_s < MARGIN * kernel_s
+            self.choices[key] = dense_s < MARGIN * kernel_s and kernel_s - dense_s >= MIN_SAVING_S
             if not any(self.choices.values()):
                 self._weight = None
         return y

@@ -71,6 +71,13 @@ def test_near_dense_layers_get_a_dense_form_and_sparse_ones_none():
     assert all(form is None for form in _forms(off).values())
 
 
+def _force(monkeypatch, path: str) -> None:
+    """Trials choose ``path`` ("dense" or "kernel") whatever the timings (this test's layers are tiny)."""
+    dense = path == "dense"
+    monkeypatch.setattr(dense_fallback, "MARGIN", float("inf") if dense else 0.0)
+    monkeypatch.setattr(dense_fallback, "MIN_SAVING_S", float("-inf") if dense else float("inf"))
+
+
 @pytest.fixture
 def short_trials(monkeypatch):
     """Trials of two calls a shape: one untimed, one timed."""
@@ -87,7 +94,7 @@ def test_either_path_computes_the_condensed_layers_output(monkeypatch, short_tri
     forms = _forms(lowered)
     conv2 = lowered.block.conv2
     assert conv2.fused_epilogue and "add" in conv2.epilogue  # (the residual reaches the form too)
-    monkeypatch.setattr(dense_fallback, "MARGIN", float("inf") if path == "dense" else 0.0)
+    _force(monkeypatch, path)
     for batch in (1, 3):
         x = torch.randn(batch, 16, 10, 10)
         with torch.no_grad():
@@ -103,7 +110,7 @@ def test_either_path_computes_the_condensed_layers_output(monkeypatch, short_tri
 def test_each_shape_has_one_trial(monkeypatch):
     monkeypatch.setattr(dense_fallback, "ROUNDS", 2)
     monkeypatch.setattr(dense_fallback, "BUDGET_S", 0.0)
-    monkeypatch.setattr(dense_fallback, "MARGIN", 0.0)  # the kernel wins
+    _force(monkeypatch, "kernel")
     lowered = lower(_sparse(0.5), progress=False)
     form = lowered.block.fc._dense_form
     dense_calls = []
@@ -136,7 +143,7 @@ def test_settle_finishes_every_trial(monkeypatch):
 def test_changed_operands_drop_the_form(monkeypatch, short_trials):
     model = _sparse(0.5)
     lowered = lower(model, progress=False)
-    monkeypatch.setattr(dense_fallback, "MARGIN", float("inf"))
+    _force(monkeypatch, "dense")
     x = torch.randn(2, 16, 10, 10)
     with torch.no_grad():
         for _ in range(2):
@@ -151,7 +158,7 @@ def test_changed_operands_drop_the_form(monkeypatch, short_trials):
 
 def test_calls_the_form_does_not_take_run_the_kernel(monkeypatch):
     lowered = lower(_sparse(0.5), progress=False)
-    monkeypatch.setattr(dense_fallback, "MARGIN", float("inf"))
+    _force(monkeypatch, "dense")
     form = lowered.block.conv1._dense_form
     with torch.no_grad():
         lowered.block.conv1(torch.randn(16, 10, 10))  # unbatched: the kernel's path
@@ -163,7 +170,7 @@ def test_calls_the_form_does_not_take_run_the_kernel(monkeypatch):
 
 def test_saved_and_copied_models_keep_their_choices_on_this_machine_only(monkeypatch, short_trials, tmp_path):
     lowered = lower(_sparse(0.5), progress=False)
-    monkeypatch.setattr(dense_fallback, "MARGIN", float("inf"))
+    _force(monkeypatch, "dense")
     x = torch.randn(2, 16, 10, 10)
     with torch.no_grad():
         for _ in range(2):
@@ -183,7 +190,7 @@ def test_saved_and_copied_models_keep_their_choices_on_this_machine_only(monkeyp
 def test_with_bf16_values_the_dense_form_reads_the_same_rounded_weights(monkeypatch, short_trials):
     model = _sparse(0.5)
     lowered = lower(model, LlvmConfig(value_dtype=torch.bfloat16, progress=False))
-    monkeypatch.setattr(dense_fallback, "MARGIN", float("inf"))
+    _force(monkeypatch, "dense")
     with torch.no_grad():
         for layer in dict(sparse_layers(model)).values():
             layer.weight.copy_(layer.weight.to(torch.bfloat16).float())
@@ -192,3 +199,16 @@ def test_with_bf16_values_the_dense_form_reads_the_same_rounded_weights(monkeypa
             out = lowered(x)
         assert all(all(form.choices.values()) for form in _forms(lowered).values())
         torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("min_saving_s, chosen", [(10.0, False), (0.0, True)])
+def test_the_dense_path_must_save_min_saving_s_a_call(monkeypatch, short_trials, min_saving_s, chosen):
+    """With the dense path free (timed at 0) and any margin, it is chosen only when it saves MIN_SAVING_S."""
+    monkeypatch.setattr(dense_fallback, "MARGIN", float("inf"))
+    monkeypatch.setattr(dense_fallback, "MIN_SAVING_S", min_saving_s)
+    monkeypatch.setattr(dense_fallback, "_timed", lambda call: (call(), 0.0)[1])
+    lowered = lower(_sparse(0.5), progress=False)
+    with torch.no_grad():
+        for _ in range(2):
+            lowered(torch.randn(1, 16, 10, 10))
+    assert all(len(form.choices) == 1 and all(form.choices.values()) == chosen for form in _forms(lowered).values())
