@@ -103,6 +103,7 @@ class ResNet(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)  # a module, as in torchvision (lower() fuses it into conv1's kernel)
         self.maxpool = nn.MaxPool2d(3, 2, 1)  # a module, as in torchvision (lower() runs it in TVM)
         stages, cin = [], width
         for i, count in enumerate(blocks):
@@ -113,7 +114,7 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        out = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.fc(F.adaptive_avg_pool2d(self.layers(out), 1).flatten(1))
 
 
