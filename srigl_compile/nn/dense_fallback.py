@@ -29,8 +29,8 @@ anything else run the kernel. Layers: Linear, and 2-d convolutions with one grou
 weight is built only when a shape is on trial and kept only while some shape chooses it. The form snapshots the
 condensed operands at lowering (a convolution's before they are packed: a second copy of its weights); if the
 layer's operands are changed or replaced afterwards the form is dropped before it would run again, and the kernel
-runs. ``save_lowered``
-keeps the form and its choices, which a model loaded on another machine (CPU, core or thread count) forgets.
+runs. ``save_lowered`` keeps the form and its choices, which a model loaded on another machine (CPU, core or
+thread count) forgets.
 
 Example:
     >>> lowered = lower(model)                                              # doctest: +SKIP
@@ -108,10 +108,6 @@ class DenseForm:
         else:
             y = F.conv2d(x, self.weight(), self.bias, **self.conv)
         return apply_epilogue(y, self.epilogue, residual)
-
-    def choice(self, key: tuple) -> bool | None:
-        """Whether the dense path runs this shape: True / False once measured, None while on trial."""
-        return self.choices.get(key)
 
     def run_trial(self, key: tuple, x: torch.Tensor, residual: torch.Tensor | None,
                   kernel: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -196,11 +192,15 @@ def dense_form_for(layer, values: torch.Tensor, columns: torch.Tensor) -> DenseF
                      None if bias is None else bias.detach().float().clone(), dense_shape, layer.epilogue, conv, ())
 
 
-def watched_operands(layer) -> tuple[tuple[torch.Tensor, int], ...]:
-    """The lowered layer's operand tensors (values, indices, bias if any) with their versions."""
+def _operands(layer) -> tuple[torch.Tensor, ...]:
+    """The lowered layer's operand tensors: values, indices, and bias if any."""
     buffers = layer._buffers
-    tensors = [buffers["values"], buffers["indices"]] + ([buffers["bias"]] if buffers["bias"] is not None else [])
-    return tuple((tensor, tensor._version) for tensor in tensors)
+    return (buffers["values"], buffers["indices"]) + ((buffers["bias"],) if buffers["bias"] is not None else ())
+
+
+def watched_operands(layer) -> tuple[tuple[torch.Tensor, int], ...]:
+    """The lowered layer's operand tensors with their versions (what ``DenseForm.stale`` compares against)."""
+    return tuple((tensor, tensor._version) for tensor in _operands(layer))
 
 
 def run_dense_if_faster(layer, form: DenseForm, x: torch.Tensor, residual: torch.Tensor | None,
@@ -211,13 +211,13 @@ def run_dense_if_faster(layer, form: DenseForm, x: torch.Tensor, residual: torch
     if residual is not None and type(residual) is not torch.Tensor:
         return None
     key = (x.shape, None if residual is None else residual.shape)
-    dense = form.choice(key)
+    dense = form.choices.get(key)  # (True / False once measured, None while on trial)
     if dense is False:  # (the common case first: a call costs a dict lookup more than the kernel's)
         return None
-    if form.stale(tuple(tensor for tensor, _ in watched_operands(layer))):
+    if form.stale(_operands(layer)):
         del layer.__dict__["_dense_form"]
         return None
-    if (x.dtype != torch.float32 or not x.is_cpu or x.dim() != (4 if form.conv is not None else x.dim()) or not x.dim()
+    if (x.dtype != torch.float32 or not x.is_cpu or (x.dim() != 4 if form.conv is not None else x.dim() == 0)
             or (torch.is_grad_enabled() and x.requires_grad)
             or (residual is not None and (not residual.is_cpu or residual.dtype != torch.float32
                                           or (torch.is_grad_enabled() and residual.requires_grad)))):

@@ -92,6 +92,15 @@ def _module(node: fx.Node, modules: dict) -> nn.Module | None:
     return modules.get(node.target) if node.op == "call_module" else None
 
 
+def _pass_through_chain(call: fx.Node, modules: dict) -> list[fx.Node]:
+    """``call`` and the pass-through module calls after it (nn.Identity, eval Dropout), each the only use of the
+    one before."""
+    chain = [call]
+    while (user := _only_user(chain[-1])) is not None and isinstance(_module(user, modules), _PASS_THROUGH):
+        chain.append(user)
+    return chain
+
+
 def _residual_of(add: fx.Node, value: fx.Node) -> fx.Node | None:
     """The other operand when ``add`` adds ``value`` and a tensor node (no alpha, no in-place update of the other
     operand); else None."""
@@ -149,10 +158,8 @@ def no_activation(x: torch.Tensor) -> torch.Tensor:
 def _fuse_one(graph: fx.Graph, call: fx.Node, modules: dict, allowed: frozenset[str]) -> str:
     """Rewrite the chain after ``call`` (a layer's call node) in ``graph`` into a call computing the longest
     epilogue in ``allowed``; the epilogue fused ("" when none)."""
-    chain, end = [call], call
-    while (user := _only_user(end)) is not None and isinstance(_module(user, modules), _PASS_THROUGH):
-        chain.append(user)
-        end = user
+    chain = _pass_through_chain(call, modules)
+    end = chain[-1]
     epilogue, residual, nodes = "", None, []
     user = _only_user(end)
     if user is not None and "add" in allowed and (residual := _residual_of(user, end)) is not None:
@@ -245,10 +252,7 @@ class FuseEpiloguePass(Pass):
         modules = dict(model.named_modules())
         calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
         for node in [n for n in graph.nodes if n.op == "call_module" and n.target in children]:
-            end = node
-            while (user := _only_user(end)) is not None and isinstance(_module(user, modules), _PASS_THROUGH):
-                end = user
-            user = _only_user(end)
+            user = _only_user(_pass_through_chain(node, modules)[-1])
             module = _module(user, modules) if user is not None else None
             activation, layer = _activation_module(module), modules[node.target]
             if activation and calls[user.target] == 1 and names_of[id(module)] == 1 and \

@@ -41,6 +41,11 @@ __all__ = ["LowerMaxPoolPass", "LowerLayerNormPass", "LowerAttentionPass"]
 log = logging.getLogger(__name__)
 
 
+def _runs_linear_kernel(layer: nn.Module) -> bool:
+    """A lowered Linear layer with a kernel (its library holds the linear glue: layer norm, attention)."""
+    return isinstance(layer, LoweredLinear) and layer.values.shape[0] > 0
+
+
 def _library_key(model: nn.Module, runs_kernel, function: str) -> str | None:
     """The kernel key of a lowered layer (one that ``runs_kernel``) whose handle holds ``function``."""
     for layer in model.modules():
@@ -100,10 +105,7 @@ class LowerLayerNormPass(_LowerToGluePass):
     function = "layer_norm_fn"
     lowerable = staticmethod(can_lower_layer_norm)
     lowered = staticmethod(LoweredLayerNorm)
-
-    @staticmethod
-    def runs_kernel(layer: nn.Module) -> bool:
-        return isinstance(layer, LoweredLinear) and layer.values.shape[0] > 0
+    runs_kernel = staticmethod(_runs_linear_kernel)
 
 
 class LowerAttentionPass(Pass):
@@ -114,7 +116,7 @@ class LowerAttentionPass(Pass):
     def call(self, model: nn.Module, analyses: Analyses) -> PassResult:
         names = [name for name, m in model.named_modules() if isinstance(m, CondensedMultiheadAttention)
                  and m.head_dim % HEAD_MULTIPLE == 0 and not m.attention_key]
-        key = _library_key(model, LowerLayerNormPass.runs_kernel, "attention_fn") if names else None
+        key = _library_key(model, _runs_linear_kernel, "attention_fn") if names else None
         if key is None:
             return PassResult(model, modified=False)
         for name in names:

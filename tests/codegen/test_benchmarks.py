@@ -63,7 +63,7 @@ def check_model_rows(folder):
         e = r["kernel_efficiency"]
         assert e["layers"] and e["sgemm_peak_gflops"] > 0 and e["forward_ms"] > 0
         assert all(0 < layer["ms"] < e["forward_ms"] and layer["gflops"] > 0 for layer in e["layers"])
-        assert abs(sum(layer["ms"] for layer in e["layers"]) - e["layers_ms"]) < 1e-6
+        assert len({layer["layer"] for layer in e["layers"]}) == len(e["layers"]) and e["useful_gflop"] > 0
     # dense is also timed in its own processes, under each other thread setting; the best of all is the baseline
     variants = {r["variant"] for r in rows}
     assert {"dense@default_omp", "dense@gomp_spin_20k"} <= variants

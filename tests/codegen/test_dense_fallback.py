@@ -14,6 +14,7 @@ from srigl_compile.codegen.backends import LlvmConfig
 from srigl_compile.nn import dense_fallback
 from srigl_compile.nn.dense_fallback import settle
 from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
+from srigl_compile.runtime.checks import KernelDtypeError
 
 from ..helpers import ablate
 
@@ -163,7 +164,7 @@ def test_calls_the_form_does_not_take_run_the_kernel(monkeypatch):
     with torch.no_grad():
         lowered.block.conv1(torch.randn(16, 10, 10))  # unbatched: the kernel's path
     assert not form.choices and not form.trials
-    with pytest.raises(Exception, match="float32"):  # the kernel's typed error, not a silent dense result
+    with pytest.raises(KernelDtypeError, match="float32"):  # the kernel's typed error, not a silent dense result
         lowered.block.conv1(torch.randn(1, 16, 10, 10, dtype=torch.float64))
     assert not form.choices and not form.trials
 
