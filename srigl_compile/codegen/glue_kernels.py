@@ -8,6 +8,10 @@ runtime argument, so one compiled copy serves every layer and image size.
         what ``runtime.conv_op`` feeds a strided convolution; negative top / left crop)
     crop_grid(g [N, G], y [N, OH, OW], pitch)
         y[n, h, w] = g[n, h * pitch + w]            (the output grid [OH, pitch] without its padding columns)
+    (x of pad_images and y of both may be planar: images whose rows are contiguous but which lie further apart
+    than their size, ``runtime.conv_geometry``; y of pad_images may have any image and phase strides. The gaps
+    between y's planar images are zeroed: the kernels compute lanes there for nothing, and junk left in memory
+    could be denormal floats, which cost a microcode assist per instruction)
     max_pool(x [N, H, W], y [N, OH, OW], kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
              dilation_w)
         y[n, h, w] = max over the taps (i, j) inside x of x[n, stride_h * h - pad_h + dilation_h * i,
@@ -51,10 +55,13 @@ def pad_func(symbol: str):
     def pad_images(x_handle: T.handle, y_handle: T.handle, top: T.int64, left: T.int64, stride_h: T.int64,
                    stride_w: T.int64):
         T.func_attr({"global_symbol": symbol, "tirx.noalias": True, "srigl.layout": "pad"})
-        n, height, width = T.int64(), T.int64(), T.int64()
+        n, height, width, x_plane = T.int64(), T.int64(), T.int64(), T.int64()
         phases_h, phases_w, rows, pitch = T.int64(), T.int64(), T.int64(), T.int64()
-        x = T.match_buffer(x_handle, (n, height, width), "float32")
-        y = T.match_buffer(y_handle, (n, phases_h, phases_w, rows, pitch), "float32")
+        y_image, y_phase_h, y_plane = T.int64(), T.int64(), T.int64()
+        x = T.match_buffer(x_handle, (n, height, width), "float32", strides=(x_plane, width, T.int64(1)))
+        y = T.match_buffer(y_handle, (n, phases_h, phases_w, rows, pitch), "float32",
+                           strides=(y_image, y_phase_h, y_plane, pitch, T.int64(1)))
+        flat = T.decl_buffer((n * y_image,), "float32", data=y.data)  # (y's gaps between planar images)
         for image in T.parallel(n):  # (no divisions per row: a 64-bit division by a runtime value is slow)
             for a, b in T.grid(phases_h, phases_w):
                 # the columns v whose source column stride_w * v + b - left lies in [0, width)
@@ -77,6 +84,8 @@ def pad_func(symbol: str):
                     else:
                         for v in range(pitch):
                             y[image, a, b, u, v] = T.float32(0)
+                for j in range(T.max(y_plane - rows * pitch, T.int64(0))):  # zeros: no denormal junk in lanes
+                    flat[image * y_image + a * y_phase_h + b * y_plane + rows * pitch + j] = T.float32(0)
 
     return pad_images
 
@@ -89,12 +98,16 @@ def crop_func(symbol: str):
     @T.prim_func
     def crop_grid(g_handle: T.handle, y_handle: T.handle, pitch: T.int64):
         T.func_attr({"global_symbol": symbol, "tirx.noalias": True, "srigl.layout": "crop"})
-        n, grid, out_h, out_w = T.int64(), T.int64(), T.int64(), T.int64()
+        n, grid, out_h, out_w, plane = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
         g = T.match_buffer(g_handle, (n, grid), "float32")
-        y = T.match_buffer(y_handle, (n, out_h, out_w), "float32")
+        y = T.match_buffer(y_handle, (n, out_h, out_w), "float32", strides=(plane, out_w, T.int64(1)))
+        flat = T.decl_buffer((n * plane,), "float32", data=y.data)  # (y's gaps between planar images)
         for task in T.parallel(n * out_h):
             for w in range(out_w):
                 y[task // out_h, task % out_h, w] = g[task // out_h, task % out_h * pitch + w]
+            if task % out_h == out_h - 1:  # zeros: no denormal junk in the lanes a kernel computes for nothing
+                for j in range(plane - out_h * out_w):
+                    flat[task // out_h * plane + out_h * out_w + j] = T.float32(0)
 
     return crop_grid
 

@@ -105,6 +105,9 @@ class LoweredConv(CondensedConv):
         return self.active.numel() if self.values.dim() == 4 else self.values.shape[0]
 
     fused_epilogue = False  # whether the kernel computes the epilogue (else torch does, after the kernel)
+    # whether every consumer reads planar images (``passes/planar_layout.py``): then an output whose planes are not
+    # whole vectors is a strided view with its channels on vector boundaries (``runtime.conv_geometry``)
+    planar_output = False
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         form = self.__dict__.get("_dense_form")  # (near-dense CPU layers: ``nn.dense_fallback``)
@@ -157,13 +160,14 @@ class LoweredConv(CondensedConv):
                                             dilation, stride, residual)
         check_no_grad(x, self.kernel_key)  # (the layer's input: a subsampled copy no longer carries the flag)
         call, packed = conv_op.prepare_call(images, values, indices, bias, self.kernel_key, kernel, padding,
-                                            dilation, stride, residual)
+                                            dilation, stride, residual, self.planar_output)
         y = call(images, packed, bias, residual)
         # Repeatable when the layer's own input goes to the op unchanged (no padding-mode copy, no Conv1d view)
         # and its operands are what the kernel reads.
         if x2 is x and packed is values and (residual is None or type(residual) is torch.Tensor):
-            self._repeat = _RepeatConv(call, x.shape, None if residual is None else residual.shape, values, indices,
-                                       bias, indices._version, subsample)
+            self._repeat = _RepeatConv(call, x.shape, x.stride(), None if residual is None else residual.shape,
+                                       None if residual is None else residual.stride(), values, indices, bias,
+                                       indices._version, subsample)
         return y
 
     def __getstate__(self):
@@ -176,15 +180,18 @@ class LoweredConv(CondensedConv):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _RepeatConv:
-    """A direct convolution's last eager call, run again for an input of the same shape (and a residual of the
-    same shape, or none again) with the very operand tensors it was prepared for, unmodified since (the offsets
-    derive from the indices): plain float32 CPU tensors autograd does not track. Anything else returns None, and
+    """A direct convolution's last eager call, run again for an input of the same shape and strides (and a
+    residual of the same shape and strides, or none again: the call may read either as it is laid out) with the
+    very operand tensors it was prepared for, unmodified since (the offsets derive from the indices): plain float32
+    CPU tensors autograd does not track. Anything else returns None, and
     the layer takes the full path (which raises the typed errors). ``subsample``: the stride of a strided 1x1
     layer, whose pixels are picked first."""
 
     call: conv_op.ConvCall
     x_shape: torch.Size
+    x_stride: tuple[int, ...]
     residual_shape: torch.Size | None
+    residual_stride: tuple[int, ...] | None
     values: torch.Tensor
     indices: torch.Tensor
     bias: torch.Tensor | None
@@ -192,13 +199,15 @@ class _RepeatConv:
     subsample: tuple[int, int] | None
 
     def __call__(self, x, residual, buffers) -> torch.Tensor | None:
-        if type(x) is not torch.Tensor or x.shape != self.x_shape or x.dtype != torch.float32 or not x.is_cpu:
+        if type(x) is not torch.Tensor or x.shape != self.x_shape or x.stride() != self.x_stride \
+                or x.dtype != torch.float32 or not x.is_cpu:
             return None
         grad = torch.is_grad_enabled()
         if residual is None:
             if self.residual_shape is not None:
                 return None
-        elif (type(residual) is not torch.Tensor or residual.shape != self.residual_shape or not residual.is_cpu
+        elif (type(residual) is not torch.Tensor or residual.shape != self.residual_shape
+              or residual.stride() != self.residual_stride or not residual.is_cpu
               or (grad and residual.requires_grad)):
             return None
         values, indices, bias = buffers["values"], buffers["indices"], buffers["bias"]

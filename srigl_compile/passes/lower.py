@@ -3,7 +3,8 @@
 A pipeline of passes on a deep copy, sharing one graph capture and one shape analysis (``passes/analysis.py``):
 CondensePass (masked models; shrinks ablated neurons) -> BakeParametrizationsPass -> FoldBatchNormPass (unless
 ``fold_batchnorm=False``) -> PadAblatedRowsPass -> FuseEpiloguePass (unless ``fuse_epilogues=False``) ->
-FuseProjectionsPass -> CastPass -> CompileKernelsPass -> LowerMaxPoolPass -> LowerLayerNormPass -> LowerAttentionPass.
+FuseProjectionsPass -> CastPass -> CompileKernelsPass -> PlanarLayoutPass -> LowerMaxPoolPass -> LowerLayerNormPass ->
+LowerAttentionPass.
 
 Contract.
     requires: the model has sparse (masked) or condensed layers; the target is supported.
@@ -15,7 +16,8 @@ Contract.
               stacked layer (``passes/fuse_projections.py``); on llvm, nn.MaxPool2d layers (floor mode, no
               indices) of a model with a direct convolution run the max-pool kernel of its library, and
               nn.LayerNorm layers over the last dimension of a model with a Linear layer the layer-norm kernel of
-              its library (``passes/lower_glue.py``).
+              its library (``passes/lower_glue.py``); on llvm, a direct convolution whose output only direct
+              convolutions read returns it as planar images (a strided view, ``passes/planar_layout.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from .fuse_epilogue import FuseEpiloguePass
 from .fuse_projections import FuseProjectionsPass
 from .lower_glue import LowerAttentionPass, LowerLayerNormPass, LowerMaxPoolPass
 from .manager import PassManager
+from .planar_layout import PlanarLayoutPass
 
 __all__ = ["lower", "BakeParametrizationsPass", "PadAblatedRowsPass", "CastPass", "CompileKernelsPass"]
 
@@ -110,7 +113,7 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
     if fuse_epilogues:
         passes += [FuseEpiloguePass(backend.conv_route, backend.epilogues)]
     passes += [FuseProjectionsPass(), CastPass(config.dtype), CompileKernelsPass(backend, config),
-               LowerMaxPoolPass(), LowerLayerNormPass(), LowerAttentionPass()]
+               PlanarLayoutPass(), LowerMaxPoolPass(), LowerLayerNormPass(), LowerAttentionPass()]
     model = PassManager(passes).run(copy.deepcopy(model), Analyses(example_inputs))
     # Inference only: the kernels have no backward, dropout must be off, and dense parameters need no gradients
     # (a lowered layer refuses an input autograd tracks, InferenceOnlyError).

@@ -11,6 +11,12 @@ so a non-zero reads ``lanes`` contiguous floats per tile. ``rows`` adds ``extra`
 the rounded-up tail of the last channel stays inside the image: max(offset) + tiles * lanes <= channels * rows *
 pitch (``DirectPlan.reads_in_bounds`` states it; the property tests check it).
 
+Planar images: the channels of the kernel's input may lie ``plane`` floats apart instead of rows * pitch (any
+plane >= rows * pitch, the floats between unused). A plane that is a whole number of vectors (``aligned_plane``)
+makes every channel start on a cache line, so a 1x1 convolution's vector loads never split one: a [B, C, 14, 14]
+tensor with channel stride 208 instead of 196 (``planar_stride`` recognises one; a 1x1 convolution reads it as it
+is, ``planar_plan``).
+
 A strided convolution becomes a stride-1 one over phase images (space-to-depth): with stride s, the padded input
 splits into s_h * s_w phase images P[c, a, b][u, v] = x_pad[c, s_h * u + a, s_w * v + b], channel c * s_h * s_w +
 a * s_w + b. Tap (i, j) of channel c reads x_pad[s_h * oh + i * d_h, ...] = P[c, (i * d_h) % s_h, ...][oh + (i *
@@ -31,13 +37,16 @@ import dataclasses
 import torch
 
 __all__ = ["DirectPlan", "direct_plan", "column_offsets", "phase_kernel", "phase_columns", "strided_plan",
-           "exact_tile", "output_size"]
+           "exact_tile", "output_size", "aligned_plane", "planar_plan", "planar_stride", "VECTOR"]
+
+VECTOR = 16  # floats per AVX-512 vector and per 64-byte cache line: the plane alignment of planar images
 
 
 @dataclasses.dataclass(frozen=True)
 class DirectPlan:
     """How one input size runs: output size, padded image (rows x pitch, ``extra`` zero rows at the bottom),
-    grid positions (``positions`` = out_h * pitch) and tiles of ``lanes``."""
+    grid positions (``positions`` = out_h * pitch), tiles of ``lanes``, and ``plane``: how far apart the input's
+    channels lie (rows * pitch, or more for planar images)."""
 
     out_h: int
     out_w: int
@@ -47,11 +56,12 @@ class DirectPlan:
     positions: int
     tiles: int
     lanes: int
+    plane: int
 
     def reads_in_bounds(self, kernel: tuple[int, int], dilation: tuple[int, int]) -> bool:
-        """The farthest read of the last channel's last kernel tap stays inside the padded image."""
+        """The farthest read of the last channel's last kernel tap stays inside its (padded) image."""
         last = (kernel[0] - 1) * dilation[0] * self.pitch + (kernel[1] - 1) * dilation[1]
-        return last + self.tiles * self.lanes <= self.rows * self.pitch
+        return self.plane >= self.rows * self.pitch and last + self.tiles * self.lanes <= self.plane
 
 
 def direct_plan(height: int, width: int, kernel: tuple[int, int], padding: tuple[int, int],
@@ -71,17 +81,46 @@ def direct_plan(height: int, width: int, kernel: tuple[int, int], padding: tuple
     tiles = -(-positions // lanes)
     overrun = tiles * lanes - positions + dilation[1] * (kernel[1] - 1)  # past the last real row of the image
     extra = -(-overrun // pitch)
-    return DirectPlan(out_h, out_w, pitch, height + 2 * padding[0] + extra, extra, positions, tiles, lanes)
+    rows = height + 2 * padding[0] + extra
+    return DirectPlan(out_h, out_w, pitch, rows, extra, positions, tiles, lanes, rows * pitch)
+
+
+def aligned_plane(floats: int, vector: int = VECTOR) -> int:
+    """``floats`` rounded up to whole vectors: a plane whose channels all start on a vector boundary."""
+    return -(-floats // vector) * vector
+
+
+def planar_plan(plan: DirectPlan, plane: int) -> DirectPlan | None:
+    """The plan of an unpadded 1x1 convolution (``plan`` from ``direct_plan``) reading images whose channels lie
+    ``plane`` floats apart as they are: no extra rows, when its last tile's reads stay inside a plane; else None."""
+    if plane < max(plan.tiles * plan.lanes, plan.positions):
+        return None
+    return dataclasses.replace(plan, rows=plan.out_h, extra=0, plane=plane)
+
+
+def planar_stride(x: torch.Tensor) -> int | None:
+    """The channel stride of images [B, C, H, W] whose pixels are contiguous per channel and whose channels lie
+    plane >= H * W floats apart, batch after batch (``x.stride() == (C * plane, plane, W, 1)``), with the whole
+    last plane inside x's storage (its tail floats are then safe to read); None for any other layout."""
+    if x.dim() != 4:
+        return None
+    batch, channels, height, width = x.shape
+    plane = x.stride(1)
+    if x.stride(3) != 1 or x.stride(2) != width or plane < height * width or x.stride(0) != channels * plane:
+        return None
+    if x.storage_offset() + batch * channels * plane > x.untyped_storage().nbytes() // x.element_size():
+        return None
+    return plane
 
 
 def column_offsets(columns: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, int],
                    plan: DirectPlan) -> torch.Tensor:
-    """int32 offsets of im2col columns (c * kh * kw + i * kw + j, as the condensed layer stores them) in a padded
-    image of ``plan``."""
+    """int32 offsets of im2col columns (c * kh * kw + i * kw + j, as the condensed layer stores them) in the padded
+    images of ``plan`` (channels ``plan.plane`` apart)."""
     taps = kernel[0] * kernel[1]
     columns = columns.long()
     channel, tap = columns // taps, columns % taps
-    offsets = channel * (plan.rows * plan.pitch) + tap // kernel[1] * dilation[0] * plan.pitch \
+    offsets = channel * plan.plane + tap // kernel[1] * dilation[0] * plan.pitch \
         + tap % kernel[1] * dilation[1]
     if offsets.numel() and int(offsets.max()) >= 2**31:
         raise ValueError(f"the padded input ({plan.rows}x{plan.pitch} per channel) is too large for int32 offsets")

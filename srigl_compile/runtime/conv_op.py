@@ -41,7 +41,17 @@ from .checks import (
     check_residual_shape,
     check_runs_here,
 )
-from .conv_geometry import DirectPlan, direct_plan, output_size, phase_kernel, strided_plan
+from .conv_geometry import (
+    VECTOR,
+    DirectPlan,
+    aligned_plane,
+    direct_plan,
+    output_size,
+    phase_kernel,
+    planar_plan,
+    planar_stride,
+    strided_plan,
+)
 from .registry import get_handle
 from .scratch import pad_images, result, scratch
 
@@ -56,10 +66,14 @@ def _pair(values: Sequence[int]) -> tuple[int, int]:
 class ConvCall:
     """What a convolution call decides from shapes alone: the read plan of the input size, the input's padding
     (and phase split), the layer's offsets for that size and the output layout (``prepare_call``). Calling it
-    runs the copies and the kernel on an input of that shape, with the packed operands it was prepared for.
-    A lowered layer keeps its last one and calls it again while the input shape and operands stay the same
-    (``nn.lowered.LoweredConv``): skipping the checks, plans and offsets lookup took ResNet-50 at batch 1 from
-    31.95 to 30.60 ms (52 convolutions, ~26 us a call)."""
+    runs the copies and the kernel on an input of that shape and layout, with the packed operands it was prepared
+    for. A lowered layer keeps its last one and calls it again while the input shape, strides and operands stay
+    the same (``nn.lowered.LoweredConv``): skipping the checks, plans and offsets lookup took ResNet-50 at batch 1
+    from 31.95 to 30.60 ms (52 convolutions, ~26 us a call).
+
+    ``direct``: the input is read as it is (contiguous, or planar images whose channels lie ``plan.plane`` apart).
+    ``out_plane``: 0 for a contiguous output, else the channel stride of a planar one (``conv_geometry``), for a
+    layer whose consumers all read planar images (``passes/planar_layout.py``)."""
 
     handle: Any
     pads: tuple[int, int, int, int]
@@ -68,38 +82,49 @@ class ConvCall:
     offsets: torch.Tensor
     out_shape: tuple[int, int, int, int]
     cropped: bool  # whether the output grid has padding columns or a ragged last tile to drop
+    direct: bool = False
+    out_plane: int = 0
 
     def __call__(self, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
                  residual: torch.Tensor | None = None) -> torch.Tensor:
-        handle, plan, batch = self.handle, self.plan, self.out_shape[0]
+        handle, plan, batch, n_out = self.handle, self.plan, self.out_shape[0], self.handle.n_out
         if batch == 0:
             return x.new_empty(self.out_shape)
         # The temporaries live in scratch buffers (fresh large tensors are page-faulted in on every call).
-        images = _padded_input(handle, x, self.pads, self.stride, plan)
-        grid_shape = (batch, handle.n_out, plan.tiles * plan.lanes)
-        grid = scratch("grid", grid_shape) if self.cropped else result(grid_shape)  # (uncropped: the result)
+        if self.direct:
+            images = x.as_strided((batch, x.shape[1] * plan.plane), (x.shape[1] * plan.plane, 1))
+        else:
+            images = _padded_input(handle, x, self.pads, self.stride, plan).view(batch, -1)
+        grid_length = plan.tiles * plan.lanes
+        grid_is_plane = plan.pitch == plan.out_w and grid_length == self.out_plane  # (planar: the grid is the result)
+        grid_shape = (batch, n_out, grid_length)
+        grid = scratch("grid", grid_shape) if self.cropped and not grid_is_plane else result(grid_shape)
         tail = [bias.contiguous()] if handle.has_bias else []
         if residual is not None:  # in the output grid's layout: as it is when uncropped, else placed in a scratch grid
             tail.append(_residual_grid(residual, self.out_shape, plan, self.cropped))
-        handle.conv_fn(images.view(batch, -1), values.contiguous(), self.offsets, *tail,
-                       grid.view(batch, handle.n_out, plan.tiles, plan.lanes))
+        handle.conv_fn(images, values.contiguous(), self.offsets, *tail,
+                       grid.view(batch, n_out, plan.tiles, plan.lanes))
         if not self.cropped:
             return grid.view(self.out_shape)
-        if handle.crop_fn is not None:
+        if grid_is_plane:
+            return grid[:, :, :plan.out_h * plan.out_w].view(self.out_shape)
+        if self.out_plane:  # cropped into planar images
+            out = result((batch, n_out, self.out_plane))[:, :, :plan.out_h * plan.out_w].view(self.out_shape)
+        else:
             out = result(self.out_shape)
-            handle.crop_fn(grid.view(batch * handle.n_out, -1), out.view(-1, plan.out_h, plan.out_w), plan.pitch)
-            return out
-        rows = grid[:, :, :plan.positions].unflatten(2, (plan.out_h, plan.pitch))
-        # drop the padding columns; clone, not contiguous(): with one image and one channel the crop can be
-        # contiguous already, and the result must not be a view of the scratch buffer
-        return rows[..., :plan.out_w].clone(memory_format=torch.contiguous_format)
+        if handle.crop_fn is not None:
+            handle.crop_fn(grid.view(batch * n_out, -1), out.view(-1, plan.out_h, plan.out_w), plan.pitch)
+        else:  # (a library saved before the glue kernels: torch's copy, into the result, not a view of the grid)
+            out.copy_(grid[:, :, :plan.positions].unflatten(2, (plan.out_h, plan.pitch))[..., :plan.out_w])
+        return out
 
 
 def prepare_call(x: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, bias: torch.Tensor | None,
                  kernel_key: str, kernel_size, padding, dilation, stride,
-                 residual: torch.Tensor | None = None) -> tuple[ConvCall, torch.Tensor]:
-    """(the call for this input's shape, the operand values as the kernel reads them), after every check of the
-    op (typed errors naming the fix); packs values and columns when the caller has not."""
+                 residual: torch.Tensor | None = None, planar_output: bool = False) -> tuple[ConvCall, torch.Tensor]:
+    """(the call for this input's shape and layout, the operand values as the kernel reads them), after every check
+    of the op (typed errors naming the fix); packs values and columns when the caller has not. ``planar_output``:
+    the caller's consumers read planar images, so an output whose planes are not whole vectors may be one."""
     handle = get_handle(kernel_key)
     check_runs_here(handle)
     check_cpu_operands(values, bias, handle)
@@ -128,10 +153,25 @@ def prepare_call(x: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, b
             pads, read_dilation = (padding[1], padding[1], padding[0], padding[0] + plan.extra), dilation
     except ValueError as err:  # an image smaller than the kernel (conv_geometry is pure maths: plain ValueError)
         raise KernelShapeError(f"needs images at least as large as its kernel: {err} (kernel {handle.key})") from None
+    direct = False
+    if not strided and kernel == (1, 1) and not any(padding):  # read the images as they are where they allow it
+        plane, layout = planar_stride(x), None  # (contiguous images: H * W)
+        if plane is not None and (handle.planar_glue or plane == x.shape[2] * x.shape[3]):
+            layout = planar_plan(plan, plane)
+        if layout is not None:
+            plan, pads, direct = layout, (0, 0, 0, 0), True
+        elif handle.planar_glue:  # no room for the last tile's reads: a copy into aligned planes, no extra rows
+            plan, pads = planar_plan(plan, aligned_plane(plan.tiles * plan.lanes)), (0, 0, 0, 0)
+    elif handle.planar_glue:  # padded or phase images with their channels on vector boundaries
+        plan = dataclasses.replace(plan, plane=aligned_plane(plan.plane))
     offsets = handle.offsets(columns, read_kernel, read_dilation, plan)
     cropped = plan.pitch != plan.out_w or plan.positions != plan.tiles * plan.lanes
     out_shape = (x.shape[0], handle.n_out, plan.out_h, plan.out_w)
-    return ConvCall(handle, pads, stride, plan, offsets, out_shape, cropped), values
+    positions, grid = plan.out_h * plan.out_w, plan.tiles * plan.lanes
+    out_plane = 0
+    if planar_output and handle.planar_glue and cropped and positions % VECTOR:  # (else contiguous is aligned)
+        out_plane = grid if plan.pitch == plan.out_w and grid % VECTOR == 0 else aligned_plane(positions)
+    return ConvCall(handle, pads, stride, plan, offsets, out_shape, cropped, direct, out_plane), values
 
 
 def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilation, stride,
@@ -144,24 +184,31 @@ def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilati
 def _padded_input(handle, x: torch.Tensor, pads: tuple[int, int, int, int], stride: tuple[int, int],
                   plan) -> torch.Tensor:
     """x zero-padded by ``pads`` (left, right, top, bottom; negative ones crop) into ``plan``'s images, split into
-    its s_h * s_w phase images when strided (space-to-depth): [B, C * s_h * s_w, rows, pitch]. One TVM copy where
-    the kernel's library holds ``pad_images``, else torch's pad (and permute)."""
+    its s_h * s_w phase images when strided (space-to-depth), each ``plan.plane`` floats apart: [B, C * s_h * s_w,
+    plane]. One TVM copy where the kernel's library holds ``pad_images`` (reading planar images as they are, with
+    strided glue), else torch's pad (and permute)."""
     batch, channels = x.shape[:2]
     phases = stride[0] * stride[1]
-    if not any(pads) and phases == 1:
-        return x.contiguous()
     if handle.pad_fn is not None:
-        images = scratch("padded", (batch * channels, stride[0], stride[1], plan.rows, plan.pitch))
-        handle.pad_fn(x.contiguous().view(batch * channels, x.shape[2], x.shape[3]), images, pads[2], pads[0],
-                      *stride)
-        return images.view(batch, channels * phases, plan.rows, plan.pitch)
+        images = scratch("padded", (batch * channels * phases, plan.plane))
+        handle.pad_fn(_image_rows(handle, x), images[:, :plan.rows * plan.pitch].view(
+            batch * channels, stride[0], stride[1], plan.rows, plan.pitch), pads[2], pads[0], *stride)
+        return images.view(batch, channels * phases, plan.plane)
     images = pad_images(x, pads, "padded") if any(pads) else x.contiguous()
-    if phases == 1:
+    if phases == 1 and plan.plane == plan.rows * plan.pitch:
         return images
-    split = scratch("phases", (batch, channels * phases, plan.rows, plan.pitch))
-    split.view(batch, channels, stride[0], stride[1], plan.rows, plan.pitch).copy_(
+    split = scratch("phases", (batch, channels * phases, plan.plane))
+    split[:, :, :plan.rows * plan.pitch].view(batch, channels, stride[0], stride[1], plan.rows, plan.pitch).copy_(
         images.view(batch, channels, plan.rows, stride[0], plan.pitch, stride[1]).permute(0, 1, 3, 5, 2, 4))
     return split
+
+
+def _image_rows(handle, x: torch.Tensor) -> torch.Tensor:
+    """Images [B, C, H, W] as the glue kernels' [B * C, H, W] input: planar ones as they are where the library's
+    glue reads strided images, else contiguous."""
+    if not (handle.planar_glue and planar_stride(x) is not None):
+        x = x.contiguous()
+    return x.view(x.shape[0] * x.shape[1], x.shape[2], x.shape[3])
 
 
 def _residual_grid(residual: torch.Tensor, out_shape: tuple, plan, cropped: bool) -> torch.Tensor:
@@ -171,6 +218,9 @@ def _residual_grid(residual: torch.Tensor, out_shape: tuple, plan, cropped: bool
     check_residual_shape(residual, tuple(out_shape), "convolution")
     residual = residual.to(torch.float32)
     batch, n_out = out_shape[:2]
+    length = plan.tiles * plan.lanes
+    if cropped and plan.pitch == plan.out_w and residual.shape == out_shape and planar_stride(residual) == length:
+        return residual.as_strided((batch, n_out, plan.tiles, plan.lanes), (n_out * length, length, plan.lanes, 1))
     if not cropped:
         return residual.expand(out_shape).contiguous().view(batch, n_out, plan.tiles, plan.lanes)
     grid = scratch("residual", (batch, n_out, plan.tiles * plan.lanes))
@@ -213,12 +263,16 @@ def subsample_images(x: torch.Tensor, stride: tuple[int, int], kernel_key: str) 
     (which the kernel call copies, or a tracer records). The copy lives in a scratch buffer: pass it straight to
     ``condensed_conv2d``."""
     step_h, step_w = int(stride[0]), int(stride[1])
-    pad_fn = getattr(get_handle(kernel_key), "pad_fn", None)
+    handle = get_handle(kernel_key)
+    pad_fn = getattr(handle, "pad_fn", None)
     if (pad_fn is None or type(x) is not torch.Tensor or torch.compiler.is_compiling() or x.dim() != 4
             or x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() == 0):
         return x[:, :, ::step_h, ::step_w]
     batch, channels, height, width = x.shape
     out_h, out_w = -(-height // step_h), -(-width // step_w)
-    images = scratch("subsampled", (batch * channels, 1, 1, out_h, out_w))
-    pad_fn(x.contiguous().view(batch * channels, height, width), images, 0, 0, step_h, step_w)
-    return images.view(batch, channels, out_h, out_w)
+    # planar images (channels on vector boundaries) where the library's glue writes them: the 1x1 kernel's loads
+    plane = aligned_plane(out_h * out_w) if getattr(handle, "planar_glue", False) else out_h * out_w
+    images = scratch("subsampled", (batch * channels, plane))
+    pad_fn(_image_rows(handle, x), images[:, :out_h * out_w].view(batch * channels, 1, 1, out_h, out_w), 0, 0,
+           step_h, step_w)
+    return images[:, :out_h * out_w].view(batch, channels, out_h, out_w)

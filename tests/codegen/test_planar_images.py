@@ -1,0 +1,191 @@
+"""Planar images between direct convolutions (``runtime.conv_geometry``, ``passes/planar_layout.py``): a lowered
+convolution whose output only direct convolutions read returns a strided view whose channels start on 16-float
+boundaries, and the next ones read it as it is. Values never change; outputs anything else reads stay
+contiguous; a prepared call is only repeated for an input laid out as the one it was prepared for."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from srigl_compile import SRigLConfig, load_lowered, lower, save_lowered, sparsify
+from srigl_compile.nn.lowered import LoweredConv
+from srigl_compile.runtime.conv_geometry import (
+    aligned_plane,
+    column_offsets,
+    direct_plan,
+    planar_plan,
+    planar_stride,
+)
+
+
+def planar(x: torch.Tensor, plane: int) -> torch.Tensor:
+    """x [B, C, H, W] copied into images whose channels lie ``plane`` floats apart (the gaps hold NaN: a kernel
+    that read them into a result would show it)."""
+    batch, channels, height, width = x.shape
+    buffer = torch.full((batch, channels, plane), float("nan"))
+    view = buffer[:, :, :height * width].view(batch, channels, height, width)
+    view.copy_(x)
+    return view
+
+
+def test_planar_stride_recognises_planar_images_only():
+    x = torch.randn(2, 3, 5, 7)
+    assert planar_stride(x) == 35, "contiguous images: their own size"
+    view = planar(x, 48)
+    assert planar_stride(view) == 48 and planar_stride(view[1:]) == 48
+    assert planar_stride(view[:, 1:]) is None, "channels cut out: the batch stride is no longer C x plane"
+    assert planar_stride(x[..., :6]) is None and planar_stride(x.transpose(2, 3)) is None
+    assert planar_stride(x.to(memory_format=torch.channels_last)) is None
+    assert planar_stride(x[0]) is None, "three dims"
+    assert planar_stride(torch.as_strided(torch.zeros(96), (1, 2, 5, 7), (96, 48, 7, 1))) == 48
+    ends_early = torch.as_strided(torch.zeros(48 + 35), (1, 2, 5, 7), (96, 48, 7, 1))  # (its last pixel, no gap)
+    assert planar_stride(ends_early) is None, "the last plane's gap lies past the storage: not safe to read"
+
+
+@settings(max_examples=80, deadline=None)
+@given(height=st.integers(1, 16), width=st.integers(1, 16), lanes=st.sampled_from([8, 16, 49, 64, 208]),
+       extra=st.integers(-40, 40), channels=st.integers(1, 4))
+def test_a_planar_plan_reads_inside_its_planes_at_the_channel_stride(height, width, lanes, extra, channels):
+    plan = direct_plan(height, width, (1, 1), (0, 0), (1, 1), lanes)
+    plane = max(plan.tiles * plan.lanes, plan.positions) + extra
+    layout = planar_plan(plan, plane)
+    if extra < 0:
+        assert layout is None, "the last tile would read past its plane"
+        return
+    assert layout.reads_in_bounds((1, 1), (1, 1)) and layout.extra == 0 and layout.plane == plane
+    columns = torch.arange(channels)[None]
+    assert column_offsets(columns, (1, 1), (1, 1), layout).tolist() == [[c * plane for c in range(channels)]]
+    assert aligned_plane(plane) % 16 == 0 and 0 <= aligned_plane(plane) - plane < 16
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 1)
+
+    def forward(self, x):
+        return F.relu(self.conv(x) + x)
+
+
+class _Heads(nn.Module):
+    """A strided 1x1 convolution whose output the model returns, and a 1x1 one that torch reads (flatten)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.d, self.head = nn.Conv2d(16, 8, 1, stride=2), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.d(x), self.head(x).flatten(1)
+
+
+def _net() -> nn.Module:
+    """1x1 -> 3x3 -> 1x1 with the residual, then the heads (lower fuses the ReLUs and the add into the kernels)."""
+    return nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), _Residual(),
+                         _Heads())
+
+
+def _lowered(seed=0, size=14):
+    torch.manual_seed(seed)
+    masked = sparsify(_net(), SRigLConfig(sparsity=0.7, distribution="uniform")).eval()
+    return masked, lower(masked, example_inputs=(torch.randn(2, 8, size, size),), progress=False)
+
+
+def _outputs(model, x):
+    """Each lowered convolution's output in one forward."""
+    seen, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, LoweredConv):
+            hooks.append(module.register_forward_hook(lambda m, a, out, n=name: seen.__setitem__(n, out)))
+    try:
+        with torch.no_grad():
+            result = model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return result, seen
+
+
+@pytest.mark.tvm
+def test_outputs_only_direct_convolutions_read_are_planar_and_the_rest_contiguous():
+    masked, lowered = _lowered()
+    assert {n: m.planar_output for n, m in lowered.named_modules() if isinstance(m, LoweredConv)} == {
+        "0": True, "2": True, "4.conv": True, "5.d": False, "5.head": False}
+    for batch, size in ((2, 14), (1, 14), (3, 7), (2, 8)):  # 14x14 and 7x7: not whole vectors; 8x8: 64 floats
+        x = torch.randn(batch, 8, size, size)
+        (y, h), seen = _outputs(lowered, x)
+        with torch.no_grad():
+            want_y, want_h = masked(x)
+        torch.testing.assert_close(y, want_y, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(h, want_h, rtol=1e-4, atol=1e-4)
+        for name in ("0", "2", "4.conv"):
+            plane = planar_stride(seen[name])  # (a 1x1 layer's: its grid, whole tiles of the example's width)
+            assert plane % 16 == 0 and plane >= size * size and (size != 14 or plane == 208), (name, plane)
+            assert seen[name].is_contiguous() == (size * size % 16 == 0), name
+        assert seen["5.d"].is_contiguous() and seen["5.head"].is_contiguous(), "read by the caller / by torch"
+        assert y.is_contiguous() and h.is_contiguous()
+
+
+class _ViewsItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.next = nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 16, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.next(y) + y.view(y.shape[0], 16, -1).mean(-1)[..., None, None]  # .view needs contiguous
+
+
+@pytest.mark.tvm
+def test_an_output_torch_also_reads_stays_contiguous_so_view_keeps_working():
+    torch.manual_seed(1)
+    masked = sparsify(_ViewsItsInput(), SRigLConfig(sparsity=0.7, distribution="uniform")).eval()
+    lowered = lower(masked, example_inputs=(torch.randn(1, 8, 14, 14),), progress=False)
+    assert not lowered.conv.planar_output
+    x = torch.randn(2, 8, 14, 14)
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(x), masked(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("layer", ["2", "5.d", "5.head"])
+def test_a_repeated_call_is_prepared_again_for_an_input_laid_out_otherwise(layer):
+    """The same shape as planar, contiguous and channels-last images in turn (twice each, so that the second call
+    of a layout is a repeated one): every call equals the masked layer's."""
+    masked, lowered = _lowered(seed=2)
+    x = torch.randn(2, 16, 14, 14)
+    layouts = [planar(x, 208), x, x.to(memory_format=torch.channels_last), planar(x, 224)]
+    with torch.no_grad():
+        want = masked.get_submodule(layer)(x)
+        if layer == "2":
+            want = F.relu(want)  # (the lowered layer computes the ReLU after it)
+        for images in layouts + layouts:
+            got = lowered.get_submodule(layer)(images)
+            assert not got.isnan().any(), "read the gaps between planes into a result"
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.tvm
+def test_planar_outputs_survive_save_and_load_and_older_libraries_stay_contiguous(tmp_path):
+    masked, lowered = _lowered(seed=3)
+    x = torch.randn(2, 8, 14, 14)
+    with torch.no_grad():
+        want = masked(x)
+    save_lowered(lowered, tmp_path / "model")
+    loaded = load_lowered(tmp_path / "model")
+    (y, h), seen = _outputs(loaded, x)
+    torch.testing.assert_close((y, h), want, rtol=1e-4, atol=1e-4)
+    assert planar_stride(seen["0"]) == 208 and not seen["0"].is_contiguous()
+    # a library saved before its pad and crop took strided images (no "strided_glue" in its manifest)
+    path = tmp_path / "model" / "kernels" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert all(entry.pop("strided_glue") for entry in manifest["kernels"].values())
+    path.write_text(json.dumps(manifest))
+    older = load_lowered(tmp_path / "model")
+    (y, h), seen = _outputs(older, x)
+    torch.testing.assert_close((y, h), want, rtol=1e-4, atol=1e-4)
+    assert all(out.is_contiguous() for out in seen.values()), "no strided pad / crop: contiguous everywhere"
