@@ -1,10 +1,10 @@
 """lower(): condense if needed, then replace condensed layers by TVM-compiled kernels.
 
 A pipeline of passes on a deep copy, sharing one graph capture and one shape analysis (``passes/analysis.py``):
-CondensePass (masked models; shrinks ablated neurons) -> BakeParametrizationsPass -> FoldBatchNormPass (unless
-``fold_batchnorm=False``) -> PadAblatedRowsPass -> FuseEpiloguePass (unless ``fuse_epilogues=False``) ->
-FuseProjectionsPass -> CastPass -> CompileKernelsPass -> PlanarLayoutPass -> LowerMaxPoolPass -> LowerLayerNormPass ->
-LowerAttentionPass.
+CondensePass (masked models; shrinks ablated neurons) -> BakeParametrizationsPass -> DenseConvolutionsPass (llvm
+with dense forms) -> FoldBatchNormPass (unless ``fold_batchnorm=False``) -> PadAblatedRowsPass -> FuseEpiloguePass
+(unless ``fuse_epilogues=False``) -> FuseProjectionsPass -> CastPass -> CompileKernelsPass -> PlanarLayoutPass ->
+LowerMaxPoolPass -> LowerLayerNormPass -> LowerAttentionPass.
 
 Contract.
     requires: the model has sparse (masked) or condensed layers; the target is supported.
@@ -17,7 +17,10 @@ Contract.
               indices) of a model with a direct convolution run the max-pool kernel of its library, and
               nn.LayerNorm layers over the last dimension of a model with a Linear layer the layer-norm kernel of
               its library (``passes/lower_glue.py``); on llvm, a direct convolution whose output only direct
-              convolutions read returns it as planar images (a strided view, ``passes/planar_layout.py``).
+              convolutions read returns it as planar images (a strided view, ``passes/planar_layout.py``); on llvm
+              with dense forms (the default), dense nn.Conv2d layers (one group, zero padding) are lowered too, as
+              layers of full fan-in that run their dense form wherever it measures faster
+              (``passes/dense_convolutions.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from ..nn.masked import is_masked
 from .analysis import GRAPH, OUTPUT_SHAPES, Analyses
 from .base import Pass, PassResult
 from .condense import CondensePass
+from .dense_convolutions import DenseConvolutionsPass
 from .fold_batchnorm import FoldBatchNormPass
 from .fuse_epilogue import FuseEpiloguePass
 from .fuse_projections import FuseProjectionsPass
@@ -107,6 +111,8 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
     masked = any(is_masked(m) for m in model.modules())
     passes = [CondensePass()] if masked else []
     passes += [BakeParametrizationsPass()]
+    if backend.kind == "llvm" and getattr(config, "dense_fallback", False):  # (the dense form: never slower)
+        passes += [DenseConvolutionsPass()]
     if fold_batchnorm:  # eval semantics (the model is returned in eval mode): running statistics fold exactly
         passes += [FoldBatchNormPass()]
     passes += [PadAblatedRowsPass()]

@@ -71,7 +71,8 @@ class ConvCall:
     the same (``nn.lowered.LoweredConv``): skipping the checks, plans and offsets lookup took ResNet-50 at batch 1
     from 31.95 to 30.60 ms (52 convolutions, ~26 us a call).
 
-    ``direct``: the input is read as it is (contiguous, or planar images whose channels lie ``plan.plane`` apart).
+    ``direct``: the input is read as it is (contiguous, or planar images whose channels lie ``plan.plane`` apart);
+    else ``planar_input``: the pad copy reads it as the planar images it is.
     ``out_plane``: 0 for a contiguous output, else the channel stride of a planar one (``conv_geometry``), for a
     layer whose consumers all read planar images (``passes/planar_layout.py``)."""
 
@@ -84,6 +85,7 @@ class ConvCall:
     cropped: bool  # whether the output grid has padding columns or a ragged last tile to drop
     direct: bool = False
     out_plane: int = 0
+    planar_input: bool = False
 
     def __call__(self, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
                  residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,7 +96,7 @@ class ConvCall:
         if self.direct:
             images = x.as_strided((batch, x.shape[1] * plan.plane), (x.shape[1] * plan.plane, 1))
         else:
-            images = _padded_input(handle, x, self.pads, self.stride, plan).view(batch, -1)
+            images = _padded_input(handle, x, self.pads, self.stride, plan, self.planar_input).view(batch, -1)
         grid_length = plan.tiles * plan.lanes
         grid_is_plane = plan.pitch == plan.out_w and grid_length == self.out_plane  # (planar: the grid is the result)
         grid_shape = (batch, n_out, grid_length)
@@ -171,7 +173,8 @@ def prepare_call(x: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, b
     out_plane = 0
     if planar_output and handle.planar_glue and cropped and positions % VECTOR:  # (else contiguous is aligned)
         out_plane = grid if plan.pitch == plan.out_w and grid % VECTOR == 0 else aligned_plane(positions)
-    return ConvCall(handle, pads, stride, plan, offsets, out_shape, cropped, direct, out_plane), values
+    planar_input = handle.planar_glue and planar_stride(x) is not None
+    return ConvCall(handle, pads, stride, plan, offsets, out_shape, cropped, direct, out_plane, planar_input), values
 
 
 def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilation, stride,
@@ -182,16 +185,16 @@ def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilati
 
 
 def _padded_input(handle, x: torch.Tensor, pads: tuple[int, int, int, int], stride: tuple[int, int],
-                  plan) -> torch.Tensor:
+                  plan, planar: bool) -> torch.Tensor:
     """x zero-padded by ``pads`` (left, right, top, bottom; negative ones crop) into ``plan``'s images, split into
     its s_h * s_w phase images when strided (space-to-depth), each ``plan.plane`` floats apart: [B, C * s_h * s_w,
-    plane]. One TVM copy where the kernel's library holds ``pad_images`` (reading planar images as they are, with
-    strided glue), else torch's pad (and permute)."""
+    plane]. One TVM copy where the kernel's library holds ``pad_images`` (reading x as it is when ``planar``: planar
+    images, which its glue takes), else torch's pad (and permute)."""
     batch, channels = x.shape[:2]
     phases = stride[0] * stride[1]
     if handle.pad_fn is not None:
         images = scratch("padded", (batch * channels * phases, plan.plane))
-        handle.pad_fn(_image_rows(handle, x), images[:, :plan.rows * plan.pitch].view(
+        handle.pad_fn(_image_rows(x, planar), images[:, :plan.rows * plan.pitch].view(
             batch * channels, stride[0], stride[1], plan.rows, plan.pitch), pads[2], pads[0], *stride)
         return images.view(batch, channels * phases, plan.plane)
     images = pad_images(x, pads, "padded") if any(pads) else x.contiguous()
@@ -203,10 +206,10 @@ def _padded_input(handle, x: torch.Tensor, pads: tuple[int, int, int, int], stri
     return split
 
 
-def _image_rows(handle, x: torch.Tensor) -> torch.Tensor:
-    """Images [B, C, H, W] as the glue kernels' [B * C, H, W] input: planar ones as they are where the library's
-    glue reads strided images, else contiguous."""
-    if not (handle.planar_glue and planar_stride(x) is not None):
+def _image_rows(x: torch.Tensor, planar: bool) -> torch.Tensor:
+    """Images [B, C, H, W] as the glue kernels' [B * C, H, W] input: as they are when ``planar`` (planar images, and
+    a library whose glue takes them), else contiguous."""
+    if not planar:
         x = x.contiguous()
     return x.view(x.shape[0] * x.shape[1], x.shape[2], x.shape[3])
 
@@ -258,10 +261,10 @@ def condensed_conv2d(x: torch.Tensor, values: torch.Tensor, columns: torch.Tenso
 
 
 def subsample_images(x: torch.Tensor, stride: tuple[int, int], kernel_key: str) -> torch.Tensor:
-    """``x[:, :, ::s_h, ::s_w]``, the pixels a strided unpadded 1x1 convolution reads, as contiguous images: one
-    TVM copy (the kernel library's ``pad_images`` at that stride) for plain float32 CPU tensors, else the view
-    (which the kernel call copies, or a tracer records). The copy lives in a scratch buffer: pass it straight to
-    ``condensed_conv2d``."""
+    """``x[:, :, ::s_h, ::s_w]``, the pixels a strided unpadded 1x1 convolution reads, as images (planar where the
+    library's glue writes them, else contiguous): one TVM copy (the kernel library's ``pad_images`` at that
+    stride) for plain float32 CPU tensors, else the view (which the kernel call copies, or a tracer records). The
+    copy lives in a scratch buffer: pass it straight to ``condensed_conv2d``."""
     step_h, step_w = int(stride[0]), int(stride[1])
     handle = get_handle(kernel_key)
     pad_fn = getattr(handle, "pad_fn", None)
@@ -270,9 +273,10 @@ def subsample_images(x: torch.Tensor, stride: tuple[int, int], kernel_key: str) 
         return x[:, :, ::step_h, ::step_w]
     batch, channels, height, width = x.shape
     out_h, out_w = -(-height // step_h), -(-width // step_w)
-    # planar images (channels on vector boundaries) where the library's glue writes them: the 1x1 kernel's loads
-    plane = aligned_plane(out_h * out_w) if getattr(handle, "planar_glue", False) else out_h * out_w
+    # planar images (channels on cache-line boundaries) where the library's glue takes them: the kernel's loads
+    strided = getattr(handle, "planar_glue", False)
+    plane = aligned_plane(out_h * out_w) if strided else out_h * out_w
     images = scratch("subsampled", (batch * channels, plane))
-    pad_fn(_image_rows(handle, x), images[:, :out_h * out_w].view(batch * channels, 1, 1, out_h, out_w), 0, 0,
-           step_h, step_w)
+    pad_fn(_image_rows(x, strided and planar_stride(x) is not None),
+           images[:, :out_h * out_w].view(batch * channels, 1, 1, out_h, out_w), 0, 0, step_h, step_w)
     return images[:, :out_h * out_w].view(batch, channels, out_h, out_w)

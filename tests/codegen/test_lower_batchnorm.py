@@ -39,6 +39,7 @@ def test_lowered_foldnet_keeps_the_unfoldable_batchnorms():
     masked = masked_foldnet()
     lowered = lower(masked, progress=False)
     assert type(lowered) is FoldNet and batchnorm_names(lowered) == ["branch_norm", "shared_norm"]
-    assert isinstance(lowered.fc, LoweredLinear) and type(lowered.stem) is nn.Conv2d
+    assert isinstance(lowered.fc, LoweredLinear)
+    assert isinstance(lowered.stem, LoweredConv), "the dense stem too, as a layer of full fan-in (its BN folded)"
     for batch in (1, 4):
         assert_same(lowered, masked, torch.randn(batch, 3, 8, 8))
