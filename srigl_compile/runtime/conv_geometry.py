@@ -123,7 +123,7 @@ def column_offsets(columns: torch.Tensor, kernel: tuple[int, int], dilation: tup
     offsets = channel * plan.plane + tap // kernel[1] * dilation[0] * plan.pitch \
         + tap % kernel[1] * dilation[1]
     if offsets.numel() and int(offsets.max()) >= 2**31:
-        raise ValueError(f"the padded input ({plan.rows}x{plan.pitch} per channel) is too large for int32 offsets")
+        raise ValueError(f"the padded input ({plan.plane} floats per channel) is too large for int32 offsets")
     return offsets.to(torch.int32).contiguous()
 
 

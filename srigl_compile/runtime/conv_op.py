@@ -155,9 +155,9 @@ def prepare_call(x: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, b
             pads, read_dilation = (padding[1], padding[1], padding[0], padding[0] + plan.extra), dilation
     except ValueError as err:  # an image smaller than the kernel (conv_geometry is pure maths: plain ValueError)
         raise KernelShapeError(f"needs images at least as large as its kernel: {err} (kernel {handle.key})") from None
-    direct = False
+    direct, plane = False, planar_stride(x)  # (contiguous images: H * W; None: neither contiguous nor planar)
     if not strided and kernel == (1, 1) and not any(padding):  # read the images as they are where they allow it
-        plane, layout = planar_stride(x), None  # (contiguous images: H * W)
+        layout = None
         if plane is not None and (handle.planar_glue or plane == x.shape[2] * x.shape[3]):
             layout = planar_plan(plan, plane)
         if layout is not None:
@@ -173,7 +173,7 @@ def prepare_call(x: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, b
     out_plane = 0
     if planar_output and handle.planar_glue and cropped and positions % VECTOR:  # (else contiguous is aligned)
         out_plane = grid if plan.pitch == plan.out_w and grid % VECTOR == 0 else aligned_plane(positions)
-    planar_input = handle.planar_glue and planar_stride(x) is not None
+    planar_input = handle.planar_glue and plane is not None
     return ConvCall(handle, pads, stride, plan, offsets, out_shape, cropped, direct, out_plane, planar_input), values
 
 
