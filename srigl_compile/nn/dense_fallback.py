@@ -15,11 +15,14 @@ call: small calls stay on the kernel, their timings noise) runs that shape from 
 varies from call to call, and its best call promised more than its typical one). Below that density the kernels
 measured >= 1.3x over dense at every batch, so sparser layers carry no dense form (and no lookup per call).
 ``settle(model, x)`` makes the calls that finish the trials, as a server would at start-up and as the benchmarks
-do before timing (until then, calls at a new shape run both paths: up to twice as long).
+do before timing (until then, calls at a new shape run both paths: up to twice as long), then keeps the dense
+paths they chose only if whole forwards run faster with them (``keep_if_faster``): a trial cannot see what a
+dense layer costs the kernels around it, nor what waking torch's threads costs once no trial keeps them busy.
 
 What the dense form computes is the layer's own result: the condensed weights scattered into a dense weight
 (zero where a neuron has no input; ablated neurons zero rows with their bias, unless the layer is compact), torch's
-``F.linear`` / ``F.conv2d``, then the layer's epilogue and residual as ``spec.apply_epilogue`` computes them. The
+``F.linear`` / ``F.conv2d`` (an unpadded 1x1 convolution: ``torch.matmul`` on its pixels), then the layer's
+epilogue and residual as ``spec.apply_epilogue`` computes them. The
 two paths sum in different orders, so they agree to float32 rounding, not bit for bit: a shape's outputs are the
 kernel's until its choice is made, then the chosen path's. A model whose outputs must not depend on timings is
 lowered with ``LlvmConfig(dense_fallback=False)``.
@@ -54,8 +57,8 @@ import torch.nn.functional as F
 
 from ..runtime.spec import apply_epilogue
 
-__all__ = ["DenseForm", "CANDIDATE_DENSITY", "MARGIN", "MIN_SAVING_S", "dense_form_for", "watched_operands",
-           "run_dense_if_faster", "settle"]
+__all__ = ["DenseForm", "CANDIDATE_DENSITY", "MARGIN", "MIN_SAVING_S", "FORWARD_SAVING_S", "dense_form_for",
+           "watched_operands", "run_dense_if_faster", "settle", "keep_if_faster"]
 
 CANDIDATE_DENSITY = 0.15  # layers at least this dense get a dense form (see the module docstring)
 ROUNDS = 3  # timed calls of each path in a shape's trial, at least (after one untimed call) ...
@@ -63,6 +66,7 @@ BUDGET_S = 0.005  # ... and more until each path has run this long in all (short
 MAX_ROUNDS = 15  # ... but no more than this
 MARGIN = 0.95  # the dense path is chosen only when at least 5% faster: ties go to the sparse kernel ...
 MIN_SAVING_S = 50e-6  # ... and at least this much faster a call: below it, timing noise decides and nothing is won
+FORWARD_SAVING_S = 50e-6  # what whole forwards must save per dense choice to keep them (``keep_if_faster``)
 
 
 @dataclasses.dataclass(eq=False)
@@ -105,9 +109,33 @@ class DenseForm:
         """The layer's output computed densely."""
         if self.conv is None:
             y = F.linear(x, self.weight(), self.bias)
+        elif self.pointwise:
+            return self._pointwise(x, residual)
         else:
             y = F.conv2d(x, self.weight(), self.bias, **self.conv)
         return apply_epilogue(y, self.epilogue, residual)
+
+    @property
+    def pointwise(self) -> bool:
+        """An unpadded 1x1 convolution: a matrix product per image of its (strided) pixels."""
+        return self.conv is not None and self.dense_shape[2:] == (1, 1) and self.conv["padding"] in ((0, 0), 0)
+
+    def _pointwise(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """A 1x1 convolution as sgemm on [C, H * W] per image: oneDNN's F.conv2d ran 1x1 layers at 50-250 GFLOP/s
+        here, torch.matmul at 170-360 (2-core Xeon, 64-2048 channels, 7x7-56x56, batch 1 and 64). The epilogue
+        runs in place on the product (one pass each: the product is new)."""
+        stride = self.conv["stride"]
+        images = x[:, :, ::stride[0], ::stride[1]] if stride != (1, 1) else x
+        shape = (x.shape[0], self.dense_shape[0], *images.shape[2:])
+        y = torch.matmul(self.weight().flatten(1), images.flatten(2))  # (planar images flatten without a copy)
+        if self.bias is not None:
+            y += self.bias[:, None]
+        y = y.view(shape)
+        if "add" in self.epilogue:
+            y += residual
+        if "relu" in self.epilogue:
+            return y.relu_()
+        return y if self.epilogue in ("", "add") else apply_epilogue(y, self.epilogue, None)
 
     def run_trial(self, key: tuple, x: torch.Tensor, residual: torch.Tensor | None,
                   kernel: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -230,13 +258,58 @@ def run_dense_if_faster(layer, form: DenseForm, x: torch.Tensor, residual: torch
 def settle(model: torch.nn.Module, *args, **kwargs) -> int:
     """Call ``model(*args, **kwargs)`` (without gradients) until no layer's dense form has a trial open, so that
     later calls with inputs of these shapes run their chosen paths: what a server does at start-up, and what the
-    benchmarks do before timing a lowered model. Returns the calls made (1 for a model with no trial open after
-    one call: no dense forms, or every shape decided before)."""
+    benchmarks do before timing a lowered model. Then the dense paths these calls chose are checked on whole
+    forwards (``keep_if_faster``): kept only if the model runs faster with them than without. Returns the calls
+    made (1 for a model with no trial open after one call: no dense forms, or every shape decided before)."""
+    forms = [m.__dict__["_dense_form"] for m in model.modules() if "_dense_form" in m.__dict__]
+    before = [dict(form.choices) for form in forms]
     calls = 0
     with torch.no_grad():
         while calls < MAX_ROUNDS + 2:  # (a trial ends after MAX_ROUNDS + 1 calls at most)
             model(*args, **kwargs)
             calls += 1
-            if not any(m.__dict__["_dense_form"].trials for m in model.modules() if "_dense_form" in m.__dict__):
+            if not any(form.trials for form in forms):
                 break
+        chosen = [(form, key) for form, old in zip(forms, before)
+                  for key, dense in form.choices.items() if dense and key not in old]
+        if chosen:
+            calls += keep_if_faster(model, chosen, *args, **kwargs)
     return calls
+
+
+def keep_if_faster(model: torch.nn.Module, chosen: list[tuple[DenseForm, tuple]], *args, **kwargs) -> int:
+    """Keep the dense paths ``chosen`` ((form, shape key) pairs) only if whole forwards run faster with them than
+    with the kernels, by the median of alternating timed forwards (after one untimed of each), at least
+    ``FORWARD_SAVING_S`` a chosen layer; else every one goes back to its kernel. Returns the forwards made.
+
+    A layer's trial times its two paths side by side, while the trials of every near-dense layer keep torch's
+    threads busy. Settled, a lone dense layer among TVM kernels wakes torch's sleeping threads (OMP_WAIT_POLICY
+    PASSIVE) while TVM's pool still spins on the cores: on the 2-core Xeon a 1x1 layer that won its trial at
+    0.50 against 0.70 ms then took 1.4 ms, and ResNet-50 at batch 1 ran 24.3 ms with three such choices against
+    21.4 with none. Only a whole forward shows what a choice costs the layers around it."""
+    times: tuple[list[float], list[float]] = ([], [])  # forwards with the choices, and without
+    calls = 0
+    while calls < 2 * (MAX_ROUNDS + 1):
+        for with_dense, timings in ((True, times[0]), (False, times[1])):
+            for form, key in chosen:
+                form.choices[key] = with_dense
+            seconds = _forward_seconds(model, *args, **kwargs)
+            calls += 1
+            if calls > 2:  # (one untimed forward of each first)
+                timings.append(seconds)
+        rounds = len(times[0])
+        if rounds >= ROUNDS and (min(map(sum, times)) >= 10 * BUDGET_S or rounds >= MAX_ROUNDS):
+            break
+    with_dense, without = (statistics.median(timings) for timings in times)
+    keep = with_dense <= without - FORWARD_SAVING_S * len(chosen)
+    for form, key in chosen:
+        form.choices[key] = keep
+        if not any(form.choices.values()):
+            form._weight = None
+    return calls
+
+
+def _forward_seconds(model: torch.nn.Module, *args, **kwargs) -> float:
+    start = time.perf_counter()
+    model(*args, **kwargs)
+    return time.perf_counter() - start

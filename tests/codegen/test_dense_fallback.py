@@ -4,10 +4,12 @@ biases, fused epilogues and residuals, strided and padded convolutions), the cho
 shape, and anything the form does not take must reach the kernel."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from srigl_compile import SRigLConfig, load_lowered, lower, save_lowered, sparse_layers, sparsify
 from srigl_compile.codegen.backends import LlvmConfig
@@ -15,6 +17,7 @@ from srigl_compile.nn import dense_fallback
 from srigl_compile.nn.dense_fallback import settle
 from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
 from srigl_compile.runtime.checks import KernelDtypeError
+from srigl_compile.runtime.spec import apply_epilogue
 
 from ..helpers import ablate
 
@@ -132,6 +135,7 @@ def test_each_shape_has_one_trial(monkeypatch):
 
 def test_settle_finishes_every_trial(monkeypatch):
     monkeypatch.setattr(dense_fallback, "BUDGET_S", float("inf"))  # trials run to MAX_ROUNDS
+    _force(monkeypatch, "kernel")  # (no dense choice to check on whole forwards: the calls are the trials')
     lowered = lower(_sparse(0.5), progress=False)
     x = torch.randn(3, 16, 10, 10)
     assert settle(lowered, x) == dense_fallback.MAX_ROUNDS + 1
@@ -213,3 +217,51 @@ def test_the_dense_path_must_save_min_saving_s_a_call(monkeypatch, short_trials,
         for _ in range(2):
             lowered(torch.randn(1, 16, 10, 10))
     assert all(len(form.choices) == 1 and all(form.choices.values()) == chosen for form in _forms(lowered).values())
+
+
+@pytest.mark.parametrize("dense_saves", [True, False])
+def test_settle_keeps_dense_choices_only_if_whole_forwards_run_faster(monkeypatch, short_trials, dense_saves):
+    """Whole forwards (timed by ``_forward_seconds``, here by which paths are chosen) decide: every layer's dense
+    choice stays, or every one goes back to its kernel and drops its dense weight."""
+    _force(monkeypatch, "dense")
+    lowered = lower(_sparse(0.5), progress=False)
+    forms = _forms(lowered)
+    chosen_seconds, kernel_seconds = (0.5, 1.0) if dense_saves else (1.0, 0.5)
+
+    def forward_seconds(model, x):
+        model(x)
+        return chosen_seconds if any(any(f.choices.values()) for f in forms.values()) else kernel_seconds
+
+    monkeypatch.setattr(dense_fallback, "_forward_seconds", forward_seconds)
+    x = torch.randn(2, 16, 10, 10)
+    calls = settle(lowered, x)
+    assert calls == 2 + 2 * (1 + dense_fallback.ROUNDS)  # the trials' 2, then 1 + ROUNDS forwards of each
+    for form in forms.values():
+        assert form.choices == {next(iter(form.choices)): dense_saves} and not form.trials
+        assert (form._weight is not None) == dense_saves
+    assert settle(lowered, x) == 1  # (decided: nothing to check again)
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(x), lower(_sparse(0.5), progress=False)(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("layout", ["contiguous", "planar", "channels_last"])
+@pytest.mark.parametrize("epilogue", ["", "relu", "add", "add_relu", "gelu"])
+def test_a_1x1_convolutions_dense_form_is_its_matrix_product(stride, layout, epilogue):
+    """The 1x1 dense form (sgemm on [C, H * W]) equals F.conv2d with the same weight, bias, epilogue and residual,
+    for the layouts lowered layers pass each other (planar: channels 208 floats apart on 14x14 images)."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(24, 40, 1, stride=stride)
+    model = sparsify(nn.Sequential(layer).eval(), SRigLConfig(sparsity=0.5, distribution="uniform"),
+                     example_inputs=(torch.randn(1, 24, 14, 14),))
+    lowered = lower(model, progress=False)
+    form = dataclasses.replace(lowered[0]._dense_form, epilogue=epilogue)
+    assert form.pointwise
+    x = torch.randn(3, 24, 14, 14)
+    if layout == "planar":
+        x = torch.full((3, 24, 208), float("nan")).as_strided(x.shape, (24 * 208, 208, 14, 1)).copy_(x)
+    elif layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    residual = torch.randn(3, 40, *([14 // stride] * 2)) if "add" in epilogue else None
+    want = apply_epilogue(F.conv2d(x, form.weight(), form.bias, stride=stride), epilogue, residual)
+    torch.testing.assert_close(form.run(x, residual), want, rtol=1e-5, atol=1e-5)
