@@ -66,7 +66,8 @@ BUDGET_S = 0.005  # ... and more until each path has run this long in all (short
 MAX_ROUNDS = 15  # ... but no more than this
 MARGIN = 0.95  # the dense path is chosen only when at least 5% faster: ties go to the sparse kernel ...
 MIN_SAVING_S = 50e-6  # ... and at least this much faster a call: below it, timing noise decides and nothing is won
-FORWARD_SAVING_S = 50e-6  # what whole forwards must save per dense choice to keep them (``keep_if_faster``)
+FORWARD_SAVING_S = 50e-6  # what whole forwards must save per dense choice to keep them (``keep_if_faster``) ...
+FORWARD_BUDGET_S = 0.05  # ... timed (ROUNDS to MAX_ROUNDS forwards each way) until each way has run this long
 
 
 @dataclasses.dataclass(eq=False)
@@ -289,17 +290,18 @@ def keep_if_faster(model: torch.nn.Module, chosen: list[tuple[DenseForm, tuple]]
     21.4 with none. Only a whole forward shows what a choice costs the layers around it."""
     times: tuple[list[float], list[float]] = ([], [])  # forwards with the choices, and without
     calls = 0
-    while calls < 2 * (MAX_ROUNDS + 1):
-        for with_dense, timings in ((True, times[0]), (False, times[1])):
-            for form, key in chosen:
-                form.choices[key] = with_dense
-            seconds = _forward_seconds(model, *args, **kwargs)
-            calls += 1
-            if calls > 2:  # (one untimed forward of each first)
-                timings.append(seconds)
-        rounds = len(times[0])
-        if rounds >= ROUNDS and (min(map(sum, times)) >= 10 * BUDGET_S or rounds >= MAX_ROUNDS):
-            break
+    with torch.no_grad():
+        while calls < 2 * (MAX_ROUNDS + 1):
+            for with_dense, timings in ((True, times[0]), (False, times[1])):
+                for form, key in chosen:
+                    form.choices[key] = with_dense
+                seconds = _forward_seconds(model, *args, **kwargs)
+                calls += 1
+                if calls > 2:  # (one untimed forward of each first)
+                    timings.append(seconds)
+            rounds = len(times[0])
+            if rounds >= ROUNDS and (min(map(sum, times)) >= FORWARD_BUDGET_S or rounds >= MAX_ROUNDS):
+                break
     with_dense, without = (statistics.median(timings) for timings in times)
     keep = with_dense <= without - FORWARD_SAVING_S * len(chosen)
     for form, key in chosen:
