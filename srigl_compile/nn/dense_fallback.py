@@ -288,6 +288,8 @@ def keep_if_faster(model: torch.nn.Module, chosen: list[tuple[DenseForm, tuple]]
     PASSIVE) while TVM's pool still spins on the cores: on the 2-core Xeon a 1x1 layer that won its trial at
     0.50 against 0.70 ms then took 1.4 ms, and ResNet-50 at batch 1 ran 24.3 ms with three such choices against
     21.4 with none. Only a whole forward shows what a choice costs the layers around it."""
+    if not chosen:
+        return 0
     times: tuple[list[float], list[float]] = ([], [])  # forwards with the choices, and without
     calls = 0
     with torch.no_grad():

@@ -179,7 +179,9 @@ def exact_tile(positions: int, vector: int = 8, widest: int = 64) -> int | None:
     (``lanes / (vector * ceil(lanes / vector))``), the widest on a tie; None when there is none. With AVX2's 8
     lanes and 64 at most: 64 for 56x56 maps, 56 for 28x28, 49 for 14x14 and 7x7 (6 vectors and one scalar lane).
     With AVX-512's 16 and 208 (13 vectors): 112 for 28x28 (7 whole vectors; 56 lanes are 3.5, 1.5x slower), 196
-    for 14x14 (12.25 vectors; 49 lanes, 3 and a scalar one, up to 1.9x slower), 49 for 7x7."""
+    for 14x14 (12.25 vectors; 49 lanes, 3 and a scalar one, up to 1.9x slower), 49 for 7x7. (The AVX-512 backend
+    gives grids of up to 13 vectors that are not whole vectors ``aligned_plane`` tiles instead: 208 lanes for
+    14x14, 64 for 7x7, read from planar images.)"""
     fits = [lanes for lanes in range(1, min(positions, widest) + 1) if positions % lanes == 0
             and (lanes >= 32 or lanes == positions)]  # (narrower tiles pay a weight and offset load per vector)
     if not fits:
