@@ -58,10 +58,13 @@ def time_model(root: str, model: str, batch: int, resolution: int, calls: int, t
     with torch.no_grad():
         for _ in range(3):
             lowered(x)
-        try:  # (revisions since dense forms: their trials at this shape end before timing)
-            from srigl_compile.nn.dense_fallback import settle
+        try:  # (revisions since batch chunks: the whole warm-up; since dense forms: their trials)
+            from srigl_compile.nn.settle import settle
         except ImportError:
-            settle = None
+            try:
+                from srigl_compile.nn.dense_fallback import settle
+            except ImportError:
+                settle = None
         if settle is not None:
             settle(lowered, x)
         for _ in range(calls):

@@ -11,14 +11,13 @@ indices, the input and the output) over the read bandwidth of a buffer that size
 from __future__ import annotations
 
 import torch
-from tqdm import tqdm
-
 from common import TimerConfig, measure, read_bandwidth
 from layer_specs import LayerSpec
 from masks import masked_layer
+from tqdm import tqdm
 from variants import VARIANTS, LayerCase, Skip, Variant
 
-from srigl_compile.nn.dense_fallback import settle
+from srigl_compile.nn.settle import settle
 
 RTOL, ATOL = 1e-4, 1e-4
 

@@ -51,7 +51,7 @@ from layer_efficiency import layer_efficiency
 
 from srigl_compile import SRigLConfig, lower, sparse_layers, sparsify
 from srigl_compile.nn.condensed_attention import CondensedMultiheadAttention
-from srigl_compile.nn.dense_fallback import settle
+from srigl_compile.nn.settle import settle
 from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
 from srigl_compile.zoo import ResNet, SmallViT, resnet50, vit_b16
 

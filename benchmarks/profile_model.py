@@ -31,7 +31,7 @@ from common import environment, set_threads  # noqa: E402
 from layer_efficiency import layer_efficiency  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from srigl_compile.nn.dense_fallback import settle  # noqa: E402
+from srigl_compile.nn.settle import settle  # noqa: E402
 
 
 def main() -> None:

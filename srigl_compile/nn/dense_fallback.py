@@ -14,10 +14,11 @@ call: small calls stay on the kernel, their timings noise) runs that shape from 
 ``torch.backends.cudnn.benchmark`` (the median, not the fastest call: torch's dense convolution at large batches
 varies from call to call, and its best call promised more than its typical one). Below that density the kernels
 measured >= 1.3x over dense at every batch, so sparser layers carry no dense form (and no lookup per call).
-``settle(model, x)`` makes the calls that finish the trials, as a server would at start-up and as the benchmarks
-do before timing (until then, calls at a new shape run both paths: up to twice as long), then keeps the dense
-paths they chose only if whole forwards run faster with them (``keep_if_faster``): a trial cannot see what a
-dense layer costs the kernels around it, nor what waking torch's threads costs once no trial keeps them busy.
+``nn.settle.settle(model, x)`` makes the calls that finish the trials (``settle_trials``), as a server would at
+start-up and as the benchmarks do before timing (until then, calls at a new shape run both paths: up to twice as
+long), then keeps the dense paths they chose only if whole forwards run faster with them (``keep_if_faster``): a
+trial cannot see what a dense layer costs the kernels around it, nor what waking torch's threads costs once no
+trial keeps them busy.
 
 What the dense form computes is the layer's own result: the condensed weights scattered into a dense weight
 (zero where a neuron has no input; ablated neurons zero rows with their bias, unless the layer is compact), torch's
@@ -37,7 +38,7 @@ thread count) forgets.
 
 Example:
     >>> lowered = lower(model)                                              # doctest: +SKIP
-    >>> settle(lowered, torch.randn(64, 3, 224, 224))                       # doctest: +SKIP
+    >>> settle(lowered, torch.randn(64, 3, 224, 224))   # nn.settle            # doctest: +SKIP
     >>> lowered.layer4[0].conv1._dense_form.choices   # True: dense faster  # doctest: +SKIP
     {(torch.Size([64, 2048, 7, 7]), None): False}
 """
@@ -58,7 +59,7 @@ import torch.nn.functional as F
 from ..runtime.spec import apply_epilogue
 
 __all__ = ["DenseForm", "CANDIDATE_DENSITY", "MARGIN", "MIN_SAVING_S", "FORWARD_SAVING_S", "dense_form_for",
-           "watched_operands", "run_dense_if_faster", "settle", "keep_if_faster"]
+           "watched_operands", "run_dense_if_faster", "settle_trials", "keep_if_faster", "machine"]
 
 CANDIDATE_DENSITY = 0.15  # layers at least this dense get a dense form (see the module docstring)
 ROUNDS = 3  # timed calls of each path in a shape's trial, at least (after one untimed call) ...
@@ -160,11 +161,11 @@ class DenseForm:
         return y
 
     def __getstate__(self):  # (the weight is rebuilt on demand; an unfinished trial starts again)
-        return {**self.__dict__, "trials": {}, "_weight": None, "machine": _machine()}
+        return {**self.__dict__, "trials": {}, "_weight": None, "machine": machine()}
 
     def __setstate__(self, state) -> None:
         self.__dict__.update(state)
-        if state.pop("machine", None) != _machine():  # timings are this machine's
+        if state.pop("machine", None) != machine():  # timings are this machine's
             self.choices = {}
         self.__dict__.pop("machine", None)
         # the loaded operands are the tensors watched (one pickle), their version counters new
@@ -177,7 +178,7 @@ def _timed(call: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def _machine() -> tuple:
+def machine() -> tuple:
     """What the timings depend on: the CPU, its cores and torch's threads (TVM's pool follows them)."""
     return platform.machine(), platform.processor(), os.cpu_count(), torch.get_num_threads()
 
@@ -256,12 +257,10 @@ def run_dense_if_faster(layer, form: DenseForm, x: torch.Tensor, residual: torch
     return form.run(x, residual)
 
 
-def settle(model: torch.nn.Module, *args, **kwargs) -> int:
-    """Call ``model(*args, **kwargs)`` (without gradients) until no layer's dense form has a trial open, so that
-    later calls with inputs of these shapes run their chosen paths: what a server does at start-up, and what the
-    benchmarks do before timing a lowered model. Then the dense paths these calls chose are checked on whole
-    forwards (``keep_if_faster``): kept only if the model runs faster with them than without. Returns the calls
-    made (1 for a model with no trial open after one call: no dense forms, or every shape decided before)."""
+def settle_trials(model: torch.nn.Module, *args, **kwargs) -> int:
+    """Call ``model(*args, **kwargs)`` (without gradients) until no layer's dense form has a trial open, then
+    ``keep_if_faster`` on the dense paths these calls chose; returns the calls made (``nn.settle.settle``'s first
+    step)."""
     forms = [m.__dict__["_dense_form"] for m in model.modules() if "_dense_form" in m.__dict__]
     before = [dict(form.choices) for form in forms]
     calls = 0

@@ -4,7 +4,7 @@ A pipeline of passes on a deep copy, sharing one graph capture and one shape ana
 CondensePass (masked models; shrinks ablated neurons) -> BakeParametrizationsPass -> DenseConvolutionsPass (llvm
 with dense forms) -> FoldBatchNormPass (unless ``fold_batchnorm=False``) -> PadAblatedRowsPass -> FuseEpiloguePass
 (unless ``fuse_epilogues=False``) -> FuseProjectionsPass -> CastPass -> CompileKernelsPass -> PlanarLayoutPass ->
-LowerMaxPoolPass -> LowerLayerNormPass -> LowerAttentionPass.
+LowerMaxPoolPass -> LowerLayerNormPass -> LowerAttentionPass -> BatchChunksPass (llvm).
 
 Contract.
     requires: the model has sparse (masked) or condensed layers; the target is supported.
@@ -20,7 +20,8 @@ Contract.
               convolutions read returns it as planar images (a strided view, ``passes/planar_layout.py``); on llvm
               with dense forms (the default), dense nn.Conv2d layers (one group, zero padding) are lowered too, as
               layers of full fan-in that run their dense form wherever it measures faster
-              (``passes/dense_convolutions.py``).
+              (``passes/dense_convolutions.py``); on llvm, per-sample nn.Sequential stacks of lowered convolutions
+              may run a batch in chunks of images once ``settle`` measured that faster (``passes/batch_chunks.py``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from ..nn.lowered import LoweredConv, LoweredLinear, kernel_spec, make_lowered_,
 from ..nn.masked import is_masked
 from .analysis import GRAPH, OUTPUT_SHAPES, Analyses
 from .base import Pass, PassResult
+from .batch_chunks import BatchChunksPass
 from .condense import CondensePass
 from .dense_convolutions import DenseConvolutionsPass
 from .fold_batchnorm import FoldBatchNormPass
@@ -120,6 +122,8 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
         passes += [FuseEpiloguePass(backend.conv_route, backend.epilogues)]
     passes += [FuseProjectionsPass(), CastPass(config.dtype), CompileKernelsPass(backend, config),
                PlanarLayoutPass(), LowerMaxPoolPass(), LowerLayerNormPass(), LowerAttentionPass()]
+    if backend.kind == "llvm":  # (measured on CPUs only: settle chooses, whole batches until then)
+        passes += [BatchChunksPass()]
     model = PassManager(passes).run(copy.deepcopy(model), Analyses(example_inputs))
     # Inference only: the kernels have no backward, dropout must be off, and dense parameters need no gradients
     # (a lowered layer refuses an input autograd tracks, InferenceOnlyError).

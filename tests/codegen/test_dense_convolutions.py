@@ -11,8 +11,8 @@ import torch.nn as nn
 from srigl_compile import SRigLConfig, load_lowered, lower, save_lowered, sparsify
 from srigl_compile.codegen.backends import LlvmConfig
 from srigl_compile.nn.condensed import CondensedConv
-from srigl_compile.nn.dense_fallback import settle
 from srigl_compile.nn.lowered import LoweredConv
+from srigl_compile.nn.settle import settle
 from srigl_compile.passes.dense_convolutions import DenseConvolutionsPass, full_fan_in
 from srigl_compile.runtime.registry import get_handle
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from srigl_compile import SRigLConfig, load_lowered, lower, save_lowered, sparse_layers, sparsify
 from srigl_compile.codegen.backends import LlvmConfig
 from srigl_compile.nn import dense_fallback
-from srigl_compile.nn.dense_fallback import settle
 from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
+from srigl_compile.nn.settle import settle
 from srigl_compile.runtime.checks import KernelDtypeError
 from srigl_compile.runtime.spec import apply_epilogue
 
@@ -187,7 +187,7 @@ def test_saved_and_copied_models_keep_their_choices_on_this_machine_only(monkeyp
         for again in (copy.deepcopy(lowered), load_lowered(tmp_path / "model")):
             assert {name: form.choices for name, form in _forms(again).items()} == chosen
             torch.testing.assert_close(again(x), want, rtol=0, atol=0)
-        monkeypatch.setattr(dense_fallback, "_machine", lambda: ("another", "cpu"))
+        monkeypatch.setattr(dense_fallback, "machine", lambda: ("another", "cpu"))
         elsewhere = load_lowered(tmp_path / "model")
     assert all(form is not None and not form.choices for form in _forms(elsewhere).values())
 
