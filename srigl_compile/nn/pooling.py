@@ -35,7 +35,7 @@ class LoweredMaxPool2d(nn.MaxPool2d):
         self.kernel_key = kernel_key
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3:  # unbatched [C, H, W], as nn.MaxPool2d takes it
+        if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched [C, H, W] (an fx Proxy is taken as batched)
             return self.forward(x.unsqueeze(0)).squeeze(0)
         return pool_op.max_pool2d(x, self.kernel_key, _pair(self.kernel_size), _pair(self.stride),
                                   _pair(self.padding), _pair(self.dilation))
