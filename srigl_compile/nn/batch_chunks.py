@@ -130,9 +130,8 @@ def choose_batch_chunks(model: nn.Module, settle_trials, *args, **kwargs) -> int
             return calls
         batch = min(shape[0] for _, shape in pending)
         options = [None] + [size for size in CHUNK_SIZES if size < batch and batch % size == 0]
-        if len(options) == 1:
-            for stack, shape in pending:
-                stack.chunk_sizes[shape] = None
+        if len(options) == 1:  # (too few images to chunk)
+            _set(pending, None)
             return calls
         times: dict = {size: [] for size in options}
         for size in options:  # each size's shapes decided first: a trial running both paths would skew it
