@@ -230,6 +230,14 @@ def fastest_dense_f32(rows: list[dict]) -> tuple[str, float] | None:
     return min(times.items(), key=lambda item: item[1]) if times else None
 
 
+def fastest_dense_reduced(rows: list[dict]) -> tuple[str, float] | None:
+    """(variant, median us) of the fastest peer row on the dense model in a reduced precision (OpenVINO's default
+    where it compiled to bf16 or f16) that passed its check; None when there is none."""
+    times = {r["variant"]: r["time_us"]["median"] for r in rows if "time_us" in r and r["variant"] in VARIANTS
+             and r["peer"]["source"] == "dense" and r["peer"]["precision"] != "f32"}
+    return min(times.items(), key=lambda item: item[1]) if times else None
+
+
 def _child(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--peer-child", required=True, help="JSON: variant, onnx, x, expected, config")

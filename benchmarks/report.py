@@ -174,8 +174,9 @@ def peer_table(rows: list[dict]) -> list[str]:
              "Errors: largest |peer - torch| over torch's largest output.")
     header = ("| model | batch | torch dense ms (best setting) | lowered ms | ONNX Runtime dense / masked ms | "
               "OpenVINO f32 dense / masked ms | OpenVINO default dense / masked ms (precision) | fastest dense f32 "
-              "runtime ms | lowered vs it | rel. err f32 / default |")
-    lines = [intro, "", header, "|" + "---|" * 10]
+              "runtime ms | lowered vs it | rel. err f32 / default | lowered, bf16 values ms (rel. err) | it vs "
+              "the fastest dense runtime in reduced precision |")
+    lines = [intro, "", header, "|" + "---|" * 12]
 
     def ms(row: dict | None) -> str:
         return f"{row['time_us']['median'] / 1e3:.1f}" if row and "time_us" in row else "-"
@@ -197,9 +198,13 @@ def peer_table(rows: list[dict]) -> list[str]:
                              and "check" in r and (r["peer"]["precision"] == "f32") == (kind == "f32")),
                             default=None) for kind in ("f32", "default")}
         err = " / ".join(f"{e:.1e}" if e is not None else "-" for e in errors.values())
+        bf16 = v.get("lowered_bf16", {})
+        bf16_err = f" ({bf16['check']['max_rel_err_vs_masked']:.1e})" if "check" in bf16 else ""
+        bf16_ratio = (f"{bf16['speedup_vs_fastest_dense_reduced']:.2f}x ({bf16['fastest_dense_reduced']['variant']})"
+                      if "speedup_vs_fastest_dense_reduced" in bf16 else "-")
         lines.append(f"| {model} | {batch} | {best_cell} | {ms(low)} | {pair(v, 'onnxruntime')} | "
                      f"{pair(v, 'openvino_f32')} | {pair(v, 'openvino_default')} ({default}) | {fastest_cell} | {ratio} | "
-                     f"{err} |")
+                     f"{err} | {ms(bf16) if bf16 else '-'}{bf16_err} | {bf16_ratio} |")
     notes = dict.fromkeys(f"{r['variant']}: {r['skipped']}" for r in peers if "skipped" in r)
     failed = [f"{r['model']} B={r['batch']} {r['variant']}: {r['check']}" for r in peers
               if "check" in r and not r["check"]["passed"]]

@@ -6,6 +6,7 @@ and plots.
     python benchmarks/run.py --only layers --layers vit_fc2 --sparsities 0.9 --batches 1 256
     python benchmarks/run.py --publish            # ... and update benchmarks/RESULTS.md and benchmarks/img/
     python benchmarks/run.py --only models --peers  # ... with ONNX Runtime and OpenVINO (pip install -e '.[peers]')
+    python benchmarks/run.py --only models --peers --bf16-values  # ... and the model lowered with bf16 values
 
 Writes layers.json, models.json, training.json, decoder.json (rows with machine, versions, threads and this command), report.md
 and PNG plots into --out. Exits with status 1 if any variant failed its correctness check.
@@ -46,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", help="model names (default: all of the mode's)")
     parser.add_argument("--model-inputs", nargs="+", metavar="BxRES",
                         help="batch x resolution pairs (default 1x224 64x224; 64x112 saves ~8 min)")
+    parser.add_argument("--bf16-values", action="store_true",
+                        help="models: also lower with bfloat16 condensed values and time it (lowered_bf16)")
     parser.add_argument("--peers", action="store_true",
                         help="models: also time ONNX Runtime and OpenVINO (the [peers] extra) on the dense and masked "
                              "models")
@@ -76,7 +79,7 @@ def run_part(part: str, args: argparse.Namespace, config: TimerConfig) -> list[d
 
         inputs = [tuple(int(v) for v in pair.lower().split("x")) for pair in args.model_inputs or []]
         return run_models(pick(QUICK_MODELS if args.quick else MODELS, args.models, "models"), config, inputs,
-                          peers=args.peers)
+                          peers=args.peers, bf16_values=args.bf16_values)
     if part == "decoder":
         from decoder import DECODERS, QUICK_DECODERS, run_decoders
 
