@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_quick_mode(tmp_path):
     """One test, so that pytest-xdist runs the ~25 s quick mode once, not once per worker."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(tmp_path)],
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--bf16-values", "--out",
+                             str(tmp_path)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     check_outputs(tmp_path)
@@ -64,6 +65,11 @@ def check_model_rows(folder):
         assert e["layers"] and e["sgemm_peak_gflops"] > 0 and e["forward_ms"] > 0
         assert all(0 < layer["ms"] < e["forward_ms"] and layer["gflops"] > 0 for layer in e["layers"])
         assert len({layer["layer"] for layer in e["layers"]}) == len(e["layers"]) and e["useful_gflop"] > 0
+    # --bf16-values: the same masked models lowered with bfloat16 values, checked within bf16's tolerance and timed
+    bf16 = [r for r in rows if r["variant"] == "lowered_bf16"]
+    assert [(r["model"], r["batch"]) for r in bf16] == [(r["model"], r["batch"]) for r in lowered]
+    assert all(r["check"]["passed"] and 0 < r["check"]["max_rel_err_vs_masked"] < r["check"]["tolerance_rel"]
+               and r["time_us"]["median"] > 0 for r in bf16)
     # dense is also timed in its own processes, under each other thread setting; the best of all is the baseline
     variants = {r["variant"] for r in rows}
     assert {"dense@default_omp", "dense@gomp_spin_20k"} <= variants

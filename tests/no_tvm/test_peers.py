@@ -48,6 +48,22 @@ def test_a_runtime_not_installed_is_a_note_not_an_error(monkeypatch, tmp_path):
     assert [r["variant"] for r in rows] == [p.variant for p in peers.PEERS]
     assert all("not installed: pip install" in r["skipped"] and "time_us" not in r for r in rows)
     assert peers.fastest_dense_f32(rows) is None
+    assert peers.fastest_dense_reduced(rows) is None
+
+
+def test_fastest_dense_reduced_takes_only_timed_dense_rows_in_a_reduced_precision():
+    def row(variant, precision, ms, passed=True):
+        peer = peers.VARIANTS[variant]
+        return {"variant": variant, "peer": {"runtime": peer.runtime, "source": peer.source, "precision": precision},
+                **({"time_us": {"median": ms * 1e3}} if passed else {})}
+
+    rows = [row("openvino_f32_dense", "f32", 1.0), row("openvino_default_masked", "bf16", 2.0),
+            row("onnxruntime_dense", "f32", 0.5), row("openvino_default_dense", "bf16", 7.0)]
+    assert peers.fastest_dense_reduced(rows) == ("openvino_default_dense", 7000.0)
+    assert peers.fastest_dense_reduced(rows[:3]) is None  # f32 and the masked model's rows never count
+    # a default precision that compiled to f32 (a CPU without bf16) is no reduced precision; a failed check no time
+    assert peers.fastest_dense_reduced(rows[:3] + [row("openvino_default_dense", "f32", 7.0)]) is None
+    assert peers.fastest_dense_reduced(rows[:3] + [row("openvino_default_dense", "bf16", 7.0, False)]) is None
 
 
 def test_peers_match_torch_and_record_their_settings(models, tmp_path):
