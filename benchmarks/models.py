@@ -211,8 +211,9 @@ def run_input(spec: ModelSpec, models: dict, batch: int, resolution: int, config
 
 def peer_model_rows(models: dict, rows: list[dict], sources: dict, x: torch.Tensor, base: dict,
                     config: TimerConfig, folder: Path) -> list[dict]:
-    """ONNX Runtime and OpenVINO on the dense and the masked model (``peers.peer_rows``), and the lowered model's
-    ratio to the fastest dense f32 runtime of all."""
+    """ONNX Runtime and OpenVINO on the dense and the masked model (``peers.peer_rows``), the lowered model's ratio
+    to the fastest dense f32 runtime of all, and (with bf16 values) ``lowered_bf16``'s to the fastest dense runtime
+    in a reduced precision."""
     from peers import fastest_dense_f32, fastest_dense_reduced, peer_rows
 
     with torch.no_grad():
