@@ -204,7 +204,7 @@ def peer_table(rows: list[dict]) -> list[str]:
                       if "speedup_vs_fastest_dense_reduced" in bf16 else "-")
         lines.append(f"| {model} | {batch} | {best_cell} | {ms(low)} | {pair(v, 'onnxruntime')} | "
                      f"{pair(v, 'openvino_f32')} | {pair(v, 'openvino_default')} ({default}) | {fastest_cell} | {ratio} | "
-                     f"{err} | {ms(bf16) if bf16 else '-'}{bf16_err} | {bf16_ratio} |")
+                     f"{err} | {ms(bf16)}{bf16_err} | {bf16_ratio} |")
     notes = dict.fromkeys(f"{r['variant']}: {r['skipped']}" for r in peers if "skipped" in r)
     failed = [f"{r['model']} B={r['batch']} {r['variant']}: {r['check']}" for r in peers
               if "check" in r and not r["check"]["passed"]]
