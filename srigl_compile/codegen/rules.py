@@ -255,7 +255,7 @@ class OffsetRule:
         sch = import_tvm().s_tir.Schedule(func)
         acc = sch.get_sblock("acc")
         image, tile, block, rows, lanes, red_outer, red_inner = sch.get_loops(acc)
-        if params.share > 1:
+        if params.share > 1 and int(func.params[-1].shape[1]) % block_rows == 0:
             return _row_stationary(sch, acc, (image, tile, block), rows, lanes, red_outer, red_inner, params.rin)
         work = _broadcast_fma_nest(sch, (image, tile, block), red_outer, rows, red_inner, lanes, params.rin)
         out = sch.get_sblock("y")
@@ -273,7 +273,9 @@ def _row_stationary(sch, acc, tasks: tuple, rows, lanes, red_outer, red_inner, r
     reloaded per k-tile, which costs most where k is small. For shared offsets (one input vector per ``rin``
     rows: FMA-bound, not load-bound) this order measured 1.07-1.46x on the Xeon, 2 threads, kernel alone, ResNet-50
     shapes (256x64 k61 56x56 453 -> 311 us, 64x64 k64 99 -> 82, 64x256 k245 423 -> 395, 256x64 k61 14x14 33 ->
-    28). Rows with their own offsets are load-bound, and there it measured 0.75-0.9x: they keep the other nest."""
+    28). Rows with their own offsets are load-bound, and there it measured 0.75-0.9x: they keep the other nest, as
+    do layers whose last row block is ragged (TVM then keeps the write-back after all groups, and with it the
+    task's whole [rows, lanes] accumulator)."""
     row_outer, row_inner = sch.split(rows, [None, rin])
     sch.reorder(*tasks, row_outer, red_outer, red_inner, row_inner, lanes)
     work = sch.fuse(*tasks)

@@ -39,7 +39,9 @@ def test_sharing_is_chosen_for_near_dense_layers_only():
 
 @pytest.mark.tvm
 @pytest.mark.parametrize("conv, spatial", [(nn.Conv2d(64, 70, 1), (9, 9)), (nn.Conv2d(24, 40, 3, padding=1), (8, 7)),
-                                           (nn.Conv2d(16, 36, 3, padding=2, dilation=2, bias=False), (11, 10))])
+                                           (nn.Conv2d(16, 36, 3, padding=2, dilation=2, bias=False), (11, 10)),
+                                           (nn.Conv2d(32, 64, 1), (9, 9)),  # whole row blocks: row-stationary
+                                           (nn.Conv2d(16, 32, 3, padding=1, bias=False), (8, 7))])
 def test_near_dense_convolutions_share_offsets_and_equal_masked(conv, spatial, tmp_path):
     torch.manual_seed(0)
     masked = sparsify(nn.Sequential(conv, nn.ReLU()), SRigLConfig(sparsity=0.05, distribution="uniform")).eval()
@@ -54,3 +56,24 @@ def test_near_dense_convolutions_share_offsets_and_equal_masked(conv, spatial, t
     save_lowered(lowered, tmp_path / "model")
     with torch.no_grad():
         assert torch.equal(load_lowered(tmp_path / "model")(x), lowered(x))
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("share, n_out", [(1, 64), (SHARE, 64), (SHARE, 40)])
+def test_shared_rows_keep_their_accumulators_in_registers_over_the_whole_k(share, n_out):
+    """Rows sharing offsets run group by group over all of k with a local (register) accumulator and write their
+    rows back per group; rows with their own offsets, and a ragged last row block, keep the task's k-tile-outer
+    nest and its workspace."""
+    from srigl_compile.codegen.kernels import offset_kernel
+    from srigl_compile.codegen.rules import ColParams, OffsetRule
+
+    params = ColParams(rows=32, kin=8, rin=SHARE if share > 1 else 2, lanes=64, share=share)
+    sch = OffsetRule().apply(offset_kernel(n_out, 64, 64, True, "k", 32, 8, "relu", share=share),
+                             {"kind": "llvm"}, params)
+    script = sch.mod.script()
+    loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock("y"))]
+    if share > 1 and n_out % 32 == 0:
+        assert 'scope="local"' in script
+        assert [int(loop.extent) for loop in loops[1:]] == [32 // SHARE, SHARE, 64]  # row group, its rows, lanes
+    else:
+        assert 'scope="local"' not in script and [int(loop.extent) for loop in loops[1:]] == [32, 64]
