@@ -2,9 +2,10 @@
 fp32 peak (torch's sgemm at the same threads): what the model benchmark reports per model and batch, and what
 ``profile_model.py --layers`` prints.
 
-A layer's time is its call (padding and crop copies included) timed by forward hooks over ``forwards`` forwards,
-median per layer; its useful work is 2 x active neurons x k x output positions (rows of x for a Linear), the
-multiply-adds its non-zeros do, not the dense layer's.
+A layer's time is its calls (padding and crop copies included) timed by forward hooks over ``forwards`` forwards:
+the median call times the calls a forward makes (a stack run in batch chunks, ``nn.batch_chunks``, calls each
+layer once per chunk); its useful work is 2 x active neurons x k x output positions (rows of x for a Linear) summed
+over a forward's calls, the multiply-adds its non-zeros do, not the dense layer's.
 
 Example:
     >>> table = layer_efficiency(lowered, x, forwards=5)                 # doctest: +SKIP
@@ -49,11 +50,11 @@ def useful_flops(layer, out: torch.Tensor) -> float:
 
 def layer_efficiency(lowered: torch.nn.Module, x: torch.Tensor, forwards: int = 5) -> dict:
     """{"forward_ms", "layers_ms", "useful_gflop", "gflops", "sgemm_peak_gflops", "layers": [per lowered layer:
-    layer, kind, n_active, k, kernel, ms, gflops, of_peak]} (module docstring); the model is warmed up (its dense-
-    form trials settled) by the caller."""
+    layer, kind, n_active, k, kernel, calls (a forward's), ms (a forward's), gflops, of_peak]} (module docstring);
+    the model is warmed up (its dense-form trials settled) by the caller."""
     layers = {name: m for name, m in lowered.named_modules() if isinstance(m, (LoweredConv, LoweredLinear))}
     seconds: dict[str, list[float]] = {name: [] for name in layers}
-    flops: dict[str, float] = {}
+    flops: dict[str, float] = dict.fromkeys(layers, 0.0)  # summed over every call of the timed forwards
     started: dict[str, float] = {}
 
     def before(name):
@@ -62,7 +63,7 @@ def layer_efficiency(lowered: torch.nn.Module, x: torch.Tensor, forwards: int = 
     def after(name):
         def hook(module, inputs, out):
             seconds[name].append(time.perf_counter() - started[name])
-            flops[name] = useful_flops(module, out)
+            flops[name] += useful_flops(module, out)
         return hook
 
     hooks = [h for name, m in layers.items()
@@ -78,11 +79,13 @@ def layer_efficiency(lowered: torch.nn.Module, x: torch.Tensor, forwards: int = 
     for name, layer in layers.items():
         if not seconds[name]:  # (a layer the forward never called)
             continue
-        median = statistics.median(seconds[name])
+        calls = len(seconds[name]) / forwards
+        per_forward = statistics.median(seconds[name]) * calls
+        work = flops[name] / forwards
         rows.append({"layer": name, "kind": type(layer).__name__, "n_active": layer.n_active, "k": layer.k,
-                     "kernel": layer.kernel_key.split("@")[0], "ms": median * 1e3,
-                     "gflops": flops[name] / median / 1e9, "of_peak": flops[name] / median / 1e9 / peak})
+                     "kernel": layer.kernel_key.split("@")[0], "calls": calls, "ms": per_forward * 1e3,
+                     "gflops": work / per_forward / 1e9, "of_peak": work / per_forward / 1e9 / peak})
     in_layers = sum(r["ms"] for r in rows)
-    useful = sum(flops[r["layer"]] for r in rows) / 1e9
+    useful = sum(flops[r["layer"]] for r in rows) / forwards / 1e9
     return {"forward_ms": statistics.median(total) * 1e3, "layers_ms": in_layers, "useful_gflop": useful,
             "gflops": useful / in_layers * 1e3 if in_layers else 0.0, "sgemm_peak_gflops": peak, "layers": rows}

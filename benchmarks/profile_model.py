@@ -8,10 +8,10 @@ Default: profiles ``--forwards`` forwards and prints the aten operators by self 
 TVM kernels themselves are not aten operators and do not appear: what is listed is the glue around them (padding,
 cropping and phase-split copies, activations, residual adds, pooling).
 
-``--layers``: times each lowered layer's call (its padding and crop included) over ``--forwards`` forwards and
-prints its useful GFLOP/s (2 x active neurons x k x output positions, the multiply-adds the kernel must do) against
-the machine's measured fp32 peak: torch's sgemm (oneDNN / MKL) on 2048^3 at the same threads, the most a dense
-kernel reaches here.
+``--layers``: times each lowered layer's calls (its padding and crop included; one per batch chunk) over
+``--forwards`` forwards and prints its time a forward and its useful GFLOP/s (2 x active neurons x k x output
+positions, the multiply-adds the kernel must do) against the machine's measured fp32 peak: torch's sgemm (oneDNN /
+MKL) on 2048^3 at the same threads, the most a dense kernel reaches here.
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ def layer_table(lowered: torch.nn.Module, x: torch.Tensor, args) -> None:
           f"{len(table['layers'])} lowered layers ({table['useful_gflop']:.2f} useful GFLOP: {table['gflops']:.1f} "
           f"GFLOP/s); sgemm peak {table['sgemm_peak_gflops']:.0f} GFLOP/s at {torch.get_num_threads()} threads")
     for row in sorted(table["layers"], key=lambda r: -r["ms"])[: args.top]:
-        print(f"  {row['layer']:24s} {row['kernel']:36s} {row['ms']:7.3f} ms {row['gflops']:7.1f} GFLOP/s "
-              f"{100 * row['of_peak']:5.1f}% of peak")
+        print(f"  {row['layer']:24s} {row['kernel']:36s} {row['ms']:7.3f} ms in {row['calls']:3.0f} calls "
+              f"{row['gflops']:7.1f} GFLOP/s {100 * row['of_peak']:5.1f}% of peak")
     if args.json:
         args.json.write_text(json.dumps({"command": " ".join(sys.argv), "environment": environment(), **table},
                                         indent=1))

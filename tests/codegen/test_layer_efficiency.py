@@ -1,0 +1,38 @@
+"""The model benchmark's per-layer efficiency table (benchmarks/layer_efficiency.py) counts a forward's work and
+time whether the forward calls a layer once or once per batch chunk (``nn.batch_chunks``)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from layer_efficiency import layer_efficiency
+
+from srigl_compile import SRigLConfig, lower, sparsify
+from srigl_compile.zoo import ResNet
+
+pytestmark = pytest.mark.tvm
+
+
+def test_chunked_layers_count_every_call_of_a_forward():
+    torch.manual_seed(0)
+    model = ResNet(num_classes=10, blocks=(1, 1), width=8).eval()
+    x = torch.randn(6, 3, 32, 32)
+    lowered = lower(sparsify(model, SRigLConfig(sparsity=0.8, distribution="uniform"), example_inputs=(x,)),
+                    progress=False)
+    with torch.no_grad():
+        lowered(x)
+    whole = layer_efficiency(lowered, x, forwards=2)
+    lowered.layers.chunk_sizes[lowered.layers.seen] = 2  # three chunks of two images
+    chunked = layer_efficiency(lowered, x, forwards=2)
+    in_stack = {name for name, _ in lowered.layers.named_modules(prefix="layers")}
+    calls = {row["layer"]: row["calls"] for row in chunked["layers"]}
+    assert {calls[name] for name in calls if name in in_stack} == {3} and calls["conv1"] == 1
+    assert {row["calls"] for row in whole["layers"]} == {1}
+    assert chunked["useful_gflop"] == pytest.approx(whole["useful_gflop"], rel=1e-12)
+    for table in (whole, chunked):
+        assert 0 < table["layers_ms"] < table["forward_ms"]
+        assert table["gflops"] == pytest.approx(table["useful_gflop"] / table["layers_ms"] * 1e3)
