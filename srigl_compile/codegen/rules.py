@@ -272,12 +272,11 @@ def _row_stationary(sch, acc, tasks: tuple, rows, lanes, red_outer, red_inner, r
     The k-tile-outer nest keeps a task's [rows, lanes] accumulators in a heap workspace, allocated, zeroed and
     reloaded per k-tile, which costs most where k is small. For shared offsets (one input vector per ``rin``
     rows: FMA-bound, not load-bound) this order measured on the Xeon, 2 threads, kernel alone, ResNet-50 shapes
-    (``benchmarks/micro/offset_nests.py``, three runs): 256x64 k61 56x56 1.42-1.46x (457 -> 320 us), 64x64 k64
-    1.21x, 256x64 k61 14x14 0.96-1.20x, 64x256 k245 0.96-1.07x; inside ResNet-50 at batch 1 those seven layers
-    4.23 -> 3.33 ms. Rows with their own offsets are load-bound, and there it measured 0.79-0.91x: they keep the
-    other nest, as
-    do layers whose last row block is ragged (TVM then keeps the write-back after all groups, and with it the
-    task's whole [rows, lanes] accumulator)."""
+    (``benchmarks/micro/offset_nests.py`` and a first script, three runs; k padded to 8): 256x64 k64 56x56
+    1.42-1.46x (457 -> 320 us), 64x64 k64 1.21x, 256x64 k64 14x14 0.96-1.20x, 64x256 k248 0.96-1.07x; inside
+    ResNet-50 at batch 1 those seven layers 4.23 -> 3.33 ms. Rows with their own offsets are load-bound, and there
+    it measured 0.79-0.91x: they keep the other nest, as do layers whose last row block is ragged (TVM then keeps
+    the write-back after all groups, and with it the task's whole [rows, lanes] accumulator)."""
     row_outer, row_inner = sch.split(rows, [None, rin])
     sch.reorder(*tasks, row_outer, red_outer, red_inner, row_inner, lanes)
     work = sch.fuse(*tasks)
