@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from srigl_compile.codegen._tvm_compat import import_tvm  # noqa: E402
 from srigl_compile.codegen.cpu_target import check_llvm_target  # noqa: E402
 from srigl_compile.codegen.kernels import offset_kernel  # noqa: E402
-from srigl_compile.codegen.rules import _broadcast_fma_nest, _row_stationary  # noqa: E402
+from srigl_compile.codegen.rules import _k_tile_outer, _row_stationary  # noqa: E402
 from srigl_compile.runtime.conv_geometry import aligned_plane, column_offsets, direct_plan, planar_plan  # noqa: E402
 from srigl_compile.runtime.spec import block_rows  # noqa: E402
 
@@ -34,17 +34,12 @@ SHAPES = [(256, 64, 64, 1, 56, 64, 4), (64, 64, 64, 1, 56, 64, 4), (64, 256, 248
 
 
 def nest(func, row_stationary: bool, rin: int):
-    tvm = import_tvm()
-    sch = tvm.s_tir.Schedule(func)
+    """The offset kernel ``func`` scheduled with one of the rule's two nests (whatever the rule would choose)."""
+    sch = import_tvm().s_tir.Schedule(func)
     acc = sch.get_sblock("acc")
     image, tile, block, rows, lanes, red_outer, red_inner = sch.get_loops(acc)
-    if row_stationary:
-        return _row_stationary(sch, acc, (image, tile, block), rows, lanes, red_outer, red_inner, rin).mod["main"]
-    work = _broadcast_fma_nest(sch, (image, tile, block), red_outer, rows, red_inner, lanes, rin)
-    sch.reverse_compute_at(sch.get_sblock("y"), work)
-    sch.vectorize(sch.get_loops(sch.get_sblock("y"))[-1])
-    sch.decompose_reduction(acc, red_outer)
-    return sch.mod["main"]
+    schedule = _row_stationary if row_stationary else _k_tile_outer
+    return schedule(sch, acc, (image, tile, block), rows, lanes, red_outer, red_inner, rin).mod["main"]
 
 
 def run(shape, rounds: int, target) -> None:

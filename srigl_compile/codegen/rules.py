@@ -255,14 +255,20 @@ class OffsetRule:
         sch = import_tvm().s_tir.Schedule(func)
         acc = sch.get_sblock("acc")
         image, tile, block, rows, lanes, red_outer, red_inner = sch.get_loops(acc)
-        if params.share > 1 and int(func.params[-1].shape[1]) % block_rows == 0:
-            return _row_stationary(sch, acc, (image, tile, block), rows, lanes, red_outer, red_inner, params.rin)
-        work = _broadcast_fma_nest(sch, (image, tile, block), red_outer, rows, red_inner, lanes, params.rin)
-        out = sch.get_sblock("y")
-        sch.reverse_compute_at(out, work)
-        sch.vectorize(sch.get_loops(out)[-1])
-        sch.decompose_reduction(acc, red_outer)
-        return sch
+        nest = _row_stationary if params.share > 1 and int(func.params[-1].shape[1]) % block_rows == 0 \
+            else _k_tile_outer
+        return nest(sch, acc, (image, tile, block), rows, lanes, red_outer, red_inner, params.rin)
+
+
+def _k_tile_outer(sch, acc, tasks: tuple, rows, lanes, red_outer, red_inner, rin: int):
+    """The offset kernel as the col rule's nest: inside a task, k-tiles outermost over all its rows (their
+    accumulators in a workspace), then the write-back of the task's rows."""
+    work = _broadcast_fma_nest(sch, tasks, red_outer, rows, red_inner, lanes, rin)
+    out = sch.get_sblock("y")
+    sch.reverse_compute_at(out, work)
+    sch.vectorize(sch.get_loops(out)[-1])
+    sch.decompose_reduction(acc, red_outer)
+    return sch
 
 
 def _row_stationary(sch, acc, tasks: tuple, rows, lanes, red_outer, red_inner, rin: int):

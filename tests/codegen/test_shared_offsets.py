@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from srigl_compile import SRigLConfig, load_lowered, lower, save_lowered, sparsify
-from srigl_compile.codegen.rules import SHARE, offset_share
+from srigl_compile.codegen.kernels import offset_kernel
+from srigl_compile.codegen.rules import SHARE, ColParams, OffsetRule, offset_share
 from srigl_compile.runtime.registry import get_handle
 from srigl_compile.runtime.spec import shared_columns
 
@@ -64,9 +65,6 @@ def test_shared_rows_keep_their_accumulators_in_registers_over_the_whole_k(share
     """Rows sharing offsets run group by group over all of k with a local (register) accumulator and write their
     rows back per group; rows with their own offsets, and a ragged last row block, keep the task's k-tile-outer
     nest and its workspace."""
-    from srigl_compile.codegen.kernels import offset_kernel
-    from srigl_compile.codegen.rules import ColParams, OffsetRule
-
     params = ColParams(rows=32, kin=8, rin=SHARE if share > 1 else 2, lanes=64, share=share)
     sch = OffsetRule().apply(offset_kernel(n_out, 64, 64, True, "k", 32, 8, "relu", share=share),
                              {"kind": "llvm"}, params)
