@@ -255,8 +255,8 @@ class OffsetRule:
         sch = import_tvm().s_tir.Schedule(func)
         acc = sch.get_sblock("acc")
         image, tile, block, rows, lanes, red_outer, red_inner = sch.get_loops(acc)
-        nest = _row_stationary if params.share > 1 and int(func.params[-1].shape[1]) % block_rows == 0 \
-            else _k_tile_outer
+        n_out = int(func.params[-1].shape[1])  # (y [B, n_out, NT, lanes])
+        nest = _row_stationary if params.share > 1 and n_out % block_rows == 0 else _k_tile_outer
         return nest(sch, acc, (image, tile, block), rows, lanes, red_outer, red_inner, params.rin)
 
 
