@@ -143,7 +143,8 @@ def efficiency_table(rows: list[dict]) -> list[str]:
     peaks = sorted({f"{r['kernel_efficiency']['sgemm_peak_gflops']:.0f}" for r in timed})
     lines = [f"Kernel efficiency (`benchmarks/layer_efficiency.py`): each lowered layer's calls timed inside the "
              f"forward (hooks; its padding and crop included; one call per batch chunk, summed), useful GFLOP = "
-             f"2 x active neurons x k x output positions, against torch's sgemm peak at the same threads ({' / '.join(peaks)} GFLOP/s).", "",
+             f"2 x active neurons x k x output positions, against torch's sgemm peak at the same threads "
+             f"({' / '.join(peaks)} GFLOP/s).", "",
              "| model | batch | forward ms | in lowered layers ms | useful GFLOP | GFLOP/s | of peak | slowest layers "
              "(ms, of peak) |", "|" + "---|" * 8]
     for r in timed:
