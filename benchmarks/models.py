@@ -56,7 +56,7 @@ from common import TimerConfig, measure
 from layer_efficiency import layer_efficiency
 from peers import REDUCED_MAX_REL_ERR
 
-from srigl_compile import SRigLConfig, lower, sparse_layers, sparsify
+from srigl_compile import SRigLConfig, cpu_graph, lower, sparse_layers, sparsify
 from srigl_compile.codegen.backends.llvm import LlvmConfig
 from srigl_compile.nn.condensed_attention import CondensedMultiheadAttention
 from srigl_compile.nn.settle import settle
@@ -67,7 +67,8 @@ SPARSITY = 0.9
 MAX_REL_ERR = 1e-3  # lowered vs masked, relative to the largest output: float32 sums in another order
 # the lowered variants and their tolerance against the masked model: bf16 values keep 8 bits of mantissa, as the
 # peers' reduced precisions do, and get their tolerance (measured 5e-3 on ResNet-50 and ViT-B/16)
-LOWERED = {"lowered": MAX_REL_ERR, "lowered_bf16": REDUCED_MAX_REL_ERR}
+# lowered_graph: the lowered model under cpu_graph (its forward recorded, then replayed without Python)
+LOWERED = {"lowered": MAX_REL_ERR, "lowered_graph": MAX_REL_ERR, "lowered_bf16": REDUCED_MAX_REL_ERR}
 # Environments the dense models are also timed under, each in a fresh process (libgomp reads them at start):
 # its default (threads spin ~300k times before sleeping) and short spins.
 DENSE_THREAD_SETTINGS = {"default_omp": {}, "gomp_spin_20k": {"GOMP_SPINCOUNT": "20000"}}
@@ -149,7 +150,8 @@ def build(spec: ModelSpec, resolution: int, bf16_values: bool = False) -> dict[s
     example = (torch.randn(2, 3, resolution, resolution),)
     config = SRigLConfig(sparsity=SPARSITY, distribution=spec.distribution)
     masked = sparsify(models["dense"], config, example_inputs=example).eval()
-    models.update(masked=masked, lowered=lower(masked, example_inputs=example, progress=False))
+    lowered = lower(masked, example_inputs=example, progress=False)
+    models.update(masked=masked, lowered=lowered, lowered_graph=cpu_graph(lowered))
     if bf16_values:
         models["lowered_bf16"] = lower(masked, LlvmConfig(value_dtype=torch.bfloat16, progress=False),
                                        example_inputs=example)
@@ -221,7 +223,8 @@ def peer_model_rows(models: dict, rows: list[dict], sources: dict, x: torch.Tens
     dense_us = next(r["time_us"]["median"] for r in rows if r["variant"] == "dense" and "time_us" in r)
     new = peer_rows(sources, x, expected, base, config, folder, dense_us=dense_us)
     timed = {r["variant"]: r for r in rows if r["variant"] in LOWERED and "time_us" in r}
-    for variant, fastest, name in (("lowered", fastest_dense_f32(rows + new), "f32"),
+    fastest_f32 = fastest_dense_f32(rows + new)
+    for variant, fastest, name in (("lowered", fastest_f32, "f32"), ("lowered_graph", fastest_f32, "f32"),
                                    ("lowered_bf16", fastest_dense_reduced(new), "reduced")):
         if variant in timed and fastest is not None:
             timed[variant][f"fastest_dense_{name}"] = {"variant": fastest[0], "median_us": fastest[1]}
@@ -241,8 +244,7 @@ def best_dense_rows(spec: ModelSpec, rows: list[dict], base: dict, batch: int, r
             extra.append({**base, "variant": f"{variant}@{setting}", "time_us": time_us})
             timed[(variant, setting)] = time_us["median"]
     (variant, setting), best = min(timed.items(), key=lambda item: item[1])
-    lowered = next((r for r in rows if r["variant"] == "lowered" and "time_us" in r), None)
-    if lowered is not None:
+    for lowered in (r for r in rows if r["variant"] in ("lowered", "lowered_graph") and "time_us" in r):
         lowered["best_dense"] = {"variant": variant, "setting": setting, "median_us": best}
         lowered["speedup_vs_best_dense"] = best / lowered["time_us"]["median"]
     return extra

@@ -117,8 +117,9 @@ def checks_summary(rows: list[dict]) -> list[str]:
 
 def model_table(rows: list[dict]) -> list[str]:
     lines = ["| model | batch | input | dense ms | dense, BN folded ms | masked ms | lowered ms | lowered vs dense | "
-             "vs dense, BN folded | best dense ms (model @ threads) | lowered vs best dense | sparse layers' share "
-             "before (dense) | after (lowered) | lowered vs masked (rel. err) |", "|" + "---|" * 14]
+             "vs dense, BN folded | best dense ms (model @ threads) | lowered vs best dense | lowered, cpu_graph ms | "
+             "it vs best dense | sparse layers' share before (dense) | after (lowered) | lowered vs masked (rel. "
+             "err) |", "|" + "---|" * 16]
     for (model, batch, res), v in group(rows, ("model", "batch", "resolution")).items():
         ms = {name: (f"{r['time_us']['median'] / 1e3:.1f}" if "time_us" in r else "FAIL") for name, r in v.items()}
         low = v.get("lowered", {})
@@ -127,10 +128,13 @@ def model_table(rows: list[dict]) -> list[str]:
         err = low.get("check", {}).get("max_rel_err_vs_masked", float("nan"))
         best = low.get("best_dense")
         best_cell = f"{best['median_us'] / 1e3:.1f} ({best['variant']} @ {best['setting']})" if best else "-"
+        graph = v.get("lowered_graph", {})
+        graph_ratio = f"{graph['speedup_vs_best_dense']:.2f}x" if "speedup_vs_best_dense" in graph else "-"
         lines.append(f"| {model} | {batch} | {res}x{res} | {ms.get('dense')} | {ms.get('dense_folded', '-')} | "
                      f"{ms.get('masked')} | {ms.get('lowered')} | {ratio('speedup_vs_dense')} | "
                      f"{ratio('speedup_vs_dense_folded')} | {best_cell} | {ratio('speedup_vs_best_dense')} | "
-                     f"{share(v.get('dense'))} | {share(low)} | {err:.1e} |")
+                     f"{ms.get('lowered_graph', '-')} | {graph_ratio} | {share(v.get('dense'))} | {share(low)} | "
+                     f"{err:.1e} |")
     return lines + [""]
 
 
@@ -175,9 +179,9 @@ def peer_table(rows: list[dict]) -> list[str]:
              "Errors: largest |peer - torch| over torch's largest output.")
     header = ("| model | batch | torch dense ms (best setting) | lowered ms | ONNX Runtime dense / masked ms | "
               "OpenVINO f32 dense / masked ms | OpenVINO default dense / masked ms (precision) | fastest dense f32 "
-              "runtime ms | lowered vs it | rel. err f32 / default | lowered, bf16 values ms (rel. err) | it vs "
-              "the fastest dense runtime in reduced precision |")
-    lines = [intro, "", header, "|" + "---|" * 12]
+              "runtime ms | lowered vs it | lowered, cpu_graph ms | it vs the fastest f32 | rel. err f32 / default | "
+              "lowered, bf16 values ms (rel. err) | it vs the fastest dense runtime in reduced precision |")
+    lines = [intro, "", header, "|" + "---|" * 14]
 
     def ms(row: dict | None) -> str:
         return f"{row['time_us']['median'] / 1e3:.1f}" if row and "time_us" in row else "-"
@@ -194,6 +198,9 @@ def peer_table(rows: list[dict]) -> list[str]:
         fastest = low.get("fastest_dense_f32")
         fastest_cell = f"{fastest['median_us'] / 1e3:.1f} ({fastest['variant']})" if fastest else "-"
         ratio = f"{low['speedup_vs_fastest_dense_f32']:.2f}x" if "speedup_vs_fastest_dense_f32" in low else "-"
+        graph = v.get("lowered_graph", {})
+        graph_ratio = (f"{graph['speedup_vs_fastest_dense_f32']:.2f}x" if "speedup_vs_fastest_dense_f32" in graph
+                       else "-")
         default = v.get("openvino_default_dense", {}).get("peer", {}).get("precision", "-")
         errors = {kind: max((r["check"]["max_rel_err"] for n, r in v.items() if n.startswith(PEER_PREFIXES)
                              and "check" in r and (r["peer"]["precision"] == "f32") == (kind == "f32")),
@@ -205,7 +212,7 @@ def peer_table(rows: list[dict]) -> list[str]:
                       if "speedup_vs_fastest_dense_reduced" in bf16 else "-")
         lines.append(f"| {model} | {batch} | {best_cell} | {ms(low)} | {pair(v, 'onnxruntime')} | "
                      f"{pair(v, 'openvino_f32')} | {pair(v, 'openvino_default')} ({default}) | {fastest_cell} | {ratio} | "
-                     f"{err} | {ms(bf16)}{bf16_err} | {bf16_ratio} |")
+                     f"{ms(graph or None)} | {graph_ratio} | {err} | {ms(bf16)}{bf16_err} | {bf16_ratio} |")
     notes = dict.fromkeys(f"{r['variant']}: {r['skipped']}" for r in peers if "skipped" in r)
     failed = [f"{r['model']} B={r['batch']} {r['variant']}: {r['check']}" for r in peers
               if "check" in r and not r["check"]["passed"]]

@@ -10,6 +10,7 @@ Public API (``import srigl_compile`` never imports TVM nor touches CUDA):
     condense(model)                          -> sparse layers as values/indices [n_active, k], ablated removed
     fold_batchnorm(model)                    -> eval BatchNorms folded into the Linear/Conv before them
     lower(model, target="llvm")              -> condensed layers running TVM-compiled kernels
+    cpu_graph(model)                         -> the model's forward recorded per input signature, then replayed
     release_scratch()                        frees this thread's reused kernel buffers (after a huge batch)
 """
 
@@ -23,11 +24,13 @@ from .errors import (
     InvariantError,
     LayerError,
     LoweringError,
+    ReplayError,
     SRigLError,
     TraceError,
     TrainingError,
     UnsupportedTargetError,
 )
+from .nn.cpu_graph import cpu_graph
 from .passes.condense import condense
 from .passes.fold_batchnorm import fold_batchnorm
 from .passes.lower import lower
@@ -50,6 +53,7 @@ __all__ = [
     "condense",
     "fold_batchnorm",
     "lower",
+    "cpu_graph",
     "save_lowered",
     "load_lowered",
     "release_scratch",
@@ -64,4 +68,5 @@ __all__ = [
     "LoweringError",
     "InferenceOnlyError",
     "DeviceError",
+    "ReplayError",
 ]

@@ -16,6 +16,7 @@ __all__ = [
     "UnsupportedTargetError",
     "LoweringError",
     "DeviceError",
+    "ReplayError",
 ]
 
 
@@ -61,3 +62,7 @@ class InferenceOnlyError(LoweringError):
 
 class DeviceError(SRigLError, RuntimeError):
     """A tensor or model is on a device the compiled kernel cannot run on (e.g. target='cuda' without a GPU)."""
+
+
+class ReplayError(SRigLError, RuntimeError):
+    """A forward cannot be recorded as a CPU graph (the message names the op or input at fault and what to do)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..errors import LoweringError
 
-__all__ = ["register_handle", "get_handle", "get_registered"]
+__all__ = ["register_handle", "get_handle", "get_registered", "registered_handles"]
 
 _HANDLES: dict = {}  # key -> handle (runtime.handle.KernelHandle)
 
@@ -34,3 +34,8 @@ def get_handle(key: str):
         raise LoweringError(f"compiled kernel {key!r} is not loaded in this process. A lowered model travels with "
                             "srigl_compile.save_lowered(model, path) and load_lowered(path), which carry its kernels "
                             "(torch.save alone does not); or lower the model again here") from None
+
+
+def registered_handles() -> list:
+    """Every handle registered in this process."""
+    return list(_HANDLES.values())

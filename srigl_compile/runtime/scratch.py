@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import threading
@@ -29,8 +30,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
-__all__ = ["scratch", "result", "release_scratch", "scratch_bytes", "pad_images", "MMAPPED_BYTES",
-           "RECYCLE_FROM_BYTES", "RECYCLED_PER_SIZE"]
+__all__ = ["scratch", "result", "release_scratch", "scratch_bytes", "pad_images", "held_by_recording",
+           "MMAPPED_BYTES", "RECYCLE_FROM_BYTES", "RECYCLED_PER_SIZE"]
 
 _LOCAL = threading.local()  # .buffers: {(slot, dtype): 1-D tensor}; .results: {(numel, dtype): [1-D tensor]}
 MMAPPED_BYTES = 32 * 2**20  # glibc's largest mmap threshold: fresh tensors from this size fault in on every call
@@ -86,7 +87,23 @@ _FREE = _references(_new_buffer(1, torch.float32)) if _USE_COUNT else (0, 0)  # 
 
 def _unreferenced(buffer: torch.Tensor) -> bool:
     tensors, objects = _references(buffer)
+    held = getattr(_LOCAL, "recording_holds", None)  # (a recording's own aliases: see held_by_recording)
+    if held:
+        tensors -= held.get(buffer.untyped_storage()._cdata, 0)
     return tensors <= _FREE[0] and objects <= _FREE[1]
+
+
+@contextlib.contextmanager
+def held_by_recording(holds: dict[int, int]):
+    """Meanwhile, on this thread, ``holds`` (storage -> how many of a recording's own aliases use it, kept up to
+    date by ``runtime.call_record``) do not count as users of a recycled result: results are recycled as in an
+    eager forward, and a replay, making the same calls in the same order, reuses them the same way."""
+    previous = getattr(_LOCAL, "recording_holds", None)
+    _LOCAL.recording_holds = holds
+    try:
+        yield
+    finally:
+        _LOCAL.recording_holds = previous
 
 
 def result(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -70,6 +70,11 @@ def check_model_rows(folder):
     assert [(r["model"], r["batch"]) for r in bf16] == [(r["model"], r["batch"]) for r in lowered]
     assert all(r["check"]["passed"] and 0 < r["check"]["max_rel_err_vs_masked"] < r["check"]["tolerance_rel"]
                and r["time_us"]["median"] > 0 for r in bf16)
+    # the lowered model under cpu_graph: checked against the masked model, timed, compared with the best dense
+    graphed = [r for r in rows if r["variant"] == "lowered_graph"]
+    assert [(r["model"], r["batch"]) for r in graphed] == [(r["model"], r["batch"]) for r in lowered]
+    assert all(r["check"]["passed"] and r["time_us"]["median"] > 0 and r["speedup_vs_best_dense"] > 0
+               for r in graphed)
     # dense is also timed in its own processes, under each other thread setting; the best of all is the baseline
     variants = {r["variant"] for r in rows}
     assert {"dense@default_omp", "dense@gomp_spin_20k"} <= variants

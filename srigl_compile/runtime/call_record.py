@@ -1,0 +1,224 @@
+"""Record one eager forward of a CPU model as the list of calls that compute it, and replay that list.
+
+Why: a lowered model's forward is mostly compiled kernels, but between two kernels Python runs the model's and the
+layers' forward code (~30 us a layer with warm caches). The kernels stream megabytes through the caches, so in a
+real forward that code runs cold: on the 2-core Xeon, ResNet-50 at batch 1 spends ~5 ms of a ~26 ms forward
+between kernels (the same code alone: 1.8 ms). A recording keeps only what computes: each kernel call with its
+arguments, and each aten op that writes memory. Replaying it runs the same kernels on the same buffers in the same
+order, without the Python around them.
+
+What a recording holds:
+- every call of a registered kernel handle's compiled function (a ``*_fn`` attribute, ``runtime.registry``) made
+  by the recording thread, with its arguments;
+- every aten op (seen by a ``TorchDispatchMode``) that writes tensor memory: in-place ops and ops with ``out=``
+  are replayed as they are; ops returning a new tensor are replayed and their result copied into the tensor they
+  returned when recorded. Views, ``empty`` allocations and metadata-only ops (``set_``, ``resize_``...) are not
+  replayed: their results alias storage that the recording keeps.
+
+Tensor arguments are kept as private aliases (same storage, offset, sizes, strides), so a recording keeps alive
+exactly the storage its calls touch. While recording, ``runtime.scratch`` does not count these aliases as users
+of a recycled result, so the forward recycles result buffers as it would eagerly (replaying in the same order,
+the reuse is the same), and a recording holds about what one eager forward uses.
+
+Refused, with a ``ReplayError`` before anything is kept: an op whose result depends on tensor values in a way a
+replay cannot repeat (``.item()``, ``bool(tensor)``, ``nonzero``: output shapes or Python decisions), an op that
+writes into the forward's inputs, tensors on other devices than the CPU.
+
+Example:
+    >>> rec = record(model, (x,), {})                   # doctest: +SKIP
+    >>> y = rec.replay([x2])                            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..errors import ReplayError
+from . import registry, scratch
+
+__all__ = ["Recording", "record"]
+
+# ops that change a tensor's metadata (or storage) and not the memory it shows: later calls were recorded with
+# aliases made after them, so replaying them would change nothing a replay reads
+_METADATA_ONLY = frozenset({"set_", "resize_", "resize_as_", "as_strided_", "squeeze_", "unsqueeze_", "transpose_",
+                            "t_", "swapaxes_", "swapdims_", "detach_", "requires_grad_", "_coalesced_"})
+_ALLOCATIONS = frozenset({"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like"})
+
+
+def _alias(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor of the recording's own on ``tensor``'s storage, offset, sizes and strides (made outside the
+    recording's dispatch mode)."""
+    with _disable_current_modes(), torch.inference_mode(False), torch.no_grad():
+        return torch.empty(0, dtype=tensor.dtype).set_(tensor.untyped_storage(), tensor.storage_offset(),
+                                                       tensor.shape, tensor.stride())
+
+
+def _value_read(func) -> ReplayError:
+    return ReplayError(f"the forward reads a tensor's value into Python ({func}: e.g. .item() or bool(tensor)), a "
+                       "decision a replay would not make again; run this model eagerly")
+
+
+@dataclasses.dataclass
+class _Call:
+    fn: Callable
+    args: tuple
+    kwargs: dict
+    results: tuple = ()  # where a functional op's results are copied (its results when recorded)
+
+    def __call__(self) -> None:
+        out = self.fn(*self.args, **self.kwargs)
+        if self.results:
+            for target, value in zip(self.results, (t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))):
+                target.copy_(value)
+
+
+class _Recorder(TorchDispatchMode):
+    """Collects the calls (module docstring); ``holds`` counts its aliases per storage for ``runtime.scratch``."""
+
+    def __init__(self, input_storages: set[int]) -> None:
+        super().__init__()
+        self.calls: list[_Call] = []
+        self.holds: dict[int, int] = {}
+        # a recorded tensor -> its alias; weak, so that the recording does not keep the forward's tensors alive
+        self.aliases = WeakIdKeyDictionary()
+        self.kept: list[torch.Tensor] = []  # every alias made
+        self.input_storages = input_storages
+        self.thread = threading.get_ident()
+        self.in_op = False  # inside an aten op: a kernel it calls is part of the op, not a call of its own
+
+    def keep(self, value: Any) -> Any:
+        """``value`` with every tensor replaced by the recording's alias of it (one alias per tensor)."""
+        def swap(item):
+            if not isinstance(item, torch.Tensor):
+                return item
+            if item.device.type != "cpu":
+                raise ReplayError(f"a CPU graph records CPU models only, the forward used a {item.device.type} "
+                                  "tensor; on a GPU use torch.cuda.graphs")
+            alias = self.aliases.get(item)
+            if alias is None:
+                alias = self.aliases[item] = _alias(item)
+                self.kept.append(alias)
+                storage = alias.untyped_storage()._cdata
+                self.holds[storage] = self.holds.get(storage, 0) + 1
+            return alias
+        return tree_map(swap, value)
+
+    def kernel(self, fn: Callable, args: tuple) -> None:
+        if threading.get_ident() == self.thread and not self.in_op:
+            self.calls.append(_Call(fn, self.keep(args), {}))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        tags = set(func.tags)
+        if torch.Tag.dynamic_output_shape in tags:
+            raise ReplayError(f"the forward calls {func}, whose output shape depends on tensor values (a replay "
+                              "keeps the recorded shape); run this model eagerly")
+        if torch.Tag.data_dependent_output in tags:
+            raise _value_read(func)
+        mutates = [arg.name for arg in func._schema.arguments if arg.alias_info is not None and arg.alias_info.is_write]
+        if mutates and name not in _METADATA_ONLY:
+            bound = dict(zip((arg.name for arg in func._schema.arguments), args)) | kwargs
+            for arg_name in mutates:
+                target = bound.get(arg_name)
+                if isinstance(target, torch.Tensor) and target.untyped_storage()._cdata in self.input_storages:
+                    raise ReplayError(f"the forward writes into its input ({func}); a replay writes into a copy, "
+                                      "so the caller's tensor would not change: clone the input first in forward")
+        self.in_op = True
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            self.in_op = False
+        if not any(isinstance(t, torch.Tensor) for t in tree_flatten(out)[0]) and out is not None:
+            raise _value_read(func)
+        if func.is_view or name in _ALLOCATIONS or name in _METADATA_ONLY:
+            return out
+        if mutates:
+            self.calls.append(_Call(func, self.keep(args), self.keep(kwargs)))
+        else:
+            results = tuple(t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+            self.calls.append(_Call(func, self.keep(args), self.keep(kwargs), self.keep(results)))
+        return out
+
+
+@contextlib.contextmanager
+def _recording_kernels(recorder: _Recorder):
+    """Every registered handle's compiled functions (``*_fn`` attributes) record their calls meanwhile."""
+    patched = []
+    for handle in registry.registered_handles():
+        for attr, fn in list(vars(handle).items()):
+            if attr.endswith("_fn") and callable(fn):
+                def proxy(*args, _fn=fn):
+                    recorder.kernel(_fn, args)
+                    return _fn(*args)
+                setattr(handle, attr, proxy)
+                patched.append((handle, attr, fn))
+    try:
+        yield
+    finally:
+        for handle, attr, fn in patched:
+            setattr(handle, attr, fn)
+
+
+@dataclasses.dataclass(eq=False)
+class Recording:
+    """One recorded forward: its static inputs (the tensors a replay copies its inputs into), calls, and outputs.
+
+    Attributes:
+        held_bytes: bytes of the storage its calls touch and it keeps alive (parameters included).
+    """
+
+    inputs: list[Any]  # the recorded forward's flattened inputs: static tensors, other leaves as they were
+    spec: Any  # their tree structure
+    calls: list[_Call]
+    outputs: Any  # aliases of the forward's output tensors (tree)
+    held_bytes: int
+
+    def replay(self, leaves: list[Any]) -> Any:
+        """The forward's outputs for these flattened inputs (same shapes, strides and dtypes as recorded), as new
+        tensors."""
+        for static, value in zip(self.inputs, leaves):
+            if isinstance(static, torch.Tensor) and static is not value:
+                static.copy_(value)
+        with torch.no_grad():
+            for call in self.calls:
+                call()
+            return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, self.outputs)
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+
+def record(fn: Callable, args: tuple, kwargs: dict) -> Recording:
+    """Call ``fn(*args, **kwargs)`` once (without gradients) on static copies of the tensor inputs, recording it
+    (module docstring). The copies keep the inputs' sizes, strides and dtypes.
+
+    Raises:
+        ReplayError: the forward does something a replay cannot repeat (module docstring).
+    """
+    leaves, spec = tree_flatten((args, kwargs))
+    with torch.inference_mode(False), torch.no_grad():
+        statics = [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype).copy_(v)
+                   if isinstance(v, torch.Tensor) else v for v in leaves]
+    for value in statics:
+        if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+            raise ReplayError(f"a CPU graph records CPU models only, got a {value.device.type} input; on a GPU use "
+                              "torch.cuda.graphs")
+    recorder = _Recorder({v.untyped_storage()._cdata for v in statics if isinstance(v, torch.Tensor)})
+    static_args, static_kwargs = tree_unflatten(statics, spec)
+    with torch.inference_mode(False), torch.no_grad(), scratch.held_by_recording(recorder.holds), \
+            _recording_kernels(recorder), recorder:
+        out = fn(*static_args, **static_kwargs)
+    outputs = recorder.keep(out)
+    storages = {alias.untyped_storage()._cdata: alias.untyped_storage().nbytes()
+                for alias in recorder.kept}
+    return Recording(statics, spec, recorder.calls, outputs, sum(storages.values()))

@@ -1,0 +1,175 @@
+"""cpu_graph on plain torch models (no TVM): a replay equals an eager forward on new inputs; recordings per input
+signature; in-place parameter changes record again; grad-tracked and concurrent calls run eagerly; forwards a replay
+cannot repeat raise ReplayError at their first call; recycled results are reused while recording."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from srigl_compile import ReplayError, cpu_graph
+from srigl_compile.runtime import scratch as scratch_module
+from srigl_compile.runtime.call_record import record
+from srigl_compile.runtime.scratch import result
+from tests.models import make_cnn, make_encoder, make_mlp
+
+
+def _same(got, want):
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make, shape", [(make_mlp, (3, 20)), (make_cnn, (2, 3, 8, 8)), (make_encoder, (2, 5, 32))])
+def test_replays_equal_eager_forwards_on_new_inputs(make, shape):
+    model = make().eval()
+    graphed = cpu_graph(model)
+    with torch.no_grad():
+        for seed in range(3):
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+            _same(graphed(x), model(x))
+    assert graphed.replays == 3 and len(graphed._entries) == 1 and graphed.held_bytes > 0
+
+
+def test_each_signature_records_once_and_others_run_eagerly_past_the_limit():
+    model = make_mlp().eval()
+    graphed = cpu_graph(model, max_recordings=2)
+    with torch.inference_mode():
+        for rows in (1, 2, 1, 2):
+            x = torch.randn(rows, 20)
+            _same(graphed(x), model(x))
+        assert graphed.replays == 4 and len(graphed._entries) == 2
+        x = torch.randn(3, 20)  # a third signature: eager, not recorded
+        _same(graphed(x), model(x))
+        transposed = torch.randn(20, 2).t()  # same shape as a recorded one, other strides: a signature of its own
+        _same(graphed(transposed), model(transposed))
+    assert graphed.replays == 4 and len(graphed._entries) == 2
+
+
+class _Derived(nn.Module):
+    """Keeps a tensor derived from its parameter per version of it, as lowered layers keep their offsets per
+    version of their indices: Python that a replay does not run."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(5))
+        self._version = None
+
+    def forward(self, x):
+        if self._version != self.w._version:
+            self._doubled, self._version = self.w.detach() * 2, self.w._version
+        return x * self._doubled
+
+
+def test_in_place_parameter_changes_record_again():
+    model = _Derived()
+    graphed = cpu_graph(model)
+    x = torch.randn(3, 5)
+    with torch.no_grad():
+        _same(graphed(x), x * model.w * 2)
+        model.w.mul_(3.0)  # what the recording derived from w is stale now
+        _same(graphed(x), x * model.w * 2)
+        model.load_state_dict({"w": torch.randn(5)})
+        _same(graphed(x), x * model.w * 2)
+    assert graphed.replays == 3
+
+
+def test_outputs_are_new_tensors_and_structures_and_kwargs_are_kept():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(6, 8)
+
+        def forward(self, x, *, scale):
+            h = self.body(x)
+            return {"a": h * scale, "b": (h.relu(), x)}
+
+    model = TwoHeads().eval()
+    graphed = cpu_graph(model)
+    with torch.no_grad():
+        x = torch.randn(2, 6)
+        first = graphed(x, scale=3.0)
+        second = graphed(x + 1, scale=3.0)
+        want = model(x + 1, scale=3.0)
+        _same(second["a"], want["a"])
+        _same(second["b"][0], want["b"][0])
+        _same(second["b"][1], x + 1)
+        assert first["a"].data_ptr() != second["a"].data_ptr()
+        _same(first["a"], model(x, scale=3.0)["a"])  # not overwritten by the second call
+        _same(graphed(x, scale=0.5)["a"], model(x, scale=0.5)["a"])  # another value: another recording
+    assert len(graphed._entries) == 2
+
+
+def test_grad_tracked_and_concurrent_calls_run_eagerly():
+    model = make_mlp().train(False)
+    graphed = cpu_graph(model)
+    x = torch.randn(2, 20)
+    y = graphed(x)  # grad mode on and the parameters require grad: autograd's eager forward
+    assert y.requires_grad and graphed.replays == 0 and not graphed._entries
+    with torch.no_grad():
+        graphed(x)
+        graphed._lock.acquire()  # as if another thread were replaying
+        try:
+            _same(graphed(x), model(x))
+        finally:
+            graphed._lock.release()
+    assert graphed.replays == 1
+
+
+class _ValueDecision(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x * 3
+
+
+class _Nonzero(nn.Module):
+    def forward(self, x):
+        return x[x > 0]
+
+
+class _WritesInput(nn.Module):
+    def forward(self, x):
+        return x.relu_()
+
+
+class _Numpy(nn.Module):
+    def forward(self, x):
+        return torch.from_numpy(np.sin(x.numpy())) + 1
+
+
+@pytest.mark.parametrize("model, match", [
+    (_ValueDecision(), r"reads a tensor's value into Python .*aten\._local_scalar_dense"),
+    (_Nonzero(), r"aten\.(nonzero|index)\..*output shape depends on tensor values"),
+    (_WritesInput(), r"writes into its input \(aten\.relu_"),
+    (_Numpy(), r"does not match the eager forward on another input"),
+])
+def test_forwards_a_replay_cannot_repeat_are_refused(model, match):
+    graphed = cpu_graph(model)
+    with torch.no_grad(), pytest.raises(ReplayError, match=match):
+        graphed(torch.randn(3, 4))
+    assert not graphed._entries
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ReplayError, match="max_recordings must be >= 1, got 0"):
+        cpu_graph(make_mlp(), max_recordings=0)
+    with pytest.raises(ReplayError, match="takes a torch.nn.Module, got function"):
+        cpu_graph(lambda x: x)
+
+
+class _Results(nn.Module):
+    """Four 1-MiB results in a row, each dropped once the next is made: an eager forward recycles one buffer."""
+
+    def forward(self, x):
+        for _ in range(4):
+            y = result((x.numel(),))
+            torch.add(x, 1.0, out=y)
+            x = y
+        return x.sum()
+
+
+def test_recycled_results_are_reused_while_recording_and_replayed_in_order():
+    scratch_module.release_scratch()
+    x = torch.randn(2**18)  # 1 MiB: recycled
+    recording = record(_Results(), (x,), {})
+    # the static input and two result buffers taking turns (+ the sum), not the input and four results
+    assert recording.held_bytes <= 3 * x.nbytes + 64
+    other = torch.randn(2**18)
+    _same(recording.replay([other]), _Results()(other))
