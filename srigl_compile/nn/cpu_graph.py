@@ -16,7 +16,8 @@ The rules, as for CUDA graphs:
   again. Replacing modules or tensors of the model is not seen: record again with a new ``cpu_graph``.
 - Calls that autograd would track (an input that requires grad, or parameters that require grad while grad mode is
   on) run eagerly: call under ``torch.no_grad()`` or ``torch.inference_mode()``.
-- One replay at a time: a call made while another thread replays runs eagerly.
+- Each thread records and replays its own recordings (a recording's temporaries are its thread's scratch buffers,
+  ``runtime.scratch``), so threads may call one ``CpuGraph`` at once.
 - A recording keeps the storage its calls touch (about what one eager forward uses): ``held_bytes``.
 
 Example:
@@ -55,9 +56,9 @@ class _Entry:
 
 
 def _signature(leaves: list[Any], spec) -> tuple | None:
-    """What a recording is valid for: the tensors' layouts and every other leaf's value; None when a leaf is not
-    hashable (such a call runs eagerly)."""
-    key = []
+    """What a recording is valid for: the calling thread, the tensors' layouts and every other leaf's value; None
+    when a leaf is not hashable (such a call runs eagerly)."""
+    key = [threading.get_ident()]
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             key.append((leaf.shape, leaf.stride(), leaf.dtype, leaf.device, leaf.requires_grad))
@@ -88,7 +89,6 @@ class CpuGraph(torch.nn.Module):
         self.model = model
         self.max_recordings = max_recordings
         self._entries: dict[tuple, _Entry] = {}
-        self._lock = threading.Lock()
         self.replays = 0  # calls answered by a replay (the others ran eagerly or recorded)
 
     @property
@@ -106,19 +106,16 @@ class CpuGraph(torch.nn.Module):
     def forward(self, *args, **kwargs):
         leaves, spec = tree_flatten((args, kwargs))
         key = _signature(leaves, spec)
-        if key is None or self._tracked(leaves) or not self._lock.acquire(blocking=False):
+        if key is None or self._tracked(leaves):
             return self.model(*args, **kwargs)
-        try:
-            entry = self._entries.get(key)
-            if entry is None or entry.stale():
-                if entry is None and len(self._entries) >= self.max_recordings:
-                    return self.model(*args, **kwargs)
-                entry = self._entries[key] = self._record(args, kwargs)
-            out = entry.recording.replay(leaves)
-            self.replays += 1
-            return out
-        finally:
-            self._lock.release()
+        entry = self._entries.get(key)
+        if entry is None or entry.stale():
+            if entry is None and len(self._entries) >= self.max_recordings:
+                return self.model(*args, **kwargs)
+            entry = self._entries[key] = self._record(args, kwargs)
+        out = entry.recording.replay(leaves)
+        self.replays += 1
+        return out
 
     def _record(self, args: tuple, kwargs: dict) -> _Entry:
         """Settle, record and check one signature (module docstring)."""

@@ -2,6 +2,8 @@
 signature; in-place parameter changes record again; grad-tracked and concurrent calls run eagerly; forwards a replay
 cannot repeat raise ReplayError at their first call; recycled results are reused while recording."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -98,20 +100,37 @@ def test_outputs_are_new_tensors_and_structures_and_kwargs_are_kept():
     assert len(graphed._entries) == 2
 
 
-def test_grad_tracked_and_concurrent_calls_run_eagerly():
+def test_grad_tracked_calls_run_eagerly():
     model = make_mlp().train(False)
     graphed = cpu_graph(model)
     x = torch.randn(2, 20)
     y = graphed(x)  # grad mode on and the parameters require grad: autograd's eager forward
     assert y.requires_grad and graphed.replays == 0 and not graphed._entries
     with torch.no_grad():
-        graphed(x)
-        graphed._lock.acquire()  # as if another thread were replaying
-        try:
-            _same(graphed(x), model(x))
-        finally:
-            graphed._lock.release()
+        _same(graphed(x), model(x))
     assert graphed.replays == 1
+
+
+def test_each_thread_records_and_replays_its_own():
+    model = make_cnn().eval()
+    graphed = cpu_graph(model)
+    inputs = [torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed)) for seed in range(8)]
+    got = {}
+
+    def work(name, xs):
+        with torch.no_grad():
+            got[name] = [graphed(x) for x in xs]
+
+    threads = [threading.Thread(target=work, args=(name, inputs[i::2])) for i, name in enumerate("ab")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with torch.no_grad():
+        for i, name in enumerate("ab"):
+            for x, y in zip(inputs[i::2], got[name]):
+                _same(y, model(x))
+    assert len(graphed._entries) == 2 and graphed.replays == 8
 
 
 class _ValueDecision(nn.Module):
