@@ -124,6 +124,7 @@ def _train_all(models, data, args) -> dict:
 
 
 def _lower_and_time(runs, models, data) -> list[dict]:
+    from ..nn.cpu_graph import cpu_graph
     from ..passes.lower import lower
 
     rows = []
@@ -132,6 +133,7 @@ def _lower_and_time(runs, models, data) -> list[dict]:
         start = time.perf_counter()
         lowered = lower(sparse, target="llvm", progress=False)
         click.echo(f"lowered {model} in {time.perf_counter() - start:.1f} s")
+        graphed = cpu_graph(lowered)  # (records at each batch size's first call, then replays)
         with torch.no_grad():
             got, want = lowered(data.x_test), sparse(data.x_test)
         error, same_predictions = float((got - want).abs().max()), bool(torch.equal(got.argmax(1), want.argmax(1)))
@@ -139,14 +141,22 @@ def _lower_and_time(runs, models, data) -> list[dict]:
             raise click.ClickException(f"lowered {model} differs from the trained model by {error:.2e}")
         for batch in (1, 256):
             x = data.x_test[:batch] if batch <= len(data.x_test) else torch.randn(batch, *data.input_shape)
-            rounds = _time_rounds({"dense_us": dense, "srigl_masked_us": sparse, "lowered_us": lowered}, x)
+            with torch.no_grad():
+                graph_error = float((graphed(x) - lowered(x)).abs().max())  # (records, checks, then one replay)
+            if graph_error > 0:
+                raise click.ClickException(f"{model}'s cpu_graph replay differs from its lowered forward by "
+                                           f"{graph_error:.2e}")
+            rounds = _time_rounds({"dense_us": dense, "srigl_masked_us": sparse, "lowered_us": lowered,
+                                   "lowered_graph_us": graphed}, x)
             row = {"model": model, "batch": batch, **{name: statistics.median(t) for name, t in rounds.items()},
                    "rounds_us": rounds, "max_abs_error": error, "same_predictions": same_predictions}
             row["speedup"] = row["dense_us"] / row["lowered_us"]
+            row["graph_speedup"] = row["dense_us"] / row["lowered_graph_us"]
             rows.append(row)
             click.echo(f"{model} batch {batch}: dense {row['dense_us']:.1f} us, SRigL masked "
                        f"{row['srigl_masked_us']:.1f} us, lowered {row['lowered_us']:.1f} us ({row['speedup']:.2f}x "
-                       f"over dense); max |lowered - trained| {error:.1e}")
+                       f"over dense), under cpu_graph {row['lowered_graph_us']:.1f} us ({row['graph_speedup']:.2f}x); "
+                       f"max |lowered - trained| {error:.1e}")
     return rows
 
 

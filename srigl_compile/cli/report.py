@@ -145,14 +145,20 @@ def _summary(results: dict, plots: list[str]) -> str:
             lines += [f"| {run.split('/')[0]} | {layer} | {s['active_neurons']} | {s['ablated_neurons']} | {s['k']} |"
                       for layer, s in stats["layers"].items()]
     rounds = {len(r["rounds_us"]["dense_us"]) for r in results["latency"] if "rounds_us" in r}
-    how = (f"Median microseconds per call over {rounds.pop()} interleaved rounds of dense / masked / lowered (each "
-           "round a blocked_autorange median; every round is in results.json)." if len(rounds) == 1 else "")
+    how = (f"Median microseconds per call over {rounds.pop()} interleaved rounds of dense / masked / lowered / "
+           "lowered under cpu_graph (each round a blocked_autorange median; every round is in results.json)."
+           if len(rounds) == 1 else "")
     lines += ["", "## Latency", "", how, "",
-              "| model | batch | dense us | SRigL masked us | SRigL lowered us | speed-up | max abs error |",
-              "|---|---|---|---|---|---|---|"]
+              "| model | batch | dense us | SRigL masked us | SRigL lowered us | speed-up | lowered, cpu_graph us | "
+              "speed-up | max abs error |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def graphed(r: dict) -> str:  # (results written before cpu_graph have no such column)
+        graph_us = r.get("lowered_graph_us")
+        return f"{graph_us:.1f} | {r['dense_us'] / graph_us:.2f}x" if graph_us else "- | -"
+
     lines += [f"| {r['model']} | {r['batch']} | {r['dense_us']:.1f} | {r['srigl_masked_us']:.1f} | "
-              f"{r['lowered_us']:.1f} | {r['dense_us'] / r['lowered_us']:.2f}x | {r['max_abs_error']:.1e} |"
-              for r in results["latency"]]
+              f"{r['lowered_us']:.1f} | {r['dense_us'] / r['lowered_us']:.2f}x | {graphed(r)} | "
+              f"{r['max_abs_error']:.1e} |" for r in results["latency"]]
     lines += [""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
 

@@ -38,7 +38,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import ReplayError
-from ..runtime.call_record import Recording, record
+from ..runtime.call_record import Recording, record, static_copy
 from .settle import settle
 
 __all__ = ["CpuGraph", "cpu_graph"]
@@ -76,7 +76,7 @@ def _probe(value: Any) -> Any:
     e.g. valid token ids), with their strides."""
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return value
-    return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype).copy_(value.flip(-1))
+    return static_copy(value).copy_(value.flip(-1))
 
 
 class CpuGraph(torch.nn.Module):

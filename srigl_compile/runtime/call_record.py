@@ -45,7 +45,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..errors import ReplayError
 from . import registry, scratch
 
-__all__ = ["Recording", "record"]
+__all__ = ["Recording", "record", "static_copy"]
 
 # ops that change a tensor's metadata (or storage) and not the memory it shows: later calls were recorded with
 # aliases made after them, so replaying them would change nothing a replay reads
@@ -169,6 +169,26 @@ def _recording_kernels(recorder: _Recorder):
             setattr(handle, attr, fn)
 
 
+def _overlaps(tensor: torch.Tensor) -> bool:
+    """Whether two elements of ``tensor`` may share memory (e.g. an ``expand``ed tensor): some dimension's stride
+    does not pass the farthest element the smaller-strided dimensions reach. Sound, not exact: a few interleaved
+    layouts that do not overlap are flagged too (and copied contiguous)."""
+    reach = 0
+    for stride, size in sorted((stride, size) for stride, size in zip(tensor.stride(), tensor.shape) if size > 1):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
+
+
+def static_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` with its strides (contiguous where elements overlap: nothing can be written through
+    such a layout)."""
+    if _overlaps(tensor):
+        return tensor.clone(memory_format=torch.contiguous_format)
+    return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype).copy_(tensor)
+
+
 @dataclasses.dataclass(eq=False)
 class Recording:
     """One recorded forward: its static inputs (the tensors a replay copies its inputs into), calls, and outputs.
@@ -207,8 +227,7 @@ def record(fn: Callable, args: tuple, kwargs: dict) -> Recording:
     """
     leaves, spec = tree_flatten((args, kwargs))
     with torch.inference_mode(False), torch.no_grad():
-        statics = [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype).copy_(v)
-                   if isinstance(v, torch.Tensor) else v for v in leaves]
+        statics = [static_copy(v) if isinstance(v, torch.Tensor) else v for v in leaves]
     for value in statics:
         if isinstance(value, torch.Tensor) and value.device.type != "cpu":
             raise ReplayError(f"a CPU graph records CPU models only, got a {value.device.type} input; on a GPU use "

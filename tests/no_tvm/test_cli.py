@@ -128,7 +128,8 @@ def test_demo_report_holds_what_it_claims(runner, tmp_path):
     assert "## Targets" in summary and results["args"]["data"] == "mnist"
     for row in results["latency"]:  # each figure is the median of interleaved rounds, all of them kept
         assert {name: statistics.median(times) for name, times in row["rounds_us"].items()} == {
-            name: row[name] for name in ("dense_us", "srigl_masked_us", "lowered_us")}
+            name: row[name] for name in ("dense_us", "srigl_masked_us", "lowered_us", "lowered_graph_us")}
+        assert row["graph_speedup"] == row["dense_us"] / row["lowered_graph_us"]
         assert {len(times) for times in row["rounds_us"].values()} == {3}
 
 

@@ -2,16 +2,19 @@
 signature; in-place parameter changes record again; grad-tracked and concurrent calls run eagerly; forwards a replay
 cannot repeat raise ReplayError at their first call; recycled results are reused while recording."""
 
+import itertools
 import threading
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from srigl_compile import ReplayError, cpu_graph
 from srigl_compile.runtime import scratch as scratch_module
-from srigl_compile.runtime.call_record import record
+from srigl_compile.runtime.call_record import _overlaps, record, static_copy
 from srigl_compile.runtime.scratch import result
 from tests.models import make_cnn, make_encoder, make_mlp
 
@@ -44,6 +47,11 @@ def test_each_signature_records_once_and_others_run_eagerly_past_the_limit():
         transposed = torch.randn(20, 2).t()  # same shape as a recorded one, other strides: a signature of its own
         _same(graphed(transposed), model(transposed))
     assert graphed.replays == 4 and len(graphed._entries) == 2
+    graphed = cpu_graph(model)
+    with torch.inference_mode():
+        for row in (torch.randn(20), torch.randn(20)):  # expanded inputs (one memory row for all 3): copied as is
+            _same(graphed(row.expand(3, 20)), model(row.expand(3, 20)))
+    assert graphed.replays == 2
 
 
 class _Derived(nn.Module):
@@ -192,3 +200,28 @@ def test_recycled_results_are_reused_while_recording_and_replayed_in_order():
     assert recording.held_bytes <= 3 * x.nbytes + 64
     other = torch.randn(2**18)
     _same(recording.replay([other]), _Results()(other))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 4), st.integers(0, 12)), min_size=1, max_size=4))
+def test_layouts_whose_elements_share_memory_are_seen(dims):
+    """Sound: a layout where two elements share memory is always flagged (it may flag a few that do not: they are
+    then copied contiguous, which is only slower)."""
+    sizes, strides = zip(*dims)
+    tensor = torch.zeros(1 + sum((n - 1) * s for n, s in dims)).as_strided(sizes, strides)
+    offsets = [sum(i * s for i, s in zip(index, strides)) for index in itertools.product(*map(range, sizes))]
+    if len(set(offsets)) < len(offsets):
+        assert _overlaps(tensor)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 5), min_size=1, max_size=4), st.randoms(use_true_random=False), st.integers(0, 3))
+def test_permuted_and_sliced_layouts_are_copied_with_their_strides(sizes, rng, step):
+    order = list(range(len(sizes)))
+    rng.shuffle(order)
+    tensor = torch.randn(sizes).permute(order)
+    if step:  # every step-th element of the last dimension: gaps, no overlap
+        tensor = tensor[..., ::step]
+    assert not _overlaps(tensor)
+    copy = static_copy(tensor)
+    assert copy.stride() == tensor.stride() and torch.equal(copy, tensor)
