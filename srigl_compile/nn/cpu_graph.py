@@ -2,8 +2,9 @@
 kernel calls and memory-writing aten ops that compute it (``runtime.call_record``), like a CUDA graph on a GPU.
 
 Why: between a lowered model's kernels, Python runs the model's forward code, and after each kernel it runs with
-cold caches. On the 2-core Xeon at batch 1 (eager -> replayed, a first measurement): ResNet-50 ~27.8 -> 24.6 ms and
-ViT-B/16 ~62 -> 54.5 ms.
+cold caches. On the 2-core Xeon at batch 1, eager -> replayed, interleaved processes (``python benchmarks/ab.py
+--base 3ffbdf4 --graph head --model resnet50|vit_b16 --rounds 5``): ResNet-50 25.3 -> 21.5 ms, ViT-B/16 57.8 ->
+48.8 ms (1.18x both).
 
 The rules, as for CUDA graphs:
 - A recording is made on the first call with a new input signature (the tensors' shapes, strides, dtypes and
