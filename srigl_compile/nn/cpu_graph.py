@@ -56,7 +56,7 @@ class _Entry:
         return any(tensor._version != version for tensor, version in self.watched)
 
 
-def _signature(leaves: list[Any], spec) -> tuple | None:
+def _signature(leaves, spec) -> tuple | None:
     """What a recording is valid for: the calling thread, the tensors' layouts and every other leaf's value; None
     when a leaf is not hashable (such a call runs eagerly)."""
     key = [threading.get_ident()]
@@ -90,7 +90,13 @@ class CpuGraph(torch.nn.Module):
         self.model = model
         self.max_recordings = max_recordings
         self._entries: dict[tuple, _Entry] = {}
-        self.replays = 0  # calls answered by a replay (the others ran eagerly or recorded)
+        self._replays = [0]  # (a list: nn.Module.__setattr__ would cost ~5 us a call)
+
+    @property
+    def replays(self) -> int:
+        """Calls answered by a replay (a call that records is answered by its first replay too; the others ran
+        eagerly)."""
+        return self._replays[0]
 
     @property
     def held_bytes(self) -> int:
@@ -105,7 +111,10 @@ class CpuGraph(torch.nn.Module):
             p.requires_grad for p in self.model.parameters())
 
     def forward(self, *args, **kwargs):
-        leaves, spec = tree_flatten((args, kwargs))
+        if not kwargs and all(type(arg) is torch.Tensor for arg in args):  # (the common call, without pytree's cost)
+            leaves, spec = args, len(args)
+        else:
+            leaves, spec = tree_flatten((args, kwargs))
         key = _signature(leaves, spec)
         if key is None or self._tracked(leaves):
             return self.model(*args, **kwargs)
@@ -115,7 +124,7 @@ class CpuGraph(torch.nn.Module):
                 return self.model(*args, **kwargs)
             entry = self._entries[key] = self._record(args, kwargs)
         out = entry.recording.replay(leaves)
-        self.replays += 1
+        self._replays[0] += 1
         return out
 
     def _record(self, args: tuple, kwargs: dict) -> _Entry:

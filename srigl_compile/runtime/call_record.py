@@ -203,16 +203,23 @@ class Recording:
     outputs: Any  # aliases of the forward's output tensors (tree)
     held_bytes: int
 
-    def replay(self, leaves: list[Any]) -> Any:
+    def replay(self, leaves) -> Any:
         """The forward's outputs for these flattened inputs (same shapes, strides and dtypes as recorded), as new
         tensors."""
         for static, value in zip(self.inputs, leaves):
             if isinstance(static, torch.Tensor) and static is not value:
                 static.copy_(value)
-        with torch.no_grad():
-            for call in self.calls:
-                call()
-            return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, self.outputs)
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self._run()
+        return self._run()
+
+    def _run(self) -> Any:
+        for call in self.calls:
+            call()
+        if type(self.outputs) is torch.Tensor:  # (the common output, without pytree's cost)
+            return self.outputs.clone()
+        return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, self.outputs)
 
     def __len__(self) -> int:
         return len(self.calls)
