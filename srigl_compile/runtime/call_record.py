@@ -112,6 +112,11 @@ class _Recorder(TorchDispatchMode):
             return alias
         return tree_map(swap, value)
 
+    def forget(self, value: Any) -> None:
+        """Drop the alias of ``value`` (a tensor whose metadata changed), so that its next use gets a new one."""
+        if isinstance(value, torch.Tensor):
+            self.aliases.pop(value, None)
+
     def kernel(self, fn: Callable, args: tuple) -> None:
         if threading.get_ident() == self.thread and not self.in_op:
             self.calls.append(_Call(fn, self.keep(args), {}))
@@ -126,8 +131,8 @@ class _Recorder(TorchDispatchMode):
         if torch.Tag.data_dependent_output in tags:
             raise _value_read(func)
         mutates = [arg.name for arg in func._schema.arguments if arg.alias_info is not None and arg.alias_info.is_write]
+        bound = dict(zip((arg.name for arg in func._schema.arguments), args)) | kwargs
         if mutates and name not in _METADATA_ONLY:
-            bound = dict(zip((arg.name for arg in func._schema.arguments), args)) | kwargs
             for arg_name in mutates:
                 target = bound.get(arg_name)
                 if isinstance(target, torch.Tensor) and target.untyped_storage()._cdata in self.input_storages:
@@ -140,7 +145,11 @@ class _Recorder(TorchDispatchMode):
             self.in_op = False
         if not any(isinstance(t, torch.Tensor) for t in tree_flatten(out)[0]) and out is not None:
             raise _value_read(func)
-        if func.is_view or name in _ALLOCATIONS or name in _METADATA_ONLY:
+        if name in _METADATA_ONLY:  # the tensor shows other memory or sizes now: its next use gets a new alias
+            for arg_name in mutates:
+                self.forget(bound.get(arg_name))
+            return out
+        if func.is_view or name in _ALLOCATIONS:
             return out
         if mutates:
             self.calls.append(_Call(func, self.keep(args), self.keep(kwargs)))
@@ -233,12 +242,12 @@ def record(fn: Callable, args: tuple, kwargs: dict) -> Recording:
         ReplayError: the forward does something a replay cannot repeat (module docstring).
     """
     leaves, spec = tree_flatten((args, kwargs))
-    with torch.inference_mode(False), torch.no_grad():
-        statics = [static_copy(v) if isinstance(v, torch.Tensor) else v for v in leaves]
-    for value in statics:
+    for value in leaves:
         if isinstance(value, torch.Tensor) and value.device.type != "cpu":
             raise ReplayError(f"a CPU graph records CPU models only, got a {value.device.type} input; on a GPU use "
                               "torch.cuda.graphs")
+    with torch.inference_mode(False), torch.no_grad():
+        statics = [static_copy(v) if isinstance(v, torch.Tensor) else v for v in leaves]
     recorder = _Recorder({v.untyped_storage()._cdata for v in statics if isinstance(v, torch.Tensor)})
     static_args, static_kwargs = tree_unflatten(statics, spec)
     with torch.inference_mode(False), torch.no_grad(), scratch.held_by_recording(recorder.holds), \

@@ -174,6 +174,31 @@ def test_forwards_a_replay_cannot_repeat_are_refused(model, match):
     assert not graphed._entries
 
 
+class _Regrows(nn.Module):
+    """Uses a tensor, then gives it other storage and sizes (resize_), then uses it again."""
+
+    def forward(self, x):
+        buffer = torch.ones(4)
+        y = x + buffer.sum()
+        buffer.resize_(8)
+        buffer.fill_(2.0)
+        return y + buffer.sum()
+
+
+def test_a_tensor_whose_storage_changes_is_replayed_with_its_new_storage():
+    graphed = cpu_graph(_Regrows())
+    with torch.no_grad():
+        for x in (torch.zeros(3), torch.arange(3.0)):
+            _same(graphed(x), x + 20.0)
+    assert graphed.replays == 2
+
+
+def test_inputs_on_other_devices_are_refused_before_anything_is_copied():
+    meta = torch.empty(2, 3, device="meta")
+    with pytest.raises(ReplayError, match="records CPU models only, got a meta input"):
+        record(make_mlp(), (meta,), {})
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ReplayError, match="max_recordings must be >= 1, got 0"):
         cpu_graph(make_mlp(), max_recordings=0)
