@@ -127,6 +127,13 @@ class CpuGraph(torch.nn.Module):
         self._replays[0] += 1
         return out
 
+    def __getstate__(self):
+        """Without the recordings (they hold compiled functions and this process's buffers): a copy or a
+        pickled-and-loaded CpuGraph records again at its first calls."""
+        state = dict(self.__dict__)
+        state["_entries"], state["_replays"] = {}, [0]
+        return state
+
     def _record(self, args: tuple, kwargs: dict) -> _Entry:
         """Settle, record and check one signature (module docstring)."""
         with torch.no_grad():

@@ -2,6 +2,7 @@
 signature; in-place parameter changes record again; grad-tracked and concurrent calls run eagerly; forwards a replay
 cannot repeat raise ReplayError at their first call; recycled results are reused while recording."""
 
+import copy
 import itertools
 import threading
 
@@ -197,6 +198,25 @@ def test_inputs_on_other_devices_are_refused_before_anything_is_copied():
     meta = torch.empty(2, 3, device="meta")
     with pytest.raises(ReplayError, match="records CPU models only, got a meta input"):
         record(make_mlp(), (meta,), {})
+
+
+def test_copies_and_pickles_record_again(tmp_path):
+    model = make_cnn().eval()
+    graphed = cpu_graph(model)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        graphed(x)
+        for other in (copy.deepcopy(graphed), _saved_and_loaded(graphed, tmp_path / "graphed.pt")):
+            assert not other._entries and other.replays == 0
+            _same(other(x), model(x))
+            assert other.replays == 1 and other.model is not model
+        _same(graphed(x), model(x))  # the original keeps its recording
+    assert graphed.replays == 2 and len(graphed._entries) == 1
+
+
+def _saved_and_loaded(module, path):
+    torch.save(module, path)
+    return torch.load(path, weights_only=False)
 
 
 def test_bad_arguments_are_refused():
