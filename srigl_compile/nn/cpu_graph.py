@@ -8,10 +8,10 @@ cold caches. On the 2-core Xeon at batch 1, eager -> replayed, interleaved proce
 
 The rules, as for CUDA graphs:
 - A recording is made on the first call with a new input signature (the tensors' shapes, strides, dtypes and
-  devices; every other argument's value), after ``nn.settle`` has made that shape's measured decisions, and
-  checked once: a replay on another input (the first one flipped along its last dimension) must match an eager
-  forward on it, or ``ReplayError`` says so. Up to ``max_recordings`` signatures are kept; calls with others run
-  the model eagerly.
+  devices; every other argument's value: plain values only, a call with any other object runs eagerly), after
+  ``nn.settle`` has made that shape's measured decisions, and checked once: a replay on another input (the first
+  one flipped along its last dimension) must match an eager forward on it, or ``ReplayError`` says so. Up to
+  ``max_recordings`` signatures are kept; calls with others run the model eagerly.
 - A replay copies the inputs into the recording's own input tensors and returns new output tensors.
 - Changing the model's parameters or buffers in place (e.g. ``load_state_dict``) makes the next call record
   again. Replacing modules or tensors of the model is not seen: record again with a new ``cpu_graph``.
@@ -39,7 +39,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import ReplayError
-from ..runtime.call_record import Recording, record, static_copy
+from ..runtime.call_record import PLAIN, Recording, record, static_copy
 from .settle import settle
 
 __all__ = ["CpuGraph", "cpu_graph"]
@@ -58,17 +58,16 @@ class _Entry:
 
 def _signature(leaves, spec) -> tuple | None:
     """What a recording is valid for: the calling thread, the tensors' layouts and every other leaf's value; None
-    when a leaf is not hashable (such a call runs eagerly)."""
+    when a leaf is neither a tensor nor a plain value (an object such as a key/value cache, which the forward may
+    change: such a call runs eagerly)."""
     key = [threading.get_ident()]
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             key.append((leaf.shape, leaf.stride(), leaf.dtype, leaf.device, leaf.requires_grad))
-        else:
-            try:
-                hash(leaf)
-            except TypeError:
-                return None
+        elif isinstance(leaf, PLAIN):
             key.append((type(leaf), leaf))
+        else:
+            return None
     return (spec, *key)
 
 

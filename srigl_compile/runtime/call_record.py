@@ -22,7 +22,8 @@ the reuse is the same), and a recording holds about what one eager forward uses.
 
 Refused, with a ``ReplayError`` before anything is kept: an op whose result depends on tensor values in a way a
 replay cannot repeat (``.item()``, ``bool(tensor)``, ``nonzero``: output shapes or Python decisions), an op that
-writes into the forward's inputs, tensors on other devices than the CPU.
+writes into the forward's inputs, tensors on other devices than the CPU, and outputs holding anything but tensors
+and plain values (``PLAIN``): a decoder's key/value cache object would come back as recorded.
 
 Example:
     >>> rec = record(model, (x,), {})                   # doctest: +SKIP
@@ -45,13 +46,15 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..errors import ReplayError
 from . import registry, scratch
 
-__all__ = ["Recording", "record", "static_copy"]
+__all__ = ["Recording", "record", "static_copy", "PLAIN"]
 
 # ops that change a tensor's metadata (or storage) and not the memory it shows: later calls were recorded with
 # aliases made after them, so replaying them would change nothing a replay reads
 _METADATA_ONLY = frozenset({"set_", "resize_", "resize_as_", "as_strided_", "squeeze_", "unsqueeze_", "transpose_",
                             "t_", "swapaxes_", "swapdims_", "detach_", "requires_grad_", "_coalesced_"})
 _ALLOCATIONS = frozenset({"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like"})
+# values a recording may take or return besides tensors: immutable, so the recorded ones are the values themselves
+PLAIN = (type(None), bool, int, float, complex, str, torch.dtype, torch.device)
 
 
 def _alias(tensor: torch.Tensor) -> torch.Tensor:
@@ -253,6 +256,11 @@ def record(fn: Callable, args: tuple, kwargs: dict) -> Recording:
     with torch.inference_mode(False), torch.no_grad(), scratch.held_by_recording(recorder.holds), \
             _recording_kernels(recorder), recorder:
         out = fn(*static_args, **static_kwargs)
+    odd = next((leaf for leaf in tree_flatten(out)[0] if not isinstance(leaf, (torch.Tensor, *PLAIN))), None)
+    if odd is not None:
+        raise ReplayError(f"the forward returns a {type(odd).__name__}, which a replay would return as it was "
+                          "recorded, with its tensors overwritten by later replays; return tensors (e.g. a decoder "
+                          "with use_cache=False), or run this model eagerly")
     outputs = recorder.keep(out)
     storages = {alias.untyped_storage()._cdata: alias.untyped_storage().nbytes()
                 for alias in recorder.kept}

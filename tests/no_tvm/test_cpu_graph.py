@@ -219,6 +219,34 @@ def _saved_and_loaded(module, path):
     return torch.load(path, weights_only=False)
 
 
+class _Cache:
+    """Holds tensors across calls, as a decoder's key/value cache does."""
+
+    def __init__(self):
+        self.keys = []
+
+
+class _Cached(nn.Module):
+    def forward(self, x, cache=None):
+        cache = cache if cache is not None else _Cache()
+        cache.keys.append(x * 2)
+        return x + len(cache.keys), cache
+
+
+def test_objects_in_and_out_are_not_replayed():
+    graphed = cpu_graph(_Cached())
+    x = torch.randn(3)
+    with torch.no_grad():
+        cache = _Cache()
+        for calls in (1, 2):  # an object among the inputs: eager, so the cache grows as it should
+            y, same = graphed(x, cache)
+            assert same is cache and len(cache.keys) == calls and torch.equal(y, x + calls)
+        assert not graphed._entries
+        with pytest.raises(ReplayError, match="returns a _Cache, which a replay would return as it was recorded"):
+            graphed(x)  # an object among the outputs: refused
+    assert not graphed._entries and graphed.replays == 0
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ReplayError, match="max_recordings must be >= 1, got 0"):
         cpu_graph(make_mlp(), max_recordings=0)
