@@ -10,11 +10,11 @@ Rounds alternate base, head, base, head, ...; each round is a fresh process that
 revision's ``benchmarks/models.py`` (sparsify + ``lower``, as the model benchmark does), checks nothing, and
 times ``--calls`` forwards after a warm-up; with ``--graph both`` (or ``head``) those sides time the lowered model
 under ``srigl_compile.cpu_graph`` (revisions that have it), so kernel changes show without the Python between
-kernels. ``--model fc2`` is the paper's layer alone (ViT-B's fc2, 3072->768,
-90% sparse, uniform), sparsified and lowered with the public API and timed through the lowered module. Separate
-benchmark runs on this VM moved by 20-60% within minutes, so only figures taken side by side like this are quoted
-as the effect of a change: the median over rounds of each round's median, and (for short calls, where a busy
-minute swamps the medians) of each round's minimum. Prints both and writes
+kernels. ``--model fc2`` is the paper's layer alone (ViT-B's fc2, 3072->768, 90% sparse, uniform), sparsified and
+lowered with the public API and timed through the lowered module. Separate benchmark runs on this VM moved by
+20-60% within minutes, so only figures taken side by side like this are quoted as the effect of a change: the
+median over rounds of each round's median, and (for short calls, where a busy minute swamps the medians) of each
+round's minimum. Prints both and writes
 ``ab_<model>_b<batch>_<base>_<head>.json`` (machine, versions, command, every round) to ``--out``.
 """
 

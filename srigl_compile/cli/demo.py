@@ -143,7 +143,7 @@ def _lower_and_time(runs, models, data) -> list[dict]:
             x = data.x_test[:batch] if batch <= len(data.x_test) else torch.randn(batch, *data.input_shape)
             with torch.no_grad():
                 graph_error = float((graphed(x) - lowered(x)).abs().max())  # (records, checks, then one replay)
-            if graph_error > 0:
+            if graph_error > 1e-4:  # (the same kernels; a dense form's sgemm may round differently per buffer)
                 raise click.ClickException(f"{model}'s cpu_graph replay differs from its lowered forward by "
                                            f"{graph_error:.2e}")
             rounds = _time_rounds({"dense_us": dense, "srigl_masked_us": sparse, "lowered_us": lowered,
@@ -217,8 +217,9 @@ def _results(runs, models, data_name, note, args, latency) -> dict:
 def demo(data, sparsity, epochs, hidden, delta_t, gamma_sal, seed, models, out):
     """Train a wide MLP on MNIST-5k dense, static, RigL and SRigL (with ablation); lower SRigL; compare latency.
 
-    Checks the lowered model against the trained one, times dense, masked and lowered at batch 1 and 256, and
-    reports whether lowering is >= 2x faster than dense and SRigL within 1.5 points of dense. Writes OUT/results.json,
+    Checks the lowered model against the trained one, times dense, masked, lowered and lowered under cpu_graph
+    (replayed without Python between kernels) at batch 1 and 256, and reports whether lowering is >= 2x faster
+    than dense and SRigL within 1.5 points of dense. Writes OUT/results.json,
     OUT/summary.md and PNG plots (accuracy over training, loss, neurons ablated / revived and k per layer, latency).
     Deterministic for a given --seed (but for the timings).
 
