@@ -298,3 +298,14 @@ def test_permuted_and_sliced_layouts_are_copied_with_their_strides(sizes, rng, s
     assert not _overlaps(tensor)
     copy = static_copy(tensor)
     assert copy.stride() == tensor.stride() and torch.equal(copy, tensor)
+
+
+def test_recording_adds_no_kernel_buffers_to_the_eager_forward_s():
+    scratch_module.release_scratch()
+    model, x = _Results(), torch.randn(2**18)
+    with torch.no_grad():
+        model(x)
+        eager = scratch_module.scratch_bytes()
+        y = cpu_graph(model)(x)  # settles, probes eagerly, records, checks, replays
+        assert scratch_module.scratch_bytes() == eager  # the recording took over the eager forward's buffers
+        _same(y, model(x))  # (an eager forward now allocates its own: the recording holds those)
