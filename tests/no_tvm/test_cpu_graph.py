@@ -1,6 +1,8 @@
 """cpu_graph on plain torch models (no TVM): a replay equals an eager forward on new inputs; recordings per input
-signature; in-place parameter changes record again; grad-tracked and concurrent calls run eagerly; forwards a replay
-cannot repeat raise ReplayError at their first call; recycled results are reused while recording."""
+signature and per thread; in-place parameter changes record again; grad-tracked calls and calls passing objects run
+eagerly; forwards a replay cannot repeat raise ReplayError at their first call; recycled results are reused while
+recording, and a recording takes over the eager forward's buffers; which input layouts are copied with their
+strides."""
 
 import copy
 import itertools
@@ -50,7 +52,7 @@ def test_each_signature_records_once_and_others_run_eagerly_past_the_limit():
     assert graphed.replays == 4 and len(graphed._entries) == 2
     graphed = cpu_graph(model)
     with torch.inference_mode():
-        for row in (torch.randn(20), torch.randn(20)):  # expanded inputs (one memory row for all 3): copied as is
+        for row in (torch.randn(20), torch.randn(20)):  # expanded inputs (one memory row for all 3): copied contiguous
             _same(graphed(row.expand(3, 20)), model(row.expand(3, 20)))
     assert graphed.replays == 2
 
