@@ -198,6 +198,8 @@ def run_input(spec: ModelSpec, models: dict, batch: int, resolution: int, config
                 if variant in LOWERED:  # (its layers' trials at this shape end before it is timed)
                     settle(model, x)
                 row["time_us"] = measure(lambda m=model: m(x), config)
+                if variant == "lowered_graph":  # the storage its recording keeps alive (parameters included)
+                    row["held_bytes"] = model.held_bytes
                 if variant == "lowered":  # each layer's time and GFLOP/s against the sgemm peak
                     row["kernel_efficiency"] = layer_efficiency(model, x, forwards=5 if batch <= 8 else 2)
                 row["speedup_vs_dense"] = rows[0]["time_us"]["median"] / row["time_us"]["median"] if rows else 1.0

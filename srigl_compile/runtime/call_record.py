@@ -210,7 +210,6 @@ class Recording:
     """
 
     inputs: list[Any]  # the recorded forward's flattened inputs: static tensors, other leaves as they were
-    spec: Any  # their tree structure
     calls: list[_Call]
     outputs: Any  # aliases of the forward's output tensors (tree)
     held_bytes: int
@@ -264,4 +263,4 @@ def record(fn: Callable, args: tuple, kwargs: dict) -> Recording:
     outputs = recorder.keep(out)
     storages = {alias.untyped_storage()._cdata: alias.untyped_storage().nbytes()
                 for alias in recorder.kept}
-    return Recording(statics, spec, recorder.calls, outputs, sum(storages.values()))
+    return Recording(statics, recorder.calls, outputs, sum(storages.values()))

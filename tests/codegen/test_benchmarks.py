@@ -74,7 +74,7 @@ def check_model_rows(folder):
     graphed = [r for r in rows if r["variant"] == "lowered_graph"]
     assert [(r["model"], r["batch"]) for r in graphed] == [(r["model"], r["batch"]) for r in lowered]
     assert all(r["check"]["passed"] and r["time_us"]["median"] > 0 and r["speedup_vs_best_dense"] > 0
-               for r in graphed)
+               and r["held_bytes"] > 0 for r in graphed)
     # dense is also timed in its own processes, under each other thread setting; the best of all is the baseline
     variants = {r["variant"] for r in rows}
     assert {"dense@default_omp", "dense@gomp_spin_20k"} <= variants
