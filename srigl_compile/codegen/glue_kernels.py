@@ -26,9 +26,12 @@ lowered model, mostly thread hand-over between torch's OpenMP pool and TVM's; in
 kernel just used, at memory speed. A task is one image (a channel): per row of y, the part of x it holds is
 copied (a contiguous loop at stride 1, which LLVM vectorises) and the rest zeroed. The max-pool is here because a
 lowered model's pooling layers (``nn.lowered.LoweredMaxPool2d``) call it from a convolution's library: torch's
-NCHW max_pool2d takes 3.1 ms on a ResNet-50 stem's 64x112x112 (2 cores), this ~0.1 ms. The layer norm is in each
-linear library: torch's takes 102 us on ViT-B/16's 197x768 tokens inside a model (2 cores, its passive threads
-woken), this 43 us; at batch 64 (12608 rows) 12.8 ms against 2.5 ms.
+NCHW max_pool2d takes 3.1 ms on a ResNet-50 stem's 64x112x112 (2 cores, Zen 3), this 0.27 ms (Xeon, hot). The
+max-pool has a loop of its own for stride 2 (a constant stride, which LLVM vectorises as loads and shuffles; a
+runtime stride stays scalar): the stem's, hot, 407 -> 266 us (``benchmarks/micro/glue_copies.py``); inside
+ResNet-50 at batch 1, 0.52 -> 0.36 ms. (The same loop in the phase split measured 1.0x: it is bound by memory.)
+The layer norm is in each linear library: torch's takes 102 us on ViT-B/16's 197x768 tokens inside a model (2
+cores, its passive threads woken), this 43 us; at batch 64 (12608 rows) 12.8 ms against 2.5 ms.
 
 Example:
     >>> funcs = glue_funcs(lambda name: f"srigl_glue_{name}")          # doctest: +SKIP
@@ -112,6 +115,13 @@ def crop_func(symbol: str):
     return crop_grid
 
 
+def _nan_max(value, current):
+    """max(value, current) where a NaN wins, as in torch (T.max would drop it); a TIR expression."""
+    from tvm.script import tirx as T
+
+    return T.if_then_else(T.Or(T.isnan(value), value > current), value, current)
+
+
 def max_pool_func(symbol: str):
     """The ``max_pool`` PrimFunc (module docstring). Per image: y = -inf, then per kernel column j the range of
     output columns whose tap lies inside x (no test per element), per output row the kernel rows inside x."""
@@ -134,12 +144,14 @@ def max_pool_func(symbol: str):
                 end = T.max(T.min((width - 1 - shift) // stride_w + 1, out_w), first)
                 for h, i in T.grid(out_h, kernel_h):
                     row = stride_h * h - pad_h + dilation_h * i
-                    if row >= 0 and row < height:
-                        for w in range(end - first):  # a NaN wins, as in torch (T.max would drop it)
-                            y[image, h, first + w] = T.if_then_else(
-                                T.isnan(x[image, row, stride_w * (first + w) + shift])
-                                or x[image, row, stride_w * (first + w) + shift] > y[image, h, first + w],
-                                x[image, row, stride_w * (first + w) + shift], y[image, h, first + w])
+                    if row >= 0 and row < height and stride_w == 2:  # (constant stride: LLVM vectorises it)
+                        for w in range(end - first):
+                            y[image, h, first + w] = _nan_max(x[image, row, 2 * (first + w) + shift],
+                                                              y[image, h, first + w])
+                    elif row >= 0 and row < height:
+                        for w in range(end - first):
+                            y[image, h, first + w] = _nan_max(x[image, row, stride_w * (first + w) + shift],
+                                                              y[image, h, first + w])
 
     return max_pool
 
