@@ -111,11 +111,12 @@ class ResNet(nn.Module):
                 stages.append(_Bottleneck(cin, width * 2**i, 2 if i and not j else 1))
                 cin = 4 * width * 2**i
         self.layers = nn.Sequential(*stages)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)  # a module, as in torchvision (lower() runs it in TVM)
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.fc(F.adaptive_avg_pool2d(self.layers(out), 1).flatten(1))
+        return self.fc(self.avgpool(self.layers(out)).flatten(1))
 
 
 def resnet50(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:

@@ -156,7 +156,41 @@ def max_pool_func(symbol: str):
     return max_pool
 
 
-LANES = 16  # the layer norm's partial sums: one AVX-512 vector (two AVX2 ones)
+LANES = 16  # the layer norm's and the average pool's partial sums: one AVX-512 vector (two AVX2 ones)
+
+
+def global_avg_pool_func(symbol: str):
+    """The ``global_avg_pool`` PrimFunc (module docstring). A task per block of ``LANES`` images: their sums in
+    one vector, over the images' positions (a strided load per image, which LLVM gathers), then the tail images
+    one by one. Summing across images rather than within one keeps the vector lanes independent, so the order of
+    each image's additions is the plain left-to-right one for every image size."""
+    import_tvm()
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def global_avg_pool(x_handle: T.handle, y_handle: T.handle):
+        T.func_attr({"global_symbol": symbol, "tirx.noalias": True, "srigl.layout": "global_avg_pool"})
+        n, positions, plane = T.int64(), T.int64(), T.int64()
+        x = T.match_buffer(x_handle, (n, positions), "float32", strides=(plane, T.int64(1)))
+        y = T.match_buffer(y_handle, (n,), "float32")
+        for block in T.parallel((n + LANES - 1) // LANES):
+            part = T.decl_buffer((LANES,), "float32")
+            if block * LANES + LANES <= n:
+                for lane in T.vectorized(LANES):
+                    part[lane] = T.float32(0)
+                for q in range(positions):
+                    for lane in T.vectorized(LANES):
+                        part[lane] = part[lane] + x[block * LANES + lane, q]
+                for lane in T.vectorized(LANES):
+                    y[block * LANES + lane] = part[lane] / T.Cast("float32", positions)
+            else:
+                for image in range(n - block * LANES):
+                    part[0] = T.float32(0)
+                    for q in range(positions):
+                        part[0] = part[0] + x[block * LANES + image, q]
+                    y[block * LANES + image] = part[0] / T.Cast("float32", positions)
+
+    return global_avg_pool
 
 
 def layer_norm_func(symbol: str):
@@ -208,8 +242,8 @@ def layer_norm_func(symbol: str):
     return layer_norm
 
 
-_MAKERS = {"pad": pad_func, "crop": crop_func, "max_pool": max_pool_func, "layer_norm": layer_norm_func,
-           "attention": attention_func}
+_MAKERS = {"pad": pad_func, "crop": crop_func, "max_pool": max_pool_func, "global_avg_pool": global_avg_pool_func,
+           "layer_norm": layer_norm_func, "attention": attention_func}
 
 
 def glue_funcs(symbol: Callable[[str], str], names: tuple[str, ...] = CONV_GLUE) -> dict:

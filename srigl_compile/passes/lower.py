@@ -4,7 +4,7 @@ A pipeline of passes on a deep copy, sharing one graph capture and one shape ana
 CondensePass (masked models; shrinks ablated neurons) -> BakeParametrizationsPass -> DenseConvolutionsPass (llvm
 with dense forms) -> FoldBatchNormPass (unless ``fold_batchnorm=False``) -> PadAblatedRowsPass -> FuseEpiloguePass
 (unless ``fuse_epilogues=False``) -> FuseProjectionsPass -> CastPass -> CompileKernelsPass -> PlanarLayoutPass ->
-LowerMaxPoolPass -> LowerLayerNormPass -> LowerAttentionPass -> BatchChunksPass (llvm).
+LowerMaxPoolPass -> LowerGlobalAvgPoolPass -> LowerLayerNormPass -> LowerAttentionPass -> BatchChunksPass (llvm).
 
 Contract.
     requires: the model has sparse (masked) or condensed layers; the target is supported.
@@ -45,7 +45,7 @@ from .dense_convolutions import DenseConvolutionsPass
 from .fold_batchnorm import FoldBatchNormPass
 from .fuse_epilogue import FuseEpiloguePass
 from .fuse_projections import FuseProjectionsPass
-from .lower_glue import LowerAttentionPass, LowerLayerNormPass, LowerMaxPoolPass
+from .lower_glue import LowerAttentionPass, LowerGlobalAvgPoolPass, LowerLayerNormPass, LowerMaxPoolPass
 from .manager import PassManager
 from .planar_layout import PlanarLayoutPass
 
@@ -121,7 +121,8 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
     if fuse_epilogues:
         passes += [FuseEpiloguePass(backend.conv_route, backend.epilogues)]
     passes += [FuseProjectionsPass(), CastPass(config.dtype), CompileKernelsPass(backend, config),
-               PlanarLayoutPass(), LowerMaxPoolPass(), LowerLayerNormPass(), LowerAttentionPass()]
+               PlanarLayoutPass(), LowerMaxPoolPass(), LowerGlobalAvgPoolPass(), LowerLayerNormPass(),
+               LowerAttentionPass()]
     if backend.kind == "llvm":  # (measured on CPUs only: settle chooses, whole batches until then)
         passes += [BatchChunksPass()]
     model = PassManager(passes).run(copy.deepcopy(model), Analyses(example_inputs))

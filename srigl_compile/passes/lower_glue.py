@@ -3,6 +3,8 @@ libraries hold (``codegen.glue_kernels``):
 
 - LowerMaxPoolPass: ``nn.MaxPool2d`` -> ``nn.pooling.LoweredMaxPool2d`` (the max-pool of a direct CPU
   convolution's library; equal to ``F.max_pool2d``: -inf padding, a NaN in a window wins);
+- LowerGlobalAvgPoolPass: ``nn.AdaptiveAvgPool2d(1)`` -> ``nn.pooling.LoweredGlobalAvgPool2d`` (the global average
+  pool of a direct CPU convolution's library; ``F.adaptive_avg_pool2d`` to float32 rounding);
 - LowerLayerNormPass: ``nn.LayerNorm`` over the last dimension -> ``nn.norms.LoweredLayerNorm`` (the layer norm of
   a CPU Linear layer's library; ``F.layer_norm`` to float32 rounding, two-pass mean and variance; parameters
   shared);
@@ -14,9 +16,10 @@ Contract (each).
     requires: after CompileKernelsPass (lowered layers with registered kernels).
     ensures:  outputs unchanged (as above). When the model has a lowered layer whose library holds the function,
               every layer the kernel can compute (``can_lower_max_pool``: floor mode, no indices;
+              ``can_lower_global_avg_pool``: a 1 x 1 output;
               ``can_lower_layer_norm``: the last dimension) becomes the lowered class calling that library; other
-              models and layers are left as they were (``F.max_pool2d`` / ``F.layer_norm`` in a module's forward
-              too: not a layer to replace).
+              models and layers are left as they were (``F.max_pool2d`` / ``F.adaptive_avg_pool2d`` /
+              ``F.layer_norm`` in a module's forward too: not a layer to replace).
     preserves: GRAPH, OUTPUT_SHAPES (a leaf module under the same name computing the same values).
 """
 
@@ -30,13 +33,13 @@ import torch.nn as nn
 from ..nn.condensed_attention import CondensedMultiheadAttention
 from ..nn.lowered import LoweredConv, LoweredLinear
 from ..nn.norms import LoweredLayerNorm, can_lower_layer_norm
-from ..nn.pooling import LoweredMaxPool2d, can_lower_max_pool
+from ..nn.pooling import LoweredGlobalAvgPool2d, LoweredMaxPool2d, can_lower_global_avg_pool, can_lower_max_pool
 from ..runtime.attention_op import HEAD_MULTIPLE
 from ..runtime.registry import get_registered
 from .analysis import GRAPH, OUTPUT_SHAPES, Analyses
 from .base import Pass, PassResult, replace_submodule
 
-__all__ = ["LowerMaxPoolPass", "LowerLayerNormPass", "LowerAttentionPass"]
+__all__ = ["LowerMaxPoolPass", "LowerGlobalAvgPoolPass", "LowerLayerNormPass", "LowerAttentionPass"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,15 @@ class LowerMaxPoolPass(_LowerToGluePass):
     @staticmethod
     def runs_kernel(layer: nn.Module) -> bool:
         return isinstance(layer, LoweredConv) and layer.direct and layer.n_active > 0
+
+
+class LowerGlobalAvgPoolPass(_LowerToGluePass):
+    """See the module docstring."""
+
+    function = "global_avg_pool_fn"
+    lowerable = staticmethod(can_lower_global_avg_pool)
+    lowered = staticmethod(LoweredGlobalAvgPool2d)
+    runs_kernel = staticmethod(LowerMaxPoolPass.runs_kernel)
 
 
 class LowerLayerNormPass(_LowerToGluePass):

@@ -51,6 +51,7 @@ class LlvmConvHandle(HandleBase):
     pad_fn: Any = dataclasses.field(init=False, repr=False, default=None)
     crop_fn: Any = dataclasses.field(init=False, repr=False, default=None)
     max_pool_fn: Any = dataclasses.field(init=False, repr=False, default=None)  # (for ``runtime.pool_op``)
+    global_avg_pool_fn: Any = dataclasses.field(init=False, repr=False, default=None)  # (likewise)
     # columns tensor (one per layer; held weakly, so a freed layer's entries go) -> {image size: offsets}
     _offsets: Any = dataclasses.field(init=False, repr=False, default_factory=WeakIdKeyDictionary)
     missing_features: tuple = dataclasses.field(init=False, repr=False, default=())
@@ -58,7 +59,7 @@ class LlvmConvHandle(HandleBase):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.conv_fn = self.module[self.spec.symbol("offset")]
-        self.pad_fn, self.crop_fn, self.max_pool_fn = (
+        self.pad_fn, self.crop_fn, self.max_pool_fn, self.global_avg_pool_fn = (
             self.module[self.spec.symbol(name)] if self.module.implements_function(self.spec.symbol(name), True)
             else None for name in CONV_GLUE)
         self.missing_features = missing_host_features(self.target)

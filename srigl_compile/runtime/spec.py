@@ -44,8 +44,9 @@ TORCH_FLOAT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 # polynomial exp, likewise ~1e-6).
 EPILOGUES = ("", "relu", "add", "add_relu", "gelu", "silu")
 # The TIR helpers a CPU convolution's library holds besides its kernel (``codegen.glue_kernels``), each under
-# ``spec.symbol(name)``: input padding / phase split, output crop, and the model's max-pooling (``pool_op``).
-CONV_GLUE = ("pad", "crop", "max_pool")
+# ``spec.symbol(name)``: input padding / phase split, output crop, and the model's max-pooling and global average
+# pooling (``pool_op``).
+CONV_GLUE = ("pad", "crop", "max_pool", "global_avg_pool")
 # ... and a CPU linear layer's library: the model's layer norms (``norm_op``) and self-attention cores
 # (``attention_op``).
 LINEAR_GLUE = ("layer_norm", "attention")

@@ -1,6 +1,6 @@
 """The TVM glue in a direct convolution's library (``codegen.glue_kernels``): padding / phase-splitting its input
-and cropping its output grid, against plain torch indexing; the max-pool against torch's; and lowered convolutions
-with and without the copies."""
+and cropping its output grid, against plain torch indexing; the max-pool and the global average pool against
+torch's; and lowered convolutions with and without the copies."""
 
 import pytest
 import torch
@@ -25,7 +25,8 @@ def glue():
 
     executable = tvm.compile(tvm.IRModule(glue_funcs(lambda name: f"test_glue_{name}")),
                              target=tvm.target.Target(host_llvm_target()))
-    return executable["test_glue_pad"], executable["test_glue_crop"], executable["test_glue_max_pool"]
+    return (executable["test_glue_pad"], executable["test_glue_crop"], executable["test_glue_max_pool"],
+            executable["test_glue_global_avg_pool"])
 
 
 def padded_reference(x, phases, rows, pitch, top, left, stride):
@@ -81,6 +82,19 @@ def test_max_pool_equals_torch(glue, n, height, width, kh, kw, sh, sw, dh, dw, d
     y = torch.full(expected.shape, 7.0)
     glue[2](x, y, kh, kw, sh, sw, ph, pw, dh, dw)
     torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 40), positions=st.integers(1, 60), gap=st.integers(0, 17), seed=st.integers(0, 2**16))
+def test_global_avg_pool_equals_torch(glue, n, positions, gap, seed):
+    """Whole blocks of 16 images and a ragged tail; images ``gap`` floats apart beyond their size (planar)."""
+    gen = torch.Generator().manual_seed(seed)
+    storage = torch.randn(n, positions + gap, generator=gen) * 10
+    storage[:, positions:] = float("nan")  # the gaps are never read
+    x = storage[:, :positions]
+    y = torch.full((n,), 7.0)
+    glue[3](x, y)
+    torch.testing.assert_close(y, x.double().mean(1).float(), rtol=1e-6, atol=1e-5)
 
 
 CONVS = [nn.Conv2d(5, 7, 3, padding=1), nn.Conv2d(5, 7, 3, stride=2, padding=1), nn.Conv2d(5, 7, 1, stride=2),
