@@ -1,6 +1,6 @@
 """TIR of the copies around a direct convolution's kernel: padding (and phase-splitting) its input, cropping its
-output grid; and of the model's pooling and layer norms, which lowered layers' libraries carry. Every size is a
-runtime argument, so one compiled copy serves every layer and image size.
+output grid; and of the model's pooling (max, global average) and layer norms, which lowered layers' libraries
+carry. Every size is a runtime argument, so one compiled copy serves every layer and image size.
 
     pad_images(x [N, H, W], y [N, S_h, S_w, R, P], top, left, stride_h, stride_w)
         y[n, a, b, u, v] = x[n, stride_h * u + a - top, stride_w * v + b - left], 0 outside x
@@ -16,6 +16,8 @@ runtime argument, so one compiled copy serves every layer and image size.
              dilation_w)
         y[n, h, w] = max over the taps (i, j) inside x of x[n, stride_h * h - pad_h + dilation_h * i,
         stride_w * w - pad_w + dilation_w * j]      (``F.max_pool2d``, -inf padding; OH, OW as torch sizes them)
+    global_avg_pool(x [N, Q], y [N])
+        y[n] = mean over q of x[n, q]       (``F.adaptive_avg_pool2d(x, 1)`` of N images of Q pixels; x may be planar)
     layer_norm(x [M, N], weight [N], bias [N], y [M, N], eps)
         y[m, :] = (x[m, :] - mean) / sqrt(var + eps) * weight + bias      (``F.layer_norm`` over the last dim)
     attention(q, k, v, kt, o, heads, q_off, k_off, v_off, scale)       (``codegen.attention_kernel``)
@@ -45,7 +47,7 @@ from ..runtime.spec import CONV_GLUE
 from ._tvm_compat import import_tvm
 from .attention_kernel import attention_func
 
-__all__ = ["pad_func", "crop_func", "max_pool_func", "layer_norm_func", "glue_funcs"]
+__all__ = ["pad_func", "crop_func", "max_pool_func", "global_avg_pool_func", "layer_norm_func", "glue_funcs"]
 
 
 
