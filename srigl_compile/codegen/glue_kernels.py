@@ -13,7 +13,8 @@ carry. Every size is a runtime argument, so one compiled copy serves every layer
     between y's planar images are zeroed: the kernels compute lanes there for nothing, and junk left in memory
     could be denormal floats, which cost a microcode assist per instruction)
     max_pool(x [N, H, W], y [N, OH, OW], kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-             dilation_w)
+             dilation_w)      (x's rows and images may lie further apart than their size: a convolution's
+                               output grid is read without its crop)
         y[n, h, w] = max over the taps (i, j) inside x of x[n, stride_h * h - pad_h + dilation_h * i,
         stride_w * w - pad_w + dilation_w * j]      (``F.max_pool2d``, -inf padding; OH, OW as torch sizes them)
     global_avg_pool(x [N, Q], y [N])
@@ -135,7 +136,8 @@ def max_pool_func(symbol: str):
                  stride_w: T.int64, pad_h: T.int64, pad_w: T.int64, dilation_h: T.int64, dilation_w: T.int64):
         T.func_attr({"global_symbol": symbol, "tirx.noalias": True, "srigl.layout": "max_pool"})
         n, height, width, out_h, out_w = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        x = T.match_buffer(x_handle, (n, height, width), "float32")
+        x_plane, x_pitch = T.int64(), T.int64()
+        x = T.match_buffer(x_handle, (n, height, width), "float32", strides=(x_plane, x_pitch, T.int64(1)))
         y = T.match_buffer(y_handle, (n, out_h, out_w), "float32")
         for image in T.parallel(n):
             for h, w in T.grid(out_h, out_w):

@@ -108,6 +108,9 @@ class LoweredConv(CondensedConv):
     # whether every consumer reads planar images (``passes/planar_layout.py``): then an output whose planes are not
     # whole vectors is a strided view with its channels on vector boundaries (``runtime.conv_geometry``)
     planar_output = False
+    # whether every consumer reads images with any row pitch (a lowered max-pool): then an output grid with padding
+    # columns is returned as it is, a strided view, without the crop copy
+    pitched_output = False
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         form = self.__dict__.get("_dense_form")  # (near-dense CPU layers: ``nn.dense_fallback``)
@@ -160,7 +163,7 @@ class LoweredConv(CondensedConv):
                                             dilation, stride, residual)
         check_no_grad(x, self.kernel_key)  # (the layer's input: a subsampled copy no longer carries the flag)
         call, packed = conv_op.prepare_call(images, values, indices, bias, self.kernel_key, kernel, padding,
-                                            dilation, stride, residual, self.planar_output)
+                                            dilation, stride, residual, self.planar_output, self.pitched_output)
         y = call(images, packed, bias, residual)
         # Repeatable when the layer's own input goes to the op unchanged (no padding-mode copy, no Conv1d view)
         # and its operands are what the kernel reads.

@@ -30,6 +30,8 @@ def can_lower_max_pool(module: nn.Module) -> bool:
 class LoweredMaxPool2d(nn.MaxPool2d):
     """``pool`` (an nn.MaxPool2d that ``can_lower_max_pool``), computed by ``kernel_key``'s library."""
 
+    srigl_leaf = True  # graph capture keeps it one call_module node (``passes/planar_layout.py`` looks for it)
+
     def __init__(self, pool: nn.MaxPool2d, kernel_key: str) -> None:
         if not can_lower_max_pool(pool):
             raise ValueError(f"LoweredMaxPool2d computes nn.MaxPool2d in floor mode without indices, got {pool}")
@@ -50,6 +52,8 @@ def can_lower_global_avg_pool(module: nn.Module) -> bool:
 
 class LoweredGlobalAvgPool2d(nn.AdaptiveAvgPool2d):
     """``pool`` (an nn.AdaptiveAvgPool2d that ``can_lower_global_avg_pool``), computed by ``kernel_key``'s library."""
+
+    srigl_leaf = True  # (as LoweredMaxPool2d)
 
     def __init__(self, pool: nn.AdaptiveAvgPool2d, kernel_key: str) -> None:
         if not can_lower_global_avg_pool(pool):

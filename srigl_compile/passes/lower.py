@@ -3,8 +3,8 @@
 A pipeline of passes on a deep copy, sharing one graph capture and one shape analysis (``passes/analysis.py``):
 CondensePass (masked models; shrinks ablated neurons) -> BakeParametrizationsPass -> DenseConvolutionsPass (llvm
 with dense forms) -> FoldBatchNormPass (unless ``fold_batchnorm=False``) -> PadAblatedRowsPass -> FuseEpiloguePass
-(unless ``fuse_epilogues=False``) -> FuseProjectionsPass -> CastPass -> CompileKernelsPass -> PlanarLayoutPass ->
-LowerMaxPoolPass -> LowerGlobalAvgPoolPass -> LowerLayerNormPass -> LowerAttentionPass -> BatchChunksPass (llvm).
+(unless ``fuse_epilogues=False``) -> FuseProjectionsPass -> CastPass -> CompileKernelsPass -> LowerMaxPoolPass ->
+LowerGlobalAvgPoolPass -> PlanarLayoutPass -> LowerLayerNormPass -> LowerAttentionPass -> BatchChunksPass (llvm).
 
 Contract.
     requires: the model has sparse (masked) or condensed layers; the target is supported.
@@ -14,10 +14,12 @@ Contract.
               outputs equal the condensed (= masked) model's up to float rounding (up to the dtype's rounding for
               float16 / bfloat16); the self-attention of torch transformer layers computes q, k and v with one
               stacked layer (``passes/fuse_projections.py``); on llvm, nn.MaxPool2d layers (floor mode, no
-              indices) of a model with a direct convolution run the max-pool kernel of its library, and
-              nn.LayerNorm layers over the last dimension of a model with a Linear layer the layer-norm kernel of
-              its library (``passes/lower_glue.py``); on llvm, a direct convolution whose output only direct
-              convolutions read returns it as planar images (a strided view, ``passes/planar_layout.py``); on llvm
+              indices) and nn.AdaptiveAvgPool2d(1) layers of a model with a direct convolution run the pooling
+              kernels of its library, and nn.LayerNorm layers over the last dimension of a model with a Linear
+              layer the layer-norm kernel of its library (``passes/lower_glue.py``); on llvm, a direct
+              convolution whose output only direct convolutions and global average pools read returns it as
+              planar images, one only max-pools read as its uncropped output grid (strided views,
+              ``passes/planar_layout.py``); on llvm
               with dense forms (the default), dense nn.Conv2d layers (one group, zero padding) are lowered too, as
               layers of full fan-in that run their dense form wherever it measures faster
               (``passes/dense_convolutions.py``); on llvm, per-sample nn.Sequential stacks of lowered convolutions
@@ -121,7 +123,7 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
     if fuse_epilogues:
         passes += [FuseEpiloguePass(backend.conv_route, backend.epilogues)]
     passes += [FuseProjectionsPass(), CastPass(config.dtype), CompileKernelsPass(backend, config),
-               PlanarLayoutPass(), LowerMaxPoolPass(), LowerGlobalAvgPoolPass(), LowerLayerNormPass(),
+               LowerMaxPoolPass(), LowerGlobalAvgPoolPass(), PlanarLayoutPass(), LowerLayerNormPass(),
                LowerAttentionPass()]
     if backend.kind == "llvm":  # (measured on CPUs only: settle chooses, whole batches until then)
         passes += [BatchChunksPass()]

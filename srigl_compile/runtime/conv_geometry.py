@@ -37,7 +37,7 @@ import dataclasses
 import torch
 
 __all__ = ["DirectPlan", "direct_plan", "column_offsets", "phase_kernel", "phase_columns", "strided_plan",
-           "exact_tile", "output_size", "aligned_plane", "planar_plan", "planar_stride", "VECTOR"]
+           "exact_tile", "output_size", "aligned_plane", "planar_plan", "planar_stride", "pitched_stride", "VECTOR"]
 
 VECTOR = 16  # floats per AVX-512 vector and per 64-byte cache line: the plane alignment of planar images
 
@@ -111,6 +111,21 @@ def planar_stride(x: torch.Tensor) -> int | None:
     if x.storage_offset() + batch * channels * plane > x.untyped_storage().nbytes() // x.element_size():
         return None
     return plane
+
+
+def pitched_stride(x: torch.Tensor) -> tuple[int, int] | None:
+    """(plane, pitch) of images [B, C, H, W] whose rows are contiguous and lie pitch >= W floats apart, whose
+    channels lie plane >= H * pitch floats apart, batch after batch (``x.stride() == (C * plane, plane, pitch,
+    1)``): contiguous and planar images, and a convolution's output grid without its crop (rows of the padded
+    width). None for any other layout. (Unlike ``planar_stride`` no read goes past the last pixel, which torch
+    keeps inside the storage.)"""
+    if x.dim() != 4:
+        return None
+    channels, height, width = x.shape[1:]
+    plane, pitch = x.stride(1), x.stride(2)
+    if x.stride(3) != 1 or pitch < width or plane < height * pitch or x.stride(0) != channels * plane:
+        return None
+    return plane, pitch
 
 
 def column_offsets(columns: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, int],

@@ -74,7 +74,9 @@ class ConvCall:
     ``direct``: the input is read as it is (contiguous, or planar images whose channels lie ``plan.plane`` apart);
     else ``planar_input``: the pad copy reads it as the planar images it is.
     ``out_plane``: 0 for a contiguous output, else the channel stride of a planar one (``conv_geometry``), for a
-    layer whose consumers all read planar images (``passes/planar_layout.py``)."""
+    layer whose consumers all read planar images (``passes/planar_layout.py``).
+    ``pitched``: the output is the kernel's grid as it is, a strided view of its rows without the crop copy, for a
+    layer whose consumers all read images with any row pitch (a lowered max-pool)."""
 
     handle: Any
     pads: tuple[int, int, int, int]
@@ -86,6 +88,7 @@ class ConvCall:
     direct: bool = False
     out_plane: int = 0
     planar_input: bool = False
+    pitched: bool = False
 
     def __call__(self, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
                  residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,7 +103,8 @@ class ConvCall:
         grid_length = plan.tiles * plan.lanes
         grid_is_plane = plan.pitch == plan.out_w and grid_length == self.out_plane  # (planar: the grid is the result)
         grid_shape = (batch, n_out, grid_length)
-        grid = scratch("grid", grid_shape) if self.cropped and not grid_is_plane else result(grid_shape)
+        returned = not self.cropped or grid_is_plane or self.pitched  # (a view of it is the result)
+        grid = result(grid_shape) if returned else scratch("grid", grid_shape)
         tail = [bias.contiguous()] if handle.has_bias else []
         if residual is not None:  # in the output grid's layout: as it is when uncropped, else placed in a scratch grid
             tail.append(_residual_grid(residual, self.out_shape, plan, self.cropped))
@@ -108,6 +112,8 @@ class ConvCall:
                        grid.view(batch, n_out, plan.tiles, plan.lanes))
         if not self.cropped:
             return grid.view(self.out_shape)
+        if self.pitched:
+            return grid[:, :, :plan.positions].unflatten(2, (plan.out_h, plan.pitch))[..., :plan.out_w]
         if grid_is_plane:
             return grid[:, :, :plan.out_h * plan.out_w].view(self.out_shape)
         if self.out_plane:  # cropped into planar images
@@ -123,10 +129,13 @@ class ConvCall:
 
 def prepare_call(x: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, bias: torch.Tensor | None,
                  kernel_key: str, kernel_size, padding, dilation, stride,
-                 residual: torch.Tensor | None = None, planar_output: bool = False) -> tuple[ConvCall, torch.Tensor]:
+                 residual: torch.Tensor | None = None, planar_output: bool = False,
+                 pitched_output: bool = False) -> tuple[ConvCall, torch.Tensor]:
     """(the call for this input's shape and layout, the operand values as the kernel reads them), after every check
     of the op (typed errors naming the fix); packs values and columns when the caller has not. ``planar_output``:
-    the caller's consumers read planar images, so an output whose planes are not whole vectors may be one."""
+    the caller's consumers read planar images, so an output whose planes are not whole vectors may be one;
+    ``pitched_output``: they read images with any row pitch, so an output grid with padding columns is returned
+    as it is (a strided view)."""
     handle = get_handle(kernel_key)
     check_runs_here(handle)
     check_cpu_operands(values, bias, handle)
@@ -170,11 +179,12 @@ def prepare_call(x: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, b
     cropped = plan.pitch != plan.out_w or plan.positions != plan.tiles * plan.lanes
     out_shape = (x.shape[0], handle.n_out, plan.out_h, plan.out_w)
     positions, grid = plan.out_h * plan.out_w, plan.tiles * plan.lanes
-    out_plane = 0
-    if planar_output and handle.planar_glue and cropped and positions % VECTOR:  # (else contiguous is aligned)
+    out_plane, pitched = 0, pitched_output and cropped
+    if planar_output and not pitched and handle.planar_glue and cropped and positions % VECTOR:  # (else aligned)
         out_plane = grid if plan.pitch == plan.out_w and grid % VECTOR == 0 else aligned_plane(positions)
     planar_input = handle.planar_glue and plane is not None
-    return ConvCall(handle, pads, stride, plan, offsets, out_shape, cropped, direct, out_plane, planar_input), values
+    return ConvCall(handle, pads, stride, plan, offsets, out_shape, cropped, direct, out_plane, planar_input,
+                    pitched), values
 
 
 def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilation, stride,

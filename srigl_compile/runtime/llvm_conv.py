@@ -44,6 +44,9 @@ class LlvmConvHandle(HandleBase):
     library_path: str | None = None
     # whether the library's pad and crop read and write strided (planar) images; False in libraries saved before
     strided_glue: bool = True
+    # whether the library's max-pool reads images with any row pitch and channel stride; False in libraries saved
+    # before
+    pitched_pool: bool = True
     device_type: ClassVar[str] = "cpu"
     kind: ClassVar[str] = "conv"
     conv_fn: Any = dataclasses.field(init=False, repr=False)
@@ -102,9 +105,11 @@ class LlvmConvHandle(HandleBase):
         return sizes[key]
 
     def manifest_entry(self, folder: Path, stem: str) -> dict[str, Any]:
-        return {"kind": "conv", "params": dataclasses.asdict(self.params), "strided_glue": self.strided_glue}
+        return {"kind": "conv", "params": dataclasses.asdict(self.params), "strided_glue": self.strided_glue,
+                "pitched_pool": self.pitched_pool}
 
     @classmethod
     def from_manifest(cls, folder: Path, entry: dict[str, Any], spec: KernelSpec, library: Path):
         return load_cpu_library(cls, folder, entry, spec, library, {"params": ColParams(**entry["params"]),
-                                                                    "strided_glue": entry.get("strided_glue", False)})
+                                                                    "strided_glue": entry.get("strided_glue", False),
+                                                                    "pitched_pool": entry.get("pitched_pool", False)})

@@ -5,8 +5,10 @@ libraries (``codegen.glue_kernels``).
     tvm_max_pool2d(x [B, C, H, W], kernel_key, kernel_size, stride, padding, dilation) -> y [B, C, OH, OW]
     tvm_global_avg_pool2d(x [B, C, H, W], kernel_key) -> y [B, C, 1, 1]
 
-Same result as ``F.max_pool2d`` (floor mode, -inf padding, a NaN in a window wins); torch's NCHW max-pool takes
-3.1 ms on a ResNet-50 stem's 64x112x112 on 2 cores, the kernel ~0.4 ms. ``kernel_key`` names any registered
+Same result as ``F.max_pool2d`` (floor mode, -inf padding, a NaN in a window wins), read from images with any
+row pitch and channel stride as they are (``conv_geometry.pitched_stride``: a convolution's uncropped output grid,
+``passes/planar_layout.py``); torch's NCHW max-pool takes 3.1 ms on a ResNet-50 stem's 64x112x112 on 2 cores, the
+kernel ~0.4 ms. ``kernel_key`` names any registered
 convolution handle whose library holds the function (a lowered model carries those libraries anyway, and
 ``save_lowered`` writes them). Inputs the kernel does not take (not float32 on the CPU, tracked by autograd, or a
 library saved before the pool existed) run ``F.max_pool2d``: the same values.
@@ -27,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .conv_geometry import output_size, planar_stride
+from .conv_geometry import output_size, pitched_stride, planar_stride
 from .registry import get_handle
 from .scratch import result
 
@@ -41,16 +43,20 @@ def _kernel_takes(x: torch.Tensor) -> bool:
 
 
 def _run(x: torch.Tensor, kernel_key: str, kernel_size, stride, padding, dilation) -> torch.Tensor:
-    pool_fn = getattr(get_handle(kernel_key), "max_pool_fn", None)
+    handle = get_handle(kernel_key)
+    pool_fn = getattr(handle, "max_pool_fn", None)
     if pool_fn is None or not _kernel_takes(x):
         return F.max_pool2d(x, kernel_size, stride, padding, dilation)
     out = output_size(x.shape[2:], kernel_size, stride, padding, dilation)
     if min(out) < 1 or x.numel() == 0 or any(2 * p > k for p, k in zip(padding, kernel_size)):
         return F.max_pool2d(x, kernel_size, stride, padding, dilation)  # torch's result, or its error
     batch, channels, height, width = x.shape
+    strides = pitched_stride(x) if getattr(handle, "pitched_pool", False) else None
+    if strides is None:  # (a library saved before its max-pool took strided images: contiguous ones)
+        x, strides = x.contiguous(), (height * width, width)
     y = result((batch, channels, *out))
-    pool_fn(x.contiguous().view(batch * channels, height, width), y.view(batch * channels, *out), *kernel_size,
-            *stride, *padding, *dilation)
+    pool_fn(x.as_strided((batch * channels, height, width), (*strides, 1)), y.view(batch * channels, *out),
+            *kernel_size, *stride, *padding, *dilation)
     return y
 
 

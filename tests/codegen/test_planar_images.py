@@ -1,6 +1,7 @@
 """Planar images between direct convolutions (``runtime.conv_geometry``, ``passes/planar_layout.py``): a lowered
-convolution whose output only direct convolutions read returns a strided view whose channels start on 16-float
-boundaries, and the next ones read it as it is. Values never change; outputs anything else reads stay
+convolution whose output only direct convolutions (or a global average pool) read returns a strided view whose
+channels start on 16-float boundaries, and the next ones read it as it is; one only max-pools read returns its
+output grid uncropped (rows of the padded width). Values never change; outputs anything else reads stay
 contiguous; a prepared call is only repeated for an input laid out as the one it was prepared for."""
 
 import json
@@ -14,13 +15,16 @@ from hypothesis import strategies as st
 
 from srigl_compile import SRigLConfig, load_lowered, lower, save_lowered, sparsify
 from srigl_compile.nn.lowered import LoweredConv
+from srigl_compile.nn.pooling import LoweredGlobalAvgPool2d, LoweredMaxPool2d
 from srigl_compile.runtime.conv_geometry import (
     aligned_plane,
     column_offsets,
     direct_plan,
+    pitched_stride,
     planar_plan,
     planar_stride,
 )
+from srigl_compile.runtime.registry import get_handle
 
 
 def planar(x: torch.Tensor, plane: int) -> torch.Tensor:
@@ -45,6 +49,19 @@ def test_planar_stride_recognises_planar_images_only():
     assert planar_stride(torch.as_strided(torch.zeros(96), (1, 2, 5, 7), (96, 48, 7, 1))) == 48
     ends_early = torch.as_strided(torch.zeros(48 + 35), (1, 2, 5, 7), (96, 48, 7, 1))  # (its last pixel, no gap)
     assert planar_stride(ends_early) is None, "the last plane's gap lies past the storage: not safe to read"
+
+
+def test_pitched_stride_recognises_images_with_row_and_channel_gaps_only():
+    x = torch.randn(2, 3, 5, 7)
+    assert pitched_stride(x) == (35, 7) and pitched_stride(planar(x, 48)) == (48, 7)
+    grid = torch.randn(2, 3, 5 * 9 + 4)  # an output grid: rows 9 floats apart, a tail past the last row
+    view = grid[:, :, :45].unflatten(2, (5, 9))[..., :7]
+    assert pitched_stride(view) == (49, 9) and pitched_stride(view[1:]) == (49, 9)
+    assert pitched_stride(view[:, 1:]) is None, "channels cut out: the batch stride is no longer C x plane"
+    assert pitched_stride(x.transpose(2, 3)) is None and pitched_stride(x[..., ::2]) is None
+    assert pitched_stride(x.to(memory_format=torch.channels_last)) is None and pitched_stride(x[0]) is None
+    assert pitched_stride(torch.as_strided(torch.zeros(40), (1, 1, 5, 7), (40, 40, 8, 1))) == (40, 8)
+    assert planar_stride(view) is None, "rows further apart than their width: not planar"
 
 
 @settings(max_examples=80, deadline=None)
@@ -189,3 +206,63 @@ def test_planar_outputs_survive_save_and_load_and_older_libraries_stay_contiguou
     (y, h), seen = _outputs(older, x)
     torch.testing.assert_close((y, h), want, rtol=1e-4, atol=1e-4)
     assert all(out.is_contiguous() for out in seen.values()), "no strided pad / crop: contiguous everywhere"
+
+
+class _Pools(nn.Module):
+    """A padded 3x3 convolution read by a max-pool only (pitched), one read by a max-pool and by torch (contiguous),
+    and a 1x1 convolution read by a global average pool only (planar)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.relu, self.pool = nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        self.side, self.side_pool = nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2)
+        self.head, self.gap = nn.Conv2d(16, 32, 1), nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        side = self.side(x)
+        pooled = self.side_pool(side) + side[:, :, 1::2, 1::2].tanh()
+        return self.gap(self.head(self.pool(self.relu(self.stem(x))))).flatten(1), pooled
+
+
+@pytest.mark.tvm
+def test_an_output_only_max_pools_read_is_the_uncropped_grid_and_one_only_a_global_pool_reads_is_planar(tmp_path):
+    torch.manual_seed(4)
+    masked = sparsify(_Pools(), SRigLConfig(sparsity=0.6, distribution="uniform")).eval()
+    lowered = lower(masked, example_inputs=(torch.randn(1, 3, 14, 14),), progress=False)
+    assert isinstance(lowered.pool, LoweredMaxPool2d) and isinstance(lowered.gap, LoweredGlobalAvgPool2d)
+    layouts = {n: (m.planar_output, m.pitched_output) for n, m in lowered.named_modules() if isinstance(m, LoweredConv)}
+    assert layouts == {"stem": (True, True), "side": (False, False), "head": (True, False)}
+    for model in (lowered, _saved_and_loaded(lowered, tmp_path)):
+        for batch, size in ((1, 14), (2, 9)):
+            x = torch.randn(batch, 3, size, size)
+            out, seen = _outputs(model, x)
+            with torch.no_grad():
+                torch.testing.assert_close(out, masked(x), rtol=1e-4, atol=1e-4)
+            plane, pitch = pitched_stride(seen["stem"])
+            assert pitch == size + 2 and plane >= size * pitch, "the kernel's grid: rows of the padded width"
+            assert seen["side"].is_contiguous(), "torch reads it too"
+            assert planar_stride(seen["head"]) % 16 == 0 and not seen["head"].is_contiguous()
+
+
+def _saved_and_loaded(lowered: nn.Module, folder) -> nn.Module:
+    save_lowered(lowered, folder / "model")
+    return load_lowered(folder / "model")
+
+
+@pytest.mark.tvm
+def test_a_max_pool_from_an_older_library_reads_a_contiguous_copy(monkeypatch):
+    """A library saved before its max-pool took strided images (``pitched_pool`` False): the pool copies the grid
+    view contiguous first, and the values stay torch's."""
+    torch.manual_seed(5)
+    masked = sparsify(_Pools(), SRigLConfig(sparsity=0.6, distribution="uniform")).eval()
+    lowered = lower(masked, example_inputs=(torch.randn(1, 3, 14, 14),), progress=False)
+    grid = torch.randn(2, 16, 12 * 15 + 5)
+    view = grid[:, :, :180].unflatten(2, (12, 15))[..., :13]  # rows 15 floats apart
+    expected = F.max_pool2d(view, 3, 2, 1)
+    handle, strides = get_handle(lowered.pool.kernel_key), []
+    pool_fn = handle.max_pool_fn
+    monkeypatch.setattr(handle, "max_pool_fn", lambda x, *rest: strides.append(x.stride()) or pool_fn(x, *rest))
+    assert torch.equal(lowered.pool(view), expected)
+    monkeypatch.setattr(handle, "pitched_pool", False)
+    assert torch.equal(lowered.pool(view), expected)
+    assert strides == [(185, 15, 1), (156, 13, 1)], "the grid as it is, then a contiguous copy"
