@@ -2,7 +2,8 @@
 fp32 peak (torch's sgemm at the same threads): what the model benchmark reports per model and batch, and what
 ``profile_model.py --layers`` prints.
 
-A layer's time is its calls (padding and crop copies included) timed by forward hooks over ``forwards`` forwards:
+A layer's time is its calls (padding and crop copies included; a convolution run band by band with its max-pool,
+``nn.conv_pool``, with the pool, under the pool's name) timed by forward hooks over ``forwards`` forwards:
 the median call times the calls a forward makes (a stack run in batch chunks, ``nn.batch_chunks``, calls each
 layer once per chunk); its useful work is 2 x active neurons x k x output positions (rows of x for a Linear) summed
 over a forward's calls, the multiply-adds its non-zeros do, not the dense layer's.
@@ -14,12 +15,15 @@ Example:
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
 import torch
 
+from srigl_compile.nn.conv_pool import LoweredConvMaxPool
 from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
+from srigl_compile.runtime.conv_geometry import output_size
 
 _PEAK: dict[int, float] = {}  # threads -> GFLOP/s, measured once per process
 
@@ -42,9 +46,15 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def useful_flops(layer, out: torch.Tensor) -> float:
-    """2 x active neurons x k x output positions (rows of x for a Linear)."""
-    positions = out.numel() // out.shape[1] if isinstance(layer, LoweredConv) else out.numel() // out.shape[-1]
+def useful_flops(layer, out: torch.Tensor, x: torch.Tensor) -> float:
+    """2 x active neurons x k x output positions (rows of x for a Linear; for a convolution run with its max-pool,
+    the convolution's positions on the input ``x``)."""
+    if isinstance(layer, LoweredConvMaxPool):
+        _, kernel, stride, dilation, padding = layer.conv._as_2d(x)
+        layer, positions = layer.conv, x.shape[0] * math.prod(output_size(x.shape[2:], kernel, stride, padding,
+                                                                          dilation))
+    else:
+        positions = out.numel() // out.shape[1] if isinstance(layer, LoweredConv) else out.numel() // out.shape[-1]
     return 2.0 * layer.n_active * layer.k * positions
 
 
@@ -52,7 +62,9 @@ def layer_efficiency(lowered: torch.nn.Module, x: torch.Tensor, forwards: int = 
     """{"forward_ms", "layers_ms", "useful_gflop", "gflops", "sgemm_peak_gflops", "layers": [per lowered layer:
     layer, kind, n_active, k, kernel, calls (a forward's), ms (a forward's), gflops, of_peak]} (module docstring);
     the model is warmed up (its dense-form trials settled) by the caller."""
-    layers = {name: m for name, m in lowered.named_modules() if isinstance(m, (LoweredConv, LoweredLinear))}
+    fused = {f"{name}.conv" for name, m in lowered.named_modules() if isinstance(m, LoweredConvMaxPool)}
+    layers = {name: m for name, m in lowered.named_modules()  # (a fused pair's time and work: its conv's row)
+              if isinstance(m, (LoweredConv, LoweredLinear, LoweredConvMaxPool)) and name not in fused}
     seconds: dict[str, list[float]] = {name: [] for name in layers}
     flops: dict[str, float] = dict.fromkeys(layers, 0.0)  # summed over every call of the timed forwards
     started: dict[str, float] = {}
@@ -63,7 +75,7 @@ def layer_efficiency(lowered: torch.nn.Module, x: torch.Tensor, forwards: int = 
     def after(name):
         def hook(module, inputs, out):
             seconds[name].append(time.perf_counter() - started[name])
-            flops[name] += useful_flops(module, out)
+            flops[name] += useful_flops(module, out, inputs[0])
         return hook
 
     hooks = [h for name, m in layers.items()
@@ -82,8 +94,9 @@ def layer_efficiency(lowered: torch.nn.Module, x: torch.Tensor, forwards: int = 
         calls = len(seconds[name]) / forwards
         per_forward = statistics.median(seconds[name]) * calls
         work = flops[name] / forwards
-        rows.append({"layer": name, "kind": type(layer).__name__, "n_active": layer.n_active, "k": layer.k,
-                     "kernel": layer.kernel_key.split("@")[0], "calls": calls, "ms": per_forward * 1e3,
+        conv = layer.conv if isinstance(layer, LoweredConvMaxPool) else layer
+        rows.append({"layer": name, "kind": type(layer).__name__, "n_active": conv.n_active, "k": conv.k,
+                     "kernel": conv.kernel_key.split("@")[0], "calls": calls, "ms": per_forward * 1e3,
                      "gflops": work / per_forward / 1e9, "of_peak": work / per_forward / 1e9 / peak})
     in_layers = sum(r["ms"] for r in rows)
     useful = sum(flops[r["layer"]] for r in rows) / forwards / 1e9

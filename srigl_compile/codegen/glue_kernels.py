@@ -14,7 +14,7 @@ carry. Every size is a runtime argument, so one compiled copy serves every layer
     could be denormal floats, which cost a microcode assist per instruction)
     max_pool(x [N, H, W], y [N, OH, OW], kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
              dilation_w)      (x's rows and images may lie further apart than their size: a convolution's
-                               output grid is read without its crop)
+                               output grid is read without its crop; y's images too: a band of rows)
         y[n, h, w] = max over the taps (i, j) inside x of x[n, stride_h * h - pad_h + dilation_h * i,
         stride_w * w - pad_w + dilation_w * j]      (``F.max_pool2d``, -inf padding; OH, OW as torch sizes them)
     global_avg_pool(x [N, Q], y [N])
@@ -136,9 +136,9 @@ def max_pool_func(symbol: str):
                  stride_w: T.int64, pad_h: T.int64, pad_w: T.int64, dilation_h: T.int64, dilation_w: T.int64):
         T.func_attr({"global_symbol": symbol, "tirx.noalias": True, "srigl.layout": "max_pool"})
         n, height, width, out_h, out_w = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        x_plane, x_pitch = T.int64(), T.int64()
+        x_plane, x_pitch, y_plane = T.int64(), T.int64(), T.int64()
         x = T.match_buffer(x_handle, (n, height, width), "float32", strides=(x_plane, x_pitch, T.int64(1)))
-        y = T.match_buffer(y_handle, (n, out_h, out_w), "float32")
+        y = T.match_buffer(y_handle, (n, out_h, out_w), "float32", strides=(y_plane, out_w, T.int64(1)))
         for image in T.parallel(n):
             for h, w in T.grid(out_h, out_w):
                 y[image, h, w] = T.float32(float("-inf"))  # (a window wholly in the padding: -inf, as torch)

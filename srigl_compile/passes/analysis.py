@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..errors import TraceError
 from .graph_capture import capture_graph, eval_mode, example_args
 
 __all__ = ["Analysis", "Analyses", "GRAPH", "OUTPUT_SHAPES"]
@@ -109,3 +110,18 @@ class Analyses:
     @property
     def computed(self) -> list[str]:
         return sorted(self._results)
+
+
+def module_graph(analyses: Analyses, model: nn.Module, skipped: str):
+    """The GRAPH analysis when ``torch.fx.symbolic_trace`` captured it (module calls as nodes, what passes that
+    follow one module's output to the modules reading it need), else None, logging that ``skipped`` is skipped and
+    why (a torch.export capture is aten-level; a model that cannot be captured at all)."""
+    try:
+        graph = analyses.get(GRAPH, model)
+    except TraceError as err:
+        log.info("%s: skipped (the graph cannot be captured: %s)", skipped, err)
+        return None
+    if graph.method != "symbolic_trace":
+        log.info("%s: skipped (the graph was captured by %s, not at module level)", skipped, graph.method)
+        return None
+    return graph

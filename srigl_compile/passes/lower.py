@@ -4,7 +4,8 @@ A pipeline of passes on a deep copy, sharing one graph capture and one shape ana
 CondensePass (masked models; shrinks ablated neurons) -> BakeParametrizationsPass -> DenseConvolutionsPass (llvm
 with dense forms) -> FoldBatchNormPass (unless ``fold_batchnorm=False``) -> PadAblatedRowsPass -> FuseEpiloguePass
 (unless ``fuse_epilogues=False``) -> FuseProjectionsPass -> CastPass -> CompileKernelsPass -> LowerMaxPoolPass ->
-LowerGlobalAvgPoolPass -> PlanarLayoutPass -> LowerLayerNormPass -> LowerAttentionPass -> BatchChunksPass (llvm).
+LowerGlobalAvgPoolPass -> PlanarLayoutPass -> FuseConvPoolPass -> LowerLayerNormPass -> LowerAttentionPass ->
+BatchChunksPass (llvm).
 
 Contract.
     requires: the model has sparse (masked) or condensed layers; the target is supported.
@@ -19,7 +20,9 @@ Contract.
               layer the layer-norm kernel of its library (``passes/lower_glue.py``); on llvm, a direct
               convolution whose output only direct convolutions and global average pools read returns it as
               planar images, one only max-pools read as its uncropped output grid (strided views,
-              ``passes/planar_layout.py``); on llvm
+              ``passes/planar_layout.py``), and one only a max-pool reads runs with it, band by band
+              (``passes/fuse_conv_pool.py``: the pool's place holds both, the convolution's an nn.Identity); on
+              llvm
               with dense forms (the default), dense nn.Conv2d layers (one group, zero padding) are lowered too, as
               layers of full fan-in that run their dense form wherever it measures faster
               (``passes/dense_convolutions.py``); on llvm, per-sample nn.Sequential stacks of lowered convolutions
@@ -45,6 +48,7 @@ from .batch_chunks import BatchChunksPass
 from .condense import CondensePass
 from .dense_convolutions import DenseConvolutionsPass
 from .fold_batchnorm import FoldBatchNormPass
+from .fuse_conv_pool import FuseConvPoolPass
 from .fuse_epilogue import FuseEpiloguePass
 from .fuse_projections import FuseProjectionsPass
 from .lower_glue import LowerAttentionPass, LowerGlobalAvgPoolPass, LowerLayerNormPass, LowerMaxPoolPass
@@ -123,8 +127,8 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
     if fuse_epilogues:
         passes += [FuseEpiloguePass(backend.conv_route, backend.epilogues)]
     passes += [FuseProjectionsPass(), CastPass(config.dtype), CompileKernelsPass(backend, config),
-               LowerMaxPoolPass(), LowerGlobalAvgPoolPass(), PlanarLayoutPass(), LowerLayerNormPass(),
-               LowerAttentionPass()]
+               LowerMaxPoolPass(), LowerGlobalAvgPoolPass(), PlanarLayoutPass(), FuseConvPoolPass(),
+               LowerLayerNormPass(), LowerAttentionPass()]
     if backend.kind == "llvm":  # (measured on CPUs only: settle chooses, whole batches until then)
         passes += [BatchChunksPass()]
     model = PassManager(passes).run(copy.deepcopy(model), Analyses(example_inputs))

@@ -33,10 +33,9 @@ import logging
 import torch.fx as fx
 import torch.nn as nn
 
-from ..errors import TraceError
 from ..nn.lowered import LoweredConv
 from ..nn.pooling import LoweredGlobalAvgPool2d, LoweredMaxPool2d
-from .analysis import GRAPH, OUTPUT_SHAPES, Analyses
+from .analysis import GRAPH, OUTPUT_SHAPES, Analyses, module_graph
 from .base import Pass, PassResult
 
 __all__ = ["PlanarLayoutPass"]
@@ -83,12 +82,8 @@ class PlanarLayoutPass(Pass):
     def call(self, model: nn.Module, analyses: Analyses) -> PassResult:
         if not any(isinstance(m, LoweredConv) and m.direct for m in model.modules()):
             return PassResult(model, modified=False)
-        try:
-            graph = analyses.get(GRAPH, model)
-        except TraceError as err:
-            log.info("no planar outputs (the graph cannot be captured: %s)", err)
-            return PassResult(model, modified=False)
-        if graph.method != "symbolic_trace":
+        graph = module_graph(analyses, model, "planar and pitched outputs")
+        if graph is None:
             return PassResult(model, modified=False)
         modules = dict(model.named_modules())
         layouts: dict[str, str] = {}  # layer name -> the widest layout the readers of every call take

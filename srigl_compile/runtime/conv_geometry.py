@@ -37,7 +37,8 @@ import dataclasses
 import torch
 
 __all__ = ["DirectPlan", "direct_plan", "column_offsets", "phase_kernel", "phase_columns", "strided_plan",
-           "exact_tile", "output_size", "aligned_plane", "planar_plan", "planar_stride", "pitched_stride", "VECTOR"]
+           "exact_tile", "output_size", "aligned_plane", "planar_plan", "planar_stride", "pitched_stride",
+           "PoolBand", "pool_bands", "VECTOR"]
 
 VECTOR = 16  # floats per AVX-512 vector and per 64-byte cache line: the plane alignment of planar images
 
@@ -202,3 +203,37 @@ def exact_tile(positions: int, vector: int = 8, widest: int = 64) -> int | None:
     if not fits:
         return None
     return max(fits, key=lambda lanes: (lanes / (vector * -(-lanes // vector)), lanes))
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolBand:
+    """A band of a pooling's output rows [first, end) and the rows [in_first, in_end) of its input they read
+    (inside the input), with ``pad_top``: the pooling's top padding for the band read on its own (the global
+    padding for the first band, 0 where the band's first window lies inside the input)."""
+
+    first: int
+    end: int
+    in_first: int
+    in_end: int
+    pad_top: int
+
+
+def pool_bands(height: int, kernel: int, stride: int, padding: int, dilation: int, rows: int) -> list[PoolBand]:
+    """A pooling over ``height`` input rows (its vertical kernel, stride, padding and dilation) split into bands of
+    ``rows`` output rows (the last may be shorter): pooling each band's input rows with its ``pad_top`` gives the
+    band's output rows. Bands overlap in their input rows where windows do (a convolution computing each band's
+    rows recomputes those).
+
+    Raises:
+        ValueError: ``rows`` < 1, or the pooling has no output row.
+    """
+    (out_h,) = output_size((height,), (kernel,), (stride,), (padding,), (dilation,))
+    if rows < 1 or out_h < 1:
+        raise ValueError(f"need rows >= 1 and an output row, got rows={rows} for {height} rows pooled by {kernel}")
+    bands = []
+    for first in range(0, out_h, rows):
+        end = min(first + rows, out_h)
+        top = stride * first - padding  # the first window's first row (negative: in the padding)
+        in_first, in_end = max(top, 0), min(stride * (end - 1) - padding + dilation * (kernel - 1) + 1, height)
+        bands.append(PoolBand(first, end, in_first, in_end, in_first - top))
+    return bands

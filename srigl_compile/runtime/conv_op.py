@@ -55,7 +55,7 @@ from .conv_geometry import (
 from .registry import get_handle
 from .scratch import pad_images, result, scratch
 
-__all__ = ["condensed_conv2d", "subsample_images", "prepare_call", "ConvCall"]
+__all__ = ["condensed_conv2d", "subsample_images", "prepare_call", "padded_images", "ConvCall"]
 
 
 def _pair(values: Sequence[int]) -> tuple[int, int]:
@@ -96,10 +96,7 @@ class ConvCall:
         if batch == 0:
             return x.new_empty(self.out_shape)
         # The temporaries live in scratch buffers (fresh large tensors are page-faulted in on every call).
-        if self.direct:
-            images = x.as_strided((batch, x.shape[1] * plan.plane), (x.shape[1] * plan.plane, 1))
-        else:
-            images = _padded_input(handle, x, self.pads, self.stride, plan, self.planar_input).view(batch, -1)
+        images = padded_images(self, x)
         grid_length = plan.tiles * plan.lanes
         grid_is_plane = plan.pitch == plan.out_w and grid_length == self.out_plane  # (planar: the grid is the result)
         grid_shape = (batch, n_out, grid_length)
@@ -192,6 +189,15 @@ def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilati
     call, values = prepare_call(x, values, columns, bias, kernel_key, kernel_size, padding, dilation, stride,
                                 residual)
     return call(x, values, bias, residual)
+
+
+def padded_images(call: ConvCall, x: torch.Tensor) -> torch.Tensor:
+    """The kernel's input for ``call``: x [B, C, H, W] as it is (``call.direct``) or padded (and phase-split) into
+    the plan's images (a scratch buffer), flattened per image: [B, L]."""
+    batch, plan = x.shape[0], call.plan
+    if call.direct:
+        return x.as_strided((batch, x.shape[1] * plan.plane), (x.shape[1] * plan.plane, 1))
+    return _padded_input(call.handle, x, call.pads, call.stride, plan, call.planar_input).view(batch, -1)
 
 
 def _padded_input(handle, x: torch.Tensor, pads: tuple[int, int, int, int], stride: tuple[int, int],

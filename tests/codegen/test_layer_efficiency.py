@@ -1,5 +1,6 @@
 """The model benchmark's per-layer efficiency table (benchmarks/layer_efficiency.py) counts a forward's work and
-time whether the forward calls a layer once or once per batch chunk (``nn.batch_chunks``)."""
+time whether the forward calls a layer once or once per batch chunk (``nn.batch_chunks``), and a stem convolution
+run with its max-pool (``nn.conv_pool``) as one row with the convolution's work."""
 
 import sys
 from pathlib import Path
@@ -31,7 +32,12 @@ def test_chunked_layers_count_every_call_of_a_forward():
     chunked = layer_efficiency(lowered, x, forwards=2)
     in_stack = {name for name, _ in lowered.layers.named_modules(prefix="layers")}
     calls = {row["layer"]: row["calls"] for row in chunked["layers"]}
-    assert {calls[name] for name in calls if name in in_stack} == {3} and calls["conv1"] == 1
+    assert {calls[name] for name in calls if name in in_stack} == {3} and calls["maxpool"] == 1
+    stem = next(row for row in whole["layers"] if row["layer"] == "maxpool")  # (the stem conv, with its pool)
+    conv = lowered.maxpool.conv
+    assert stem["kind"] == "LoweredConvMaxPool" and (stem["n_active"], stem["k"]) == (conv.n_active, conv.k)
+    work = 2 * conv.n_active * conv.k * 6 * 16 * 16  # its positions: 6 images of 16 x 16 (7x7/2 on 32 x 32)
+    assert stem["gflops"] * stem["ms"] * 1e6 == pytest.approx(work, rel=1e-9)
     assert {row["calls"] for row in whole["layers"]} == {1}
     assert chunked["useful_gflop"] == pytest.approx(whole["useful_gflop"], rel=1e-12)
     for table in (whole, chunked):

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from srigl_compile import SRigLConfig, load_lowered, lower, save_lowered, sparsify
+from srigl_compile.nn.conv_pool import LoweredConvMaxPool
 from srigl_compile.nn.pooling import LoweredGlobalAvgPool2d, LoweredMaxPool2d
 from srigl_compile.runtime.registry import get_handle
 
@@ -45,18 +46,20 @@ def pooling_cnn():
 
 def test_pools_the_kernel_computes_are_lowered_and_equal_torch(pooling_cnn):
     masked, lowered = pooling_cnn
-    assert isinstance(lowered.stem[2], LoweredMaxPool2d) and isinstance(lowered.dilated, LoweredMaxPool2d)
+    # the stem's pool alone reads its conv: both run in its place, band by band (``test_conv_pool.py``)
+    assert isinstance(lowered.stem[2], LoweredConvMaxPool) and type(lowered.stem[0]) is nn.Identity
+    assert isinstance(lowered.stem[2].pool, LoweredMaxPool2d) and isinstance(lowered.dilated, LoweredMaxPool2d)
     assert type(lowered.ceil) is nn.MaxPool2d and type(lowered.indices) is nn.MaxPool2d  # left as they were
     assert isinstance(lowered.global_pool, LoweredGlobalAvgPool2d)
     assert type(lowered.regional_pool) is nn.AdaptiveAvgPool2d  # (to 2 x 2: left as it was)
-    for pool, function in ((lowered.stem[2], "max_pool_fn"), (lowered.global_pool, "global_avg_pool_fn")):
+    for pool, function in ((lowered.dilated, "max_pool_fn"), (lowered.global_pool, "global_avg_pool_fn")):
         assert getattr(get_handle(pool.kernel_key), function, None) is not None
     with torch.no_grad():
         for shape in ((1, 3, 17, 19), (3, 3, 12, 12)):
             x = torch.randn(shape)
             torch.testing.assert_close(lowered(x), masked(x), rtol=1e-5, atol=1e-5)
         x = torch.randn(8, 9, 10)  # unbatched, as nn.MaxPool2d takes it
-        assert torch.equal(lowered.stem[2](x), nn.functional.max_pool2d(x, 3, 2, 1))
+        assert torch.equal(lowered.stem[2].pool(x), nn.functional.max_pool2d(x, 3, 2, 1))
         torch.testing.assert_close(lowered.global_pool(x), nn.functional.adaptive_avg_pool2d(x, 1), rtol=1e-6,
                                    atol=1e-6)
         planar = torch.randn(2, 20, 32).as_strided((2, 20, 5, 5), (640, 32, 5, 1))  # channels 32 floats apart
@@ -66,7 +69,7 @@ def test_pools_the_kernel_computes_are_lowered_and_equal_torch(pooling_cnn):
 
 def test_a_library_without_the_pool_and_autograd_inputs_run_torch(pooling_cnn, monkeypatch):
     _, lowered = pooling_cnn
-    pool = lowered.stem[2]
+    pool = lowered.stem[2].pool
     x = torch.randn(2, 8, 9, 9)
     expected = nn.functional.max_pool2d(x, 3, 2, 1)
     monkeypatch.setattr(get_handle(pool.kernel_key), "max_pool_fn", None)  # a library saved before it existed
@@ -114,7 +117,7 @@ def test_lowered_pools_save_and_load_in_a_fresh_process(pooling_cnn, tmp_path):
         torch.save(masked(x), tmp_path / "expected.pt")
     code = (f"import torch; from srigl_compile import load_lowered; m = load_lowered({str(tmp_path / 'model')!r}); "
             f"x = torch.load({str(tmp_path / 'x.pt')!r}); e = torch.load({str(tmp_path / 'expected.pt')!r}); "
-            "assert type(m.stem[2]).__name__ == 'LoweredMaxPool2d'; "
+            "assert type(m.stem[2].pool).__name__ == 'LoweredMaxPool2d'; "
             "assert type(m.global_pool).__name__ == 'LoweredGlobalAvgPool2d'; "
             "torch.testing.assert_close(m(x), e, rtol=1e-5, atol=1e-5)")
     subprocess.run([sys.executable, "-c", code], check=True)

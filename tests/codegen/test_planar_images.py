@@ -209,19 +209,22 @@ def test_planar_outputs_survive_save_and_load_and_older_libraries_stay_contiguou
 
 
 class _Pools(nn.Module):
-    """A padded 3x3 convolution read by a max-pool only (pitched), one read by a max-pool and by torch (contiguous),
-    and a 1x1 convolution read by a global average pool only (planar)."""
+    """A padded 3x3 convolution read by two max-pools only (pitched; one pool alone would run with it, band by
+    band: ``test_conv_pool.py``), one read by a max-pool and by torch (contiguous), and a 1x1 convolution read by a
+    global average pool only (planar)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem, self.relu, self.pool = nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        self.pool_b = nn.MaxPool2d(1, 2)  # (the same output size: a subsample)
         self.side, self.side_pool = nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2)
         self.head, self.gap = nn.Conv2d(16, 32, 1), nn.AdaptiveAvgPool2d(1)
 
     def forward(self, x):
         side = self.side(x)
         pooled = self.side_pool(side) + side[:, :, 1::2, 1::2].tanh()
-        return self.gap(self.head(self.pool(self.relu(self.stem(x))))).flatten(1), pooled
+        stem = self.relu(self.stem(x))
+        return self.gap(self.head(self.pool(stem) + self.pool_b(stem))).flatten(1), pooled
 
 
 @pytest.mark.tvm

@@ -1,0 +1,71 @@
+"""LoweredConvMaxPool: a lowered direct convolution and the max-pool that alone reads it, run band by band.
+
+``passes/fuse_conv_pool.py`` puts one in the max-pool's place (the convolution's place becomes an ``nn.Identity``,
+so the model's own forward hands the convolution's input on to it). Eager calls on plain float32 CPU tensors run
+``runtime.conv_pool_op.conv_max_pool``: per image, bands of the pool's rows, each band's convolution rows computed
+into a buffer that stays in L2 and pooled from there. Anything else (tracing, export, autograd inputs, an input
+shape whose dense form is on trial or chosen, a library whose max-pool cannot read strided images) runs the two
+modules one after the other, as before the fusion: the same values either way.
+
+Example:
+    >>> fused = LoweredConvMaxPool(model.conv1, model.maxpool)       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.utils import _pair
+
+from ..runtime import conv_op
+from ..runtime.checks import KernelShapeError
+from ..runtime.conv_pool_op import conv_max_pool
+from ..runtime.registry import get_handle
+from .lowered import LoweredConv, subsamples, with_layer_name
+from .pooling import LoweredMaxPool2d
+
+__all__ = ["LoweredConvMaxPool", "can_fuse_conv_pool"]
+
+
+def can_fuse_conv_pool(conv: nn.Module, pool: nn.Module) -> bool:
+    """A 2-d direct LoweredConv (not a strided 1x1 one, which subsamples its input first) with every filter
+    active (no scatter), computing its own epilogue without a residual, and a LoweredMaxPool2d."""
+    return (isinstance(conv, LoweredConv) and conv.direct and conv.dims == 2 and not subsamples(conv)
+            and conv.n_active == conv.out_channels and "add" not in conv.epilogue
+            and (conv.fused_epilogue or not conv.epilogue) and isinstance(pool, LoweredMaxPool2d))
+
+
+class LoweredConvMaxPool(nn.Module):
+    """``pool(conv(x))``, band by band where it can (module docstring)."""
+
+    srigl_leaf = True  # graph capture keeps it one call_module node
+
+    def __init__(self, conv: LoweredConv, pool: LoweredMaxPool2d) -> None:
+        if not can_fuse_conv_pool(conv, pool):
+            raise ValueError(f"LoweredConvMaxPool fuses a direct 2-d LoweredConv with all filters active and no "
+                             f"residual, and a LoweredMaxPool2d; got {type(conv).__name__} and {type(pool).__name__}")
+        super().__init__()
+        self.conv, self.pool = conv, pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(x) is not torch.Tensor or torch.compiler.is_compiling() or not self._bands_take(x):
+            return self.pool(self.conv(x))
+        conv, pool = self.conv, self.pool
+        images, kernel, stride, dilation, padding = conv._as_2d(x)  # (padding modes and "same" applied)
+        try:
+            call, values = conv_op.prepare_call(images, conv.values, conv.indices, conv.bias, conv.kernel_key, kernel,
+                                                padding, dilation, stride)
+        except KernelShapeError as err:
+            raise with_layer_name(err, conv) from None
+        return conv_max_pool(images, call, values, conv.bias, (_pair(pool.kernel_size), _pair(pool.stride),
+                                                               _pair(pool.padding), _pair(pool.dilation)))
+
+    def _bands_take(self, x: torch.Tensor) -> bool:
+        """An input the banded path runs: float32 images on the CPU, not tracked by autograd, whose shape runs the
+        kernel (no dense form on trial or chosen for it), from a library whose max-pool reads strided images."""
+        if x.dim() != 4 or not x.is_cpu or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
+            return False
+        form = self.conv.__dict__.get("_dense_form")
+        if form is not None and form.choices.get((x.shape, None)) is not False:
+            return False
+        return getattr(get_handle(self.conv.kernel_key), "pitched_pool", False)
