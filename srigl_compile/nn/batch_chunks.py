@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..runtime.scratch import result
 from . import dense_fallback
+from .conv_pool import LoweredConvMaxPool
 from .lowered import LoweredConv, LoweredLinear
 from .norms import LoweredLayerNorm
 from .pooling import LoweredMaxPool2d
@@ -46,9 +47,9 @@ MIN_GAIN = 0.97  # chunks are kept only when a forward takes at most this share 
 ROUNDS = 2  # timed forwards of each size (each warmed up by its dense-form trials first)
 
 # Modules and graph operations that compute each image from that image alone.
-_PER_SAMPLE_MODULES = (LoweredConv, LoweredLinear, LoweredMaxPool2d, LoweredLayerNorm, nn.Identity, nn.ReLU,
-                       nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Dropout, nn.MaxPool2d,
-                       nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+_PER_SAMPLE_MODULES = (LoweredConv, LoweredLinear, LoweredMaxPool2d, LoweredConvMaxPool, LoweredLayerNorm,
+                       nn.Identity, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Dropout,
+                       nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 _PER_SAMPLE_FUNCTIONS = {operator.add, operator.iadd, operator.mul, operator.imul, torch.add, torch.mul, torch.relu,
                          F.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.hardswish}
 _PER_SAMPLE_METHODS = {"add", "add_", "mul", "mul_", "relu", "relu_", "sigmoid", "tanh"}

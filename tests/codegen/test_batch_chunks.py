@@ -43,6 +43,7 @@ def test_only_per_sample_stacks_of_convolutions_are_chunked():
     viewing = fx.symbolic_trace(nn.Sequential(nn.ReLU(), nn.Flatten(0)))  # (a view across the batch)
     assert not per_sample(viewing)
     assert per_sample(lowered.layers[0]) and per_sample(nn.Sequential(nn.ReLU(), nn.Identity()))
+    assert type(lowered.maxpool).__name__ == "LoweredConvMaxPool" and per_sample(nn.Sequential(lowered.maxpool))
 
 
 @pytest.mark.parametrize("size", [2, 4])
