@@ -2,11 +2,17 @@
 
     python benchmarks/profile_model.py --model resnet50 --batch 1 [--forwards 5] [--top 15]
     python benchmarks/profile_model.py --model resnet50 --batch 1 --layers [--json out.json]
+    python benchmarks/profile_model.py --model resnet50 --batch 1 --calls [--graph]
 
 Builds the model as the model benchmark does (sparsify + ``lower`` with example inputs) and runs warm-up forwards.
 Default: profiles ``--forwards`` forwards and prints the aten operators by self CPU time, divided per forward. The
 TVM kernels themselves are not aten operators and do not appear: what is listed is the glue around them (padding,
 cropping and phase-split copies, activations, residual adds, pooling).
+
+``--calls``: times every call of the kernel libraries' compiled functions (kernels, pads, crops, pools; each
+registered handle's ``*_fn``) inside ``--forwards`` forwards (``--graph``: forwards replayed by ``cpu_graph``) and
+prints their time a forward by handle and function, then summed by function: what a forward spends in TVM, copy
+by copy. Shapes of one handle (layers of one shape) are summed.
 
 ``--layers``: times each lowered layer's calls (its padding and crop included; one per batch chunk) over
 ``--forwards`` forwards and prints its time a forward and its useful GFLOP/s (2 x active neurons x k x output
@@ -17,9 +23,11 @@ MKL) on 2048^3 at the same threads, the most a dense kernel reaches here.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -31,7 +39,9 @@ from common import environment, set_threads  # noqa: E402
 from layer_efficiency import layer_efficiency  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from srigl_compile import cpu_graph  # noqa: E402
 from srigl_compile.nn.settle import settle  # noqa: E402
+from srigl_compile.runtime.registry import registered_handles  # noqa: E402
 
 
 def main() -> None:
@@ -44,12 +54,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layers", action="store_true", help="per-layer time and GFLOP/s against the sgemm peak")
     parser.add_argument("--json", type=Path, help="with --layers: write the table here")
+    parser.add_argument("--calls", action="store_true", help="time each compiled function's calls in the forward")
+    parser.add_argument("--graph", action="store_true", help="with --calls: forwards replayed by cpu_graph")
     args = parser.parse_args()
     set_threads(args.threads)
     lowered = model_bench.build(model_bench.MODELS[args.model], args.resolution)["lowered"]
     x = torch.randn(args.batch, 3, args.resolution, args.resolution)
     if args.layers:
         layer_table(lowered, x, args)
+        return
+    if args.calls:
+        call_table(lowered, x, args)
         return
     with torch.no_grad():
         for _ in range(3):
@@ -81,6 +96,53 @@ def layer_table(lowered: torch.nn.Module, x: torch.Tensor, args) -> None:
     if args.json:
         args.json.write_text(json.dumps({"command": " ".join(sys.argv), "environment": environment(), **table},
                                         indent=1))
+
+
+def call_table(lowered: torch.nn.Module, x: torch.Tensor, args) -> None:
+    """Time every compiled function's calls in ``args.forwards`` forwards (module docstring, ``--calls``)."""
+    with torch.no_grad():
+        for _ in range(3):
+            lowered(x)
+        settle(lowered, x)
+    model = cpu_graph(lowered) if args.graph else lowered
+    seconds, calls = collections.defaultdict(float), collections.Counter()
+
+    def timed(key, fn):
+        def call(*operands):
+            start = time.perf_counter()
+            out = fn(*operands)
+            seconds[key] += time.perf_counter() - start
+            calls[key] += 1
+            return out
+        return call
+
+    wrapped = [(handle, name, fn) for handle in registered_handles() for name, fn in vars(handle).items()
+               if name.endswith("_fn") and callable(fn)]
+    for handle, name, fn in wrapped:
+        object.__setattr__(handle, name, timed((handle.key.split("@")[0], name), fn))
+    with torch.no_grad():
+        try:
+            for _ in range(2):  # (a graph records its forward, with the timed functions, first)
+                model(x)
+            seconds.clear()
+            calls.clear()
+            start = time.perf_counter()
+            for _ in range(args.forwards):
+                model(x)
+            forward = (time.perf_counter() - start) / args.forwards
+        finally:
+            for handle, name, fn in wrapped:
+                object.__setattr__(handle, name, fn)
+    print(f"{args.model} B={args.batch}{' under cpu_graph' if args.graph else ''}: forward {forward * 1e3:.2f} ms, "
+          f"{sum(seconds.values()) / args.forwards * 1e3:.2f} ms in compiled functions")
+    for key, total in sorted(seconds.items(), key=lambda item: -item[1])[: args.top]:
+        print(f"  {key[0]:42s} {key[1]:20s} {total / args.forwards * 1e3:7.3f} ms "
+              f"{calls[key] // args.forwards:4d} calls")
+    by_function = collections.defaultdict(float)
+    for (_, name), total in seconds.items():
+        by_function[name] += total / args.forwards * 1e3
+    print("  by function (ms a forward): " + ", ".join(f"{name} {ms:.3f}" for name, ms in
+                                                        sorted(by_function.items(), key=lambda item: -item[1])))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ cache-line-splitting loads (196 and 49 lanes) and the copies into aligned planes
 average pool reads planar images too (ResNet-50's last layer).
 
 A pitched output is the convolution's output grid itself, [B, C, H, W] viewed with rows ``pitch`` floats apart
-(the padded width: ResNet-50's stem, 112 columns of 118): no crop copy at all. Only a lowered max-pool reads
-those (it follows ResNet's stem); a direct convolution's kernel needs its images' rows contiguous.
+(the padded width: 112 columns of 115 for ResNet-50's stem): no crop copy at all. Only a lowered max-pool reads
+those; a direct convolution's kernel needs its images' rows contiguous. (A convolution that one max-pool alone
+reads then runs with it, band by band, ``passes/fuse_conv_pool.py``; its pitched output serves the calls that do
+not: tracing, a dense form's trial.)
 
 A strided view where torch's convolution returned a contiguous tensor would break a consumer that calls
 ``.view`` on it, so only outputs that the captured graph shows going to such readers alone (as input or residual,

@@ -8,10 +8,10 @@ libraries (``codegen.glue_kernels``).
 Same result as ``F.max_pool2d`` (floor mode, -inf padding, a NaN in a window wins), read from images with any
 row pitch and channel stride as they are (``conv_geometry.pitched_stride``: a convolution's uncropped output grid,
 ``passes/planar_layout.py``); torch's NCHW max-pool takes 3.1 ms on a ResNet-50 stem's 64x112x112 on 2 cores, the
-kernel ~0.4 ms. ``kernel_key`` names any registered
-convolution handle whose library holds the function (a lowered model carries those libraries anyway, and
-``save_lowered`` writes them). Inputs the kernel does not take (not float32 on the CPU, tracked by autograd, or a
-library saved before the pool existed) run ``F.max_pool2d``: the same values.
+kernel ~0.3-0.4 ms. ``kernel_key`` names any registered convolution handle whose library holds the function (a
+lowered model carries those libraries anyway, and ``save_lowered`` writes them). Inputs the kernel does not take
+(not float32 on the CPU, tracked by autograd, or a library saved before the pool existed) run ``F.max_pool2d``: the
+same values.
 
 The global average pool equals ``F.adaptive_avg_pool2d(x, 1)`` to float32 rounding (its sums run in another
 order). It is here for speed in a whole forward, not for its own work (2048 x 7 x 7 floats at ResNet-50's head):
