@@ -19,6 +19,7 @@ from torch.nn.modules.utils import _pair
 
 from ..runtime import conv_op
 from ..runtime.checks import KernelShapeError
+from ..runtime.conv_geometry import output_size
 from ..runtime.conv_pool_op import conv_max_pool
 from ..runtime.registry import get_handle
 from .lowered import LoweredConv, subsamples, with_layer_name
@@ -57,8 +58,12 @@ class LoweredConvMaxPool(nn.Module):
                                                 padding, dilation, stride)
         except KernelShapeError as err:
             raise with_layer_name(err, conv) from None
-        return conv_max_pool(images, call, values, conv.bias, (_pair(pool.kernel_size), _pair(pool.stride),
-                                                               _pair(pool.padding), _pair(pool.dilation)))
+        kernel, stride, padding, dilation = (_pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding),
+                                             _pair(pool.dilation))
+        pooled = output_size(call.out_shape[2:], kernel, stride, padding, dilation)
+        if min(pooled) < 1 or any(2 * p > k for p, k in zip(padding, kernel)):
+            return pool(conv(x))  # (torch's error, from the pool)
+        return conv_max_pool(images, call, values, conv.bias, (kernel, stride, padding, dilation))
 
     def _bands_take(self, x: torch.Tensor) -> bool:
         """An input the banded path runs: float32 images on the CPU, not tracked by autograd, whose shape runs the

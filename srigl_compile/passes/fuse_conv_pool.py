@@ -13,7 +13,7 @@ Contract.
               conv's output read by the pool alone past nn.Identity calls (each also reading nothing else), is an
               nn.Identity and the pool a LoweredConvMaxPool of both; outputs' values unchanged; nothing else
               changes. A graph captured by torch.export (aten-level) or not at all: nothing is fused.
-    preserves: OUTPUT_SHAPES (the same values reach the same outputs).
+    preserves: nothing (the model's outputs are the same, but the convolution's name now outputs its input).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ..nn.conv_pool import LoweredConvMaxPool, can_fuse_conv_pool
 from ..nn.lowered import LoweredConv
-from .analysis import OUTPUT_SHAPES, Analyses, module_graph
+from .analysis import Analyses, module_graph
 from .base import Pass, PassResult, replace_submodule
 
 __all__ = ["FuseConvPoolPass"]
@@ -45,9 +45,7 @@ def _sole_reader(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None
 
 
 class FuseConvPoolPass(Pass):
-    """See the module docstring."""
-
-    preserves = frozenset({OUTPUT_SHAPES})
+    """See the module docstring (it preserves no analysis: ``Pass.preserves`` is empty)."""
 
     def call(self, model: nn.Module, analyses: Analyses) -> PassResult:
         modules = dict(model.named_modules())

@@ -50,7 +50,7 @@ def conv_max_pool(x: torch.Tensor, call: ConvCall, values: torch.Tensor, bias: t
     y = result((batch, n_out, *pooled))
     if batch == 0:
         return y
-    images = padded_images(call, x).view(batch, -1)
+    images = padded_images(call, x)
     band_rows = max(1, BAND_BYTES // (4 * n_out * plan.pitch * stride[0]))  # pool rows: 2 grid rows each at /2
     tail = [bias.contiguous()] if handle.has_bias else []
     values = values.contiguous()

@@ -106,6 +106,12 @@ def test_calls_the_bands_do_not_take_run_the_layers(stem):
         assert torch.equal(fused(x[0]), expected[0]), "unbatched images, as nn.Conv2d takes them"
     with pytest.raises(KernelDtypeError, match="float32"):  # (the layer's own typed error)
         fused(x.double())
+    too_small = torch.randn(1, 3, 3, 3)  # a 2 x 2 stem output: the pool's 3 x 3 window with padding 1 fits, ...
+    with torch.no_grad():
+        assert torch.equal(fused(too_small), unfused(fused, too_small))
+        wide = LoweredConvMaxPool(fused.conv, type(fused.pool)(nn.MaxPool2d(3, 2, 2), fused.pool.kernel_key))
+        with pytest.raises(RuntimeError, match="pad should be at most half"):  # (... padding 2: torch's error)
+            wide(x)
     with pytest.raises(InferenceOnlyError, match="requires grad"):
         fused(x.clone().requires_grad_())
     program = torch.export.export(lowered, (x,))
