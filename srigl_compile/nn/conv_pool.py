@@ -1,7 +1,7 @@
 """LoweredConvMaxPool: a lowered direct convolution and the max-pool that alone reads it, run band by band.
 
-``passes/fuse_conv_pool.py`` puts one in the max-pool's place (the convolution's place becomes an ``nn.Identity``,
-so the model's own forward hands the convolution's input on to it). Eager calls on plain float32 CPU tensors run
+``passes/fuse_conv_pool.py`` puts one in the max-pool's place (the convolution's place becomes a ``FusedConvPlace``,
+an ``nn.Identity``, so the model's own forward hands the convolution's input on to it). Eager calls on plain float32 CPU tensors run
 ``runtime.conv_pool_op.conv_max_pool``: per image, bands of the pool's rows, each band's convolution rows computed
 into a buffer that stays in L2 and pooled from there. Anything else (tracing, export, autograd inputs, an input
 shape whose dense form is on trial or chosen, a library whose max-pool cannot read strided images) runs the two
@@ -19,13 +19,13 @@ from torch.nn.modules.utils import _pair
 
 from ..runtime import conv_op
 from ..runtime.checks import KernelShapeError
-from ..runtime.conv_geometry import output_size
 from ..runtime.conv_pool_op import conv_max_pool
+from ..runtime.pool_op import max_pool_computes
 from ..runtime.registry import get_handle
 from .lowered import LoweredConv, subsamples, with_layer_name
 from .pooling import LoweredMaxPool2d
 
-__all__ = ["LoweredConvMaxPool", "can_fuse_conv_pool"]
+__all__ = ["LoweredConvMaxPool", "FusedConvPlace", "can_fuse_conv_pool"]
 
 
 def can_fuse_conv_pool(conv: nn.Module, pool: nn.Module) -> bool:
@@ -34,6 +34,26 @@ def can_fuse_conv_pool(conv: nn.Module, pool: nn.Module) -> bool:
     return (isinstance(conv, LoweredConv) and conv.direct and conv.dims == 2 and not subsamples(conv)
             and conv.n_active == conv.out_channels and "add" not in conv.epilogue
             and (conv.fused_epilogue or not conv.epilogue) and isinstance(pool, LoweredMaxPool2d))
+
+
+class FusedConvPlace(nn.Identity):
+    """What stays in a convolution's place once it runs inside the LoweredConvMaxPool that alone reads it: it
+    hands its input on (the model's forward passes it to the fused module), and reads of the convolution's
+    attributes (``out_channels``, ``kernel_size``...) give the fused convolution's, so a forward that reads them
+    (``x.view(-1, self.conv.out_channels * 16)``, which a traced graph does not show) keeps working."""
+
+    def __init__(self, conv: LoweredConv) -> None:
+        super().__init__()
+        self.__dict__["fused_conv"] = conv  # (not a submodule: its parameters belong to the fused module once)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            fused = self.__dict__.get("fused_conv")
+            if fused is None:  # (while unpickling, before its state is back)
+                raise
+            return getattr(fused, name)
 
 
 class LoweredConvMaxPool(nn.Module):
@@ -60,8 +80,7 @@ class LoweredConvMaxPool(nn.Module):
             raise with_layer_name(err, conv) from None
         kernel, stride, padding, dilation = (_pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding),
                                              _pair(pool.dilation))
-        pooled = output_size(call.out_shape[2:], kernel, stride, padding, dilation)
-        if min(pooled) < 1 or any(2 * p > k for p, k in zip(padding, kernel)):
+        if not max_pool_computes(call.out_shape[2:], kernel, stride, padding, dilation):
             return pool(conv(x))  # (torch's error, from the pool)
         return conv_max_pool(images, call, values, conv.bias, (kernel, stride, padding, dilation))
 

@@ -3,15 +3,16 @@
 A ResNet stem's convolution writes a 64 x 112 x 112 grid that only its max-pool reads: written whole it leaves
 the caches (``runtime.conv_pool_op``). Where the captured graph shows a LoweredConv's output going to one
 LoweredMaxPool2d alone, past ``nn.Identity`` modules (a folded BatchNorm, a fused ReLU), the pool's place gets a
-``nn.conv_pool.LoweredConvMaxPool`` holding both, and the convolution's place an ``nn.Identity``: the model's own
-forward then hands the convolution's input on to the fused module, unchanged.
+``nn.conv_pool.LoweredConvMaxPool`` holding both, and the convolution's place a ``FusedConvPlace`` (an
+``nn.Identity`` whose attributes read the convolution's): the model's own forward then hands the convolution's
+input on to the fused module, unchanged.
 
 Contract.
     requires: after PlanarLayoutPass (lowered pools and layers; the graph captured by ``torch.fx.symbolic_trace``
               with the pools as leaves).
     ensures:  each LoweredConv that ``can_fuse_conv_pool`` with a LoweredMaxPool2d, each called once, the
-              conv's output read by the pool alone past nn.Identity calls (each also reading nothing else), is an
-              nn.Identity and the pool a LoweredConvMaxPool of both; outputs' values unchanged; nothing else
+              conv's output read by the pool alone past nn.Identity calls (each also reading nothing else), is a
+              FusedConvPlace and the pool a LoweredConvMaxPool of both; outputs' values unchanged; nothing else
               changes. A graph captured by torch.export (aten-level) or not at all: nothing is fused.
     preserves: nothing (the model's outputs are the same, but the convolution's name now outputs its input).
 """
@@ -24,7 +25,7 @@ import logging
 import torch.fx as fx
 import torch.nn as nn
 
-from ..nn.conv_pool import LoweredConvMaxPool, can_fuse_conv_pool
+from ..nn.conv_pool import FusedConvPlace, LoweredConvMaxPool, can_fuse_conv_pool
 from ..nn.lowered import LoweredConv
 from .analysis import Analyses, module_graph
 from .base import Pass, PassResult, replace_submodule
@@ -66,6 +67,6 @@ class FuseConvPoolPass(Pass):
         for conv, pool in pairs:
             fused = LoweredConvMaxPool(model.get_submodule(conv), model.get_submodule(pool))
             model = replace_submodule(model, pool, fused)
-            model = replace_submodule(model, conv, nn.Identity())
+            model = replace_submodule(model, conv, FusedConvPlace(fused.conv))
             log.info("%s runs with %s, band by band", conv, pool)
         return PassResult(model, modified=bool(pairs))

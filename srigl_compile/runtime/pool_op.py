@@ -33,7 +33,7 @@ from .conv_geometry import output_size, pitched_stride, planar_stride
 from .registry import get_handle
 from .scratch import result
 
-__all__ = ["max_pool2d", "global_avg_pool2d"]
+__all__ = ["max_pool2d", "global_avg_pool2d", "max_pool_computes"]
 
 
 def _kernel_takes(x: torch.Tensor) -> bool:
@@ -42,14 +42,25 @@ def _kernel_takes(x: torch.Tensor) -> bool:
             and not (x.requires_grad and torch.is_grad_enabled()))
 
 
+def max_pool_computes(size, kernel_size, stride, padding, dilation) -> bool:
+    """Whether the max-pool kernel computes these settings (pairs) on images of ``size`` as torch does: a kernel,
+    stride and dilation of at least 1, padding from 0 to half the kernel, and an output pixel. Anything else goes
+    to ``F.max_pool2d``, which raises its own error."""
+    if min(*kernel_size, *stride, *dilation) < 1 or min(padding) < 0:
+        return False
+    if any(2 * p > k for p, k in zip(padding, kernel_size)):
+        return False
+    return min(output_size(size, kernel_size, stride, padding, dilation)) >= 1
+
+
 def _run(x: torch.Tensor, kernel_key: str, kernel_size, stride, padding, dilation) -> torch.Tensor:
     handle = get_handle(kernel_key)
     pool_fn = getattr(handle, "max_pool_fn", None)
     if pool_fn is None or not _kernel_takes(x):
         return F.max_pool2d(x, kernel_size, stride, padding, dilation)
-    out = output_size(x.shape[2:], kernel_size, stride, padding, dilation)
-    if min(out) < 1 or x.numel() == 0 or any(2 * p > k for p, k in zip(padding, kernel_size)):
+    if x.numel() == 0 or not max_pool_computes(x.shape[2:], kernel_size, stride, padding, dilation):
         return F.max_pool2d(x, kernel_size, stride, padding, dilation)  # torch's result, or its error
+    out = output_size(x.shape[2:], kernel_size, stride, padding, dilation)
     batch, channels, height, width = x.shape
     strides = pitched_stride(x) if getattr(handle, "pitched_pool", False) else None
     if strides is None:  # (a library saved before its max-pool took strided images: contiguous ones)

@@ -3,6 +3,8 @@
 module bit-equal to the two layers run one after the other and close to the masked model, which pairs fuse, and
 the paths that run unfused."""
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -12,7 +14,7 @@ from hypothesis import strategies as st
 
 from srigl_compile import SRigLConfig, cpu_graph, load_lowered, lower, save_lowered, sparsify
 from srigl_compile.errors import InferenceOnlyError
-from srigl_compile.nn.conv_pool import LoweredConvMaxPool
+from srigl_compile.nn.conv_pool import FusedConvPlace, LoweredConvMaxPool
 from srigl_compile.nn.lowered import LoweredConv
 from srigl_compile.runtime import conv_pool_op
 from srigl_compile.runtime.checks import KernelDtypeError
@@ -77,9 +79,51 @@ def unfused(fused: LoweredConvMaxPool, x: torch.Tensor) -> torch.Tensor:
 def test_pairs_whose_conv_only_a_max_pool_reads_are_fused_and_the_rest_left(stem):
     _, lowered = stem
     assert isinstance(lowered.maxpool, LoweredConvMaxPool) and isinstance(lowered.pool2, LoweredConvMaxPool)
-    assert type(lowered.conv1) is nn.Identity and type(lowered.conv2) is nn.Identity
+    assert type(lowered.conv1) is FusedConvPlace and type(lowered.conv2) is FusedConvPlace
     assert isinstance(lowered.conv3, LoweredConv), "its output is also added: not fused"
     assert lowered.maxpool.conv.epilogue == "relu" and lowered.maxpool.conv.fused_epilogue
+    assert type(lowered.conv1) is FusedConvPlace and lowered.conv1.out_channels == 16, "reads the fused conv's"
+    assert not any(name.startswith("conv1.") for name in lowered.state_dict()), "the conv's tensors are kept once"
+
+
+class ReadsItsConv(nn.Module):
+    """A forward that reads its convolution's attributes, which a traced graph does not show."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.pool, self.fc = nn.Conv2d(3, 8, 3, 1, 1), nn.MaxPool2d(2), nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.conv(x)).reshape(-1, self.conv.out_channels * 16))
+
+
+@pytest.mark.tvm
+def test_a_forward_reading_the_fused_conv_s_attributes_keeps_working():
+    torch.manual_seed(1)
+    masked = sparsify(ReadsItsConv(), SRigLConfig(sparsity=0.6, distribution="uniform")).eval()
+    lowered = lower(masked, example_inputs=(torch.randn(1, 3, 8, 8),), progress=False)
+    assert isinstance(lowered.pool, LoweredConvMaxPool)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(x), masked(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("settings", [dict(padding=-1), dict(dilation=0), dict(stride=0), dict(kernel_size=0)])
+def test_max_pool_settings_torch_refuses_raise_torch_s_error(stem, settings):
+    """Settings nn.MaxPool2d accepts and F.max_pool2d refuses: the lowered pools raise torch's error, as the
+    masked model does, instead of computing something."""
+    _, lowered = stem
+    fused = lowered.maxpool
+    bad = nn.MaxPool2d(**{**dict(kernel_size=3, stride=2, padding=1), **settings})
+    x = torch.randn(1, 3, 20, 20)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError) as expected:
+            bad(fused.conv(x))
+        for pool in (type(fused.pool)(bad, fused.pool.kernel_key), LoweredConvMaxPool(
+                fused.conv, type(fused.pool)(bad, fused.pool.kernel_key))):
+            with pytest.raises(RuntimeError, match=re.escape(str(expected.value).split("\n")[0][:40])):
+                pool(fused.conv(x) if isinstance(pool, type(fused.pool)) else x)
 
 
 @pytest.mark.tvm

@@ -97,6 +97,15 @@ def test_global_avg_pool_equals_torch(glue, n, positions, gap, seed):
     torch.testing.assert_close(y, x.double().mean(1).float(), rtol=1e-6, atol=1e-5)
 
 
+def test_global_avg_pool_stays_exact_on_large_maps(glue):
+    """A 2048 x 2048 map of values near 5.5: one float32 running sum drifts 2.5e-2 (its steps outgrow the values),
+    the kernel's blocked sums ~5e-6 (16384 block sums added to a total past 2^24)."""
+    x = torch.rand(17, 2048 * 2048, generator=torch.Generator().manual_seed(0)) + 5
+    y = torch.empty(17)
+    glue[3](x, y)
+    torch.testing.assert_close(y, x.double().mean(1).float(), rtol=2e-5, atol=0)
+
+
 CONVS = [nn.Conv2d(5, 7, 3, padding=1), nn.Conv2d(5, 7, 3, stride=2, padding=1), nn.Conv2d(5, 7, 1, stride=2),
          nn.Conv2d(5, 7, (3, 2), stride=(2, 3), padding=(2, 0), dilation=(2, 1))]
 

@@ -47,7 +47,7 @@ def pooling_cnn():
 def test_pools_the_kernel_computes_are_lowered_and_equal_torch(pooling_cnn):
     masked, lowered = pooling_cnn
     # the stem's pool alone reads its conv: both run in its place, band by band (``test_conv_pool.py``)
-    assert isinstance(lowered.stem[2], LoweredConvMaxPool) and type(lowered.stem[0]) is nn.Identity
+    assert isinstance(lowered.stem[2], LoweredConvMaxPool) and isinstance(lowered.stem[0], nn.Identity)
     assert isinstance(lowered.stem[2].pool, LoweredMaxPool2d) and isinstance(lowered.dilated, LoweredMaxPool2d)
     assert type(lowered.ceil) is nn.MaxPool2d and type(lowered.indices) is nn.MaxPool2d  # left as they were
     assert isinstance(lowered.global_pool, LoweredGlobalAvgPool2d)
