@@ -21,12 +21,12 @@ Contract.
               convolution whose output only direct convolutions and global average pools read returns it as
               planar images, one only max-pools read as its uncropped output grid (strided views,
               ``passes/planar_layout.py``), and one only a max-pool reads runs with it, band by band
-              (``passes/fuse_conv_pool.py``: the pool's place holds both, the convolution's an nn.Identity); on
-              llvm
-              with dense forms (the default), dense nn.Conv2d layers (one group, zero padding) are lowered too, as
-              layers of full fan-in that run their dense form wherever it measures faster
-              (``passes/dense_convolutions.py``); on llvm, per-sample nn.Sequential stacks of lowered convolutions
-              may run a batch in chunks of images once ``settle`` measured that faster (``passes/batch_chunks.py``).
+              (``passes/fuse_conv_pool.py``: the pool's place holds both, the convolution's an nn.Identity reading
+              as the convolution); on llvm with dense forms (the default), dense nn.Conv2d layers (one group,
+              zero padding) are lowered too, as layers of full fan-in that run their dense form wherever it
+              measures faster (``passes/dense_convolutions.py``); on llvm, per-sample nn.Sequential stacks of
+              lowered convolutions may run a batch in chunks of images once ``settle`` measured that faster
+              (``passes/batch_chunks.py``).
 """
 
 from __future__ import annotations
