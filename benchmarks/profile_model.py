@@ -41,7 +41,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from srigl_compile import cpu_graph  # noqa: E402
 from srigl_compile.nn.settle import settle  # noqa: E402
-from srigl_compile.runtime.registry import registered_handles  # noqa: E402
+from srigl_compile.runtime.registry import wrapped_functions  # noqa: E402
 
 
 def main() -> None:
@@ -66,10 +66,8 @@ def main() -> None:
     if args.calls:
         call_table(lowered, x, args)
         return
+    warm_up(lowered, x)
     with torch.no_grad():
-        for _ in range(3):
-            lowered(x)
-        settle(lowered, x)  # (its layers' dense-form trials at this shape end first)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.forwards):
                 lowered(x)
@@ -81,11 +79,16 @@ def main() -> None:
               f"{event.count // args.forwards:5d} calls")
 
 
-def layer_table(lowered: torch.nn.Module, x: torch.Tensor, args) -> None:
+def warm_up(lowered: torch.nn.Module, x: torch.Tensor) -> None:
+    """Warm-up forwards, then ``settle`` (its layers' dense-form trials at this shape end first)."""
     with torch.no_grad():
         for _ in range(3):
             lowered(x)
-        settle(lowered, x)  # (its layers' dense-form trials at this shape end first)
+        settle(lowered, x)
+
+
+def layer_table(lowered: torch.nn.Module, x: torch.Tensor, args) -> None:
+    warm_up(lowered, x)
     table = layer_efficiency(lowered, x, args.forwards)
     print(f"{args.model} B={args.batch}: forward {table['forward_ms']:.1f} ms, {table['layers_ms']:.1f} ms in "
           f"{len(table['layers'])} lowered layers ({table['useful_gflop']:.2f} useful GFLOP: {table['gflops']:.1f} "
@@ -100,14 +103,13 @@ def layer_table(lowered: torch.nn.Module, x: torch.Tensor, args) -> None:
 
 def call_table(lowered: torch.nn.Module, x: torch.Tensor, args) -> None:
     """Time every compiled function's calls in ``args.forwards`` forwards (module docstring, ``--calls``)."""
-    with torch.no_grad():
-        for _ in range(3):
-            lowered(x)
-        settle(lowered, x)
+    warm_up(lowered, x)
     model = cpu_graph(lowered) if args.graph else lowered
     seconds, calls = collections.defaultdict(float), collections.Counter()
 
-    def timed(key, fn):
+    def timed(handle, name, fn):
+        key = (handle.key.split("@")[0], name)
+
         def call(*operands):
             start = time.perf_counter()
             out = fn(*operands)
@@ -116,23 +118,15 @@ def call_table(lowered: torch.nn.Module, x: torch.Tensor, args) -> None:
             return out
         return call
 
-    wrapped = [(handle, name, fn) for handle in registered_handles() for name, fn in vars(handle).items()
-               if name.endswith("_fn") and callable(fn)]
-    for handle, name, fn in wrapped:
-        object.__setattr__(handle, name, timed((handle.key.split("@")[0], name), fn))
-    with torch.no_grad():
-        try:
-            for _ in range(2):  # (a graph records its forward, with the timed functions, first)
-                model(x)
-            seconds.clear()
-            calls.clear()
-            start = time.perf_counter()
-            for _ in range(args.forwards):
-                model(x)
-            forward = (time.perf_counter() - start) / args.forwards
-        finally:
-            for handle, name, fn in wrapped:
-                object.__setattr__(handle, name, fn)
+    with torch.no_grad(), wrapped_functions(timed):
+        for _ in range(2):  # (a graph records its forward, with the timed functions, first)
+            model(x)
+        seconds.clear()
+        calls.clear()
+        start = time.perf_counter()
+        for _ in range(args.forwards):
+            model(x)
+        forward = (time.perf_counter() - start) / args.forwards
     print(f"{args.model} B={args.batch}{' under cpu_graph' if args.graph else ''}: forward {forward * 1e3:.2f} ms, "
           f"{sum(seconds.values()) / args.forwards * 1e3:.2f} ms in compiled functions")
     for key, total in sorted(seconds.items(), key=lambda item: -item[1])[: args.top]:

@@ -27,8 +27,8 @@ import models as model_bench  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import set_threads  # noqa: E402
+from profile_model import warm_up  # noqa: E402
 
-from srigl_compile.nn.settle import settle  # noqa: E402
 from srigl_compile.runtime.registry import registered_handles  # noqa: E402
 
 
@@ -45,10 +45,7 @@ def main() -> None:
     set_threads(args.threads)
     lowered = model_bench.build(model_bench.MODELS[args.model], 224)["lowered"]
     x = torch.randn(args.batch, 3, 224, 224)
-    with torch.no_grad():
-        for _ in range(3):
-            lowered(x)
-        settle(lowered, x)
+    warm_up(lowered, x)
     handle = next(h for h in registered_handles() if h.key.startswith(args.kernel))
     function, calls = getattr(handle, args.function), []
     object.__setattr__(handle, args.function, lambda *operands: calls.append(operands) or function(*operands))

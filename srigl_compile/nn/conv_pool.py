@@ -1,11 +1,11 @@
 """LoweredConvMaxPool: a lowered direct convolution and the max-pool that alone reads it, run band by band.
 
 ``passes/fuse_conv_pool.py`` puts one in the max-pool's place (the convolution's place becomes a ``FusedConvPlace``,
-an ``nn.Identity``, so the model's own forward hands the convolution's input on to it). Eager calls on plain float32 CPU tensors run
-``runtime.conv_pool_op.conv_max_pool``: per image, bands of the pool's rows, each band's convolution rows computed
-into a buffer that stays in L2 and pooled from there. Anything else (tracing, export, autograd inputs, an input
-shape whose dense form is on trial or chosen, a library whose max-pool cannot read strided images) runs the two
-modules one after the other, as before the fusion: the same values either way.
+an ``nn.Identity``, so the model's own forward hands the convolution's input on to it). Eager calls on plain float32
+CPU tensors run ``runtime.conv_pool_op.conv_max_pool``: per image, bands of the pool's rows, each band's convolution
+rows computed into a buffer that stays in L2 and pooled from there. Anything else (tracing, export, autograd inputs,
+an input shape whose dense form is on trial or chosen, a library whose max-pool cannot read strided images) runs the
+two modules one after the other, as before the fusion: the same values either way.
 
 Example:
     >>> fused = LoweredConvMaxPool(model.conv1, model.maxpool)       # doctest: +SKIP
@@ -20,7 +20,7 @@ from torch.nn.modules.utils import _pair
 from ..runtime import conv_op
 from ..runtime.checks import KernelShapeError
 from ..runtime.conv_pool_op import conv_max_pool
-from ..runtime.pool_op import max_pool_computes
+from ..runtime.pool_op import kernel_takes, max_pool_computes
 from ..runtime.registry import get_handle
 from .lowered import LoweredConv, subsamples, with_layer_name
 from .pooling import LoweredMaxPool2d
@@ -87,7 +87,7 @@ class LoweredConvMaxPool(nn.Module):
     def _bands_take(self, x: torch.Tensor) -> bool:
         """An input the banded path runs: float32 images on the CPU, not tracked by autograd, whose shape runs the
         kernel (no dense form on trial or chosen for it), from a library whose max-pool reads strided images."""
-        if x.dim() != 4 or not x.is_cpu or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
+        if not kernel_takes(x):
             return False
         form = self.conv.__dict__.get("_dense_form")
         if form is not None and form.choices.get((x.shape, None)) is not False:

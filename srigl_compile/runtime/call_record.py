@@ -32,7 +32,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import threading
 from collections.abc import Callable
@@ -162,23 +161,14 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
-@contextlib.contextmanager
 def _recording_kernels(recorder: _Recorder):
-    """Every registered handle's compiled functions (``*_fn`` attributes) record their calls meanwhile."""
-    patched = []
-    for handle in registry.registered_handles():
-        for attr, fn in list(vars(handle).items()):
-            if attr.endswith("_fn") and callable(fn):
-                def proxy(*args, _fn=fn):
-                    recorder.kernel(_fn, args)
-                    return _fn(*args)
-                setattr(handle, attr, proxy)
-                patched.append((handle, attr, fn))
-    try:
-        yield
-    finally:
-        for handle, attr, fn in patched:
-            setattr(handle, attr, fn)
+    """Every registered handle's compiled functions record their calls meanwhile."""
+    def proxy(handle, name, fn):
+        def call(*args):
+            recorder.kernel(fn, args)
+            return fn(*args)
+        return call
+    return registry.wrapped_functions(proxy)
 
 
 def _overlaps(tensor: torch.Tensor) -> bool:

@@ -5,10 +5,10 @@
 A ResNet stem writes a 64 x 112 x 112 output grid (3.3 MB at batch 1, 211 MB at batch 64) that only its max-pool
 reads. Written whole, it leaves the caches: the kernel's stores fetch the lines from memory first, and the pool
 reads them back from memory. Measured on the Xeon (2 cores, 2 MB L2 each), the stem's kernel alone: 0.82 ms hot,
-1.35 ms right after a forward of the model. Here the pool's output rows are split into bands
-(``conv_geometry.pool_bands``); per image and band, the kernel computes the grid tiles holding the band's input
-rows into one small scratch buffer (``BAND_BYTES``), reused band after band, and the pool reads it from there as
-it is (rows of the padded width) and writes the band's rows of y.
+1.35 ms right after a forward of the model (before the bands; ``benchmarks/micro/cold_calls.py`` times a call so).
+Here the pool's output rows are split into bands (``conv_geometry.pool_bands``); per image and band, the kernel
+computes the grid tiles holding the band's input rows into one small scratch buffer (``BAND_BYTES``), reused band
+after band, and the pool reads it from there as it is (rows of the padded width) and writes the band's rows of y.
 
 A band's tiles are whole tiles of the convolution's grid (``ConvCall.plan``), so its reads are the whole grid's:
 the kernel reads image ``b`` from tile ``t0`` on through a view starting ``t0 * lanes`` floats in, with the same

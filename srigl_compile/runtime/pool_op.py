@@ -33,10 +33,10 @@ from .conv_geometry import output_size, pitched_stride, planar_stride
 from .registry import get_handle
 from .scratch import result
 
-__all__ = ["max_pool2d", "global_avg_pool2d", "max_pool_computes"]
+__all__ = ["max_pool2d", "global_avg_pool2d", "max_pool_computes", "kernel_takes"]
 
 
-def _kernel_takes(x: torch.Tensor) -> bool:
+def kernel_takes(x: torch.Tensor) -> bool:
     """Inputs a pool kernel computes: float32 images [B, C, H, W] on the CPU that autograd does not track."""
     return (x.dim() == 4 and x.is_cpu and x.dtype == torch.float32
             and not (x.requires_grad and torch.is_grad_enabled()))
@@ -56,7 +56,7 @@ def max_pool_computes(size, kernel_size, stride, padding, dilation) -> bool:
 def _run(x: torch.Tensor, kernel_key: str, kernel_size, stride, padding, dilation) -> torch.Tensor:
     handle = get_handle(kernel_key)
     pool_fn = getattr(handle, "max_pool_fn", None)
-    if pool_fn is None or not _kernel_takes(x):
+    if pool_fn is None or not kernel_takes(x):
         return F.max_pool2d(x, kernel_size, stride, padding, dilation)
     if x.numel() == 0 or not max_pool_computes(x.shape[2:], kernel_size, stride, padding, dilation):
         return F.max_pool2d(x, kernel_size, stride, padding, dilation)  # torch's result, or its error
@@ -93,7 +93,7 @@ def max_pool2d(x: torch.Tensor, kernel_key: str, kernel_size, stride, padding, d
 
 def _run_global_avg(x: torch.Tensor, kernel_key: str) -> torch.Tensor:
     pool_fn = getattr(get_handle(kernel_key), "global_avg_pool_fn", None)
-    if pool_fn is None or not _kernel_takes(x) or x.numel() == 0:
+    if pool_fn is None or not kernel_takes(x) or x.numel() == 0:
         return F.adaptive_avg_pool2d(x, 1)  # torch's result, or its error
     batch, channels, height, width = x.shape
     plane = planar_stride(x)

@@ -9,9 +9,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 from ..errors import LoweringError
 
-__all__ = ["register_handle", "get_handle", "get_registered", "registered_handles"]
+__all__ = ["register_handle", "get_handle", "get_registered", "registered_handles", "wrapped_functions"]
 
 _HANDLES: dict = {}  # key -> handle (runtime.handle.KernelHandle)
 
@@ -39,3 +42,19 @@ def get_handle(key: str):
 def registered_handles() -> list:
     """Every handle registered in this process."""
     return list(_HANDLES.values())
+
+
+@contextlib.contextmanager
+def wrapped_functions(wrap: Callable[[object, str, Callable], Callable]):
+    """Meanwhile, each compiled function of every registered handle (its ``*_fn`` attributes: kernels and the glue
+    around them) is replaced by ``wrap(handle, name, function)``: how a recording sees the calls
+    (``runtime.call_record``) and how a profile times them (``benchmarks/profile_model.py --calls``)."""
+    patched = [(handle, name, fn) for handle in registered_handles() for name, fn in list(vars(handle).items())
+               if name.endswith("_fn") and callable(fn)]
+    for handle, name, fn in patched:
+        setattr(handle, name, wrap(handle, name, fn))
+    try:
+        yield
+    finally:
+        for handle, name, fn in patched:
+            setattr(handle, name, fn)
