@@ -10,7 +10,13 @@ arenas; a lowered model runs eagerly, so:
   never returns a view of one.
 - ``result(shape)``: a result the caller owns, from ``RECYCLE_FROM_BYTES`` on carved from a buffer of an earlier
   result that nothing references any more (its storage's use count says so: no tensor, view, numpy array or DLPack
-  capsule holds it), else newly allocated and kept for later calls (at most ``RECYCLED_PER_SIZE`` per size).
+  capsule holds it), else newly allocated and kept for later calls (at most ``RECYCLED_PER_SIZE`` per size). Of
+  the free buffers, the one handed out last: it was written and read most recently, so it is likeliest still in
+  cache, and the stores into it do not fetch their lines from memory first.
+- While a CPU graph records (``held_by_recording``), results from ``RECORDING_RECYCLE_FROM_BYTES`` on are
+  recycled too: a recording keeps every buffer it touched, so each smaller result would be a buffer of its own,
+  written cold on every replay, where recycled ones are written while still in cache. (Eager calls keep the higher
+  threshold: for them malloc's heap reuses small blocks anyway, without the reference counting.)
 
 The buffers stay allocated after the call (that is the point); ``release_scratch()`` frees the calling thread's.
 
@@ -31,12 +37,13 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["scratch", "result", "release_scratch", "scratch_bytes", "pad_images", "held_by_recording",
-           "MMAPPED_BYTES", "RECYCLE_FROM_BYTES", "RECYCLED_PER_SIZE"]
+           "MMAPPED_BYTES", "RECYCLE_FROM_BYTES", "RECYCLED_PER_SIZE", "RECORDING_RECYCLE_FROM_BYTES"]
 
 _LOCAL = threading.local()  # .buffers: {(slot, dtype): 1-D tensor}; .results: {(numel, dtype): [1-D tensor]}
 MMAPPED_BYTES = 32 * 2**20  # glibc's largest mmap threshold: fresh tensors from this size fault in on every call
 RECYCLE_FROM_BYTES = 2**20  # smaller results come from malloc's heap, mostly without faults (ResNet-50 b1: none)
 RECYCLED_PER_SIZE = 8  # results of one size held at once beyond this are plain allocations, not kept
+RECORDING_RECYCLE_FROM_BYTES = 2**14  # while a CPU graph records: see the module docstring
 _USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)  # (private; without it, results are not recycled)
 
 
@@ -111,11 +118,16 @@ def result(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.
     ``RECYCLE_FROM_BYTES`` on, the storage of an earlier result that nothing references any more, when there is
     one (no page faults: it is mapped already)."""
     numel = math.prod(shape)
-    if _USE_COUNT is None or numel * dtype.itemsize < RECYCLE_FROM_BYTES:
+    recording = getattr(_LOCAL, "recording_holds", None) is not None
+    if _USE_COUNT is None or numel * dtype.itemsize < (RECORDING_RECYCLE_FROM_BYTES if recording
+                                                        else RECYCLE_FROM_BYTES):
         return torch.empty(shape, dtype=dtype)
-    pool = _results().setdefault((numel, dtype), [])
-    buffer = next((buffer for buffer in pool if _unreferenced(buffer)), None)
-    if buffer is None:
+    pool = _results().setdefault((numel, dtype), [])  # (in the order handed out: the last one most recently)
+    free = next((i for i in range(len(pool) - 1, -1, -1) if _unreferenced(pool[i])), None)
+    if free is not None:
+        buffer = pool.pop(free)
+        pool.append(buffer)
+    else:
         buffer = _new_buffer(numel, dtype)
         if len(pool) < RECYCLED_PER_SIZE:
             pool.append(buffer)

@@ -10,7 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from srigl_compile.runtime import scratch as scratch_module
-from srigl_compile.runtime.scratch import pad_images, release_scratch, result, scratch, scratch_bytes
+from srigl_compile.runtime.scratch import (
+    held_by_recording,
+    pad_images,
+    release_scratch,
+    result,
+    scratch,
+    scratch_bytes,
+)
 
 
 def test_a_slot_is_reused_grown_and_released():
@@ -83,6 +90,35 @@ def test_results_below_the_threshold_are_plain_allocations():
     release_scratch()
     small = result((4, 8))
     assert scratch_bytes() == 0 and small.shape == (4, 8)
+
+
+def test_of_the_free_results_the_one_handed_out_last_is_recycled(recycle_all):
+    first, second, third = result((8,)), result((8,)), result((8,))
+    ptrs = [t.data_ptr() for t in (first, second, third)]
+    del first, third
+    again = result((8,))  # third was handed out after first: likelier in cache
+    assert again.data_ptr() == ptrs[2]
+    del second
+    assert result((8,)).data_ptr() == ptrs[1]  # now the most recently handed out free one
+    assert len({*ptrs}) == 3 and scratch_bytes() == 3 * 8 * 4
+
+
+def test_while_recording_smaller_results_are_recycled_too():
+    release_scratch()
+    size = scratch_module.RECORDING_RECYCLE_FROM_BYTES // 4  # floats: above the recording threshold only
+    assert size * 4 < scratch_module.RECYCLE_FROM_BYTES
+    eager = result((size,))
+    assert scratch_bytes() == 0  # a plain allocation outside a recording
+    with held_by_recording({}):
+        first = result((size,))
+        ptr = first.data_ptr()
+        assert scratch_bytes() == size * 4
+        del first
+        assert result((size,)).data_ptr() == ptr
+        small = result((size // 2,))  # below the recording threshold: plain
+        assert scratch_bytes() == size * 4 and small.numel() == size // 2
+    assert eager.numel() == size
+    release_scratch()
 
 
 def test_at_most_recycled_per_size_results_are_kept(recycle_all):
