@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .call_record import may_write_over
 from .checks import (
     KernelShapeError,
     check_bias,
@@ -101,10 +102,15 @@ class ConvCall:
         grid_is_plane = plan.pitch == plan.out_w and grid_length == self.out_plane  # (planar: the grid is the result)
         grid_shape = (batch, n_out, grid_length)
         returned = not self.cropped or grid_is_plane or self.pitched  # (a view of it is the result)
-        grid = result(grid_shape) if returned else scratch("grid", grid_shape)
         tail = [bias.contiguous()] if handle.has_bias else []
+        grid = None
         if residual is not None:  # in the output grid's layout: as it is when uncropped, else placed in a scratch grid
-            tail.append(_residual_grid(residual, self.out_shape, plan, self.cropped))
+            res = _residual_grid(residual, self.out_shape, plan, self.cropped)
+            tail.append(res)
+            if returned and _same_storage(res, residual) and may_write_over(res):  # (only in a CPU graph's replays)
+                grid = res.view(grid_shape)
+        if grid is None:
+            grid = result(grid_shape) if returned else scratch("grid", grid_shape)
         handle.conv_fn(images, values.contiguous(), self.offsets, *tail,
                        grid.view(batch, n_out, plan.tiles, plan.lanes))
         if not self.cropped:
@@ -228,6 +234,10 @@ def _image_rows(x: torch.Tensor, planar: bool) -> torch.Tensor:
     if not planar:
         x = x.contiguous()
     return x.view(x.shape[0] * x.shape[1], x.shape[2], x.shape[3])
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage()._cdata == b.untyped_storage()._cdata
 
 
 def _residual_grid(residual: torch.Tensor, out_shape: tuple, plan, cropped: bool) -> torch.Tensor:

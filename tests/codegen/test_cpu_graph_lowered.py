@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from srigl_compile import SRigLConfig, cpu_graph, lower, sparsify
+from srigl_compile.codegen.backends.llvm import LlvmConfig
 from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
 from srigl_compile.zoo import ResNet, SmallViT
 from tests.helpers import randomize_bn
@@ -53,3 +54,70 @@ def test_changed_operands_record_again():
         layer.indices.copy_(layer.indices.flip(-1))  # other columns: the layer's offsets are derived anew
         torch.testing.assert_close(graphed(x), lowered(x), rtol=0, atol=0)
     assert graphed.replays == 3
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(width, width, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(width, width, 1)
+
+    def forward(self, x):
+        return torch.relu(self.conv2(torch.relu(self.conv1(x))) + x)
+
+
+class _Net(torch.nn.Module):
+    """A stem and a block whose last 1x1 convolution adds the block's input; ``keep`` says what else uses it."""
+
+    def __init__(self, keep, width=16):
+        super().__init__()
+        self.stem, self.block, self.keep = torch.nn.Conv2d(3, width, 3, padding=1), _Block(width), keep
+
+    def forward(self, x):
+        h = self.stem(x)
+        y = self.block(h)
+        if self.keep == "output":
+            return y, h
+        return y * h if self.keep == "read" else y
+
+
+def _writes_over(recording):
+    """The recorded kernel calls whose output is one of their other operands."""
+    from srigl_compile.runtime.liveness import extent
+
+    calls = []
+    for call in recording.calls:
+        tensors = [t for t in call.args if isinstance(t, torch.Tensor)]
+        if call.kernel and any(extent(t) == extent(tensors[-1]) for t in tensors[:-1]):
+            calls.append(call)
+    return calls
+
+
+@pytest.mark.parametrize("keep", ["none", "output", "read"])
+def test_a_residual_never_read_again_is_written_over(keep):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    masked = sparsify(_Net(keep), SRigLConfig(sparsity=0.7, distribution="uniform")).eval()
+    # (kernels only: a layer this small could run its dense form instead)
+    lowered = lower(masked, LlvmConfig(dense_fallback=False, progress=False), example_inputs=(x,))
+    assert lowered.block.conv2.epilogue == "add_relu"  # (the add is the kernel's: the case under test)
+    graphed = cpu_graph(lowered)
+    with torch.inference_mode():
+        for seed in range(3):
+            x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+            before = x.clone()
+            torch.testing.assert_close(graphed(x), lowered(x), rtol=0, atol=0)
+            assert torch.equal(x, before)
+    (entry,) = graphed._entries.values()
+    assert len(entry.recording.residuals) == 1  # the one kernel with a residual asked
+    # only where nothing reads the block's input after the add does the kernel write over it
+    assert len(_writes_over(entry.recording)) == (1 if keep == "none" else 0)
+
+
+def test_resnet_blocks_write_over_their_inputs():
+    masked, lowered, x = _models("resnet")
+    graphed = cpu_graph(lowered)
+    with torch.inference_mode():
+        graphed(x)
+    (entry,) = graphed._entries.values()
+    assert len(_writes_over(entry.recording)) >= 2  # the blocks whose residual is their input (no shortcut conv)
