@@ -15,6 +15,12 @@ What a recording holds:
   returned when recorded. Views, ``empty`` allocations and metadata-only ops (``set_``, ``resize_``...) are not
   replayed: their results alias storage that the recording keeps.
 
+Writing over dead residuals: an op whose kernel adds a residual asks ``may_write_over`` first. While recording,
+the answer is no, and the recording notes the question; ``dead_residuals`` then finds the residuals that were
+produced by the forward and are never read after their kernel's call (``runtime.liveness``, from the byte ranges
+each call reads and writes), and ``nn.cpu_graph`` records the forward again, answering yes for those: the kernel
+writes its output where it has just read the residual. Eager calls are always answered no.
+
 Tensor arguments are kept as private aliases (same storage, offset, sizes, strides), so a recording keeps alive
 exactly the storage its calls touch. While recording, ``runtime.scratch`` does not count these aliases as users
 of a recycled result, so the forward recycles result buffers as it would eagerly (replaying in the same order,
