@@ -209,14 +209,14 @@ def dead_residuals(recording: Recording) -> frozenset[int]:
     accesses = [call.access() for call in recording.calls]
     outputs = _extents(t for t in tree_flatten(recording.outputs)[0] if isinstance(t, torch.Tensor))
     dead = set()
-    for number, (index, operand) in enumerate(recording.residuals):
+    for number, (asked, operand) in enumerate(recording.residuals):
         target = extent(operand)
-        if target is None or index >= len(recording.calls) or not operand.is_contiguous():
+        # the op's kernel: the first call after the question that reads the operand (a pack may come first)
+        index = next((i for i in range(asked, len(recording.calls)) if recording.calls[i].kernel and any(
+            t is operand for t in recording.calls[i].args[:-1])), None)
+        if target is None or index is None or not operand.is_contiguous():
             continue
-        call = recording.calls[index]
-        tensors = [t for t in call.args if isinstance(t, torch.Tensor)]
-        if not call.kernel or not any(t is operand for t in tensors[:-1]):
-            continue  # (the query was not followed by its kernel call)
+        tensors = [t for t in recording.calls[index].args if isinstance(t, torch.Tensor)]
         others = [e for t in tensors[:-1] if t is not operand and (e := extent(t)) is not None]
         if any(other.overlaps(target) for other in others):
             continue  # the call reads those bytes through another operand too

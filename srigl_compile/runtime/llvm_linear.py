@@ -32,6 +32,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import LoweringError
+from .call_record import may_write_over
 from .checks import check_batch_input, check_cpu_float32, check_runs_here
 from .cpu_features import host_cpu_name, missing_host_features
 from .handle import LinearHandleBase
@@ -133,26 +134,32 @@ class LlvmLinearHandle(LinearHandleBase):
     def launch(self, rows: torch.Tensor, operands: list[torch.Tensor], col_threshold: int,
                residual: torch.Tensor | None = None) -> torch.Tensor:
         """y [m, n_out] for rows [m, n_in] (contiguous, m >= 1); ``col_threshold`` <= 0: the handle's own;
-        ``residual`` [m, n_out] (contiguous) for a kernel built with an "add" epilogue."""
+        ``residual`` [m, n_out] (contiguous) for a kernel built with an "add" epilogue; where the output is laid out
+        as the residual (no padding rows), a CPU graph's recording may have the kernel write over it
+        (``call_record.may_write_over``)."""
         m, n_out = rows.shape[0], self.n_out
         res = [] if residual is None else [residual]
         if m < MID_FROM:
-            out = rows.new_empty(m, n_out)
+            out = residual if res and may_write_over(residual) else rows.new_empty(m, n_out)
             values, indices, *bias = operands
             self.row_fn(rows, values, indices.view(torch.int64), *bias, *res, out)  # (the row kernel reads words)
             return out
         operands = self.tiled_operands(operands)
         if m < (col_threshold if col_threshold > 0 else self.col_threshold):
-            return self._tiled(rows, operands + res, self.packmid_fn, self.mid_fn, MID_LANES)
+            over = res and m % MID_LANES == 0 and may_write_over(residual)
+            return self._tiled(rows, operands + res, self.packmid_fn, self.mid_fn, MID_LANES,
+                               residual if over else None)
         full, tail = divmod(m, self.lanes)
         if self.fused_fn is not None and full >= self.fused_from_tiles:
             # Enough tiles for every thread: a task per tile packs it into a local buffer and runs all rows on
             # it, instead of packing every tile out to memory (DRAM-bound at large batch) and reading it back.
-            y = result((-(-m // self.lanes) * self.lanes, n_out))
+            y = residual if res and not tail and may_write_over(residual) else result(
+                (-(-m // self.lanes) * self.lanes, n_out))
             self.fused_fn(rows, *operands, *res, y.view(-1, self.lanes, n_out))
             return y[:m] if tail else y
         if not full or not tail or tail > self.lanes // 2:
-            return self._tiled(rows, operands + res, self.pack_fn, self.col_fn, self.lanes)
+            over = res and not tail and may_write_over(residual)
+            return self._tiled(rows, operands + res, self.pack_fn, self.col_fn, self.lanes, residual if over else None)
         # A ragged tail (ViT's 197 tokens = 3 x 64 + 5) would fill a whole 64-lane tile mostly with padding, at the
         # cost of a full tile (~5-7 mid tiles): the full tiles run the col kernel, the tail the 8-lane one.
         split = full * self.lanes
