@@ -18,11 +18,14 @@ The rules, as for CUDA graphs:
 - Calls that autograd would track (an input that requires grad, or parameters that require grad while grad mode is
   on) run eagerly: call under ``torch.no_grad()`` or ``torch.inference_mode()``.
 - Each thread records and replays its own recordings (a recording's temporaries are its thread's scratch buffers,
-  ``runtime.scratch``), so threads may call one ``CpuGraph`` at once.
+  ``runtime.scratch``), so threads may call one ``CpuGraph`` at once; recordings are made one at a time in the
+  process (a lock: recording swaps the compiled functions process-wide). A ``CpuGraph`` called inside another's
+  recording runs its model eagerly, so that the outer recording sees the kernels.
 - A recording keeps the storage its calls touch (about what one eager forward uses): ``held_bytes``.
 - Where the first recording shows that a kernel's residual operand is never read again (a ResNet block's input,
   once its last convolution has added it), the forward is recorded again with that kernel writing its output over
-  the residual (``call_record.may_write_over``): its stores then hit lines it has just read.
+  the residual (``call_record.may_write_over``): its stores then hit lines it has just read. Should that replay
+  not match the eager forward, the forward is recorded once more without.
 
 Example:
     >>> graphed = cpu_graph(lower(model, example_inputs=(x,)))      # doctest: +SKIP
@@ -42,7 +45,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import ReplayError
-from ..runtime.call_record import PLAIN, Recording, dead_residuals, record, static_copy
+from ..runtime.call_record import PLAIN, Recording, dead_residuals, record, recording_here, static_copy
 from .settle import settle
 
 __all__ = ["CpuGraph", "cpu_graph"]
@@ -118,8 +121,8 @@ class CpuGraph(torch.nn.Module):
         else:
             leaves, spec = tree_flatten((args, kwargs))
         key = _signature(leaves, spec)
-        if key is None or self._tracked(leaves):
-            return self.model(*args, **kwargs)
+        if key is None or self._tracked(leaves) or recording_here():  # (inside another graph's recording: eager,
+            return self.model(*args, **kwargs)                           # so that it sees the kernels)
         entry = self._entries.get(key)
         if entry is None or entry.stale():
             if entry is None and len(self._entries) >= self.max_recordings:
@@ -144,19 +147,25 @@ class CpuGraph(torch.nn.Module):
             # forward then would allocate its own (ResNet-50 at batch 64: ~1 GB more)
             probe_args, probe_kwargs = tree_map(_probe, (args, kwargs))
             expected = self.model(*probe_args, **probe_kwargs)
+            probe = tree_flatten((probe_args, probe_kwargs))[0]
             recording = record(self.model, args, kwargs)
-            if dead := dead_residuals(recording):  # recorded again, the kernels writing over those residuals
+            if plan := dead_residuals(recording):  # recorded again, the kernels writing over those residuals
                 del recording  # (first: its buffers are then recycled by the second one)
-                recording = record(self.model, args, kwargs, write_over=dead)
-            got = recording.replay(tree_flatten((probe_args, probe_kwargs))[0])
-        for want, have in zip(tree_flatten(expected)[0], tree_flatten(got)[0]):
-            if isinstance(want, torch.Tensor) and not torch.allclose(want, have, rtol=1e-4, atol=1e-5,
-                                                                      equal_nan=True):
+                recording = record(self.model, args, kwargs, write_over=plan)
+                if not _matches(expected, recording.replay(probe)):  # (a forward the plan misread: without it)
+                    del recording
+                    recording = record(self.model, args, kwargs)
+            if not _matches(expected, recording.replay(probe)):
                 raise ReplayError("a replay of the recorded forward does not match the eager forward on another "
                                   "input: the forward computes something outside the kernels and aten ops a "
                                   "recording sees; run this model eagerly")
         watched = tuple((t, t._version) for t in itertools.chain(self.model.parameters(), self.model.buffers()))
         return _Entry(recording, watched)
+
+
+def _matches(expected: Any, got: Any) -> bool:
+    return all(not isinstance(want, torch.Tensor) or torch.allclose(want, have, rtol=1e-4, atol=1e-5, equal_nan=True)
+               for want, have in zip(tree_flatten(expected)[0], tree_flatten(got)[0]))
 
 
 def cpu_graph(model: torch.nn.Module, max_recordings: int = MAX_RECORDINGS) -> CpuGraph:

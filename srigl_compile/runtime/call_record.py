@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -50,9 +50,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import ReplayError
 from . import registry, scratch
-from .liveness import Access, Extent, dead_after, extent, produced_before
+from .liveness import Access, Extent, dead_after, extent, producer
 
-__all__ = ["Recording", "record", "static_copy", "PLAIN", "may_write_over", "dead_residuals"]
+__all__ = ["Recording", "record", "static_copy", "PLAIN", "may_write_over", "dead_residuals", "recording_here"]
 
 # ops that change a tensor's metadata (or storage) and not the memory it shows: later calls were recorded with
 # aliases made after them, so replaying them would change nothing a replay reads
@@ -107,7 +107,7 @@ class _Call:
 class _Recorder(TorchDispatchMode):
     """Collects the calls (module docstring); ``holds`` counts its aliases per storage for ``runtime.scratch``."""
 
-    def __init__(self, input_storages: set[int], write_over: frozenset[int] = frozenset()) -> None:
+    def __init__(self, input_storages: set[int], write_over: Mapping[int, tuple[int, int]] | None = None) -> None:
         super().__init__()
         self.calls: list[_Call] = []
         self.holds: dict[int, int] = {}
@@ -119,7 +119,8 @@ class _Recorder(TorchDispatchMode):
         self.in_op = False  # inside an aten op: a kernel it calls is part of the op, not a call of its own
         # residual operands an op asked to write its output over (``may_write_over``): (call index, alias)
         self.residuals: list[tuple[int, torch.Tensor]] = []
-        self.write_over = write_over  # the indices into ``residuals`` whose answer is yes
+        self.write_over = write_over or {}  # ``dead_residuals``: question -> (call index, its value's producer)
+        self.accesses: list[Access] = []  # (of the calls so far, made as questions need them)
 
     def keep(self, value: Any) -> Any:
         """``value`` with every tensor replaced by the recording's alias of it (one alias per tensor)."""
@@ -148,8 +149,16 @@ class _Recorder(TorchDispatchMode):
             self.calls.append(_Call(fn, self.keep(args), {}, kernel=True))
 
     def residual(self, operand: torch.Tensor) -> bool:
-        self.residuals.append((len(self.calls), self.keep(operand)))
-        return len(self.residuals) - 1 in self.write_over
+        """Note the question; yes only for one the plan says yes to, asked at the same call and about a value
+        the same call produced as when the plan was made: a forward whose Python state reorders its layers
+        between recordings must not get a yes meant for another operand (a parameter, say)."""
+        asked = len(self.calls)
+        self.residuals.append((asked, self.keep(operand)))
+        plan = self.write_over.get(len(self.residuals) - 1)
+        if plan is None or plan[0] != asked or (target := extent(operand)) is None:
+            return False
+        self.accesses.extend(call.access() for call in self.calls[len(self.accesses):])
+        return producer(self.accesses, asked, target) == plan[1]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -190,6 +199,15 @@ class _Recorder(TorchDispatchMode):
 
 
 _RECORDING = threading.local()  # .recorder: the recorder of this thread's forward, while one records
+# One recording at a time in the process: the compiled functions are swapped for recording proxies process-wide
+# (``registry.wrapped_functions``), so a second thread's recording would restore them under the first one's feet.
+_RECORD_LOCK = threading.Lock()
+
+
+def recording_here() -> bool:
+    """Whether this thread is recording a forward (a CPU graph called inside another's recording runs eagerly,
+    so that the outer one sees its kernels)."""
+    return getattr(_RECORDING, "recorder", None) is not None
 
 
 def may_write_over(residual: torch.Tensor) -> bool:
@@ -202,13 +220,14 @@ def may_write_over(residual: torch.Tensor) -> bool:
     return recorder is not None and recorder.residual(residual)
 
 
-def dead_residuals(recording: Recording) -> frozenset[int]:
-    """The residual operands of ``recording`` (in the order ``may_write_over`` was asked) that a kernel may
-    overwrite: produced whole earlier in the forward, read by no other operand of their call, and never read after
-    it (nor part of an output) before being overwritten whole (``runtime.liveness``)."""
+def dead_residuals(recording: Recording) -> dict[int, tuple[int, int]]:
+    """The residual operands of ``recording`` (numbered in the order ``may_write_over`` was asked) that a kernel
+    may overwrite: produced whole earlier in the forward, read by no other operand of their call, and never read
+    after it (nor part of an output) before being overwritten whole (``runtime.liveness``); each with the call
+    it was asked at and the call that produced it (what ``record(write_over=...)`` checks again)."""
     accesses = [call.access() for call in recording.calls]
     outputs = _extents(t for t in tree_flatten(recording.outputs)[0] if isinstance(t, torch.Tensor))
-    dead = set()
+    dead = {}
     for number, (asked, operand) in enumerate(recording.residuals):
         target = extent(operand)
         # the op's kernel: the first call after the question that reads the operand (a pack may come first)
@@ -220,9 +239,10 @@ def dead_residuals(recording: Recording) -> frozenset[int]:
         others = [e for t in tensors[:-1] if t is not operand and (e := extent(t)) is not None]
         if any(other.overlaps(target) for other in others):
             continue  # the call reads those bytes through another operand too
-        if produced_before(accesses, index, target) and dead_after(accesses, index, target, outputs):
-            dead.add(number)
-    return frozenset(dead)
+        made = producer(accesses, index, target)
+        if made is not None and dead_after(accesses, index, target, outputs):
+            dead[number] = (asked, made)
+    return dead
 
 
 def _recording_kernels(recorder: _Recorder):
@@ -291,7 +311,8 @@ class Recording:
         return len(self.calls)
 
 
-def record(fn: Callable, args: tuple, kwargs: dict, write_over: frozenset[int] = frozenset()) -> Recording:
+def record(fn: Callable, args: tuple, kwargs: dict,
+           write_over: Mapping[int, tuple[int, int]] | None = None) -> Recording:
     """Call ``fn(*args, **kwargs)`` once (without gradients) on static copies of the tensor inputs, recording it
     (module docstring). The copies keep the inputs' sizes, strides and dtypes. ``write_over``: the residual
     operands (``dead_residuals`` of an earlier recording of the same call) whose kernels write over them.
@@ -308,13 +329,17 @@ def record(fn: Callable, args: tuple, kwargs: dict, write_over: frozenset[int] =
         statics = [static_copy(v) if isinstance(v, torch.Tensor) else v for v in leaves]
     recorder = _Recorder({v.untyped_storage()._cdata for v in statics if isinstance(v, torch.Tensor)}, write_over)
     static_args, static_kwargs = tree_unflatten(statics, spec)
-    _RECORDING.recorder = recorder
-    try:
-        with torch.inference_mode(False), torch.no_grad(), scratch.held_by_recording(recorder.holds), \
-                _recording_kernels(recorder), recorder:
-            out = fn(*static_args, **static_kwargs)
-    finally:
-        _RECORDING.recorder = None
+    if recording_here():
+        raise ReplayError("record() was called inside a forward this thread is recording; call the inner model "
+                          "eagerly there (a CpuGraph does so by itself)")
+    with _RECORD_LOCK:
+        _RECORDING.recorder = recorder
+        try:
+            with torch.inference_mode(False), torch.no_grad(), scratch.held_by_recording(recorder.holds), \
+                    _recording_kernels(recorder), recorder:
+                out = fn(*static_args, **static_kwargs)
+        finally:
+            _RECORDING.recorder = None
     odd = next((leaf for leaf in tree_flatten(out)[0] if not isinstance(leaf, (torch.Tensor, *PLAIN))), None)
     if odd is not None:
         raise ReplayError(f"the forward returns a {type(odd).__name__}, which a replay would return as it was "

@@ -1,6 +1,7 @@
 """Which bytes a recorded forward reads again: pure bookkeeping over the calls' tensors, no kernels, no TVM.
 
-A recording (``runtime.call_record``) is a list of calls, each touching tensors: byte ranges of storages. Per
+A recording (``runtime.call_record``) is a list of calls, each touching tensors: ranges of memory addresses (so
+two storages on the same memory, e.g. a tensor and ``torch.from_numpy`` of its array, are seen to overlap). Per
 call, an ``Access`` lists the ranges it reads, the ones it overwrites whole without reading first (a kernel's
 output, a functional op's result: contiguous tensors, so their range is exactly what is written) and any other
 writes (strided outputs, whose gaps keep what they held). Whether a value is dead after a call, or was produced
@@ -8,10 +9,10 @@ by the forward itself, follows from the ranges alone; unknown is answered "no" (
 of yes is safe.
 
 Example:
-    >>> a = Extent(1, 0, 64)
+    >>> a = Extent(1024, 1088)
     >>> calls = [Access(kills=(a,)), Access(reads=(a,)), Access(kills=(a,))]
-    >>> produced_before(calls, 1, a), dead_after(calls, 1, a, outputs=())
-    (True, True)
+    >>> producer(calls, 1, a), dead_after(calls, 1, a, outputs=())
+    (0, True)
 """
 
 from __future__ import annotations
@@ -21,22 +22,21 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["Extent", "Access", "extent", "produced_before", "dead_after"]
+__all__ = ["Extent", "Access", "extent", "producer", "dead_after"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Extent:
-    """Bytes [start, end) of one storage (``storage``: its identity)."""
+    """Memory addresses [start, end), in bytes."""
 
-    storage: int
     start: int
     end: int
 
     def overlaps(self, other: Extent) -> bool:
-        return self.storage == other.storage and self.start < other.end and other.start < self.end
+        return self.start < other.end and other.start < self.end
 
     def covers(self, other: Extent) -> bool:
-        return self.storage == other.storage and self.start <= other.start and other.end <= self.end
+        return self.start <= other.start and other.end <= self.end
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,21 +53,21 @@ def extent(tensor: torch.Tensor) -> Extent | None:
     """The bytes from ``tensor``'s first element to past its last (None when it has none)."""
     if tensor.numel() == 0:
         return None
-    size = tensor.element_size()
     last = sum((n - 1) * stride for n, stride in zip(tensor.shape, tensor.stride()))
-    start = tensor.storage_offset() * size
-    return Extent(tensor.untyped_storage()._cdata, start, start + (last + 1) * size)
+    start = tensor.data_ptr()
+    return Extent(start, start + (last + 1) * tensor.element_size())
 
 
-def produced_before(calls: Sequence[Access], index: int, target: Extent) -> bool:
-    """Whether the value in ``target`` when call ``index`` runs was written whole by an earlier call of the same
-    forward (after which calls only read or updated it): not a parameter, an input or a leftover."""
-    for access in reversed(calls[:index]):
+def producer(calls: Sequence[Access], index: int, target: Extent) -> int | None:
+    """The call of the same forward before call ``index`` that wrote the value in ``target`` whole (after which
+    calls only read or updated it); None when there is none: a parameter, an input or a leftover."""
+    for earlier in range(index - 1, -1, -1):
+        access = calls[earlier]
         if any(kill.covers(target) for kill in access.kills):
-            return True
+            return earlier
         if any(other.overlaps(target) for other in (*access.kills, *access.writes)):
-            return False  # part of it written by another value, or strided
-    return False
+            return None  # part of it written by another value, or strided
+    return None
 
 
 def dead_after(calls: Sequence[Access], index: int, target: Extent, outputs: Iterable[Extent]) -> bool:
@@ -75,14 +75,13 @@ def dead_after(calls: Sequence[Access], index: int, target: Extent, outputs: Ite
     part of the forward's ``outputs``."""
     live = [(target.start, target.end)]  # the bytes still holding the value: disjoint, sorted ranges
     for access in calls[index + 1:]:
-        if any(_touches(live, read) for read in access.reads if read.storage == target.storage):
+        if any(_touches(live, read) for read in access.reads):
             return False
         for kill in access.kills:
-            if kill.storage == target.storage:
-                live = _without(live, kill.start, kill.end)
+            live = _without(live, kill.start, kill.end)
         if not live:
             return True
-    return not any(_touches(live, out) for out in outputs if out.storage == target.storage)
+    return not any(_touches(live, out) for out in outputs)
 
 
 def _touches(live: list[tuple[int, int]], other: Extent) -> bool:

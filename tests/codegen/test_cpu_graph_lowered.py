@@ -129,3 +129,82 @@ def test_model_blocks_write_over_their_inputs(name):
             torch.testing.assert_close(graphed(x), lowered(x), rtol=0, atol=0)
     (entry,) = graphed._entries.values()
     assert len(_writes_over(entry.recording)) >= 2
+
+
+class _Shifted(torch.nn.Module):
+    """A 1x1 convolution adding a learned map: a parameter as its residual."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.conv, self.pos = torch.nn.Conv2d(width, width, 1), torch.nn.Parameter(torch.randn(1, width, 8, 8))
+
+    def forward(self, x):
+        return self.conv(x) + self.pos
+
+
+class _Reordering(torch.nn.Module):
+    """Runs its two residual layers in the other order on every call (the same result): a recording made again
+    sees its questions in another order."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.stem, self.a, self.b, self.calls = torch.nn.Conv2d(3, width, 3, padding=1), _Block(width), \
+            _Shifted(width), 0
+
+    def forward(self, x):
+        h = self.stem(x)
+        g = torch.relu(h)
+        self.calls += 1
+        y, z = (self.a(h), self.b(g)) if self.calls % 2 else (None, self.b(g))
+        return y + z if y is not None else self.a(h) + z
+
+
+def _lowered(net, x):
+    masked = sparsify(net, SRigLConfig(sparsity=0.7, distribution="uniform")).eval()
+    return lower(masked, LlvmConfig(dense_fallback=False, progress=False), example_inputs=(x,))
+
+
+def test_a_forward_that_reorders_its_layers_never_writes_over_a_parameter():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    lowered = _lowered(_Reordering(), x)
+    assert lowered.b.conv.epilogue == "add"
+    pos = lowered.b.pos.detach().clone()
+    with torch.inference_mode():
+        expected = lowered(x)
+        torch.testing.assert_close(cpu_graph(lowered)(x), expected, rtol=0, atol=0)
+        assert torch.equal(lowered.b.pos, pos)
+        torch.testing.assert_close(lowered(x), expected, rtol=0, atol=0)
+
+
+def test_threads_recording_at_once_and_graphs_inside_graphs():
+    import threading
+
+    from srigl_compile.runtime import registry
+
+    torch.manual_seed(0)
+    lowered = _lowered(_Net("none"), torch.randn(2, 3, 8, 8))
+    graphed, failures, barrier = cpu_graph(lowered), [], threading.Barrier(2)
+
+    def worker(batch):
+        with torch.inference_mode():
+            x = torch.randn(batch, 3, 8, 8)
+            barrier.wait()  # (both record at once: one waits for the other's recording)
+            try:
+                torch.testing.assert_close(graphed(x), lowered(x), rtol=0, atol=0)
+            except Exception as err:  # (collected: an assert in a thread would not fail the test)
+                failures.append(err)
+
+    threads = [threading.Thread(target=worker, args=(batch,)) for batch in (1, 3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures and len(graphed._entries) == 2
+    assert not [name for handle in registry.registered_handles() for name, fn in vars(handle).items()
+                if name.endswith("_fn") and "_recording_kernels" in getattr(fn, "__qualname__", "")]
+    outer = cpu_graph(torch.nn.Sequential(cpu_graph(lowered), torch.nn.ReLU()))  # (the inner one runs eagerly)
+    with torch.inference_mode():
+        for seed in range(2):
+            x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+            torch.testing.assert_close(outer(x), torch.relu(lowered(x)), rtol=0, atol=0)

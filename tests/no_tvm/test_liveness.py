@@ -5,22 +5,24 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from srigl_compile.runtime.liveness import Access, Extent, dead_after, extent, produced_before
+from srigl_compile.runtime.liveness import Access, Extent, dead_after, extent, producer
 
-S = 7  # the storage the cases use
+BASE = 4096  # where the cases' memory starts
 
 
-def _e(start, end, storage=S):
-    return Extent(storage, start, end)
+def _e(start, end):
+    return Extent(BASE + start, BASE + end)
 
 
 def test_extent_spans_first_to_last_element():
     base = torch.zeros(4, 10)
     view = base[1:3, 2:5]  # rows 1-2, columns 2-4
     got = extent(view)
-    assert got.storage == base.untyped_storage()._cdata
-    assert (got.start, got.end) == ((1 * 10 + 2) * 4, (2 * 10 + 4 + 1) * 4)
+    start = base.data_ptr()
+    assert (got.start, got.end) == (start + (1 * 10 + 2) * 4, start + (2 * 10 + 4 + 1) * 4)
     assert extent(base[:0]) is None
+    # another storage object on the same memory (numpy's array of it): the same addresses
+    assert extent(torch.from_numpy(base.numpy())[1:3, 2:5]) == got
 
 
 def test_a_value_read_again_is_live_and_one_overwritten_first_is_dead():
@@ -28,7 +30,7 @@ def test_a_value_read_again_is_live_and_one_overwritten_first_is_dead():
     calls = [Access(kills=(target,)), Access(reads=(target,))]
     assert dead_after(calls + [Access(kills=(target,))], 1, target, ())
     assert not dead_after(calls + [Access(reads=(_e(60, 70),))], 1, target, ())  # one byte read is enough
-    assert dead_after(calls + [Access(reads=(_e(0, 64, storage=8),))], 1, target, ())  # another storage
+    assert dead_after(calls + [Access(reads=(_e(64, 128),))], 1, target, ())  # the memory next to it
     # overwritten in two halves, then read: dead; read between the halves, where not yet overwritten: live
     halves = [Access(kills=(_e(0, 32),)), Access(kills=(_e(32, 64),)), Access(reads=(target,))]
     assert dead_after(calls + halves, 1, target, ())
@@ -40,14 +42,14 @@ def test_a_value_read_again_is_live_and_one_overwritten_first_is_dead():
     assert not dead_after(calls, 1, target, (_e(48, 52),)) and dead_after(calls, 1, target, (_e(64, 80),))
 
 
-def test_only_a_value_written_whole_by_the_forward_counts_as_produced():
+def test_only_a_value_written_whole_by_the_forward_has_a_producer():
     target = _e(16, 48)
-    assert produced_before([Access(kills=(_e(0, 64),)), Access(reads=(target,))], 2, target)
-    assert produced_before([Access(kills=(target,)), Access(reads=(target,), kills=(_e(0, 8),))], 2, target)
-    assert not produced_before([Access(reads=(target,))], 1, target)  # a parameter, an input: never written
-    assert not produced_before([Access(kills=(target,)), Access(kills=(_e(40, 56),))], 2, target)  # half replaced
-    assert not produced_before([Access(kills=(target,)), Access(writes=(target,))], 2, target)
-    assert not produced_before([Access(kills=(target,))], 0, target)  # written after the call asks
+    assert producer([Access(kills=(_e(0, 64),)), Access(reads=(target,))], 2, target) == 0
+    assert producer([Access(kills=(target,)), Access(reads=(target,), kills=(_e(0, 8),))], 2, target) == 0
+    assert producer([Access(reads=(target,))], 1, target) is None  # a parameter, an input: never written
+    assert producer([Access(kills=(target,)), Access(kills=(_e(40, 56),))], 2, target) is None  # half replaced
+    assert producer([Access(kills=(target,)), Access(writes=(target,))], 2, target) is None
+    assert producer([Access(kills=(target,))], 0, target) is None  # written after the call asks
 
 
 _ranges = st.tuples(st.integers(0, 15), st.integers(1, 8)).map(lambda r: _e(r[0], min(r[0] + r[1], 16)))
