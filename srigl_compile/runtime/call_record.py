@@ -320,6 +320,9 @@ def record(fn: Callable, args: tuple, kwargs: dict,
     Raises:
         ReplayError: the forward does something a replay cannot repeat (module docstring).
     """
+    if recording_here():
+        raise ReplayError("record() was called inside a forward this thread is recording; call the inner model "
+                          "eagerly there (a CpuGraph does so by itself)")
     leaves, spec = tree_flatten((args, kwargs))
     for value in leaves:
         if isinstance(value, torch.Tensor) and value.device.type != "cpu":
@@ -329,9 +332,6 @@ def record(fn: Callable, args: tuple, kwargs: dict,
         statics = [static_copy(v) if isinstance(v, torch.Tensor) else v for v in leaves]
     recorder = _Recorder({v.untyped_storage()._cdata for v in statics if isinstance(v, torch.Tensor)}, write_over)
     static_args, static_kwargs = tree_unflatten(statics, spec)
-    if recording_here():
-        raise ReplayError("record() was called inside a forward this thread is recording; call the inner model "
-                          "eagerly there (a CpuGraph does so by itself)")
     with _RECORD_LOCK:
         _RECORDING.recorder = recorder
         try:

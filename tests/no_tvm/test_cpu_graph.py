@@ -311,3 +311,19 @@ def test_recording_adds_no_kernel_buffers_to_the_eager_forward_s():
         y = cpu_graph(model)(x)  # settles, probes eagerly, records, checks, replays
         assert scratch_module.scratch_bytes() == eager  # the recording took over the eager forward's buffers
         _same(y, model(x))  # (an eager forward now allocates its own: the recording holds those)
+
+
+def test_recording_inside_a_recording_is_refused_and_a_graph_inside_one_runs_eagerly():
+    class Records(nn.Module):
+        def forward(self, x):
+            return record(torch.relu, (x,), {})  # (a forward that records: refused while it is recorded)
+
+    with pytest.raises(ReplayError, match="inside a forward this thread is recording"):
+        record(Records(), (torch.randn(3),), {})
+    inner = make_mlp()
+    outer = cpu_graph(nn.Sequential(cpu_graph(inner), nn.ReLU()))
+    with torch.no_grad():
+        for seed in range(2):
+            x = torch.randn(3, 20, generator=torch.Generator().manual_seed(seed))
+            _same(outer(x), torch.relu(inner(x)))
+    assert outer.replays == 2  # (while the outer graph recorded, the inner one ran its model eagerly)
