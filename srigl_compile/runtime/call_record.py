@@ -222,13 +222,16 @@ def may_write_over(residual: torch.Tensor) -> bool:
 
 def dead_residuals(recording: Recording) -> dict[int, tuple[int, int]]:
     """The residual operands of ``recording`` (numbered in the order ``may_write_over`` was asked) that a kernel
-    may overwrite: produced whole earlier in the forward, read by no other operand of their call, and never read
-    after it (nor part of an output) before being overwritten whole (``runtime.liveness``); each with the call
+    may overwrite: produced whole earlier in the forward, read by no other operand of their call, never read
+    after it (nor part of an output) before being overwritten whole (``runtime.liveness``), and held by nothing
+    else once the forward returned (a forward hook keeping a layer's output, say); each with the call
     it was asked at and the call that produced it (what ``record(write_over=...)`` checks again)."""
     accesses = [call.access() for call in recording.calls]
     outputs = _extents(t for t in tree_flatten(recording.outputs)[0] if isinstance(t, torch.Tensor))
     dead = {}
     for number, (asked, operand) in enumerate(recording.residuals):
+        if number in recording.held:
+            continue
         target = extent(operand)
         # the op's kernel: the first call after the question that reads the operand (a pack may come first)
         index = next((i for i in range(asked, len(recording.calls)) if recording.calls[i].kernel and any(
@@ -288,6 +291,12 @@ class Recording:
     outputs: Any  # aliases of the forward's output tensors (tree)
     held_bytes: int
     residuals: list[tuple[int, torch.Tensor]] = dataclasses.field(default_factory=list)  # (``may_write_over``)
+    held: frozenset[int] = frozenset()  # the residuals something outside the recording held after the forward
+
+    def structure(self) -> list[tuple]:
+        """Each call's function and tensor shapes: what two recordings of one forward share."""
+        return [(call.fn, tuple(tuple(t.shape) for t in tree_flatten((call.args, call.kwargs))[0]
+                                if isinstance(t, torch.Tensor))) for call in self.calls]
 
     def replay(self, leaves) -> Any:
         """The forward's outputs for these flattened inputs (same shapes, strides and dtypes as recorded), as new
@@ -345,7 +354,12 @@ def record(fn: Callable, args: tuple, kwargs: dict,
         raise ReplayError(f"the forward returns a {type(odd).__name__}, which a replay would return as it was "
                           "recorded, with its tensors overwritten by later replays; return tensors (e.g. a decoder "
                           "with use_cache=False), or run this model eagerly")
+    # residuals something besides the recording still holds now that the forward has returned (a hook, a module
+    # attribute): writing over them would change what that holder sees
+    held = frozenset(number for number, (_, operand) in enumerate(recorder.residuals) if (
+        users := scratch.users_besides(operand, recorder.holds.get(operand.untyped_storage()._cdata, 0))) is None
+        or users > 0)
     outputs = recorder.keep(out)
     storages = {alias.untyped_storage()._cdata: alias.untyped_storage().nbytes()
                 for alias in recorder.kept}
-    return Recording(statics, recorder.calls, outputs, sum(storages.values()), recorder.residuals)
+    return Recording(statics, recorder.calls, outputs, sum(storages.values()), recorder.residuals, held)

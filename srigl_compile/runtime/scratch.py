@@ -36,7 +36,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-__all__ = ["scratch", "result", "release_scratch", "scratch_bytes", "pad_images", "held_by_recording",
+__all__ = ["scratch", "result", "release_scratch", "scratch_bytes", "pad_images", "held_by_recording", "users_besides",
            "MMAPPED_BYTES", "RECYCLE_FROM_BYTES", "RECYCLED_PER_SIZE", "RECORDING_RECYCLE_FROM_BYTES"]
 
 _LOCAL = threading.local()  # .buffers: {(slot, dtype): 1-D tensor}; .results: {(numel, dtype): [1-D tensor]}
@@ -98,6 +98,16 @@ def _unreferenced(buffer: torch.Tensor) -> bool:
     if held:
         tensors -= held.get(buffer.untyped_storage()._cdata, 0)
     return tensors <= _FREE[0] and objects <= _FREE[1]
+
+
+def users_besides(tensor: torch.Tensor, known: int) -> int | None:
+    """How many tensors (and other holders) use ``tensor``'s storage besides ``known`` of them and this thread's
+    pool of results; None when torch does not say (its use count is private API)."""
+    if _USE_COUNT is None:
+        return None
+    storage = tensor.untyped_storage()  # (held while counted, as in _references: part of _FREE's count too)
+    pooled = any(buffer.untyped_storage()._cdata == storage._cdata for pool in _results().values() for buffer in pool)
+    return _USE_COUNT(storage._cdata) - _FREE[0] + (0 if pooled else 1) - known
 
 
 @contextlib.contextmanager

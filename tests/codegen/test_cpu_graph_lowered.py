@@ -208,3 +208,38 @@ def test_threads_recording_at_once_and_graphs_inside_graphs():
         for seed in range(2):
             x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
             torch.testing.assert_close(outer(x), torch.relu(lowered(x)), rtol=0, atol=0)
+
+
+class _Alternating(torch.nn.Module):
+    """The same function on every call, but which tensor it reads after the block alternates: the block's input
+    (live after the block) or a copy of it (then the input is dead)."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.stem, self.block, self.calls = torch.nn.Conv2d(3, width, 3, padding=1), _Block(width), 0
+
+    def forward(self, x):
+        h = self.stem(x)
+        self.calls += 1
+        copy = h.clone()
+        return self.block(h) + 1e-6 * (copy if self.calls % 2 else h)
+
+
+def test_residuals_held_elsewhere_or_read_on_another_path_are_not_written_over():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    lowered = _lowered(_Net("none"), x)
+    kept = []
+    lowered.stem.register_forward_hook(lambda module, inputs, output: kept.append(output))  # holds the residual
+    graphed = cpu_graph(lowered)
+    with torch.inference_mode():
+        torch.testing.assert_close(graphed(x), lowered(x), rtol=0, atol=0)
+    (entry,) = graphed._entries.values()
+    assert not _writes_over(entry.recording)  # (without the hook: 1, test_a_residual_never_read_again_...)
+    alternating = _lowered(_Alternating(), x)  # planned on one path, recorded again on the other
+    alternating.calls = 0  # (settling and the probe take two calls: the first recording reads the copy)
+    graphed = cpu_graph(alternating)
+    with torch.inference_mode():
+        for seed in range(3):
+            x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+            torch.testing.assert_close(graphed(x), alternating(x), rtol=0, atol=0)  # (both paths: one function)
