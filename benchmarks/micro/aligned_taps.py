@@ -16,7 +16,6 @@ Random distinct columns per row; median of TVM's time_evaluator.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -24,12 +23,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from offset_nests import nest  # noqa: E402
+from offset_nests import nest, setup, timed_us  # noqa: E402
 
-from srigl_compile.codegen._tvm_compat import import_tvm  # noqa: E402
-from srigl_compile.codegen.cpu_target import check_llvm_target  # noqa: E402
 from srigl_compile.codegen.kernels import offset_kernel  # noqa: E402
 from srigl_compile.runtime.conv_geometry import (  # noqa: E402
     VECTOR,
@@ -53,14 +49,10 @@ def _tile(positions: int) -> int:
 
 
 def _time_us(n_out: int, lanes: int, tiles: int, x, offsets, values, bias, rounds: int, target) -> float:
-    tvm = import_tvm()
     func = nest(offset_kernel(n_out, K, lanes, True, "taps", 32, 8, "relu"), False, 2)
-    executable = tvm.compile(tvm.IRModule({"taps": func}), target=tvm.target.Target(dict(target)))
     y = torch.zeros(1, n_out, tiles, lanes)
-    args = [tvm.runtime.from_dlpack(t) for t in (x, block_rows(values, 32, 8), block_rows(offsets.contiguous(), 32, 8),
-                                                 bias, y)]
-    evaluator = executable.mod.time_evaluator("taps", tvm.cpu(), number=10, repeat=rounds, min_repeat_ms=20)
-    return float(np.median(evaluator(*args).results)) * 1e6
+    return timed_us(func, (x, block_rows(values, 32, 8), block_rows(offsets.contiguous(), 32, 8), bias, y), rounds,
+                    target)
 
 
 def run(n_out: int, channels: int, image: int, rounds: int, target) -> None:
@@ -87,13 +79,7 @@ def run(n_out: int, channels: int, image: int, rounds: int, target) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
-    torch.set_num_threads(args.threads)
-    target = check_llvm_target(None)
+    args, target = setup(__doc__.splitlines()[0])
     for shape in SHAPES:
         run(*shape, args.rounds, target)
 

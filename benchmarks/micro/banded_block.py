@@ -11,7 +11,7 @@ temporaries stay in L2; the block's input is read twice within a band instead of
 
 Checks each banded block against the layers run one after the other (bit for bit), then prints the median
 replayed forward with the blocks as they are, banded, and as they are again; then every call of the banded
-forward in place and hot (``replay_calls.py``'s method).
+forward in place and hot (``replay_calls.time_calls``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import set_threads  # noqa: E402
 from profile_model import warm_up  # noqa: E402
+from replay_calls import label, time_calls  # noqa: E402
 
 from srigl_compile import cpu_graph  # noqa: E402
 from srigl_compile.runtime.conv_geometry import aligned_plane, direct_plan, planar_stride  # noqa: E402
@@ -148,22 +149,9 @@ def main() -> None:
     print(f"resnet50 B=1, blocks {args.blocks} in bands of {args.rows} rows: replayed forward {as_they_are:.2f} ms "
           f"as they are, {band:.2f} banded, {again:.2f} as they are again")
     with torch.no_grad():
-        where = []
-        for call in calls:
-            start = time.perf_counter()
-            call()
-            where.append(time.perf_counter() - start)
-        for i, call in enumerate(calls[:40]):
-            for _ in range(3):
-                call()
-            times = []
-            for _ in range(15):
-                start = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - start)
-            name = getattr(call.fn, "__name__", None) or str(call.fn).split("(")[0]
-            print(f"  {i:3d} {where[i] * 1e3:6.3f} ms in place {np.median(times) * 1e3:6.3f} hot  {name[:40]}")
-
+        where, hot = time_calls(calls[:40], 1)  # (the first 40: the stem and the two banded blocks)
+    for i, call in enumerate(calls[:40]):
+        print(f"  {i:3d} {where[i]:6.3f} ms in place {hot[i]:6.3f} hot  {label(call)}")
 
 if __name__ == "__main__":
     main()

@@ -42,8 +42,27 @@ def nest(func, row_stationary: bool, rin: int):
     return schedule(sch, acc, (image, tile, block), rows, lanes, red_outer, red_inner, rin).mod["main"]
 
 
-def run(shape, rounds: int, target) -> None:
+def timed_us(func, tensors, rounds: int, target) -> float:
+    """Median microseconds of the scheduled offset kernel ``func`` on ``tensors`` (TVM's time_evaluator)."""
     tvm = import_tvm()
+    symbol = str(func.attrs["global_symbol"])
+    executable = tvm.compile(tvm.IRModule({symbol: func}), target=tvm.target.Target(dict(target)))
+    evaluator = executable.mod.time_evaluator(symbol, tvm.cpu(), number=10, repeat=rounds, min_repeat_ms=20)
+    return float(np.median(evaluator(*[tvm.runtime.from_dlpack(t) for t in tensors]).results)) * 1e6
+
+
+def setup(description: str) -> tuple[argparse.Namespace, dict]:
+    """(--rounds and --threads parsed, the host's llvm target), threads set for TVM and torch."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
+    torch.set_num_threads(args.threads)
+    return args, check_llvm_target(None)
+
+
+def run(shape, rounds: int, target) -> None:
     n_out, n_in, k, kernel, image, lanes, share = shape
     plan = direct_plan(image, image, (kernel, kernel), (kernel // 2,) * 2, (1, 1), lanes)
     if kernel == 1:
@@ -60,12 +79,9 @@ def run(shape, rounds: int, target) -> None:
     timings = []
     for row_stationary in (False, True):
         func = nest(offset_kernel(n_out, k, lanes, True, "nest", 32, 8, "relu", share=share), row_stationary, rin)
-        executable = tvm.compile(tvm.IRModule({"nest": func}), target=tvm.target.Target(dict(target)))
         y = torch.zeros(1, n_out, plan.tiles, lanes)
-        args = [tvm.runtime.from_dlpack(t) for t in (x, block_rows(values, 32, 8), block_rows(offsets, 32 // share, 8),
-                                                     bias, y)]
-        evaluator = executable.mod.time_evaluator("nest", tvm.cpu(), number=10, repeat=rounds, min_repeat_ms=20)
-        micros = float(np.median(evaluator(*args).results)) * 1e6
+        micros = timed_us(func, (x, block_rows(values, 32, 8), block_rows(offsets, 32 // share, 8), bias, y), rounds,
+                          target)
         torch.testing.assert_close(y[0].reshape(n_out, -1), reference, rtol=1e-4, atol=1e-4)
         timings.append(micros)
     flops = 2 * n_out * k * plan.out_h * plan.out_w
@@ -76,13 +92,7 @@ def run(shape, rounds: int, target) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
-    torch.set_num_threads(args.threads)
-    target = check_llvm_target(None)
+    args, target = setup(__doc__.splitlines()[0])
     for shape in SHAPES:
         run(shape, args.rounds, target)
 

@@ -32,11 +32,34 @@ from profile_model import warm_up  # noqa: E402
 from srigl_compile import cpu_graph  # noqa: E402
 
 
-def _label(call) -> str:
+def label(call) -> str:
+    """A recorded call's function and its first and last tensor's shape."""
     tensors = [t for t in call.args if isinstance(t, torch.Tensor)]
     name = getattr(call.fn, "__name__", None) or str(call.fn).split("(")[0]
     shapes = f"{tuple(tensors[0].shape)} -> {tuple(tensors[-1].shape)}" if tensors else ""
     return f"{name[:28]:28s} {shapes}"
+
+
+def time_calls(calls, rounds: int) -> tuple[np.ndarray, np.ndarray]:
+    """(median ms of each call in place, over ``rounds`` runs of the list in order; median ms of each alone, hot:
+    3 warm-up calls, then 15 timed). Call under ``torch.no_grad()``."""
+    in_place = np.zeros((rounds, len(calls)))
+    for round_ in range(rounds):
+        for i, call in enumerate(calls):
+            start = time.perf_counter()
+            call()
+            in_place[round_, i] = time.perf_counter() - start
+    hot = np.zeros(len(calls))
+    for i, call in enumerate(calls):
+        for _ in range(3):
+            call()
+        times = []
+        for _ in range(15):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        hot[i] = np.median(times)
+    return np.median(in_place, axis=0) * 1e3, hot * 1e3
 
 
 def main() -> None:
@@ -57,28 +80,11 @@ def main() -> None:
         graphed(x)
         (entry,) = graphed._entries.values()
         calls = entry.recording.calls
-        in_place = np.zeros((args.rounds, len(calls)))
-        for round_ in range(args.rounds):
-            for i, call in enumerate(calls):
-                start = time.perf_counter()
-                call()
-                in_place[round_, i] = time.perf_counter() - start
-        hot = np.zeros(len(calls))
-        for i, call in enumerate(calls):
-            for _ in range(3):
-                call()
-            times = []
-            for _ in range(15):
-                start = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - start)
-            hot[i] = np.median(times)
-    where = np.median(in_place, axis=0) * 1e3
-    hot *= 1e3
+        where, hot = time_calls(calls, args.rounds)
     print(f"{args.model} B={args.batch}: {len(calls)} calls, {where.sum():.2f} ms in place, {hot.sum():.2f} ms hot")
     for i in np.argsort(hot - where)[: args.top]:
         print(f"  {i:4d} {where[i]:7.3f} ms in place {hot[i]:7.3f} hot ({where[i] / max(hot[i], 1e-9):4.2f}x)  "
-              f"{_label(calls[i])}")
+              f"{label(calls[i])}")
 
 
 if __name__ == "__main__":
