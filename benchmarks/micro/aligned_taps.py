@@ -62,7 +62,7 @@ def run(n_out: int, channels: int, image: int, rounds: int, target) -> None:
     lanes = _tile(image * (image + 2))
     plan = direct_plan(image, image, (3, 3), (1, 1), (1, 1), lanes)
     x = torch.randn(1, channels * plan.plane, generator=gen)
-    offsets = column_offsets(columns, (3, 3), (1, 1), plan)
+    offsets = column_offsets(columns, (3, 3), (1, 1), plan, channels * 9)
     built = _time_us(n_out, lanes, plan.tiles, x, offsets, values, bias, rounds, target)
     rounded = _time_us(n_out, lanes, plan.tiles, x, offsets // VECTOR * VECTOR, values, bias, rounds, target)
     pitch = -(-(image + 2) // VECTOR) * VECTOR

@@ -69,7 +69,7 @@ def run(shape, rounds: int, target) -> None:
         plan = planar_plan(plan, aligned_plane(max(plan.tiles * lanes, plan.positions)))
     gen = torch.Generator().manual_seed(0)
     columns = torch.rand(n_out, n_in, generator=gen).argsort(1)[:, :k].sort(1).values
-    offsets = column_offsets(columns, (kernel, kernel), (1, 1), plan)[::share].contiguous()
+    offsets = column_offsets(columns, (kernel, kernel), (1, 1), plan, n_in)[::share].contiguous()
     values, bias = torch.randn(n_out, k, generator=gen), torch.randn(n_out, generator=gen)
     x = torch.randn(1, n_in // kernel**2 * plan.plane, generator=gen)
     grid = torch.arange(plan.tiles * lanes)

@@ -195,7 +195,7 @@ def _timing_args(spec: KernelSpec, layout: str, params, device) -> list:
     idx = np.concatenate([idx, np.repeat(idx[:, -1:], k - k_real, axis=1)], axis=1)
     if layout == "offset":
         kernel, plan, channels = _offset_geometry(spec, params)
-        idx = column_offsets(torch.from_numpy(idx), kernel, (1, 1), plan).numpy()
+        idx = column_offsets(torch.from_numpy(idx), kernel, (1, 1), plan, n_in).numpy()
     idx = idx.astype("int32" if layout == "offset" else spec.index_dtype)
     ops = [rng.standard_normal((n_out, k), dtype=np.float32),
            idx.view(np.int64) if layout == "row" else idx]  # (the row kernel reads 64-bit index words)

@@ -163,15 +163,24 @@ class CpuGraph(torch.nn.Module):
             if not _matches(expected, recording.replay(probe)):
                 raise ReplayError("a replay of the recorded forward does not match the eager forward on another "
                                   "input: the forward computes something outside the kernels and aten ops a "
-                                  "recording sees; run this model eagerly")
+                                  "recording sees, or takes another path from call to call (state it changes, "
+                                  "a counter); run this model eagerly")
         watched = tuple((t, t._version) for t in itertools.chain(self.model.parameters(), self.model.buffers()))
         return _Entry(recording, watched)
 
 
 def _matches(expected: Any, got: Any, exact: bool = False) -> bool:
+    """The same leaves, tensors of the same shape and dtype and close (equal when ``exact``): a forward that took
+    another path may return other shapes, which is a mismatch, not an error."""
     tolerance = {"rtol": 0.0, "atol": 0.0} if exact else {"rtol": 1e-4, "atol": 1e-5}
-    return all(not isinstance(want, torch.Tensor) or torch.allclose(want, have, equal_nan=True, **tolerance)
-               for want, have in zip(tree_flatten(expected)[0], tree_flatten(got)[0]))
+    wanted, got = tree_flatten(expected)[0], tree_flatten(got)[0]
+    return len(wanted) == len(got) and all(not isinstance(want, torch.Tensor) or _close(want, have, tolerance)
+                                           for want, have in zip(wanted, got))
+
+
+def _close(want: torch.Tensor, have: Any, tolerance: dict) -> bool:
+    return isinstance(have, torch.Tensor) and (want.shape, want.dtype) == (have.shape, have.dtype) \
+        and torch.allclose(want, have, equal_nan=True, **tolerance)
 
 
 def cpu_graph(model: torch.nn.Module, max_recordings: int = MAX_RECORDINGS) -> CpuGraph:

@@ -130,16 +130,21 @@ def pitched_stride(x: torch.Tensor) -> tuple[int, int] | None:
 
 
 def column_offsets(columns: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, int],
-                   plan: DirectPlan) -> torch.Tensor:
-    """int32 offsets of im2col columns (c * kh * kw + i * kw + j, as the condensed layer stores them) in the padded
-    images of ``plan`` (channels ``plan.plane`` apart)."""
+                   plan: DirectPlan, n_in: int) -> torch.Tensor:
+    """int32 offsets of im2col columns (c * kh * kw + i * kw + j, as the condensed layer stores them, each below
+    ``n_in``) in the padded images of ``plan`` (channels ``plan.plane`` apart).
+
+    The int32 bound is checked on the farthest offset any column below ``n_in`` could have, not on the columns'
+    values: reading a value into Python would stop a CPU graph recording the first call at a new size."""
     taps = kernel[0] * kernel[1]
+    farthest = (-(-n_in // taps) - 1) * plan.plane + (kernel[0] - 1) * dilation[0] * plan.pitch \
+        + (kernel[1] - 1) * dilation[1]
+    if farthest >= 2**31:
+        raise ValueError(f"the padded input ({plan.plane} floats per channel) is too large for int32 offsets")
     columns = columns.long()
     channel, tap = columns // taps, columns % taps
     offsets = channel * plan.plane + tap // kernel[1] * dilation[0] * plan.pitch \
         + tap % kernel[1] * dilation[1]
-    if offsets.numel() and int(offsets.max()) >= 2**31:
-        raise ValueError(f"the padded input ({plan.plane} floats per channel) is too large for int32 offsets")
     return offsets.to(torch.int32).contiguous()
 
 

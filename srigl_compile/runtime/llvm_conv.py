@@ -101,7 +101,7 @@ class LlvmConvHandle(HandleBase):
         if key not in sizes:
             if len(sizes) >= _SIZES_PER_LAYER:
                 sizes.clear()
-            sizes[key] = column_offsets(columns, kernel, dilation, plan)
+            sizes[key] = column_offsets(columns, kernel, dilation, plan, self.spec.n_in)
         return sizes[key]
 
     def manifest_entry(self, folder: Path, stem: str) -> dict[str, Any]:

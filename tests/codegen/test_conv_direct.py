@@ -1,5 +1,6 @@
 """The direct (im2col-free) convolution: its read plan, its op, and lowered convolutions that use it."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -21,7 +22,7 @@ def grid_conv(x, values, columns, kernel, padding, dilation, lanes):
     """What the offset kernel computes, in plain torch: every grid position reads x_flat[offset + q]."""
     plan = direct_plan(x.shape[2], x.shape[3], kernel, padding, dilation, lanes)
     padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0] + plan.extra)).flatten(1)
-    offsets = column_offsets(columns, kernel, dilation, plan).long()
+    offsets = column_offsets(columns, kernel, dilation, plan, x.shape[1] * kernel[0] * kernel[1]).long()
     q = torch.arange(plan.tiles * lanes)
     assert int(offsets.max()) + len(q) <= padded.shape[1], "a read past the padded image"
     grid = (padded[:, offsets[..., None] + q] * values[None, ..., None]).sum(2)  # [B, n_out, positions]
@@ -253,6 +254,20 @@ def test_bad_conv_inputs_are_clear_errors(lowered_cnn):
     with pytest.raises(ValueError, match="has_bias"):
         condensed_conv2d(torch.randn(1, layer.in_channels, 5, 5), layer.values, layer.indices,
                          None if layer.bias is not None else torch.zeros(layer.n_active), *args[3:])
+
+
+def test_column_offsets_bound_int32_by_the_layer_s_width_without_reading_the_columns():
+    """The bound comes from ``n_in``, not the columns' values: on meta tensors (no values) it computes, as it must
+    inside a CPU graph recording, where reading a value into Python would stop the recording."""
+    plan = direct_plan(8, 8, (3, 3), (1, 1), (1, 1), 16)
+    on_meta = column_offsets(torch.empty(4, 5, dtype=torch.int16, device="meta"), (3, 3), (1, 1), plan, 18)
+    assert on_meta.dtype == torch.int32 and on_meta.shape == (4, 5)
+    columns = torch.tensor([[0, 17]])  # channel 0's first tap, channel 1's last: the farthest read of 2 channels
+    assert column_offsets(columns, (3, 3), (1, 1), plan, 18).tolist() == [[0, plan.plane + 2 * plan.pitch + 2]]
+    huge = dataclasses.replace(plan, plane=2**30)  # a third channel would start at 2**31
+    assert column_offsets(columns, (3, 3), (1, 1), huge, 18).tolist() == [[0, 2**30 + 2 * plan.pitch + 2]]
+    with pytest.raises(ValueError, match="too large for int32 offsets"):
+        column_offsets(columns, (3, 3), (1, 1), huge, 19)  # (19 columns: part of a third channel)
 
 
 def test_block_rows_orders_operands_as_a_task_reads_them():

@@ -5,7 +5,7 @@ ViT with attention, layer norm and GELU kernels); changed operands record again.
 import pytest
 import torch
 
-from srigl_compile import SRigLConfig, cpu_graph, lower, sparsify
+from srigl_compile import ReplayError, SRigLConfig, cpu_graph, lower, sparsify
 from srigl_compile.codegen.backends.llvm import LlvmConfig
 from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
 from srigl_compile.zoo import ResNet, SmallViT
@@ -243,3 +243,28 @@ def test_residuals_held_elsewhere_or_read_on_another_path_are_not_written_over()
         for seed in range(3):
             x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
             torch.testing.assert_close(graphed(x), alternating(x), rtol=0, atol=0)  # (both paths: one function)
+
+
+class _LateLayer(torch.nn.Module):
+    """Runs its second convolution from its third call on: settling and the probe skip it, the recording does
+    not (its first call at the size, computing the size's offsets, is inside the recording)."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.a, self.b, self.calls = torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.Conv2d(width, width, 3), 0
+
+    def forward(self, x):
+        self.calls += 1
+        h = self.a(x)
+        return self.b(h) if self.calls > 2 else h
+
+
+def test_a_forward_taking_another_path_while_recording_is_named_so():
+    x = torch.randn(1, 3, 8, 8)
+    lowered = _lowered(_LateLayer(), x)
+    lowered.calls = 0
+    x = torch.randn(1, 3, 11, 9)  # (a size the layers have not run at)
+    with torch.inference_mode(), pytest.raises(ReplayError, match="takes another path from call to call"):
+        cpu_graph(lowered)(x)
+    with torch.inference_mode():
+        assert lowered(x).shape == (1, 16, 9, 7), "the model runs eagerly as before"

@@ -76,7 +76,7 @@ def test_a_planar_plan_reads_inside_its_planes_at_the_channel_stride(height, wid
         return
     assert layout.reads_in_bounds((1, 1), (1, 1)) and layout.extra == 0 and layout.plane == plane
     columns = torch.arange(channels)[None]
-    assert column_offsets(columns, (1, 1), (1, 1), layout).tolist() == [[c * plane for c in range(channels)]]
+    assert column_offsets(columns, (1, 1), (1, 1), layout, channels).tolist() == [[c * plane for c in range(channels)]]
     assert aligned_plane(plane) % 16 == 0 and 0 <= aligned_plane(plane) - plane < 16
 
 
