@@ -8,6 +8,7 @@ import torch
 from srigl_compile import ReplayError, SRigLConfig, cpu_graph, lower, sparsify
 from srigl_compile.codegen.backends.llvm import LlvmConfig
 from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
+from srigl_compile.nn.settle import settle
 from srigl_compile.zoo import ResNet, SmallViT
 from tests.helpers import randomize_bn
 
@@ -22,7 +23,8 @@ def _models(name):
     else:
         net, x = SmallViT((3, 16, 16), 10), torch.randn(2, 3, 16, 16)
         masked = sparsify(net, SRigLConfig(sparsity=0.8, distribution="uniform"), example_inputs=(x,)).eval()
-    return masked, lower(masked, example_inputs=(x,), progress=False), x
+    # no dense forms: a replay must run a kernel for every layer (a trial under load may choose torch's dense path)
+    return masked, lower(masked, LlvmConfig(dense_fallback=False, progress=False), example_inputs=(x,)), x
 
 
 @pytest.mark.parametrize("name", ["resnet", "vit"])
@@ -41,6 +43,31 @@ def test_replays_run_the_kernels_and_equal_the_eager_forward(name, batch):
     kernels = [call for call in entry.recording.calls if type(call.fn).__module__.startswith("tvm")]
     layers = [m for m in lowered.modules() if isinstance(m, (LoweredConv, LoweredLinear))]
     assert len(kernels) >= len(layers) and graphed.replays == 3
+
+
+@pytest.mark.parametrize("name", ["resnet", "vit"])
+def test_layers_that_chose_their_dense_form_replay_it(name):
+    """Every dense form settled and then told to choose dense: the recording holds torch's dense calls where the
+    kernels were, and replays equal the eager forward bit for bit."""
+    masked, _, x = _models(name)
+    lowered = lower(masked, example_inputs=(x,), progress=False)
+    with torch.inference_mode():
+        settle(lowered, x)
+    forms = [m.__dict__["_dense_form"] for m in lowered.modules() if m.__dict__.get("_dense_form") is not None]
+    assert forms, "90%-sparse test models keep near-dense layers (the stem, attention) with dense forms"
+    for form in forms:
+        for key in form.choices:
+            form.choices[key] = True
+    graphed = cpu_graph(lowered)
+    with torch.inference_mode():
+        for seed in range(2):
+            x = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+            got = graphed(x)
+            torch.testing.assert_close(got, lowered(x), rtol=0, atol=0)
+            torch.testing.assert_close(got, masked(x), rtol=1e-4, atol=1e-4)
+    (entry,) = graphed._entries.values()
+    dense = [call for call in entry.recording.calls if "mm" in str(call.fn) or "convolution" in str(call.fn)]
+    assert len(dense) >= len(forms) and graphed.replays == 2
 
 
 def test_changed_operands_record_again():
