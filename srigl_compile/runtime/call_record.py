@@ -233,15 +233,16 @@ def dead_residuals(recording: Recording) -> dict[int, tuple[int, int]]:
         if number in recording.held:
             continue
         target = extent(operand)
-        # the op's kernel: the first call after the question that reads the operand (a pack may come first)
-        index = next((i for i in range(asked, len(recording.calls)) if recording.calls[i].kernel and any(
-            t is operand for t in recording.calls[i].args[:-1])), None)
-        if target is None or index is None or not operand.is_contiguous():
+        if target is None or not operand.is_contiguous():
             continue
-        tensors = [t for t in recording.calls[index].args if isinstance(t, torch.Tensor)]
-        others = [e for t in tensors[:-1] if t is not operand and (e := extent(t)) is not None]
-        if any(other.overlaps(target) for other in others):
-            continue  # the call reads those bytes through another operand too
+        # the op's call that reads the operand: the first one after the question that reads its bytes (the kernel,
+        # or the copy of a residual into a padded grid; a pack of another operand may come first) ...
+        index = next((i for i in range(asked, len(accesses)) if any(e.overlaps(target) for e in accesses[i].reads)),
+                     None)
+        # ... through that operand alone: a call reading the same bytes through another one (y = conv(x) + x) would
+        # read what the op had written over them
+        if index is None or sum(e.overlaps(target) for e in accesses[index].reads) != 1:
+            continue
         made = producer(accesses, index, target)
         if made is not None and dead_after(accesses, index, target, outputs):
             dead[number] = (asked, made)

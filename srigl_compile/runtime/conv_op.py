@@ -103,8 +103,13 @@ class ConvCall:
         grid_shape = (batch, n_out, grid_length)
         returned = not self.cropped or grid_is_plane or self.pitched  # (a view of it is the result)
         tail = [bias.contiguous()] if handle.has_bias else []
-        grid = None
+        grid = out = None
         if residual is not None:  # in the output grid's layout: as it is when uncropped, else placed in a scratch grid
+            # cropped into a contiguous result: the crop may write it over the residual once the kernel has read it
+            # (asked first: the residual's first reader may be its copy into the scratch grid)
+            if not returned and not self.out_plane and _is_plain_result(residual, self.out_shape) \
+                    and may_write_over(residual):
+                out = residual.view(self.out_shape)  # (a tensor of its own, as a result would be)
             res = _residual_grid(residual, self.out_shape, plan, self.cropped)
             tail.append(res)
             if returned and _same_storage(res, residual) and may_write_over(res):  # (only in a CPU graph's replays)
@@ -119,9 +124,9 @@ class ConvCall:
             return grid[:, :, :plan.positions].unflatten(2, (plan.out_h, plan.pitch))[..., :plan.out_w]
         if grid_is_plane:
             return grid[:, :, :plan.out_h * plan.out_w].view(self.out_shape)
-        if self.out_plane:  # cropped into planar images
+        if out is None and self.out_plane:  # cropped into planar images
             out = result((batch, n_out, self.out_plane))[:, :, :plan.out_h * plan.out_w].view(self.out_shape)
-        else:
+        elif out is None:
             out = result(self.out_shape)
         if handle.crop_fn is not None:
             handle.crop_fn(grid.view(batch * n_out, -1), out.view(-1, plan.out_h, plan.out_w), plan.pitch)
@@ -234,6 +239,11 @@ def _image_rows(x: torch.Tensor, planar: bool) -> torch.Tensor:
     if not planar:
         x = x.contiguous()
     return x.view(x.shape[0] * x.shape[1], x.shape[2], x.shape[3])
+
+
+def _is_plain_result(residual: torch.Tensor, out_shape: tuple) -> bool:
+    """Whether ``residual`` could be the crop's result as it is: float32, contiguous, of the output's shape."""
+    return residual.dtype == torch.float32 and tuple(residual.shape) == tuple(out_shape) and residual.is_contiguous()
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -84,10 +84,10 @@ def test_changed_operands_record_again():
 
 
 class _Block(torch.nn.Module):
-    def __init__(self, width):
+    def __init__(self, width, last=1):  # last=3: the add's convolution crops its output grid (a basic block)
         super().__init__()
         self.conv1 = torch.nn.Conv2d(width, width, 3, padding=1)
-        self.conv2 = torch.nn.Conv2d(width, width, 1)
+        self.conv2 = torch.nn.Conv2d(width, width, last, padding=last // 2)
 
     def forward(self, x):
         return torch.relu(self.conv2(torch.relu(self.conv1(x))) + x)
@@ -96,9 +96,9 @@ class _Block(torch.nn.Module):
 class _Net(torch.nn.Module):
     """A stem and a block whose last 1x1 convolution adds the block's input; ``keep`` says what else uses it."""
 
-    def __init__(self, keep, width=16):
+    def __init__(self, keep, width=16, last=1):
         super().__init__()
-        self.stem, self.block, self.keep = torch.nn.Conv2d(3, width, 3, padding=1), _Block(width), keep
+        self.stem, self.block, self.keep = torch.nn.Conv2d(3, width, 3, padding=1), _Block(width, last), keep
 
     def forward(self, x):
         h = self.stem(x)
@@ -139,6 +139,63 @@ def test_a_residual_never_read_again_is_written_over(keep):
     assert len(entry.recording.residuals) == 1  # the one kernel with a residual asked
     # only where nothing reads the block's input after the add does the kernel write over it
     assert len(_writes_over(entry.recording)) == (1 if keep == "none" else 0)
+
+
+def _answers(monkeypatch) -> list[bool]:
+    """What the convolutions' ``may_write_over`` answers, call by call (recordings and eager calls alike)."""
+    from srigl_compile.runtime import conv_op
+
+    answers, real = [], conv_op.may_write_over
+    monkeypatch.setattr(conv_op, "may_write_over", lambda residual: answers.append(real(residual)) or answers[-1])
+    return answers
+
+
+@pytest.mark.parametrize("keep", ["none", "output", "read"])
+def test_a_cropped_convolution_writes_its_result_over_a_dead_residual(keep, monkeypatch):
+    """The add's 3x3 convolution copies the residual into its padded output grid, and its crop may then write the
+    result over the residual: only where nothing reads it after the block."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    masked = sparsify(_Net(keep, last=3), SRigLConfig(sparsity=0.7, distribution="uniform")).eval()
+    lowered = lower(masked, LlvmConfig(dense_fallback=False, progress=False), example_inputs=(x,))
+    assert lowered.block.conv2.epilogue == "add_relu"
+    answers = _answers(monkeypatch)
+    graphed = cpu_graph(lowered)
+    with torch.inference_mode():
+        for seed in range(3):
+            x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+            before = x.clone()
+            got = graphed(x)
+            torch.testing.assert_close(got, lowered(x), rtol=0, atol=0)
+            torch.testing.assert_close(got, masked(x), rtol=1e-4, atol=1e-4)
+            assert torch.equal(x, before)
+    (entry,) = graphed._entries.values()
+    assert len(entry.recording.residuals) == 1
+    # the final recording's one question, then the three eager calls': yes only for a dead residual, in the recording
+    assert answers[-4:] == [keep == "none", False, False, False] and answers.count(True) == (keep == "none")
+
+
+def test_basic_blocks_write_over_their_inputs(monkeypatch):
+    """A ResNet-18's blocks: each second 3x3 convolution adds the block's input (or its shortcut's output)."""
+    from srigl_compile.zoo import CifarResNet18
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    masked = randomize_bn(sparsify(CifarResNet18(10, width=8), SRigLConfig(sparsity=0.9))).eval()
+    lowered = lower(masked, LlvmConfig(dense_fallback=False, progress=False), example_inputs=(x,))
+    answers = _answers(monkeypatch)
+    graphed = cpu_graph(lowered)
+    with torch.inference_mode():
+        for seed in range(3):
+            x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+            got = graphed(x)
+            torch.testing.assert_close(got, lowered(x), rtol=0, atol=0)
+            torch.testing.assert_close(got, masked(x), rtol=1e-4, atol=1e-4)
+    (entry,) = graphed._entries.values()
+    asked = len(entry.recording.residuals)  # (not the last stages' blocks: planar outputs are not written over)
+    # the final recording's questions, then the three eager forwards' (each asks as many)
+    assert asked >= 6 and answers[-4 * asked:] == [True] * asked + [False] * 3 * asked, "every residual is dead"
+    assert answers.count(True) == asked
 
 
 @pytest.mark.parametrize("name", ["resnet", "vit"])
