@@ -61,7 +61,7 @@ from srigl_compile.codegen.backends.llvm import LlvmConfig
 from srigl_compile.nn.condensed_attention import CondensedMultiheadAttention
 from srigl_compile.nn.settle import settle
 from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
-from srigl_compile.zoo import ResNet, SmallViT, resnet50, vit_b16
+from srigl_compile.zoo import ResNet, SmallViT, resnet34, resnet50, vit_b16
 
 SPARSITY = 0.9
 MAX_REL_ERR = 1e-3  # lowered vs masked, relative to the largest output: float32 sums in another order
@@ -87,6 +87,8 @@ MODELS = {
     "vit_b16": ModelSpec("vit_b16", "ViT-B/16-shaped encoder", lambda res: vit_b16((3, res, res), 1000), "uniform",
                          ((1, 224), (64, 224))),
     "resnet50": ModelSpec("resnet50", "ResNet-50", lambda res: resnet50((3, res, res), 1000), "erk",
+                          ((1, 224), (64, 224))),
+    "resnet34": ModelSpec("resnet34", "ResNet-34", lambda res: resnet34((3, res, res), 1000), "erk",
                           ((1, 224), (64, 224))),
 }
 QUICK_MODELS = {

@@ -93,13 +93,14 @@ class _Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """The ImageNet bottleneck ResNet (7x7/2 stem, 3x3/2 max-pool, 4 stages); ``blocks=(3, 4, 6, 3)`` is ResNet-50.
+    """The ImageNet ResNet (7x7/2 stem, 3x3/2 max-pool, 4 stages); ``blocks=(3, 4, 6, 3)`` is ResNet-50, and with
+    ``basic=True`` (two 3x3 convolutions a block, no expansion) ResNet-34; ``(2, 2, 2, 2)`` basic is ResNet-18.
 
-    Defined here because torchvision is not a dependency; the layer shapes match torchvision's resnet50.
+    Defined here because torchvision is not a dependency; the layer shapes match torchvision's resnet18/34/50.
     """
 
     def __init__(self, num_classes: int = 1000, in_channels: int = 3, blocks: tuple[int, ...] = (3, 4, 6, 3),
-                 width: int = 64) -> None:
+                 width: int = 64, basic: bool = False) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -108,8 +109,13 @@ class ResNet(nn.Module):
         stages, cin = [], width
         for i, count in enumerate(blocks):
             for j in range(count):
-                stages.append(_Bottleneck(cin, width * 2**i, 2 if i and not j else 1))
-                cin = 4 * width * 2**i
+                stride = 2 if i and not j else 1
+                if basic:
+                    stages.append(_BasicBlock(cin, width * 2**i, stride))
+                    cin = width * 2**i
+                else:
+                    stages.append(_Bottleneck(cin, width * 2**i, stride))
+                    cin = 4 * width * 2**i
         self.layers = nn.Sequential(*stages)
         self.avgpool = nn.AdaptiveAvgPool2d(1)  # a module, as in torchvision (lower() runs it in TVM)
         self.fc = nn.Linear(cin, num_classes)
@@ -121,6 +127,10 @@ class ResNet(nn.Module):
 
 def resnet50(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return ResNet(num_classes, in_channels=input_shape[0])
+
+
+def resnet34(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return ResNet(num_classes, in_channels=input_shape[0], basic=True)
 
 
 class SmallViT(nn.Module):
@@ -152,8 +162,8 @@ def vit_b16(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return SmallViT(input_shape, num_classes, patch=16, dim=768, depth=12, heads=12, mlp_dim=3072)
 
 
-MODELS = {"mlp": mlp, "cnn": small_cnn, "resnet18": cifar_resnet18, "vit": SmallViT, "resnet50": resnet50,
-          "vit_b16": vit_b16}
+MODELS = {"mlp": mlp, "cnn": small_cnn, "resnet18": cifar_resnet18, "vit": SmallViT, "resnet34": resnet34,
+          "resnet50": resnet50, "vit_b16": vit_b16}
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:

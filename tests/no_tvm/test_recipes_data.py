@@ -84,6 +84,15 @@ def test_zoo_models_run_on_cifar_shapes(name):
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_imagenet_resnets_have_torchvision_s_parameter_counts():
+    from srigl_compile.zoo import ResNet
+
+    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    assert count(ResNet(blocks=(2, 2, 2, 2), basic=True)) == 11_689_512  # torchvision resnet18
+    assert count(build_model("resnet34", (3, 224, 224), 1000)) == 21_797_672
+    assert count(build_model("resnet50", (3, 224, 224), 1000)) == 25_557_032
+
+
 def tiny_factory(input_shape, num_classes):
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(int(np.prod(input_shape)), num_classes))
 
