@@ -179,3 +179,30 @@ def test_a_repeated_call_with_a_residual_needs_one_of_the_same_shape():
         torch.testing.assert_close(layer(x, residual=residual[:1]), layer(x, residual=residual[:1].expand_as(residual)),
                                    rtol=0, atol=0)  # a broadcast residual takes the full path
         torch.testing.assert_close(layer(x, residual=residual), want, rtol=0, atol=0)
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("layout", ["contiguous", "planar", "broadcast", "channels_last"])
+def test_a_cropped_convolution_adds_a_residual_of_any_layout(layout):
+    """A 3x3 convolution's residual is placed in its padded output grid by the library's pad (images of the
+    output's shape: contiguous or planar) or torch's copy (anything else); either way the output is the masked
+    convolution's plus the residual, which stays as it was."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _ResidualBlock())
+    masked = sparsify(model, SRigLConfig(sparsity=0.7, distribution="uniform")).eval()
+    lowered = lower(masked, LlvmConfig(dense_fallback=False, progress=False))
+    layer = lowered[1].conv
+    assert isinstance(layer, LoweredConv) and layer.epilogue == "add_relu"
+    x = torch.randn(2, 8, 9, 11)
+    residual = torch.randn(2, 8, 9, 11)
+    if layout == "planar":  # images 9 x 11 = 99 floats, 104 apart
+        residual = torch.randn(2 * 8 * 104).as_strided((2, 8, 9, 11), (8 * 104, 104, 11, 1))
+    elif layout == "broadcast":
+        residual = residual[:1]
+    elif layout == "channels_last":
+        residual = residual.to(memory_format=torch.channels_last)
+    before = residual.clone()
+    with torch.no_grad():
+        expected = F.relu(masked[1].conv(x) + residual)
+        torch.testing.assert_close(layer(x, residual=residual), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(residual, before)
