@@ -11,10 +11,11 @@ convolutions whose every step is per-sample: no step mixes images) with ``chunk_
 per chunk (None: the whole batch). Until a shape is measured it runs whole batches. ``choose_batch_chunks`` (called
 by ``nn.settle.settle``, the warm-up) times alternating whole forwards of the model with each chunk size that
 divides the batch (each size's dense-form trials settled first) and keeps the fastest only when it takes at most
-``MIN_GAIN`` of the whole batch's time. Every image's values are computed by the same kernels either way: outputs
-are bit for bit the same. Eager calls only: traced calls (fx, torch.compile, export) run whole batches. The
-choices are this machine's: ``save_lowered`` keeps them, a model loaded on another CPU, core or thread count
-forgets them.
+``MIN_GAIN`` of the whole batch's time. Every image's values are computed by the same kernels either way, so
+outputs are bit for bit the same, unless a layer's dense form (``nn.dense_fallback``, each input shape's own timed
+choice) runs at one shape and not the other: then they agree to float32 rounding. Eager calls only: traced calls
+(fx, torch.compile, export) run whole batches. The choices are this machine's: ``save_lowered`` keeps them, a
+model loaded on another CPU, core or thread count forgets them.
 
 Example:
     >>> settle(lowered, torch.randn(64, 3, 224, 224))                  # doctest: +SKIP
