@@ -3,11 +3,12 @@
     python benchmarks/run.py --only models [--quick]
 
 Models (random weights, defined in ``srigl_compile.zoo``; nothing is downloaded): a ViT-B/16-shaped encoder
-(``vit_b16``: 12 layers, width 768, 12 heads, MLP 3072; 197 tokens at 224x224) and ResNet-50 (``resnet50``,
-torchvision's layer shapes). Sparsified at 90% (ViT uniform, ResNet ERK, as in the SRigL paper); "masked" is the
+(``vit_b16``: 12 layers, width 768, 12 heads, MLP 3072; 197 tokens at 224x224), ResNet-50 (``resnet50``) and
+ResNet-34 (``resnet34``, basic blocks: its residual adds are in cropped 3x3 convolutions), with torchvision's layer
+shapes. Sparsified at 90% (ViT uniform, ResNets ERK, as in the SRigL paper); "masked" is the
 sparsified model in eval mode, "lowered" is ``srigl_compile.lower(masked, target="llvm")``, checked against
 masked before it is timed. Inputs are 224x224 at batch 1 and 64; a batch-64 forward takes 12-30 s on 2 cores, so
-this part takes ~11 minutes (``--model-inputs 1x224 64x112`` runs in ~3: the ViT then has 50 tokens).
+this part takes ~18 minutes (``--model-inputs 1x224 64x112`` runs in ~5: the ViT then has 50 tokens).
 
 Share of time in the sparse layers: one extra forward with forward pre/post hooks (``time.perf_counter``) on the
 layers sparsify made sparse. Before = the dense model with each ``nn.MultiheadAttention`` swapped for the q/k/v/out
