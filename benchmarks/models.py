@@ -8,7 +8,8 @@ ResNet-34 (``resnet34``, basic blocks: its residual adds are in cropped 3x3 conv
 shapes. Sparsified at 90% (ViT uniform, ResNets ERK, as in the SRigL paper); "masked" is the
 sparsified model in eval mode, "lowered" is ``srigl_compile.lower(masked, target="llvm")``, checked against
 masked before it is timed. Inputs are 224x224 at batch 1 and 64; a batch-64 forward takes 12-30 s on 2 cores, so
-this part takes ~18 minutes (``--model-inputs 1x224 64x112`` runs in ~5: the ViT then has 50 tokens).
+this part took ~11 minutes with the first two models, and ResNet-34 adds ~7 (its two sizes with peers: 43 s and
+378 s; ``--model-inputs 1x224 64x112`` runs in a fraction: the ViT then has 50 tokens).
 
 Share of time in the sparse layers: one extra forward with forward pre/post hooks (``time.perf_counter``) on the
 layers sparsify made sparse. Before = the dense model with each ``nn.MultiheadAttention`` swapped for the q/k/v/out
