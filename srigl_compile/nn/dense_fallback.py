@@ -29,7 +29,8 @@ kernel's until its choice is made, then the chosen path's. A model whose outputs
 lowered with ``LlvmConfig(dense_fallback=False)``.
 
 Scope: eager calls on plain float32 CPU tensors without autograd; traced calls (torch.compile, export) and
-anything else run the kernel. Layers: Linear, and 2-d convolutions with one group and zero padding. The dense
+anything else run the kernel, as does a shape still without a choice inside a ``cpu_graph`` recording (which would
+replay both paths of a trial forever). Layers: Linear, and 2-d convolutions with one group and zero padding. The dense
 weight is built only when a shape is on trial and kept only while some shape chooses it. The form snapshots the
 condensed operands at lowering (a convolution's before they are packed: a second copy of its weights); if the
 layer's operands are changed or replaced afterwards the form is dropped before it would run again, and the kernel
@@ -56,6 +57,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..runtime.call_record import recording_here
 from ..runtime.spec import apply_epilogue
 
 __all__ = ["DenseForm", "CANDIDATE_DENSITY", "MARGIN", "MIN_SAVING_S", "FORWARD_SAVING_S", "dense_form_for",
@@ -236,8 +238,9 @@ def watched_operands(layer) -> tuple[tuple[torch.Tensor, int], ...]:
 def run_dense_if_faster(layer, form: DenseForm, x: torch.Tensor, residual: torch.Tensor | None,
                         kernel: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> torch.Tensor | None:
     """The layer's output by its dense form when that is the faster path at this input's shape, or by the kernel
-    (``kernel(x, residual)``) while the shape is on trial; None when the kernel runs it: the choice, or a call the
-    form does not take (module docstring). A form whose layer's operands changed since it was made is dropped."""
+    (``kernel(x, residual)``) while the shape is on trial; None when the kernel runs it: the choice, a call the
+    form does not take, or a shape without a choice inside a recording (module docstring). A form whose layer's
+    operands changed since it was made is dropped."""
     if residual is not None and type(residual) is not torch.Tensor:
         return None
     key = (x.shape, None if residual is None else residual.shape)
@@ -253,6 +256,8 @@ def run_dense_if_faster(layer, form: DenseForm, x: torch.Tensor, residual: torch
                                           or (torch.is_grad_enabled() and residual.requires_grad)))):
         return None
     if dense is None:
+        if recording_here():  # a recorded trial would run both paths at every replay and never end
+            return None
         return form.run_trial(key, x, residual, lambda: kernel(x, residual))
     return form.run(x, residual)
 

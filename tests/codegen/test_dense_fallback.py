@@ -265,3 +265,24 @@ def test_a_1x1_convolutions_dense_form_is_its_matrix_product(stride, layout, epi
     residual = torch.randn(3, 40, *([14 // stride] * 2)) if "add" in epilogue else None
     want = apply_epilogue(F.conv2d(x, form.weight(), form.bias, stride=stride), epilogue, residual)
     torch.testing.assert_close(form.run(x, residual), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_shape_first_seen_while_recording_runs_the_kernel_without_a_trial(monkeypatch, short_trials):
+    """A recording replays whatever its forward ran: a trial recorded there would run both paths at every replay
+    and never end, so a shape without a choice runs only the kernel while recording (and its trial waits for an
+    eager call)."""
+    from srigl_compile.runtime.call_record import record
+
+    _force(monkeypatch, "dense")
+    model = _sparse(0.5)
+    lowered = lower(model, progress=False)
+    kernels_only = lower(model, LlvmConfig(dense_fallback=False, progress=False))
+    forms = _forms(lowered)
+    x = torch.randn(2, 16, 10, 10)  # (no eager call at this shape yet: every layer's shape is new)
+    with torch.no_grad():
+        recording = record(lowered, (x,), {})
+        assert all(not form.trials and not form.choices for form in forms.values())
+        assert not [call for call in recording.calls if "mm" in str(call.fn) or "convolution" in str(call.fn)]
+        torch.testing.assert_close(recording.replay([x]), kernels_only(x), rtol=0, atol=0)
+        lowered(x)  # eager: the trial opens as before
+    assert all(list(form.trials) for form in forms.values())
