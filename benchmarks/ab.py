@@ -4,17 +4,19 @@
     python benchmarks/ab.py --base 07e2c8d --head 1f0fd29 --model resnet50 --batch 1 --rounds 3
     python benchmarks/ab.py --base 39b6f55 --model fc2 --calls 3000   # the paper's layer alone, 90% uniform
     python benchmarks/ab.py --base HEAD --graph head                 # eager against cpu_graph, same revision
+    python benchmarks/ab.py --base 2bd9cde --compile both            # both sides under torch.compile (inductor)
 
 Each revision is checked out in a temporary git worktree (the working tree itself when ``--head`` is not given).
 Rounds alternate base, head, base, head, ...; each round is a fresh process that builds the model with that
 revision's ``benchmarks/models.py`` (sparsify + ``lower``, as the model benchmark does), checks nothing, and
 times ``--calls`` forwards after a warm-up; with ``--graph both`` (or ``head``) those sides time the lowered model
 under ``srigl_compile.cpu_graph`` (revisions that have it), so kernel changes show without the Python between
-kernels. ``--model fc2`` is the paper's layer alone (ViT-B's fc2, 3072->768, 90% sparse, uniform), sparsified and
-lowered with the public API and timed through the lowered module. Separate benchmark runs on this VM moved by
-20-60% within minutes, so only figures taken side by side like this are quoted as the effect of a change: the
-median over rounds of each round's median, and (for short calls, where a busy minute swamps the medians) of each
-round's minimum. Prints both and writes
+kernels; with ``--compile both`` (or ``head``) those sides time ``torch.compile(lowered)`` (inductor, after its
+first calls compiled it). ``--model fc2`` is the paper's layer alone (ViT-B's fc2, 3072->768, 90% sparse,
+uniform), sparsified and lowered with the public API and timed through the lowered module. Separate benchmark
+runs on this VM moved by 20-60% within minutes, so only figures taken side by side like this are quoted as the
+effect of a change: the median over rounds of each round's median, and (for short calls, where a busy minute
+swamps the medians) of each round's minimum. Prints both and writes
 ``ab_<model>_b<batch>_<base>_<head>.json`` (machine, versions, command, every round) to ``--out``.
 """
 
@@ -35,9 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def time_model(root: str, model: str, batch: int, resolution: int, calls: int, threads: int,
-               graph: bool = False) -> dict:
+               graph: bool = False, compiled: bool = False) -> dict:
     """In a child process: the median forward time (ms) of ``model`` lowered by the code under ``root`` (under
-    ``cpu_graph`` when ``graph``)."""
+    ``cpu_graph`` when ``graph``, ``torch.compile`` when ``compiled``)."""
     sys.path[:0] = [root, str(Path(root) / "benchmarks")]
     import time
 
@@ -76,6 +78,10 @@ def time_model(root: str, model: str, batch: int, resolution: int, calls: int, t
             lowered = srigl_compile.cpu_graph(lowered)
             for _ in range(3):  # (the first call records)
                 lowered(x)
+        if compiled:
+            lowered = torch.compile(lowered)
+            for _ in range(3):  # (the first call compiles)
+                lowered(x)
         for _ in range(calls):
             start = time.perf_counter()
             lowered(x)
@@ -101,13 +107,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--graph", choices=("none", "both", "head"), default="none",
                         help="time these sides under srigl_compile.cpu_graph")
+    parser.add_argument("--compile", choices=("none", "both", "head"), default="none",
+                        help="time these sides under torch.compile")
     parser.add_argument("--graphed", action="store_true", help=argparse.SUPPRESS)  # (a child's side)
+    parser.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)  # (a child's side)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(time_model(args.child, args.model, args.batch, args.resolution, args.calls, args.threads,
-                                    args.graphed)))
+                                    args.graphed, args.compiled)))
         return
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from common import environment
@@ -124,6 +133,8 @@ def main() -> None:
                                str(args.resolution), "--calls", str(args.calls), "--threads", str(args.threads)]
                     if args.graph == "both" or (args.graph == "head" and side == "head"):
                         command.append("--graphed")
+                    if args.compile == "both" or (args.compile == "head" and side == "head"):
+                        command.append("--compiled")
                     result = subprocess.run(command, check=True, capture_output=True, text=True, cwd=tmp)
                     runs[side].append(json.loads(result.stdout.strip().splitlines()[-1]))
                     print(f"round {round_ + 1} {side}: {runs[side][-1]['median_ms']:.4g} ms", flush=True)
@@ -140,9 +151,11 @@ def main() -> None:
     medians = {side: statistics.median(r["median_ms"] for r in rounds) for side, rounds in runs.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     graphed = "" if args.graph == "none" else f"_graph_{args.graph}"
+    graphed += "" if args.compile == "none" else f"_compile_{args.compile}"
     path = args.out / f"ab_{args.model}_b{args.batch}_{args.base}_{args.head or 'worktree'}{graphed}.json"
     path.write_text(json.dumps({"environment": environment(), "command": sys.argv, "base": args.base,
-                                "head": head_name, "graph": args.graph, "median_ms": medians, "rounds": runs},
+                                "head": head_name, "graph": args.graph, "compile": args.compile, "median_ms": medians,
+                                "rounds": runs},
                                indent=2))
     print(f"-> {path}")
 

@@ -160,7 +160,7 @@ class LoweredConv(CondensedConv):
         values, indices, bias = self.values, self.indices, self.bias
         if type(images) is not torch.Tensor or torch.compiler.is_compiling():
             return conv_op.condensed_conv2d(images, values, indices, bias, self.kernel_key, kernel, padding,
-                                            dilation, stride, residual)
+                                            dilation, stride, residual, self.planar_output, self.pitched_output)
         check_no_grad(x, self.kernel_key)  # (the layer's input: a subsampled copy no longer carries the flag)
         call, packed = conv_op.prepare_call(images, values, indices, bias, self.kernel_key, kernel, padding,
                                             dilation, stride, residual, self.planar_output, self.pitched_output)

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .call_record import may_write_over
 from .checks import (
@@ -47,7 +48,6 @@ from .conv_geometry import (
     DirectPlan,
     aligned_plane,
     direct_plan,
-    output_size,
     phase_kernel,
     planar_plan,
     planar_stride,
@@ -83,13 +83,24 @@ class ConvCall:
     pads: tuple[int, int, int, int]
     stride: tuple[int, int]
     plan: DirectPlan
-    offsets: torch.Tensor
+    offsets: torch.Tensor | None  # (None: planned only, ``plan_call``)
     out_shape: tuple[int, int, int, int]
     cropped: bool  # whether the output grid has padding columns or a ragged last tile to drop
     direct: bool = False
     out_plane: int = 0
     planar_input: bool = False
     pitched: bool = False
+
+    def result_strides(self) -> tuple[int, int, int, int]:
+        """The strides of the tensor a call returns: a view of the output grid (pitched, or planar with the grid
+        as its planes), planar images, or contiguous."""
+        plan, (batch, n_out, height, width) = self.plan, self.out_shape
+        grid_length = plan.tiles * plan.lanes
+        if batch and self.cropped and (self.pitched or (plan.pitch == width and grid_length == self.out_plane)):
+            return (n_out * grid_length, grid_length, plan.pitch, 1)
+        if batch and self.cropped and self.out_plane:
+            return (n_out * self.out_plane, self.out_plane, width, 1)
+        return (n_out * height * width, height * width, width, 1)
 
     def __call__(self, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
                  residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,6 +161,19 @@ def prepare_call(x: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, b
     check_cpu_float32(x, handle.key)
     check_bias(handle, bias)
     check_residual(handle, residual)
+    call, read_kernel, read_dilation = plan_call(x, handle, kernel_size, padding, dilation, stride, planar_output,
+                                                 pitched_output)
+    if not handle.is_packed(values):
+        values, columns = handle.pack(values, columns)  # slow path: callers should pack once
+    offsets = handle.offsets(columns, read_kernel, read_dilation, call.plan)
+    return dataclasses.replace(call, offsets=offsets), values
+
+
+def plan_call(x: torch.Tensor, handle, kernel_size, padding, dilation, stride, planar_output: bool = False,
+              pitched_output: bool = False) -> tuple[ConvCall, tuple[int, int], tuple[int, int]]:
+    """What a call decides from the input's shape and strides alone (``prepare_call``'s flags), without offsets
+    (``offsets`` None), and the kernel and dilation the offsets index: (call, read kernel, read dilation). The
+    fake implementation plans with it too, so that a tracer sees the strides the call returns."""
     if x.dim() != 4:
         raise KernelShapeError(f"takes images [B, C, H, W] (or [C, H, W]), got an input of shape {tuple(x.shape)} "
                                f"(kernel {handle.key})")
@@ -161,8 +185,6 @@ def prepare_call(x: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, b
         per_channel = width // x.shape[1] if x.shape[1] else 1  # (phase images x read kernel per channel)
         raise KernelShapeError(f"expects {handle.n_in // per_channel} input channels, got {x.shape[1]} (input shape "
                                f"{tuple(x.shape)}; kernel {handle.key})")
-    if not handle.is_packed(values):
-        values, columns = handle.pack(values, columns)  # slow path: callers should pack once
     try:
         if strided:
             plan, pads = strided_plan(x.shape[2], x.shape[3], kernel, stride, padding, dilation, handle.lanes)
@@ -183,7 +205,6 @@ def prepare_call(x: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, b
             plan, pads = planar_plan(plan, aligned_plane(plan.tiles * plan.lanes)), (0, 0, 0, 0)
     elif handle.planar_glue:  # padded or phase images with their channels on vector boundaries
         plan = dataclasses.replace(plan, plane=aligned_plane(plan.plane))
-    offsets = handle.offsets(columns, read_kernel, read_dilation, plan)
     cropped = plan.pitch != plan.out_w or plan.positions != plan.tiles * plan.lanes
     out_shape = (x.shape[0], handle.n_out, plan.out_h, plan.out_w)
     positions, grid = plan.out_h * plan.out_w, plan.tiles * plan.lanes
@@ -191,15 +212,35 @@ def prepare_call(x: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, b
     if planar_output and not pitched and handle.planar_glue and cropped and positions % VECTOR:  # (else aligned)
         out_plane = grid if plan.pitch == plan.out_w and grid % VECTOR == 0 else aligned_plane(positions)
     planar_input = handle.planar_glue and plane is not None
-    return ConvCall(handle, pads, stride, plan, offsets, out_shape, cropped, direct, out_plane, planar_input,
-                    pitched), values
+    call = ConvCall(handle, pads, stride, plan, None, out_shape, cropped, direct, out_plane, planar_input, pitched)
+    return call, read_kernel, read_dilation
+
+
+# Calls prepared by ``_run`` (the op's calls: a tracer's, and ``condensed_conv2d``'s), per layer's columns: a
+# compiled ResNet-50 makes 53 convolution calls a forward, and planning each one again took ~17 us of Python.
+_PREPARED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # columns -> {call key: (columns version, values, bias, call)}
+PREPARED_PER_LAYER = 8  # input layouts kept per layer (then it starts afresh)
 
 
 def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilation, stride,
-         residual=None) -> torch.Tensor:
-    call, values = prepare_call(x, values, columns, bias, kernel_key, kernel_size, padding, dilation, stride,
-                                residual)
-    return call(x, values, bias, residual)
+         residual=None, planar_output: bool = False, pitched_output: bool = False) -> torch.Tensor:
+    """The op: its call prepared once per input layout and operand tensors (``prepare_call``, every check), then
+    called again while the input's and residual's shape, strides, dtype and device, the operand tensors and the
+    columns' contents stay the same."""
+    key = (kernel_key, x.shape, x.stride(), x.dtype, x.device, tuple(kernel_size), tuple(padding), tuple(dilation),
+           tuple(stride), planar_output, pitched_output,
+           None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device))
+    calls = _PREPARED.get(columns)
+    kept = None if calls is None else calls.get(key)
+    if kept is not None and kept[0] == columns._version and kept[1] is values and kept[2] is bias:
+        return kept[3](x, values, bias, residual)
+    call, packed = prepare_call(x, values, columns, bias, kernel_key, kernel_size, padding, dilation, stride,
+                                residual, planar_output, pitched_output)
+    if packed is values and type(columns) is torch.Tensor:  # (the operands the kernel reads: keep the call)
+        if calls is None or len(calls) >= PREPARED_PER_LAYER:
+            calls = _PREPARED[columns] = {}
+        calls[key] = (columns._version, values, bias, call)
+    return call(x, packed, bias, residual)
 
 
 def padded_images(call: ConvCall, x: torch.Tensor) -> torch.Tensor:
@@ -278,29 +319,35 @@ def _residual_grid(handle, residual: torch.Tensor, out_shape: tuple, plan, cropp
 # Low-level Library API, as for tvm_condensed_linear (custom_op's wrapper costs ~30 us a call).
 _LIB = torch.library.Library("srigl_compile", "FRAGMENT")
 _LIB.define("tvm_condensed_conv2d(Tensor x, Tensor values, Tensor columns, Tensor? bias, str kernel_key, "
-            "int[] kernel_size, int[] padding, int[] dilation, int[] stride, Tensor? residual=None) -> Tensor")
+            "int[] kernel_size, int[] padding, int[] dilation, int[] stride, Tensor? residual=None, "
+            "bool planar_output=False, bool pitched_output=False) -> Tensor")
 _LIB.impl("tvm_condensed_conv2d", _run, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("srigl_compile::tvm_condensed_conv2d", lib=_LIB)
 def _tvm_condensed_conv2d_fake(x, values, columns, bias, kernel_key, kernel_size, padding, dilation, stride,
-                               residual=None):
-    out = output_size(x.shape[2:], kernel_size, stride, padding, dilation)
-    return x.new_empty(x.shape[0], get_handle(kernel_key).n_out, *out)  # (values are blocked, padded)
+                               residual=None, planar_output=False, pitched_output=False):
+    call = plan_call(x, get_handle(kernel_key), kernel_size, padding, dilation, stride, planar_output,
+                     pitched_output)[0]
+    return x.new_empty_strided(call.out_shape, call.result_strides())  # (the strides the call returns)
 
 
 def condensed_conv2d(x: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, bias: torch.Tensor | None,
                      kernel_key: str, kernel_size, padding, dilation, stride=(1, 1),
-                     residual: torch.Tensor | None = None) -> torch.Tensor:
+                     residual: torch.Tensor | None = None, planar_output: bool = False,
+                     pitched_output: bool = False) -> torch.Tensor:
     """Run the offset kernel registered as ``kernel_key`` (symmetric zero padding; with a stride, ``columns`` are
     the phase convolution's, see ``conv_geometry.phase_columns``); ``residual`` is the tensor a kernel built with
-    an "add" epilogue adds to its output. Plain eager tensors skip the dispatcher, tracers go through
+    an "add" epilogue adds to its output; ``planar_output`` and ``pitched_output`` as for ``prepare_call`` (the
+    result may then be a strided view). Plain eager tensors skip the dispatcher, tracers go through
     ``torch.ops.srigl_compile``."""
     if type(x) is torch.Tensor and not torch.compiler.is_compiling():
         check_no_grad(x, kernel_key)
-        return _run(x, values, columns, bias, kernel_key, kernel_size, padding, dilation, stride, residual)
+        return _run(x, values, columns, bias, kernel_key, kernel_size, padding, dilation, stride, residual,
+                    planar_output, pitched_output)
     return torch.ops.srigl_compile.tvm_condensed_conv2d(x, values, columns, bias, kernel_key, list(kernel_size),
-                                                        list(padding), list(dilation), list(stride), residual)
+                                                        list(padding), list(dilation), list(stride), residual,
+                                                        planar_output, pitched_output)
 
 
 def subsample_images(x: torch.Tensor, stride: tuple[int, int], kernel_key: str) -> torch.Tensor:

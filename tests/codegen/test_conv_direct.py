@@ -334,3 +334,42 @@ def test_unbatched_inputs_work_as_in_torch(conv, shape):
             out = model(x)
             assert out.shape == expected.shape
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.tvm
+def test_the_op_plans_a_call_once_per_input_layout_and_again_once_the_columns_change(lowered_cnn, monkeypatch):
+    """The op (a tracer's call, or ``condensed_conv2d``) keeps each layer's prepared calls: planned once per input
+    layout, and again when the columns it derived its offsets from change in place."""
+    from srigl_compile.runtime import conv_op
+
+    _, lowered = lowered_cnn
+    layer = next(m for m in lowered.modules() if isinstance(m, LoweredConv) and m.direct and m.kernel_size != (1, 1))
+    values, columns = layer.values, layer.indices
+    assert values.shape == columns.shape and values.shape[-1] >= 2, "blocked [NB, KT, rows, kin], one list a row"
+    x = torch.randn(2, layer.in_channels, 6, 7)
+
+    def run(images):
+        y = conv_op.condensed_conv2d(images, values, columns, layer.bias, layer.kernel_key, layer.kernel_size,
+                                     layer.padding, layer.dilation)
+        return layer.scatter(y, dim=1)
+
+    with torch.no_grad():
+        want = layer(x)
+        planned = []
+        prepare = conv_op.prepare_call
+        monkeypatch.setattr(conv_op, "prepare_call", lambda *a, **k: planned.append(1) or prepare(*a, **k))
+        for _ in range(2):
+            torch.testing.assert_close(run(x), want, rtol=0, atol=0)
+        assert len(planned) == 1
+        for _ in range(2):  # another layout of the same shape: a call of its own
+            torch.testing.assert_close(run(x.to(memory_format=torch.channels_last)), want, rtol=0, atol=0)
+        assert len(planned) == 2
+        swap = [1, 0] + list(range(2, values.shape[-1]))  # two non-zeros of each row trade places, values with them
+        try:
+            values.copy_(values[..., swap])
+            columns.copy_(columns[..., swap])
+            torch.testing.assert_close(run(x), want, rtol=1e-5, atol=1e-5)  # (offsets from the new columns)
+            assert len(planned) == 3
+        finally:
+            values.copy_(values[..., swap])
+            columns.copy_(columns[..., swap])

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from srigl_compile import SRigLConfig, load_lowered, lower, save_lowered, sparsify
+from srigl_compile.codegen.backends import LlvmConfig
 from srigl_compile.nn.lowered import LoweredConv
 from srigl_compile.nn.pooling import LoweredGlobalAvgPool2d, LoweredMaxPool2d
 from srigl_compile.runtime.conv_geometry import (
@@ -269,3 +270,49 @@ def test_a_max_pool_from_an_older_library_reads_a_contiguous_copy(monkeypatch):
     monkeypatch.setattr(handle, "pitched_pool", False)
     assert torch.equal(lowered.pool(view), expected)
     assert strides == [(185, 15, 1), (156, 13, 1)], "the grid as it is, then a contiguous copy"
+
+
+def _lowered_layers(lowered: nn.Module, x: torch.Tensor) -> list[tuple[LoweredConv, tuple, dict, torch.Tensor]]:
+    """Each lowered convolution of one forward, with the arguments it got and what it returned."""
+    calls, hooks = [], []
+    for module in lowered.modules():
+        if isinstance(module, LoweredConv):
+            hooks.append(module.register_forward_hook(
+                lambda m, args, kwargs, out: calls.append((m, args, kwargs, out)), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            lowered(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls
+
+
+@pytest.mark.tvm
+def test_traced_calls_return_the_layouts_eager_calls_do():
+    """The op's fake implementation plans a call as the real one does: a tracer sees the strides each lowered
+    convolution returns (planar, pitched, contiguous), and an inductor-compiled model, whose generated code checks
+    every output's size and strides, equals the eager one bit for bit."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(6)
+    models = [_lowered(seed=7)[0], sparsify(_Pools(), SRigLConfig(sparsity=0.6, distribution="uniform")).eval()]
+    inputs = [torch.randn(2, 8, 14, 14), torch.randn(1, 3, 14, 14)]
+    residuals = 0
+    for masked, x in zip(models, inputs):
+        # (kernels only: a layer this dense could run its dense form eagerly, which sums in another order)
+        lowered = lower(masked, LlvmConfig(dense_fallback=False, progress=False), example_inputs=(x,))
+        calls = _lowered_layers(lowered, x)
+        assert any(not out.is_contiguous() for *_, out in calls), "the models have planar and pitched outputs"
+        residuals += sum("residual" in kwargs for _, _, kwargs, _ in calls)
+        for layer, args, kwargs, out in calls:
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+                fake = layer(*map(mode.from_tensor, args), **{k: mode.from_tensor(v) for k, v in kwargs.items()})
+            assert (fake.shape, fake.stride()) == (out.shape, out.stride()), layer.layer_name
+        compiled = torch.compile(lowered)
+        with torch.no_grad():
+            for _ in range(2):
+                got, want = compiled(x), lowered(x)
+                torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)  # (the kernels' outputs)
+                torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)  # (_Pools': inductor's tanh)
+    assert residuals, "a residual added in a kernel was among the calls"
