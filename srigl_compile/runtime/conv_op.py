@@ -26,11 +26,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .call_record import may_write_over
 from .checks import (
@@ -217,8 +217,11 @@ def plan_call(x: torch.Tensor, handle, kernel_size, padding, dilation, stride, p
 
 
 # Calls prepared by ``_run`` (the op's calls: a tracer's, and ``condensed_conv2d``'s), per layer's columns: a
-# compiled ResNet-50 makes 53 convolution calls a forward, and planning each one again took ~17 us of Python.
-_PREPARED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # columns -> {call key: (columns version, values, bias, call)}
+# compiled ResNet-50 makes 53 convolution calls a forward, and planning each one again took ~17 us of Python. Keyed
+# by the columns' id, with a weak reference to them that drops the entry with the tensor (a WeakIdKeyDictionary
+# lookup alone took ~6 us).
+# id(columns) -> (a weak reference to them, {call key: (columns version, values, bias, prepared call)})
+_PREPARED: dict[int, tuple[weakref.ref, dict]] = {}
 PREPARED_PER_LAYER = 8  # input layouts kept per layer (then it starts afresh)
 
 
@@ -230,7 +233,8 @@ def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilati
     key = (kernel_key, x.shape, x.stride(), x.dtype, x.device, tuple(kernel_size), tuple(padding), tuple(dilation),
            tuple(stride), planar_output, pitched_output,
            None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device))
-    calls = _PREPARED.get(columns)
+    found = _PREPARED.get(id(columns))
+    calls = found[1] if found is not None and found[0]() is columns else None
     kept = None if calls is None else calls.get(key)
     if kept is not None and kept[0] == columns._version and kept[1] is values and kept[2] is bias:
         return kept[3](x, values, bias, residual)
@@ -238,7 +242,9 @@ def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilati
                                 residual, planar_output, pitched_output)
     if packed is values and type(columns) is torch.Tensor:  # (the operands the kernel reads: keep the call)
         if calls is None or len(calls) >= PREPARED_PER_LAYER:
-            calls = _PREPARED[columns] = {}
+            calls = {}
+            number = id(columns)
+            _PREPARED[number] = (weakref.ref(columns, lambda _: _PREPARED.pop(number, None)), calls)
         calls[key] = (columns._version, values, bias, call)
     return call(x, packed, bias, residual)
 

@@ -373,3 +373,10 @@ def test_the_op_plans_a_call_once_per_input_layout_and_again_once_the_columns_ch
         finally:
             values.copy_(values[..., swap])
             columns.copy_(columns[..., swap])
+        copy = columns.clone()  # another columns tensor: calls of its own, dropped with it
+        conv_op.condensed_conv2d(x, values, copy, layer.bias, layer.kernel_key, layer.kernel_size, layer.padding,
+                                 layer.dilation)
+        number = id(copy)
+        assert number in conv_op._PREPARED and len(planned) == 4
+        del copy
+        assert number not in conv_op._PREPARED
