@@ -141,3 +141,8 @@ def test_subsample_images_is_the_strided_view_as_a_copy():
     assert copied.is_contiguous() and torch.equal(copied, x[:, :, ::2, ::3])
     as_double = x.double()  # not what the kernel takes: the view, and the kernel call raises its typed error
     assert conv_op.subsample_images(as_double, (2, 3), key).data_ptr() == as_double.data_ptr()
+    # a tracer's call: the op, a tensor of its own laid out as the eager copy (the fake says so too)
+    traced = torch.ops.srigl_compile.tvm_subsample_images(x, [2, 3], key)
+    assert torch.equal(traced, x[:, :, ::2, ::3]) and traced.stride() == copied.stride()
+    assert traced.untyped_storage().data_ptr() != copied.untyped_storage().data_ptr()
+    torch.library.opcheck(torch.ops.srigl_compile.tvm_subsample_images.default, (x, [2, 3], key))
