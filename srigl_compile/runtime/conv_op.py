@@ -375,8 +375,8 @@ def subsample_images(x: torch.Tensor, stride: tuple[int, int], kernel_key: str) 
     ``torch.compile`` the view's copy by torch took ~0.3 ms a call inside ResNet-50."""
     step_h, step_w = int(stride[0]), int(stride[1])
     handle = get_handle(kernel_key)
-    if (getattr(handle, "pad_fn", None) is None or x.dim() != 4 or x.dtype != torch.float32
-            or x.device.type != "cpu" or x.numel() == 0):
+    if (not isinstance(x, torch.Tensor) or getattr(handle, "pad_fn", None) is None or x.dim() != 4  # (fx: a Proxy)
+            or x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() == 0):
         return x[:, :, ::step_h, ::step_w]
     if type(x) is not torch.Tensor or torch.compiler.is_compiling():
         return torch.ops.srigl_compile.tvm_subsample_images(x, [step_h, step_w], kernel_key)
