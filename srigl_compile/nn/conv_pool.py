@@ -3,9 +3,10 @@
 ``passes/fuse_conv_pool.py`` puts one in the max-pool's place (the convolution's place becomes a ``FusedConvPlace``,
 an ``nn.Identity``, so the model's own forward hands the convolution's input on to it). Eager calls on plain float32
 CPU tensors run ``runtime.conv_pool_op.conv_max_pool``: per image, bands of the pool's rows, each band's convolution
-rows computed into a buffer that stays in L2 and pooled from there. Anything else (tracing, export, autograd inputs,
-an input shape whose dense form is on trial or chosen, a library whose max-pool cannot read strided images) runs the
-two modules one after the other, as before the fusion: the same values either way.
+rows computed into a buffer that stays in L2 and pooled from there; traced calls (compile, export) the same as the
+operator ``tvm_conv_max_pool``. Anything else (fx's symbolic trace, autograd inputs, an eager input shape whose
+dense form is on trial or chosen, a library whose max-pool cannot read strided images) runs the two modules one
+after the other, as before the fusion: the same values either way.
 
 Example:
     >>> fused = LoweredConvMaxPool(model.conv1, model.maxpool)       # doctest: +SKIP
@@ -19,7 +20,8 @@ from torch.nn.modules.utils import _pair
 
 from ..runtime import conv_op
 from ..runtime.checks import KernelShapeError
-from ..runtime.conv_pool_op import conv_max_pool
+from ..runtime.conv_geometry import output_size
+from ..runtime.conv_pool_op import conv_max_pool, traced_conv_max_pool
 from ..runtime.pool_op import kernel_takes, max_pool_computes
 from ..runtime.registry import get_handle
 from .lowered import LoweredConv, subsamples, with_layer_name
@@ -69,27 +71,33 @@ class LoweredConvMaxPool(nn.Module):
         self.conv, self.pool = conv, pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if type(x) is not torch.Tensor or torch.compiler.is_compiling() or not self._bands_take(x):
+        traced = type(x) is not torch.Tensor or torch.compiler.is_compiling()
+        if not isinstance(x, torch.Tensor) or not self._bands_take(x, traced):  # (an fx Proxy is not a Tensor)
             return self.pool(self.conv(x))
         conv, pool = self.conv, self.pool
         images, kernel, stride, dilation, padding = conv._as_2d(x)  # (padding modes and "same" applied)
+        pooling = (_pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding), _pair(pool.dilation))
+        if traced:  # (the op's fake plans the call, with the convolution op's checks)
+            if not max_pool_computes(output_size(images.shape[2:], kernel, stride, padding, dilation), *pooling):
+                return pool(conv(x))  # (torch's error, from the pool)
+            return traced_conv_max_pool(images, conv.values, conv.indices, conv.bias, conv.kernel_key,
+                                        (kernel, padding, dilation, stride), pooling)
         try:
             call, values = conv_op.prepare_call(images, conv.values, conv.indices, conv.bias, conv.kernel_key, kernel,
                                                 padding, dilation, stride)
         except KernelShapeError as err:
             raise with_layer_name(err, conv) from None
-        kernel, stride, padding, dilation = (_pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding),
-                                             _pair(pool.dilation))
-        if not max_pool_computes(call.out_shape[2:], kernel, stride, padding, dilation):
+        if not max_pool_computes(call.out_shape[2:], *pooling):
             return pool(conv(x))  # (torch's error, from the pool)
-        return conv_max_pool(images, call, values, conv.bias, (kernel, stride, padding, dilation))
+        return conv_max_pool(images, call, values, conv.bias, pooling)
 
-    def _bands_take(self, x: torch.Tensor) -> bool:
+    def _bands_take(self, x: torch.Tensor, traced: bool) -> bool:
         """An input the banded path runs: float32 images on the CPU, not tracked by autograd, whose shape runs the
-        kernel (no dense form on trial or chosen for it), from a library whose max-pool reads strided images."""
+        kernel (traced, or no dense form on trial or chosen for it), from a library whose max-pool reads strided
+        images."""
         if not kernel_takes(x):
             return False
         form = self.conv.__dict__.get("_dense_form")
-        if form is not None and form.choices.get((x.shape, None)) is not False:
+        if not traced and form is not None and form.choices.get((x.shape, None)) is not False:
             return False
         return getattr(get_handle(self.conv.kernel_key), "pitched_pool", False)

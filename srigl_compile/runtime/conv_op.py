@@ -56,7 +56,8 @@ from .conv_geometry import (
 from .registry import get_handle
 from .scratch import pad_images, result, scratch
 
-__all__ = ["condensed_conv2d", "subsample_images", "prepare_call", "padded_images", "ConvCall"]
+__all__ = ["condensed_conv2d", "subsample_images", "prepare_call", "kept_call", "plan_call", "padded_images",
+           "ConvCall"]
 
 
 def _pair(values: Sequence[int]) -> tuple[int, int]:
@@ -216,10 +217,10 @@ def plan_call(x: torch.Tensor, handle, kernel_size, padding, dilation, stride, p
     return call, read_kernel, read_dilation
 
 
-# Calls prepared by ``_run`` (the op's calls: a tracer's, and ``condensed_conv2d``'s), per layer's columns: a
+# Calls kept by ``kept_call`` (the ops' calls: a tracer's, and ``condensed_conv2d``'s), per layer's columns: a
 # compiled ResNet-50 makes 53 convolution calls a forward, and planning each one again took ~17 us of Python. Keyed
 # by the columns' id, with a weak reference to them that drops the entry with the tensor (a WeakIdKeyDictionary
-# lookup alone took ~6 us).
+# lookup took 1.5-6 us more a call).
 # id(columns) -> (a weak reference to them, {call key: (columns version, values, bias, prepared call)})
 _PREPARED: dict[int, tuple[weakref.ref, dict]] = {}
 PREPARED_PER_LAYER = 8  # input layouts kept per layer (then it starts afresh)
@@ -227,8 +228,16 @@ PREPARED_PER_LAYER = 8  # input layouts kept per layer (then it starts afresh)
 
 def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilation, stride,
          residual=None, planar_output: bool = False, pitched_output: bool = False) -> torch.Tensor:
-    """The op: its call prepared once per input layout and operand tensors (``prepare_call``, every check), then
-    called again while the input's and residual's shape, strides, dtype and device, the operand tensors and the
+    """The op: ``kept_call``, then the call."""
+    call, packed = kept_call(x, values, columns, bias, kernel_key, kernel_size, padding, dilation, stride, residual,
+                             planar_output, pitched_output)
+    return call(x, packed, bias, residual)
+
+
+def kept_call(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilation, stride,
+              residual=None, planar_output: bool = False, pitched_output: bool = False) -> tuple[ConvCall, Any]:
+    """``prepare_call``'s (call, packed values), prepared once per input layout and operand tensors (every check)
+    and kept while the input's and residual's shape, strides, dtype and device, the operand tensors and the
     columns' contents stay the same."""
     key = (kernel_key, x.shape, x.stride(), x.dtype, x.device, tuple(kernel_size), tuple(padding), tuple(dilation),
            tuple(stride), planar_output, pitched_output,
@@ -237,7 +246,7 @@ def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilati
     calls = found[1] if found is not None and found[0]() is columns else None
     kept = None if calls is None else calls.get(key)
     if kept is not None and kept[0] == columns._version and kept[1] is values and kept[2] is bias:
-        return kept[3](x, values, bias, residual)
+        return kept[3], values
     call, packed = prepare_call(x, values, columns, bias, kernel_key, kernel_size, padding, dilation, stride,
                                 residual, planar_output, pitched_output)
     if packed is values and type(columns) is torch.Tensor:  # (the operands the kernel reads: keep the call)
@@ -246,7 +255,7 @@ def _run(x, values, columns, bias, kernel_key: str, kernel_size, padding, dilati
             number = id(columns)
             _PREPARED[number] = (weakref.ref(columns, lambda _: _PREPARED.pop(number, None)), calls)
         calls[key] = (columns._version, values, bias, call)
-    return call(x, packed, bias, residual)
+    return call, packed
 
 
 def padded_images(call: ConvCall, x: torch.Tensor) -> torch.Tensor:

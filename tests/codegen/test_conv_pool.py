@@ -207,3 +207,23 @@ def test_fused_pairs_save_load_and_replay(stem, tmp_path):
         graph = cpu_graph(lowered)
         graph(x)
         assert torch.equal(graph(x), expected)
+
+
+@pytest.mark.tvm
+def test_traced_calls_run_the_bands_as_one_operator(stem):
+    """Export and inductor keep each fused pair as ``tvm_conv_max_pool``: the same bands, bit for bit."""
+    _, lowered = stem
+    x = torch.randn(2, 3, 33, 21)
+    with torch.no_grad():
+        want = lowered(x)
+        program = torch.export.export(lowered, (x,))
+        targets = [str(node.target) for node in program.graph.nodes]
+        assert sum("tvm_conv_max_pool" in t for t in targets) == 2, "the stem and the second pair"
+        assert torch.equal(program.module()(x), want)
+        assert torch.equal(torch.compile(lowered)(x), want)
+    fused = lowered.maxpool
+    conv, pool = fused.conv, fused.pool
+    torch.library.opcheck(torch.ops.srigl_compile.tvm_conv_max_pool.default, (
+        x, conv.values, conv.indices, conv.bias, conv.kernel_key, list(conv.kernel_size), list(conv.padding),
+        list(conv.dilation), list(conv.stride), [pool.kernel_size] * 2, [pool.stride] * 2, [pool.padding] * 2,
+        [pool.dilation] * 2))
