@@ -29,6 +29,9 @@ process with the same threads, checked against torch's output. The lowered row t
 ``speedup_vs_fastest_dense_f32``: over the fastest dense f32 runtime of all (torch under every setting, ONNX
 Runtime, OpenVINO f32). A runtime not installed gives a row with ``skipped`` saying so.
 
+Dense compiled (``--dense-compiled``): each dense child also times ``dense_compiled``, the dense model under
+``torch.compile`` (inductor, freezing); it counts as a dense f32 runtime like the others.
+
 bf16 values (``--bf16-values``): the masked model is also lowered with bfloat16 condensed values
 (``LlvmConfig(value_dtype=torch.bfloat16)``; activations and sums stay float32) as ``lowered_bf16``, checked
 against the masked model within the peers' reduced-precision tolerance and timed like ``lowered``; with
@@ -163,13 +166,13 @@ def build(spec: ModelSpec, resolution: int, bf16_values: bool = False) -> dict[s
 
 
 def time_dense_in_child(spec: ModelSpec, batch: int, resolution: int, config: TimerConfig,
-                        setting: str) -> dict[str, dict]:
+                        setting: str, compiled: bool = False) -> dict[str, dict]:
     """{variant: time_us} of the dense models, timed in a fresh process under ``DENSE_THREAD_SETTINGS[setting]``
-    (and without this process's OMP_WAIT_POLICY)."""
+    (and without this process's OMP_WAIT_POLICY); ``compiled``: with ``dense_compiled`` too (``_dense_child``)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env.update(DENSE_THREAD_SETTINGS[setting])
     command = [sys.executable, str(Path(__file__).resolve()), "--dense-child", spec.name, str(batch), str(resolution),
-               json.dumps(dataclasses.asdict(config))]
+               json.dumps(dataclasses.asdict(config))] + (["--compiled"] if compiled else [])
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -179,7 +182,8 @@ def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def run_input(spec: ModelSpec, models: dict, batch: int, resolution: int, config: TimerConfig,
-              peer_sources: dict | None = None, peer_folder: Path | None = None) -> list[dict]:
+              peer_sources: dict | None = None, peer_folder: Path | None = None,
+              dense_compiled: bool = False) -> list[dict]:
     x = torch.randn(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(batch))
     base = {"model": spec.name, "batch": batch, "resolution": resolution, "sparsity": SPARSITY,
             "threads": config.threads}
@@ -211,7 +215,7 @@ def run_input(spec: ModelSpec, models: dict, batch: int, resolution: int, config
                 if folded is not None:
                     row["speedup_vs_dense_folded"] = folded["time_us"]["median"] / row["time_us"]["median"]
             rows.append(row)
-    rows += best_dense_rows(spec, rows, base, batch, resolution, config)
+    rows += best_dense_rows(spec, rows, base, batch, resolution, config, dense_compiled)
     if peer_sources is not None:
         rows += peer_model_rows(models, rows, peer_sources, x, base, config, peer_folder)
     return rows
@@ -239,14 +243,14 @@ def peer_model_rows(models: dict, rows: list[dict], sources: dict, x: torch.Tens
 
 
 def best_dense_rows(spec: ModelSpec, rows: list[dict], base: dict, batch: int, resolution: int,
-                    config: TimerConfig) -> list[dict]:
+                    config: TimerConfig, dense_compiled: bool = False) -> list[dict]:
     """The dense models timed under each other thread setting, and the lowered model's ratio to the fastest dense
     time of all (``speedup_vs_best_dense``, ``best_dense``: which variant and setting)."""
     timed = {(r["variant"], "passive"): r["time_us"]["median"] for r in rows
              if r["variant"].startswith("dense") and "time_us" in r}
     extra = []
     for setting in DENSE_THREAD_SETTINGS:
-        for variant, time_us in time_dense_in_child(spec, batch, resolution, config, setting).items():
+        for variant, time_us in time_dense_in_child(spec, batch, resolution, config, setting, dense_compiled).items():
             extra.append({**base, "variant": f"{variant}@{setting}", "time_us": time_us})
             timed[(variant, setting)] = time_us["median"]
     (variant, setting), best = min(timed.items(), key=lambda item: item[1])
@@ -266,7 +270,7 @@ def export_peer_sources(models: dict, resolution: int, folder: Path) -> dict:
 
 
 def run_models(specs: list[ModelSpec], config: TimerConfig, inputs=None, peers: bool = False,
-               bf16_values: bool = False) -> list[dict]:
+               bf16_values: bool = False, dense_compiled: bool = False) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="srigl_peers_") as tmp:
         for spec in specs:
@@ -280,7 +284,8 @@ def run_models(specs: list[ModelSpec], config: TimerConfig, inputs=None, peers: 
                         folder.mkdir()
                         sources[resolution] = (export_peer_sources(built[resolution], resolution, folder), folder)
                 peer_sources, peer_folder = sources.get(resolution, (None, None))
-                new = run_input(spec, built[resolution], batch, resolution, config, peer_sources, peer_folder)
+                new = run_input(spec, built[resolution], batch, resolution, config, peer_sources, peer_folder,
+                                dense_compiled)
                 rows += new
                 times = ", ".join(f"{r['variant']} {r['time_us']['median'] / 1e3:.1f} ms" for r in new
                                   if "time_us" in r)
@@ -294,19 +299,34 @@ def run_models(specs: list[ModelSpec], config: TimerConfig, inputs=None, peers: 
 
 
 def _dense_child(argv: list[str]) -> None:
-    """``--dense-child NAME BATCH RESOLUTION CONFIG_JSON``: print {variant: time_us} of the dense models."""
+    """``--dense-child NAME BATCH RESOLUTION CONFIG_JSON [--compiled]``: print {variant: time_us} of the dense
+    models; ``--compiled``: also ``dense_compiled``, the BN-folded (else plain) dense model under
+    ``torch.compile`` (inductor, with ``freezing``: weights as constants, convolution weights prepacked, as for
+    inference), timed after its first calls compiled it and only if it matches the eager dense model."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--dense-child", nargs=4, required=True)
-    name, batch, resolution, config = parser.parse_args(argv).dense_child
+    parser.add_argument("--compiled", action="store_true")
+    parsed = parser.parse_args(argv)
+    name, batch, resolution, config = parsed.dense_child
     config = TimerConfig(**json.loads(config))
     from common import set_threads
 
     set_threads(config.threads)
     spec = {**MODELS, **QUICK_MODELS}[name]
     x = torch.randn(int(batch), 3, int(resolution), int(resolution), generator=torch.Generator().manual_seed(0))
+    models = build_dense(spec, int(resolution))
     with torch.no_grad():
-        times = {variant: measure(lambda m=model: m(x), config)
-                 for variant, model in build_dense(spec, int(resolution)).items()}
+        times = {variant: measure(lambda m=model: m(x), config) for variant, model in models.items()}
+        if parsed.compiled:
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = True
+            compiled = torch.compile(models.get("dense_folded", models["dense"]))
+            error = relative_error(compiled(x), models["dense"](x))
+            if error < 1e-4:
+                times["dense_compiled"] = measure(lambda: compiled(x), config)
+            else:
+                print(f"dense_compiled left out: relative error {error:.2e} against eager", file=sys.stderr)
     print(json.dumps(times))
 
 

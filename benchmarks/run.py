@@ -7,6 +7,7 @@ and plots.
     python benchmarks/run.py --publish            # ... and update benchmarks/RESULTS.md and benchmarks/img/
     python benchmarks/run.py --only models --peers  # ... with ONNX Runtime and OpenVINO (pip install -e '.[peers]')
     python benchmarks/run.py --only models --peers --bf16-values  # ... and the model lowered with bf16 values
+    python benchmarks/run.py --only models --peers --dense-compiled  # ... and the dense model under torch.compile
 
 Writes layers.json, models.json, training.json, decoder.json (rows with machine, versions, threads and this command), report.md
 and PNG plots into --out. Exits with status 1 if any variant failed its correctness check.
@@ -52,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--peers", action="store_true",
                         help="models: also time ONNX Runtime and OpenVINO (the [peers] extra) on the dense and masked "
                              "models")
+    parser.add_argument("--dense-compiled", action="store_true",
+                        help="models: also time the dense model under torch.compile (inductor, freezing) in each "
+                             "dense child: dense_compiled@<setting>")
     parser.add_argument("--publish", action="store_true", help="update benchmarks/RESULTS.md and benchmarks/img/")
     args = parser.parse_args(argv)
     if os.environ["OMP_WAIT_POLICY"].upper() != "PASSIVE":
@@ -79,7 +83,7 @@ def run_part(part: str, args: argparse.Namespace, config: TimerConfig) -> list[d
 
         inputs = [tuple(int(v) for v in pair.lower().split("x")) for pair in args.model_inputs or []]
         return run_models(pick(QUICK_MODELS if args.quick else MODELS, args.models, "models"), config, inputs,
-                          peers=args.peers, bf16_values=args.bf16_values)
+                          peers=args.peers, bf16_values=args.bf16_values, dense_compiled=args.dense_compiled)
     if part == "decoder":
         from decoder import DECODERS, QUICK_DECODERS, run_decoders
 
