@@ -114,6 +114,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.graph != "none" and args.compile != "none":
+        parser.error("--graph and --compile time different things: choose one")
     if args.child:
         print(json.dumps(time_model(args.child, args.model, args.batch, args.resolution, args.calls, args.threads,
                                     args.graphed, args.compiled)))

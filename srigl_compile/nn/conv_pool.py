@@ -77,9 +77,9 @@ class LoweredConvMaxPool(nn.Module):
         conv, pool = self.conv, self.pool
         images, kernel, stride, dilation, padding = conv._as_2d(x)  # (padding modes and "same" applied)
         pooling = (_pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding), _pair(pool.dilation))
+        if not max_pool_computes(output_size(images.shape[2:], kernel, stride, padding, dilation), *pooling):
+            return pool(conv(x))  # (the layers' own errors: the conv's, named, or torch's, from the pool)
         if traced:  # (the op's fake plans the call, with the convolution op's checks)
-            if not max_pool_computes(output_size(images.shape[2:], kernel, stride, padding, dilation), *pooling):
-                return pool(conv(x))  # (torch's error, from the pool)
             return traced_conv_max_pool(images, conv.values, conv.indices, conv.bias, conv.kernel_key,
                                         (kernel, padding, dilation, stride), pooling)
         try:
@@ -87,8 +87,6 @@ class LoweredConvMaxPool(nn.Module):
                                                 padding, dilation, stride)
         except KernelShapeError as err:
             raise with_layer_name(err, conv) from None
-        if not max_pool_computes(call.out_shape[2:], *pooling):
-            return pool(conv(x))  # (torch's error, from the pool)
         return conv_max_pool(images, call, values, conv.bias, pooling)
 
     def _bands_take(self, x: torch.Tensor, traced: bool) -> bool:
