@@ -28,6 +28,8 @@ from .errors import CheckpointError
 __all__ = ["save_lowered", "load_lowered"]
 
 FORMAT = "srigl_compile.lowered/2"
+# the attributes by which a lowered model's modules name their kernels' handles (``runtime.registry``)
+KEY_ATTRIBUTES = ("kernel_key", "attention_key")
 
 
 def _sha256(path: Path) -> str:
@@ -91,4 +93,9 @@ def load_lowered(path) -> nn.Module:
     missing = [name for name, layer in _lowered_layers(model) if layer.n_active and layer.kernel_key not in loaded]
     if missing:
         raise CheckpointError(f"layers {missing[:5]} use kernels that are not in {path / 'kernels'}")
+    renamed = {saved: handle.key for saved, handle in loaded.items() if handle.key != saved}
+    for module in model.modules() if renamed else ():  # (registered beside this process's other variant)
+        for name in KEY_ATTRIBUTES:
+            if getattr(module, name, None) in renamed:
+                setattr(module, name, renamed[getattr(module, name)])
     return model

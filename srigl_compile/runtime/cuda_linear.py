@@ -121,6 +121,9 @@ class CudaLinearHandle(LinearHandleBase):
             self._functions = _load_functions(self)
         return self._functions
 
+    def variant(self) -> tuple:
+        return self.variants.to_dict(), self.dispatch.to_dict(), self.fatbin_archs
+
     def manifest_entry(self, folder: Path, stem: str) -> dict[str, Any]:
         """Writes the CUDA source (``stem.cu``) and its fatbin (``stem.fatbin``) beside the library."""
         (folder / f"{stem}.cu").write_text(self.source)

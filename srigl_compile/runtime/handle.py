@@ -76,6 +76,16 @@ class HandleBase:
         self.n_out, self.n_in, self.k, self.k_pad = spec.n_out, spec.n_in, spec.k, spec.k_pad
         self.index_dtype, self.has_bias, self.epilogue = spec.index_dtype, spec.has_bias, spec.epilogue
 
+    def variant(self) -> tuple:
+        """What the compiled schedules are, beyond the spec (operands are packed for them): equal variants of a
+        key's spec and target run the same kernels on the same operands."""
+        return ()
+
+    def capabilities(self) -> frozenset[str]:
+        """What the library can run: its compiled functions present (``*_fn``; libraries saved before some glue
+        existed lack it)."""
+        return frozenset(name for name, value in vars(self).items() if name.endswith("_fn") and value is not None)
+
     def pack(self, values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Kernel operands from a condensed layer's (values, indices) [n_out, k] (``KernelSpec.pack``). Do it once.
 

@@ -27,7 +27,7 @@ from .cuda_linear import CudaLinearHandle
 from .kernel_files import KernelFileError, as_folder, checked_file, sha256
 from .llvm_conv import LlvmConvHandle
 from .llvm_linear import LlvmLinearHandle
-from .registry import register_handle
+from .registry import register_loaded
 from .spec import KernelSpec
 from .tvm_runtime import import_tvm_runtime
 
@@ -110,7 +110,9 @@ def _load_one(folder: Path, entry: dict):
 
 
 def load_kernels(path: str | os.PathLike) -> dict:
-    """Load every kernel of an ``export_kernels`` folder and register it; returns {key: handle}.
+    """Load every kernel of an ``export_kernels`` folder and register it (``registry.register_loaded``); returns
+    {key in the folder: the handle registered for it}, whose key differs where this process already holds another
+    variant of the same shape under the saved key.
 
     Raises:
         KernelFileError: missing/corrupt manifest or library, another format, or a library lacking a kernel.
@@ -118,6 +120,4 @@ def load_kernels(path: str | os.PathLike) -> dict:
     folder = as_folder(path, "load_kernels reads the folder export_kernels wrote")
     manifest = _read_manifest(folder)
     handles = {key: _load_one(folder, entry) for key, entry in manifest.get("kernels", {}).items()}
-    for handle in handles.values():
-        register_handle(handle)
-    return handles
+    return {key: register_loaded(handle) for key, handle in handles.items()}

@@ -71,6 +71,13 @@ class LlvmConvHandle(HandleBase):
     def lanes(self) -> int:
         return self.params.lanes
 
+    def variant(self) -> tuple:
+        return (self.params,)
+
+    def capabilities(self) -> frozenset[str]:
+        """Its functions, and the layouts its glue takes (False in libraries saved before)."""
+        return super().capabilities() | {flag for flag in ("strided_glue", "pitched_pool") if getattr(self, flag)}
+
     @property
     def planar_glue(self) -> bool:
         """Whether this library's pad and crop read and write planar images (``runtime.conv_geometry``)."""

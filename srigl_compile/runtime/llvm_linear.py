@@ -179,6 +179,9 @@ class LlvmLinearHandle(LinearHandleBase):
         col(xt, *operands, y.view(tiles, lanes, n_out))  # writes y as [B, n_out] directly
         return y[:m] if tiles * lanes != m else y  # the padding rows are at the end: still contiguous
 
+    def variant(self) -> tuple:
+        return self.row_params, self.col_params
+
     def manifest_entry(self, folder: Path, stem: str) -> dict[str, Any]:
         return {"row_params": dataclasses.asdict(self.row_params), "col_params": dataclasses.asdict(self.col_params)}
 

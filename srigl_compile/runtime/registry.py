@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import Any
 
 from ..errors import LoweringError
 
-__all__ = ["register_handle", "get_handle", "get_registered", "registered_handles", "wrapped_functions"]
+__all__ = ["register_handle", "register_loaded", "variant_key", "get_handle", "get_registered", "registered_handles",
+           "wrapped_functions"]
 
 _HANDLES: dict = {}  # key -> handle (runtime.handle.KernelHandle)
 
@@ -22,6 +24,34 @@ _HANDLES: dict = {}  # key -> handle (runtime.handle.KernelHandle)
 def register_handle(handle):
     _HANDLES[handle.key] = handle
     return handle
+
+
+def variant_key(key: str, same_variant: Callable[[Any], bool]) -> tuple[str, Any]:
+    """(key, handle): the handle registered under ``key`` or a ``key#n`` for which ``same_variant(handle)``, else (a
+    free key, None). A shape built or loaded again with other variants (another tuning record, another cache_dir,
+    another machine's) gets ``key#2``, ``#3``, ...: replacing the handle under ``key`` would leave the layers
+    already lowered with operands packed for the old variant."""
+    candidate, n = key, 1
+    while (existing := get_registered(candidate)) is not None:
+        if same_variant(existing):
+            return candidate, existing
+        n += 1
+        candidate = f"{key}#{n}"
+    return candidate, None
+
+
+def register_loaded(handle):
+    """Register a handle loaded from a file and return the one registered for it: this process's handle of the
+    same variant under the same key (or ``key#n``) unless the loaded one can run more (a library saved before
+    some glue existed lacks it: the two run the same kernels on the same packed operands); else the loaded
+    handle, under its key or, when this process has another variant there, the next free ``key#n`` (layers
+    that name the saved key must be renamed: ``serialization.load_lowered`` does)."""
+    key, existing = variant_key(handle.key, lambda other: type(other) is type(handle)
+                                and other.variant() == handle.variant())
+    if existing is not None and not handle.capabilities() > existing.capabilities():
+        return existing
+    handle.key = key
+    return register_handle(handle)
 
 
 def get_registered(key: str):

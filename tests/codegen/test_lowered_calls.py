@@ -146,6 +146,50 @@ def test_a_shape_lowered_again_with_other_variants_leaves_the_first_model_workin
         torch.testing.assert_close(load_lowered(tmp_path / "second")(x), second(x), rtol=0, atol=0)
 
 
+def test_a_model_loaded_beside_another_variant_of_its_shapes_leaves_both_working(tmp_path):
+    """Saved in one process with one variant of each shape, loaded in another that lowered the same shapes with
+    other variants under the same keys: each model keeps running the kernels its operands were packed for."""
+    from srigl_compile.codegen.cpu_target import host_llvm_target
+    from srigl_compile.codegen.tuning import select_params
+    from srigl_compile.nn.lowered import kernel_spec
+    from srigl_compile.runtime import registry
+    from srigl_compile.runtime.llvm_params import ColParams, RowParams
+
+    torch.manual_seed(2)
+    masked = sparsify(nn.Sequential(nn.Linear(40, 48), nn.ReLU(), nn.Unflatten(1, (3, 4, 4)),
+                                    nn.Conv2d(3, 8, 3, padding=1)),
+                      SRigLConfig(sparsity=0.75, distribution="uniform")).eval()
+    target, condensed = host_llvm_target(), condense(masked)
+    for layer, layout, variant in ((condensed[0], "row", RowParams(16, 32, 16)),
+                                   (condensed[3], "offset", ColParams(16, 4, 1, 32))):
+        select_params(kernel_spec(layer, "direct"), layout, target, tune=True, cache_dir=tmp_path / "records",
+                      space=[variant], progress=False)
+    x = torch.randn(3, 40)
+    before = dict(registry._HANDLES)
+    try:
+        with torch.no_grad():
+            registry._HANDLES.clear()  # (two processes in turn, each with only its own kernels)
+            tuned = lower(masked, cache_dir=tmp_path / "records", progress=False)
+            save_lowered(tuned, tmp_path / "tuned")
+            keys = {tuned[0].kernel_key, tuned[3].kernel_key}
+            registry._HANDLES.clear()  # the same shapes lowered in another with the default variants, same keys
+            here = lower(masked, cache_dir=tmp_path / "none", progress=False)
+            assert {here[0].kernel_key, here[3].kernel_key} == keys
+            expected = here(x)
+            loaded = load_lowered(tmp_path / "tuned")
+            assert {loaded[0].kernel_key, loaded[3].kernel_key}.isdisjoint(keys)  # registered beside, renamed
+            torch.testing.assert_close(here(x), expected, rtol=0, atol=0)
+            x5 = torch.randn(5, 40)  # (a new shape: no call prepared before the load)
+            torch.testing.assert_close(here(x5), masked(x5), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(loaded(x), masked(x), rtol=1e-5, atol=1e-5)
+            again = load_lowered(tmp_path / "tuned")  # the same variant again: its handles are reused
+            assert (again[0].kernel_key, again[3].kernel_key) == (loaded[0].kernel_key, loaded[3].kernel_key)
+            torch.testing.assert_close(again(x), loaded(x), rtol=0, atol=0)
+    finally:
+        registry._HANDLES.clear()
+        registry._HANDLES.update(before)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_small_eager_calls_skip_the_checks_only_while_the_checked_operands_are_in_place(bias, tmp_path):
     from srigl_compile.errors import InferenceOnlyError

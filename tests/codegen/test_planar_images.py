@@ -17,6 +17,7 @@ from srigl_compile import SRigLConfig, load_lowered, lower, save_lowered, sparsi
 from srigl_compile.codegen.backends import LlvmConfig
 from srigl_compile.nn.lowered import LoweredConv
 from srigl_compile.nn.pooling import LoweredGlobalAvgPool2d, LoweredMaxPool2d
+from srigl_compile.runtime import registry
 from srigl_compile.runtime.conv_geometry import (
     aligned_plane,
     column_offsets,
@@ -203,8 +204,16 @@ def test_planar_outputs_survive_save_and_load_and_older_libraries_stay_contiguou
     manifest = json.loads(path.read_text())
     assert all(entry.pop("strided_glue") for entry in manifest["kernels"].values())
     path.write_text(json.dumps(manifest))
-    older = load_lowered(tmp_path / "model")
-    (y, h), seen = _outputs(older, x)
+    # here, beside the same kernels with that glue: the loaded model runs them
+    (y, h), seen = _outputs(load_lowered(tmp_path / "model"), x)
+    torch.testing.assert_close((y, h), want, rtol=1e-4, atol=1e-4)
+    assert planar_stride(seen["0"]) == 208 and not seen["0"].is_contiguous()
+    saved = {key: registry._HANDLES.pop(key) for key in manifest["kernels"]}
+    try:  # as in a process that has only the older library
+        (y, h), seen = _outputs(load_lowered(tmp_path / "model"), x)
+        assert not any(get_handle(key).planar_glue for key in manifest["kernels"])
+    finally:
+        registry._HANDLES.update(saved)
     torch.testing.assert_close((y, h), want, rtol=1e-4, atol=1e-4)
     assert all(out.is_contiguous() for out in seen.values()), "no strided pad / crop: contiguous everywhere"
 
@@ -296,7 +305,6 @@ def test_traced_calls_return_the_layouts_eager_calls_do():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     torch.manual_seed(6)
-    # (sparsities of their own: kernels no other test loads, e.g. from a library saved before planar glue)
     config = SRigLConfig(sparsity=0.75, distribution="uniform")
     models = [sparsify(model, config).eval() for model in (_net(), _Pools())]
     inputs = [torch.randn(2, 8, 14, 14), torch.randn(1, 3, 14, 14)]

@@ -24,7 +24,7 @@ from ...runtime.conv_geometry import VECTOR, aligned_plane, exact_tile
 from ...runtime.cpu_features import cpu_features
 from ...runtime.llvm_conv import LlvmConvHandle
 from ...runtime.llvm_linear import LlvmLinearHandle
-from ...runtime.registry import get_registered, register_handle
+from ...runtime.registry import register_handle, variant_key
 from ...runtime.spec import KernelSpec, target_key
 from ..cpu_target import check_llvm_target
 from ..rules import offset_share
@@ -130,7 +130,7 @@ def build_linear(spec: KernelSpec, target: Mapping[str, Any] | None = None, *, t
     key = spec.key(target_key(target))
     params = {layout: select_params(spec, layout, target, tune=tune, cache_dir=cache_dir, progress=progress)
               for layout in ("row", "col")}
-    key, existing = _variant_key(key, lambda handle: (handle.row_params, handle.col_params) ==
+    key, existing = variant_key(key, lambda handle: (handle.row_params, handle.col_params) ==
                                  (params["row"], params["col"]))
     if existing is not None:
         return existing
@@ -154,7 +154,7 @@ def build_conv(spec: KernelSpec, target: Mapping[str, Any] | None = None, *, tun
         params = dataclasses.replace(params, lanes=spec.lanes)
     if (share := shared_rows(spec, target, params.lanes)) > 1 and params.rows % share == 0:
         params = dataclasses.replace(params, share=share, rin=share)
-    key, existing = _variant_key(key, lambda handle: handle.params == params)
+    key, existing = variant_key(key, lambda handle: handle.params == params)
     if existing is not None:
         return existing
     executable = compile_offset_kernel(spec, params, target)
@@ -168,19 +168,6 @@ def shared_rows(spec: KernelSpec, target: Mapping[str, Any], lanes: int) -> int:
     share = offset_share(spec.n_in, spec.k)
     fits = "avx512f" in cpu_features(target) and share * -(-lanes // 16) <= 16
     return share if share > 1 and fits else 1
-
-
-def _variant_key(key: str, same_variant) -> tuple[str, Any]:
-    """(key, handle): the handle of this variant when one is registered, else (a free key, None). A shape built
-    again with other variants (another tuning record, another cache_dir) gets ``key#2``, ``#3``, ...: replacing the
-    handle under ``key`` would leave the layers already lowered with operands packed for the old variant."""
-    candidate, n = key, 1
-    while (existing := get_registered(candidate)) is not None:
-        if same_variant(existing):
-            return candidate, existing
-        n += 1
-        candidate = f"{key}#{n}"
-    return candidate, None
 
 
 def build_condensed_linear(n_out: int, n_in: int, k: int, index_dtype: str = "int32", has_bias: bool = True,
