@@ -1,8 +1,10 @@
 """The process-wide kernel registry: key -> handle. Lowered layers hold only a key (a string the graph can carry
-and torch.save can pickle); the operators look the handle up here on every call.
+and torch.save can pickle); the operators look the handle up here on every call. A key names one compiled variant
+for good: another variant of the same shape, built or loaded, is registered beside it as ``key#2``, ``#3``, ...
+(``variant_key``), since the layers already lowered with the first hold operands packed for it.
 
 Example:
-    >>> register_handle(handle)          # doctest: +SKIP   (what building or loading a kernel does)
+    >>> register_handle(handle)          # doctest: +SKIP   (what building a kernel does; loading: register_loaded)
     >>> get_handle(handle.key) is handle  # doctest: +SKIP
     True
 """
