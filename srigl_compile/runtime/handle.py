@@ -86,6 +86,11 @@ class HandleBase:
         existed lack it)."""
         return frozenset(name for name, value in vars(self).items() if name.endswith("_fn") and value is not None)
 
+    def legacy(self) -> bool:
+        """Whether the library lacks something every build of this version has that changes what a call returns
+        (a loaded library saved by an older version)."""
+        return False
+
     def pack(self, values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Kernel operands from a condensed layer's (values, indices) [n_out, k] (``KernelSpec.pack``). Do it once.
 

@@ -78,6 +78,11 @@ class LlvmConvHandle(HandleBase):
         """Its functions, and the layouts its glue takes (False in libraries saved before)."""
         return super().capabilities() | {flag for flag in ("strided_glue", "pitched_pool") if getattr(self, flag)}
 
+    def legacy(self) -> bool:
+        """Glue missing, or glue that takes fewer layouts: its calls return other layouts (contiguous images)."""
+        return not (self.strided_glue and self.pitched_pool
+                    and all(getattr(self, f"{name}_fn") is not None for name in CONV_GLUE))
+
     @property
     def planar_glue(self) -> bool:
         """Whether this library's pad and crop read and write planar images (``runtime.conv_geometry``)."""

@@ -47,11 +47,19 @@ def register_loaded(handle):
     same variant under the same key (or ``key#n``) unless the loaded one can run more (a library saved before
     some glue existed lacks it: the two run the same kernels on the same packed operands); else the loaded
     handle, under its key or, when this process has another variant there, the next free ``key#n`` (layers
-    that name the saved key must be renamed: ``serialization.load_lowered`` does)."""
-    key, existing = variant_key(handle.key, lambda other: type(other) is type(handle)
-                                and other.variant() == handle.variant())
+    that name the saved key must be renamed: ``serialization.load_lowered`` does). A ``legacy`` library (an older
+    version's, whose calls return other layouts) goes under ``key#legacy``: a key names what its calls return,
+    in every process, which torch.compile's on-disk caches assume (they hold the traced output strides)."""
+    def same_variant(other) -> bool:
+        return type(other) is type(handle) and other.variant() == handle.variant()
+
+    key, existing = variant_key(handle.key, same_variant)
     if existing is not None and not handle.capabilities() > existing.capabilities():
         return existing
+    if handle.legacy():
+        key, existing = variant_key(f"{handle.key}#legacy", same_variant)
+        if existing is not None:
+            return existing
     handle.key = key
     return register_handle(handle)
 

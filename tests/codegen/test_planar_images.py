@@ -209,9 +209,12 @@ def test_planar_outputs_survive_save_and_load_and_older_libraries_stay_contiguou
     torch.testing.assert_close((y, h), want, rtol=1e-4, atol=1e-4)
     assert planar_stride(seen["0"]) == 208 and not seen["0"].is_contiguous()
     saved = {key: registry._HANDLES.pop(key) for key in manifest["kernels"]}
-    try:  # as in a process that has only the older library
-        (y, h), seen = _outputs(load_lowered(tmp_path / "model"), x)
-        assert not any(get_handle(key).planar_glue for key in manifest["kernels"])
+    try:  # as in a process that has only the older library: registered under keys of its own
+        older = load_lowered(tmp_path / "model")
+        (y, h), seen = _outputs(older, x)
+        keys = {m.kernel_key for m in older.modules() if isinstance(m, LoweredConv)}
+        assert keys == {f"{key}#legacy" for key in manifest["kernels"]}
+        assert not any(get_handle(key).planar_glue for key in keys)
     finally:
         registry._HANDLES.update(saved)
     torch.testing.assert_close((y, h), want, rtol=1e-4, atol=1e-4)
