@@ -11,14 +11,16 @@ Contract.
               the same model after CondensePass, so layers are found by name.
     ensures:  the model's output is unchanged (up to float rounding of the folded constants). A producer is left
               full width (nothing removed) where the width is observable: a residual add, a concat, a reshape or
-              flatten, a norm over features, the model output, attention, a grouped consumer, or a padded conv
-              consumer whose folded constant would not be constant at the borders (exact only when it is 0).
+              flatten, a norm over features, the model output, attention, a grouped consumer, a consumer that
+              is also called elsewhere, or a padded conv consumer whose folded constant would not be constant at
+              the borders (exact only when it is 0).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import Counter
 
 import torch
 import torch.fx as fx
@@ -131,6 +133,7 @@ def plan_shrink(model: nn.Module, graph: ModelGraph) -> list[ShrinkPlan]:
     """Which ablated neurons of a masked model can be removed, and what each consumer must fold in."""
     modules = dict(model.named_modules())
     layer_of = _layer_nodes(model, graph)
+    layer_calls = Counter(layer_of.values())
     calls = [n.target for n in graph.graph.nodes if n.op == "call_module"]
     plans = []
     for name, layer in sparse_layers(model):
@@ -144,6 +147,10 @@ def plan_shrink(model: nn.Module, graph: ModelGraph) -> list[ShrinkPlan]:
         if not uses:
             log.info("%s: %d ablated neurons kept (output width is observable)", name, removed.numel())
             continue
+        if any(layer_calls[consumer] > 1 for consumer, _ in uses):
+            log.info("%s: %d ablated neurons kept (a consumer is called elsewhere too, with all its inputs)", name,
+                     removed.numel())
+            continue  # (its input columns would go from every call)
         bns = sorted({n.target for _, path in uses for n in path if n.op == "call_module"
                       and isinstance(modules[n.target], nn.modules.batchnorm._BatchNorm)})
         if any(calls.count(bn) > 1 for bn in bns):

@@ -67,6 +67,34 @@ def test_cnn_with_batchnorm_and_residuals():
         assert_same(condensed, masked, torch.randn(batch, 3, 8, 8))
 
 
+class _SharedConsumer(nn.Module):
+    """``block`` is called twice: on the stem's output, then on its own full-width output."""
+
+    def __init__(self, conv: bool) -> None:
+        super().__init__()
+        make = (lambda i, o: nn.Conv2d(i, o, 1)) if conv else nn.Linear
+        self.conv, self.stem, self.block, self.out = conv, make(16, 32), make(32, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = F.relu(self.block(F.relu(self.block(F.relu(self.stem(x))))))
+        return self.out(h.mean((2, 3)) if self.conv else h)
+
+
+@pytest.mark.parametrize("conv", [True, False])
+def test_ablated_neurons_stay_when_their_consumer_is_called_again_elsewhere(conv):
+    """Cutting the shared consumer's inputs would break its other call (found by probing torchvision-like
+    models: condense gave wrong outputs, lower a model that failed on every call)."""
+    torch.manual_seed(0)
+    masked = sparsify(_SharedConsumer(conv), SRigLConfig(sparsity=0.5, distribution="uniform")).eval()
+    with torch.no_grad():
+        masked.stem.bias.uniform_(0.5, 1.0)  # the ablated neurons output relu(bias) > 0: a constant to fold
+    ablate(masked, {"stem": list(range(0, 32, 4))})
+    condensed = condense(masked)
+    assert not condensed.stem.compact and condensed.block.fan_in > 0
+    assert (condensed.block.in_channels if conv else condensed.block.in_features) == 32
+    assert_same(condensed, masked, torch.randn(2, 16, 4, 4) if conv else torch.randn(3, 16))
+
+
 def test_padded_consumer_keeps_a_nonzero_constant():
     torch.manual_seed(0)
     masked = randomize_bn(sparsify(ResidualCNN(), SRigLConfig(sparsity=0.8, seed=2)))
