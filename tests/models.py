@@ -70,6 +70,23 @@ class ResidualCNN(nn.Module):
         return self.head(h.mean(dim=(2, 3)))
 
 
+class ReadsAWeight(nn.Module):
+    """``fc``'s weight computed with by the model's own code, as torchvision's Swin attention does with its qkv;
+    ``head``'s weight only asked for its shape. ``untraceable``: a branch on a shape, which symbolic_trace cannot
+    follow and torch.export can."""
+
+    def __init__(self, untraceable: bool) -> None:
+        super().__init__()
+        self.untraceable = untraceable
+        self.a, self.fc, self.head = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        if self.untraceable and x.shape[0] > 0:
+            x = x + 0.0
+        h = F.relu(F.linear(F.relu(self.a(x)), self.fc.weight, self.fc.bias))
+        return self.head(h) * (self.head.weight.shape[1] / 32)
+
+
 class Block(nn.Module):
     """A pre-norm transformer block written with Linear layers (no MultiheadAttention)."""
 

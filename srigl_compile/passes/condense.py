@@ -7,8 +7,9 @@ Contract.
               layer's output (full width, or its active neurons only where ``shrink`` removed the ablated ones from
               it and their inputs from its consumers), and every MultiheadAttention with sparse projections is a
               CondensedMultiheadAttention; nothing else changed. MaskedConv3d has no condensed form yet and stays
-              masked, with a warning naming it. A graph that cannot be captured keeps every layer full width,
-              with a warning.
+              masked, with a warning naming it; so does a layer whose weight the forward computes with itself
+              (``F.linear(x, layer.weight)``), which a condensed layer could not serve. A graph that cannot be
+              captured keeps every layer full width, with a warning.
     preserves: GRAPH (layers are swapped under their names with the same call signature; widths change).
 """
 
@@ -41,6 +42,35 @@ def _condensed_class(layer: nn.Module):
     return next((c for masked, c in _CONDENSED.items() if isinstance(layer, masked)), None)
 
 
+_METADATA = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}  # what a condensed weight answers
+
+
+def _reads_values(node, graph, name: str, model: nn.Module) -> bool:
+    """Whether a graph node reading ``name``'s weight computes with its values outside the layer's own call."""
+    if not name:  # (the model is the layer: the graph is its own forward)
+        return False
+    if graph.method == "symbolic_trace":  # the layer's call is a call_module; else the weight is a get_attr's
+        return node.op != "call_module" and not (
+            (node.op == "call_function" and node.target is getattr and node.args[1] in _METADATA)
+            or (node.op == "call_method" and node.target in ("size", "dim")))
+    stack = [fqn for fqn, _ in (node.meta.get("nn_module_stack") or {}).values()]
+    innermost = stack[-1] if stack else ""  # (torch.export: the module whose forward made the node)
+    return innermost != name and not isinstance(model.get_submodule(innermost), nn.MultiheadAttention)
+
+
+def weights_read_directly(model: nn.Module, graph) -> set[str]:
+    """The masked Linear / Conv layers whose weight the model's code computes with itself (``F.linear(x,
+    self.qkv.weight)``, as torchvision's Swin attention does) instead of calling the layer. (The attention
+    modules' own reads are CondensedMultiheadAttention's.)"""
+    found = set()
+    for name, layer in sparse_layers(model):
+        weight = f"{name}.weight" if name else "weight"
+        if _condensed_class(layer) is not None and any(
+                _reads_values(node, graph, name, model) for node in graph.consumers.get(weight, [])):
+            found.add(name)
+    return found
+
+
 class CondensePass(Pass):
     """Replace each masked Linear/Conv1d/Conv2d by its condensed form (in place) and, with ``shrink``, remove the
     ablated neurons whose width is not observable (planned on the masked model's graph, applied after)."""
@@ -49,24 +79,36 @@ class CondensePass(Pass):
 
     def __init__(self, shrink: bool = True) -> None:
         self.shrink = shrink
+        self.read_directly: set[str] = set()  # (kept masked; found by the last call)
 
     def requires(self, model: nn.Module) -> None:
         if not any(True for _ in sparse_layers(model)):
             raise LayerError("the model has no sparse layers to condense: sparsify and train it first")
 
     def call(self, model: nn.Module, analyses: Analyses) -> PassResult:
-        plans = []
-        if self.shrink:
-            try:
-                plans = plan_shrink(model, analyses.get(GRAPH, model))
-            except TraceError as err:
+        plans, self.read_directly = [], set()
+        try:
+            graph = analyses.get(GRAPH, model)
+        except TraceError as err:
+            graph = None  # (every layer condensed, none shrunk: the model's code is not known)
+            if self.shrink:
                 warn_user(f"ablated neurons are kept at full width: {err}")
+        if graph is not None:
+            self.read_directly = weights_read_directly(model, graph)
+            plans = [plan for plan in plan_shrink(model, graph) if self.shrink and self.read_directly.isdisjoint(
+                {plan.producer, *plan.consumers})]
+        if self.read_directly:
+            warn_user(f"the forward reads the weight of {sorted(self.read_directly)} itself (e.g. F.linear(x, "
+                      "layer.weight)) instead of calling the layer, and a condensed layer keeps no dense weight: "
+                      "they stay masked (dense compute). Call the layer to have it condensed.")
         model, modified = self._condense_attention(model)
         kept = []
         for name, layer in list(sparse_layers(model)):
             condensed_cls = _condensed_class(layer)
             if condensed_cls is None:
                 kept.append(f"{name} ({type(layer).__name__})")
+                continue
+            if name in self.read_directly:
                 continue
             model = replace_submodule(model, name, condensed_cls.from_masked(layer, name or type(layer).__name__))
             modified = True
@@ -86,7 +128,8 @@ class CondensePass(Pass):
         return model, bool(found)
 
     def ensures(self, result: PassResult) -> None:
-        left = [name for name, layer in sparse_layers(result.module) if _condensed_class(layer) is not None]
+        left = [name for name, layer in sparse_layers(result.module)
+                if _condensed_class(layer) is not None and name not in self.read_directly]
         if left:
             raise LayerError(f"layers {left} were not condensed")
 

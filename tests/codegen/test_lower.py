@@ -18,7 +18,7 @@ from srigl_compile import (
 )
 from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
 from tests.helpers import ablate, assert_same, randomize_bn
-from tests.models import Block, ResidualCNN
+from tests.models import Block, ReadsAWeight, ResidualCNN
 from tests.models import condense_mlp as mlp
 
 pytestmark = pytest.mark.tvm
@@ -239,6 +239,23 @@ def test_unknown_targets_list_the_supported_ones(lowered_mlp, target):
     masked, _ = lowered_mlp
     with pytest.raises(UnsupportedTargetError):
         lower(masked, target=target)
+
+
+def test_a_layer_whose_weight_the_forward_reads_stays_masked_and_the_rest_runs_everywhere():
+    """torchvision's Swin attention computes F.linear(x, self.qkv.weight): lowered, that layer stays masked (a
+    condensed one keeps no dense weight) and the model runs eagerly, replayed, compiled and exported."""
+    from srigl_compile import cpu_graph
+    torch.manual_seed(0)
+    masked = sparsify(ReadsAWeight(False), SRigLConfig(sparsity=0.75, distribution="uniform")).eval()
+    with pytest.warns(UserWarning, match="reads the weight of"):
+        lowered = lower(masked, progress=False)
+    assert type(lowered.fc) is type(masked.fc) and isinstance(lowered.a, LoweredLinear)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        want = masked(x)
+        graphed = cpu_graph(lowered)
+        for run in (lowered, graphed, graphed, torch.compile(lowered), torch.export.export(lowered, (x,)).module()):
+            torch.testing.assert_close(run(x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_nothing_to_lower():

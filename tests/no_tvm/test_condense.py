@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from srigl_compile import LayerError, SRigLConfig, condense, sparse_layers, sparsify
 from srigl_compile.nn.condensed import CondensedConv, CondensedLinear
 from tests.helpers import ablate, assert_same, randomize_bn
-from tests.models import Block, ResidualCNN
+from tests.models import Block, ReadsAWeight, ResidualCNN
 from tests.models import condense_mlp as mlp
 
 
@@ -93,6 +93,23 @@ def test_ablated_neurons_stay_when_their_consumer_is_called_again_elsewhere(conv
     assert not condensed.stem.compact and condensed.block.fan_in > 0
     assert (condensed.block.in_channels if conv else condensed.block.in_features) == 32
     assert_same(condensed, masked, torch.randn(2, 16, 4, 4) if conv else torch.randn(3, 16))
+
+
+@pytest.mark.parametrize("capture", ["symbolic_trace", "export"])
+def test_a_layer_whose_weight_the_forward_computes_with_stays_masked(capture):
+    from srigl_compile.passes.graph_capture import capture_graph
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    example = dict(example_inputs=(x,)) if capture == "export" else {}
+    masked = sparsify(ReadsAWeight(capture == "export"), SRigLConfig(sparsity=0.75, distribution="uniform"),
+                      **example).eval()
+    assert capture_graph(masked, x).method == capture
+    with pytest.warns(UserWarning, match=r"reads the weight of \['fc'\] itself"):
+        condensed = condense(masked, **example)
+    assert type(condensed.fc) is type(masked.fc), "kept masked: its dense weight is what the forward reads"
+    assert isinstance(condensed.a, CondensedLinear) and isinstance(condensed.head, CondensedLinear)
+    assert_same(condensed, masked, x)
 
 
 def test_padded_consumer_keeps_a_nonzero_constant():
