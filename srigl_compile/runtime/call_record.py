@@ -27,9 +27,10 @@ of a recycled result, so the forward recycles result buffers as it would eagerly
 the reuse is the same), and a recording holds about what one eager forward uses.
 
 Refused, with a ``ReplayError`` before anything is kept: an op whose result depends on tensor values in a way a
-replay cannot repeat (``.item()``, ``bool(tensor)``, ``nonzero``: output shapes or Python decisions), an op that
-writes into the forward's inputs, tensors on other devices than the CPU, and outputs holding anything but tensors
-and plain values (``PLAIN``): a decoder's key/value cache object would come back as recorded.
+replay cannot repeat (``.item()``, ``bool(tensor)``, ``nonzero``, indexing by a boolean mask: output shapes or
+Python decisions; a gather by integer index tensors replays), an op that writes into the forward's inputs, tensors
+on other devices than the CPU, and outputs holding anything but tensors and plain values (``PLAIN``): a decoder's
+key/value cache object would come back as recorded.
 
 Example:
     >>> rec = record(model, (x,), {})                   # doctest: +SKIP
@@ -104,6 +105,14 @@ class _Call:
                 target.copy_(value)
 
 
+def _shape_from_index_shapes(func, args) -> bool:
+    """aten.index with integer index tensors only: its output's shape follows their shapes, not their values (the
+    op is tagged dynamic-shape for boolean masks)."""
+    return func.overloadpacket is torch.ops.aten.index and all(
+        index is None or (isinstance(index, torch.Tensor) and not index.dtype.is_floating_point
+                          and index.dtype not in (torch.bool, torch.uint8)) for index in args[1])
+
+
 class _Recorder(TorchDispatchMode):
     """Collects the calls (module docstring); ``holds`` counts its aliases per storage for ``runtime.scratch``."""
 
@@ -164,7 +173,7 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         tags = set(func.tags)
-        if torch.Tag.dynamic_output_shape in tags:
+        if torch.Tag.dynamic_output_shape in tags and not _shape_from_index_shapes(func, args):
             raise ReplayError(f"the forward calls {func}, whose output shape depends on tensor values (a replay "
                               "keeps the recorded shape); run this model eagerly")
         if torch.Tag.data_dependent_output in tags:

@@ -177,6 +177,28 @@ def test_forwards_a_replay_cannot_repeat_are_refused(model, match):
     assert not graphed._entries
 
 
+class _RelativeBias(nn.Module):
+    """Swin's relative position bias: a table gathered by a long index tensor (its shape fixes the output's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(7, 4))
+        self.register_buffer("index", torch.randint(0, 7, (3, 3)))
+
+    def forward(self, x):
+        return x @ self.table[self.index].sum(1).T + self.table[self.index[0], torch.tensor([0, 1, 2])].sum()
+
+
+def test_a_gather_by_integer_index_tensors_replays():
+    model = _RelativeBias()
+    graphed = cpu_graph(model)
+    with torch.no_grad():
+        for seed in range(3):
+            x = torch.randn(2, 4, generator=torch.Generator().manual_seed(seed))
+            _same(graphed(x), model(x))
+    assert graphed.replays >= 1 and len(graphed._entries) == 1
+
+
 class _Regrows(nn.Module):
     """Uses a tensor, then gives it other storage and sizes (resize_), then uses it again."""
 
