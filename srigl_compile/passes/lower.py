@@ -216,6 +216,11 @@ class CompileKernelsPass(Pass):
 
     def requires(self, model: nn.Module) -> None:
         if not _condensed_layers(model):
+            masked = [f"{name} ({type(m).__name__})" for name, m in model.named_modules() if is_masked(m)]
+            if masked:
+                raise LayerError(f"no condensed layers to compile: the sparse layers {masked[:5]} stay masked (no "
+                                 "condensed form yet, e.g. Conv3d, or a weight the forward reads itself; see the "
+                                 "warnings). Run the masked model as it is; lower() has nothing to make faster")
             raise LayerError("no condensed layers left to compile (every sparse layer was removed?)")
 
     def call(self, model: nn.Module, analyses: Analyses) -> PassResult:

@@ -261,6 +261,10 @@ def test_a_layer_whose_weight_the_forward_reads_stays_masked_and_the_rest_runs_e
 def test_nothing_to_lower():
     with pytest.raises(LayerError, match="sparsify"):
         lower(mlp())
+    masked = sparsify(nn.Sequential(nn.Conv3d(3, 8, 3), nn.ReLU(), nn.Conv3d(8, 4, 3)), SRigLConfig(sparsity=0.9))
+    with pytest.warns(UserWarning, match="no condensed form yet"), pytest.raises(
+            LayerError, match=r"the sparse layers \['0 \(MaskedConv3d\)', '2 \(MaskedConv3d\)'\] stay masked"):
+        lower(masked)
 
 
 def test_save_and_load_round_trip_in_a_fresh_process(lowered_mlp, tmp_path):
