@@ -45,7 +45,7 @@ def _condensed_class(layer: nn.Module):
 _METADATA = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}  # what a condensed weight answers
 
 
-def _reads_values(node, graph, name: str, model: nn.Module) -> bool:
+def _reads_values(node, graph, name: str, modules: dict[str, nn.Module]) -> bool:
     """Whether a graph node reading ``name``'s weight computes with its values outside the layer's own call."""
     if not name:  # (the model is the layer: the graph is its own forward)
         return False
@@ -55,18 +55,19 @@ def _reads_values(node, graph, name: str, model: nn.Module) -> bool:
             or (node.op == "call_method" and node.target in ("size", "dim")))
     stack = [fqn for fqn, _ in (node.meta.get("nn_module_stack") or {}).values()]
     innermost = stack[-1] if stack else ""  # (torch.export: the module whose forward made the node)
-    return innermost != name and not isinstance(model.get_submodule(innermost), nn.MultiheadAttention)
+    return innermost != name and not isinstance(modules.get(innermost), nn.MultiheadAttention)
 
 
 def weights_read_directly(model: nn.Module, graph) -> set[str]:
     """The masked Linear / Conv layers whose weight the model's code computes with itself (``F.linear(x,
     self.qkv.weight)``, as torchvision's Swin attention does) instead of calling the layer. (The attention
     modules' own reads are CondensedMultiheadAttention's.)"""
+    modules = dict(model.named_modules())
     found = set()
     for name, layer in sparse_layers(model):
         weight = f"{name}.weight" if name else "weight"
         if _condensed_class(layer) is not None and any(
-                _reads_values(node, graph, name, model) for node in graph.consumers.get(weight, [])):
+                _reads_values(node, graph, name, modules) for node in graph.consumers.get(weight, [])):
             found.add(name)
     return found
 
