@@ -2,7 +2,7 @@
 
 from .distribution import constant_fan_in, erk_densities, layer_budget, uniform_densities
 from .schedule import UpdateSchedule
-from .scores import LayerScores, gradient_grow_scores, magnitude_drop_scores, random_grow_scores
+from .scores import LayerScores, gradient_grow_scores, magnitude_drop_scores, non_finite_weights, random_grow_scores
 from .selection import (
     Selection,
     check_constant_fan_in,
@@ -22,6 +22,7 @@ __all__ = [
     "LayerScores",
     "gradient_grow_scores",
     "magnitude_drop_scores",
+    "non_finite_weights",
     "random_grow_scores",
     "Selection",
     "check_constant_fan_in",

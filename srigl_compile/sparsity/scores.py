@@ -12,7 +12,8 @@ import torch
 
 from ..errors import InvariantError
 
-__all__ = ["LayerScores", "magnitude_drop_scores", "gradient_grow_scores", "random_grow_scores"]
+__all__ = ["LayerScores", "magnitude_drop_scores", "gradient_grow_scores", "random_grow_scores",
+           "non_finite_weights"]
 
 
 @dataclasses.dataclass
@@ -23,13 +24,20 @@ class LayerScores:
     grow: torch.Tensor
 
 
-def magnitude_drop_scores(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def magnitude_drop_scores(weight: torch.Tensor, mask: torch.Tensor, layer_name: str = "") -> torch.Tensor:
+    magnitudes = weight.detach().abs().float()
+    if not torch.isfinite(magnitudes).all():
+        raise InvariantError(non_finite_weights(layer_name, "at a mask update"))
     # Inactive positions get -inf rather than 0 so an active weight that happens to be 0 (a fresh regrowth)
     # can never tie with, and lose its place to, an inactive position.
-    scores = weight.detach().abs().float().masked_fill(~mask, float("-inf"))
-    if torch.isnan(scores).any():
-        raise InvariantError("a sparse layer has NaN weights at a mask update; training diverged")
-    return scores
+    return magnitudes.masked_fill(~mask, float("-inf"))
+
+
+def non_finite_weights(layer_name: str, when: str) -> str:
+    """The message of a sparse layer's NaN / inf weights: training diverged."""
+    layer = f"layer {layer_name!r}" if layer_name else "a sparse layer"
+    return (f"{layer} has non-finite weights (NaN or inf) {when}: training diverged; lower the learning rate or "
+            "clip gradients, and resume from the last good checkpoint")
 
 
 def gradient_grow_scores(dense_grad: torch.Tensor, layer_name: str) -> torch.Tensor:

@@ -33,6 +33,7 @@ from ..sparsity import (
     UpdateSchedule,
     check_constant_fan_in,
     magnitude_drop_scores,
+    non_finite_weights,
     row_counts,
 )
 from . import checkpoint_state
@@ -189,7 +190,7 @@ class SRigLUpdater:
 
     def compute_scores(self, name: str, layer: nn.Module) -> LayerScores:
         """Drop and grow scores of one layer (a distributed trainer can average these across ranks)."""
-        drop = magnitude_drop_scores(layer.neuron_view(whole(layer.weight)), layer.neuron_view(layer.mask))
+        drop = magnitude_drop_scores(layer.neuron_view(whole(layer.weight)), layer.neuron_view(layer.mask), name)
         dense_grad = self._tap.take(name) if self.rule.needs_gradients else None
         if self.rule.needs_gradients and dense_grad is None:
             raise InvariantError(
@@ -259,6 +260,8 @@ class SRigLUpdater:
                     raise InvariantError(f"{name}: {k} x {int((~ablated).sum())} non-zeros exceed budget {plan.budget}")
                 if plan.protected and ablated.any():
                     raise InvariantError(f"{name}: a protected (output) layer has ablated neurons")
+            if not bool(torch.isfinite(local_part(layer.weight.detach())).all()):  # (this rank's part)
+                raise InvariantError(non_finite_weights(name, "after a mask update"))
             if _nonzero_outside(layer.weight.detach(), layer.mask):
                 raise InvariantError(f"{name}: weights outside the mask are not zero")
             if layer.weight.grad is not None and _nonzero_outside(layer.weight.grad, layer.mask):

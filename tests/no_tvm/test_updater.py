@@ -286,6 +286,29 @@ def test_missing_backward_before_an_update_is_a_clear_error():
         updater.step()
 
 
+@pytest.mark.parametrize("method", ["srigl", "set", "static"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_weight_stops_the_update_naming_the_layer(method, value):
+    """Found by probing: an inf weight passed a SET update and check_invariants, and a NaN's error named no
+    layer. (Static masks have no update: check_invariants still finds it.)"""
+    from srigl_compile import InvariantError
+
+    model, opt, updater, _ = setup(method=method)
+    x, y = make_data("mlp", 0)
+    for _ in range(3):
+        train_step(model, opt, updater, x, y)
+    name, layer = list(sparse_layers(model))[1]
+    row, column = layer.mask.nonzero()[0].tolist()
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    with torch.no_grad():
+        layer.weight[row, column] = value  # (after the backward: the recorded gradients stay finite)
+    with pytest.raises(InvariantError, match=f"layer {name!r}.*non-finite weights"):
+        updater.step()
+        updater.check_invariants()
+
+
 def test_channels_last_cnn_trains_with_masks_kept_in_place():
     """Channels-last inputs (and a channels_last model) give channels_last weight gradients: the update must read
     and write them, the weights and the masks in whatever layout they have."""
