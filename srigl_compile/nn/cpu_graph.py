@@ -22,6 +22,8 @@ The rules, as for CUDA graphs:
   process (a lock: recording swaps the compiled functions process-wide). A ``CpuGraph`` called inside another's
   recording runs its model eagerly, so that the outer recording sees the kernels.
 - A recording keeps the storage its calls touch (about what one eager forward uses): ``held_bytes``.
+- A replay runs no Python: forward hooks run at a recording only (a warning names the hooked modules), and tensors
+  a hook or the model keeps from the recorded call are the recording's buffers, which later replays overwrite.
 - Where the first recording shows that a kernel's residual operand is never read again (a ResNet block's input,
   once its last convolution has added it), the forward is recorded again with that kernel writing its output over
   the residual (``call_record.may_write_over``): its stores then hit lines it has just read. Residuals that
@@ -46,6 +48,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .._warnings import warn_user
 from ..errors import ReplayError
 from ..runtime.call_record import PLAIN, Recording, dead_residuals, record, recording_here, static_copy
 from .settle import settle
@@ -143,6 +146,11 @@ class CpuGraph(torch.nn.Module):
 
     def _record(self, args: tuple, kwargs: dict) -> _Entry:
         """Settle, record and check one signature (module docstring)."""
+        if hooked := _hooked_modules(self.model):
+            warn_user(f"cpu_graph: forward hooks on {hooked[:5]} run while a forward is recorded, not at its "
+                      "replays (a replay runs no Python), and the tensors a hook keeps from the recorded call are "
+                      "the recording's buffers, which later replays overwrite. Call the model itself where the "
+                      "hooks must run")
         with torch.no_grad():
             settle(self.model, *args, **kwargs)
             # the eager probe first: after recording, the buffers the recording holds are not recycled, and an eager
@@ -167,6 +175,16 @@ class CpuGraph(torch.nn.Module):
                                   "a counter); run this model eagerly")
         watched = tuple((t, t._version) for t in itertools.chain(self.model.parameters(), self.model.buffers()))
         return _Entry(recording, watched)
+
+
+def _hooked_modules(model: torch.nn.Module) -> list[str]:
+    """The modules with forward (pre-)hooks, "(global)" for hooks on every module."""
+    from torch.nn.modules import module as torch_module
+
+    hooked = [name or type(model).__name__ for name, m in model.named_modules()
+              if m._forward_hooks or m._forward_pre_hooks]
+    return (["(global)"] if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+            else []) + hooked
 
 
 def _matches(expected: Any, got: Any, exact: bool = False) -> bool:

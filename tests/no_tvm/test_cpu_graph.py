@@ -7,6 +7,7 @@ strides."""
 import copy
 import itertools
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -197,6 +198,23 @@ def test_a_gather_by_integer_index_tensors_replays():
             x = torch.randn(2, 4, generator=torch.Generator().manual_seed(seed))
             _same(graphed(x), model(x))
     assert graphed.replays >= 1 and len(graphed._entries) == 1
+
+
+def test_forward_hooks_are_named_once_as_running_at_the_recording_only():
+    model = make_mlp().eval()
+    seen = []
+    model[0].register_forward_hook(lambda module, inputs, output: seen.append(output))
+    graphed = cpu_graph(model)
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match=r"forward hooks on \['0'\] run while a forward is recorded"):
+            graphed(torch.randn(2, 20))
+        calls, x = len(seen), torch.randn(2, 20)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (said once: this signature is recorded)
+            y = graphed(x)
+        assert len(seen) == calls, "a replay runs no hook"
+        _same(y, model(x))
+    assert len(seen) == calls + 1
 
 
 class _Regrows(nn.Module):
