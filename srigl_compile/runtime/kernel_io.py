@@ -5,8 +5,9 @@ kernels together, or a convolution's direct kernel) and ``manifest.json`` (forma
 shape, target, variants, file and SHA-256); each handle adds its own fields and files (``manifest_entry``: CUDA
 handles write their CUDA source and nvcc fatbin, which the GPU machine loads instead of compiling the source).
 ``load_kernels(folder)`` checks all of it, builds each handle with the type its entry names (``HANDLE_TYPES``, by
-device and kind), and registers it. A missing, corrupt or mismatched file is a ``KernelFileError``. Loading needs
-only the TVM runtime.
+device and kind), and registers it (``registry.register_loaded``: beside this process's other variant of a shape,
+under a key of its own). A missing, corrupt or mismatched file is a ``KernelFileError``. Loading needs only the
+TVM runtime.
 
 Example:
     >>> export_kernels([handle], "model.kernels")        # doctest: +SKIP
