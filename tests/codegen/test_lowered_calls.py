@@ -118,23 +118,29 @@ def test_schedule_rules_decline_what_they_do_not_apply_to():
     assert all(12 % p.vec == 0 for p in RowRule().space(12))
 
 
-def test_a_shape_lowered_again_with_other_variants_leaves_the_first_model_working(tmp_path):
+def _masked_with_tuned_variants(seed: int, sparsity: float, records):
+    """A linear + conv model whose two shapes have tuning records in ``records`` naming variants other than the
+    defaults."""
     from srigl_compile.codegen.cpu_target import host_llvm_target
     from srigl_compile.codegen.tuning import select_params
     from srigl_compile.nn.lowered import kernel_spec
     from srigl_compile.runtime.llvm_params import ColParams, RowParams
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     masked = sparsify(nn.Sequential(nn.Linear(40, 48), nn.ReLU(), nn.Unflatten(1, (3, 4, 4)),
                                     nn.Conv2d(3, 8, 3, padding=1)),
-                      SRigLConfig(sparsity=0.7, distribution="uniform")).eval()
+                      SRigLConfig(sparsity=sparsity, distribution="uniform")).eval()
     target, condensed = host_llvm_target(), condense(masked)
     for layer, layout, variant in ((condensed[0], "row", RowParams(16, 32, 16)),
                                    (condensed[3], "offset", ColParams(16, 4, 1, 32))):
         spec = kernel_spec(layer, "direct")
-        chosen = select_params(spec, layout, target, tune=True, cache_dir=tmp_path / "records", space=[variant],
-                               progress=False)
-        assert chosen == variant and chosen != select_params(spec, layout, target, cache_dir=tmp_path / "none")
+        chosen = select_params(spec, layout, target, tune=True, cache_dir=records, space=[variant], progress=False)
+        assert chosen == variant and chosen != select_params(spec, layout, target, cache_dir=records / "none")
+    return masked
+
+
+def test_a_shape_lowered_again_with_other_variants_leaves_the_first_model_working(tmp_path):
+    masked = _masked_with_tuned_variants(0, 0.7, tmp_path / "records")
     first = lower(masked, cache_dir=tmp_path / "records", progress=False)
     second = lower(masked, cache_dir=tmp_path / "none", progress=False)  # default variants, same shapes
     assert first[0].kernel_key != second[0].kernel_key and second[0].kernel_key.endswith("#2")
@@ -149,21 +155,9 @@ def test_a_shape_lowered_again_with_other_variants_leaves_the_first_model_workin
 def test_a_model_loaded_beside_another_variant_of_its_shapes_leaves_both_working(tmp_path):
     """Saved in one process with one variant of each shape, loaded in another that lowered the same shapes with
     other variants under the same keys: each model keeps running the kernels its operands were packed for."""
-    from srigl_compile.codegen.cpu_target import host_llvm_target
-    from srigl_compile.codegen.tuning import select_params
-    from srigl_compile.nn.lowered import kernel_spec
     from srigl_compile.runtime import registry
-    from srigl_compile.runtime.llvm_params import ColParams, RowParams
 
-    torch.manual_seed(2)
-    masked = sparsify(nn.Sequential(nn.Linear(40, 48), nn.ReLU(), nn.Unflatten(1, (3, 4, 4)),
-                                    nn.Conv2d(3, 8, 3, padding=1)),
-                      SRigLConfig(sparsity=0.75, distribution="uniform")).eval()
-    target, condensed = host_llvm_target(), condense(masked)
-    for layer, layout, variant in ((condensed[0], "row", RowParams(16, 32, 16)),
-                                   (condensed[3], "offset", ColParams(16, 4, 1, 32))):
-        select_params(kernel_spec(layer, "direct"), layout, target, tune=True, cache_dir=tmp_path / "records",
-                      space=[variant], progress=False)
+    masked = _masked_with_tuned_variants(2, 0.75, tmp_path / "records")
     x = torch.randn(3, 40)
     before = dict(registry._HANDLES)
     try:
