@@ -261,7 +261,7 @@ class SRigLUpdater:
                 if plan.protected and ablated.any():
                     raise InvariantError(f"{name}: a protected (output) layer has ablated neurons")
             if not bool(torch.isfinite(local_part(layer.weight.detach())).all()):  # (this rank's part)
-                raise InvariantError(non_finite_weights(name, "after a mask update"))
+                raise InvariantError(non_finite_weights(name, "at an invariant check"))
             if _nonzero_outside(layer.weight.detach(), layer.mask):
                 raise InvariantError(f"{name}: weights outside the mask are not zero")
             if layer.weight.grad is not None and _nonzero_outside(layer.weight.grad, layer.mask):
