@@ -23,6 +23,8 @@ import torch.nn as nn
 
 from ..config import Distribution, SRigLConfig, TooSmallPolicy
 from ..errors import ConfigError, LayerError
+from ..nn.condensed import CondensedConv, CondensedLinear
+from ..nn.condensed_attention import CondensedMultiheadAttention
 from ..nn.masked import LayerPlan, is_masked, make_masked_, mask_attention_projection_
 from ..sparsity import check_constant_fan_in, erk_densities, layer_budget, random_fan_in_mask, uniform_densities
 from .analysis import GRAPH, Analyses
@@ -111,6 +113,11 @@ class SparsifyPass(Pass):
         return random_fan_in_mask(plan.n_out, plan.fan_in, plan.k0, generator)
 
     def requires(self, model: nn.Module) -> None:
+        condensed = [name or type(m).__name__ for name, m in model.named_modules()
+                     if isinstance(m, (CondensedLinear, CondensedConv, CondensedMultiheadAttention))]
+        if condensed:  # (its other layers would be sparsified beside them, and lower() would take the mix)
+            raise LayerError(f"the model is already condensed or lowered (layers {condensed[:5]}): sparsify, prune "
+                             "or import the dense or masked model it came from")
         already = [name for name, m in model.named_modules() if is_masked(m)]
         if already:
             raise LayerError(f"model is already sparsified (masked layers: {already[:5]}); sparsify it only once")

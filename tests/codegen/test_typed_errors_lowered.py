@@ -43,6 +43,17 @@ def test_lowering_a_lowered_model_says_it_is_lowered_already(lowered):
         lower(lowered, progress=False)
 
 
+def test_sparsifying_or_pruning_a_lowered_model_says_it_is_lowered_already(lowered):
+    """Found by probing: prune() sparsified the dense layers a lowered model kept, and lower() took the mix."""
+    from srigl_compile import from_sparse_weights, prune
+
+    for make_sparse in (sparsify, prune):
+        with pytest.raises(LayerError, match=r"already condensed or lowered \(layers \['0', '2'"):
+            make_sparse(lowered, SRigLConfig(sparsity=0.8))
+    with pytest.raises(LayerError, match=r"already condensed or lowered"):
+        from_sparse_weights(lowered)
+
+
 def test_an_unknown_key_in_a_target_dict_is_named_with_the_allowed_ones(lowered):
     from srigl_compile.runtime.cpu_features import host_cpu_name
 

@@ -174,6 +174,9 @@ def test_condense_errors():
         layer.mask[0, :] = True
     with pytest.raises(LayerError, match="not constant fan-in"):
         condense(rigl_like)
+    condensed = condense(sparsify(mlp(), SRigLConfig(sparsity=0.8)))
+    with pytest.raises(LayerError, match=r"already condensed or lowered \(layers \['0'"):
+        sparsify(condensed, SRigLConfig(sparsity=0.8))  # (its dense layers would be sparsified beside them)
 
 
 def test_condense_without_shrink_keeps_full_width():
