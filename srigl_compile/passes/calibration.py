@@ -146,9 +146,11 @@ def _forward_all(model: nn.Module, calibration: Any) -> None:
         try:
             model(*args, **kwargs)
         except Exception as err:  # any error of the user's model: name the item, keep the cause
+            pairs = ("; an (inputs, labels) batch passes its labels to the forward too: give the inputs alone, e.g. "
+                     "[x for x, _ in loader]") if len(args) > 1 else ""
             raise ConfigError(f"calibration input #{count} does not fit the model "
                               f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); pass "
-                              "what the model's forward takes") from err
+                              f"what the model's forward takes{pairs}") from err
     if count == 0:
         raise ConfigError("calibration is empty: pass at least one batch of inputs")
 

@@ -267,8 +267,12 @@ def test_bad_input_is_a_typed_error_before_the_model_changes():
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with pytest.raises(ConfigError, match="criterion='wanda' needs calibration"):
         prune(net, UNIFORM_90, "wanda")
-    with pytest.raises(ConfigError, match="calibration input #1 does not fit the model"):
+    with pytest.raises(ConfigError, match="calibration input #1 does not fit the model") as info:
         prune(net, UNIFORM_90, "wanda", calibration=[torch.randn(4, 7)], inplace=True)
+    assert "labels" not in str(info.value)
+    labelled = [(torch.randn(4, 40), torch.randint(0, 10, (4,)))]  # (a DataLoader's (x, y) batches)
+    with pytest.raises(ConfigError, match=r"#1 does not fit .* give the inputs alone, e.g. \[x for x, _ in loader\]"):
+        prune(net, UNIFORM_90, "wanda", calibration=labelled, inplace=True)
     with pytest.raises(ConfigError, match="calibration is empty"):
         prune(net, UNIFORM_90, "wanda", calibration=[])
     with pytest.raises(ConfigError, match="criterion='snip'"):
