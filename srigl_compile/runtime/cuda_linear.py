@@ -122,7 +122,7 @@ class CudaLinearHandle(LinearHandleBase):
         return self._functions
 
     def variant(self) -> tuple:
-        return self.variants.to_dict(), self.dispatch.to_dict(), self.fatbin_archs
+        return self.variants, self.dispatch, self.fatbin_archs
 
     def manifest_entry(self, folder: Path, stem: str) -> dict[str, Any]:
         """Writes the CUDA source (``stem.cu``) and its fatbin (``stem.fatbin``) beside the library."""

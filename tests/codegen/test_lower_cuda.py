@@ -23,6 +23,7 @@ from srigl_compile import (
     sparsify,
 )
 from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
+from srigl_compile.runtime import registry
 from tests.gpu.cases import TARGET, cases
 
 pytestmark = [pytest.mark.tvm, pytest.mark.skipif(
@@ -111,9 +112,17 @@ def test_save_load_carries_fatbins_and_their_sources(built, tmp_path):
         library = (tmp_path / "m" / "kernels" / entry["file"]).read_bytes()
         source = (tmp_path / "m" / "kernels" / entry["source"]).read_bytes()
         assert source in library, "the library's CUDA source is the one the fatbin was built from"
-    loaded = load_lowered(tmp_path / "m")
-    for before, after in zip(handles(lowered), handles(loaded)):
-        assert after.fatbin == before.fatbin and after.source == before.source
+    built_handles, registered = handles(lowered), dict(registry._HANDLES)
+    for before, after in zip(built_handles, handles(load_lowered(tmp_path / "m")), strict=True):
+        assert after is before, "the same variant, registered here already: reused, not registered beside"
+    registry._HANDLES.clear()  # (as in a fresh process)
+    try:
+        for before, after in zip(built_handles, handles(load_lowered(tmp_path / "m")), strict=True):
+            assert after is not before and after.key == before.key
+            assert after.fatbin == before.fatbin and after.source == before.source
+    finally:
+        registry._HANDLES.clear()
+        registry._HANDLES.update(registered)
     fatbin = tmp_path / "m" / "kernels" / next(iter(entries))["fatbin"]
     fatbin.write_bytes(fatbin.read_bytes()[:-1])
     with pytest.raises(CheckpointError, match="fatbin"):
