@@ -26,6 +26,7 @@ from ..runtime.pool_op import kernel_takes, max_pool_computes
 from ..runtime.registry import get_handle
 from .lowered import LoweredConv, subsamples, with_layer_name
 from .pooling import LoweredMaxPool2d
+from .traced_dense import traced_dense_choice
 
 __all__ = ["LoweredConvMaxPool", "FusedConvPlace", "can_fuse_conv_pool"]
 
@@ -91,11 +92,12 @@ class LoweredConvMaxPool(nn.Module):
 
     def _bands_take(self, x: torch.Tensor, traced: bool) -> bool:
         """An input the banded path runs: float32 images on the CPU, not tracked by autograd, whose shape runs the
-        kernel (traced, or no dense form on trial or chosen for it), from a library whose max-pool reads strided
+        kernel (no dense form on trial or chosen for it; traced: chosen), from a library whose max-pool reads strided
         images."""
         if not kernel_takes(x):
             return False
         form = self.conv.__dict__.get("_dense_form")
-        if not traced and form is not None and form.choices.get((x.shape, None)) is not False:
+        if form is not None and (traced_dense_choice(self.conv, x, None) is not None if traced
+                                 else form.choices.get((x.shape, None)) is not False):
             return False
         return getattr(get_handle(self.conv.kernel_key), "pitched_pool", False)

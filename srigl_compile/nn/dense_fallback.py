@@ -28,9 +28,10 @@ two paths sum in different orders, so they agree to float32 rounding, not bit fo
 kernel's until its choice is made, then the chosen path's. A model whose outputs must not depend on timings is
 lowered with ``LlvmConfig(dense_fallback=False)``.
 
-Scope: eager calls on plain float32 CPU tensors without autograd; traced calls (torch.compile, export) and
-anything else run the kernel, as does a shape still without a choice inside a ``cpu_graph`` recording (which would
-replay both paths of a trial forever). Layers: Linear, and 2-d convolutions with one group and zero padding. The dense
+Scope: eager calls on plain float32 CPU tensors without autograd; torch.compile follows the choices eager calls
+made before it traced (``nn.traced_dense``); other traced calls (fx, export) and anything else run the kernel, as
+does a shape still without a choice inside a ``cpu_graph`` recording (which would replay both paths of a trial
+forever). Layers: Linear, and 2-d convolutions with one group and zero padding. The dense
 weight is built only when a shape is on trial and kept only while some shape chooses it. The form snapshots the
 condensed operands at lowering (a convolution's before they are packed: a second copy of its weights); if the
 layer's operands are changed or replaced afterwards the form is dropped before it would run again, and the kernel
@@ -61,7 +62,8 @@ from ..runtime.call_record import recording_here
 from ..runtime.spec import apply_epilogue
 
 __all__ = ["DenseForm", "CANDIDATE_DENSITY", "MARGIN", "MIN_SAVING_S", "FORWARD_SAVING_S", "dense_form_for",
-           "watched_operands", "run_dense_if_faster", "settle_trials", "keep_if_faster", "machine"]
+           "watched_operands", "operands_of", "form_takes", "run_dense_if_faster", "settle_trials", "keep_if_faster",
+           "machine"]
 
 CANDIDATE_DENSITY = 0.15  # layers at least this dense get a dense form (see the module docstring)
 ROUNDS = 3  # timed calls of each path in a shape's trial, at least (after one untimed call) ...
@@ -224,7 +226,7 @@ def dense_form_for(layer, values: torch.Tensor, columns: torch.Tensor) -> DenseF
                      None if bias is None else bias.detach().float().clone(), dense_shape, layer.epilogue, conv, ())
 
 
-def _operands(layer) -> tuple[torch.Tensor, ...]:
+def operands_of(layer) -> tuple[torch.Tensor, ...]:
     """The lowered layer's operand tensors: values, indices, and bias if any."""
     buffers = layer._buffers
     return (buffers["values"], buffers["indices"]) + ((buffers["bias"],) if buffers["bias"] is not None else ())
@@ -232,7 +234,16 @@ def _operands(layer) -> tuple[torch.Tensor, ...]:
 
 def watched_operands(layer) -> tuple[tuple[torch.Tensor, int], ...]:
     """The lowered layer's operand tensors with their versions (what ``DenseForm.stale`` compares against)."""
-    return tuple((tensor, tensor._version) for tensor in _operands(layer))
+    return tuple((tensor, tensor._version) for tensor in operands_of(layer))
+
+
+def form_takes(form: DenseForm, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    """Whether the dense form computes this call: float32 CPU tensors autograd does not track, batched images
+    for a convolution."""
+    return not (x.dtype != torch.float32 or not x.is_cpu or (x.dim() != 4 if form.conv is not None else x.dim() == 0)
+                or (torch.is_grad_enabled() and x.requires_grad)
+                or (residual is not None and (not residual.is_cpu or residual.dtype != torch.float32
+                                              or (torch.is_grad_enabled() and residual.requires_grad))))
 
 
 def run_dense_if_faster(layer, form: DenseForm, x: torch.Tensor, residual: torch.Tensor | None,
@@ -247,13 +258,10 @@ def run_dense_if_faster(layer, form: DenseForm, x: torch.Tensor, residual: torch
     dense = form.choices.get(key)  # (True / False once measured, None while on trial)
     if dense is False:  # (the common case first: a call costs a dict lookup more than the kernel's)
         return None
-    if form.stale(_operands(layer)):
+    if form.stale(operands_of(layer)):
         del layer.__dict__["_dense_form"]
         return None
-    if (x.dtype != torch.float32 or not x.is_cpu or (x.dim() != 4 if form.conv is not None else x.dim() == 0)
-            or (torch.is_grad_enabled() and x.requires_grad)
-            or (residual is not None and (not residual.is_cpu or residual.dtype != torch.float32
-                                          or (torch.is_grad_enabled() and residual.requires_grad)))):
+    if not form_takes(form, x, residual):
         return None
     if dense is None:
         if recording_here():  # a recorded trial would run both paths at every replay and never end

@@ -22,6 +22,7 @@ from ..runtime.registry import get_handle
 from ..runtime.spec import KernelSpec, apply_epilogue
 from .condensed import CondensedConv, CondensedLinear, accepts_unbatched, index_dtype_for
 from .dense_fallback import dense_form_for, run_dense_if_faster, watched_operands
+from .traced_dense import dense_form, traced_dense_choice
 
 __all__ = ["LoweredLinear", "LoweredConv", "kernel_operands", "kernel_spec", "can_fuse_epilogue", "fuses_epilogue",
            "make_lowered_", "subsamples", "pointwise_unpadded", "with_layer_name"]
@@ -35,13 +36,16 @@ class LoweredLinear(CondensedLinear):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if type(x) is not torch.Tensor or torch.compiler.is_compiling():  # tracers see the buffers as attributes
+            if traced_dense_choice(self, x, residual) is not None:  # (the dense path eager calls chose)
+                return dense_form(self, x, residual)
             return self._call_kernel(x, self.values, self.indices, self.bias, residual)
         form = self.__dict__.get("_dense_form")  # (near-dense CPU layers: ``nn.dense_fallback``)
-        if form is not None and (y := run_dense_if_faster(self, form, x, residual, self._eager_kernel)) is not None:
+        if form is not None and (y := run_dense_if_faster(self, form, x, residual, self.kernel_path)) is not None:
             return y
-        return self._eager_kernel(x, residual)
+        return self.kernel_path(x, residual)
 
-    def _eager_kernel(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    def kernel_path(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The layer's output by its kernel, whatever its dense form would choose (an eager call)."""
         # Eager: nn.Module.__getattr__ costs ~1 us a buffer, and a batch-1 call reads four (about 10% of it).
         buffers = self._buffers
         values, indices, bias = buffers["values"], buffers["indices"], buffers["bias"]
@@ -114,12 +118,15 @@ class LoweredConv(CondensedConv):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         form = self.__dict__.get("_dense_form")  # (near-dense CPU layers: ``nn.dense_fallback``)
-        if form is not None and type(x) is torch.Tensor and not torch.compiler.is_compiling() and (
-                y := run_dense_if_faster(self, form, x, residual, self._kernel_forward)) is not None:
+        if form is not None and (type(x) is not torch.Tensor or torch.compiler.is_compiling()):
+            if traced_dense_choice(self, x, residual) is not None:  # (the dense path eager calls chose)
+                return dense_form(self, x, residual)
+        elif form is not None and (y := run_dense_if_faster(self, form, x, residual, self.kernel_path)) is not None:
             return y
-        return self._kernel_forward(x, residual)
+        return self.kernel_path(x, residual)
 
-    def _kernel_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    def kernel_path(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The layer's output by its kernel, whatever its dense form would choose."""
         repeat = None if torch.compiler.is_compiling() else self.__dict__.get("_repeat")
         operand = residual if self.fused_epilogue else None  # (else torch adds it, after the kernel)
         if repeat is not None and (y := repeat(x, operand, self._buffers)) is not None:

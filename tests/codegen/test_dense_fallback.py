@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from srigl_compile import SRigLConfig, load_lowered, lower, save_lowered, sparse_layers, sparsify
 from srigl_compile.codegen.backends import LlvmConfig
-from srigl_compile.nn import dense_fallback
+from srigl_compile.nn import dense_fallback, traced_dense
 from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
 from srigl_compile.nn.settle import settle
 from srigl_compile.runtime.checks import KernelDtypeError
@@ -145,7 +145,9 @@ def test_settle_finishes_every_trial(monkeypatch):
     assert settle(sparse, x) == 1
 
 
-def test_changed_operands_drop_the_form(monkeypatch, short_trials):
+def _chosen_dense(monkeypatch) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """(masked model, lowered model, input) with every layer's dense form chosen at the input's shape (trials of
+    two calls: the ``short_trials`` fixture)."""
     model = _sparse(0.5)
     lowered = lower(model, progress=False)
     _force(monkeypatch, "dense")
@@ -153,6 +155,12 @@ def test_changed_operands_drop_the_form(monkeypatch, short_trials):
     with torch.no_grad():
         for _ in range(2):
             lowered(x)
+    return model, lowered, x
+
+
+def test_changed_operands_drop_the_form(monkeypatch, short_trials):
+    model, lowered, x = _chosen_dense(monkeypatch)
+    with torch.no_grad():
         assert lowered.block.fc._dense_form.choices == {(torch.Size([2, 400]), None): True}
         lowered.block.fc.bias.mul_(2)  # in place: the dense form's copy is stale
         out = lowered(x)
@@ -286,3 +294,77 @@ def test_a_shape_first_seen_while_recording_runs_the_kernel_without_a_trial(monk
         torch.testing.assert_close(recording.replay([x]), kernels_only(x), rtol=0, atol=0)
         lowered(x)  # eager: the trial opens as before
     assert all(list(form.trials) for form in forms.values())
+
+
+class _Pooled(nn.Module):
+    """A stem (conv, BN, ReLU, max-pool: fused into one banded module) before the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()
+        self.pool, self.block = nn.MaxPool2d(2), _Block()
+
+    def forward(self, x):
+        return self.block(self.pool(self.relu(self.bn(self.conv(x)))))
+
+
+def _graphs_of(compiled_calls: list) -> callable:
+    """A torch.compile backend keeping each graph it is given (then running it as aot_eager would)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    def keep(gm, inputs):
+        compiled_calls.append([str(node.target) for node in gm.graph.nodes])
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=keep)
+
+
+@pytest.mark.parametrize("path", ["dense", "kernel"])
+def test_compiled_calls_take_the_path_eager_calls_chose(monkeypatch, short_trials, path):
+    """torch.compile follows each shape's choice made eagerly (``nn.traced_dense``): a dense choice is one
+    ``dense_form`` call computing what the eager call computes, bit for bit; a shape without a choice, or a kernel
+    choice, runs the kernel; a fused conv + max-pool whose convolution chose dense runs unfused."""
+    torch.manual_seed(0)
+    model = sparsify(_Pooled().eval(), SRigLConfig(sparsity=0.5, distribution="uniform"),
+                     example_inputs=(torch.randn(2, 16, 20, 20),))
+    lowered = lower(model, progress=False)
+    kernels_only = lower(model, LlvmConfig(dense_fallback=False, progress=False))
+    assert type(lowered.pool).__name__ == "LoweredConvMaxPool"
+    _force(monkeypatch, path)
+    x, other = torch.randn(2, 16, 20, 20), torch.randn(3, 16, 20, 20)
+    with torch.no_grad():
+        for _ in range(3):
+            want = lowered(x)
+        forms = [form for form in _forms(lowered).values() if form is not None]
+        assert len(forms) == 5 and all(list(form.choices.values()) == [path == "dense"] for form in forms)
+        graphs = []
+        compiled = torch.compile(lowered, fullgraph=True, backend=_graphs_of(graphs))
+        torch.testing.assert_close(compiled(x), want, rtol=0, atol=0)
+        targets = graphs[-1]
+        assert sum("dense_form" in t for t in targets) == (5 if path == "dense" else 0)
+        assert sum("tvm_conv" in t or "tvm_condensed" in t for t in targets) == (0 if path == "dense" else 5)
+        torch.testing.assert_close(compiled(other), kernels_only(other), rtol=0, atol=0)  # (no choice: kernels)
+        assert not any("dense_form" in t for t in graphs[-1])
+    key = lowered.pool.conv._traced_dense_key if path == "dense" else traced_dense._registered(lowered.pool.conv)
+    torch.library.opcheck(torch.ops.srigl_compile.dense_form.default, (x, None, key))
+
+
+def test_a_compiled_dense_path_sees_operands_changed_in_place_and_export_keeps_the_kernel(monkeypatch, short_trials):
+    """The dense weight is a copy of the layer's operands: a compiled call checks them as an eager call does and,
+    changed (``load_state_dict`` into a compiled model), drops the form and runs the kernel on the new operands
+    (a compiled graph still tracing the dense path would return the old bias).
+    An exported program calls no process-local form: the kernels."""
+    model, lowered, x = _chosen_dense(monkeypatch)
+    with torch.no_grad():
+        compiled = torch.compile(lowered, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+        state = {name: 2 * t if name == "block.fc.bias" else t for name, t in lowered.state_dict().items()}
+        lowered.load_state_dict(state)
+        model.block.fc.bias.mul_(2)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+        assert not any(_forms(lowered).values())  # (load_state_dict copied every operand in place)
+        program = torch.export.export(lowered, (x,))
+        assert not [node for node in program.graph.nodes if "dense_form" in str(node.target)]
+        kernels_only = lower(model, LlvmConfig(dense_fallback=False, progress=False))
+        torch.testing.assert_close(program.module()(x), kernels_only(x), rtol=0, atol=0)
