@@ -96,8 +96,10 @@ class LoweredConvMaxPool(nn.Module):
         images."""
         if not kernel_takes(x):
             return False
-        form = self.conv.__dict__.get("_dense_form")
-        if form is not None and (traced_dense_choice(self.conv, x, None) is not None if traced
-                                 else form.choices.get((x.shape, None)) is not False):
+        if traced:
+            if traced_dense_choice(self.conv, x, None) is not None:
+                return False
+        elif (form := self.conv.__dict__.get("_dense_form")) is not None and (
+                form.choices.get((x.shape, None)) is not False):  # (on trial, or chosen dense)
             return False
         return getattr(get_handle(self.conv.kernel_key), "pitched_pool", False)

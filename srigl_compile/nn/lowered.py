@@ -117,11 +117,11 @@ class LoweredConv(CondensedConv):
     pitched_output = False
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        form = self.__dict__.get("_dense_form")  # (near-dense CPU layers: ``nn.dense_fallback``)
-        if form is not None and (type(x) is not torch.Tensor or torch.compiler.is_compiling()):
+        if type(x) is not torch.Tensor or torch.compiler.is_compiling():
             if traced_dense_choice(self, x, residual) is not None:  # (the dense path eager calls chose)
                 return dense_form(self, x, residual)
-        elif form is not None and (y := run_dense_if_faster(self, form, x, residual, self.kernel_path)) is not None:
+        elif (form := self.__dict__.get("_dense_form")) is not None and (  # (near-dense CPU layers)
+                y := run_dense_if_faster(self, form, x, residual, self.kernel_path)) is not None:
             return y
         return self.kernel_path(x, residual)
 

@@ -39,8 +39,12 @@ _KEYS = itertools.count()
 def traced_dense_choice(layer, x: torch.Tensor, residual: torch.Tensor | None) -> DenseForm | None:
     """While torch.compile traces ``layer`` (not export, not fx): its dense form if that is the choice made for
     this input's shape (and the form takes the call); else None, the kernel's path."""
-    form = layer.__dict__.get("_dense_form")
-    if form is None or not torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    if not torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return None
+    # getattr, not __dict__.get: dynamo guards on it, so a graph traced for a layer without a form (or another
+    # choice) is not reused for one with (graphs are shared by modules of one class)
+    form = getattr(layer, "_dense_form", None)
+    if form is None:
         return None
     if not form.choices.get((x.shape, None if residual is None else residual.shape)):
         return None

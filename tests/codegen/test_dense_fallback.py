@@ -350,6 +350,27 @@ def test_compiled_calls_take_the_path_eager_calls_chose(monkeypatch, short_trial
     torch.library.opcheck(torch.ops.srigl_compile.dense_form.default, (x, None, key))
 
 
+def test_a_graph_traced_for_a_layer_without_a_dense_form_is_not_reused_for_one_with_it(monkeypatch, short_trials):
+    """Dynamo shares a graph among the instances of a module class unless a guard tells them apart: the traced
+    path reads the form with a getattr dynamo guards on (a graph of kernels had served the model with forms)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, 7, 7)
+    sparse = sparsify(nn.Sequential(nn.Conv2d(64, 32, 1, bias=False), nn.ReLU()).eval(),
+                      SRigLConfig(sparsity=0.5, distribution="uniform"), example_inputs=(x,))
+    lowered = lower(sparse, progress=False)
+    kernels_only = lower(sparse, LlvmConfig(dense_fallback=False, progress=False))
+    _force(monkeypatch, "dense")
+    graphs = []
+    backend = _graphs_of(graphs)
+    with torch.no_grad():
+        for _ in range(2):
+            want = lowered(x)
+        assert all(lowered[0]._dense_form.choices.values())
+        torch.compile(kernels_only, backend=backend)(x)
+        torch.testing.assert_close(torch.compile(lowered, backend=backend)(x), want, rtol=0, atol=0)
+    assert len(graphs) == 2 and sum("dense_form" in t for t in graphs[1]) == 1
+
+
 def test_a_compiled_dense_path_sees_operands_changed_in_place_and_export_keeps_the_kernel(monkeypatch, short_trials):
     """The dense weight is a copy of the layer's operands: a compiled call checks them as an eager call does and,
     changed (``load_state_dict`` into a compiled model), drops the form and runs the kernel on the new operands
