@@ -13,7 +13,7 @@ import dataclasses
 import math
 import numbers
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from enum import Enum
 from typing import Any
 
@@ -153,6 +153,8 @@ class SRigLConfig:
                 "the gradient window must fit between two mask updates"
             )
         set_("seed", _check_int("seed", self.seed, 0))
+        if self.seed >= 2**63 - 1:  # (torch.Generator takes an int64; the updater seeds seed + 1)
+            raise ConfigError(f"SRigLConfig.seed={self.seed} must be below 2**63 - 1 (torch.Generator's range)")
         for name in ("ablation", "keep_first_dense", "keep_last_dense", "reinit"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"SRigLConfig.{name}={getattr(self, name)!r} must be True or False")
@@ -161,10 +163,14 @@ class SRigLConfig:
         overrides = {}
         for key, value in self.overrides.items():
             _check_pattern("overrides", key)
+            if isinstance(value, bool):  # (False == 0 would mean dense, True == 1 fails later: neither is meant)
+                raise ConfigError(f"SRigLConfig.overrides[{key!r}]={value!r} must be a sparsity in (0, 1), or None "
+                                  "(or 0) to keep the layer dense")
             overrides[key] = None if value is None or value == 0 else _check_fraction(f"overrides[{key!r}]", value)
         set_("overrides", overrides)
-        if isinstance(self.no_ablation, str):
-            raise ConfigError("SRigLConfig.no_ablation must be a sequence of layer names/regexes, not one string")
+        if isinstance(self.no_ablation, str) or not isinstance(self.no_ablation, Iterable):
+            raise ConfigError(f"SRigLConfig.no_ablation={self.no_ablation!r} must be a list of layer names/regexes, "
+                              "e.g. ['fc'] (not one string)")
         set_("no_ablation", tuple(_check_pattern("no_ablation", p) for p in self.no_ablation))
 
     @property
@@ -192,12 +198,15 @@ class SRigLConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SRigLConfig:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"SRigLConfig.from_dict takes a mapping of field names to values (what to_dict "
+                              f"returns), got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"SRigLConfig has no field(s) {unknown}; known fields: {sorted(known)}")
         kwargs = dict(data)
-        if "no_ablation" in kwargs:
+        if isinstance(kwargs.get("no_ablation"), list):  # (JSON's lists; anything else is checked as given)
             kwargs["no_ablation"] = tuple(kwargs["no_ablation"])
         return cls(**kwargs)
 

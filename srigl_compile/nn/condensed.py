@@ -278,11 +278,25 @@ class CondensedLinear(_Condensed):
         return cls(in_features, layer.weight.shape[0], active, values, indices, layer.bias)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        _check_input(self, x, x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else None, "features")
         gathered = x[..., self.indices.long()]  # [..., n_active, k]
         y = (gathered * self.values).sum(dim=-1)
         if self.bias is not None:
             y = y + self.bias
         return apply_epilogue(self.scatter(y, dim=-1), self.epilogue, residual)
+
+
+def _check_input(layer, x, width: int | None, what: str) -> None:
+    """A condensed layer's input must be floating point with the layer's features / channels: its gather would
+    otherwise read a prefix of a wider input, or fail deep inside indexing."""
+    if not isinstance(x, torch.Tensor):  # (an fx Proxy)
+        return
+    expected = layer.fan_in if what == "features" else layer.in_channels
+    if width != expected:
+        raise LayerError(f"{type(layer).__name__} expects inputs with {expected} {what}, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise LayerError(f"{type(layer).__name__} expects a floating-point input, got {x.dtype}: convert it "
+                         "(x.float()) as for the dense layer")
 
 
 def accepts_unbatched(forward):
@@ -391,6 +405,7 @@ class CondensedConv(_Condensed):
 
     @accepts_unbatched
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        _check_input(self, x, x.shape[1] if isinstance(x, torch.Tensor) and x.dim() > 1 else None, "channels")
         columns, spatial = self.im2col(x)
         gathered = columns[:, self.global_columns()]  # [B, n_active, k, L]
         y = torch.einsum("bnkl,nk->bnl", gathered, self.values)

@@ -95,8 +95,8 @@ class CpuGraph(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, max_recordings: int = MAX_RECORDINGS) -> None:
         super().__init__()
-        if max_recordings < 1:
-            raise ReplayError(f"max_recordings must be >= 1, got {max_recordings}")
+        if isinstance(max_recordings, bool) or not isinstance(max_recordings, int) or max_recordings < 1:
+            raise ReplayError(f"max_recordings must be >= 1, got {max_recordings!r} (an integer count of signatures)")
         self.model = model
         self.max_recordings = max_recordings
         self._entries: dict[tuple, _Entry] = {}

@@ -14,7 +14,9 @@ Contract.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -24,7 +26,7 @@ from .analysis import Analyses
 from .base import Pass, PassResult, replace_submodule
 from .discover import tied_parameter_ids
 
-__all__ = ["AsLinearPass", "is_hf_conv1d"]
+__all__ = ["AsLinearPass", "is_hf_conv1d", "conv1d_restored_on_error"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,19 @@ def is_hf_conv1d(module: nn.Module) -> bool:
     """A ``transformers`` Conv1D: weight [nx, nf], ``forward(x) = x @ weight + bias``."""
     cls = type(module)
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf")
+
+
+@contextlib.contextmanager
+def conv1d_restored_on_error(model: nn.Module, inplace: bool) -> Iterator[None]:
+    """Around an in-place call that starts with AsLinearPass: should it raise, the model's Conv1D layers are put
+    back, so a refused call leaves the caller's model as it was (the root alone is never rewritten in place)."""
+    originals = [(name, m) for name, m in model.named_modules() if name and is_hf_conv1d(m)] if inplace else []
+    try:
+        yield
+    except BaseException:
+        for name, conv in originals:
+            replace_submodule(model, name, conv)
+        raise
 
 
 def _as_linear(conv: nn.Module) -> nn.Linear:

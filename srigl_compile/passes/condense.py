@@ -155,6 +155,10 @@ def condense(model: nn.Module, *, example_inputs=None, shrink: bool = True, inpl
         >>> torch.allclose(condense(sparse)(x), sparse(x), atol=1e-5)
         True
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"condense expects an nn.Module, not {type(model).__name__}")
+    if not isinstance(shrink, bool):
+        raise TypeError(f"condense: shrink={shrink!r} must be True or False")
     if not inplace:
         model = copy.deepcopy(model)
     # (a new module when the model is a single sparse layer)

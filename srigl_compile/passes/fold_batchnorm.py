@@ -193,6 +193,8 @@ def fold_batchnorm(model: nn.Module, *, example_inputs=None, inplace: bool = Fal
         >>> torch.allclose(folded(x), net(x), atol=1e-6)
         True
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fold_batchnorm expects an nn.Module, not {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
     return PassManager([FoldBatchNormPass()]).run(model, Analyses(example_inputs)).eval()

@@ -13,6 +13,7 @@ rewritten.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -25,7 +26,7 @@ from ..nn.masked import LayerPlan
 from ..sparsity import row_counts
 from ..sparsity.pruning import magnitude_scores, prune_to_fan_in, wanda_scores
 from ..sparsity.selection import top_per_row_mask
-from .as_linear import AsLinearPass
+from .as_linear import AsLinearPass, conv1d_restored_on_error
 from .calibration import collect_input_norms, recalibrate_batchnorm_
 from .discover import FilterFn, LayerCandidate
 from .sparsify import SparsifyPass
@@ -64,6 +65,14 @@ class PrunePass(SparsifyPass):
                 warn_user(f"Wanda: the calibration forward never called layers {unseen} (their weights are read "
                           "without calling the module, e.g. MultiheadAttention's out_proj): they are pruned by "
                           "magnitude")
+            bad = [name for name, n in norms.items() if n is not None and not bool(torch.isfinite(n).all())]
+            if bad:
+                raise ConfigError(f"Wanda: the calibration inputs reach layers {bad[:5]} with NaN or inf features: "
+                                  "pass finite calibration inputs (and a model whose forward stays finite on them)")
+            empty = [name for name, n in norms.items() if n is not None and not bool(n.any())]
+            if empty:
+                raise ConfigError(f"Wanda: every calibration feature reaching layers {empty[:5]} is zero (empty "
+                                  "batches?): pass calibration batches of real inputs, or criterion='magnitude'")
         for candidate, _ in plans:
             weight, layer_norms = _neuron_weight(candidate), norms.get(candidate.name)
             self.scores[candidate.name] = (magnitude_scores(weight) if layer_norms is None
@@ -94,6 +103,9 @@ class ImportSparsePass(SparsifyPass):
         return plans
 
     def _plan_one(self, c: LayerCandidate) -> LayerPlan | None:
+        if not torch.isfinite(_neuron_weight(c)).all():
+            raise LayerError(f"layer {c.name!r} has NaN or inf weights: its non-zeros would become the mask with "
+                             "them; fix or reload the checkpoint first")
         counts = row_counts(_neuron_weight(c) != 0)
         active = counts > 0
         if bool((counts == c.fan_in).all()):
@@ -137,7 +149,7 @@ def _prepared(model: nn.Module, config: SRigLConfig | None, inplace: bool, calle
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller} expects an nn.Module, not {type(model).__name__}")
     model = model if inplace else copy.deepcopy(model)
-    return AsLinearPass()(model).module, config
+    return model, config
 
 
 def prune(model: nn.Module, config: SRigLConfig | None = None, criterion: Criterion = "magnitude",
@@ -174,9 +186,18 @@ def prune(model: nn.Module, config: SRigLConfig | None = None, criterion: Criter
         raise ConfigError(f"criterion={criterion!r}; choose one of {list(CRITERIA)}")
     if recalibrate_batchnorm and calibration is None:
         raise ConfigError("recalibrate_batchnorm=True needs calibration inputs to estimate the statistics from")
+    for name, flag in (("ablation", ablation), ("recalibrate_batchnorm", recalibrate_batchnorm)):
+        if not isinstance(flag, bool):
+            raise ConfigError(f"prune: {name}={flag!r} must be True or False")
+    if criterion == "magnitude" and calibration is not None and not recalibrate_batchnorm:
+        warn_user("prune: criterion='magnitude' reads no calibration inputs (Wanda does): they are ignored")
+    if criterion == "wanda" and recalibrate_batchnorm and isinstance(calibration, Iterator):
+        calibration = list(calibration)  # (read twice: by Wanda, then by the BatchNorm statistics)
     model, config = _prepared(model, config, inplace, "prune")
-    pruned = PrunePass(config, criterion, calibration, ablation=ablation, filter_fn=filter_fn,
-                       example_inputs=example_inputs)(model).module
+    with conv1d_restored_on_error(model, inplace):
+        model = AsLinearPass()(model).module
+        pruned = PrunePass(config, criterion, calibration, ablation=ablation, filter_fn=filter_fn,
+                           example_inputs=example_inputs)(model).module
     if recalibrate_batchnorm:
         recalibrate_batchnorm_(pruned, calibration)
     return pruned
@@ -194,7 +215,8 @@ def from_sparse_weights(model: nn.Module, config: SRigLConfig | None = None, *, 
     """
     model, config = _prepared(model, config, inplace, "from_sparse_weights")
     import_pass = ImportSparsePass(config, rebalance=rebalance, filter_fn=filter_fn, example_inputs=example_inputs)
-    result = import_pass(model).module
+    with conv1d_restored_on_error(model, inplace):
+        result = import_pass(AsLinearPass()(model).module).module
     if import_pass.dropped:
         warn_user(f"from_sparse_weights(rebalance=True) dropped weights to equal each row's count: "
                   f"{import_pass.dropped} (layer: weights dropped)")

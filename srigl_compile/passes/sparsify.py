@@ -21,6 +21,7 @@ import re
 import torch
 import torch.nn as nn
 
+from .._warnings import warn_user
 from ..config import Distribution, SRigLConfig, TooSmallPolicy
 from ..errors import ConfigError, LayerError
 from ..nn.condensed import CondensedConv, CondensedLinear
@@ -28,7 +29,7 @@ from ..nn.condensed_attention import CondensedMultiheadAttention
 from ..nn.masked import LayerPlan, is_masked, make_masked_, mask_attention_projection_
 from ..sparsity import check_constant_fan_in, erk_densities, layer_budget, random_fan_in_mask, uniform_densities
 from .analysis import GRAPH, Analyses
-from .as_linear import AsLinearPass
+from .as_linear import AsLinearPass, conv1d_restored_on_error
 from .base import Pass, PassResult
 from .discover import FilterFn, LayerCandidate, discover_layers
 from .manager import PassManager
@@ -134,6 +135,11 @@ class SparsifyPass(Pass):
                 "used by the forward and not tied or filtered out); see the warnings above for the layers it skipped"
             )
         self.plans = self.plan(candidates)
+        if not self.plans and type(self).plan is SparsifyPass.plan:
+            names = [c.name for c in candidates][:5]
+            warn_user(f"sparsify left every layer of {type(model).__name__} dense (layers {names}: kept dense by "
+                      "keep_first_dense / keep_last_dense / overrides / too_small, or at density 1 in the "
+                      "distribution): nothing will be sparse")
         self.prepare(model, self.plans)
         generator = torch.Generator().manual_seed(self.config.seed)
         for candidate, plan in self.plans:
@@ -215,4 +221,5 @@ def sparsify(model: nn.Module, config: SRigLConfig | None = None, *, filter_fn: 
         model = copy.deepcopy(model)
     # Hugging Face Conv1D (GPT-2) -> nn.Linear, then masks; the graph is captured once, after the rewrite.
     passes = [AsLinearPass(), SparsifyPass(config, filter_fn, example_inputs)]
-    return PassManager(passes).run(model, Analyses(example_inputs))
+    with conv1d_restored_on_error(model, inplace):
+        return PassManager(passes).run(model, Analyses(example_inputs))

@@ -40,8 +40,12 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import os
+import sysconfig
 import threading
+import traceback
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,8 +81,25 @@ def _extents(tensors) -> tuple[Extent, ...]:
 
 
 def _value_read(func) -> ReplayError:
-    return ReplayError(f"the forward reads a tensor's value into Python ({func}: e.g. .item() or bool(tensor)), a "
-                       "decision a replay would not make again; run this model eagerly")
+    where = _caller_line()
+    return ReplayError(f"the forward reads a tensor's value into Python ({func}{', at ' + where if where else ''}: "
+                       "e.g. .item() or bool(tensor)), a decision a replay would not make again; run this model "
+                       "eagerly")
+
+
+_LIBRARY_DIR = str(Path(__file__).resolve().parents[1])
+
+
+def _caller_line() -> str:
+    """The innermost line of the model's own code on the stack (outside torch, Python's libraries and this
+    package): where a value was read, which the op's name alone does not say (it may sit in a library's masks)."""
+    for frame in reversed(traceback.extract_stack()):
+        name = frame.filename
+        if (name.startswith(_LIBRARY_DIR) or f"{os.sep}torch{os.sep}" in name or name.startswith("<")
+                or name.startswith(sysconfig.get_paths()["stdlib"])):
+            continue
+        return f"{name}:{frame.lineno}: {frame.line}"
+    return ""
 
 
 @dataclasses.dataclass

@@ -66,6 +66,11 @@ def erk_densities(
             break
         raw = {n: (sum(shapes[n]) / _numel(shapes[n])) ** power for n in free}
         divisor = sum(raw[n] * _numel(shapes[n]) for n in free)
+        if not 0 < divisor < math.inf:  # (a large power under- or overflows: the same scores, relative to the top)
+            logs = {n: power * math.log(sum(shapes[n]) / _numel(shapes[n])) for n in free}
+            top = max(logs.values())
+            raw = {n: math.exp(logs[n] - top) for n in free}
+            divisor = sum(raw[n] * _numel(shapes[n]) for n in free)
         if rhs <= 0:
             raise ConfigError(
                 f"the layers kept dense or overridden ({sorted(all_fixed)}) already exceed the global density "

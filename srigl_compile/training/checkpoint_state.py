@@ -182,6 +182,9 @@ def _check_buffers(updater: UpdaterState, buffers: Mapping[str, Any], field: str
         if not isinstance(buf, torch.Tensor) or buf.dtype != torch.float32 or tuple(buf.shape) != shape:
             got = f"{buf.dtype} {tuple(buf.shape)}" if isinstance(buf, torch.Tensor) else type(buf).__name__
             raise _corrupt(field, f"must be float32 of the weight's shape {shape}, not {got}", name)
+        if not bool(torch.isfinite(buf).all()):  # (a window saved from a diverged run would fail the next update)
+            raise _corrupt(field, "has NaN/inf entries: the run diverged before it was saved; resume from an "
+                                  "earlier checkpoint", name)
 
 
 def _window_to_resume(updater: UpdaterState, state: Mapping[str, Any], sync: RankSync | None

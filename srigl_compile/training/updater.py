@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
+import weakref
 from typing import Any
 
 import torch
@@ -72,7 +74,7 @@ class SRigLUpdater:
         self.config = config if config is not None else SRigLConfig()
         if not isinstance(self.config, SRigLConfig):
             raise ConfigError(f"config must be an SRigLConfig, not {type(self.config).__name__}")
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 1:
             raise ConfigError(f"total_steps={total_steps!r} must be a positive integer (optimizer steps of the run)")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer over the sparse model's parameters, not "
@@ -81,8 +83,12 @@ class SRigLUpdater:
         if not self.layers:
             raise LayerError("the model has no sparse layers: call srigl_compile.sparsify(model, config) first")
         self._check_optimizer(optimizer)
+        self._check_layers_free()
+        if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
+            raise TypeError(f"grad_scaler must be the torch.amp.GradScaler the training loop scales its loss with, "
+                            f"not {type(grad_scaler).__name__}")
         self.optimizer = optimizer
-        self.total_steps = total_steps
+        self.total_steps = int(total_steps)
         self.rule = method_rule(self.config.method)
         self.schedule = UpdateSchedule(
             self.config.delta_t, math.floor(self.config.t_end_fraction * total_steps), self.config.alpha,
@@ -101,6 +107,8 @@ class SRigLUpdater:
         self._step_hooks = [optimizer.register_step_pre_hook(lambda *_: self._tap.before_optimizer_step()),
                             optimizer.register_step_post_hook(self._on_optimizer_step)]
         self._warned_unused: set[str] = set()
+        for layer in self.layers.values():
+            _DRIVEN[layer] = weakref.ref(self)
         self._warn_if_never_updating()
         if self._sync is not None:
             self._sync.check_same_masks(self._masks(), self.step_count)
@@ -118,6 +126,22 @@ class SRigLUpdater:
                 f"the optimizer does not hold the weights of sparse layers {missing[:5]}: build it from the "
                 "sparsified model's parameters (sparsify returns a copy unless inplace=True)"
             )
+
+    def _check_layers_free(self) -> None:
+        """Refuse frozen weights (the updater masks their gradients and reads them); take the layers over from
+        another live updater (two would each update the masks), which is closed: its step() then refuses."""
+        frozen = [name for name, layer in self.layers.items() if not layer.weight.requires_grad]
+        if frozen:
+            raise LayerError(f"sparse layers {frozen[:5]} have frozen weights (requires_grad=False): the updater "
+                             "masks and reads their gradients; unfreeze them, or keep them dense when sparsifying "
+                             f"(SRigLConfig.overrides={{{frozen[0]!r}: None}})")
+        others = {id(other): other for layer in self.layers.values()
+                  if (mark := _DRIVEN.get(layer)) is not None and (other := mark()) is not None}
+        for other in others.values():
+            other.close()
+            other._replaced = True
+            warn_user("an SRigLUpdater on these layers existed already: this one replaces it (its hooks are removed "
+                      "and its step() refuses); to resume, load_state_dict the old one's state_dict here")
 
     def _warn_if_never_updating(self) -> None:
         if self.rule.updates and self.schedule.next_update_step(1) is None:
@@ -138,6 +162,9 @@ class SRigLUpdater:
     @torch.no_grad()
     def step(self) -> bool:
         """Advance one optimizer step; update the masks when due. Returns whether the masks were updated."""
+        if self.__dict__.get("_replaced"):
+            raise ConfigError("this SRigLUpdater was replaced by a newer one built on the same layers: call step() "
+                              "on that one (two updaters would each update the masks)")
         # No per-step weight masking: masked gradients and zero optimizer state keep masked weights exactly zero
         # under SGD/Adam/AdamW (weight decay of a zero is zero); check_invariants catches any optimizer that moves
         # them, loudly, at the next update.
@@ -204,6 +231,13 @@ class SRigLUpdater:
         return self.rule.select(layer.neuron_view(layer.mask), scores, layer.srigl_plan, drop_fraction, self.config)
 
     def _update(self, t: int) -> None:
+        for name, layer in self.layers.items():  # (checked now: the update zeroes what it drops, erasing the sign)
+            if _nonzero_outside(layer.weight.detach(), layer.mask):
+                raise InvariantError(
+                    f"layer {name!r}: weights outside its mask are not zero at the mask update of step {t}: "
+                    "something changed masked weights since the last update: code writing the weights (write "
+                    "them through the mask, weight * mask), an optimizer that moves weights whose gradients are "
+                    "zero, or ranks of a distributed run holding different masks (distributed=False)")
         if self._sync is not None and self._needs_gradients:
             self._average_replicated_windows()
         if self._needs_gradients and not self._tap.buffers and self._window_skips:
@@ -320,6 +354,13 @@ class SRigLUpdater:
         self._tap.close()
         for hook in self._step_hooks:
             hook.remove()
+        for layer in self.layers.values():
+            if (mark := _DRIVEN.get(layer)) is not None and mark() is self:
+                del _DRIVEN[layer]
+
+
+# sparse layer -> the live updater driving it (a weak mapping: copies of a model are not driven, nor pickled marks)
+_DRIVEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:

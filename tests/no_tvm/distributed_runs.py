@@ -172,8 +172,20 @@ RUNS = {
     "cnn-set": lambda: train("cnn", "sgd", method="set"),
     "cnn-no-sync-accumulation": lambda: train("cnn", "sgd", micro_batches=2, grad_accumulation_n=2),
     "cnn-adam-accumulation": lambda: train("cnn", "adam", micro_batches=2, grad_accumulation_n=2),
-    "cnn-unsynchronised": lambda: train("cnn", "sgd", sync=False),
+    "cnn-unsynchronised": lambda: unsynchronised_run(),
 }
+
+
+def unsynchronised_run() -> dict:
+    """Ranks updating their masks each from its own gradient: the first update's masks (which differ), then the
+    error of the next update (DDP's averaged gradients moved each rank's weights outside its own mask)."""
+    built = build("cnn", "sgd", "ddp", sync=False)
+    first = train("cnn", "sgd", steps=range(DELTA_T), built=built)
+    try:  # (the update is the range's last call: every rank has made the same DDP steps, error or not)
+        train("cnn", "sgd", steps=range(DELTA_T, 2 * DELTA_T), built=built)
+    except InvariantError as err:
+        return {"first": first, "error": str(err)}
+    return {"first": first, "error": None}
 # Runs that need a folder shared by the ranks.
 FOLDER_RUNS = {"resume": resumed_run, "fsdp-resume": fsdp_resumed}
 

@@ -61,10 +61,15 @@ def test_an_fsdp2_run_resumed_from_full_state_dicts_is_bit_identical(ranks):
             assert not differing(a, b), f"update {update + 1}: {differing(a, b)}"
 
 
-def test_without_synchronisation_the_ranks_diverge(ranks):
-    """The control: each rank regrowing from its own local gradient gives different masks (the bug this fixes)."""
+def test_without_synchronisation_the_ranks_diverge_and_the_next_update_stops(ranks):
+    """The control: each rank regrowing from its own local gradient gives different masks (the bug this fixes).
+    DDP then broadcasts rank 0's buffers, its masks among them, at every forward: rank 1's weights sit outside the
+    masks it is given, which its next update refuses (before, the update zeroed them and trained on)."""
     first, second = ranks[0]["cnn-unsynchronised"], ranks[1]["cnn-unsynchronised"]
-    assert any(name.endswith(".mask") for name in differing(first[0], second[0]))
+    assert any(name.endswith(".mask") for name in differing(first["first"][0], second["first"][0]))
+    assert first["error"] is None
+    assert "weights outside its mask are not zero at the mask update of step 4" in second["error"]
+    assert "ranks of a distributed run holding different masks" in second["error"]
 
 
 def test_a_mask_that_differs_on_one_rank_fails_on_every_rank_naming_the_layer(ranks):
