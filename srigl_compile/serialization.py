@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -51,19 +52,33 @@ def save_lowered(model: nn.Module, path) -> Path:
     from .runtime.kernel_io import as_folder, export_kernels
     from .runtime.registry import get_handle
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_lowered expects the nn.Module lower() returned, not {type(model).__name__}")
     path = as_folder(path, "save_lowered writes a folder (model.pt, manifest.json, kernels/)", CheckpointError)
     keys = sorted({layer.kernel_key for _, layer in _lowered_layers(model) if layer.n_active})
     if not _lowered_layers(model):
         raise CheckpointError("the model has no lowered layers: call srigl_compile.lower(model) first")
-    path.mkdir(parents=True, exist_ok=True)
-    if (path / "kernels").exists():  # a model saved here before: its kernel files go, not only the manifest
-        _read_manifest(path)  # (raises unless the folder is one save_lowered wrote)
-        shutil.rmtree(path / "kernels")
-    export_kernels([get_handle(key) for key in keys], path / "kernels")
-    torch.save(model, path / "model.pt")
-    manifest = {"format": FORMAT, "torch": torch.__version__, "tvm": version("apache-tvm"), "kernels": keys,
-                "model_sha256": _sha256(path / "model.pt")}
-    (path / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    if path.is_dir() and any(path.iterdir()):
+        _read_manifest(path)  # (a folder with files is replaced only if save_lowered wrote it)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside, then swapped in: a save that fails (an attribute pickle refuses) leaves the last one whole.
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
+    try:
+        export_kernels([get_handle(key) for key in keys], staging / "kernels")
+        torch.save(model, staging / "model.pt")
+        manifest = {"format": FORMAT, "torch": torch.__version__, "tvm": version("apache-tvm"), "kernels": keys,
+                    "model_sha256": _sha256(staging / "model.pt")}
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if path.exists():
+        replaced = staging.with_name(staging.name.replace(".saving-", ".replaced-"))
+        path.rename(replaced)
+        staging.rename(path)
+        shutil.rmtree(replaced, ignore_errors=True)
+    else:
+        staging.rename(path)
     return path
 
 
@@ -74,8 +89,13 @@ def _read_manifest(path: Path) -> dict:
         raise CheckpointError(f"{path} has no manifest.json: not a folder written by save_lowered") from None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path / 'manifest.json'} is corrupt ({err})") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path / 'manifest.json'} is corrupt (a {type(manifest).__name__}, not an object)")
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unknown format {manifest.get('format')!r}, expected {FORMAT!r}")
+    missing = [key for key in ("kernels", "model_sha256") if key not in manifest]
+    if missing:
+        raise CheckpointError(f"{path / 'manifest.json'} is corrupt (no {missing}): save the model again")
     return manifest
 
 

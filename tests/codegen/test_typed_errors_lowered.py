@@ -1,6 +1,8 @@
 """Lowering's bad inputs are typed SRigLErrors naming the layer, key or path (the no-TVM ones are in
 tests/no_tvm/test_typed_errors.py)."""
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -73,3 +75,60 @@ def test_save_lowered_and_kernel_folders_onto_a_file_name_the_file(lowered, tmp_
     with pytest.raises(KernelFileError, match="is a file, not a folder: load_kernels reads"):
         load_kernels(file)
     assert file.read_text() == "a file"
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"tune": "no"}, "tune='no' must be True or False"),
+    ({"progress": 1}, "progress=1 must be True or False"),
+    ({"col_threshold": "8"}, "col_threshold='8' must be None"),
+    ({"col_threshold": -1}, "col_threshold=-1 must be None"),
+    ({"dtype": "float32"}, "dtype='float32' must be a torch.dtype"),
+])
+def test_lower_options_of_the_wrong_type_are_refused_before_lowering(options, words):
+    """Found by probing: a string flag acted as True, a string threshold failed at the first call."""
+    from srigl_compile.codegen.backends import LlvmConfig
+
+    sparse = sparsify(nn.Sequential(nn.Linear(8, 8)), SRigLConfig(sparsity=0.5))
+    with pytest.raises(LoweringError, match=words):
+        lower(sparse, **options)
+    with pytest.raises(LoweringError, match="LlvmConfig.dense_fallback='no' must be True or False"):
+        lower(sparse, LlvmConfig(dense_fallback="no"))
+
+
+def test_a_failed_save_leaves_the_last_save_whole(lowered, tmp_path):
+    """Found by probing: a pickling error deleted the folder's kernels and left half a model.pt."""
+    from srigl_compile import load_lowered
+
+    folder = tmp_path / "model"
+    save_lowered(lowered, folder)
+    lowered.unpicklable = lambda: 0
+    try:
+        with pytest.raises(AttributeError, match="pickle"):
+            save_lowered(lowered, folder)
+    finally:
+        del lowered.unpicklable
+    x = torch.randn(1, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(load_lowered(folder)(x), lowered(x))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # (no staging folder left behind)
+    save_lowered(lowered, folder)  # (a save_lowered folder is replaced)
+
+
+def test_save_lowered_refuses_folders_it_did_not_write_and_corrupt_manifests(lowered, tmp_path):
+    from srigl_compile import load_lowered
+    from srigl_compile.serialization import FORMAT
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "model.pt").write_text("the user's own file")
+    with pytest.raises(CheckpointError, match="has no manifest.json: not a folder written by save_lowered"):
+        save_lowered(lowered, mine)
+    assert (mine / "model.pt").read_text() == "the user's own file"
+    with pytest.raises(TypeError, match="save_lowered expects the nn.Module lower\\(\\) returned, not str"):
+        save_lowered("model", tmp_path / "x")
+    saved = save_lowered(lowered, tmp_path / "saved")
+    for manifest, words in (([1, 2], "a list, not an object"),
+                            ({"format": FORMAT}, "no \\['kernels', 'model_sha256'\\]")):
+        (saved / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(CheckpointError, match=words):
+            load_lowered(saved)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import numbers
 import os
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -87,7 +88,7 @@ class Backend(abc.ABC):
         self.check_dtype(options.get("dtype", torch.float32))
         self.check_options(options)
         names = {f.name for f in dataclasses.fields(self.config_type)}
-        return self.config_type(target=target, **{k: v for k, v in options.items() if k in names})
+        return _fields_checked(self.config_type(target=target, **{k: v for k, v in options.items() if k in names}))
 
     def checked(self, config: TargetConfig) -> TargetConfig:
         """A config made by the caller, checked as ``config`` checks options, with its target resolved."""
@@ -96,9 +97,11 @@ class Backend(abc.ABC):
                                 f"{type(config).__name__}")
         target = self.resolve_target(config.target)
         self.check_dtype(config.dtype)
-        return dataclasses.replace(config, target=target)
+        return _fields_checked(dataclasses.replace(config, target=target))
 
     def check_dtype(self, dtype: torch.dtype) -> None:
+        if not isinstance(dtype, torch.dtype):
+            raise LoweringError(f"dtype={dtype!r} must be a torch.dtype, e.g. torch.float32")
         name = str(dtype).removeprefix("torch.")
         if name not in self.dtypes:
             raise LoweringError(f"target {self.kind!r} lowers to dtypes {self.dtypes}, not {name}")
@@ -118,3 +121,20 @@ class Backend(abc.ABC):
     def place(self, model: nn.Module) -> nn.Module:
         """Where the lowered model goes (default: it stays where it is)."""
         return model
+
+
+def _fields_checked(config: TargetConfig) -> TargetConfig:
+    """The config, its flags and counts of the right types (a string such as "no" would act as True)."""
+    name = type(config).__name__
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(field.default, bool) and not isinstance(value, bool):
+            raise LoweringError(f"{name}.{field.name}={value!r} must be True or False")
+    threshold = config.col_threshold
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Integral)
+                                  or threshold < 0):
+        raise LoweringError(f"{name}.col_threshold={threshold!r} must be None (each kernel's own dispatch) or a "
+                            "row count >= 0")
+    if config.cache_dir is not None and not isinstance(config.cache_dir, (str, os.PathLike)):
+        raise LoweringError(f"{name}.cache_dir={config.cache_dir!r} must be a directory path, or None")
+    return config
