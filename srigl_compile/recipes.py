@@ -129,6 +129,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a readable checkpoint ({err})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a srigl_compile training checkpoint")
+    missing = [key for key in ("meta", "model") if not isinstance(checkpoint.get(key), dict)]
+    if missing:
+        raise CheckpointError(f"{path} is a damaged training checkpoint (no {missing}): train again, or use "
+                              "another checkpoint of the run")
     if checkpoint["meta"].get("method") != DENSE and not any(k.endswith(".mask") for k in checkpoint["model"]):
         raise CheckpointError(f"{path} holds no masks: it was not saved from a sparsified model")
     return checkpoint

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import torch
 
-from ..config import TRAINING_METHODS, SRigLConfig, training_config
+from ..config import DENSE, TRAINING_METHODS, SRigLConfig, training_config
 from ..data import DATASETS, load_dataset
 from ..errors import CheckpointError
 from ..zoo import MODELS, build_model
@@ -40,6 +40,11 @@ def config_options(command):
     for option in reversed(options):
         command = option(command)
     return command
+
+
+# the config options that only a sparse method reads
+SPARSE_OPTIONS = ("sparsity", "distribution", "delta_t", "alpha", "gamma_sal", "no_ablation", "grad_accumulation_n",
+                  "t_end_fraction", "dense_layers", "too_small")
 
 
 def make_config(method, sparsity, distribution, delta_t, alpha, gamma_sal, no_ablation, grad_accumulation_n,
@@ -77,6 +82,14 @@ def train(model, data, data_dir, method, sparsity, distribution, delta_t, alpha,
     On N processes (DDP, each on its shard of the data, masks identical on every rank; rank 0 writes):
     torchrun --nproc-per-node 2 -m srigl_compile train --model cnn --epochs 10 --out runs/cnn90
     """
+    if method == DENSE:
+        context = click.get_current_context()
+        flags = {param.name: param.opts[0] for param in context.command.params}
+        given = [flags[name] for name in SPARSE_OPTIONS
+                 if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} set how a sparse run sparsifies; --method dense trains every "
+                                   "weight: drop them, or choose a sparse --method")
     with torchrun_group():
         _train(model, data, data_dir, method, sparsity, distribution, delta_t, alpha, gamma_sal, no_ablation,
                grad_accumulation_n, t_end_fraction, dense_layers, too_small, epochs, batch_size, lr, seed, out,
@@ -99,7 +112,8 @@ def _train(model, data, data_dir, method, sparsity, distribution, delta_t, alpha
             "num_classes": dataset.num_classes, "config": config.to_dict() if config else None,
             "ranks": world_size()}
     if state is not None:
-        check_same_run(checkpoint, state["meta"], meta)
+        check_same_run(checkpoint, state["meta"], {**meta, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                                                   "seed": seed})
     result = train_classifier(net, dataset, config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                               progress=True, checkpoint_path=checkpoint, checkpoint_every=checkpoint_every or None,
                               resume=state, meta=meta)
@@ -114,6 +128,7 @@ def _train(model, data, data_dir, method, sparsity, distribution, delta_t, alpha
 def check_same_run(checkpoint: Path, saved: dict, ours: dict) -> None:
     """--resume continues the run the checkpoint holds: the model, data, method and sparsity settings must match."""
     pairs = [(key, saved.get(key), ours.get(key)) for key in ("model", "data", "method")]
+    pairs += [(key, saved[key], ours[key]) for key in ("epochs", "batch_size", "lr", "seed") if key in saved]
     pairs.append(("ranks", saved.get("ranks", 1), ours.get("ranks", 1)))  # steps per epoch depend on it
     saved_config, our_config = saved.get("config") or {}, ours.get("config") or {}
     pairs += [(key, saved_config.get(key), our_config.get(key)) for key in saved_config.keys() | our_config.keys()]
@@ -130,6 +145,10 @@ def model_from_checkpoint(path):
 
     checkpoint = load_checkpoint(path)
     meta = checkpoint["meta"]
+    missing = [key for key in ("model", "seed", "input_shape", "num_classes") if key not in meta]
+    if missing:
+        raise CheckpointError(f"{path} does not say how to rebuild its model (meta has no {missing}): lower "
+                              "checkpoints that `srigl-compile train` wrote")
     if meta.get("config") is None:
         raise CheckpointError(f"{path} is a dense run: there is nothing to lower (train with --method srigl)")
     torch.manual_seed(meta["seed"])
@@ -189,5 +208,7 @@ def bench(sparsity, batches, threads):
         sizes = [int(b) for b in batches.split(",")]
     except ValueError:
         raise click.BadParameter(f"{batches!r} is not a comma-separated list of integers", param_hint="--batches")
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"{batches!r}: every batch size must be >= 1", param_hint="--batches")
     for line in run_quick_bench(sparsity, sizes, threads):
         click.echo(line)

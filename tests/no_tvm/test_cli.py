@@ -33,6 +33,9 @@ def test_every_command_has_help_with_an_example(runner, command):
     (["demo", "--sparsity", "0"], "sparsity"),
     (["demo", "--models", "resnet"], "unknown model"),
     (["bench", "--batches", "one"], "comma-separated"),
+    (["bench", "--batches", "1,-1"], "every batch size must be >= 1"),
+    (["train", "--method", "dense", "--sparsity", "0.5", "--dense", "fc"],
+     "--sparsity, --dense set how a sparse run sparsifies; --method dense trains every weight"),
     (["table", "--data", "imagenet"], "choose from"),
 ])
 def test_bad_arguments_exit_non_zero_with_one_clear_line(runner, args, words):
@@ -65,7 +68,8 @@ def test_train_checkpoint_resume_and_lower(runner, tmp_path):
     resumed = runner.invoke(main, args + ["--resume"])  # the finished run resumes to the same result
     assert resumed.exit_code == 0 and json.loads((out / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
     # Another run's settings: one clear line naming what differs, not a traceback.
-    for changed, named in ((["--sparsity", "0.5"], "sparsity 0.9 (now 0.5)"), (["--model", "cnn"], "model 'mlp'")):
+    for changed, named in ((["--sparsity", "0.5"], "sparsity 0.9 (now 0.5)"), (["--model", "cnn"], "model 'mlp'"),
+                           (["--epochs", "3"], "epochs 2 (now 3)")):
         other = runner.invoke(main, args + changed + ["--resume"])
         assert other.exit_code != 0 and named in other.output and "Traceback" not in other.output, other.output
     pytest.importorskip("tvm")
@@ -84,6 +88,17 @@ def test_train_checkpoint_resume_and_lower(runner, tmp_path):
                                     "float16", "--out", str(tmp_path / "cuda")])
         assert cuda.exit_code == 0, cuda.output
         assert "(float16)" in cuda.output and list((tmp_path / "cuda" / "kernels").glob("*.fatbin"))
+
+
+def test_damaged_checkpoints_are_named(runner, tmp_path):
+    from srigl_compile.recipes import CHECKPOINT_FORMAT
+
+    for checkpoint, words in (({"format": CHECKPOINT_FORMAT, "model": {}}, "damaged training checkpoint (no ['meta'])"),
+                              ({"format": CHECKPOINT_FORMAT, "model": {"0.mask": torch.ones(1)}, "meta": {}},
+                               "does not say how to rebuild its model (meta has no ['model', 'seed'")):
+        torch.save(checkpoint, tmp_path / "checkpoint.pt")
+        result = runner.invoke(main, ["lower", str(tmp_path / "checkpoint.pt"), "--out", str(tmp_path / "x")])
+        assert result.exit_code == 1 and words in result.output and "Traceback" not in result.output, result.output
 
 
 def test_lowering_a_dense_checkpoint_is_refused(runner, tmp_path):
