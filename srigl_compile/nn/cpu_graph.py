@@ -11,8 +11,14 @@ The rules, as for CUDA graphs:
   devices; every other argument's value: plain values only, a call with any other object runs eagerly), after
   ``nn.settle`` has made that shape's measured decisions, and checked once: a replay on another input (the first
   one flipped along its last dimension) must match an eager forward on it, or ``ReplayError`` says so. Up to
-  ``max_recordings`` signatures are kept; calls with others run the model eagerly.
+  ``max_recordings`` recordings are kept; calls with other signatures run the model eagerly.
 - A replay copies the inputs into the recording's own input tensors and returns new output tensors.
+- Values the forward reads into Python (``.item()``, ``bool(tensor)``: Hugging Face's attention masks decide on
+  them) are guards: a replay computes each again where it was read, and a value other than the recorded one
+  stops it, since the forward may decide otherwise on it. A call whose input misses the guards of every recording
+  of its signature (``guard_misses`` counts them) is recorded as another variant of the signature (a padded
+  attention mask beside an unpadded one), or runs eagerly once ``max_recordings`` recordings exist. If the
+  check's input (above) misses a guard, the replay is checked on the recorded input itself.
 - Changing the model's parameters or buffers in place (e.g. ``load_state_dict``) makes the next call record
   again. Replacing modules or tensors of the model is not seen: record again with a new ``cpu_graph``.
 - Calls that autograd would track (an input that requires grad, or parameters that require grad while grad mode is
@@ -50,7 +56,15 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .._warnings import warn_user
 from ..errors import ReplayError
-from ..runtime.call_record import PLAIN, Recording, dead_residuals, record, recording_here, static_copy
+from ..runtime.call_record import (
+    PLAIN,
+    GuardFailed,
+    Recording,
+    dead_residuals,
+    record,
+    recording_here,
+    static_copy,
+)
 from .settle import settle
 
 __all__ = ["CpuGraph", "cpu_graph"]
@@ -60,11 +74,25 @@ MAX_RECORDINGS = 8  # input signatures kept per model (each holds about one forw
 
 @dataclasses.dataclass(eq=False)
 class _Entry:
-    recording: Recording
+    recordings: list[Recording]  # one per set of values the forward read into Python (guards), in recording order
     watched: tuple[tuple[torch.Tensor, int], ...]  # the model's parameters and buffers with their versions
+
+    @property
+    def recording(self) -> Recording:
+        """The first recording (the only one of a forward that reads no value into Python)."""
+        return self.recordings[0]
 
     def stale(self) -> bool:
         return any(tensor._version != version for tensor, version in self.watched)
+
+    def replay(self, leaves) -> Any:
+        """The outputs of the first recording whose guards these inputs pass; GuardFailed if none's do."""
+        for recording in self.recordings[:-1]:
+            try:
+                return recording.replay(leaves)
+            except GuardFailed:
+                continue
+        return self.recordings[-1].replay(leaves)
 
 
 def _signature(leaves, spec) -> tuple | None:
@@ -96,11 +124,12 @@ class CpuGraph(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, max_recordings: int = MAX_RECORDINGS) -> None:
         super().__init__()
         if isinstance(max_recordings, bool) or not isinstance(max_recordings, int) or max_recordings < 1:
-            raise ReplayError(f"max_recordings must be >= 1, got {max_recordings!r} (an integer count of signatures)")
+            raise ReplayError(f"max_recordings must be >= 1, got {max_recordings!r} (an integer count of recordings)")
         self.model = model
         self.max_recordings = max_recordings
         self._entries: dict[tuple, _Entry] = {}
         self._replays = [0]  # (a list: nn.Module.__setattr__ would cost ~5 us a call)
+        self._guard_misses = [0]
 
     @property
     def replays(self) -> int:
@@ -109,9 +138,14 @@ class CpuGraph(torch.nn.Module):
         return self._replays[0]
 
     @property
+    def guard_misses(self) -> int:
+        """Calls that ran eagerly because a value the forward reads into Python differed from the recorded one."""
+        return self._guard_misses[0]
+
+    @property
     def held_bytes(self) -> int:
         """Bytes of storage the recordings keep alive (parameters included)."""
-        return sum(entry.recording.held_bytes for entry in self._entries.values())
+        return sum(r.held_bytes for entry in self._entries.values() for r in entry.recordings)
 
     def _tracked(self, leaves: list[Any]) -> bool:
         """Whether autograd would track this call."""
@@ -130,18 +164,31 @@ class CpuGraph(torch.nn.Module):
             return self.model(*args, **kwargs)                           # so that it sees the kernels)
         entry = self._entries.get(key)
         if entry is None or entry.stale():
-            if entry is None and len(self._entries) >= self.max_recordings:
+            if entry is None and self._recordings() >= self.max_recordings:
                 return self.model(*args, **kwargs)
             entry = self._entries[key] = self._record(args, kwargs)
-        out = entry.recording.replay(leaves)
+        try:
+            out = entry.replay(leaves)
+        except GuardFailed:  # (the forward reads other values than every recording did: it may decide otherwise)
+            self._guard_misses[0] += 1
+            if self._recordings() >= self.max_recordings:
+                return self.model(*args, **kwargs)
+            entry.recordings += self._record(args, kwargs).recordings  # (another variant of this signature)
+            try:
+                out = entry.recordings[-1].replay(leaves)
+            except GuardFailed:  # (values that change from call to call on the same input)
+                return self.model(*args, **kwargs)
         self._replays[0] += 1
         return out
+
+    def _recordings(self) -> int:
+        return sum(len(entry.recordings) for entry in self._entries.values())
 
     def __getstate__(self):
         """Without the recordings (they hold compiled functions and this process's buffers): a copy or a
         pickled-and-loaded CpuGraph records again at its first calls."""
         state = dict(self.__dict__)
-        state["_entries"], state["_replays"] = {}, [0]
+        state["_entries"], state["_replays"], state["_guard_misses"] = {}, [0], [0]
         return state
 
     def _record(self, args: tuple, kwargs: dict) -> _Entry:
@@ -159,22 +206,35 @@ class CpuGraph(torch.nn.Module):
             expected = self.model(*probe_args, **probe_kwargs)
             probe = tree_flatten((probe_args, probe_kwargs))[0]
             recording = record(self.model, args, kwargs)
+            try:
+                recording.replay(probe)
+            except GuardFailed:  # the probe reads other values (the forward's decisions): check on the call itself
+                expected, probe = self.model(*args, **kwargs), tree_flatten((args, kwargs))[0]
             if plan := dead_residuals(recording):  # recorded again, the kernels writing over those residuals
                 structure = recording.structure()
                 del recording  # (first: its buffers are then recycled by the second one)
                 recording = record(self.model, args, kwargs, write_over=plan)
                 # the same calls, and a replay equal to the eager forward bit for bit, or recorded without the plan
                 # (a forward that took another path the second time: the plan may not hold for it)
-                if recording.structure() != structure or not _matches(expected, recording.replay(probe), exact=True):
+                if recording.structure() != structure or not _matches(expected, _replayed(recording, probe),
+                                                                      exact=True):
                     del recording
                     recording = record(self.model, args, kwargs)
-            if not _matches(expected, recording.replay(probe)):
+            if not _matches(expected, _replayed(recording, probe)):
                 raise ReplayError("a replay of the recorded forward does not match the eager forward on another "
                                   "input: the forward computes something outside the kernels and aten ops a "
                                   "recording sees, or takes another path from call to call (state it changes, "
                                   "a counter); run this model eagerly")
         watched = tuple((t, t._version) for t in itertools.chain(self.model.parameters(), self.model.buffers()))
-        return _Entry(recording, watched)
+        return _Entry([recording], watched)
+
+
+def _replayed(recording: Recording, leaves: list[Any]) -> Any:
+    """A replay's outputs, or None where a guard failed (which no expected output matches)."""
+    try:
+        return recording.replay(leaves)
+    except GuardFailed:
+        return None
 
 
 def _hooked_modules(model: torch.nn.Module) -> list[str]:

@@ -26,11 +26,16 @@ exactly the storage its calls touch. While recording, ``runtime.scratch`` does n
 of a recycled result, so the forward recycles result buffers as it would eagerly (replaying in the same order,
 the reuse is the same), and a recording holds about what one eager forward uses.
 
-Refused, with a ``ReplayError`` before anything is kept: an op whose result depends on tensor values in a way a
-replay cannot repeat (``.item()``, ``bool(tensor)``, ``nonzero``, indexing by a boolean mask: output shapes or
-Python decisions; a gather by integer index tensors replays), an op that writes into the forward's inputs, tensors
-on other devices than the CPU, and outputs holding anything but tensors and plain values (``PLAIN``): a decoder's
-key/value cache object would come back as recorded.
+Values read into Python (``.item()``, ``bool(tensor)``, ``torch.equal``: the forward may decide on them, as
+Hugging Face's attention masks do) are kept as guards among the calls: a replay computes each again where it was
+read and compares it with the recorded value; another value raises ``GuardFailed`` (the forward might have taken
+another path), and the caller runs that call eagerly. The first guard that fails is computed by calls that all
+precede any decision taken on a read value, so it is computed right.
+
+Refused, with a ``ReplayError`` before anything is kept: an op whose output shape depends on tensor values
+(``nonzero``, indexing by a boolean mask; a gather by integer index tensors replays), an op that writes into the
+forward's inputs, tensors on other devices than the CPU, and outputs holding anything but tensors and plain values
+(``PLAIN``): a decoder's key/value cache object would come back as recorded.
 
 Example:
     >>> rec = record(model, (x,), {})                   # doctest: +SKIP
@@ -57,7 +62,8 @@ from ..errors import ReplayError
 from . import registry, scratch
 from .liveness import Access, Extent, dead_after, extent, producer
 
-__all__ = ["Recording", "record", "static_copy", "PLAIN", "may_write_over", "dead_residuals", "recording_here"]
+__all__ = ["Recording", "record", "static_copy", "PLAIN", "GuardFailed", "may_write_over", "dead_residuals",
+           "recording_here"]
 
 # ops that change a tensor's metadata (or storage) and not the memory it shows: later calls were recorded with
 # aliases made after them, so replaying them would change nothing a replay reads
@@ -78,6 +84,10 @@ def _alias(tensor: torch.Tensor) -> torch.Tensor:
 
 def _extents(tensors) -> tuple[Extent, ...]:
     return tuple(e for e in map(extent, tensors) if e is not None)
+
+
+class GuardFailed(Exception):
+    """A replay read another value than its recording did at a guard (module docstring): run the call eagerly."""
 
 
 def _value_read(func) -> ReplayError:
@@ -124,6 +134,28 @@ class _Call:
         if self.results:
             for target, value in zip(self.results, (t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))):
                 target.copy_(value)
+
+
+@dataclasses.dataclass
+class _Guard:
+    """A value the forward read into Python, computed again at a replay and compared with the recorded one."""
+
+    fn: Callable
+    args: tuple
+    kwargs: dict
+    value: Any
+    results: tuple = ()
+    kernel: bool = False
+
+    def access(self) -> Access:
+        """It reads its tensors and writes nothing."""
+        return Access(_extents(t for t in tree_flatten((self.args, self.kwargs))[0] if isinstance(t, torch.Tensor)),
+                      (), ())
+
+    def __call__(self) -> None:
+        value = self.fn(*self.args, **self.kwargs)
+        if type(value) is not type(self.value) or value != self.value:  # (NaN: never equal, so eager)
+            raise GuardFailed(f"{self.fn} read {value!r}, recorded {self.value!r}")
 
 
 def _shape_from_index_shapes(func, args) -> bool:
@@ -197,8 +229,6 @@ class _Recorder(TorchDispatchMode):
         if torch.Tag.dynamic_output_shape in tags and not _shape_from_index_shapes(func, args):
             raise ReplayError(f"the forward calls {func}, whose output shape depends on tensor values (a replay "
                               "keeps the recorded shape); run this model eagerly")
-        if torch.Tag.data_dependent_output in tags:
-            raise _value_read(func)
         mutates = [arg.name for arg in func._schema.arguments if arg.alias_info is not None and arg.alias_info.is_write]
         bound = dict(zip((arg.name for arg in func._schema.arguments), args)) | kwargs
         if mutates and name not in _METADATA_ONLY:
@@ -212,8 +242,12 @@ class _Recorder(TorchDispatchMode):
             out = func(*args, **kwargs)
         finally:
             self.in_op = False
-        if not any(isinstance(t, torch.Tensor) for t in tree_flatten(out)[0]) and out is not None:
-            raise _value_read(func)
+        if torch.Tag.data_dependent_output in tags or (
+                out is not None and not any(isinstance(t, torch.Tensor) for t in tree_flatten(out)[0])):
+            if type(out) not in (bool, int, float, complex):
+                raise _value_read(func)
+            self.calls.append(_Guard(func, self.keep(args), self.keep(kwargs), out))  # (a value read into Python)
+            return out
         if name in _METADATA_ONLY:  # the tensor shows other memory or sizes now: its next use gets a new alias
             for arg_name in mutates:
                 self.forget(bound.get(arg_name))
@@ -318,7 +352,7 @@ class Recording:
     """
 
     inputs: list[Any]  # the recorded forward's flattened inputs: static tensors, other leaves as they were
-    calls: list[_Call]
+    calls: list[_Call | _Guard]
     outputs: Any  # aliases of the forward's output tensors (tree)
     held_bytes: int
     residuals: list[tuple[int, torch.Tensor]] = dataclasses.field(default_factory=list)  # (``may_write_over``)
@@ -331,7 +365,11 @@ class Recording:
 
     def replay(self, leaves) -> Any:
         """The forward's outputs for these flattened inputs (same shapes, strides and dtypes as recorded), as new
-        tensors."""
+        tensors.
+
+        Raises:
+            GuardFailed: the inputs give another value where the forward read one into Python (run it eagerly).
+        """
         for static, value in zip(self.inputs, leaves):
             if isinstance(static, torch.Tensor) and static is not value:
                 static.copy_(value)

@@ -167,8 +167,6 @@ class _Numpy(nn.Module):
 
 
 @pytest.mark.parametrize("model, match", [
-    (_ValueDecision(), r"reads a tensor's value into Python .*aten\._local_scalar_dense.*, at .*test_cpu_graph\.py:"
-                       rf"{inspect.getsourcelines(_ValueDecision.forward)[1] + 1}: return x \* 2 if x\.sum\(\) > 0"),
     (_Nonzero(), r"aten\.(nonzero|index)\..*output shape depends on tensor values"),
     (_WritesInput(), r"writes into its input \(aten\.relu_"),
     (_Numpy(), r"does not match the eager forward on another input"),
@@ -178,6 +176,69 @@ def test_forwards_a_replay_cannot_repeat_are_refused(model, match):
     with torch.no_grad(), pytest.raises(ReplayError, match=match):
         graphed(torch.randn(3, 4))
     assert not graphed._entries
+
+
+@pytest.mark.parametrize("max_recordings", [8, 1])
+def test_values_read_into_python_are_guards_and_a_miss_records_another_variant(max_recordings):
+    """``x.sum() > 0`` decides the path: recorded on a positive sum, a call on a negative one misses the guard (a
+    replay would take the recorded path) and is recorded as a second variant of the signature, or, with no
+    recording left, runs eagerly; the check's flipped input keeps the sum."""
+    graphed = cpu_graph(_ValueDecision(), max_recordings=max_recordings)
+    positive = torch.rand(3, 4)
+    with torch.no_grad():
+        for x in (positive, positive + 1, -positive, positive, -positive - 1):
+            torch.testing.assert_close(graphed(x), x * 2 if x.sum() > 0 else x * 3, rtol=0, atol=0)
+    (entry,) = graphed._entries.values()
+    if max_recordings == 1:
+        assert (graphed.replays, graphed.guard_misses, len(entry.recordings)) == (3, 2, 1)
+    else:
+        assert (graphed.replays, graphed.guard_misses, len(entry.recordings)) == (5, 1, 2)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_hugging_face_models_with_attention_masks_replay(name):
+    """Their mask code decides on tensor values (``.item()`` in transformers' masking utils): a full and a padded
+    mask are two variants of one signature, each replayed."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if name == "bert":
+        config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64)
+        model, options = transformers.BertModel(config).eval(), {}
+    else:
+        config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                          num_key_value_heads=2, intermediate_size=64)
+        model, options = transformers.LlamaForCausalLM(config).eval(), {"use_cache": False}
+    graphed = cpu_graph(model)
+    ids = torch.randint(0, 100, (2, 12))
+    full = torch.ones(2, 12, dtype=torch.long)
+    padded = full.clone()
+    padded[1, 8:] = 0
+    with torch.no_grad():
+        for mask in (full, full, padded, padded, full):
+            want = model(input_ids=ids, attention_mask=mask, **options)[0]
+            torch.testing.assert_close(graphed(input_ids=ids, attention_mask=mask, **options)[0], want, rtol=0,
+                                       atol=0)
+    (entry,) = graphed._entries.values()
+    assert (graphed.replays, graphed.guard_misses, len(entry.recordings)) == (5, 1, 2)
+
+
+_LIB = torch.library.Library("cpu_graph_test", "DEF")
+_LIB.define("positive_rows(Tensor x) -> int[]")  # (an op returning values, not tensors, and no plain value)
+_LIB.impl("positive_rows", lambda x: [int(i) for i in (x.sum(1) > 0).nonzero().flatten()], "CPU")
+
+
+class _ReadsAList(nn.Module):
+    def forward(self, x):
+        return x * len(torch.ops.cpu_graph_test.positive_rows(x))
+
+
+def test_a_value_read_that_is_no_plain_value_is_refused_naming_its_line():
+    graphed = cpu_graph(_ReadsAList())
+    line = inspect.getsourcelines(_ReadsAList.forward)[1] + 1
+    with torch.no_grad(), pytest.raises(ReplayError, match=rf"reads a tensor's value into Python .*test_cpu_graph\.py:"
+                                                            rf"{line}: return x \* len"):
+        graphed(torch.randn(3, 4))
 
 
 class _RelativeBias(nn.Module):
