@@ -104,6 +104,14 @@ class _Condensed(nn.Module):
     epilogue = ""  # what forward computes after the bias (a class default: older layers and pickles have none)
     epilogues: tuple[str, ...] = EPILOGUES  # the epilogues a layer can compute
 
+    _OPERANDS = frozenset({"values", "indices", "active", "bias", "full_bias"})
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, nn.Parameter) and name in self._OPERANDS:  # (a Parameter would leave the buffers)
+            raise LayerError(f"{type(self).__name__}.{name} is a buffer of the condensed layer, not a parameter: "
+                             f"assign a plain tensor (layer.{name} = tensor.detach()), or copy_ into it in place")
+        super().__setattr__(name, value)
+
     def set_epilogue_(self, epilogue: str) -> None:
         """Compute ``epilogue`` (one of ``epilogues``: "relu", "gelu", "silu", "add", "add_relu"; with an add, forward
         takes the residual as ``residual=``) on the output. Lowered where its kernel can, the kernel

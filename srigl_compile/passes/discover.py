@@ -23,6 +23,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .._warnings import warn_user
+from ..errors import ConfigError
 from ..nn.masked import MaskedMultiheadAttention, masked_class_for
 from .graph_capture import ModelGraph, capture_graph
 
@@ -149,6 +150,17 @@ def discover_layers(model: nn.Module, graph: ModelGraph, filter_fn: FilterFn | N
         candidates.append(LayerCandidate(name, owner, pname, kind, tuple(weight.shape), nodes))
     _mark_first_last(candidates, graph.graph)
     if filter_fn is not None:
-        candidates = [c for c in candidates if filter_fn(c.owner, c.name)]
+        candidates = [c for c in candidates if _kept(filter_fn, c)]
     log.info("found %d sparsifiable layers via %s", len(candidates), graph.method)
     return candidates
+
+
+def _kept(filter_fn: FilterFn, candidate: LayerCandidate) -> bool:
+    """``filter_fn(module, name)``; a function of another signature is a ConfigError saying which it must have."""
+    try:
+        return bool(filter_fn(candidate.owner, candidate.name))
+    except TypeError as err:
+        if "argument" not in str(err):  # (an error inside a function of the right signature is the user's own)
+            raise
+        raise ConfigError(f"filter_fn is called as filter_fn(module, name) -> bool, and failed so on layer "
+                          f"{candidate.name!r}: {err}") from err

@@ -232,3 +232,20 @@ def test_sparsify_says_so_when_it_leaves_every_layer_dense(fields):
     with pytest.warns(UserWarning, match=r"sparsify left every layer of Sequential dense \(layers \['0'\]"):
         model = sparsify(nn.Sequential(nn.Linear(16, 8)), SRigLConfig(sparsity=0.5, **fields))
     assert not list(sparse_layers(model))
+
+
+def test_a_filter_fn_of_another_signature_says_which_it_must_have():
+    with pytest.raises(ConfigError, match=r"filter_fn is called as filter_fn\(module, name\) -> bool, and failed so "
+                                          r"on layer '0': .*takes 1 positional argument but 2 were given"):
+        sparsify(_mlp(), UNIFORM, filter_fn=lambda name: True)
+
+
+def test_a_parameter_assigned_to_a_condensed_operand_is_refused():
+    """It left the layer's buffers, and the next lowered call raised KeyError: 'bias'."""
+    condensed = condense(sparsify(_mlp(), UNIFORM))
+    bias = condensed[0].bias
+    with pytest.raises(LayerError, match=r"CondensedLinear.bias is a buffer of the condensed layer, not a parameter"):
+        condensed[0].bias = nn.Parameter(torch.zeros_like(bias))
+    assert condensed[0].bias is bias
+    condensed[0].bias = torch.zeros_like(bias)  # (a plain tensor: a buffer still)
+    assert "bias" in condensed[0]._buffers
