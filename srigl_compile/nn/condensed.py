@@ -386,8 +386,11 @@ class CondensedConv(_Condensed):
     def im2col(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """[B, C, *spatial] -> ([B, C * prod(kernel), L], output spatial shape)."""
         x2, kernel, stride, dilation, padding = self._as_2d(x)
-        columns = F.unfold(x2, kernel, dilation=dilation, padding=padding, stride=stride)
         out_hw = output_size(x2.shape[2:], kernel, stride, padding, dilation)
+        if isinstance(x, torch.Tensor) and min(out_hw) < 1:
+            raise LayerError(f"{type(self).__name__} needs images at least as large as its kernel {self.kernel_size} "
+                             f"(dilation {self.dilation}, padding {self.padding}), got shape {tuple(x.shape)}")
+        columns = F.unfold(x2, kernel, dilation=dilation, padding=padding, stride=stride)
         spatial = (out_hw[1],) if self.dims == 1 else tuple(out_hw)
         return columns, spatial
 

@@ -189,6 +189,8 @@ def test_condensed_layers_check_their_inputs():
         condensed(torch.randn(2, 3, 8, 8))
         with pytest.raises(LayerError, match="expects inputs with 3 channels, got shape \\(2, 4, 8, 8\\)"):
             condensed(torch.randn(2, 4, 8, 8))
+        with pytest.raises(LayerError, match="CondensedConv needs images at least as large as its kernel \\(3, 3\\)"):
+            condensed[0](torch.randn(2, 3, 2, 2))
         linear = condense(sparsify(_mlp(), UNIFORM))
         for x, words in ((torch.randn(2, 17), "16 features"), (torch.randn(2, 15), "16 features"),
                          (torch.ones(2, 16, dtype=torch.int64), "floating-point input")):
