@@ -22,7 +22,8 @@ trial keeps them busy.
 
 What the dense form computes is the layer's own result: the condensed weights scattered into a dense weight
 (zero where a neuron has no input; ablated neurons zero rows with their bias, unless the layer is compact), torch's
-``F.linear`` / ``F.conv2d`` (an unpadded 1x1 convolution: ``torch.matmul`` on its pixels), then the layer's
+``F.linear`` / ``F.conv2d`` (an unpadded 1x1 convolution: that or ``torch.matmul`` on its pixels, whichever its
+trial measured faster: ``DENSE_VARIANTS``), then the layer's
 epilogue and residual as ``spec.apply_epilogue`` computes them. The
 two paths sum in different orders, so they agree to float32 rounding, not bit for bit: a shape's outputs are the
 kernel's until its choice is made, then the chosen path's. A model whose outputs must not depend on timings is
@@ -61,11 +62,16 @@ import torch.nn.functional as F
 from ..runtime.call_record import recording_here
 from ..runtime.spec import apply_epilogue
 
-__all__ = ["DenseForm", "CANDIDATE_DENSITY", "MARGIN", "MIN_SAVING_S", "FORWARD_SAVING_S", "dense_form_for",
-           "watched_operands", "operands_of", "form_takes", "run_dense_if_faster", "settle_trials", "keep_if_faster",
-           "machine"]
+__all__ = ["DenseForm", "CANDIDATE_DENSITY", "DENSE_VARIANTS", "MARGIN", "MIN_SAVING_S", "FORWARD_SAVING_S",
+           "dense_form_for", "watched_operands", "operands_of", "form_takes", "run_dense_if_faster", "settle_trials",
+           "keep_if_faster", "machine"]
 
 CANDIDATE_DENSITY = 0.15  # layers at least this dense get a dense form (see the module docstring)
+# A 1x1 convolution's dense computations, timed side by side in its trials: sgemm on [C, H * W] per image, or
+# oneDNN's convolution. Neither wins everywhere on the 2-core Xeon: sgemm ran 170-360 GFLOP/s against oneDNN's
+# 50-250 on 64-2048 channels at batch 1 and 64, yet at 2048 -> 512 on 7x7, batch 64, oneDNN took 23.9 ms and
+# sgemm 28.1 (``benchmarks/cpu_runs/2026-12-07_xeon/dense_ops_1x1.py``).
+DENSE_VARIANTS = ("matmul", "conv2d")
 ROUNDS = 3  # timed calls of each path in a shape's trial, at least (after one untimed call) ...
 BUDGET_S = 0.005  # ... and more until each path has run this long in all (short calls are noisy) ...
 MAX_ROUNDS = 15  # ... but no more than this
@@ -95,6 +101,8 @@ class DenseForm:
     watched: tuple[tuple[torch.Tensor, int], ...]
     choices: dict = dataclasses.field(default_factory=dict)  # (input shape, residual shape) -> True: dense
     trials: dict = dataclasses.field(default_factory=dict)  # shapes still on trial -> _Trial
+    # (input shape, residual shape) -> the faster of a 1x1 convolution's dense computations (``DENSE_VARIANTS``)
+    variants: dict = dataclasses.field(default_factory=dict)
     _weight: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
     def stale(self, operands: tuple[torch.Tensor, ...]) -> bool:
@@ -111,15 +119,22 @@ class DenseForm:
             self._weight = weight.view(self.dense_shape)
         return self._weight
 
-    def run(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        """The layer's output computed densely."""
+    def run(self, x: torch.Tensor, residual: torch.Tensor | None, variant: str | None = None) -> torch.Tensor:
+        """The layer's output computed densely: by ``variant`` (``DENSE_VARIANTS``), else by the one its trial at
+        this shape measured faster."""
+        if self.pointwise and variant is None:
+            variant = self.variants.get((x.shape, None if residual is None else residual.shape), "matmul")
         if self.conv is None:
             y = F.linear(x, self.weight(), self.bias)
-        elif self.pointwise:
+        elif self.pointwise and variant == "matmul":
             return self._pointwise(x, residual)
         else:
             y = F.conv2d(x, self.weight(), self.bias, **self.conv)
         return apply_epilogue(y, self.epilogue, residual)
+
+    def dense_variants(self) -> tuple[str, ...]:
+        """The dense computations a trial times: two for a 1x1 convolution (``DENSE_VARIANTS``), else one."""
+        return DENSE_VARIANTS if self.pointwise else ("",)
 
     @property
     def pointwise(self) -> bool:
@@ -127,9 +142,8 @@ class DenseForm:
         return self.conv is not None and self.dense_shape[2:] == (1, 1) and self.conv["padding"] in ((0, 0), 0)
 
     def _pointwise(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        """A 1x1 convolution as sgemm on [C, H * W] per image: oneDNN's F.conv2d ran 1x1 layers at 50-250 GFLOP/s
-        here, torch.matmul at 170-360 (2-core Xeon, 64-2048 channels, 7x7-56x56, batch 1 and 64). The epilogue
-        runs in place on the product (one pass each: the product is new)."""
+        """A 1x1 convolution as sgemm on [C, H * W] per image (``DENSE_VARIANTS``' "matmul"). The epilogue runs in
+        place on the product (one pass each: the product is new)."""
         stride = self.conv["stride"]
         images = x[:, :, ::stride[0], ::stride[1]] if stride != (1, 1) else x
         shape = (x.shape[0], self.dense_shape[0], *images.shape[2:])
@@ -147,18 +161,29 @@ class DenseForm:
                   kernel: Callable[[], torch.Tensor]) -> torch.Tensor:
         """One call of the shape's trial (module docstring): the kernel's output; the choice once the trial is
         over (the dense weight dropped again when no shape chose it)."""
-        trial = self.trials.setdefault(key, _Trial())
+        variants = self.dense_variants()
+        trial = self.trials.setdefault(key, _Trial(times=tuple([] for _ in range(1 + len(variants)))))
         dense_first = trial.calls % 2 == 1  # (the second call of the two finds warmer caches: take turns)
+        turn = variants[::-1] if trial.calls % 4 >= 2 else variants  # (and the dense variants among themselves)
+
+        def timed_dense() -> list[float]:
+            seconds = {v: _timed(lambda v=v: self.run(x, residual, v)) for v in turn}
+            return [seconds[v] for v in variants]
+
         if dense_first:
-            dense_s = _timed(lambda: self.run(x, residual))
+            dense_s = timed_dense()
         start = time.perf_counter()
         y = kernel()
         kernel_s = time.perf_counter() - start
         if not dense_first:
-            dense_s = _timed(lambda: self.run(x, residual))
-        if trial.record(kernel_s, dense_s):
+            dense_s = timed_dense()
+        if trial.record(kernel_s, *dense_s):
             del self.trials[key]
-            kernel_s, dense_s = (statistics.median(times) for times in trial.times)
+            kernel_s, *dense_s = (statistics.median(times) for times in trial.times)
+            fastest = min(range(len(variants)), key=dense_s.__getitem__)
+            if self.pointwise:
+                self.variants[key] = variants[fastest]
+            dense_s = dense_s[fastest]
             self.choices[key] = dense_s < MARGIN * kernel_s and kernel_s - dense_s >= MIN_SAVING_S
             if not any(self.choices.values()):
                 self._weight = None
@@ -169,8 +194,9 @@ class DenseForm:
 
     def __setstate__(self, state) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("variants", {})  # (forms saved before 1x1 layers had two dense computations)
         if state.pop("machine", None) != machine():  # timings are this machine's
-            self.choices = {}
+            self.choices, self.variants = {}, {}
         self.__dict__.pop("machine", None)
         # the loaded operands are the tensors watched (one pickle), their version counters new
         self.watched = tuple((tensor, tensor._version) for tensor, _ in self.watched)
@@ -189,17 +215,17 @@ def machine() -> tuple:
 
 @dataclasses.dataclass
 class _Trial:
-    """One shape's trial so far: calls made, and the timed calls of each path (kernel, dense)."""
+    """One shape's trial so far: calls made, and the timed calls of each path (kernel, then each dense variant)."""
 
     calls: int = 0
     times: tuple = dataclasses.field(default_factory=lambda: ([], []))
 
-    def record(self, kernel_s: float, dense_s: float) -> bool:
-        """Count a call that ran both paths; whether the trial is over."""
+    def record(self, *seconds: float) -> bool:
+        """Count a call that ran every path (``seconds`` in the order of ``times``); whether the trial is over."""
         self.calls += 1
         if self.calls > 1:  # (the first call prepares: not timed)
-            self.times[0].append(kernel_s)
-            self.times[1].append(dense_s)
+            for times, value in zip(self.times, seconds):
+                times.append(value)
         rounds = self.calls - 1
         return rounds >= ROUNDS and (min(map(sum, self.times)) >= BUDGET_S or rounds >= MAX_ROUNDS)
 

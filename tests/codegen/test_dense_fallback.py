@@ -119,7 +119,8 @@ def test_each_shape_has_one_trial(monkeypatch):
     form = lowered.block.fc._dense_form
     dense_calls = []
     run = form.run
-    monkeypatch.setattr(form, "run", lambda x, residual: dense_calls.append(x.shape[0]) or run(x, residual))
+    monkeypatch.setattr(form, "run", lambda x, residual, variant=None: dense_calls.append(x.shape[0])
+                        or run(x, residual, variant))
     x2, x4 = torch.randn(2, 16, 10, 10), torch.randn(4, 16, 10, 10)
     key2, key4 = (torch.Size([2, 400]), None), (torch.Size([4, 400]), None)
     with torch.no_grad():
@@ -272,7 +273,34 @@ def test_a_1x1_convolutions_dense_form_is_its_matrix_product(stride, layout, epi
         x = x.to(memory_format=torch.channels_last)
     residual = torch.randn(3, 40, *([14 // stride] * 2)) if "add" in epilogue else None
     want = apply_epilogue(F.conv2d(x, form.weight(), form.bias, stride=stride), epilogue, residual)
-    torch.testing.assert_close(form.run(x, residual), want, rtol=1e-5, atol=1e-5)
+    for variant in dense_fallback.DENSE_VARIANTS:
+        torch.testing.assert_close(form.run(x, residual, variant), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("faster", dense_fallback.DENSE_VARIANTS)
+def test_a_1x1_convolutions_trial_keeps_the_faster_dense_computation(monkeypatch, short_trials, faster):
+    """Neither sgemm nor oneDNN's convolution is the faster everywhere: a 1x1 layer's trial times both and its
+    dense calls at that shape run the faster; other layers have one dense computation."""
+    _force(monkeypatch, "dense")
+    lowered = lower(_sparse(0.5), progress=False)
+    shortcut, fc = lowered.block.shortcut._dense_form, lowered.block.fc._dense_form
+    assert shortcut.pointwise and shortcut.dense_variants() == dense_fallback.DENSE_VARIANTS
+    assert fc.dense_variants() == ("",)
+    timed = []
+    run = dense_fallback.DenseForm.run
+    monkeypatch.setattr(dense_fallback.DenseForm, "run", lambda self, x, residual, variant=None:
+                        timed.append(variant) or run(self, x, residual, variant))
+    monkeypatch.setattr(dense_fallback, "_timed", lambda call: (call(), 1.0 if timed[-1] == faster else 2.0)[1])
+    x = torch.randn(2, 16, 10, 10)
+    with torch.no_grad():
+        for _ in range(2):
+            lowered(x)
+        assert shortcut.variants == {(x.shape, None): faster} and not fc.variants
+        timed.clear()
+        lowered(x)
+    assert timed == [None] * 4  # (each layer's chosen dense path: the variant found from its shape)
+    y = torch.randn(2, 16, 10, 10)
+    torch.testing.assert_close(run(shortcut, y, None), run(shortcut, y, None, faster), rtol=0, atol=0)
 
 
 def test_a_shape_first_seen_while_recording_runs_the_kernel_without_a_trial(monkeypatch, short_trials):
