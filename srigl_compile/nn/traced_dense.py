@@ -7,7 +7,10 @@ torch.compile always traced the kernel, so a layer whose dense form measured fas
 eager. Compiled, the choices made by then are followed (settle the model on its shapes before compiling, as a
 server does at start-up: ``nn.settle.settle``): a shape whose choice is dense traces one call of this operator,
 every other shape the kernel as before. Dynamo guards on the choice it read, so a choice made or changed later
-compiles the layer again.
+compiles the layer again. A graph traced for dynamic shapes (``dynamic=True``, ``mark_dynamic``, or torch's
+automatic dynamic after a second size) runs the kernel: choices are per concrete shape. Each model with a dense
+choice gets graphs of its own (the graph names its layers): past ``torch._dynamo.config.recompile_limit`` models
+of one class, the further ones run eagerly (``fullgraph=True``: an error).
 
 An operator, not F.linear traced on the form's dense weight: that weight is a copy of the layer's operands, and a
 traced graph cannot check that the copy is current (a tensor's version counter is data dependent to dynamo). At
@@ -27,6 +30,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .dense_fallback import DenseForm, form_takes, operands_of
 
@@ -46,9 +50,19 @@ def traced_dense_choice(layer, x: torch.Tensor, residual: torch.Tensor | None) -
     form = getattr(layer, "_dense_form", None)
     if form is None:
         return None
-    if not form.choices.get((x.shape, None if residual is None else residual.shape)):
-        return None
-    return form if form_takes(form, x, residual) else None
+    # Compared without guards (statically_known_true): a dynamic size matches no shape, so a graph traced for
+    # dynamic shapes runs the kernel rather than being specialized to one size per dense choice.
+    for (shape, residual_shape), dense in form.choices.items():
+        if dense and _same(x.shape, shape) and _same(None if residual is None else residual.shape, residual_shape):
+            return form if form_takes(form, x, residual) else None
+    return None
+
+
+def _same(traced: tuple | None, chosen: tuple | None) -> bool:
+    """Whether a traced shape is known to be the chosen one without guarding on its sizes."""
+    if traced is None or chosen is None:
+        return traced is None and chosen is None
+    return len(traced) == len(chosen) and all(statically_known_true(a == b) for a, b in zip(traced, chosen))
 
 
 def dense_form(layer, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:

@@ -417,3 +417,23 @@ def test_a_compiled_dense_path_sees_operands_changed_in_place_and_export_keeps_t
         assert not [node for node in program.graph.nodes if "dense_form" in str(node.target)]
         kernels_only = lower(model, LlvmConfig(dense_fallback=False, progress=False))
         torch.testing.assert_close(program.module()(x), kernels_only(x), rtol=0, atol=0)
+
+
+def test_dynamic_shapes_compile_one_graph_for_every_batch(monkeypatch, short_trials):
+    """Choices are per concrete shape: a lookup by a dynamic size specialized it, so every batch size compiled a
+    graph of its own (and mark_dynamic failed). Dynamic sizes now match no choice and run the kernel."""
+    from torch._dynamo.utils import counters
+
+    model, lowered, x = _chosen_dense(monkeypatch)  # (dense chosen at batch 2)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(lowered, backend="aot_eager", dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        for batch in range(1, 6):
+            x = torch.randn(batch, 16, 10, 10)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+        assert counters["stats"]["unique_graphs"] <= 2  # (batch 1 is specialized by torch, the rest dynamic)
+        torch._dynamo.reset()
+        x = torch.randn(3, 16, 10, 10)
+        torch._dynamo.mark_dynamic(x, 0)
+        torch.testing.assert_close(torch.compile(lowered, backend="aot_eager")(x), model(x), rtol=1e-5, atol=1e-5)
