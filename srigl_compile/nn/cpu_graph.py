@@ -13,11 +13,14 @@ The rules, as for CUDA graphs:
   one flipped along its last dimension) must match an eager forward on it, or ``ReplayError`` says so. Up to
   ``max_recordings`` recordings are kept; calls with other signatures run the model eagerly.
 - A replay copies the inputs into the recording's own input tensors and returns new output tensors.
-- Values the forward reads into Python (``.item()``, ``bool(tensor)``: Hugging Face's attention masks decide on
-  them) are guards: a replay computes each again where it was read, and a value other than the recorded one
-  stops it, since the forward may decide otherwise on it. A call whose input misses the guards of every recording
-  of its signature (``guard_misses`` counts them) is recorded as another variant of the signature (a padded
-  attention mask beside an unpadded one), or runs eagerly once ``max_recordings`` recordings exist. If the
+- Values the forward reads into Python (``.item()``, ``bool(tensor)``, ``.tolist()``, ``.numpy()``: Hugging
+  Face's attention masks decide on them) are guards: a replay computes each again where it was read, and a value
+  other than the recorded one (NaN equals NaN) stops it, since the forward may decide otherwise on it; so does an
+  op whose result has another shape. A call whose input misses the guards of every recording of its signature
+  (``guard_misses`` counts them) is recorded as another variant of the signature (a padded attention mask beside
+  an unpadded one), or runs eagerly once ``max_recordings`` recordings exist; ``MISSES_BEFORE_EAGER`` such calls
+  in a row make the signature eager, with no replay tried (its replays kept failing, each after running up to its
+  guard). A variant that cannot be recorded warns and closes the signature: its misses run eagerly. If the
   check's input (above) misses a guard, the replay is checked on the recorded input itself.
 - Changing the model's parameters or buffers in place (e.g. ``load_state_dict``) makes the next call record
   again. Replacing modules or tensors of the model is not seen: record again with a new ``cpu_graph``.
@@ -69,13 +72,21 @@ from .settle import settle
 
 __all__ = ["CpuGraph", "cpu_graph"]
 
-MAX_RECORDINGS = 8  # input signatures kept per model (each holds about one forward's buffers)
+MAX_RECORDINGS = 8  # recordings kept per model (each holds about one forward's buffers)
+MISSES_BEFORE_EAGER = 4  # calls of a signature in a row missing every guard, at the limit: then eager at once
+_EAGER = object()  # (no replay: run the call eagerly)
+# Decisions to record, taken with the count of recordings: threads recording at once would pass the limit together.
+# Reentrant: settling a model may call another CpuGraph inside it, which records too.
+_ADMIT = threading.RLock()
 
 
 @dataclasses.dataclass(eq=False)
 class _Entry:
     recordings: list[Recording]  # one per set of values the forward read into Python (guards), in recording order
     watched: tuple[tuple[torch.Tensor, int], ...]  # the model's parameters and buffers with their versions
+    closed: bool = False  # no more variants (one could not be recorded): calls missing every guard run eagerly
+    misses: int = 0  # calls in a row that missed every recording's guards with no variant added
+    eager: bool = False  # ``MISSES_BEFORE_EAGER`` such calls: the signature runs eagerly, no replay tried
 
     @property
     def recording(self) -> Recording:
@@ -145,7 +156,11 @@ class CpuGraph(torch.nn.Module):
     @property
     def held_bytes(self) -> int:
         """Bytes of storage the recordings keep alive (parameters included)."""
-        return sum(r.held_bytes for entry in self._entries.values() for r in entry.recordings)
+        storages = {}  # (the model's parameters, which every recording holds, once)
+        for entry in self._entries.values():
+            for recording in entry.recordings:
+                storages.update(recording.storages)
+        return sum(storages.values())
 
     def _tracked(self, leaves: list[Any]) -> bool:
         """Whether autograd would track this call."""
@@ -164,22 +179,46 @@ class CpuGraph(torch.nn.Module):
             return self.model(*args, **kwargs)                           # so that it sees the kernels)
         entry = self._entries.get(key)
         if entry is None or entry.stale():
-            if entry is None and self._recordings() >= self.max_recordings:
-                return self.model(*args, **kwargs)
-            entry = self._entries[key] = self._record(args, kwargs)
+            with _ADMIT:  # (the count and the recording together: threads recording at once keep the limit)
+                entry = self._entries.get(key)
+                if entry is None or entry.stale():
+                    if entry is None and self._recordings() >= self.max_recordings:
+                        return self.model(*args, **kwargs)
+                    entry = self._entries[key] = self._record(args, kwargs)
+        if entry.eager:
+            return self.model(*args, **kwargs)
         try:
             out = entry.replay(leaves)
         except GuardFailed:  # (the forward reads other values than every recording did: it may decide otherwise)
             self._guard_misses[0] += 1
-            if self._recordings() >= self.max_recordings:
+            out = self._another_variant(entry, args, kwargs, leaves)
+            if out is _EAGER:
                 return self.model(*args, **kwargs)
-            entry.recordings += self._record(args, kwargs).recordings  # (another variant of this signature)
-            try:
-                out = entry.recordings[-1].replay(leaves)
-            except GuardFailed:  # (values that change from call to call on the same input)
-                return self.model(*args, **kwargs)
+        entry.misses = 0
         self._replays[0] += 1
         return out
+
+    def _another_variant(self, entry: _Entry, args: tuple, kwargs: dict, leaves) -> Any:
+        """Record this call as another variant of its signature and replay it; ``_EAGER`` where none is added: the
+        limit of recordings reached or the signature closed (after ``MISSES_BEFORE_EAGER`` such calls in a row,
+        the signature runs eagerly with no replay tried: its replays kept failing), or this variant cannot be
+        recorded (it does what a replay cannot: the signature is closed)."""
+        with _ADMIT:
+            if entry.closed or self._recordings() >= self.max_recordings:
+                entry.misses += 1
+                entry.eager = entry.misses >= MISSES_BEFORE_EAGER
+                return _EAGER
+            try:
+                entry.recordings += self._record(args, kwargs).recordings
+            except ReplayError as err:
+                entry.closed = True
+                warn_user(f"cpu_graph: an input of a recorded signature takes a path that cannot be recorded ({err}); "
+                          "such calls run eagerly")
+                return _EAGER
+        try:
+            return entry.recordings[-1].replay(leaves)
+        except GuardFailed:  # (values that change from call to call on the same input)
+            return _EAGER
 
     def _recordings(self) -> int:
         return sum(len(entry.recordings) for entry in self._entries.values())

@@ -26,11 +26,13 @@ exactly the storage its calls touch. While recording, ``runtime.scratch`` does n
 of a recycled result, so the forward recycles result buffers as it would eagerly (replaying in the same order,
 the reuse is the same), and a recording holds about what one eager forward uses.
 
-Values read into Python (``.item()``, ``bool(tensor)``, ``torch.equal``: the forward may decide on them, as
-Hugging Face's attention masks do) are kept as guards among the calls: a replay computes each again where it was
-read and compares it with the recorded value; another value raises ``GuardFailed`` (the forward might have taken
-another path), and the caller runs that call eagerly. The first guard that fails is computed by calls that all
-precede any decision taken on a read value, so it is computed right.
+Values read into Python (``.item()``, ``bool(tensor)``, ``torch.equal``, ``.tolist()``, ``.numpy()``: the forward
+may decide on them, as Hugging Face's attention masks do) are kept as guards among the calls: a replay computes
+each again where it was read and compares it with the recorded value (NaN equal to NaN); another value raises
+``GuardFailed`` (the forward might have taken another path), and the caller runs that call eagerly. So does an op
+whose result has another shape than when recorded (a custom op whose output shape follows values). The first
+guard that fails is computed by calls that all precede any decision taken on a read value, so it is computed
+right.
 
 Refused, with a ``ReplayError`` before anything is kept: an op whose output shape depends on tensor values
 (``nonzero``, indexing by a boolean mask; a gather by integer index tensors replays), an op that writes into the
@@ -44,6 +46,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sysconfig
@@ -133,6 +136,8 @@ class _Call:
         out = self.fn(*self.args, **self.kwargs)
         if self.results:
             for target, value in zip(self.results, (t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))):
+                if target.shape != value.shape:  # (an op whose output shape follows values, e.g. a custom op's)
+                    raise GuardFailed(f"{self.fn} returned shape {tuple(value.shape)}, recorded {tuple(target.shape)}")
                 target.copy_(value)
 
 
@@ -154,8 +159,26 @@ class _Guard:
 
     def __call__(self) -> None:
         value = self.fn(*self.args, **self.kwargs)
-        if type(value) is not type(self.value) or value != self.value:  # (NaN: never equal, so eager)
+        if not _same_value(value, self.value):
             raise GuardFailed(f"{self.fn} read {value!r}, recorded {self.value!r}")
+
+
+def _same_value(now: Any, then: Any) -> bool:
+    """Equal values of one type, NaN equal to NaN (the forward decided the same on both); tensors (contents read
+    by ``.tolist()`` / ``.numpy()``) element by element."""
+    if isinstance(then, torch.Tensor):
+        if now.shape != then.shape or now.dtype != then.dtype:
+            return False
+        if now.is_floating_point() or now.is_complex():
+            return bool(((now == then) | (now.isnan() & then.isnan())).all())
+        return torch.equal(now, then)
+    if type(now) is not type(then):
+        return False
+    return now == then or (isinstance(now, (float, complex)) and now != now and then != then)
+
+
+def _contents(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _shape_from_index_shapes(func, args) -> bool:
@@ -205,6 +228,14 @@ class _Recorder(TorchDispatchMode):
         """Drop the alias of ``value`` (a tensor whose metadata changed), so that its next use gets a new one."""
         if isinstance(value, torch.Tensor):
             self.aliases.pop(value, None)
+
+    def read_contents(self, tensor: torch.Tensor) -> None:
+        """A tensor's values read into Python without the dispatcher (``.tolist()``, ``.numpy()``): a guard on its
+        contents."""
+        if threading.get_ident() == self.thread and not self.in_op:
+            with _disable_current_modes(), torch.inference_mode(False), torch.no_grad():
+                recorded = tensor.detach().clone()
+            self.calls.append(_Guard(_contents, (self.keep(tensor),), {}, recorded))
 
     def kernel(self, fn: Callable, args: tuple) -> None:
         if threading.get_ident() == self.thread and not self.in_op:
@@ -313,6 +344,27 @@ def dead_residuals(recording: Recording) -> dict[int, tuple[int, int]]:
     return dead
 
 
+@contextlib.contextmanager
+def _reading_contents(recorder: _Recorder):
+    """Meanwhile, ``Tensor.tolist`` and ``Tensor.numpy`` (which read values without the dispatcher, unlike
+    ``.item()``) tell the recorder what they read."""
+    originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+
+    def noting(original):
+        def read(tensor, *args, **kwargs):
+            recorder.read_contents(tensor)
+            return original(tensor, *args, **kwargs)
+        return read
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, noting(original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
 def _recording_kernels(recorder: _Recorder):
     """Every registered handle's compiled functions record their calls meanwhile."""
     def proxy(handle, name, fn):
@@ -356,6 +408,7 @@ class Recording:
     outputs: Any  # aliases of the forward's output tensors (tree)
     held_bytes: int
     residuals: list[tuple[int, torch.Tensor]] = dataclasses.field(default_factory=list)  # (``may_write_over``)
+    storages: Mapping[int, int] = dataclasses.field(default_factory=dict)  # the storages it holds -> their bytes
     held: frozenset[int] = frozenset()  # the residuals something outside the recording held after the forward
 
     def structure(self) -> list[tuple]:
@@ -414,7 +467,7 @@ def record(fn: Callable, args: tuple, kwargs: dict,
         _RECORDING.recorder = recorder
         try:
             with torch.inference_mode(False), torch.no_grad(), scratch.held_by_recording(recorder.holds), \
-                    _recording_kernels(recorder), recorder:
+                    _recording_kernels(recorder), _reading_contents(recorder), recorder:
                 out = fn(*static_args, **static_kwargs)
         finally:
             _RECORDING.recorder = None
@@ -431,4 +484,4 @@ def record(fn: Callable, args: tuple, kwargs: dict,
     outputs = recorder.keep(out)
     storages = {alias.untyped_storage()._cdata: alias.untyped_storage().nbytes()
                 for alias in recorder.kept}
-    return Recording(statics, recorder.calls, outputs, sum(storages.values()), recorder.residuals, held)
+    return Recording(statics, recorder.calls, outputs, sum(storages.values()), recorder.residuals, storages, held)
