@@ -69,8 +69,8 @@ __all__ = ["DenseForm", "CANDIDATE_DENSITY", "DENSE_VARIANTS", "MARGIN", "MIN_SA
 CANDIDATE_DENSITY = 0.15  # layers at least this dense get a dense form (see the module docstring)
 # A 1x1 convolution's dense computations, timed side by side in its trials: sgemm on [C, H * W] per image, or
 # oneDNN's convolution. Neither wins everywhere on the 2-core Xeon: sgemm ran 170-360 GFLOP/s against oneDNN's
-# 50-250 on 64-2048 channels at batch 1 and 64, yet at 2048 -> 512 on 7x7, batch 64, oneDNN took 23.9 ms and
-# sgemm 28.1 (``benchmarks/cpu_runs/2026-12-07_xeon/dense_ops_1x1.py``).
+# 50-250 on 64-2048 channels at batch 1 and 64, yet at 2048 -> 512 on 7x7, batch 64, oneDNN took 23.0 ms and
+# sgemm 26.9 (``benchmarks/cpu_runs/2026-12-07_xeon/dense_ops_1x1.py``).
 DENSE_VARIANTS = ("matmul", "conv2d")
 ROUNDS = 3  # timed calls of each path in a shape's trial, at least (after one untimed call) ...
 BUDGET_S = 0.005  # ... and more until each path has run this long in all (short calls are noisy) ...
