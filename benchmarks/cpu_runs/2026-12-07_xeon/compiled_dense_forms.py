@@ -37,6 +37,7 @@ with torch.no_grad():
     masked_dense = nn.Sequential(nn.Conv2d(2048, 512, 1, bias=False), nn.ReLU()).eval()
     masked_dense[0].weight.copy_(sparse[0].weight * sparse[0].mask if hasattr(sparse[0], "mask") else sparse[0].weight)
     choices = {str(k): v for k, v in lowered[0]._dense_form.choices.items()}
+    variants = {str(k): v for k, v in getattr(lowered[0]._dense_form, "variants", {}).items()}  # (from 564bb68)
     paths = {"lowered eager, settled": lowered, "lowered compiled (dense choice followed)": torch.compile(lowered),
              "lowered compiled, kernel (as before)": torch.compile(kernels),
              "torch dense compiled": torch.compile(masked_dense)}
@@ -60,7 +61,7 @@ result = {
                f"--sparsity {args.sparsity} --batch {args.batch} --rounds {args.rounds} --calls {args.calls}",
     "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
     "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
-    "torch": torch.__version__, "choices": choices,
+    "torch": torch.__version__, "choices": choices, "variants": variants,
     "median_ms": {name: statistics.median(t) for name, t in times.items()},
     "rounds_ms": times,
 }
