@@ -83,7 +83,7 @@ class SRigLUpdater:
         if not self.layers:
             raise LayerError("the model has no sparse layers: call srigl_compile.sparsify(model, config) first")
         self._check_optimizer(optimizer)
-        self._check_layers_free()
+        self._check_not_frozen()
         if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
             raise TypeError(f"grad_scaler must be the torch.amp.GradScaler the training loop scales its loss with, "
                             f"not {type(grad_scaler).__name__}")
@@ -100,6 +100,7 @@ class SRigLUpdater:
         self.explored = {name: pack_bits(layer.mask) for name, layer in self.layers.items()}
         self._sync = resolve_rank_sync(distributed, process_group)
         self._weights = {name: layer.weight for name, layer in self.layers.items()}
+        self._take_over_layers()
         self._tap = GradientTap(self.layers, self.config.grad_accumulation_n,
                                 loss_scale=grad_scaler.get_scale if grad_scaler is not None else None)
         self._optimizer_stepped = False
@@ -127,14 +128,17 @@ class SRigLUpdater:
                 "sparsified model's parameters (sparsify returns a copy unless inplace=True)"
             )
 
-    def _check_layers_free(self) -> None:
-        """Refuse frozen weights (the updater masks their gradients and reads them); take the layers over from
-        another live updater (two would each update the masks), which is closed: its step() then refuses."""
+    def _check_not_frozen(self) -> None:
+        """Refuse frozen weights: the updater masks their gradients and reads them."""
         frozen = [name for name, layer in self.layers.items() if not layer.weight.requires_grad]
         if frozen:
             raise LayerError(f"sparse layers {frozen[:5]} have frozen weights (requires_grad=False): the updater "
                              "masks and reads their gradients; unfreeze them, or keep them dense when sparsifying "
                              f"(SRigLConfig.overrides={{{frozen[0]!r}: None}})")
+
+    def _take_over_layers(self) -> None:
+        """Close another live updater driving these layers (two would each update the masks): its step() then
+        refuses. Called once every argument is checked, so a refused updater leaves the old one working."""
         others = {id(other): other for layer in self.layers.values()
                   if (mark := _DRIVEN.get(layer)) is not None and (other := mark()) is not None}
         for other in others.values():

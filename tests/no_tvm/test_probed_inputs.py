@@ -110,6 +110,9 @@ def test_a_second_updater_on_the_same_layers_replaces_the_first():
     """Two updaters on one model each hooked every weight and each updated the masks: the newer takes over."""
     model = sparsify(_mlp(), UNIFORM)
     first = _updater(model)
+    with pytest.raises(TypeError, match="grad_scaler"):  # (refused: the first keeps working)
+        _updater(model, grad_scaler=1.0)
+    assert first.step() is False
     with pytest.warns(UserWarning, match="this one replaces it"):
         second = _updater(model)
     with pytest.raises(ConfigError, match="replaced by a newer one built on the same layers"):
