@@ -139,7 +139,8 @@ class DenseForm:
     @property
     def pointwise(self) -> bool:
         """An unpadded 1x1 convolution: a matrix product per image of its (strided) pixels."""
-        return self.conv is not None and self.dense_shape[2:] == (1, 1) and self.conv["padding"] in ((0, 0), 0)
+        return self.conv is not None and self.dense_shape[2:] == (1, 1) and self.conv["padding"] in (
+            (0, 0), 0, "valid", "same")  # (a 1x1 kernel's "same" pads nothing)
 
     def _pointwise(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """A 1x1 convolution as sgemm on [C, H * W] per image (``DENSE_VARIANTS``' "matmul"). The epilogue runs in
@@ -178,7 +179,8 @@ class DenseForm:
         if not dense_first:
             dense_s = timed_dense()
         if trial.record(kernel_s, *dense_s):
-            del self.trials[key]
+            if self.trials.pop(key, None) is not trial:  # (another thread's call on this trial ended it first)
+                return y
             kernel_s, *dense_s = (statistics.median(times) for times in trial.times)
             fastest = min(range(len(variants)), key=dense_s.__getitem__)
             if self.pointwise:
@@ -285,7 +287,7 @@ def run_dense_if_faster(layer, form: DenseForm, x: torch.Tensor, residual: torch
     if dense is False:  # (the common case first: a call costs a dict lookup more than the kernel's)
         return None
     if form.stale(operands_of(layer)):
-        del layer.__dict__["_dense_form"]
+        layer.__dict__.pop("_dense_form", None)  # (pop: two threads may find it stale at once)
         return None
     if not form_takes(form, x, residual):
         return None
@@ -300,20 +302,24 @@ def settle_trials(model: torch.nn.Module, *args, **kwargs) -> int:
     """Call ``model(*args, **kwargs)`` (without gradients) until no layer's dense form has a trial open, then
     ``keep_if_faster`` on the dense paths these calls chose; returns the calls made (``nn.settle.settle``'s first
     step)."""
-    forms = [m.__dict__["_dense_form"] for m in model.modules() if "_dense_form" in m.__dict__]
+    forms = _forms(model)
     before = [dict(form.choices) for form in forms]
     calls = 0
     with torch.no_grad():
         while calls < MAX_ROUNDS + 2:  # (a trial ends after MAX_ROUNDS + 1 calls at most)
             model(*args, **kwargs)
             calls += 1
-            if not any(form.trials for form in forms):
+            if not any(form.trials for form in _forms(model)):  # (the forms still there: stale ones are dropped)
                 break
         chosen = [(form, key) for form, old in zip(forms, before)
                   for key, dense in form.choices.items() if dense and key not in old]
         if chosen:
             calls += keep_if_faster(model, chosen, *args, **kwargs)
     return calls
+
+
+def _forms(model: torch.nn.Module) -> list[DenseForm]:
+    return [m.__dict__["_dense_form"] for m in model.modules() if "_dense_form" in m.__dict__]
 
 
 def keep_if_faster(model: torch.nn.Module, chosen: list[tuple[DenseForm, tuple]], *args, **kwargs) -> int:

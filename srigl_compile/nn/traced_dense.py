@@ -95,7 +95,7 @@ def _run(x: torch.Tensor, residual: torch.Tensor | None, layer_key: str) -> torc
     layer = _layer(layer_key)
     form = layer.__dict__.get("_dense_form")
     if form is not None and form.stale(operands_of(layer)):
-        del layer.__dict__["_dense_form"]  # (as an eager call would: the kernel reads the current operands)
+        layer.__dict__.pop("_dense_form", None)  # (as an eager call would: the kernel reads the current operands)
         form = None
     if form is None:
         return layer.kernel_path(x, residual).contiguous()

@@ -437,3 +437,50 @@ def test_dynamic_shapes_compile_one_graph_for_every_batch(monkeypatch, short_tri
         x = torch.randn(3, 16, 10, 10)
         torch._dynamo.mark_dynamic(x, 0)
         torch.testing.assert_close(torch.compile(lowered, backend="aot_eager")(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_trial_another_thread_ended_first_is_not_ended_again(monkeypatch, short_trials):
+    """Two threads on one trial: both calls see it over, the second deleted it again (KeyError, 1 call in 240
+    with the defaults in the probe). The thread whose call finds it gone returns its kernel output."""
+    _force(monkeypatch, "dense")
+    lowered = lower(_sparse(0.5), progress=False)
+    form = lowered.block.fc._dense_form
+    record = dense_fallback._Trial.record
+
+    def ended_elsewhere_too(trial, *seconds):
+        over = record(trial, *seconds)
+        if over and any(t is trial for t in form.trials.values()):
+            form.trials.clear()  # (the other thread's call ended it between this record and its deletion)
+        return over
+
+    monkeypatch.setattr(dense_fallback._Trial, "record", ended_elsewhere_too)
+    x = torch.randn(2, 16, 10, 10)
+    with torch.no_grad():
+        for _ in range(2):
+            lowered(x)
+    assert not form.trials and not form.choices  # (this call left the choice to the thread that ended it)
+
+
+def test_settle_stops_calling_once_stale_forms_are_dropped(monkeypatch, short_trials):
+    """settle kept the forms it listed first: dropped mid-trial (operands loaded in place), their open trials kept it
+    calling to MAX_ROUNDS + 2."""
+    lowered = lower(_sparse(0.5), progress=False)
+    other = lower(_sparse(0.5, ablated=False), progress=False)
+    x = torch.randn(2, 16, 10, 10)
+    with torch.no_grad():
+        lowered(x)  # (trials open)
+        lowered.load_state_dict(other.state_dict())
+        assert dense_fallback.settle_trials(lowered, x) == 1
+    assert not any(_forms(lowered).values())
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_a_1x1_convolution_padded_by_name_is_pointwise(padding):
+    torch.manual_seed(0)
+    model = sparsify(nn.Sequential(nn.Conv2d(24, 40, 1, padding=padding)).eval(),
+                     SRigLConfig(sparsity=0.5, distribution="uniform"), example_inputs=(torch.randn(1, 24, 7, 7),))
+    form = lower(model, progress=False)[0]._dense_form
+    assert form.pointwise and form.dense_variants() == dense_fallback.DENSE_VARIANTS
+    x = torch.randn(2, 24, 7, 7)
+    for variant in dense_fallback.DENSE_VARIANTS:
+        torch.testing.assert_close(form.run(x, None, variant), model(x), rtol=1e-5, atol=1e-5)
