@@ -27,8 +27,9 @@ of a recycled result, so the forward recycles result buffers as it would eagerly
 the reuse is the same), and a recording holds about what one eager forward uses.
 
 Values read into Python (``.item()``, ``bool(tensor)``, ``torch.equal``, ``.tolist()``, ``.numpy()``: the forward
-may decide on them, as Hugging Face's attention masks do) are kept as guards among the calls: a replay computes
-each again where it was read and compares it with the recorded value (NaN equal to NaN); another value raises
+may decide on them, as Hugging Face's attention masks do) are kept as guards among the calls
+(``runtime.value_guards``): a replay computes each again where it was read and compares it with the recorded value
+(NaN equal to NaN); another value raises
 ``GuardFailed`` (the forward might have taken another path), and the caller runs that call eagerly. So does an op
 whose result has another shape than when recorded (a custom op whose output shape follows values). The first
 guard that fails is computed by calls that all precede any decision taken on a read value, so it is computed
@@ -46,14 +47,9 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-import sysconfig
 import threading
-import traceback
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -63,7 +59,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import ReplayError
 from . import registry, scratch
-from .liveness import Access, Extent, dead_after, extent, producer
+from .liveness import Access, dead_after, extent, extents, producer
+from .value_guards import Guard, GuardFailed, contents, reading_contents, value_read
 
 __all__ = ["Recording", "record", "static_copy", "PLAIN", "GuardFailed", "may_write_over", "dead_residuals",
            "recording_here"]
@@ -85,36 +82,6 @@ def _alias(tensor: torch.Tensor) -> torch.Tensor:
                                                        tensor.shape, tensor.stride())
 
 
-def _extents(tensors) -> tuple[Extent, ...]:
-    return tuple(e for e in map(extent, tensors) if e is not None)
-
-
-class GuardFailed(Exception):
-    """A replay read another value than its recording did at a guard (module docstring): run the call eagerly."""
-
-
-def _value_read(func) -> ReplayError:
-    where = _caller_line()
-    return ReplayError(f"the forward reads a tensor's value into Python ({func}{', at ' + where if where else ''}: "
-                       "e.g. .item() or bool(tensor)), a decision a replay would not make again; run this model "
-                       "eagerly")
-
-
-_LIBRARY_DIR = str(Path(__file__).resolve().parents[1])
-
-
-def _caller_line() -> str:
-    """The innermost line of the model's own code on the stack (outside torch, Python's libraries and this
-    package): where a value was read, which the op's name alone does not say (it may sit in a library's masks)."""
-    for frame in reversed(traceback.extract_stack()):
-        name = frame.filename
-        if (name.startswith(_LIBRARY_DIR) or f"{os.sep}torch{os.sep}" in name or name.startswith("<")
-                or name.startswith(sysconfig.get_paths()["stdlib"])):
-            continue
-        return f"{name}:{frame.lineno}: {frame.line}"
-    return ""
-
-
 @dataclasses.dataclass
 class _Call:
     fn: Callable
@@ -130,7 +97,7 @@ class _Call:
         tensors = [t for t in tree_flatten((self.args, self.kwargs))[0] if isinstance(t, torch.Tensor)]
         reads, outs = (tensors[:-1], tensors[-1:]) if self.kernel and tensors else (tensors, list(self.results))
         whole = [t for t in outs if t.is_contiguous()]  # (a strided output keeps what its gaps held)
-        return Access(_extents(reads), _extents(whole), _extents(t for t in outs if not t.is_contiguous()))
+        return Access(extents(reads), extents(whole), extents(t for t in outs if not t.is_contiguous()))
 
     def __call__(self) -> None:
         out = self.fn(*self.args, **self.kwargs)
@@ -139,46 +106,6 @@ class _Call:
                 if target.shape != value.shape:  # (an op whose output shape follows values, e.g. a custom op's)
                     raise GuardFailed(f"{self.fn} returned shape {tuple(value.shape)}, recorded {tuple(target.shape)}")
                 target.copy_(value)
-
-
-@dataclasses.dataclass
-class _Guard:
-    """A value the forward read into Python, computed again at a replay and compared with the recorded one."""
-
-    fn: Callable
-    args: tuple
-    kwargs: dict
-    value: Any
-    results: tuple = ()
-    kernel: bool = False
-
-    def access(self) -> Access:
-        """It reads its tensors and writes nothing."""
-        return Access(_extents(t for t in tree_flatten((self.args, self.kwargs))[0] if isinstance(t, torch.Tensor)),
-                      (), ())
-
-    def __call__(self) -> None:
-        value = self.fn(*self.args, **self.kwargs)
-        if not _same_value(value, self.value):
-            raise GuardFailed(f"{self.fn} read {value!r}, recorded {self.value!r}")
-
-
-def _same_value(now: Any, then: Any) -> bool:
-    """Equal values of one type, NaN equal to NaN (the forward decided the same on both); tensors (contents read
-    by ``.tolist()`` / ``.numpy()``) element by element."""
-    if isinstance(then, torch.Tensor):
-        if now.shape != then.shape or now.dtype != then.dtype:
-            return False
-        if now.is_floating_point() or now.is_complex():
-            return bool(((now == then) | (now.isnan() & then.isnan())).all())
-        return torch.equal(now, then)
-    if type(now) is not type(then):
-        return False
-    return now == then or (isinstance(now, (float, complex)) and now != now and then != then)
-
-
-def _contents(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
 
 
 def _shape_from_index_shapes(func, args) -> bool:
@@ -235,7 +162,7 @@ class _Recorder(TorchDispatchMode):
         if threading.get_ident() == self.thread and not self.in_op:
             with _disable_current_modes(), torch.inference_mode(False), torch.no_grad():
                 recorded = tensor.detach().clone()
-            self.calls.append(_Guard(_contents, (self.keep(tensor),), {}, recorded))
+            self.calls.append(Guard(contents, (self.keep(tensor),), {}, recorded))
 
     def kernel(self, fn: Callable, args: tuple) -> None:
         if threading.get_ident() == self.thread and not self.in_op:
@@ -276,8 +203,8 @@ class _Recorder(TorchDispatchMode):
         if torch.Tag.data_dependent_output in tags or (
                 out is not None and not any(isinstance(t, torch.Tensor) for t in tree_flatten(out)[0])):
             if type(out) not in (bool, int, float, complex):
-                raise _value_read(func)
-            self.calls.append(_Guard(func, self.keep(args), self.keep(kwargs), out))  # (a value read into Python)
+                raise value_read(func)
+            self.calls.append(Guard(func, self.keep(args), self.keep(kwargs), out))  # (a value read into Python)
             return out
         if name in _METADATA_ONLY:  # the tensor shows other memory or sizes now: its next use gets a new alias
             for arg_name in mutates:
@@ -322,7 +249,7 @@ def dead_residuals(recording: Recording) -> dict[int, tuple[int, int]]:
     else once the forward returned (a forward hook keeping a layer's output, say); each with the call
     it was asked at and the call that produced it (what ``record(write_over=...)`` checks again)."""
     accesses = [call.access() for call in recording.calls]
-    outputs = _extents(t for t in tree_flatten(recording.outputs)[0] if isinstance(t, torch.Tensor))
+    outputs = extents(t for t in tree_flatten(recording.outputs)[0] if isinstance(t, torch.Tensor))
     dead = {}
     for number, (asked, operand) in enumerate(recording.residuals):
         if number in recording.held:
@@ -342,27 +269,6 @@ def dead_residuals(recording: Recording) -> dict[int, tuple[int, int]]:
         if made is not None and dead_after(accesses, index, target, outputs):
             dead[number] = (asked, made)
     return dead
-
-
-@contextlib.contextmanager
-def _reading_contents(recorder: _Recorder):
-    """Meanwhile, ``Tensor.tolist`` and ``Tensor.numpy`` (which read values without the dispatcher, unlike
-    ``.item()``) tell the recorder what they read."""
-    originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
-
-    def noting(original):
-        def read(tensor, *args, **kwargs):
-            recorder.read_contents(tensor)
-            return original(tensor, *args, **kwargs)
-        return read
-
-    for name, original in originals.items():
-        setattr(torch.Tensor, name, noting(original))
-    try:
-        yield
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
 
 
 def _recording_kernels(recorder: _Recorder):
@@ -404,7 +310,7 @@ class Recording:
     """
 
     inputs: list[Any]  # the recorded forward's flattened inputs: static tensors, other leaves as they were
-    calls: list[_Call | _Guard]
+    calls: list[_Call | Guard]
     outputs: Any  # aliases of the forward's output tensors (tree)
     held_bytes: int
     residuals: list[tuple[int, torch.Tensor]] = dataclasses.field(default_factory=list)  # (``may_write_over``)
@@ -467,7 +373,7 @@ def record(fn: Callable, args: tuple, kwargs: dict,
         _RECORDING.recorder = recorder
         try:
             with torch.inference_mode(False), torch.no_grad(), scratch.held_by_recording(recorder.holds), \
-                    _recording_kernels(recorder), _reading_contents(recorder), recorder:
+                    _recording_kernels(recorder), reading_contents(recorder.read_contents), recorder:
                 out = fn(*static_args, **static_kwargs)
         finally:
             _RECORDING.recorder = None

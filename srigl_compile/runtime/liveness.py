@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["Extent", "Access", "extent", "producer", "dead_after"]
+__all__ = ["Extent", "Access", "extent", "extents", "producer", "dead_after"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +56,11 @@ def extent(tensor: torch.Tensor) -> Extent | None:
     last = sum((n - 1) * stride for n, stride in zip(tensor.shape, tensor.stride()))
     start = tensor.data_ptr()
     return Extent(start, start + (last + 1) * tensor.element_size())
+
+
+def extents(tensors: Iterable[torch.Tensor]) -> tuple[Extent, ...]:
+    """The extents of those tensors that have elements."""
+    return tuple(e for e in map(extent, tensors) if e is not None)
 
 
 def producer(calls: Sequence[Access], index: int, target: Extent) -> int | None:
