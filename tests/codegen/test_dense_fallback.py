@@ -13,92 +13,35 @@ import torch.nn.functional as F
 
 from srigl_compile import SRigLConfig, load_lowered, lower, save_lowered, sparse_layers, sparsify
 from srigl_compile.codegen.backends import LlvmConfig
-from srigl_compile.nn import dense_fallback, traced_dense
-from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
+from srigl_compile.nn import dense_fallback
 from srigl_compile.nn.settle import settle
 from srigl_compile.runtime.checks import KernelDtypeError
 from srigl_compile.runtime.spec import apply_epilogue
 
-from ..helpers import ablate
+from .dense_forms import chosen_dense, force, forms_of, sparse_model
 
 pytestmark = pytest.mark.tvm
 
 
-class _Block(nn.Module):
-    """conv -> relu, conv (strided) + shortcut -> relu, linear: epilogues and a residual the kernels fuse."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(16, 16, 3, padding=1, bias=False)  # (ablated: compact, its zeros dropped)
-        self.conv2 = nn.Conv2d(16, 16, 3, stride=2, padding=1, bias=False)
-        self.shortcut = nn.Conv2d(16, 16, 1, stride=2)
-        self.fc = nn.Linear(16 * 5 * 5, 24)
-
-    def forward(self, x):
-        y = torch.relu(self.conv1(x))
-        y = torch.relu(self.conv2(y) + self.shortcut(x))
-        return self.fc(y.flatten(1))
-
-
-class _Net(nn.Module):
-    """The block as a child: lower fuses epilogues in traced child modules, not in the model's own forward."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.block = _Block()
-
-    def forward(self, x):
-        return self.block(x)
-
-
-def _sparse(sparsity: float, ablated: bool = False) -> nn.Module:
-    torch.manual_seed(0)
-    model = sparsify(_Net().eval(), SRigLConfig(sparsity=sparsity, distribution="uniform"),
-                     example_inputs=(torch.randn(2, 16, 10, 10),))
-    if ablated:
-        # more than a quarter of each: not padded back as zero rows (conv1 becomes compact, fc scatters)
-        ablate(model, {"block.conv1": [1, 3, 7, 9, 12], "block.fc": [0, 2, 5, 8, 11, 17, 20]})
-    return model
-
-
-def _forms(model: nn.Module) -> dict:
-    return {name: m.__dict__.get("_dense_form") for name, m in model.named_modules()
-            if isinstance(m, (LoweredConv, LoweredLinear))}
-
-
 def test_near_dense_layers_get_a_dense_form_and_sparse_ones_none():
-    near_dense = lower(_sparse(0.5), progress=False)
-    assert all(form is not None for form in _forms(near_dense).values())
-    sparse = lower(_sparse(0.9), progress=False)
-    assert all(form is None for form in _forms(sparse).values())
-    off = lower(_sparse(0.5), LlvmConfig(dense_fallback=False, progress=False))
-    assert all(form is None for form in _forms(off).values())
-
-
-def _force(monkeypatch, path: str) -> None:
-    """Trials choose ``path`` ("dense" or "kernel") whatever the timings (this test's layers are tiny)."""
-    dense = path == "dense"
-    monkeypatch.setattr(dense_fallback, "MARGIN", float("inf") if dense else 0.0)
-    monkeypatch.setattr(dense_fallback, "MIN_SAVING_S", float("-inf") if dense else float("inf"))
-
-
-@pytest.fixture
-def short_trials(monkeypatch):
-    """Trials of two calls a shape: one untimed, one timed."""
-    monkeypatch.setattr(dense_fallback, "ROUNDS", 1)
-    monkeypatch.setattr(dense_fallback, "BUDGET_S", 0.0)
+    near_dense = lower(sparse_model(0.5), progress=False)
+    assert all(form is not None for form in forms_of(near_dense).values())
+    sparse = lower(sparse_model(0.9), progress=False)
+    assert all(form is None for form in forms_of(sparse).values())
+    off = lower(sparse_model(0.5), LlvmConfig(dense_fallback=False, progress=False))
+    assert all(form is None for form in forms_of(off).values())
 
 
 @pytest.mark.parametrize("path", ["dense", "kernel"])
 @pytest.mark.parametrize("ablated", [False, True])
 def test_either_path_computes_the_condensed_layers_output(monkeypatch, short_trials, path, ablated):
-    model = _sparse(0.5, ablated)
+    model = sparse_model(0.5, ablated)
     lowered = lower(model, progress=False)
     kernels_only = lower(model, LlvmConfig(dense_fallback=False, progress=False))
-    forms = _forms(lowered)
+    forms = forms_of(lowered)
     conv2 = lowered.block.conv2
     assert conv2.fused_epilogue and "add" in conv2.epilogue  # (the residual reaches the form too)
-    _force(monkeypatch, path)
+    force(monkeypatch, path)
     for batch in (1, 3):
         x = torch.randn(batch, 16, 10, 10)
         with torch.no_grad():
@@ -114,8 +57,8 @@ def test_either_path_computes_the_condensed_layers_output(monkeypatch, short_tri
 def test_each_shape_has_one_trial(monkeypatch):
     monkeypatch.setattr(dense_fallback, "ROUNDS", 2)
     monkeypatch.setattr(dense_fallback, "BUDGET_S", 0.0)
-    _force(monkeypatch, "kernel")
-    lowered = lower(_sparse(0.5), progress=False)
+    force(monkeypatch, "kernel")
+    lowered = lower(sparse_model(0.5), progress=False)
     form = lowered.block.fc._dense_form
     dense_calls = []
     run = form.run
@@ -136,31 +79,18 @@ def test_each_shape_has_one_trial(monkeypatch):
 
 def test_settle_finishes_every_trial(monkeypatch):
     monkeypatch.setattr(dense_fallback, "BUDGET_S", float("inf"))  # trials run to MAX_ROUNDS
-    _force(monkeypatch, "kernel")  # (no dense choice to check on whole forwards: the calls are the trials')
-    lowered = lower(_sparse(0.5), progress=False)
+    force(monkeypatch, "kernel")  # (no dense choice to check on whole forwards: the calls are the trials')
+    lowered = lower(sparse_model(0.5), progress=False)
     x = torch.randn(3, 16, 10, 10)
     assert settle(lowered, x) == dense_fallback.MAX_ROUNDS + 1
-    assert all(len(form.choices) == 1 and not form.trials for form in _forms(lowered).values())
+    assert all(len(form.choices) == 1 and not form.trials for form in forms_of(lowered).values())
     assert settle(lowered, x) == 1
-    sparse = lower(_sparse(0.9), progress=False)  # (no dense forms)
+    sparse = lower(sparse_model(0.9), progress=False)  # (no dense forms)
     assert settle(sparse, x) == 1
 
 
-def _chosen_dense(monkeypatch) -> tuple[nn.Module, nn.Module, torch.Tensor]:
-    """(masked model, lowered model, input) with every layer's dense form chosen at the input's shape (trials of
-    two calls: the ``short_trials`` fixture)."""
-    model = _sparse(0.5)
-    lowered = lower(model, progress=False)
-    _force(monkeypatch, "dense")
-    x = torch.randn(2, 16, 10, 10)
-    with torch.no_grad():
-        for _ in range(2):
-            lowered(x)
-    return model, lowered, x
-
-
 def test_changed_operands_drop_the_form(monkeypatch, short_trials):
-    model, lowered, x = _chosen_dense(monkeypatch)
+    model, lowered, x = chosen_dense(monkeypatch)
     with torch.no_grad():
         assert lowered.block.fc._dense_form.choices == {(torch.Size([2, 400]), None): True}
         lowered.block.fc.bias.mul_(2)  # in place: the dense form's copy is stale
@@ -171,8 +101,8 @@ def test_changed_operands_drop_the_form(monkeypatch, short_trials):
 
 
 def test_calls_the_form_does_not_take_run_the_kernel(monkeypatch):
-    lowered = lower(_sparse(0.5), progress=False)
-    _force(monkeypatch, "dense")
+    lowered = lower(sparse_model(0.5), progress=False)
+    force(monkeypatch, "dense")
     form = lowered.block.conv1._dense_form
     with torch.no_grad():
         lowered.block.conv1(torch.randn(16, 10, 10))  # unbatched: the kernel's path
@@ -183,35 +113,35 @@ def test_calls_the_form_does_not_take_run_the_kernel(monkeypatch):
 
 
 def test_saved_and_copied_models_keep_their_choices_on_this_machine_only(monkeypatch, short_trials, tmp_path):
-    lowered = lower(_sparse(0.5), progress=False)
-    _force(monkeypatch, "dense")
+    lowered = lower(sparse_model(0.5), progress=False)
+    force(monkeypatch, "dense")
     x = torch.randn(2, 16, 10, 10)
     with torch.no_grad():
         for _ in range(2):
             lowered(x)
         want = lowered(x)  # (dense, chosen)
         save_lowered(lowered, tmp_path / "model")
-        chosen = {name: form.choices for name, form in _forms(lowered).items()}
+        chosen = {name: form.choices for name, form in forms_of(lowered).items()}
         assert all(len(choices) == 1 and all(choices.values()) for choices in chosen.values())
         for again in (copy.deepcopy(lowered), load_lowered(tmp_path / "model")):
-            assert {name: form.choices for name, form in _forms(again).items()} == chosen
+            assert {name: form.choices for name, form in forms_of(again).items()} == chosen
             torch.testing.assert_close(again(x), want, rtol=0, atol=0)
         monkeypatch.setattr(dense_fallback, "machine", lambda: ("another", "cpu"))
         elsewhere = load_lowered(tmp_path / "model")
-    assert all(form is not None and not form.choices for form in _forms(elsewhere).values())
+    assert all(form is not None and not form.choices for form in forms_of(elsewhere).values())
 
 
 def test_with_bf16_values_the_dense_form_reads_the_same_rounded_weights(monkeypatch, short_trials):
-    model = _sparse(0.5)
+    model = sparse_model(0.5)
     lowered = lower(model, LlvmConfig(value_dtype=torch.bfloat16, progress=False))
-    _force(monkeypatch, "dense")
+    force(monkeypatch, "dense")
     with torch.no_grad():
         for layer in dict(sparse_layers(model)).values():
             layer.weight.copy_(layer.weight.to(torch.bfloat16).float())
         x = torch.randn(2, 16, 10, 10)
         for _ in range(3):
             out = lowered(x)
-        assert all(all(form.choices.values()) for form in _forms(lowered).values())
+        assert all(all(form.choices.values()) for form in forms_of(lowered).values())
         torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
 
 
@@ -221,20 +151,20 @@ def test_the_dense_path_must_save_min_saving_s_a_call(monkeypatch, short_trials,
     monkeypatch.setattr(dense_fallback, "MARGIN", float("inf"))
     monkeypatch.setattr(dense_fallback, "MIN_SAVING_S", min_saving_s)
     monkeypatch.setattr(dense_fallback, "_timed", lambda call: (call(), 0.0)[1])
-    lowered = lower(_sparse(0.5), progress=False)
+    lowered = lower(sparse_model(0.5), progress=False)
     with torch.no_grad():
         for _ in range(2):
             lowered(torch.randn(1, 16, 10, 10))
-    assert all(len(form.choices) == 1 and all(form.choices.values()) == chosen for form in _forms(lowered).values())
+    assert all(len(form.choices) == 1 and all(form.choices.values()) == chosen for form in forms_of(lowered).values())
 
 
 @pytest.mark.parametrize("dense_saves", [True, False])
 def test_settle_keeps_dense_choices_only_if_whole_forwards_run_faster(monkeypatch, short_trials, dense_saves):
     """Whole forwards (timed by ``_forward_seconds``, here by which paths are chosen) decide: every layer's dense
     choice stays, or every one goes back to its kernel and drops its dense weight."""
-    _force(monkeypatch, "dense")
-    lowered = lower(_sparse(0.5), progress=False)
-    forms = _forms(lowered)
+    force(monkeypatch, "dense")
+    lowered = lower(sparse_model(0.5), progress=False)
+    forms = forms_of(lowered)
     chosen_seconds, kernel_seconds = (0.5, 1.0) if dense_saves else (1.0, 0.5)
 
     def forward_seconds(model, x):
@@ -250,7 +180,7 @@ def test_settle_keeps_dense_choices_only_if_whole_forwards_run_faster(monkeypatc
         assert (form._weight is not None) == dense_saves
     assert settle(lowered, x) == 1  # (decided: nothing to check again)
     with torch.no_grad():
-        torch.testing.assert_close(lowered(x), lower(_sparse(0.5), progress=False)(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lowered(x), lower(sparse_model(0.5), progress=False)(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -281,8 +211,8 @@ def test_a_1x1_convolutions_dense_form_is_its_matrix_product(stride, layout, epi
 def test_a_1x1_convolutions_trial_keeps_the_faster_dense_computation(monkeypatch, short_trials, faster):
     """Neither sgemm nor oneDNN's convolution is the faster everywhere: a 1x1 layer's trial times both and its
     dense calls at that shape run the faster; other layers have one dense computation."""
-    _force(monkeypatch, "dense")
-    lowered = lower(_sparse(0.5), progress=False)
+    force(monkeypatch, "dense")
+    lowered = lower(sparse_model(0.5), progress=False)
     shortcut, fc = lowered.block.shortcut._dense_form, lowered.block.fc._dense_form
     assert shortcut.pointwise and shortcut.dense_variants() == dense_fallback.DENSE_VARIANTS
     assert fc.dense_variants() == ("",)
@@ -309,11 +239,11 @@ def test_a_shape_first_seen_while_recording_runs_the_kernel_without_a_trial(monk
     eager call)."""
     from srigl_compile.runtime.call_record import record
 
-    _force(monkeypatch, "dense")
-    model = _sparse(0.5)
+    force(monkeypatch, "dense")
+    model = sparse_model(0.5)
     lowered = lower(model, progress=False)
     kernels_only = lower(model, LlvmConfig(dense_fallback=False, progress=False))
-    forms = _forms(lowered)
+    forms = forms_of(lowered)
     x = torch.randn(2, 16, 10, 10)  # (no eager call at this shape yet: every layer's shape is new)
     with torch.no_grad():
         recording = record(lowered, (x,), {})
@@ -324,126 +254,11 @@ def test_a_shape_first_seen_while_recording_runs_the_kernel_without_a_trial(monk
     assert all(list(form.trials) for form in forms.values())
 
 
-class _Pooled(nn.Module):
-    """A stem (conv, BN, ReLU, max-pool: fused into one banded module) before the block."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv, self.bn, self.relu = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()
-        self.pool, self.block = nn.MaxPool2d(2), _Block()
-
-    def forward(self, x):
-        return self.block(self.pool(self.relu(self.bn(self.conv(x)))))
-
-
-def _graphs_of(compiled_calls: list) -> callable:
-    """A torch.compile backend keeping each graph it is given (then running it as aot_eager would)."""
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.aot_autograd import make_boxed_func
-
-    def keep(gm, inputs):
-        compiled_calls.append([str(node.target) for node in gm.graph.nodes])
-        return make_boxed_func(gm.forward)
-
-    return aot_autograd(fw_compiler=keep)
-
-
-@pytest.mark.parametrize("path", ["dense", "kernel"])
-def test_compiled_calls_take_the_path_eager_calls_chose(monkeypatch, short_trials, path):
-    """torch.compile follows each shape's choice made eagerly (``nn.traced_dense``): a dense choice is one
-    ``dense_form`` call computing what the eager call computes, bit for bit; a shape without a choice, or a kernel
-    choice, runs the kernel; a fused conv + max-pool whose convolution chose dense runs unfused."""
-    torch.manual_seed(0)
-    model = sparsify(_Pooled().eval(), SRigLConfig(sparsity=0.5, distribution="uniform"),
-                     example_inputs=(torch.randn(2, 16, 20, 20),))
-    lowered = lower(model, progress=False)
-    kernels_only = lower(model, LlvmConfig(dense_fallback=False, progress=False))
-    assert type(lowered.pool).__name__ == "LoweredConvMaxPool"
-    _force(monkeypatch, path)
-    x, other = torch.randn(2, 16, 20, 20), torch.randn(3, 16, 20, 20)
-    with torch.no_grad():
-        for _ in range(3):
-            want = lowered(x)
-        forms = [form for form in _forms(lowered).values() if form is not None]
-        assert len(forms) == 5 and all(list(form.choices.values()) == [path == "dense"] for form in forms)
-        graphs = []
-        compiled = torch.compile(lowered, fullgraph=True, backend=_graphs_of(graphs))
-        torch.testing.assert_close(compiled(x), want, rtol=0, atol=0)
-        targets = graphs[-1]
-        assert sum("dense_form" in t for t in targets) == (5 if path == "dense" else 0)
-        assert sum("tvm_conv" in t or "tvm_condensed" in t for t in targets) == (0 if path == "dense" else 5)
-        torch.testing.assert_close(compiled(other), kernels_only(other), rtol=0, atol=0)  # (no choice: kernels)
-        assert not any("dense_form" in t for t in graphs[-1])
-    key = lowered.pool.conv._traced_dense_key if path == "dense" else traced_dense._registered(lowered.pool.conv)
-    torch.library.opcheck(torch.ops.srigl_compile.dense_form.default, (x, None, key))
-
-
-def test_a_graph_traced_for_a_layer_without_a_dense_form_is_not_reused_for_one_with_it(monkeypatch, short_trials):
-    """Dynamo shares a graph among the instances of a module class unless a guard tells them apart: the traced
-    path reads the form with a getattr dynamo guards on (a graph of kernels had served the model with forms)."""
-    torch.manual_seed(0)
-    x = torch.randn(4, 64, 7, 7)
-    sparse = sparsify(nn.Sequential(nn.Conv2d(64, 32, 1, bias=False), nn.ReLU()).eval(),
-                      SRigLConfig(sparsity=0.5, distribution="uniform"), example_inputs=(x,))
-    lowered = lower(sparse, progress=False)
-    kernels_only = lower(sparse, LlvmConfig(dense_fallback=False, progress=False))
-    _force(monkeypatch, "dense")
-    graphs = []
-    backend = _graphs_of(graphs)
-    with torch.no_grad():
-        for _ in range(2):
-            want = lowered(x)
-        assert all(lowered[0]._dense_form.choices.values())
-        torch.compile(kernels_only, backend=backend)(x)
-        torch.testing.assert_close(torch.compile(lowered, backend=backend)(x), want, rtol=0, atol=0)
-    assert len(graphs) == 2 and sum("dense_form" in t for t in graphs[1]) == 1
-
-
-def test_a_compiled_dense_path_sees_operands_changed_in_place_and_export_keeps_the_kernel(monkeypatch, short_trials):
-    """The dense weight is a copy of the layer's operands: a compiled call checks them as an eager call does and,
-    changed (``load_state_dict`` into a compiled model), drops the form and runs the kernel on the new operands
-    (a compiled graph still tracing the dense path would return the old bias).
-    An exported program calls no process-local form: the kernels."""
-    model, lowered, x = _chosen_dense(monkeypatch)
-    with torch.no_grad():
-        compiled = torch.compile(lowered, fullgraph=True, backend="aot_eager")
-        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
-        state = {name: 2 * t if name == "block.fc.bias" else t for name, t in lowered.state_dict().items()}
-        lowered.load_state_dict(state)
-        model.block.fc.bias.mul_(2)
-        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
-        assert not any(_forms(lowered).values())  # (load_state_dict copied every operand in place)
-        program = torch.export.export(lowered, (x,))
-        assert not [node for node in program.graph.nodes if "dense_form" in str(node.target)]
-        kernels_only = lower(model, LlvmConfig(dense_fallback=False, progress=False))
-        torch.testing.assert_close(program.module()(x), kernels_only(x), rtol=0, atol=0)
-
-
-def test_dynamic_shapes_compile_one_graph_for_every_batch(monkeypatch, short_trials):
-    """Choices are per concrete shape: a lookup by a dynamic size specialized it, so every batch size compiled a
-    graph of its own (and mark_dynamic failed). Dynamic sizes now match no choice and run the kernel."""
-    from torch._dynamo.utils import counters
-
-    model, lowered, x = _chosen_dense(monkeypatch)  # (dense chosen at batch 2)
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = torch.compile(lowered, backend="aot_eager", dynamic=True, fullgraph=True)
-    with torch.no_grad():
-        for batch in range(1, 6):
-            x = torch.randn(batch, 16, 10, 10)
-            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
-        assert counters["stats"]["unique_graphs"] <= 2  # (batch 1 is specialized by torch, the rest dynamic)
-        torch._dynamo.reset()
-        x = torch.randn(3, 16, 10, 10)
-        torch._dynamo.mark_dynamic(x, 0)
-        torch.testing.assert_close(torch.compile(lowered, backend="aot_eager")(x), model(x), rtol=1e-5, atol=1e-5)
-
-
 def test_a_trial_another_thread_ended_first_is_not_ended_again(monkeypatch, short_trials):
     """Two threads on one trial: both calls see it over, the second deleted it again (KeyError, 1 call in 240
     with the defaults in the probe). The thread whose call finds it gone returns its kernel output."""
-    _force(monkeypatch, "dense")
-    lowered = lower(_sparse(0.5), progress=False)
+    force(monkeypatch, "dense")
+    lowered = lower(sparse_model(0.5), progress=False)
     form = lowered.block.fc._dense_form
     record = dense_fallback._Trial.record
 
@@ -464,14 +279,14 @@ def test_a_trial_another_thread_ended_first_is_not_ended_again(monkeypatch, shor
 def test_settle_stops_calling_once_stale_forms_are_dropped(monkeypatch, short_trials):
     """settle kept the forms it listed first: dropped mid-trial (operands loaded in place), their open trials kept it
     calling to MAX_ROUNDS + 2."""
-    lowered = lower(_sparse(0.5), progress=False)
-    other = lower(_sparse(0.5, ablated=False), progress=False)
+    lowered = lower(sparse_model(0.5), progress=False)
+    other = lower(sparse_model(0.5, ablated=False), progress=False)
     x = torch.randn(2, 16, 10, 10)
     with torch.no_grad():
         lowered(x)  # (trials open)
         lowered.load_state_dict(other.state_dict())
         assert dense_fallback.settle_trials(lowered, x) == 1
-    assert not any(_forms(lowered).values())
+    assert not any(forms_of(lowered).values())
 
 
 @pytest.mark.parametrize("padding", ["valid", "same"])
