@@ -16,6 +16,15 @@ from .dense_forms import Block, chosen_dense, force, forms_of
 pytestmark = pytest.mark.tvm
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from a clean dynamo: after a frame saw another batch size (an earlier test's), torch's
+    automatic dynamic shapes would trace it dynamic, which runs the kernel (module docstring of nn.traced_dense)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 class _Pooled(nn.Module):
     """A stem (conv, BN, ReLU, max-pool: fused into one banded module) before the block."""
 
