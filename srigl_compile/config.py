@@ -102,14 +102,16 @@ class SRigLConfig:
         erk_power: exponent on the ERK raw score (1.0 in the paper).
         method: "srigl", "rigl", "set" or "static".
         ablation: SRigL's dynamic neuron ablation (ignored by other methods).
-        gamma_sal: minimum salient weights per neuron, as a fraction of k (absolute count when >= 1).
+        gamma_sal: minimum salient weights per neuron, as a fraction of k (absolute count when >= 1, a whole
+            number then).
         alpha: initial drop fraction of the cosine schedule.
         delta_t: optimizer steps between mask updates.
         t_end_fraction: masks freeze after this fraction of the total steps.
         grad_accumulation_n: optimizer steps whose dense gradients are averaged for the grow criterion.
         seed: seed of the explicit torch.Generator behind initial masks, re-initialisation and SET regrowth.
         keep_first_dense / keep_last_dense: keep the layers nearest the input / output dense.
-        overrides: per-layer sparsity by exact name or regex (full match); ``None`` keeps that layer dense.
+        overrides: per-layer sparsity by exact name or regex (full match); ``None`` keeps that layer dense. An
+            override names a layer explicitly, so it wins over keep_first_dense / keep_last_dense.
         no_ablation: names/regexes of layers never ablated, on top of the output layer(s), always protected.
         reinit: sparse Kaiming re-initialisation (std sqrt(2 / k)); False keeps the existing (masked) weights,
             which is what fine-tuning a pretrained model needs.
@@ -145,6 +147,9 @@ class SRigLConfig:
         set_("t_end_fraction", _check_fraction("t_end_fraction", self.t_end_fraction, high_open=False,
                                                example="0.75, the fraction of training with mask updates"))
         set_("gamma_sal", _check_nonnegative("gamma_sal", self.gamma_sal, " (a fraction of k, or a count >= 1)"))
+        if self.gamma_sal >= 1 and not float(self.gamma_sal).is_integer():  # (a count: 2.5 would act as 2)
+            raise ConfigError(f"SRigLConfig.gamma_sal={self.gamma_sal!r}: values >= 1 are a count of salient weights "
+                              "and must be whole (e.g. 3); below 1 it is a fraction of k (e.g. 0.3)")
         set_("delta_t", _check_int("delta_t", self.delta_t, 1))
         set_("grad_accumulation_n", _check_int("grad_accumulation_n", self.grad_accumulation_n, 1))
         if self.grad_accumulation_n > self.delta_t:

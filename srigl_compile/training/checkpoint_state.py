@@ -6,9 +6,9 @@ window_skips (steps of the open window the optimizer skipped); distributed runs 
 grad_buffers per rank] (each rank's own, not yet averaged, window).
 
 ``load_updater_state`` checks every field against what the updater maintains (the mask invariants of each method,
-step in [0, total_steps], a generator state torch accepts, buffer and bit-array shapes) and raises a
-``CheckpointError`` naming the field and layer before it changes anything: a failed load leaves the updater and
-its model as they were.
+step an int >= 0 (step() may go past total_steps, the masks frozen then), a generator state torch accepts, buffer
+and bit-array shapes, no meta tensors) and raises a ``CheckpointError`` naming the field and layer before it
+changes anything: a failed load leaves the updater and its model as they were.
 """
 
 from __future__ import annotations
@@ -95,8 +95,12 @@ def _check_fields(state: Any) -> None:
             raise _corrupt(field, f"must map layer names to tensors, not {type(state[field]).__name__}")
 
 
+_META = ("is on the meta device (a tensor without values); load the checkpoint with torch.load(..., "
+         "map_location='cpu')")
+
+
 def _check_run(updater: UpdaterState, state: Mapping[str, Any]) -> None:
-    """config and total_steps must be this run's; step an int in [0, total_steps]; generator a valid state."""
+    """config and total_steps must be this run's; step an int >= 0; generator a valid state."""
     try:
         saved_config = SRigLConfig.from_dict(state["config"])
     except (SRigLError, TypeError, ValueError, AttributeError) as err:
@@ -108,8 +112,8 @@ def _check_run(updater: UpdaterState, state: Mapping[str, Any]) -> None:
             "updater with the saved config (SRigLConfig.from_dict(state['config'])) and total_steps to resume"
         )
     step = state["step"]
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step <= updater.total_steps:
-        raise _corrupt("step", f"{step!r} must be an int in [0, total_steps={updater.total_steps}]")
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        raise _corrupt("step", f"{step!r} must be an int >= 0 (optimizer steps taken)")
     skips = state.get("window_skips", 0)  # absent in checkpoints older than the field
     if isinstance(skips, bool) or not isinstance(skips, numbers.Integral) or not \
             0 <= skips <= updater.config.grad_accumulation_n:
@@ -137,6 +141,8 @@ def _check_mask(updater: UpdaterState, name: str, layer: Any, mask: Any) -> None
     """The mask the updater would hold: bool, the layer's shape, never empty, and the method's invariant."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise _corrupt("masks", f"must be a bool tensor, not {getattr(mask, 'dtype', type(mask).__name__)}", name)
+    if mask.is_meta:
+        raise _corrupt("masks", _META, name)
     if tuple(mask.shape) != tuple(layer.mask.shape):
         raise CheckpointError(f"layer {name!r}: checkpoint mask {tuple(mask.shape)} does not match the model's "
                               f"{tuple(layer.mask.shape)}")
@@ -182,6 +188,8 @@ def _check_buffers(updater: UpdaterState, buffers: Mapping[str, Any], field: str
         if not isinstance(buf, torch.Tensor) or buf.dtype != torch.float32 or tuple(buf.shape) != shape:
             got = f"{buf.dtype} {tuple(buf.shape)}" if isinstance(buf, torch.Tensor) else type(buf).__name__
             raise _corrupt(field, f"must be float32 of the weight's shape {shape}, not {got}", name)
+        if buf.is_meta:
+            raise _corrupt(field, _META, name)
         if not bool(torch.isfinite(buf).all()):  # (a window saved from a diverged run would fail the next update)
             raise _corrupt(field, "has NaN/inf entries: the run diverged before it was saved; resume from an "
                                   "earlier checkpoint", name)
@@ -220,6 +228,8 @@ def _check_explored(updater: UpdaterState, explored: Mapping[str, Any], masks: M
         if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8 or tuple(bits.shape) != (size,):
             got = f"{bits.dtype} {tuple(bits.shape)}" if isinstance(bits, torch.Tensor) else type(bits).__name__
             raise _corrupt("explored", f"must be uint8 of shape ({size},) (one bit per weight), not {got}", name)
+        if bits.is_meta:
+            raise _corrupt("explored", _META, name)
         if (masks[name].reshape(-1).cpu() & ~unpack_bits(bits.cpu(), numel)).any():
             raise _corrupt("explored", "misses weights active in the mask (every active weight was explored)", name)
 

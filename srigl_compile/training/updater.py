@@ -111,6 +111,7 @@ class SRigLUpdater:
         for layer in self.layers.values():
             _DRIVEN[layer] = weakref.ref(self)
         self._warn_if_never_updating()
+        self._warn_if_threshold_unreachable()
         if self._sync is not None:
             self._sync.check_same_masks(self._masks(), self.step_count)
         self._open_window()
@@ -154,6 +155,20 @@ class SRigLUpdater:
                       f"{self.config.t_end_fraction} x {self.total_steps} = {self.schedule.t_end}; this trains as "
                       f"method='static'. Lower delta_t or train for more steps.")
 
+    def _warn_if_threshold_unreachable(self) -> None:
+        """A gamma_sal count above a layer's fan-in: no neuron can reach it, so every update ablates as many
+        neurons as the budget lets it (selection's safety clamp), which is seldom what was meant."""
+        if self.config.gamma_sal < 1:
+            return
+        over = [name for name, layer in self.layers.items()
+                if self.rule.may_ablate(self.config, layer.srigl_plan)
+                and self.config.gamma_sal > layer.srigl_plan.fan_in]
+        if over:
+            warn_user(f"gamma_sal={self.config.gamma_sal:g} salient weights per neuron exceeds the dense fan-in of "
+                      f"layers {over[:5]}{' ...' if len(over) > 5 else ''}: no neuron can reach it, so every update "
+                      "ablates as many of their neurons as the budget allows. gamma_sal below 1 is a fraction of k "
+                      "(the paper's 0.3)")
+
     def _on_optimizer_step(self, optimizer, args, kwargs) -> None:
         self._optimizer_stepped = True
 
@@ -174,6 +189,10 @@ class SRigLUpdater:
         # them, loudly, at the next update.
         self._check_weights_unchanged()
         self.step_count += 1
+        if self.step_count == self.total_steps + 1:
+            warn_user(f"SRigLUpdater.step() called past total_steps={self.total_steps}: the masks froze at T_end = "
+                      f"{self.schedule.t_end} and stay frozen; if the run is longer, build the updater with its "
+                      "real total_steps (the update schedule is scaled by it)")
         self._record_step_gradient()
         updated = self.rule.updates and self.schedule.is_update_step(self.step_count)
         if updated:

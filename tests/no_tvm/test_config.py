@@ -40,6 +40,7 @@ def test_sparsity_outside_open_interval_is_rejected_naming_the_field(value):
         ("grad_accumulation_n", 0, "grad_accumulation_n"),
         ("gamma_sal", -1, "gamma_sal"),
         ("gamma_sal", math.inf, "finite"),
+        ("gamma_sal", 2.5, "must be whole"),
         ("erk_power", math.nan, "finite"),
         ("delta_t", 1.5, "integer"),
         ("seed", -3, "seed"),
@@ -53,6 +54,10 @@ def test_sparsity_outside_open_interval_is_rejected_naming_the_field(value):
 def test_bad_fields_raise_config_error_naming_them(field, value, words):
     with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
         SRigLConfig(**{field: value})
+
+
+def test_gamma_sal_counts_are_whole_numbers_and_fractions_stay_fractions():
+    assert SRigLConfig(gamma_sal=3.0).gamma_sal == 3.0 and SRigLConfig(gamma_sal=0.95).gamma_sal == 0.95
 
 
 def test_numpy_scalars_are_numbers():

@@ -254,3 +254,16 @@ def test_a_parameter_assigned_to_a_condensed_operand_is_refused():
     assert condensed[0].bias is bias
     condensed[0].bias = torch.zeros_like(bias)  # (a plain tensor: a buffer still)
     assert "bias" in condensed[0]._buffers
+
+
+def test_a_gamma_sal_count_no_neuron_can_reach_is_named_with_its_layers():
+    """gamma_sal=1e9 was accepted silently; every update then ablates as many neurons as the budget allows."""
+    def updater(model, gamma_sal):
+        config = SRigLConfig(sparsity=0.5, distribution="uniform", delta_t=5, gamma_sal=gamma_sal)
+        return SRigLUpdater(model, torch.optim.SGD(model.parameters(), lr=0.1), config, 100)
+
+    with pytest.warns(UserWarning, match=r"gamma_sal=1e\+09 .* exceeds the dense fan-in of layers \['0', '2'\]"):
+        updater(sparsify(_mlp(), UNIFORM), 1e9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a count a neuron can reach says nothing)
+        updater(sparsify(_mlp(), UNIFORM), 3)
