@@ -8,9 +8,10 @@ torch's dense convolution (0.59x; 70%: 0.76x) on the 2-core Xeon (``python bench
 whose density is at least ``CANDIDATE_DENSITY`` a ``DenseForm``, and the first calls at each input shape are a
 trial: each runs the kernel (whose output it returns) and the dense form, both timed inside the model, caches as
 they really are, in alternating order; after one untimed call (which prepares: plans, scratch buffers, oneDNN
-primitives) and ``ROUNDS`` timed ones (more while a path has run less than ``BUDGET_S`` in all, up to
-``MAX_ROUNDS``), the faster by the median of its timed calls (the dense form only when 5% and 50 us faster a
-call: small calls stay on the kernel, their timings noise) runs that shape from then on, like
+primitives) and ``ROUNDS`` timed ones (more while a path has run less than ``BUDGET_S`` in all, or while the
+two fastest paths are within ``CLOSE`` of each other, up to ``MAX_ROUNDS``), the faster by the median of its
+timed calls (the dense form only when 5% and 50 us faster a call: small calls stay on the kernel, their timings
+noise) runs that shape from then on, like
 ``torch.backends.cudnn.benchmark`` (the median, not the fastest call: torch's dense convolution at large batches
 varies from call to call, and its best call promised more than its typical one). Below that density the kernels
 measured >= 1.3x over dense at every batch, so sparser layers carry no dense form (and no lookup per call).
@@ -62,7 +63,7 @@ import torch.nn.functional as F
 from ..runtime.call_record import recording_here
 from ..runtime.spec import apply_epilogue
 
-__all__ = ["DenseForm", "CANDIDATE_DENSITY", "DENSE_VARIANTS", "MARGIN", "MIN_SAVING_S", "FORWARD_SAVING_S",
+__all__ = ["DenseForm", "CANDIDATE_DENSITY", "DENSE_VARIANTS", "CLOSE", "MARGIN", "MIN_SAVING_S", "FORWARD_SAVING_S",
            "dense_form_for", "watched_operands", "operands_of", "form_takes", "run_dense_if_faster", "settle_trials",
            "keep_if_faster", "machine"]
 
@@ -74,7 +75,9 @@ CANDIDATE_DENSITY = 0.15  # layers at least this dense get a dense form (see the
 DENSE_VARIANTS = ("matmul", "conv2d")
 ROUNDS = 3  # timed calls of each path in a shape's trial, at least (after one untimed call) ...
 BUDGET_S = 0.005  # ... and more until each path has run this long in all (short calls are noisy) ...
-MAX_ROUNDS = 15  # ... but no more than this
+MAX_ROUNDS = 15  # ... but no more than this; up to it, too, while the two fastest paths' medians are closer than
+CLOSE = 0.10  # this (relative): sgemm and oneDNN a 1x1 layer's trial picks between ran within 10-15% of each other,
+# and trials of three rounds chose either in turn from one settle to the next (RESULTS.md, 2026-12-07)
 MARGIN = 0.95  # the dense path is chosen only when at least 5% faster: ties go to the sparse kernel ...
 MIN_SAVING_S = 50e-6  # ... and at least this much faster a call: below it, timing noise decides and nothing is won
 FORWARD_SAVING_S = 50e-6  # what whole forwards must save per dense choice to keep them (``keep_if_faster``) ...
@@ -229,7 +232,14 @@ class _Trial:
             for times, value in zip(self.times, seconds):
                 times.append(value)
         rounds = self.calls - 1
-        return rounds >= ROUNDS and (min(map(sum, self.times)) >= BUDGET_S or rounds >= MAX_ROUNDS)
+        if rounds < ROUNDS or rounds >= MAX_ROUNDS:
+            return rounds >= MAX_ROUNDS
+        return min(map(sum, self.times)) >= BUDGET_S and not self.close_call()
+
+    def close_call(self) -> bool:
+        """Whether the two fastest paths' medians so far are within ``CLOSE`` of each other."""
+        first, second = sorted(statistics.median(times) for times in self.times)[:2]
+        return second < first * (1 + CLOSE)
 
 
 def dense_form_for(layer, values: torch.Tensor, columns: torch.Tensor) -> DenseForm | None:
