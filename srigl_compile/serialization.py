@@ -109,7 +109,8 @@ def load_lowered(path) -> nn.Module:
     model_file = path / "model.pt"
     if not model_file.exists() or _sha256(model_file) != manifest["model_sha256"]:
         raise CheckpointError(f"{model_file} is missing or does not match manifest.json: corrupt or replaced")
-    model = torch.load(model_file, weights_only=False)
+    with torch.inference_mode(False):  # (tensors made in inference mode have no version counter: see _Condensed)
+        model = torch.load(model_file, weights_only=False)
     missing = [name for name, layer in _lowered_layers(model) if layer.n_active and layer.kernel_key not in loaded]
     if missing:
         raise CheckpointError(f"layers {missing[:5]} use kernels that are not in {path / 'kernels'}")

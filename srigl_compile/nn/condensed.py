@@ -97,6 +97,14 @@ class WeightStandIn(torch.Tensor):
         return f"WeightStandIn(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
 
 
+def outside_inference_mode(value):
+    """``value``, or a normal copy of it if it is a tensor made under torch.inference_mode()."""
+    if not isinstance(value, torch.Tensor) or not value.is_inference():
+        return value
+    with torch.inference_mode(False):
+        return value.clone()
+
+
 class _Condensed(nn.Module):
     """Shared storage and the full-width scatter of condensed layers."""
 
@@ -110,7 +118,28 @@ class _Condensed(nn.Module):
         if isinstance(value, nn.Parameter) and name in self._OPERANDS:  # (a Parameter would leave the buffers)
             raise LayerError(f"{type(self).__name__}.{name} is a buffer of the condensed layer, not a parameter: "
                              f"assign a plain tensor (layer.{name} = tensor.detach()), or copy_ into it in place")
-        super().__setattr__(name, value)
+        super().__setattr__(name, outside_inference_mode(value) if name in self._OPERANDS else value)
+
+    # Tensors made under torch.inference_mode() have no version counter, which the kernels' prepared calls and the
+    # dense form read to see in-place changes: operands loaded, deep-copied or converted there are kept as normal
+    # tensors (a copy each, once).
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._leave_inference_mode()
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        self._leave_inference_mode()
+        return out
+
+    def _leave_inference_mode(self) -> None:
+        replaced = {}
+        for name, buffer in self._buffers.items():
+            if buffer is not None and buffer.is_inference():
+                replaced[id(buffer)] = self._buffers[name] = outside_inference_mode(buffer)
+        form = self.__dict__.get("_dense_form")
+        if replaced and form is not None:
+            form.rewatch(replaced)
 
     def set_epilogue_(self, epilogue: str) -> None:
         """Compute ``epilogue`` (one of ``epilogues``: "relu", "gelu", "silu", "add", "add_relu"; with an add, forward

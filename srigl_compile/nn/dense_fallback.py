@@ -101,7 +101,7 @@ class DenseForm:
     dense_shape: tuple[int, ...]
     epilogue: str
     conv: dict[str, Any] | None
-    watched: tuple[tuple[torch.Tensor, int], ...]
+    watched: tuple[tuple[torch.Tensor, int | None], ...]
     choices: dict = dataclasses.field(default_factory=dict)  # (input shape, residual shape) -> True: dense
     trials: dict = dataclasses.field(default_factory=dict)  # shapes still on trial -> _Trial
     # (input shape, residual shape) -> the faster of a 1x1 convolution's dense computations (``DENSE_VARIANTS``)
@@ -109,9 +109,16 @@ class DenseForm:
     _weight: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
     def stale(self, operands: tuple[torch.Tensor, ...]) -> bool:
-        """Whether the layer's operands are no longer the tensors (and versions) this form was made from."""
+        """Whether the layer's operands are no longer the tensors (and versions) this form was made from (or are
+        tensors without a version counter: made under torch.inference_mode, changes to them cannot be seen)."""
         return len(operands) != len(self.watched) or any(
-            now is not then or now._version != version for now, (then, version) in zip(operands, self.watched))
+            now is not then or version is None or now._version != version
+            for now, (then, version) in zip(operands, self.watched))
+
+    def rewatch(self, replaced: dict[int, torch.Tensor]) -> None:
+        """Watch the tensors that replaced operands (by the replaced tensors' ids), at their present versions."""
+        tensors = [replaced.get(id(tensor), tensor) for tensor, _ in self.watched]
+        self.watched = tuple((tensor, version_of(tensor)) for tensor in tensors)
 
     def weight(self) -> torch.Tensor:
         """The dense weight (built on first use; scatter-add: padded rows repeat their last column with zeros)."""
@@ -204,7 +211,7 @@ class DenseForm:
             self.choices, self.variants = {}, {}
         self.__dict__.pop("machine", None)
         # the loaded operands are the tensors watched (one pickle), their version counters new
-        self.watched = tuple((tensor, tensor._version) for tensor, _ in self.watched)
+        self.watched = tuple((tensor, version_of(tensor)) for tensor, _ in self.watched)
 
 
 def _timed(call: Callable[[], Any]) -> float:
@@ -270,9 +277,14 @@ def operands_of(layer) -> tuple[torch.Tensor, ...]:
     return (buffers["values"], buffers["indices"]) + ((buffers["bias"],) if buffers["bias"] is not None else ())
 
 
-def watched_operands(layer) -> tuple[tuple[torch.Tensor, int], ...]:
+def watched_operands(layer) -> tuple[tuple[torch.Tensor, int | None], ...]:
     """The lowered layer's operand tensors with their versions (what ``DenseForm.stale`` compares against)."""
-    return tuple((tensor, tensor._version) for tensor in operands_of(layer))
+    return tuple((tensor, version_of(tensor)) for tensor in operands_of(layer))
+
+
+def version_of(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter; None for a tensor made under torch.inference_mode (it has none)."""
+    return None if tensor.is_inference() else tensor._version
 
 
 def form_takes(form: DenseForm, x: torch.Tensor, residual: torch.Tensor | None) -> bool:

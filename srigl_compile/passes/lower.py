@@ -131,7 +131,8 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
                LowerLayerNormPass(), LowerAttentionPass()]
     if backend.kind == "llvm":  # (measured on CPUs only: settle chooses, whole batches until then)
         passes += [BatchChunksPass()]
-    model = PassManager(passes).run(copy.deepcopy(model), Analyses(example_inputs))
+    with torch.inference_mode(False):  # (tensors made in inference mode have no version counter: see _Condensed)
+        model = PassManager(passes).run(copy.deepcopy(model), Analyses(example_inputs))
     # Inference only: the kernels have no backward, dropout must be off, and dense parameters need no gradients
     # (a lowered layer refuses an input autograd tracks, InferenceOnlyError).
     return backend.place(model).eval().requires_grad_(False)
