@@ -113,8 +113,8 @@ def _exp(te, value):
 def _activation(te, value, epilogue: str):
     """The epilogue's activation on ``value``: ReLU, GELU (exact form, 0.5 x (1 + erf(x / sqrt 2))) or SiLU
     (x sigmoid(x) = x / (1 + e^-x))."""
-    if "relu" in epilogue:
-        return te.max(value, te.const(0.0, "float32"))
+    if "relu" in epilogue:  # (not te.max: LLVM's maxnum returns 0 for NaN, torch.relu returns NaN)
+        return te.if_then_else(value < te.const(0.0, "float32"), te.const(0.0, "float32"), value)
     if "gelu" in epilogue:
         return te.const(0.5, "float32") * value * (
             te.const(1.0, "float32") + _erf(te, value * te.const(0.7071067811865476, "float32")))

@@ -96,3 +96,27 @@ def test_the_activations_are_vector_code_not_libm_calls(epilogue):
     asm = build_linear(KernelSpec(64, 96, 16, "int16", True, epilogue=epilogue)).module.inspect_source("asm")
     assert not re.search(r"call\w*\s+\*?(exp|erf|expf|erff)(@PLT)?\s", asm)
     assert "vfmadd" in asm
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU, nn.GELU, nn.SiLU])
+def test_a_nan_sample_comes_out_nan_through_every_fused_activation(activation):
+    """A fused ReLU computed max(y, 0), whose LLVM maxnum returns 0 for a NaN y: a lowered model turned NaN inputs
+    into finite outputs (a probe, 2026-12-06). A whole sample NaN, as torch would give it (a NaN inside a sample
+    spreads further in the masked model, whose masked-out weights still multiply it: 0 x NaN)."""
+    torch.manual_seed(5)
+    linear = sparsify(nn.Sequential(nn.Linear(96, 128), activation(), nn.Linear(128, 10)),
+                      SRigLConfig(sparsity=0.8, distribution="uniform")).eval()
+    conv = sparsify(nn.Sequential(nn.Conv2d(6, 16, 3, padding=1), activation(), nn.Conv2d(16, 4, 1)),
+                    SRigLConfig(sparsity=0.7, distribution="uniform")).eval()
+    inputs = {id(linear): [torch.randn(rows, 96) for rows in (1, 2, 5, 64, 300)],  # (every Linear kernel)
+              id(conv): [torch.randn(2, 6, 9, 11)]}
+    for masked in (linear, conv):
+        fused = lower(masked, progress=False)
+        assert get_handle(fused[0].kernel_key).spec.epilogue != ""
+        for x in inputs[id(masked)]:
+            x[0] = float("nan")
+            with torch.no_grad():
+                got, want = fused(x), masked(x)
+            assert want[0].isnan().all() and want[1:].isfinite().all()
+            assert got[0].isnan().all()
+            _close(got[1:], want[1:])
