@@ -15,6 +15,7 @@ import dataclasses
 
 import torch
 
+from ..errors import LayerError
 from ..runtime import conv_op, linear_op  # register torch.ops.srigl_compile.tvm_condensed_* (no TVM import)
 from ..runtime.checks import KernelShapeError, check_no_grad
 from ..runtime.conv_geometry import output_size, phase_columns, phase_kernel
@@ -49,6 +50,7 @@ class LoweredLinear(CondensedLinear):
         # Eager: nn.Module.__getattr__ costs ~1 us a buffer, and a batch-1 call reads four (about 10% of it).
         buffers = self._buffers
         values, indices, bias = buffers["values"], buffers["indices"], buffers["bias"]
+        check_columns(self, indices)
         row_call = self.__dict__.get("_row_call")  # (the CPU row kernel on operands already checked: 1-2 rows)
         if row_call is not None and (y := row_call(x, values, indices, bias)) is not None:
             return self._finish(y, values, residual)
@@ -82,7 +84,8 @@ class LoweredLinear(CondensedLinear):
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {key: value for key, value in state.items() if key != "_row_call"}  # (holds compiled functions)
+        # (_row_call holds compiled functions; a loaded model checks its columns again)
+        return {key: value for key, value in state.items() if key not in ("_row_call", "_columns_checked")}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kernel={self.kernel_key.split('@')[0]}"
@@ -127,7 +130,10 @@ class LoweredConv(CondensedConv):
 
     def kernel_path(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """The layer's output by its kernel, whatever its dense form would choose."""
-        repeat = None if torch.compiler.is_compiling() else self.__dict__.get("_repeat")
+        compiling = torch.compiler.is_compiling()
+        repeat = None if compiling else self.__dict__.get("_repeat")
+        if not compiling and type(x) is torch.Tensor:
+            check_columns(self, self._buffers["indices"])
         operand = residual if self.fused_epilogue else None  # (else torch adds it, after the kernel)
         if repeat is not None and (y := repeat(x, operand, self._buffers)) is not None:
             y = self.scatter(y, dim=1)
@@ -182,7 +188,8 @@ class LoweredConv(CondensedConv):
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {key: value for key, value in state.items() if key != "_repeat"}  # (holds compiled functions)
+        # (_repeat holds compiled functions; a loaded model checks its columns again)
+        return {key: value for key, value in state.items() if key not in ("_repeat", "_columns_checked")}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kernel={self.kernel_key.split('@')[0]}, direct={self.direct}"
@@ -327,3 +334,21 @@ def make_lowered_(layer, handle, conv_route: str, col_threshold: int = 0, name: 
     if form is not None:
         layer._dense_form = dataclasses.replace(form, watched=watched_operands(layer))
     return layer
+
+
+def check_columns(layer, indices: torch.Tensor) -> None:
+    """Raise LayerError unless every column ``indices`` holds is one the layer's kernel may read, in [0, n_in):
+    the kernels read them unchecked, and one written from outside (``load_state_dict``, an edit in place) read
+    memory past the input, or crashed the process. Checked when the indices tensor or its version is new (eager
+    calls: a tuple compare each)."""
+    mark = layer.__dict__.get("_columns_checked")
+    if mark is not None and mark[0] is indices and mark[1] == indices._version:
+        return
+    bound = get_handle(layer.kernel_key).spec.n_in
+    if indices.numel() and not (int(indices.min()) >= 0 and int(indices.max()) < bound):
+        name = getattr(layer, "layer_name", "")
+        raise LayerError(f"lowered {type(layer).__name__}{f' {name!r}' if name else ''}: its indices hold columns in "
+                         f"[{int(indices.min())}, {int(indices.max())}], outside the kernel's [0, {bound}): "
+                         "overwritten with another model's or damaged (load_state_dict from a lowered model of the "
+                         "same source model, or lower the source model again)")
+    layer.__dict__["_columns_checked"] = (indices, indices._version)

@@ -132,3 +132,42 @@ def test_save_lowered_refuses_folders_it_did_not_write_and_corrupt_manifests(low
         (saved / "manifest.json").write_text(json.dumps(manifest))
         with pytest.raises(CheckpointError, match=words):
             load_lowered(saved)
+
+
+def _with_column(lowered_model, layer: str, value: int) -> dict:
+    state = {key: tensor.clone() for key, tensor in lowered_model.state_dict().items()}
+    state[f"{layer}.indices"].view(-1)[0] = value
+    return state
+
+
+def _conv_net():
+    return nn.Sequential(nn.Conv2d(3, 8, 5), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def _linear_net():
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+
+
+@pytest.mark.parametrize("net, layer, shape", [(_conv_net, "0", (1, 3, 12, 12)), (_conv_net, "2", (2, 3, 12, 12)),
+                                               (_linear_net, "0", (1, 32)), (_linear_net, "0", (64, 32))],
+                         ids=["conv", "strided", "linear-row", "linear-tiled"])
+@pytest.mark.parametrize("column", [30000, -5])
+def test_indices_loaded_outside_the_kernel_s_columns_are_refused_at_the_next_call(net, layer, shape, column):
+    """The kernels read the columns unchecked: a state dict with one out of range read past the input (linear) or
+    crashed the process (conv) after load_state_dict (a probe, 2026-12-06)."""
+    torch.manual_seed(0)
+    model = lower(sparsify(net(), SRigLConfig(sparsity=0.8, seed=1)), progress=False)
+    good = {key: tensor.clone() for key, tensor in model.state_dict().items()}
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        want = model(x)  # (warm: the layers' prepared calls exist)
+        model.load_state_dict(_with_column(model, layer, column))
+        with pytest.raises(LayerError, match=rf"lowered Lowered\w+ '{layer}': its indices hold columns in "
+                                             r"\[-?\d+, \d+\], outside the kernel's \[0, \d+\)"):
+            model(x)
+        model.load_state_dict(good)
+        torch.testing.assert_close(model(x), want)
+        dict(model.named_modules())[layer].indices.view(-1)[1] = column  # (in place, as well)
+        with pytest.raises(LayerError, match="outside the kernel's"):
+            model(x)
