@@ -22,8 +22,9 @@ The rules, as for CUDA graphs:
   in a row make the signature eager, with no replay tried (its replays kept failing, each after running up to its
   guard). A variant that cannot be recorded warns and closes the signature: its misses run eagerly. If the
   check's input (above) misses a guard, the replay is checked on the recorded input itself.
-- Changing the model's parameters or buffers in place (e.g. ``load_state_dict``) makes the next call record
-  again. Replacing modules or tensors of the model is not seen: record again with a new ``cpu_graph``.
+- Changing the model's parameters or buffers in place or replacing them (``load_state_dict``, with
+  ``assign=True`` too; assigning a tensor attribute; ``.to()``) makes the next call record again. Replacing
+  modules is not seen: record again with a new ``cpu_graph``.
 - Calls that autograd would track (an input that requires grad, or parameters that require grad while grad mode is
   on) run eagerly: call under ``torch.no_grad()`` or ``torch.inference_mode()``.
 - Each thread records and replays its own recordings (a recording's temporaries are its thread's scratch buffers,
@@ -50,7 +51,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import threading
 from typing import Any
 
@@ -83,7 +83,8 @@ _ADMIT = threading.RLock()
 @dataclasses.dataclass(eq=False)
 class _Entry:
     recordings: list[Recording]  # one per set of values the forward read into Python (guards), in recording order
-    watched: tuple[tuple[torch.Tensor, int], ...]  # the model's parameters and buffers with their versions
+    # the model's parameters and buffers: (the dict holding one, its name there, the tensor, its version)
+    watched: tuple[tuple[dict, str, torch.Tensor, int | None], ...]
     closed: bool = False  # no more variants (one could not be recorded): calls missing every guard run eagerly
     misses: int = 0  # calls in a row that missed every recording's guards with no variant added
     eager: bool = False  # ``MISSES_BEFORE_EAGER`` such calls: the signature runs eagerly, no replay tried
@@ -94,7 +95,10 @@ class _Entry:
         return self.recordings[0]
 
     def stale(self) -> bool:
-        return any(tensor._version != version for tensor, version in self.watched)
+        """Whether a parameter or buffer was changed in place or replaced (``load_state_dict(assign=True)``,
+        attribute assignment, ``.to()``) since the recording."""
+        return any(held.get(name) is not tensor or (version is not None and tensor._version != version)
+                   for held, name, tensor, version in self.watched)
 
     def replay(self, leaves) -> Any:
         """The outputs of the first recording whose guards these inputs pass; GuardFailed if none's do."""
@@ -264,8 +268,22 @@ class CpuGraph(torch.nn.Module):
                                   "input: the forward computes something outside the kernels and aten ops a "
                                   "recording sees, or takes another path from call to call (state it changes, "
                                   "a counter); run this model eagerly")
-        watched = tuple((t, t._version) for t in itertools.chain(self.model.parameters(), self.model.buffers()))
-        return _Entry([recording], watched)
+        return _Entry([recording], _watched(self.model))
+
+
+def _watched(model: torch.nn.Module) -> tuple[tuple[dict, str, torch.Tensor, int | None], ...]:
+    """Every parameter and buffer of ``model`` where it is held, with its version. Tensors made under
+    torch.inference_mode() have none: a replay cannot see them changed in place (a warning says so)."""
+    watched = tuple((held, name, tensor, None if tensor.is_inference() else tensor._version)
+                    for module in model.modules() for held in (module._parameters, module._buffers)
+                    for name, tensor in held.items() if tensor is not None)
+    unseen = sum(version is None for *_, version in watched)
+    if unseen:
+        warn_user(f"cpu_graph: {unseen} parameters / buffers of the model were made under torch.inference_mode(), "
+                  "which gives them no version counter: replays cannot see them changed in place (load_state_dict "
+                  "under inference_mode). Load or copy the model outside inference mode, or record again with a "
+                  "new cpu_graph after changing them")
+    return watched
 
 
 def _replayed(recording: Recording, leaves: list[Any]) -> Any:

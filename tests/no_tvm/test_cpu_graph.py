@@ -85,6 +85,48 @@ def test_in_place_parameter_changes_record_again():
     assert graphed.replays == 3
 
 
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 4)
+        self.register_buffer("scale", torch.tensor(2.0))
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+def test_replaced_parameters_and_buffers_record_again():
+    """Replacing a tensor (load_state_dict(assign=True), an attribute assigned) left replays computing with the old
+    one, silently (a probe, 2026-12-06): only in-place changes were seen."""
+    model = _Scaled().eval()
+    graphed = cpu_graph(model)
+    x = torch.randn(3, 5)
+    with torch.no_grad():
+        _same(graphed(x), model(x))
+        model.load_state_dict({"fc.weight": torch.randn(4, 5), "fc.bias": torch.randn(4), "scale": torch.tensor(3.0)},
+                              assign=True)
+        _same(graphed(x), model(x))
+        model.scale = torch.tensor(-1.0)
+        _same(graphed(x), model(x))
+        model.fc.bias = nn.Parameter(torch.randn(4))
+        _same(graphed(x), model(x))
+        _same(graphed(x), model(x))
+    assert len(graphed._entries) == 1
+
+
+def test_a_model_made_in_inference_mode_is_replayed_and_its_unwatchable_tensors_are_named():
+    with torch.inference_mode():
+        model = copy.deepcopy(_Scaled().eval())  # (inference tensors: no version counter)
+        graphed = cpu_graph(model)
+        x = torch.randn(3, 5)
+        with pytest.warns(UserWarning, match="3 parameters / buffers of the model were made under "
+                                             r"torch.inference_mode\(\)"):
+            _same(graphed(x), model(x))
+        _same(graphed(x), model(x))
+        model.scale = torch.tensor(5.0)  # (replaced: seen)
+        _same(graphed(x), model(x))
+
+
 def test_outputs_are_new_tensors_and_structures_and_kwargs_are_kept():
     class TwoHeads(nn.Module):
         def __init__(self):
