@@ -132,6 +132,16 @@ class CondensedMultiheadAttention(nn.Module):
         *sources, offsets = self._projected(query, key, value, same)
         return tuple(x[..., start:start + self.embed_dim] for x, start in zip(sources, offsets))
 
+    def _unbatched(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                   is_causal, residual):
+        dim = 0 if self.batch_first else 1
+        batched = {id(t): t.unsqueeze(dim) for t in (query, key, value)}  # (self-attention stays one tensor)
+        out, weights = self.forward(
+            batched[id(query)], batched[id(key)], batched[id(value)],
+            None if key_padding_mask is None else key_padding_mask.unsqueeze(0), need_weights, attn_mask,
+            average_attn_weights, is_causal, None if residual is None else residual.unsqueeze(dim))
+        return out.squeeze(dim), None if weights is None else weights.squeeze(0)
+
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         return x.reshape(b, t, self.num_heads, self.head_dim).transpose(1, 2)
@@ -154,6 +164,9 @@ class CondensedMultiheadAttention(nn.Module):
                 average_attn_weights=True, is_causal=False, residual=None):
         """nn.MultiheadAttention's call; ``residual`` (shaped like the output) is added to it by ``out_proj``
         (whose epilogue then has an add: ``nn.transformer_layers``)."""
+        if query.dim() == 2:  # unbatched [T, E], as nn.MultiheadAttention takes it: a batch of one
+            return self._unbatched(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, is_causal, residual)
         same = query is key and key is value  # (before the transposes below make three views)
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))

@@ -15,7 +15,7 @@ import dataclasses
 
 import torch
 
-from ..errors import LayerError
+from ..errors import InferenceOnlyError, LayerError
 from ..runtime import conv_op, linear_op  # register torch.ops.srigl_compile.tvm_condensed_* (no TVM import)
 from ..runtime.checks import KernelShapeError, check_no_grad
 from ..runtime.conv_geometry import output_size, phase_columns, phase_kernel
@@ -25,7 +25,7 @@ from .condensed import CondensedConv, CondensedLinear, accepts_unbatched, index_
 from .dense_fallback import dense_form_for, run_dense_if_faster, watched_operands
 from .traced_dense import dense_form, traced_dense_choice
 
-__all__ = ["LoweredLinear", "LoweredConv", "kernel_operands", "kernel_spec", "can_fuse_epilogue", "fuses_epilogue",
+__all__ = ["LoweredLinear", "LoweredConv", "refuse_train", "kernel_operands", "kernel_spec", "can_fuse_epilogue", "fuses_epilogue",
            "make_lowered_", "subsamples", "pointwise_unpadded", "with_layer_name"]
 
 
@@ -34,6 +34,9 @@ class LoweredLinear(CondensedLinear):
     large-batch kernel from that many rows (0: the kernel's own dispatch)."""
 
     fused_epilogue = False  # whether the kernel computes the epilogue (else torch does, after the kernel)
+
+    def train(self, mode: bool = True):
+        return refuse_train(self, mode)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if type(x) is not torch.Tensor or torch.compiler.is_compiling():  # tracers see the buffers as attributes
@@ -112,6 +115,10 @@ class LoweredConv(CondensedConv):
         return self.active.numel() if self.values.dim() == 4 else self.values.shape[0]
 
     fused_epilogue = False  # whether the kernel computes the epilogue (else torch does, after the kernel)
+
+    def train(self, mode: bool = True):
+        return refuse_train(self, mode)
+
     # whether every consumer reads planar images (``passes/planar_layout.py``): then an output whose planes are not
     # whole vectors is a strided view with its channels on vector boundaries (``runtime.conv_geometry``)
     planar_output = False
@@ -352,3 +359,16 @@ def check_columns(layer, indices: torch.Tensor) -> None:
                          "overwritten with another model's or damaged (load_state_dict from a lowered model of the "
                          "same source model, or lower the source model again)")
     layer.__dict__["_columns_checked"] = (indices, indices._version)
+
+
+def refuse_train(layer, mode: bool):
+    """``nn.Module.train`` for lowered layers: eval mode only. A lowered model computes eval semantics (BatchNorm
+    folded with its running statistics, attention without dropout) and has no backward, so train mode would only
+    have mixed them with the torch modules' train behaviour (dropout on)."""
+    if mode:
+        name = getattr(layer, "layer_name", "")
+        raise InferenceOnlyError(
+            f"lowered {type(layer).__name__}{f' {name!r}' if name else ''} runs in eval mode only (BatchNorm folded, "
+            "no backward): train() switched the modules before it to train mode; call model.eval() to undo it. "
+            "To train, train the sparse model and lower it again")
+    return torch.nn.Module.train(layer, False)

@@ -1,0 +1,80 @@
+"""Lowered models as the torch modules they replace, where a runtime probe (2026-12-06) found them differ: train mode
+(accepted silently, half honoured) and unbatched [T, E] inputs to attention (a raw error)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from srigl_compile import SRigLConfig, lower, sparsify
+from srigl_compile.errors import InferenceOnlyError
+
+pytestmark = pytest.mark.tvm
+
+
+def test_train_mode_is_refused_naming_the_layer_and_eval_undoes_what_it_switched():
+    """BatchNorm is folded with its running statistics and fused attention has no dropout: train() used to report
+    training=True while the torch modules' dropout ran and the folded layers kept eval semantics."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Dropout(0.5),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+    masked = sparsify(net, SRigLConfig(sparsity=0.9)).eval()
+    lowered = lower(masked, progress=False)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = masked(x)
+    with pytest.raises(InferenceOnlyError, match=r"lowered LoweredConv '0' runs in eval mode only .*model.eval\(\)"):
+        lowered.train()
+    lowered.eval()
+    assert not any(m.training for m in lowered.modules())
+    lowered.train(False)  # (eval by another name: fine)
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mask", [None, "padding", "causal"])
+def test_an_encoder_takes_an_unbatched_sequence_as_torch_s_does(batch_first, mask):
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 256, batch_first=batch_first), 2,
+                                    enable_nested_tensor=False)
+    masked = sparsify(encoder, SRigLConfig(sparsity=0.9), example_inputs=(torch.randn(2, 9, 64),)).eval()
+    lowered = lower(copy.deepcopy(masked), progress=False, example_inputs=(torch.randn(2, 9, 64),))
+    x = torch.randn(9, 64)
+    kwargs = {}
+    if mask == "padding":
+        kwargs["src_key_padding_mask"] = torch.arange(9) >= 7
+    elif mask == "causal":
+        kwargs["mask"] = nn.Transformer.generate_square_subsequent_mask(9)
+    with torch.no_grad():
+        want = masked(x, **kwargs)
+        got = lowered(x, **kwargs)
+    assert got.shape == want.shape == (9, 64)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    if mask == "padding":
+        kwargs["src_key_padding_mask"] = kwargs["src_key_padding_mask"].unsqueeze(0)
+    with torch.no_grad():  # and one sequence of a batch computes as it does alone
+        batched = lowered(x.unsqueeze(0 if batch_first else 1), **kwargs)
+    torch.testing.assert_close(batched.squeeze(0 if batch_first else 1), got, rtol=1e-5, atol=1e-6)
+
+
+def test_multihead_attention_alone_returns_unbatched_weights_as_torch_does():
+    torch.manual_seed(1)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=True)
+
+    masked = sparsify(Net(), SRigLConfig(sparsity=0.8), example_inputs=(torch.randn(2, 5, 32),)).eval()
+    lowered = lower(copy.deepcopy(masked), progress=False)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        (out, weights), (want_out, want_weights) = lowered(x), masked(x)
+    assert out.shape == (5, 32) and weights.shape == want_weights.shape == (5, 5)
+    torch.testing.assert_close(out, want_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weights, want_weights, rtol=1e-4, atol=1e-5)
