@@ -25,8 +25,9 @@ from .condensed import CondensedConv, CondensedLinear, accepts_unbatched, index_
 from .dense_fallback import dense_form_for, run_dense_if_faster, watched_operands
 from .traced_dense import dense_form, traced_dense_choice
 
-__all__ = ["LoweredLinear", "LoweredConv", "refuse_train", "kernel_operands", "kernel_spec", "can_fuse_epilogue", "fuses_epilogue",
-           "make_lowered_", "subsamples", "pointwise_unpadded", "with_layer_name"]
+__all__ = ["LoweredLinear", "LoweredConv", "refuse_train", "check_columns", "kernel_operands", "kernel_spec",
+           "can_fuse_epilogue", "fuses_epilogue", "make_lowered_", "subsamples", "pointwise_unpadded",
+           "with_layer_name"]
 
 
 class LoweredLinear(CondensedLinear):
