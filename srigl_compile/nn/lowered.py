@@ -17,7 +17,7 @@ import torch
 
 from ..errors import InferenceOnlyError, LayerError
 from ..runtime import conv_op, linear_op  # register torch.ops.srigl_compile.tvm_condensed_* (no TVM import)
-from ..runtime.checks import KernelShapeError, check_no_grad
+from ..runtime.checks import KernelDeviceError, KernelShapeError, check_no_grad
 from ..runtime.conv_geometry import output_size, phase_columns, phase_kernel
 from ..runtime.registry import get_handle
 from ..runtime.spec import KernelSpec, apply_epilogue
@@ -352,6 +352,10 @@ def check_columns(layer, indices: torch.Tensor) -> None:
     mark = layer.__dict__.get("_columns_checked")
     if mark is not None and mark[0] is indices and mark[1] == indices._version:
         return
+    if indices.is_meta:
+        raise KernelDeviceError(f"lowered {type(layer).__name__} {getattr(layer, 'layer_name', '')!r}: its operands "
+                                "are on the meta device (moved by .to('meta')), which holds no values: a lowered "
+                                "model runs on the device lower() built it for; lower the source model again")
     bound = get_handle(layer.kernel_key).spec.n_in
     if indices.numel() and not (int(indices.min()) >= 0 and int(indices.max()) < bound):
         name = getattr(layer, "layer_name", "")

@@ -17,7 +17,7 @@ from srigl_compile import (
     sparsify,
 )
 from srigl_compile.errors import LoweringError
-from srigl_compile.runtime.checks import KernelShapeError
+from srigl_compile.runtime.checks import KernelDeviceError, KernelShapeError
 from srigl_compile.runtime.kernel_io import KernelFileError, export_kernels, load_kernels
 from srigl_compile.runtime.registry import get_handle
 
@@ -171,3 +171,12 @@ def test_indices_loaded_outside_the_kernel_s_columns_are_refused_at_the_next_cal
         dict(model.named_modules())[layer].indices.view(-1)[1] = column  # (in place, as well)
         with pytest.raises(LayerError, match="outside the kernel's"):
             model(x)
+
+
+@pytest.mark.parametrize("net, shape", [(_conv_net, (1, 3, 12, 12)), (_linear_net, (1, 32))], ids=["conv", "linear"])
+def test_a_model_moved_to_meta_names_the_device_at_its_call(net, shape):
+    """A raw "Cannot pack tensors on meta" with C++ frames before (runtime probe)."""
+    model = lower(sparsify(net(), SRigLConfig(sparsity=0.8, seed=1)), progress=False).to("meta")
+    with torch.no_grad(), pytest.raises(KernelDeviceError, match=r"lowered Lowered\w+ '0': its operands are on "
+                                                                 r"the meta device \(moved by .to\('meta'\)\)"):
+        model(torch.randn(*shape))
