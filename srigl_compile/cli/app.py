@@ -43,5 +43,10 @@ def console_main() -> None:
     """
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        if not sys.argv[0].endswith("__main__.py"):  # (the restart runs -m: keep the name the user typed in help)
+            os.environ[_PROG_VARIABLE] = os.path.basename(sys.argv[0])
         os.execv(sys.executable, [sys.executable, "-m", "srigl_compile", *sys.argv[1:]])
-    main()
+    main(prog_name=os.environ.pop(_PROG_VARIABLE, None))
+
+
+_PROG_VARIABLE = "_SRIGL_COMPILE_PROG"

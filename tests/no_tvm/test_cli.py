@@ -24,6 +24,22 @@ def test_every_command_has_help_with_an_example(runner, command):
     assert result.exit_code == 0 and "Example: srigl-compile" in result.output
 
 
+def test_the_executable_calls_itself_by_its_name_after_restarting_for_omp_wait_policy():
+    """It restarts as ``python -m srigl_compile`` (OMP_WAIT_POLICY must be set before torch loads), and its help
+    and errors named that instead of what the user typed."""
+    import os
+    import subprocess
+    import sys
+
+    executable = Path(sys.executable).parent / "srigl-compile"
+    if not executable.exists():
+        pytest.skip("the srigl-compile entry point is not installed beside this Python")
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    result = subprocess.run([str(executable), "train", "--bogus"], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "Try 'srigl-compile train --help'" in result.stderr
+
+
 @pytest.mark.parametrize("args, words", [
     (["train", "--sparsity", "1.5"], "sparsity"),
     (["train", "--model", "alexnet"], "unknown model"),

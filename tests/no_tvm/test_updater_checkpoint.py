@@ -137,6 +137,7 @@ def test_steps_past_total_steps_warn_once_keep_the_masks_and_resume_bit_exact():
         assert not (updated and step > TOTAL)
         past = [w for w in caught if "past total_steps=40" in str(w.message)]
         assert len(past) == (step == TOTAL + 1), step
+        assert all(w.filename == __file__ for w in past)  # (the caller's line, not torch's no_grad wrapper)
         if step > TOTAL:
             assert all(torch.equal(masks[n], m) for n, m in updater._masks().items())
     state = updater.state_dict()
