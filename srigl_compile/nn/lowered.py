@@ -15,7 +15,7 @@ import dataclasses
 
 import torch
 
-from ..errors import InferenceOnlyError, LayerError
+from ..errors import InferenceOnlyError, LayerError, LoweringError
 from ..runtime import conv_op, linear_op  # register torch.ops.srigl_compile.tvm_condensed_* (no TVM import)
 from ..runtime.checks import KernelDeviceError, KernelShapeError, check_no_grad
 from ..runtime.conv_geometry import output_size, phase_columns, phase_kernel
@@ -25,8 +25,8 @@ from .condensed import CondensedConv, CondensedLinear, accepts_unbatched, index_
 from .dense_fallback import dense_form_for, run_dense_if_faster, watched_operands
 from .traced_dense import dense_form, traced_dense_choice
 
-__all__ = ["LoweredLinear", "LoweredConv", "refuse_train", "check_columns", "kernel_operands", "kernel_spec",
-           "can_fuse_epilogue", "fuses_epilogue", "make_lowered_", "subsamples", "pointwise_unpadded",
+__all__ = ["LoweredLinear", "LoweredConv", "refuse_train", "refuse_torchscript", "check_columns", "kernel_operands",
+           "kernel_spec", "can_fuse_epilogue", "fuses_epilogue", "make_lowered_", "subsamples", "pointwise_unpadded",
            "with_layer_name"]
 
 
@@ -40,6 +40,8 @@ class LoweredLinear(CondensedLinear):
         return refuse_train(self, mode)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.jit.is_tracing():
+            refuse_torchscript(self)
         if type(x) is not torch.Tensor or torch.compiler.is_compiling():  # tracers see the buffers as attributes
             if traced_dense_choice(self, x, residual) is not None:  # (the dense path eager calls chose)
                 return dense_form(self, x, residual)
@@ -128,6 +130,8 @@ class LoweredConv(CondensedConv):
     pitched_output = False
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.jit.is_tracing():
+            refuse_torchscript(self)
         if type(x) is not torch.Tensor or torch.compiler.is_compiling():
             if traced_dense_choice(self, x, residual) is not None:  # (the dense path eager calls chose)
                 return dense_form(self, x, residual)
@@ -377,3 +381,11 @@ def refuse_train(layer, mode: bool):
             "no backward): train() switched the modules before it to train mode; call model.eval() to undo it. "
             "To train, train the sparse model and lower it again")
     return torch.nn.Module.train(layer, False)
+
+
+def refuse_torchscript(layer) -> None:
+    """torch.jit.trace of a lowered model: the kernels are TVM functions TorchScript cannot record (it failed with an
+    internal assert or a raw TVM type error)."""
+    name = getattr(layer, "layer_name", "")
+    raise LoweringError(f"lowered {type(layer).__name__}{f' {name!r}' if name else ''}: torch.jit cannot trace the "
+                        "TVM kernels; use torch.export.export or torch.compile (both keep them), or save_lowered")

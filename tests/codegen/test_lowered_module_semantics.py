@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from srigl_compile import SRigLConfig, lower, sparsify
-from srigl_compile.errors import InferenceOnlyError
+from srigl_compile.errors import InferenceOnlyError, LoweringError
 
 pytestmark = pytest.mark.tvm
 
@@ -78,3 +78,17 @@ def test_multihead_attention_alone_returns_unbatched_weights_as_torch_does():
     assert out.shape == (5, 32) and weights.shape == want_weights.shape == (5, 5)
     torch.testing.assert_close(out, want_out, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(weights, want_weights, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_torch_jit_trace_is_refused_naming_what_works(kind):
+    """An internal assert (aten::view alias analysis) or a raw TVM type error before."""
+    torch.manual_seed(2)
+    if kind == "linear":
+        net, x = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)), torch.randn(4, 64)
+    else:
+        net, x = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 8, 3)), torch.randn(2, 3, 8, 8)
+    lowered = lower(sparsify(net, SRigLConfig(sparsity=0.9)).eval(), progress=False)
+    with torch.no_grad(), pytest.raises(LoweringError, match=r"lowered Lowered\w+ '0': torch.jit cannot trace the TVM "
+                                                            r"kernels; use torch.export.export or torch.compile"):
+        torch.jit.trace(lowered, x)
