@@ -249,10 +249,15 @@ class _RepeatConv:
 
 
 def with_layer_name(err: KernelShapeError, layer) -> KernelShapeError:
-    """The kernel's shape error, naming the layer (``lower`` records each lowered layer's name)."""
+    """The kernel's shape error, naming the layer."""
+    return KernelShapeError(f"{layer_label(layer)} {err}")
+
+
+def layer_label(layer) -> str:
+    """How errors name a lowered layer: "lowered LoweredConv 'layer1.0.conv2'" (``lower`` records each lowered
+    layer's name)."""
     name = getattr(layer, "layer_name", "")
-    where = f"lowered {type(layer).__name__} {name!r}" if name else f"lowered {type(layer).__name__}"
-    return KernelShapeError(f"{where} {err}")
+    return f"lowered {type(layer).__name__} {name!r}" if name else f"lowered {type(layer).__name__}"
 
 
 def pointwise_unpadded(layer: CondensedConv) -> bool:
@@ -357,13 +362,12 @@ def check_columns(layer, indices: torch.Tensor) -> None:
     if mark is not None and mark[0] is indices and mark[1] == indices._version:
         return
     if indices.is_meta:
-        raise KernelDeviceError(f"lowered {type(layer).__name__} {getattr(layer, 'layer_name', '')!r}: its operands "
-                                "are on the meta device (moved by .to('meta')), which holds no values: a lowered "
-                                "model runs on the device lower() built it for; lower the source model again")
+        raise KernelDeviceError(f"{layer_label(layer)}: its operands are on the meta device (moved by .to('meta')), "
+                                "which holds no values: a lowered model runs on the device lower() built it for; "
+                                "lower the source model again")
     bound = get_handle(layer.kernel_key).spec.n_in
     if indices.numel() and not (int(indices.min()) >= 0 and int(indices.max()) < bound):
-        name = getattr(layer, "layer_name", "")
-        raise LayerError(f"lowered {type(layer).__name__}{f' {name!r}' if name else ''}: its indices hold columns in "
+        raise LayerError(f"{layer_label(layer)}: its indices hold columns in "
                          f"[{int(indices.min())}, {int(indices.max())}], outside the kernel's [0, {bound}): "
                          "overwritten with another model's or damaged (load_state_dict from a lowered model of the "
                          "same source model, or lower the source model again)")
@@ -375,17 +379,15 @@ def refuse_train(layer, mode: bool):
     folded with its running statistics, attention without dropout) and has no backward, so train mode would only
     have mixed them with the torch modules' train behaviour (dropout on)."""
     if mode:
-        name = getattr(layer, "layer_name", "")
         raise InferenceOnlyError(
-            f"lowered {type(layer).__name__}{f' {name!r}' if name else ''} runs in eval mode only (BatchNorm folded, "
-            "no backward): train() switched the modules before it to train mode; call model.eval() to undo it. "
-            "To train, train the sparse model and lower it again")
+            f"{layer_label(layer)} runs in eval mode only (BatchNorm folded, no backward): train() switched the "
+            "modules before it to train mode; call model.eval() to undo it. To train, train the sparse model and "
+            "lower it again")
     return torch.nn.Module.train(layer, False)
 
 
 def refuse_torchscript(layer) -> None:
     """torch.jit.trace of a lowered model: the kernels are TVM functions TorchScript cannot record (it failed with an
     internal assert or a raw TVM type error)."""
-    name = getattr(layer, "layer_name", "")
-    raise LoweringError(f"lowered {type(layer).__name__}{f' {name!r}' if name else ''}: torch.jit cannot trace the "
-                        "TVM kernels; use torch.export.export or torch.compile (both keep them), or save_lowered")
+    raise LoweringError(f"{layer_label(layer)}: torch.jit cannot trace the TVM kernels; use torch.export.export or "
+                        "torch.compile (both keep them), or save_lowered")
