@@ -201,6 +201,8 @@ def _pack_lanes_as_vectors(sch, pack, target):
     feature, lane = sch.get_loops(pack)[-2:]
     widths = (16, 8, 4, 2, 1) if _has_avx512(target) else (8, 4, 2, 1)
     width = _largest_divisor(int(sch.get(lane).extent), widths)
+    if not isinstance(sch.get(feature).extent, import_tvm().tirx.IntImm):  # (the tile loop: a pack of one input
+        feature = sch.add_unit_loop(lane)                                  # feature inside a task lost its loop)
     chunk, inner = sch.split(feature, [None, _largest_divisor(int(sch.get(feature).extent), (32, 16, 8, 4, 2, 1))])
     lane_outer, lane_inner = sch.split(lane, [None, width])
     sch.reorder(chunk, lane_outer, inner, lane_inner)

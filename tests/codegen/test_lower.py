@@ -321,3 +321,18 @@ def test_lowered_90_percent_layer_is_small_and_drops_dense_weights():
     assert all(t.numel() < 3072 * 768 // 4 for t in list(lowered.parameters()) + list(lowered.buffers()))
 
 
+
+
+def test_a_consumer_left_with_one_input_feature_lowers_and_runs_at_every_batch():
+    """All but one neuron of a hidden layer ablated: its consumer keeps one input feature, whose pack loop of one the
+    fused kernel's schedule lost (a TypeError from the schedule at lower(); the fuzz probe, 2026-12-06)."""
+    torch.manual_seed(0)
+    masked = sparsify(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)),
+                      SRigLConfig(sparsity=0.5, distribution="uniform")).eval()
+    ablate(masked, {"0": list(range(1, 16))})
+    lowered = lower(masked, progress=False)
+    assert lowered[2].fan_in == 1
+    for batch in (1, 2, 3, 8, 64, 300):  # the row, mid, col and fused kernels
+        x = torch.randn(batch, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(lowered(x), masked(x), rtol=1e-5, atol=1e-6)
