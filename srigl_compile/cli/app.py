@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 
 import click
 
@@ -46,7 +47,15 @@ def console_main() -> None:
         if not sys.argv[0].endswith("__main__.py"):  # (the restart runs -m: keep the name the user typed in help)
             os.environ[_PROG_VARIABLE] = os.path.basename(sys.argv[0])
         os.execv(sys.executable, [sys.executable, "-m", "srigl_compile", *sys.argv[1:]])
+    warnings.showwarning = _one_line_warning
     main(prog_name=os.environ.pop(_PROG_VARIABLE, None))
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A command's warnings as one line each, without the source line Python would show (the library's or
+    click's: a command line has no line of the user's to point at)."""
+    label = "Warning" if category is UserWarning else category.__name__
+    click.echo(f"{label}: {message}", err=True)
 
 
 _PROG_VARIABLE = "_SRIGL_COMPILE_PROG"

@@ -24,9 +24,9 @@ def test_every_command_has_help_with_an_example(runner, command):
     assert result.exit_code == 0 and "Example: srigl-compile" in result.output
 
 
-def test_the_executable_calls_itself_by_its_name_after_restarting_for_omp_wait_policy():
+def test_the_executable_calls_itself_by_its_name_and_prints_warnings_as_lines(tmp_path):
     """It restarts as ``python -m srigl_compile`` (OMP_WAIT_POLICY must be set before torch loads), and its help
-    and errors named that instead of what the user typed."""
+    and errors named that instead of what the user typed; its warnings showed click's source file and line."""
     import os
     import subprocess
     import sys
@@ -38,6 +38,10 @@ def test_the_executable_calls_itself_by_its_name_after_restarting_for_omp_wait_p
     result = subprocess.run([str(executable), "train", "--bogus"], env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2 and "Try 'srigl-compile train --help'" in result.stderr
+    result = subprocess.run([str(executable), "train", "--epochs", "1", "--batch-size", "256", "--out",
+                             str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0
+    assert "Warning: the masks will never be updated" in result.stderr and "click" not in result.stderr
 
 
 @pytest.mark.parametrize("args, words", [
