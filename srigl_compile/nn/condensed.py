@@ -30,6 +30,7 @@ from ..errors import LayerError
 from ..runtime.conv_geometry import output_size
 from ..runtime.spec import EPILOGUES, apply_epilogue
 from ..sparsity.selection import row_counts
+from .condensed_tensors import WeightStandIn, outside_inference_mode
 
 __all__ = ["CondensedLinear", "CondensedConv", "condensed_arrays", "index_dtype_for"]
 
@@ -59,50 +60,6 @@ def condensed_arrays(weight: torch.Tensor, mask: torch.Tensor, name: str = "laye
     columns = rows.nonzero()[:, 1].reshape(len(active), k)
     values = weight2d[active].gather(1, columns).contiguous()
     return active, values, columns.to(index_dtype_for(mask2d.shape[1])).contiguous()
-
-
-class WeightStandIn(torch.Tensor):
-    """A data-less tensor answering shape / dtype / device questions about a condensed layer's dense weight, and
-    raising LayerError on anything else (not TypeError, which tensor operators turn into NotImplemented). A plain
-    meta tensor would not do: ``F.linear(cpu_x, meta_w)`` returns CPU garbage."""
-
-    _READS = frozenset({"dtype", "shape", "ndim", "dim", "size", "numel", "layout", "requires_grad",
-                        "is_floating_point", "is_complex", "element_size", "is_sparse", "is_quantized", "is_meta",
-                        "is_cpu", "is_cuda"})
-    _cache: dict = {}
-
-    @classmethod
-    def make(cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> WeightStandIn:
-        key = (shape, dtype, str(device))
-        if key not in cls._cache:
-            cls._cache[key] = torch.Tensor._make_subclass(cls, torch.empty(shape, dtype=dtype, device="meta"))
-            cls._cache[key]._device = torch.device(device)
-        return cls._cache[key]
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        name = getattr(getattr(func, "__self__", None), "__name__", None) if func.__name__ == "__get__" \
-            else func.__name__
-        if name in cls._READS:
-            with torch._C.DisableTorchFunctionSubclass():
-                return func(*args, **(kwargs or {}))
-        raise LayerError(f"a condensed layer keeps no dense weight: `.weight` only answers shape, dtype and device "
-                        f"questions, not {name}. Use the layer itself, or its values / indices.")
-
-    def __repr__(self) -> str:  # (printing would otherwise go through torch functions)
-        return f"WeightStandIn(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
-
-
-def outside_inference_mode(value):
-    """``value``, or a normal copy of it if it is a tensor made under torch.inference_mode()."""
-    if not isinstance(value, torch.Tensor) or not value.is_inference():
-        return value
-    with torch.inference_mode(False):
-        return value.clone()
 
 
 class _Condensed(nn.Module):
