@@ -361,6 +361,8 @@ def check_columns(layer, indices: torch.Tensor) -> None:
     mark = layer.__dict__.get("_columns_checked")
     if mark is not None and mark[0] is indices and mark[1] == indices._version:
         return
+    if indices.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # (reading the columns back would break a CUDA graph's capture: the next eager call checks them)
     if indices.is_meta:
         raise KernelDeviceError(f"{layer_label(layer)}: its operands are on the meta device (moved by .to('meta')), "
                                 "which holds no values: a lowered model runs on the device lower() built it for; "
