@@ -13,7 +13,7 @@ import torch
 
 from ..errors import LayerError
 
-__all__ = ["WeightStandIn", "outside_inference_mode"]
+__all__ = ["WeightStandIn", "outside_inference_mode", "version_of"]
 
 
 class WeightStandIn(torch.Tensor):
@@ -58,3 +58,8 @@ def outside_inference_mode(value):
         return value
     with torch.inference_mode(False):
         return value.clone()
+
+
+def version_of(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter; None for a tensor made under torch.inference_mode() (it has none)."""
+    return None if tensor.is_inference() else tensor._version

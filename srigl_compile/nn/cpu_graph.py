@@ -68,6 +68,7 @@ from ..runtime.call_record import (
     recording_here,
     static_copy,
 )
+from .condensed_tensors import version_of
 from .settle import settle
 
 __all__ = ["CpuGraph", "cpu_graph"]
@@ -274,7 +275,7 @@ class CpuGraph(torch.nn.Module):
 def _watched(model: torch.nn.Module) -> tuple[tuple[dict, str, torch.Tensor, int | None], ...]:
     """Every parameter and buffer of ``model`` where it is held, with its version. Tensors made under
     torch.inference_mode() have none: a replay cannot see them changed in place (a warning says so)."""
-    watched = tuple((held, name, tensor, None if tensor.is_inference() else tensor._version)
+    watched = tuple((held, name, tensor, version_of(tensor))
                     for module in model.modules() for held in (module._parameters, module._buffers)
                     for name, tensor in held.items() if tensor is not None)
     unseen = sum(version is None for *_, version in watched)

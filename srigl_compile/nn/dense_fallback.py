@@ -8,10 +8,9 @@ torch's dense convolution (0.59x; 70%: 0.76x) on the 2-core Xeon (``python bench
 whose density is at least ``CANDIDATE_DENSITY`` a ``DenseForm``, and the first calls at each input shape are a
 trial: each runs the kernel (whose output it returns) and the dense form, both timed inside the model, caches as
 they really are, in alternating order; after one untimed call (which prepares: plans, scratch buffers, oneDNN
-primitives) and ``ROUNDS`` timed ones (more while a path has run less than ``BUDGET_S`` in all, or while the
-two fastest paths are within ``CLOSE`` of each other, up to ``MAX_ROUNDS``), the faster by the median of its
-timed calls (the dense form only when 5% and 50 us faster a call: small calls stay on the kernel, their timings
-noise) runs that shape from then on, like
+primitives) and ``ROUNDS`` timed ones (more while a path has run less than ``BUDGET_S`` in all, up to
+``MAX_ROUNDS``), the faster by the median of its timed calls (the dense form only when 5% and 50 us faster a
+call: small calls stay on the kernel, their timings noise) runs that shape from then on, like
 ``torch.backends.cudnn.benchmark`` (the median, not the fastest call: torch's dense convolution at large batches
 varies from call to call, and its best call promised more than its typical one). Below that density the kernels
 measured >= 1.3x over dense at every batch, so sparser layers carry no dense form (and no lookup per call).
@@ -62,8 +61,9 @@ import torch.nn.functional as F
 
 from ..runtime.call_record import recording_here
 from ..runtime.spec import apply_epilogue
+from .condensed_tensors import version_of
 
-__all__ = ["DenseForm", "CANDIDATE_DENSITY", "DENSE_VARIANTS", "CLOSE", "MARGIN", "MIN_SAVING_S", "FORWARD_SAVING_S",
+__all__ = ["DenseForm", "CANDIDATE_DENSITY", "DENSE_VARIANTS", "MARGIN", "MIN_SAVING_S", "FORWARD_SAVING_S",
            "dense_form_for", "watched_operands", "operands_of", "form_takes", "run_dense_if_faster", "settle_trials",
            "keep_if_faster", "machine"]
 
@@ -75,10 +75,7 @@ CANDIDATE_DENSITY = 0.15  # layers at least this dense get a dense form (see the
 DENSE_VARIANTS = ("matmul", "conv2d")
 ROUNDS = 3  # timed calls of each path in a shape's trial, at least (after one untimed call) ...
 BUDGET_S = 0.005  # ... and more until each path has run this long in all (short calls are noisy) ...
-MAX_ROUNDS = 15  # ... but no more than this; up to it, too, while the two fastest paths' medians are closer than
-CLOSE = 0.10  # this (relative): a near tie gets more samples (sgemm and oneDNN, a 1x1 layer's two dense paths, can
-# time within 2% of each other). Measured, it did not make the choice steadier on the VM, whose wrong choices came
-# from noise bursts and the whole-forward check (RESULTS.md, "2026-12-06 (session 38)")
+MAX_ROUNDS = 15  # ... but no more than this
 MARGIN = 0.95  # the dense path is chosen only when at least 5% faster: ties go to the sparse kernel ...
 MIN_SAVING_S = 50e-6  # ... and at least this much faster a call: below it, timing noise decides and nothing is won
 FORWARD_SAVING_S = 50e-6  # what whole forwards must save per dense choice to keep them (``keep_if_faster``) ...
@@ -240,14 +237,7 @@ class _Trial:
             for times, value in zip(self.times, seconds):
                 times.append(value)
         rounds = self.calls - 1
-        if rounds < ROUNDS or rounds >= MAX_ROUNDS:
-            return rounds >= MAX_ROUNDS
-        return min(map(sum, self.times)) >= BUDGET_S and not self.close_call()
-
-    def close_call(self) -> bool:
-        """Whether the two fastest paths' medians so far are within ``CLOSE`` of each other."""
-        first, second = sorted(statistics.median(times) for times in self.times)[:2]
-        return second < first * (1 + CLOSE)
+        return rounds >= ROUNDS and (min(map(sum, self.times)) >= BUDGET_S or rounds >= MAX_ROUNDS)
 
 
 def dense_form_for(layer, values: torch.Tensor, columns: torch.Tensor) -> DenseForm | None:
@@ -281,11 +271,6 @@ def operands_of(layer) -> tuple[torch.Tensor, ...]:
 def watched_operands(layer) -> tuple[tuple[torch.Tensor, int | None], ...]:
     """The lowered layer's operand tensors with their versions (what ``DenseForm.stale`` compares against)."""
     return tuple((tensor, version_of(tensor)) for tensor in operands_of(layer))
-
-
-def version_of(tensor: torch.Tensor) -> int | None:
-    """The tensor's version counter; None for a tensor made under torch.inference_mode (it has none)."""
-    return None if tensor.is_inference() else tensor._version
 
 
 def form_takes(form: DenseForm, x: torch.Tensor, residual: torch.Tensor | None) -> bool:

@@ -22,4 +22,3 @@ def short_trials(monkeypatch):
     """Dense-form trials (``nn.dense_fallback``) of two calls a shape: one untimed, one timed."""
     monkeypatch.setattr(dense_fallback, "ROUNDS", 1)
     monkeypatch.setattr(dense_fallback, "BUDGET_S", 0.0)
-    monkeypatch.setattr(dense_fallback, "CLOSE", 0.0)  # (tiny layers' paths often time alike)

@@ -57,7 +57,6 @@ def test_either_path_computes_the_condensed_layers_output(monkeypatch, short_tri
 def test_each_shape_has_one_trial(monkeypatch):
     monkeypatch.setattr(dense_fallback, "ROUNDS", 2)
     monkeypatch.setattr(dense_fallback, "BUDGET_S", 0.0)
-    monkeypatch.setattr(dense_fallback, "CLOSE", 0.0)
     force(monkeypatch, "kernel")
     lowered = lower(sparse_model(0.5), progress=False)
     form = lowered.block.fc._dense_form
@@ -302,31 +301,3 @@ def test_a_1x1_convolution_padded_by_name_is_pointwise(padding):
         torch.testing.assert_close(form.run(x, None, variant), model(x), rtol=1e-5, atol=1e-5)
 
 
-
-def calls_to_end(seconds_of_round) -> int:
-    """Calls a kernel + two-variant trial takes to end, fed ``seconds_of_round(r)`` at its r-th call."""
-    trial = dense_fallback._Trial(times=([], [], []))
-    for call in range(1, 100):
-        if trial.record(*seconds_of_round(call)):
-            return call
-    raise AssertionError("the trial never ended")
-
-
-@pytest.mark.parametrize("sgemm_s, calls", [(1.5e-3, 1 + 3), (1.2e-3, 1 + 3), (1.05e-3, 1 + 15)],
-                         ids=["far", "20%-apart", "5%-apart"])
-def test_a_close_call_gets_more_rounds_up_to_max_rounds(monkeypatch, sgemm_s, calls):
-    """sgemm and oneDNN within 10% of each other: three timed rounds picked either from one settle to the next."""
-    monkeypatch.setattr(dense_fallback, "ROUNDS", 3)
-    monkeypatch.setattr(dense_fallback, "BUDGET_S", 0.0)
-    monkeypatch.setattr(dense_fallback, "MAX_ROUNDS", 15)
-    monkeypatch.setattr(dense_fallback, "CLOSE", 0.10)
-    assert calls_to_end(lambda call: (3e-3, sgemm_s, 1.0e-3)) == calls
-
-
-def test_a_close_call_ends_once_the_medians_part(monkeypatch):
-    monkeypatch.setattr(dense_fallback, "ROUNDS", 3)
-    monkeypatch.setattr(dense_fallback, "BUDGET_S", 0.0)
-    monkeypatch.setattr(dense_fallback, "CLOSE", 0.10)
-    # sgemm looks as fast as oneDNN for its first three timed calls, then 50% slower: its median passes 1.1 ms at
-    # the third slow call (6 timed rounds: median of 1.0, 1.0, 1.0, 1.5, 1.5, 1.5 = 1.25).
-    assert calls_to_end(lambda call: (3e-3, 1.0e-3 if call <= 4 else 1.5e-3, 1.0e-3)) == 1 + 6

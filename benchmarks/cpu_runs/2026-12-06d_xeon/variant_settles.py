@@ -21,9 +21,13 @@ from srigl_compile.nn.settle import settle
 parser = argparse.ArgumentParser()
 parser.add_argument("--sparsity", type=float, default=0.5)
 parser.add_argument("--settles", type=int, default=6)
-parser.add_argument("--close", type=float, default=dfb.CLOSE, help="0: the rule before 508a392")
+parser.add_argument("--close", type=float, default=0.0,
+                    help="the close-call margin of 508a392 (0: the rule before it); the rule was reverted after this "
+                         "measurement, so values > 0 need a checkout from 508a392 to c77375c")
 parser.add_argument("--out")
 args = parser.parse_args()
+if args.close and not hasattr(dfb, "CLOSE"):
+    parser.error("--close > 0 needs the library of 508a392..c77375c (the close-call rule was reverted)")
 dfb.CLOSE = args.close
 torch.manual_seed(0)
 dense = nn.Sequential(nn.Conv2d(2048, 512, 1, bias=False), nn.ReLU()).eval()
@@ -36,7 +40,8 @@ record = dfb._Trial.record
 def logged(self, *seconds):
     over = record(self, *seconds)
     if over:
-        trials.append({"rounds": self.calls - 1, "medians_ms": [round(statistics.median(t) * 1e3, 2) for t in self.times]})
+        medians = [round(statistics.median(t) * 1e3, 2) for t in self.times]
+        trials.append({"rounds": self.calls - 1, "medians_ms": medians})
     return over
 
 
@@ -66,5 +71,6 @@ print(json.dumps(settles))
 if args.out:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     with open(args.out, "w") as f:
-        json.dump({"command": "variant_settles.py --sparsity %g --settles %d --close %g" % (args.sparsity, args.settles, args.close),
+        command = "variant_settles.py --sparsity %g --settles %d --close %g" % (args.sparsity, args.settles, args.close)
+        json.dump({"command": command,
                    "commit": commit, "torch": torch.__version__, "settles": settles}, f, indent=1)
