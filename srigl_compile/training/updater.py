@@ -99,6 +99,7 @@ class SRigLUpdater:
         self.step_count = 0
         self.explored = {name: pack_bits(layer.mask) for name, layer in self.layers.items()}
         self._sync = resolve_rank_sync(distributed, process_group)
+        self._replaced = False  # (set when a newer updater takes these layers over: step() then refuses)
         self._weights = {name: layer.weight for name, layer in self.layers.items()}
         self._take_over_layers()
         self._tap = GradientTap(self.layers, self.config.grad_accumulation_n,
@@ -181,7 +182,7 @@ class SRigLUpdater:
     @torch.no_grad()
     def step(self) -> bool:
         """Advance one optimizer step; update the masks when due. Returns whether the masks were updated."""
-        if self.__dict__.get("_replaced"):
+        if self._replaced:
             raise ConfigError("this SRigLUpdater was replaced by a newer one built on the same layers: call step() "
                               "on that one (two updaters would each update the masks)")
         # No per-step weight masking: masked gradients and zero optimizer state keep masked weights exactly zero
