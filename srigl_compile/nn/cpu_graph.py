@@ -13,6 +13,16 @@ The rules, as for CUDA graphs:
   one flipped along its last dimension) must match an eager forward on it, or ``ReplayError`` says so. Up to
   ``max_recordings`` recordings are kept; calls with other signatures run the model eagerly.
 - A replay copies the inputs into the recording's own input tensors and returns new output tensors.
+- State objects among the arguments (objects that declare their tensors static with ``is_compileable = True``, as
+  transformers' ``StaticCache`` does; ``runtime.state_objects``) are replayed into as they are: a decoder step's
+  replay writes its keys and values into the cache and advances its position, as the eager step does. A signature
+  with one is first seen eagerly once (a call that replaces what the object holds, such as the lazy cache's first
+  step, is not replayable); then recorded, every run of the recording starting from the object as the call found
+  it; and replayed only while the object holds the same tensors. Its recordings die with the object: generate()
+  makes a cache per call unless given one (``cache=``, reset between calls). A forward that reads values into
+  Python while updating one runs eagerly (a replay missing a guard could not take its update back), with a warning.
+- ``model.forward = cpu_graph(model.forward)`` (a ``GraphedForward``) makes callers of the model replay, e.g.
+  ``model.generate(...)``, as transformers does with ``torch.compile(model.forward)``.
 - Values the forward reads into Python (``.item()``, ``bool(tensor)``, ``.tolist()``, ``.numpy()``: Hugging
   Face's attention masks decide on them) are guards: a replay computes each again where it was read, and a value
   other than the recorded one (NaN equals NaN) stops it, since the forward may decide otherwise on it; so does an
@@ -50,8 +60,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import inspect
 import threading
+import weakref
 from typing import Any
 
 import torch
@@ -68,10 +81,12 @@ from ..runtime.call_record import (
     recording_here,
     static_copy,
 )
-from .condensed_tensors import version_of
+from ..runtime.state_objects import Layout, Snapshot, is_state_object
+from ..runtime.value_guards import Guard
+from .replay_checks import hooked_modules, matches, replayed, watched
 from .settle import settle
 
-__all__ = ["CpuGraph", "cpu_graph"]
+__all__ = ["CpuGraph", "GraphedForward", "cpu_graph"]
 
 MAX_RECORDINGS = 8  # recordings kept per model (each holds about one forward's buffers)
 MISSES_BEFORE_EAGER = 4  # calls of a signature in a row missing every guard, at the limit: then eager at once
@@ -112,15 +127,18 @@ class _Entry:
 
 
 def _signature(leaves, spec) -> tuple | None:
-    """What a recording is valid for: the calling thread, the tensors' layouts and every other leaf's value; None
-    when a leaf is neither a tensor nor a plain value (an object such as a key/value cache, which the forward may
-    change: such a call runs eagerly)."""
+    """What a recording is valid for: the calling thread, the tensors' layouts, every plain leaf's value, and each
+    state object (a static key/value cache, ``runtime.state_objects``; what it holds is checked apart, by
+    ``CpuGraph._layouts``); None when a leaf is none of these (an object such as a growing cache, which the forward
+    may change: such a call runs eagerly)."""
     key = [threading.get_ident()]
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             key.append((leaf.shape, leaf.stride(), leaf.dtype, leaf.device, leaf.requires_grad))
         elif isinstance(leaf, PLAIN):
             key.append((type(leaf), leaf))
+        elif is_state_object(leaf):
+            key.append(("state", id(leaf)))
         else:
             return None
     return (spec, *key)
@@ -137,15 +155,22 @@ def _probe(value: Any) -> Any:
 class CpuGraph(torch.nn.Module):
     """See the module docstring. ``model`` stays a submodule (its state dict is this module's, under "model.")."""
 
-    def __init__(self, model: torch.nn.Module, max_recordings: int = MAX_RECORDINGS) -> None:
+    def __init__(self, model: torch.nn.Module, max_recordings: int = MAX_RECORDINGS, call=None) -> None:
         super().__init__()
         if isinstance(max_recordings, bool) or not isinstance(max_recordings, int) or max_recordings < 1:
             raise ReplayError(f"max_recordings must be >= 1, got {max_recordings!r} (an integer count of recordings)")
         self.model = model
         self.max_recordings = max_recordings
+        # what computes a forward eagerly: the model, or its original forward method when the graph replaces it
+        # (``GraphedForward``: the model's own calls then reach the graph, which passes them on while it records)
+        self.__dict__["_call"] = call if call is not None else model  # (not a submodule a second time)
         self._entries: dict[tuple, _Entry] = {}
+        # signatures with state objects: what the objects held when a call was seen to leave them so (a cache's
+        # first call allocates it: not so), and whether a recording could write into their tensors
+        self._layouts: dict[tuple, tuple[list[Layout], bool]] = {}
         self._replays = [0]  # (a list: nn.Module.__setattr__ would cost ~5 us a call)
         self._guard_misses = [0]
+        self._busy = threading.local()  # .active: this thread is recording (settling calls the model itself)
 
     @property
     def replays(self) -> int:
@@ -175,32 +200,64 @@ class CpuGraph(torch.nn.Module):
             p.requires_grad for p in self.model.parameters())
 
     def forward(self, *args, **kwargs):
+        if getattr(self._busy, "active", False):  # (settling a model whose forward is this graph)
+            return self._call(*args, **kwargs)
         if not kwargs and all(type(arg) is torch.Tensor for arg in args):  # (the common call, without pytree's cost)
-            leaves, spec = args, len(args)
+            leaves, spec, states = args, len(args), []
         else:
             leaves, spec = tree_flatten((args, kwargs))
+            states = [leaf for leaf in leaves if is_state_object(leaf)]
         key = _signature(leaves, spec)
         if key is None or self._tracked(leaves) or recording_here():  # (inside another graph's recording: eager,
-            return self.model(*args, **kwargs)                           # so that it sees the kernels)
+            return self._call(*args, **kwargs)                           # so that it sees the kernels)
+        if states and not self._steady(key, states):
+            return self._observe(key, states, args, kwargs)
         entry = self._entries.get(key)
         if entry is None or entry.stale():
             with _ADMIT:  # (the count and the recording together: threads recording at once keep the limit)
                 entry = self._entries.get(key)
                 if entry is None or entry.stale():
                     if entry is None and self._recordings() >= self.max_recordings:
-                        return self.model(*args, **kwargs)
-                    entry = self._entries[key] = self._record(args, kwargs)
+                        return self._call(*args, **kwargs)
+                    entry = self._entries[key] = self._record(args, kwargs, states)
         if entry.eager:
-            return self.model(*args, **kwargs)
+            return self._call(*args, **kwargs)
         try:
             out = entry.replay(leaves)
-        except GuardFailed:  # (the forward reads other values than every recording did: it may decide otherwise)
+        except GuardFailed as err:  # (the forward reads other values than every recording did: it may decide
+            if states:              # otherwise; with state objects only an op's shape can miss: see _record)
+                raise ReplayError(f"a replay that updates {type(states[0]).__name__} stopped part way ({err}): the "
+                                  "object may hold a partial step; run this model eagerly") from err
             self._guard_misses[0] += 1
             out = self._another_variant(entry, args, kwargs, leaves)
             if out is _EAGER:
-                return self.model(*args, **kwargs)
+                return self._call(*args, **kwargs)
         entry.misses = 0
         self._replays[0] += 1
+        return out
+
+    def _steady(self, key: tuple, states: list) -> bool:
+        """Whether calls of this signature may replay: a call was seen to leave its state objects holding what
+        they held (a cache's first call allocates it), they hold it still, and a recording can write into them."""
+        seen = self._layouts.get(key)
+        return seen is not None and seen[1] and all(layout.holds() for layout in seen[0])
+
+    def _observe(self, key: tuple, states: list, args: tuple, kwargs: dict) -> Any:
+        """Run the call eagerly, and note whether it left its state objects holding what they held: then the
+        signature's next call records (an earlier recording, made while they held other tensors, is dropped)."""
+        layouts = [Layout(state) for state in states]
+        out = self._call(*args, **kwargs)
+        with _ADMIT:
+            self._entries.pop(key, None)
+            if all(layout.holds() for layout in layouts):
+                if key not in self._layouts:  # (an object's recordings go with it: Hugging Face's generate() makes
+                    for state in states:      # a cache a call, and a recording holds the cache's tensors)
+                        with contextlib.suppress(TypeError):  # (an object without weak references keeps them)
+                            weakref.finalize(state, _forget, weakref.ref(self), key)
+                # tensors made under inference_mode: a recording, which runs outside it, could not write into them
+                self._layouts[key] = (layouts, not any(layout.inference for layout in layouts))
+            else:
+                self._layouts.pop(key, None)
         return out
 
     def _another_variant(self, entry: _Entry, args: tuple, kwargs: dict, leaves) -> Any:
@@ -232,100 +289,127 @@ class CpuGraph(torch.nn.Module):
         """Without the recordings (they hold compiled functions and this process's buffers): a copy or a
         pickled-and-loaded CpuGraph records again at its first calls."""
         state = dict(self.__dict__)
-        state["_entries"], state["_replays"], state["_guard_misses"] = {}, [0], [0]
+        state["_entries"], state["_layouts"], state["_replays"], state["_guard_misses"] = {}, {}, [0], [0]
+        state["_busy"] = None
         return state
 
-    def _record(self, args: tuple, kwargs: dict) -> _Entry:
-        """Settle, record and check one signature (module docstring)."""
-        if hooked := _hooked_modules(self.model):
+    def __setstate__(self, state) -> None:
+        state["_busy"] = threading.local()
+        super().__setstate__(state)
+
+    def _record(self, args: tuple, kwargs: dict, states: list | tuple = ()) -> _Entry:
+        """Settle, record and check one signature (module docstring). With ``states`` (state objects among the
+        arguments), every run starts from them as the call found them, and they are left so: the caller's replay
+        then makes the call's one step."""
+        if hooked := hooked_modules(self.model):
             warn_user(f"cpu_graph: forward hooks on {hooked[:5]} run while a forward is recorded, not at its "
                       "replays (a replay runs no Python), and the tensors a hook keeps from the recorded call are "
                       "the recording's buffers, which later replays overwrite. Call the model itself where the "
                       "hooks must run")
-        with torch.no_grad():
-            settle(self.model, *args, **kwargs)
-            # the eager probe first: after recording, the buffers the recording holds are not recycled, and an eager
-            # forward then would allocate its own (ResNet-50 at batch 64: ~1 GB more)
-            probe_args, probe_kwargs = tree_map(_probe, (args, kwargs))
-            expected = self.model(*probe_args, **probe_kwargs)
-            probe = tree_flatten((probe_args, probe_kwargs))[0]
-            recording = record(self.model, args, kwargs)
-            try:
-                recording.replay(probe)
-            except GuardFailed:  # the probe reads other values (the forward's decisions): check on the call itself
-                expected, probe = self.model(*args, **kwargs), tree_flatten((args, kwargs))[0]
-            if plan := dead_residuals(recording):  # recorded again, the kernels writing over those residuals
-                structure = recording.structure()
-                del recording  # (first: its buffers are then recycled by the second one)
-                recording = record(self.model, args, kwargs, write_over=plan)
-                # the same calls, and a replay equal to the eager forward bit for bit, or recorded without the plan
-                # (a forward that took another path the second time: the plan may not hold for it)
-                if recording.structure() != structure or not _matches(expected, _replayed(recording, probe),
-                                                                      exact=True):
-                    del recording
-                    recording = record(self.model, args, kwargs)
-            if not _matches(expected, _replayed(recording, probe)):
-                raise ReplayError("a replay of the recorded forward does not match the eager forward on another "
-                                  "input: the forward computes something outside the kernels and aten ops a "
-                                  "recording sees, or takes another path from call to call (state it changes, "
-                                  "a counter); run this model eagerly")
-        return _Entry([recording], _watched(self.model))
+        fresh = Snapshot(list(states)).restore if states else _nothing
+        run, objects = self._call, tuple(states)
+        self._busy.active = True
+        hook = self.model.register_forward_pre_hook(lambda *_: fresh()) if states else None
+        try:
+            with torch.no_grad():
+                settle(self.model, *args, **kwargs)  # (its calls start fresh through the hook)
+                if hook:
+                    hook.remove()
+                    hook = None
+                # the eager probe first: after recording, the buffers the recording holds are not recycled, and an
+                # eager forward then would allocate its own (ResNet-50 at batch 64: ~1 GB more)
+                probe_args, probe_kwargs = tree_map(_probe, (args, kwargs))
+                fresh()
+                expected = run(*probe_args, **probe_kwargs)
+                probe = tree_flatten((probe_args, probe_kwargs))[0]
+                fresh()
+                recording = record(run, args, kwargs, objects=objects)
+                try:
+                    fresh()
+                    recording.replay(probe)
+                except GuardFailed:  # the probe reads other values (the forward's decisions): check on the call
+                    fresh()
+                    expected, probe = run(*args, **kwargs), tree_flatten((args, kwargs))[0]
+                if plan := dead_residuals(recording):  # recorded again, the kernels writing over those residuals
+                    structure = recording.structure()
+                    del recording  # (first: its buffers are then recycled by the second one)
+                    fresh()
+                    recording = record(run, args, kwargs, write_over=plan, objects=objects)
+                    # the same calls, and a replay equal to the eager forward bit for bit, or recorded without the
+                    # plan (a forward that took another path the second time: the plan may not hold for it)
+                    fresh()
+                    if recording.structure() != structure or not matches(expected, replayed(recording, probe),
+                                                                          exact=True):
+                        del recording
+                        fresh()
+                        recording = record(run, args, kwargs, objects=objects)
+                fresh()
+                if not matches(expected, replayed(recording, probe)):
+                    raise ReplayError("a replay of the recorded forward does not match the eager forward on another "
+                                      "input: the forward computes something outside the kernels and aten ops a "
+                                      "recording sees, or takes another path from call to call (state it changes, "
+                                      "a counter); run this model eagerly")
+        finally:
+            self._busy.active = False
+            if hook:
+                hook.remove()
+            fresh()
+        entry = _Entry([recording], watched(self.model))
+        if states and any(isinstance(call, Guard) for call in recording.calls):
+            # a replay that misses a guard has run the calls before it, the objects' updates among them: it could
+            # not be taken back and run eagerly instead
+            warn_user(f"cpu_graph: the forward reads tensor values into Python while it updates a "
+                      f"{type(states[0]).__name__}; calls with it run eagerly")
+            entry.eager = True
+        return entry
 
 
-def _watched(model: torch.nn.Module) -> tuple[tuple[dict, str, torch.Tensor, int | None], ...]:
-    """Every parameter and buffer of ``model`` where it is held, with its version. Tensors made under
-    torch.inference_mode() have none: a replay cannot see them changed in place (a warning says so)."""
-    watched = tuple((held, name, tensor, version_of(tensor))
-                    for module in model.modules() for held in (module._parameters, module._buffers)
-                    for name, tensor in held.items() if tensor is not None)
-    unseen = sum(version is None for *_, version in watched)
-    if unseen:
-        warn_user(f"cpu_graph: {unseen} parameters / buffers of the model were made under torch.inference_mode(), "
-                  "which gives them no version counter: replays cannot see them changed in place (load_state_dict "
-                  "under inference_mode). Load or copy the model outside inference mode, or record again with a "
-                  "new cpu_graph after changing them")
-    return watched
+def _nothing() -> None:
+    pass
 
 
-def _replayed(recording: Recording, leaves: list[Any]) -> Any:
-    """A replay's outputs, or None where a guard failed (which no expected output matches)."""
-    try:
-        return recording.replay(leaves)
-    except GuardFailed:
-        return None
+def _forget(graph_ref: weakref.ref, key: tuple) -> None:
+    """Drop a signature's recordings and layouts: one of its state objects died."""
+    graph = graph_ref()
+    if graph is not None:
+        with _ADMIT:
+            graph._entries.pop(key, None)
+            graph._layouts.pop(key, None)
 
 
-def _hooked_modules(model: torch.nn.Module) -> list[str]:
-    """The modules with forward (pre-)hooks, "(global)" for hooks on every module."""
-    from torch.nn.modules import module as torch_module
+class GraphedForward:
+    """A model's forward method replayed by a ``CpuGraph``, to be set as the model's ``forward`` (as Hugging Face
+    does with ``torch.compile(model.forward)``): code that calls the model itself, such as ``generate()``, then
+    runs the replays. Not a module, so that setting it registers nothing. ``graph`` counts the replays."""
 
-    hooked = [name or type(model).__name__ for name, m in model.named_modules()
-              if m._forward_hooks or m._forward_pre_hooks]
-    return (["(global)"] if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
-            else []) + hooked
+    def __init__(self, graph: CpuGraph) -> None:
+        self.graph = graph
 
+    def __call__(self, *args, **kwargs):
+        return self.graph(*args, **kwargs)
 
-def _matches(expected: Any, got: Any, exact: bool = False) -> bool:
-    """The same leaves, tensors of the same shape and dtype and close (equal when ``exact``): a forward that took
-    another path may return other shapes, which is a mismatch, not an error."""
-    tolerance = {"rtol": 0.0, "atol": 0.0} if exact else {"rtol": 1e-4, "atol": 1e-5}
-    wanted, got = tree_flatten(expected)[0], tree_flatten(got)[0]
-    return len(wanted) == len(got) and all(not isinstance(want, torch.Tensor) or _close(want, have, tolerance)
-                                           for want, have in zip(wanted, got))
+    def __repr__(self) -> str:
+        return f"GraphedForward({type(self.graph.model).__name__}.forward)"
 
 
-def _close(want: torch.Tensor, have: Any, tolerance: dict) -> bool:
-    return isinstance(have, torch.Tensor) and (want.shape, want.dtype) == (have.shape, have.dtype) \
-        and torch.allclose(want, have, equal_nan=True, **tolerance)
-
-
-def cpu_graph(model: torch.nn.Module, max_recordings: int = MAX_RECORDINGS) -> CpuGraph:
+def cpu_graph(model: torch.nn.Module, max_recordings: int = MAX_RECORDINGS) -> CpuGraph | GraphedForward:
     """``model`` (a CPU model, e.g. a lowered one) wrapped to record and replay its forward per input signature
-    (module docstring). Nothing is recorded until the first call.
+    (module docstring). Nothing is recorded until the first call. Given a model's bound ``forward`` instead, a
+    ``GraphedForward`` to set in its place, so that ``model.generate(...)`` and other callers of the model replay:
+    ``model.forward = cpu_graph(model.forward)``.
 
     Raises:
-        ReplayError: ``max_recordings`` < 1 (and, at a call, a forward a replay cannot repeat).
+        ReplayError: ``max_recordings`` < 1, a method of something else than a module's forward (and, at a
+            call, a forward a replay cannot repeat).
     """
+    if isinstance(model, GraphedForward):
+        raise ReplayError("cpu_graph got a forward that is already a cpu_graph's (model.forward was set to one); "
+                          "use it as it is")
+    if inspect.ismethod(model) and isinstance(model.__self__, torch.nn.Module):
+        if model.__name__ != "forward":
+            raise ReplayError(f"cpu_graph takes a module or its bound forward, got its method {model.__name__}")
+        return GraphedForward(CpuGraph(model.__self__, max_recordings, call=model))
     if not isinstance(model, torch.nn.Module):
-        raise ReplayError(f"cpu_graph takes a torch.nn.Module, got {type(model).__name__}")
+        raise ReplayError(f"cpu_graph takes a torch.nn.Module or its bound forward (model.forward), got "
+                          f"{type(model).__name__}")
     return CpuGraph(model, max_recordings)

@@ -37,8 +37,12 @@ right.
 
 Refused, with a ``ReplayError`` before anything is kept: an op whose output shape depends on tensor values
 (``nonzero``, indexing by a boolean mask; a gather by integer index tensors replays), an op that writes into the
-forward's inputs, tensors on other devices than the CPU, and outputs holding anything but tensors and plain values
-(``PLAIN``): a decoder's key/value cache object would come back as recorded.
+forward's inputs, tensors on other devices than the CPU, and outputs holding anything but tensors, plain values
+(``PLAIN``) and the state objects it was given (``runtime.state_objects``; a replay returns the call's own): a
+growing key/value cache object would come back as recorded.
+
+Functional aten ops with one result and an out= overload (``mul.Tensor`` -> ``mul.out``) replay through it,
+writing into the recorded result instead of allocating a new one and copying it over.
 
 Example:
     >>> rec = record(model, (x,), {})                   # doctest: +SKIP
@@ -89,6 +93,11 @@ class _Call:
     kwargs: dict
     results: tuple = ()  # where a functional op's results are copied (its results when recorded)
     kernel: bool = False  # a compiled function: its last tensor argument is its output, written whole
+    into: Callable | None = None  # the functional op's out= overload: writes its one result in place
+
+    def __post_init__(self) -> None:
+        if self.results and not self.kernel:
+            self.into = _out_overload(self.fn, self.results)
 
     def access(self) -> Access:
         """The bytes this call reads and writes (``runtime.liveness``): a kernel reads its tensors but the last
@@ -100,12 +109,48 @@ class _Call:
         return Access(extents(reads), extents(whole), extents(t for t in outs if not t.is_contiguous()))
 
     def __call__(self) -> None:
+        if self.into is not None:
+            self.into(*self.args, **self.kwargs, out=self.results[0])
+            return
         out = self.fn(*self.args, **self.kwargs)
         if self.results:
             for target, value in zip(self.results, (t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))):
                 if target.shape != value.shape:  # (an op whose output shape follows values, e.g. a custom op's)
                     raise GuardFailed(f"{self.fn} returned shape {tuple(value.shape)}, recorded {tuple(target.shape)}")
                 target.copy_(value)
+
+
+_OUT_OVERLOADS: dict = {}  # op overload -> its out= overload, or None
+
+
+def _out_overload(func, results: tuple) -> Callable | None:
+    """An aten op's overload that takes the same arguments and writes its one tensor result into ``out=`` (mul.Tensor
+    -> mul.out), where the result keeps the layout the op gave it: a replay then runs the op on the recorded result
+    instead of allocating one and copying it over (a decoder step's ~500 small ops). None for other ops, whose
+    results a replay copies (and checks the shape of: a custom op's may follow values)."""
+    if len(results) != 1 or getattr(func, "namespace", None) != "aten" or not results[0].is_contiguous():
+        return None
+    if func not in _OUT_OVERLOADS:
+        names = [(arg.name, str(arg.type)) for arg in func._schema.arguments]
+        packet = func.overloadpacket
+        found = None
+        for overload in packet.overloads():
+            candidate = getattr(packet, overload)
+            outs = [arg for arg in candidate._schema.arguments if arg.is_out]
+            if len(outs) == 1 and outs[0].name == "out" and len(candidate._schema.returns) == 1 and \
+                    [(arg.name, str(arg.type)) for arg in candidate._schema.arguments if not arg.is_out] == names:
+                found = candidate
+                break
+        _OUT_OVERLOADS[func] = found
+    return _OUT_OVERLOADS[func]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Passed:
+    """Where a recording had a state object: the call's own object, found at ``index`` among its leaves (a
+    recording keeps no state object alive)."""
+
+    index: int
 
 
 def _shape_from_index_shapes(func, args) -> bool:
@@ -334,25 +379,28 @@ class Recording:
                 static.copy_(value)
         if torch.is_grad_enabled():
             with torch.no_grad():
-                return self._run()
-        return self._run()
+                return self._run(leaves)
+        return self._run(leaves)
 
-    def _run(self) -> Any:
+    def _run(self, leaves) -> Any:
         for call in self.calls:
             call()
         if type(self.outputs) is torch.Tensor:  # (the common output, without pytree's cost)
             return self.outputs.clone()
-        return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, self.outputs)
+        return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else
+                        leaves[t.index] if isinstance(t, _Passed) else t, self.outputs)
 
     def __len__(self) -> int:
         return len(self.calls)
 
 
 def record(fn: Callable, args: tuple, kwargs: dict,
-           write_over: Mapping[int, tuple[int, int]] | None = None) -> Recording:
+           write_over: Mapping[int, tuple[int, int]] | None = None, objects: tuple = ()) -> Recording:
     """Call ``fn(*args, **kwargs)`` once (without gradients) on static copies of the tensor inputs, recording it
     (module docstring). The copies keep the inputs' sizes, strides and dtypes. ``write_over``: the residual
     operands (``dead_residuals`` of an earlier recording of the same call) whose kernels write over them.
+    ``objects``: state objects among the arguments (``runtime.state_objects``), whose tensors a replay updates as
+    the forward did, so that the forward may return them as they are.
 
     Raises:
         ReplayError: the forward does something a replay cannot repeat (module docstring).
@@ -377,7 +425,8 @@ def record(fn: Callable, args: tuple, kwargs: dict,
                 out = fn(*static_args, **static_kwargs)
         finally:
             _RECORDING.recorder = None
-    odd = next((leaf for leaf in tree_flatten(out)[0] if not isinstance(leaf, (torch.Tensor, *PLAIN))), None)
+    odd = next((leaf for leaf in tree_flatten(out)[0] if not isinstance(leaf, (torch.Tensor, *PLAIN))
+                and not any(leaf is obj for obj in objects)), None)
     if odd is not None:
         raise ReplayError(f"the forward returns a {type(odd).__name__}, which a replay would return as it was "
                           "recorded, with its tensors overwritten by later replays; return tensors (e.g. a decoder "
@@ -387,7 +436,11 @@ def record(fn: Callable, args: tuple, kwargs: dict,
     held = frozenset(number for number, (_, operand) in enumerate(recorder.residuals) if (
         users := scratch.users_besides(operand, recorder.holds.get(operand.untyped_storage()._cdata, 0))) is None
         or users > 0)
-    outputs = recorder.keep(out)
+    # the state objects: their tensors are bound as they are, and a replay returns the call's own objects (a
+    # recording keeps none alive)
+    passed = {id(v): _Passed(i) for i, v in enumerate(leaves) if any(v is obj for obj in objects)}
+    outputs = tree_map(lambda leaf: passed.get(id(leaf), leaf), recorder.keep(out))
+    statics = [passed.get(id(v), v) if not isinstance(v, torch.Tensor) else v for v in statics]
     storages = {alias.untyped_storage()._cdata: alias.untyped_storage().nbytes()
                 for alias in recorder.kept}
     return Recording(statics, recorder.calls, outputs, sum(storages.values()), recorder.residuals, storages, held)

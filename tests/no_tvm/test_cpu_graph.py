@@ -338,8 +338,15 @@ def test_objects_in_and_out_are_not_replayed():
 def test_bad_arguments_are_refused():
     with pytest.raises(ReplayError, match="max_recordings must be >= 1, got 0"):
         cpu_graph(make_mlp(), max_recordings=0)
-    with pytest.raises(ReplayError, match="takes a torch.nn.Module, got function"):
+    with pytest.raises(ReplayError, match=r"takes a torch.nn.Module or its bound forward \(model.forward\), got "
+                                          "function"):
         cpu_graph(lambda x: x)
+    model = make_mlp()
+    with pytest.raises(ReplayError, match="takes a module or its bound forward, got its method extra_repr"):
+        cpu_graph(model.extra_repr)
+    model.forward = cpu_graph(model.forward)
+    with pytest.raises(ReplayError, match="already a cpu_graph's"):
+        cpu_graph(model.forward)
 
 
 class _Results(nn.Module):
