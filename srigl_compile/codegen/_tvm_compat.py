@@ -13,7 +13,7 @@ import functools
 import types
 
 from ..errors import LoweringError
-from ..runtime.tvm_runtime import check_ffi_version, install_hint, set_thread_count
+from ..runtime.tvm_runtime import check_ffi_version, guard_forks, install_hint, set_thread_count
 
 __all__ = ["import_tvm"]
 
@@ -34,4 +34,5 @@ def import_tvm() -> types.ModuleType:
     except ImportError as err:
         raise LoweringError("compiling kernels needs the full apache-tvm: " + install_hint()) from err
     check_ffi_version()
+    guard_forks()
     return tvm

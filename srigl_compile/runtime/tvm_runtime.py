@@ -3,6 +3,10 @@
 TVM's CPU thread pool sizes itself once, on first use, to half the cores on x86; ``TVM_NUM_THREADS`` is set before
 that happens (here and in ``codegen._tvm_compat.import_tvm``, which imports the compiler on top).
 
+A process forked after its kernels ran (a DataLoader worker, a pre-forking server's worker) inherits a pool whose
+worker threads fork did not copy: its first parallel kernel spun forever. ``guard_forks`` reconfigures the child's
+pool to one thread, which runs kernels inline (a pool of two hung there too, on this TVM).
+
 Example:
     >>> tvm = import_tvm_runtime()            # doctest: +SKIP
     >>> tvm.runtime.load_module("k.so")       # doctest: +SKIP
@@ -18,7 +22,7 @@ import types
 from ..errors import LoweringError
 
 __all__ = ["import_tvm_runtime", "tvm_thread_count", "set_thread_count", "check_ffi_version", "install_hint",
-           "EXPECTED_TVM_FFI"]
+           "guard_forks", "EXPECTED_TVM_FFI"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,21 @@ def tvm_thread_count() -> int:
 def set_thread_count() -> None:
     """``TVM_NUM_THREADS`` unless the user set it: TVM reads it once, when its pool starts."""
     os.environ.setdefault("TVM_NUM_THREADS", str(tvm_thread_count()))
+
+
+@functools.cache
+def guard_forks() -> None:
+    """After a fork, the child's TVM pool runs on one thread (module docstring); registered once, after TVM is
+    imported."""
+    os.register_at_fork(after_in_child=_one_thread_after_fork)
+
+
+def _one_thread_after_fork() -> None:
+    import tvm_ffi
+
+    configure = tvm_ffi.get_global_func("runtime.config_threadpool", allow_missing=True)
+    if configure is not None:
+        configure(1, 1)  # (mode 1: the big cores, as TVM's default; 1 thread: no worker to wait for)
 
 
 def check_ffi_version() -> None:
@@ -76,4 +95,5 @@ def import_tvm_runtime() -> types.ModuleType:
     except ImportError as err:
         raise LoweringError("running compiled kernels needs TVM: " + install_hint()) from err
     check_ffi_version()
+    guard_forks()
     return tvm
