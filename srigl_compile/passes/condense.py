@@ -2,7 +2,9 @@
 ``shrink``, ablated neurons removed across the graph (``passes/shrink_ablated.py``).
 
 Contract.
-    requires: the model has masked layers, each constant fan-in (method "srigl" or "static").
+    requires: the model has masked layers, each constant fan-in (method "srigl" or "static"), whose weights outside
+              their masks are zero (a condensed layer keeps only the weights under the mask: others would be dropped
+              silently).
     ensures:  every MaskedLinear / MaskedConv1d / MaskedConv2d is a condensed layer whose output equals the masked
               layer's output (full width, or its active neurons only where ``shrink`` removed the ablated ones from
               it and their inputs from its consumers), and every MultiheadAttention with sparse projections is a
@@ -83,8 +85,20 @@ class CondensePass(Pass):
         self.read_directly: set[str] = set()  # (kept masked; found by the last call)
 
     def requires(self, model: nn.Module) -> None:
-        if not any(True for _ in sparse_layers(model)):
+        layers = list(sparse_layers(model))
+        if not layers:
             raise LayerError("the model has no sparse layers to condense: sparsify and train it first")
+        stray = {name: (int(outside.count_nonzero()), float(outside.abs().max()))
+                 for name, layer in layers if (outside := layer.weight.detach()[~layer.mask]).count_nonzero()}
+        if stray:
+            name, (count, largest) = next(iter(stray.items()))
+            raise LayerError(
+                f"layers {sorted(stray)[:5]}{' ...' if len(stray) > 5 else ''} have non-zero weights outside their "
+                f"masks ({name!r}: {count}, largest {largest:.3g}), which the masked layer computes with and a "
+                "condensed layer would drop. They come from averaging weights trained under other masks "
+                "(AveragedModel / EMA), an optimizer moving weights whose gradients are zero, or code writing the "
+                "weights. To condense the model the masks describe, zero them first (this changes its outputs): "
+                "for each sparse layer, layer.apply_mask_()")
 
     def call(self, model: nn.Module, analyses: Analyses) -> PassResult:
         plans, self.read_directly = [], set()

@@ -179,6 +179,23 @@ def test_condense_errors():
         sparsify(condensed, SRigLConfig(sparsity=0.8))  # (its dense layers would be sparsified beside them)
 
 
+def test_weights_outside_the_masks_are_refused_before_anything_changes():
+    """An EMA of a sparse run averages weights trained under other masks: condensing used to drop them silently
+    (a probe saw logits off by 0.5)."""
+    masked = sparsify(mlp(), SRigLConfig(sparsity=0.8))
+    layer = dict(sparse_layers(masked))["3"]
+    with torch.no_grad():
+        layer.weight[~layer.mask] = 0.01 * torch.randn(int((~layer.mask).sum()))
+    before = {name: tensor.clone() for name, tensor in masked.state_dict().items()}
+    with pytest.raises(LayerError, match=r"layers \['3'\] have non-zero weights outside their masks \('3': \d+, "
+                                         r"largest .*layer.apply_mask_\(\)"):
+        condense(masked, inplace=True)
+    assert all(torch.equal(before[name], tensor) for name, tensor in masked.state_dict().items())
+    assert isinstance(masked[3], nn.Linear) and not isinstance(masked[3], CondensedLinear)
+    layer.apply_mask_()  # (the model the masks describe)
+    assert_same(condense(masked), masked, torch.randn(4, 32))
+
+
 def test_condense_without_shrink_keeps_full_width():
     masked = ablate(sparsify(mlp(), SRigLConfig(sparsity=0.8)), {"0": [1, 2]})
     condensed = condense(masked, shrink=False)
