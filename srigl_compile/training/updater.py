@@ -76,9 +76,7 @@ class SRigLUpdater:
             raise ConfigError(f"config must be an SRigLConfig, not {type(self.config).__name__}")
         if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 1:
             raise ConfigError(f"total_steps={total_steps!r} must be a positive integer (optimizer steps of the run)")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer over the sparse model's parameters, not "
-                            f"{type(optimizer).__name__}")
+        optimizer = _unwrapped_optimizer(optimizer)
         self.layers = dict(sparse_layers(_unwrapped(model)))
         if not self.layers:
             raise LayerError("the model has no sparse layers: call srigl_compile.sparsify(model, config) first")
@@ -102,6 +100,8 @@ class SRigLUpdater:
         self._replaced = False  # (set when a newer updater takes these layers over: step() then refuses)
         self._weights = {name: layer.weight for name, layer in self.layers.items()}
         self._take_over_layers()
+        for layer in self.layers.values():  # (state left from dense training, e.g. momentum, would move them)
+            reset_optimizer_state_(optimizer, layer.weight, ~layer.mask)
         self._tap = GradientTap(self.layers, self.config.grad_accumulation_n,
                                 loss_scale=grad_scaler.get_scale if grad_scaler is not None else None)
         self._optimizer_stepped = False
@@ -186,8 +186,8 @@ class SRigLUpdater:
             raise ConfigError("this SRigLUpdater was replaced by a newer one built on the same layers: call step() "
                               "on that one (two updaters would each update the masks)")
         # No per-step weight masking: masked gradients and zero optimizer state keep masked weights exactly zero
-        # under SGD/Adam/AdamW (weight decay of a zero is zero); check_invariants catches any optimizer that moves
-        # them, loudly, at the next update.
+        # under SGD/Adam/AdamW (weight decay of a zero is zero); an optimizer that moves them (Muon's dense update)
+        # is caught, loudly, at the next update, or every delta_t steps where none comes (static, past T_end).
         self._check_weights_unchanged()
         self.step_count += 1
         if self.step_count == self.total_steps + 1:
@@ -198,6 +198,8 @@ class SRigLUpdater:
         updated = self.rule.updates and self.schedule.is_update_step(self.step_count)
         if updated:
             self._update(self.step_count)
+        elif self.step_count % self.config.delta_t == 0:
+            self._check_masked_weights_zero(self.step_count, "check")
         self._open_window()
         return updated
 
@@ -254,19 +256,26 @@ class SRigLUpdater:
     def select(self, layer: nn.Module, scores: LayerScores, drop_fraction: float) -> Selection:
         return self.rule.select(layer.neuron_view(layer.mask), scores, layer.srigl_plan, drop_fraction, self.config)
 
-    def _update(self, t: int) -> None:
-        for name, layer in self.layers.items():  # (checked now: the update zeroes what it drops, erasing the sign)
+    def _check_masked_weights_zero(self, t: int, when: str) -> None:
+        for name, layer in self.layers.items():
             if _nonzero_outside(layer.weight.detach(), layer.mask):
                 raise InvariantError(
-                    f"layer {name!r}: weights outside its mask are not zero at the mask update of step {t}: "
-                    "something changed masked weights since the last update: code writing the weights (write "
+                    f"layer {name!r}: weights outside its mask are not zero at the mask {when} of step {t}: "
+                    "something changed masked weights since the last check: code writing the weights (write "
                     "them through the mask, weight * mask), an optimizer that moves weights whose gradients are "
-                    "zero, or ranks of a distributed run holding different masks (distributed=False)")
+                    "zero (Muon's dense update; momentum left from before sparsify is zeroed when the updater is "
+                    "built), or ranks of a distributed run holding different masks (distributed=False)")
+
+    def _update(self, t: int) -> None:
+        self._check_masked_weights_zero(t, "update")  # (now: the update zeroes what it drops, erasing the sign)
         if self._sync is not None and self._needs_gradients:
             self._average_replicated_windows()
         if self._needs_gradients and not self._tap.buffers and self._window_skips:
-            warn_user(f"mask update at step {t} skipped: the optimizer skipped all {self._window_skips} steps of its "
-                      "gradient window (loss-scale overflow); the masks stay as they are until the next update")
+            warn_user(f"mask update at step {t} skipped: the optimizer this updater was built with took none of the "
+                      f"{self._window_skips} steps of its gradient window: a GradScaler skipped them (loss-scale "
+                      "overflow), or another optimizer steps the model now (build a new SRigLUpdater with it, and "
+                      "load_state_dict this one's state_dict there); the masks stay as they are until the next "
+                      "update")
         else:
             drop_fraction = self.schedule.drop_fraction(t)
             for name, layer in self._layers_to_update(t).items():
@@ -385,6 +394,17 @@ class SRigLUpdater:
 
 # sparse layer -> the live updater driving it (a weak mapping: copies of a model are not driven, nor pickled marks)
 _DRIVEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _unwrapped_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer itself: wrappers such as accelerate's AcceleratedOptimizer (what a Hugging Face Trainer
+    callback is given) hold it as ``.optimizer`` and call its step, where the updater's hooks sit."""
+    while not hasattr(optimizer, "_optimizer_step_pre_hooks") and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer) or not hasattr(optimizer, "_optimizer_step_pre_hooks"):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer over the sparse model's parameters (or a "
+                        f"wrapper holding one as .optimizer), not {type(optimizer).__name__}")
+    return optimizer
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:

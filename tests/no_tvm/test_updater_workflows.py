@@ -1,0 +1,119 @@
+"""SRigLUpdater in the ways a training probe (2026-12-06) found it wrong or unclear: static masks never checked
+(an optimizer with a dense update drifted masked weights silently), momentum left from dense training, an optimizer
+wrapper (a Hugging Face Trainer's) and an optimizer replaced mid-run."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from srigl_compile import ConfigError, InvariantError, SRigLConfig, SRigLUpdater, sparse_layers, sparsify
+from tests.models import make_data
+from tests.models import updater_mlp as mlp
+
+
+class _DenseNudge(torch.optim.SGD):
+    """SGD plus, from its ``start``-th step on, a small step on every weight, gradient or not (as Muon's
+    orthogonalised update does)."""
+
+    def __init__(self, params, start, **options):
+        super().__init__(params, **options)
+        self.start, self.steps = start, 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        super().step(closure)
+        self.steps += 1
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(1e-3 if self.steps > self.start else 0.0)
+
+
+def _train(model, optimizer, updater, steps, seed=0):
+    x, y = make_data("mlp", seed)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        updater.step()
+
+
+@pytest.mark.parametrize("method, total, start, caught", [("static", 40, 0, 4), ("srigl", 10, 4, 8)])
+def test_masked_weights_moved_by_the_optimizer_are_caught_where_no_update_comes(method, total, start, caught):
+    """Static masks never update, and srigl's freeze at T_end (here 7, after one update at step 4): the weights
+    are checked every delta_t steps all the same."""
+    torch.manual_seed(0)
+    config = SRigLConfig(sparsity=0.8, delta_t=4, method=method)
+    model = sparsify(mlp(), config)
+    optimizer = _DenseNudge(model.parameters(), start, lr=0.01)
+    updater = SRigLUpdater(model, optimizer, config, total_steps=total)
+    with pytest.raises(InvariantError, match=rf"weights outside its mask are not zero at the mask check of step "
+                                             rf"{caught}:"):
+        _train(model, optimizer, updater, 12)
+
+
+def test_momentum_left_from_dense_training_is_zeroed_outside_the_masks_when_the_updater_is_built():
+    torch.manual_seed(0)
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = make_data("mlp", 0)
+    for _ in range(3):  # dense warm-up: momentum everywhere
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    config = SRigLConfig(sparsity=0.8, delta_t=20)
+    sparsify(model, config, inplace=True)
+    updater = SRigLUpdater(model, optimizer, config, total_steps=100)
+    for _, layer in sparse_layers(model):
+        momentum = optimizer.state[layer.weight]["momentum_buffer"]
+        assert not momentum[~layer.mask].any() and momentum[layer.mask].any()
+    _train(model, optimizer, updater, 5)  # (before the first update: the momentum used to move masked weights)
+    updater.check_invariants()
+
+
+class _Wrapper(torch.optim.Optimizer):
+    """What accelerate's AcceleratedOptimizer looks like to the updater: an Optimizer that never ran
+    Optimizer.__init__ (no hooks of its own) and steps the optimizer it holds."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none)
+
+
+def test_an_optimizer_wrapper_is_unwrapped_and_a_refused_optimizer_leaves_the_running_updater_working():
+    torch.manual_seed(0)
+    config = SRigLConfig(sparsity=0.8, delta_t=4)
+    model = sparsify(mlp(), config)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    wrapped = _Wrapper(inner)
+    updater = SRigLUpdater(model, wrapped, config, total_steps=40)
+    assert updater.optimizer is inner
+    masks = {name: layer.mask.clone() for name, layer in sparse_layers(model)}
+    _train(model, wrapped, updater, 4)  # (the wrapper's step steps the inner one, where the hooks sit)
+    assert any(not torch.equal(masks[name], layer.mask) for name, layer in sparse_layers(model))
+    with pytest.raises(TypeError, match="or a wrapper holding one as .optimizer"):
+        SRigLUpdater(model, object(), config, total_steps=40)
+    _train(model, wrapped, updater, 4)  # (the refused one took nothing over)
+    updater.check_invariants()
+
+
+def test_an_optimizer_replaced_mid_run_is_named_in_the_skipped_update_warning():
+    torch.manual_seed(0)
+    config = SRigLConfig(sparsity=0.8, delta_t=4)
+    model = sparsify(mlp(), config)
+    updater = SRigLUpdater(model, torch.optim.SGD(model.parameters(), lr=0.1), config, total_steps=40)
+    replacement = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.warns(UserWarning, match="or another optimizer steps the model now"):
+        _train(model, replacement, updater, 4)
+    with pytest.warns(UserWarning, match="existed already"):  # (the remedy: a new updater with the new optimizer)
+        SRigLUpdater(model, replacement, config, total_steps=40)
+    with pytest.raises(ConfigError, match="replaced by a newer one"):
+        updater.step()
