@@ -37,10 +37,13 @@ The rules, as for CUDA graphs:
   modules is not seen: record again with a new ``cpu_graph``.
 - Calls that autograd would track (an input that requires grad, or parameters that require grad while grad mode is
   on) run eagerly: call under ``torch.no_grad()`` or ``torch.inference_mode()``.
-- Each thread records and replays its own recordings (a recording's temporaries are its thread's scratch buffers,
-  ``runtime.scratch``), so threads may call one ``CpuGraph`` at once; recordings are made one at a time in the
-  process (a lock: recording swaps the compiled functions process-wide). A ``CpuGraph`` called inside another's
-  recording runs its model eagerly, so that the outer recording sees the kernels.
+- A recording is replayed by one thread at a time, whichever thread made it (it owns its buffers: the recording
+  thread's scratch buffers it used are its own afterwards, ``runtime.scratch``): a thread calling a signature while
+  every recording of it replays elsewhere records a copy of its own (within ``max_recordings``), or runs eagerly.
+  So threads may call one ``CpuGraph`` at once, and threads that come and go (a thread per request) share one
+  recording. Recordings are made one at a time in the process (a lock: recording swaps the compiled functions
+  process-wide). A ``CpuGraph`` called inside another's recording runs its model eagerly, so that the outer
+  recording sees the kernels.
 - A recording keeps the storage its calls touch (about what one eager forward uses): ``held_bytes``.
 - A replay runs no Python: forward hooks run at a recording only (a warning names the hooked modules), and tensors
   a hook or the model keeps from the recorded call are the recording's buffers, which later replays overwrite.
@@ -61,7 +64,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import threading
 import weakref
@@ -73,16 +75,15 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .._warnings import warn_user
 from ..errors import ReplayError
 from ..runtime.call_record import (
-    PLAIN,
     GuardFailed,
-    Recording,
     dead_residuals,
     record,
     recording_here,
-    static_copy,
 )
 from ..runtime.state_objects import Layout, Snapshot, is_state_object
 from ..runtime.value_guards import Guard
+from .graph_entries import Entry, signature
+from .graph_entries import probe as probe_input
 from .replay_checks import hooked_modules, matches, replayed, watched
 from .settle import settle
 
@@ -94,62 +95,6 @@ _EAGER = object()  # (no replay: run the call eagerly)
 # Decisions to record, taken with the count of recordings: threads recording at once would pass the limit together.
 # Reentrant: settling a model may call another CpuGraph inside it, which records too.
 _ADMIT = threading.RLock()
-
-
-@dataclasses.dataclass(eq=False)
-class _Entry:
-    recordings: list[Recording]  # one per set of values the forward read into Python (guards), in recording order
-    # the model's parameters and buffers: (the dict holding one, its name there, the tensor, its version)
-    watched: tuple[tuple[dict, str, torch.Tensor, int | None], ...]
-    closed: bool = False  # no more variants (one could not be recorded): calls missing every guard run eagerly
-    misses: int = 0  # calls in a row that missed every recording's guards with no variant added
-    eager: bool = False  # ``MISSES_BEFORE_EAGER`` such calls: the signature runs eagerly, no replay tried
-
-    @property
-    def recording(self) -> Recording:
-        """The first recording (the only one of a forward that reads no value into Python)."""
-        return self.recordings[0]
-
-    def stale(self) -> bool:
-        """Whether a parameter or buffer was changed in place or replaced (``load_state_dict(assign=True)``,
-        attribute assignment, ``.to()``) since the recording."""
-        return any(held.get(name) is not tensor or (version is not None and tensor._version != version)
-                   for held, name, tensor, version in self.watched)
-
-    def replay(self, leaves) -> Any:
-        """The outputs of the first recording whose guards these inputs pass; GuardFailed if none's do."""
-        for recording in self.recordings[:-1]:
-            try:
-                return recording.replay(leaves)
-            except GuardFailed:
-                continue
-        return self.recordings[-1].replay(leaves)
-
-
-def _signature(leaves, spec) -> tuple | None:
-    """What a recording is valid for: the calling thread, the tensors' layouts, every plain leaf's value, and each
-    state object (a static key/value cache, ``runtime.state_objects``; what it holds is checked apart, by
-    ``CpuGraph._layouts``); None when a leaf is none of these (an object such as a growing cache, which the forward
-    may change: such a call runs eagerly)."""
-    key = [threading.get_ident()]
-    for leaf in leaves:
-        if isinstance(leaf, torch.Tensor):
-            key.append((leaf.shape, leaf.stride(), leaf.dtype, leaf.device, leaf.requires_grad))
-        elif isinstance(leaf, PLAIN):
-            key.append((type(leaf), leaf))
-        elif is_state_object(leaf):
-            key.append(("state", id(leaf)))
-        else:
-            return None
-    return (spec, *key)
-
-
-def _probe(value: Any) -> Any:
-    """Another input of the same layout: tensors flipped along their last dimension (keeping their values' set,
-    e.g. valid token ids), with their strides."""
-    if not isinstance(value, torch.Tensor) or value.dim() == 0:
-        return value
-    return static_copy(value).copy_(value.flip(-1))
 
 
 class CpuGraph(torch.nn.Module):
@@ -164,7 +109,8 @@ class CpuGraph(torch.nn.Module):
         # what computes a forward eagerly: the model, or its original forward method when the graph replaces it
         # (``GraphedForward``: the model's own calls then reach the graph, which passes them on while it records)
         self.__dict__["_call"] = call if call is not None else model  # (not a submodule a second time)
-        self._entries: dict[tuple, _Entry] = {}
+        self._entries: dict[tuple, Entry] = {}  # a signature's recordings
+        self._spares: dict[tuple, list[Entry]] = {}  # copies for threads calling while the first one replays
         # signatures with state objects: what the objects held when a call was seen to leave them so (a cache's
         # first call allocates it: not so), and whether a recording could write into their tensors
         self._layouts: dict[tuple, tuple[list[Layout], bool]] = {}
@@ -187,7 +133,7 @@ class CpuGraph(torch.nn.Module):
     def held_bytes(self) -> int:
         """Bytes of storage the recordings keep alive (parameters included)."""
         storages = {}  # (the model's parameters, which every recording holds, once)
-        for entry in self._entries.values():
+        for entry in self._all_entries():
             for recording in entry.recordings:
                 storages.update(recording.storages)
         return sum(storages.values())
@@ -207,19 +153,46 @@ class CpuGraph(torch.nn.Module):
         else:
             leaves, spec = tree_flatten((args, kwargs))
             states = [leaf for leaf in leaves if is_state_object(leaf)]
-        key = _signature(leaves, spec)
+        key = signature(leaves, spec)
         if key is None or self._tracked(leaves) or recording_here():  # (inside another graph's recording: eager,
             return self._call(*args, **kwargs)                           # so that it sees the kernels)
         if states and not self._steady(key, states):
             return self._observe(key, states, args, kwargs)
-        entry = self._entries.get(key)
-        if entry is None or entry.stale():
+        entry = self._claim(key)
+        if entry is None:
             with _ADMIT:  # (the count and the recording together: threads recording at once keep the limit)
-                entry = self._entries.get(key)
-                if entry is None or entry.stale():
-                    if entry is None and self._recordings() >= self.max_recordings:
+                entry = self._claim(key)
+                if entry is None:
+                    if self._recordings() >= self.max_recordings:
                         return self._call(*args, **kwargs)
-                    entry = self._entries[key] = self._record(args, kwargs, states)
+                    entry = self._record(args, kwargs, states)
+                    entry.lock.acquire()
+                    if key in self._entries:  # (another thread replays the first: a copy of one's own)
+                        self._spares.setdefault(key, []).append(entry)
+                    else:
+                        self._entries[key] = entry
+        try:
+            return self._replay(entry, leaves, states, args, kwargs)
+        finally:
+            entry.lock.release()
+
+    def _claim(self, key: tuple) -> Entry | None:
+        """A recording of this signature no other thread is replaying, locked for this one; None if there is none
+        free (or the model's parameters changed since they were recorded: they are dropped)."""
+        first = self._entries.get(key)
+        if first is None:
+            return None
+        if first.stale():
+            with _ADMIT:
+                if self._entries.get(key) is first:
+                    del self._entries[key]
+                    self._spares.pop(key, None)
+            return None
+        return next((entry for entry in (first, *self._spares.get(key, ())) if entry.lock.acquire(blocking=False)),
+                    None)
+
+    def _replay(self, entry: Entry, leaves, states: list, args: tuple, kwargs: dict) -> Any:
+        """Replay a claimed recording (``_another_variant`` where the inputs miss its guards)."""
         if entry.eager:
             return self._call(*args, **kwargs)
         try:
@@ -249,6 +222,7 @@ class CpuGraph(torch.nn.Module):
         out = self._call(*args, **kwargs)
         with _ADMIT:
             self._entries.pop(key, None)
+            self._spares.pop(key, None)
             if all(layout.holds() for layout in layouts):
                 if key not in self._layouts:  # (an object's recordings go with it: Hugging Face's generate() makes
                     for state in states:      # a cache a call, and a recording holds the cache's tensors)
@@ -260,7 +234,7 @@ class CpuGraph(torch.nn.Module):
                 self._layouts.pop(key, None)
         return out
 
-    def _another_variant(self, entry: _Entry, args: tuple, kwargs: dict, leaves) -> Any:
+    def _another_variant(self, entry: Entry, args: tuple, kwargs: dict, leaves) -> Any:
         """Record this call as another variant of its signature and replay it; ``_EAGER`` where none is added: the
         limit of recordings reached or the signature closed (after ``MISSES_BEFORE_EAGER`` such calls in a row,
         the signature runs eagerly with no replay tried: its replays kept failing), or this variant cannot be
@@ -282,14 +256,18 @@ class CpuGraph(torch.nn.Module):
         except GuardFailed:  # (values that change from call to call on the same input)
             return _EAGER
 
+    def _all_entries(self) -> list[Entry]:
+        return [*self._entries.values(), *(entry for spares in self._spares.values() for entry in spares)]
+
     def _recordings(self) -> int:
-        return sum(len(entry.recordings) for entry in self._entries.values())
+        return sum(len(entry.recordings) for entry in self._all_entries())
 
     def __getstate__(self):
         """Without the recordings (they hold compiled functions and this process's buffers): a copy or a
         pickled-and-loaded CpuGraph records again at its first calls."""
         state = dict(self.__dict__)
-        state["_entries"], state["_layouts"], state["_replays"], state["_guard_misses"] = {}, {}, [0], [0]
+        state["_entries"], state["_spares"], state["_layouts"] = {}, {}, {}
+        state["_replays"], state["_guard_misses"] = [0], [0]
         state["_busy"] = None
         return state
 
@@ -297,7 +275,7 @@ class CpuGraph(torch.nn.Module):
         state["_busy"] = threading.local()
         super().__setstate__(state)
 
-    def _record(self, args: tuple, kwargs: dict, states: list | tuple = ()) -> _Entry:
+    def _record(self, args: tuple, kwargs: dict, states: list | tuple = ()) -> Entry:
         """Settle, record and check one signature (module docstring). With ``states`` (state objects among the
         arguments), every run starts from them as the call found them, and they are left so: the caller's replay
         then makes the call's one step."""
@@ -318,7 +296,7 @@ class CpuGraph(torch.nn.Module):
                     hook = None
                 # the eager probe first: after recording, the buffers the recording holds are not recycled, and an
                 # eager forward then would allocate its own (ResNet-50 at batch 64: ~1 GB more)
-                probe_args, probe_kwargs = tree_map(_probe, (args, kwargs))
+                probe_args, probe_kwargs = tree_map(probe_input, (args, kwargs))
                 fresh()
                 expected = run(*probe_args, **probe_kwargs)
                 probe = tree_flatten((probe_args, probe_kwargs))[0]
@@ -354,7 +332,7 @@ class CpuGraph(torch.nn.Module):
             if hook:
                 hook.remove()
             fresh()
-        entry = _Entry([recording], watched(self.model))
+        entry = Entry([recording], watched(self.model))
         if states and any(isinstance(call, Guard) for call in recording.calls):
             # a replay that misses a guard has run the calls before it, the objects' updates among them: it could
             # not be taken back and run eagerly instead
@@ -374,6 +352,7 @@ def _forget(graph_ref: weakref.ref, key: tuple) -> None:
     if graph is not None:
         with _ADMIT:
             graph._entries.pop(key, None)
+            graph._spares.pop(key, None)
             graph._layouts.pop(key, None)
 
 

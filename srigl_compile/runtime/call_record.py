@@ -443,4 +443,5 @@ def record(fn: Callable, args: tuple, kwargs: dict,
     statics = [passed.get(id(v), v) if not isinstance(v, torch.Tensor) else v for v in statics]
     storages = {alias.untyped_storage()._cdata: alias.untyped_storage().nbytes()
                 for alias in recorder.kept}
+    scratch.give_up(storages)  # (the recording's own from now on: any thread may replay it)
     return Recording(statics, recorder.calls, outputs, sum(storages.values()), recorder.residuals, storages, held)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["scratch", "result", "release_scratch", "scratch_bytes", "pad_images", "held_by_recording", "users_besides",
-           "MMAPPED_BYTES", "RECYCLE_FROM_BYTES", "RECYCLED_PER_SIZE", "RECORDING_RECYCLE_FROM_BYTES"]
+           "give_up", "MMAPPED_BYTES", "RECYCLE_FROM_BYTES", "RECYCLED_PER_SIZE", "RECORDING_RECYCLE_FROM_BYTES"]
 
 _LOCAL = threading.local()  # .buffers: {(slot, dtype): 1-D tensor}; .results: {(numel, dtype): [1-D tensor]}
 MMAPPED_BYTES = 32 * 2**20  # glibc's largest mmap threshold: fresh tensors from this size fault in on every call
@@ -98,6 +98,14 @@ def _unreferenced(buffer: torch.Tensor) -> bool:
     if held:
         tensors -= held.get(buffer.untyped_storage()._cdata, 0)
     return tensors <= _FREE[0] and objects <= _FREE[1]
+
+
+def give_up(storages) -> None:
+    """Drop this thread's scratch buffers on ``storages`` (a recording's, which keeps them): the thread's later
+    calls get buffers of their own, so that another thread may replay the recording meanwhile."""
+    buffers = _buffers()
+    for key in [key for key, buffer in buffers.items() if buffer.untyped_storage()._cdata in storages]:
+        del buffers[key]
 
 
 def users_besides(tensor: torch.Tensor, known: int) -> int | None:

@@ -294,6 +294,39 @@ def test_threads_recording_at_once_and_graphs_inside_graphs():
             torch.testing.assert_close(outer(x), torch.relu(lowered(x)), rtol=0, atol=0)
 
 
+def test_a_recording_replays_on_other_threads_while_its_thread_runs_eager_calls():
+    """A recording owns the scratch buffers it used (padded images, tiles): the thread that made it runs eager
+    calls on buffers of its own meanwhile, as another thread replays it (threads that come and go share it)."""
+    import threading
+
+    masked, lowered, x = _models("resnet")
+    graphed = cpu_graph(lowered)
+    inputs = [torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)) for seed in range(6)]
+    with torch.inference_mode():
+        want = [lowered(x) for x in inputs]
+        graphed(inputs[0])  # (recorded on this thread)
+    failures, stop = [], threading.Event()
+
+    def replay():
+        with torch.inference_mode():
+            while not stop.is_set():
+                for x, y in zip(inputs, want):
+                    try:
+                        torch.testing.assert_close(graphed(x), y, rtol=0, atol=0)
+                    except Exception as err:  # (collected: an assert in a thread would not fail the test)
+                        failures.append(err)
+
+    thread = threading.Thread(target=replay)
+    thread.start()
+    with torch.inference_mode():
+        for _ in range(10):
+            for x, y in zip(inputs[::-1], want[::-1]):
+                torch.testing.assert_close(lowered(x), y, rtol=0, atol=0)
+    stop.set()
+    thread.join()
+    assert not failures and graphed._recordings() == 1 and graphed.replays > 1
+
+
 class _Alternating(torch.nn.Module):
     """The same function on every call, but which tensor it reads after the block alternates: the block's input
     (live after the block) or a copy of it (then the input is dead)."""

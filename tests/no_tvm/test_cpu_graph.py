@@ -164,7 +164,7 @@ def test_grad_tracked_calls_run_eagerly():
     assert graphed.replays == 1
 
 
-def test_each_thread_records_and_replays_its_own():
+def test_threads_share_recordings_and_record_copies_only_while_every_one_is_busy():
     model = make_cnn().eval()
     graphed = cpu_graph(model)
     inputs = [torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed)) for seed in range(8)]
@@ -183,7 +183,33 @@ def test_each_thread_records_and_replays_its_own():
         for i, name in enumerate("ab"):
             for x, y in zip(inputs[i::2], got[name]):
                 _same(y, model(x))
-    assert len(graphed._entries) == 2 and graphed.replays == 8
+    copies = 1 + len(graphed._spares.get(next(iter(graphed._entries)), []))
+    assert len(graphed._entries) == 1 and copies <= 2 and graphed.replays == 8
+    for i in range(10):  # a thread per call (a thread-per-request server): the recordings made serve them all
+        thread = threading.Thread(target=work, args=(f"t{i}", inputs[:1]))
+        thread.start()
+        thread.join()
+        _same(got[f"t{i}"][0], got["a"][0])
+    assert graphed._recordings() == copies and graphed.replays == 18
+
+
+def test_a_recording_is_replayed_by_one_thread_at_a_time():
+    """A replay writes the recording's buffers: a second thread arriving meanwhile records a copy of its own
+    (up to max_recordings), or runs eagerly."""
+    graphed = cpu_graph(make_cnn().eval(), max_recordings=2)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = graphed(x)
+        (entry,) = graphed._entries.values()
+        with entry.lock:  # (as if another thread were replaying it)
+            _same(graphed(x), want)  # a copy, recorded
+            assert graphed._recordings() == 2
+            (spare,) = graphed._spares[next(iter(graphed._entries))]
+            with spare.lock:
+                _same(graphed(x), want)  # both busy and the limit reached: eager
+        assert graphed.replays == 2 and graphed._recordings() == 2
+        _same(graphed(x), want)
+    assert graphed.replays == 3
 
 
 class _Nonzero(nn.Module):
