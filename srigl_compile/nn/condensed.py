@@ -52,7 +52,9 @@ def condensed_arrays(weight: torch.Tensor, mask: torch.Tensor, name: str = "laye
     if fan_ins.numel() > 1:
         raise LayerError(
             f"layer {name!r} is not constant fan-in (active neurons have {fan_ins.tolist()[:5]} inputs): "
-            "condensing needs masks from method='srigl' or 'static'"
+            "condensing needs masks from method='srigl' or 'static', as training left them (an average of the "
+            "model's buffers, AveragedModel(use_buffers=True), merges every mask it saw: average the parameters "
+            "only and copy the masks over)"
         )
     k = int(fan_ins[0]) if fan_ins.numel() else 0
     rows = mask2d[active]

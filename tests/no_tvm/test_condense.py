@@ -196,6 +196,18 @@ def test_weights_outside_the_masks_are_refused_before_anything_changes():
     assert_same(condense(masked), masked, torch.randn(4, 32))
 
 
+def test_masks_merged_by_an_average_of_buffers_name_it():
+    """AveragedModel(use_buffers=True) averages the bool masks too: EMA's lerp leaves every mask it saw."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    runs = [sparsify(mlp(), SRigLConfig(sparsity=0.8, seed=seed)) for seed in (1, 2)]
+    average = AveragedModel(runs[0], multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    for run in runs:
+        average.update_parameters(run)
+    with pytest.raises(LayerError, match=r"not constant fan-in .*AveragedModel\(use_buffers=True\), merges every mask"):
+        condense(average.module)
+
+
 def test_condense_without_shrink_keeps_full_width():
     masked = ablate(sparsify(mlp(), SRigLConfig(sparsity=0.8)), {"0": [1, 2]})
     condensed = condense(masked, shrink=False)
