@@ -166,19 +166,23 @@ class CpuGraph(torch.nn.Module):
                     if self._recordings() >= self.max_recordings:
                         return self._call(*args, **kwargs)
                     entry = self._record(args, kwargs, states)
-                    entry.lock.acquire()
+                    if not entry.eager:
+                        entry.lock.acquire()
                     if key in self._entries:  # (another thread replays the first: a copy of one's own)
                         self._spares.setdefault(key, []).append(entry)
                     else:
                         self._entries[key] = entry
+        if entry.eager:  # (claimed without its lock: it replays nothing)
+            return self._call(*args, **kwargs)
         try:
             return self._replay(entry, leaves, states, args, kwargs)
         finally:
             entry.lock.release()
 
     def _claim(self, key: tuple) -> Entry | None:
-        """A recording of this signature no other thread is replaying, locked for this one; None if there is none
-        free (or the model's parameters changed since they were recorded: they are dropped)."""
+        """A recording of this signature no other thread is replaying, locked for this one (an eager one, which
+        replays nothing, unlocked); None if there is none free (or the model's parameters changed since they were
+        recorded: they are dropped)."""
         first = self._entries.get(key)
         if first is None:
             return None
@@ -188,13 +192,13 @@ class CpuGraph(torch.nn.Module):
                     del self._entries[key]
                     self._spares.pop(key, None)
             return None
+        if first.eager:
+            return first
         return next((entry for entry in (first, *self._spares.get(key, ())) if entry.lock.acquire(blocking=False)),
                     None)
 
     def _replay(self, entry: Entry, leaves, states: list, args: tuple, kwargs: dict) -> Any:
         """Replay a claimed recording (``_another_variant`` where the inputs miss its guards)."""
-        if entry.eager:
-            return self._call(*args, **kwargs)
         try:
             out = entry.replay(leaves)
         except GuardFailed as err:  # (the forward reads other values than every recording did: it may decide

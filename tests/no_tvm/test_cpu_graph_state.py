@@ -144,6 +144,8 @@ def test_a_forward_that_reads_values_while_updating_a_cache_runs_eagerly_with_a_
     for a, b in zip(want, got):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert graphed.replays == 0 and int(got_cache.position) == 4
+    (entry,) = graphed._entries.values()  # (eager: claimed without its lock, so threads never queue behind it)
+    assert entry.eager and not entry.lock.locked() and not graphed._spares
 
 
 def test_layouts_see_replaced_tensors_and_values_and_snapshots_undo_calls():
