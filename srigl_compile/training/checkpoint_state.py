@@ -24,7 +24,6 @@ from ..errors import CheckpointError, InvariantError, SRigLError
 from ..nn.sharding import part_like, whole_like
 from ..sparsity import check_constant_fan_in
 from .exploration import unpack_bits
-
 from .methods import MethodRule
 from .rank_sync import RankSync
 

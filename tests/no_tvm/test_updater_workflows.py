@@ -117,3 +117,33 @@ def test_an_optimizer_replaced_mid_run_is_named_in_the_skipped_update_warning():
         SRigLUpdater(model, replacement, config, total_steps=40)
     with pytest.raises(ConfigError, match="replaced by a newer one"):
         updater.step()
+
+
+RESTING = {  # optimizer -> (a state entry, its value for a weight without gradients)
+    "adamax": (lambda p: torch.optim.Adamax(p, lr=1e-2, eps=1e-6), "exp_inf", 1e-6),
+    "rprop": (lambda p: torch.optim.Rprop(p, lr=5e-3), "step_size", 5e-3),
+    "adagrad": (lambda p: torch.optim.Adagrad(p, lr=1e-2, initial_accumulator_value=0.1), "sum", 0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESTING))
+def test_state_outside_the_masks_rests_where_the_optimizer_keeps_it(name):
+    """Adamax writes eps into exp_inf, Rprop keeps step sizes, Adagrad starts its sums at a set value: outside
+    the masks the state rests there, not at 0. check_invariants used to refuse such runs between updates, and a
+    regrown weight's Rprop step size was reset to 0 (it crawled back from the 1e-6 minimum)."""
+    make, key, resting = RESTING[name]
+    torch.manual_seed(0)
+    config = SRigLConfig(sparsity=0.8, delta_t=4)
+    model = sparsify(mlp(), config)
+    optimizer = make(model.parameters())
+    updater = SRigLUpdater(model, optimizer, config, total_steps=40)
+    _train(model, optimizer, updater, 6)  # (an update at 4, then two steps of the next window)
+    updater.check_invariants()
+    for _, layer in sparse_layers(model):
+        state = optimizer.state[layer.weight][key]
+        torch.testing.assert_close(state[~layer.mask], torch.full_like(state[~layer.mask], resting))
+        with torch.no_grad():
+            state[~layer.mask] = resting * 3  # (as if something had moved it)
+        with pytest.raises(InvariantError, match=rf"optimizer state '{key}' outside the mask is not what it holds"):
+            updater.check_invariants()
+        break
