@@ -237,9 +237,14 @@ class SRigLUpdater:
             return self.layers
         if set(unused) != self._warned_unused:
             self._warned_unused = set(unused)
-            warn_user(f"layers {unused} got no gradient since the last mask update at step {t}: their output does "
-                      "not reach the loss, so their masks are left as they are. Leave them out of sparsify "
-                      "(filter_fn) if the model does not use them in training.")
+            frozen = [name for name in unused if not self.layers[name].weight.requires_grad]
+            if frozen:
+                warn_user(f"layers {frozen} were frozen (requires_grad=False) after the updater was built: they get "
+                          f"no gradient, so their masks are left as they are from step {t} on")
+            if reached := [name for name in unused if name not in frozen]:
+                warn_user(f"layers {reached} got no gradient since the last mask update at step {t}: their output "
+                          "does not reach the loss, so their masks are left as they are. Leave them out of sparsify "
+                          "(filter_fn) if the model does not use them in training.")
         return {name: layer for name, layer in self.layers.items() if name not in unused}
 
     def compute_scores(self, name: str, layer: nn.Module) -> LayerScores:

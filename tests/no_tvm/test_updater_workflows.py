@@ -147,3 +147,18 @@ def test_state_outside_the_masks_rests_where_the_optimizer_keeps_it(name):
         with pytest.raises(InvariantError, match=rf"optimizer state '{key}' outside the mask is not what it holds"):
             updater.check_invariants()
         break
+
+
+def test_a_layer_frozen_mid_run_is_named_as_frozen_and_left_as_it_is():
+    torch.manual_seed(0)
+    config = SRigLConfig(sparsity=0.8, delta_t=4)
+    model = sparsify(mlp(), config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    updater = SRigLUpdater(model, optimizer, config, total_steps=40)
+    _train(model, optimizer, updater, 4)
+    model[0].weight.requires_grad_(False)
+    before = model[0].mask.clone()
+    with pytest.warns(UserWarning, match=r"layers \['0'\] were frozen \(requires_grad=False\) after the updater"):
+        _train(model, optimizer, updater, 4)
+    assert torch.equal(model[0].mask, before)
+    updater.check_invariants()
