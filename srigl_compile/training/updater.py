@@ -269,7 +269,7 @@ class SRigLUpdater:
                     f"layer {name!r}: weights outside its mask are not zero at the mask {when} of step {t}: "
                     "something changed masked weights since the last check: code writing the weights (write "
                     "them through the mask, weight * mask), an optimizer that moves weights whose gradients are "
-                    "zero (Muon's dense update; momentum left from before sparsify is zeroed when the updater is "
+                    "zero (Muon's dense update; momentum left from before sparsify is reset when the updater is "
                     "built), or ranks of a distributed run holding different masks (distributed=False)")
 
     def _update(self, t: int) -> None:
