@@ -21,8 +21,11 @@ The rules, as for CUDA graphs:
   it; and replayed only while the object holds the same tensors. Its recordings die with the object: generate()
   makes a cache per call unless given one (``cache=``, reset between calls). A forward that reads values into
   Python while updating one runs eagerly (a replay missing a guard could not take its update back), with a warning.
-- ``model.forward = cpu_graph(model.forward)`` (a ``GraphedForward``) makes callers of the model replay, e.g.
-  ``model.generate(...)``, as transformers does with ``torch.compile(model.forward)``.
+- ``model.forward = cpu_graph(model.forward)`` (a ``GraphedForward``, with the forward's own signature, which
+  generate() reads) makes callers of the model replay, e.g. ``model.generate(...)``, as transformers does with
+  ``torch.compile(model.forward)``. Calls that cannot replay say so once: a cache holding inference tensors (made
+  under ``torch.inference_mode()``), calls changing what a cache holds (beam search's reordering, a sliding window's
+  counter), the ``max_recordings`` limit reached.
 - Values the forward reads into Python (``.item()``, ``bool(tensor)``, ``.tolist()``, ``.numpy()``: Hugging
   Face's attention masks decide on them) are guards: a replay computes each again where it was read, and a value
   other than the recorded one (NaN equals NaN) stops it, since the forward may decide otherwise on it; so does an
@@ -36,7 +39,10 @@ The rules, as for CUDA graphs:
   ``assign=True`` too; assigning a tensor attribute; ``.to()``) makes the next call record again. Replacing
   modules is not seen: record again with a new ``cpu_graph``.
 - Calls that autograd would track (an input that requires grad, or parameters that require grad while grad mode is
-  on) run eagerly: call under ``torch.no_grad()`` or ``torch.inference_mode()``.
+  on) run eagerly: call under ``torch.no_grad()`` or ``torch.inference_mode()``. So do calls while a dropout or
+  batch-norm module is in train mode (its draws and batch statistics), with a warning; switching any module between
+  train and eval records again. Plain Python attributes the forward reads (a scaling factor) are not watched:
+  record again with a new ``cpu_graph`` after changing one.
 - A recording is replayed by one thread at a time, whichever thread made it (it owns its buffers: the recording
   thread's scratch buffers it used are its own afterwards, ``runtime.scratch``): a thread calling a signature while
   every recording of it replays elsewhere records a copy of its own (within ``max_recordings``), or runs eagerly.
@@ -64,6 +70,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import threading
 import weakref
@@ -114,6 +121,8 @@ class CpuGraph(torch.nn.Module):
         # signatures with state objects: what the objects held when a call was seen to leave them so (a cache's
         # first call allocates it: not so), and whether a recording could write into their tensors
         self._layouts: dict[tuple, tuple[list[Layout], bool]] = {}
+        self._unsteady: dict[tuple, int] = {}  # signatures with state objects: calls that changed what they hold
+        self._warned: set[str] = set()  # (warnings given once a graph)
         self._replays = [0]  # (a list: nn.Module.__setattr__ would cost ~5 us a call)
         self._guard_misses = [0]
         self._busy = threading.local()  # .active: this thread is recording (settling calls the model itself)
@@ -156,6 +165,8 @@ class CpuGraph(torch.nn.Module):
         key = signature(leaves, spec)
         if key is None or self._tracked(leaves) or recording_here():  # (inside another graph's recording: eager,
             return self._call(*args, **kwargs)                           # so that it sees the kernels)
+        if self._training():
+            return self._call(*args, **kwargs)
         if states and not self._steady(key, states):
             return self._observe(key, states, args, kwargs)
         entry = self._claim(key)
@@ -164,6 +175,10 @@ class CpuGraph(torch.nn.Module):
                 entry = self._claim(key)
                 if entry is None:
                     if self._recordings() >= self.max_recordings:
+                        self._warn_once("limit", f"cpu_graph: max_recordings={self.max_recordings} recordings "
+                                        "exist; calls of new input signatures run eagerly from now on (recordings "
+                                        "go only with their state objects: a kept generate() output keeps its "
+                                        "cache's). Raise max_recordings, or make a new cpu_graph")
                         return self._call(*args, **kwargs)
                     entry = self._record(args, kwargs, states)
                     if not entry.eager:
@@ -178,6 +193,24 @@ class CpuGraph(torch.nn.Module):
             return self._replay(entry, leaves, states, args, kwargs)
         finally:
             entry.lock.release()
+
+    def _training(self) -> bool:
+        """Whether a dropout or batch-norm module is in train mode: its draws and batch statistics (updated by every
+        run while recording) a replay must not repeat, so such calls run eagerly, with a warning. (Other modules'
+        flags are recorded: switching one records again.)"""
+        if not any(m.training for m in self._stateful()):
+            return False
+        self._warn_once("training", "cpu_graph: the model is in train mode (dropout, batch statistics): calls run "
+                        "eagerly; call model.eval() to replay")
+        return True
+
+    def _stateful(self) -> list[torch.nn.Module]:
+        """The model's dropout and batch-norm modules, found once."""
+        found = self.__dict__.get("_stateful_modules")
+        if found is None:
+            kinds = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._NormBase)
+            found = self.__dict__["_stateful_modules"] = [m for m in self.model.modules() if isinstance(m, kinds)]
+        return found
 
     def _claim(self, key: tuple) -> Entry | None:
         """A recording of this signature no other thread is replaying, locked for this one (an eager one, which
@@ -228,6 +261,11 @@ class CpuGraph(torch.nn.Module):
             self._entries.pop(key, None)
             self._spares.pop(key, None)
             if all(layout.holds() for layout in layouts):
+                if any(layout.inference for layout in layouts):
+                    self._warn_once("inference", f"cpu_graph: the {type(states[0]).__name__} holds tensors made under "
+                                    "torch.inference_mode() (a cache allocated by its first call there), which a "
+                                    "recording cannot write into: calls with it run eagerly. Call under "
+                                    "torch.no_grad() instead")
                 if key not in self._layouts:  # (an object's recordings go with it: Hugging Face's generate() makes
                     for state in states:      # a cache a call, and a recording holds the cache's tensors)
                         with contextlib.suppress(TypeError):  # (an object without weak references keeps them)
@@ -236,7 +274,18 @@ class CpuGraph(torch.nn.Module):
                 self._layouts[key] = (layouts, not any(layout.inference for layout in layouts))
             else:
                 self._layouts.pop(key, None)
+                self._unsteady[key] = self._unsteady.get(key, 0) + 1
+                if self._unsteady[key] == 2:  # (the first may be a lazy cache allocating itself)
+                    self._warn_once(
+                        "unsteady", f"cpu_graph: calls change what the {type(states[0]).__name__} holds besides its "
+                        "tensors' contents (new tensors: beam search reordering a cache; Python values: a sliding "
+                        "window's counter), which a replay cannot repeat: they run eagerly")
         return out
+
+    def _warn_once(self, what: str, message: str) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            warn_user(message)
 
     def _another_variant(self, entry: Entry, args: tuple, kwargs: dict, leaves) -> Any:
         """Record this call as another variant of its signature and replay it; ``_EAGER`` where none is added: the
@@ -270,7 +319,7 @@ class CpuGraph(torch.nn.Module):
         """Without the recordings (they hold compiled functions and this process's buffers): a copy or a
         pickled-and-loaded CpuGraph records again at its first calls."""
         state = dict(self.__dict__)
-        state["_entries"], state["_spares"], state["_layouts"] = {}, {}, {}
+        state["_entries"], state["_spares"], state["_layouts"], state["_unsteady"] = {}, {}, {}, {}
         state["_replays"], state["_guard_misses"] = [0], [0]
         state["_busy"] = None
         return state
@@ -336,7 +385,7 @@ class CpuGraph(torch.nn.Module):
             if hook:
                 hook.remove()
             fresh()
-        entry = Entry([recording], watched(self.model))
+        entry = Entry([recording], watched(self.model), tuple((m, m.training) for m in self.model.modules()))
         if states and any(isinstance(call, Guard) for call in recording.calls):
             # a replay that misses a guard has run the calls before it, the objects' updates among them: it could
             # not be taken back and run eagerly instead
@@ -365,8 +414,11 @@ class GraphedForward:
     does with ``torch.compile(model.forward)``): code that calls the model itself, such as ``generate()``, then
     runs the replays. Not a module, so that setting it registers nothing. ``graph`` counts the replays."""
 
-    def __init__(self, graph: CpuGraph) -> None:
+    def __init__(self, graph: CpuGraph, forward) -> None:
         self.graph = graph
+        # the forward's own signature, name and docs: generate() reads which arguments the forward takes (an
+        # attention mask from pad tokens, logits_to_keep), and took another path with (*args, **kwargs)
+        functools.update_wrapper(self, forward)
 
     def __call__(self, *args, **kwargs):
         return self.graph(*args, **kwargs)
@@ -391,7 +443,7 @@ def cpu_graph(model: torch.nn.Module, max_recordings: int = MAX_RECORDINGS) -> C
     if inspect.ismethod(model) and isinstance(model.__self__, torch.nn.Module):
         if model.__name__ != "forward":
             raise ReplayError(f"cpu_graph takes a module or its bound forward, got its method {model.__name__}")
-        return GraphedForward(CpuGraph(model.__self__, max_recordings, call=model))
+        return GraphedForward(CpuGraph(model.__self__, max_recordings, call=model), model)
     if not isinstance(model, torch.nn.Module):
         raise ReplayError(f"cpu_graph takes a torch.nn.Module or its bound forward (model.forward), got "
                           f"{type(model).__name__}")

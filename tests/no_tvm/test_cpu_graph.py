@@ -153,6 +153,41 @@ def test_outputs_are_new_tensors_and_structures_and_kwargs_are_kept():
     assert len(graphed._entries) == 2
 
 
+def test_train_mode_runs_eagerly_and_switched_modules_record_again():
+    """A recording made in eval mode replayed after model.train() ran eval BatchNorm (a probe found it); recorded
+    in train mode, every run while recording would update the running statistics once more."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 8)).eval()
+    twin = copy.deepcopy(model)
+    graphed = cpu_graph(model)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        _same(graphed(x), twin(x))
+        model.train()
+        twin.train()
+        with pytest.warns(UserWarning, match=r"the model is in train mode .*model.eval\(\) to replay"):
+            _same(graphed(x), twin(x))
+        _same(graphed(x), twin(x))  # (batch statistics, and the running ones updated as eagerly)
+        torch.testing.assert_close(model[1].running_mean, twin[1].running_mean, rtol=0, atol=0)
+        model.eval()
+        twin.eval()
+        _same(graphed(x), twin(x))
+        model[2].train()  # (a module without train-mode behaviour of its own: recorded again, in its new mode)
+        _same(graphed(x), twin(x))
+    assert graphed.replays == 3 and graphed._entries[next(iter(graphed._entries))].modes[3] == (model[2], True)
+
+
+def test_the_recording_limit_is_named_once():
+    graphed = cpu_graph(nn.Linear(4, 4), max_recordings=1)
+    with torch.no_grad():
+        graphed(torch.randn(1, 4))
+        with pytest.warns(UserWarning, match="max_recordings=1 recordings exist; calls of new input signatures"):
+            graphed(torch.randn(2, 4))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            graphed(torch.randn(3, 4))
+
+
 def test_grad_tracked_calls_run_eagerly():
     model = make_mlp().train(False)
     graphed = cpu_graph(model)

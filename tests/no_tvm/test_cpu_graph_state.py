@@ -102,12 +102,14 @@ class _Growing(_StaticCache):
         return self.keys
 
 
-def test_a_cache_whose_calls_replace_its_tensors_runs_eagerly():
+def test_a_cache_whose_calls_replace_its_tensors_runs_eagerly_with_a_warning():
+    """As beam search's cache reordering does, or a sliding window's Python counter."""
     inputs = [torch.randn(3) for _ in range(4)]
     model = _Decoder().eval()
     want = _steps(model, _Growing(), inputs)
     graphed = cpu_graph(model)
-    got = _steps(graphed, _Growing(), inputs)
+    with pytest.warns(UserWarning, match="calls change what the _Growing holds besides its tensors' contents"):
+        got = _steps(graphed, _Growing(), inputs)
     for a, b in zip(want, got):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert graphed.replays == 0 and not graphed._entries
@@ -120,7 +122,8 @@ def test_a_cache_of_inference_tensors_runs_eagerly():
     with torch.inference_mode():
         want = _steps(model, want_cache, inputs)
         graphed = cpu_graph(model)
-        got = _steps(graphed, got_cache, inputs)
+        with pytest.warns(UserWarning, match=r"holds tensors made under torch.inference_mode\(\).*torch.no_grad"):
+            got = _steps(graphed, got_cache, inputs)
     for a, b in zip(want, got):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert graphed.replays == 0 and int(got_cache.position) == 4
@@ -212,6 +215,22 @@ def test_a_static_cache_kept_across_generate_calls_keeps_its_recordings():
     # the first call as above; later calls replay their 9 steps (the second prompt is seen again: the first one
     # allocated the cache)
     assert replays == [8, 8 + 9, 8 + 9 + 9]
+
+
+def test_a_graphed_forward_keeps_its_signature_so_generate_takes_the_same_path():
+    """generate() reads the forward's parameters: with (*args, **kwargs) it built no attention mask from pad tokens
+    (a left-padded row got other tokens), passed no logits_to_keep, and crashed OPT."""
+    import inspect
+
+    model = _tiny_llama()
+    original = inspect.signature(model.forward)
+    ids = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(3))
+    ids[1, :4] = 0  # (left padding with pad_token_id=0, no attention mask given)
+    want = _generate(model, ids)
+    model.forward = graphed = cpu_graph(model.forward)
+    assert inspect.signature(model.forward) == original and model._supports_logits_to_keep()
+    torch.testing.assert_close(_generate(model, ids), want, rtol=0, atol=0)
+    assert graphed.graph.replays == 8
 
 
 def test_bound_methods_other_than_forward_and_graphed_forwards_are_refused():
