@@ -25,15 +25,16 @@ from typing import Any
 
 import torch
 
+from .call_record import PLAIN
+
 __all__ = ["is_state_object", "Layout", "Snapshot"]
 
 DEPTH = 4  # nesting walked: cache -> its list of layers -> a layer -> its tensors (and one more level of headroom)
-_PLAIN = (type(None), bool, int, float, complex, str, torch.dtype, torch.device)
 
 
 def is_state_object(value: Any) -> bool:
     """Whether ``value`` declares that its tensors stay at fixed addresses across calls (``is_compileable``)."""
-    return not isinstance(value, (torch.Tensor, *_PLAIN, torch.nn.Module)) \
+    return not isinstance(value, (torch.Tensor, *PLAIN, torch.nn.Module)) \
         and getattr(value, "is_compileable", False) is True
 
 
@@ -42,7 +43,7 @@ def _walk(value: Any, depth: int, seen: set[int]) -> Iterator[tuple[str, Any]]:
     list or dict whose contents are walked (``DEPTH`` levels down), ("opaque", o) for anything else."""
     if isinstance(value, torch.Tensor):
         yield "tensor", value
-    elif isinstance(value, _PLAIN):
+    elif isinstance(value, PLAIN):
         yield "plain", value
     elif id(value) in seen or depth > DEPTH or not _container(value):
         yield "opaque", value
@@ -85,7 +86,7 @@ class Layout:
     def holds(self) -> bool:
         for container, contents in self.containers:
             now = _children(container)
-            if len(now) != len(contents) or any(a is not b and not (isinstance(a, _PLAIN) and a == b)
+            if len(now) != len(contents) or any(a is not b and not (isinstance(a, PLAIN) and a == b)
                                                 for a, b in zip(now, contents)):
                 return False
         return all(_tensor_layout(tensor) == then for tensor, then in self.tensors)

@@ -186,7 +186,7 @@ class SRigLUpdater:
         if self._replaced:
             raise ConfigError("this SRigLUpdater was replaced by a newer one built on the same layers: call step() "
                               "on that one (two updaters would each update the masks)")
-        # No per-step weight masking: masked gradients and zero optimizer state keep masked weights exactly zero
+        # No per-step weight masking: masked gradients and resting optimizer state keep masked weights exactly zero
         # under SGD/Adam/AdamW (weight decay of a zero is zero); an optimizer that moves them (Muon's dense update)
         # is caught, loudly, at the next update, or every delta_t steps where none comes (static, past T_end).
         self._check_weights_unchanged()
