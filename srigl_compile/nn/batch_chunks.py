@@ -82,22 +82,22 @@ def _per_sample_node(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 class ChunkedSequential(nn.Sequential):
     """An nn.Sequential that runs an input shape's batch in chunks of ``chunk_sizes[shape]`` images, once
-    ``choose_batch_chunks`` measured that faster (module docstring). ``seen``: the last eager input's shape."""
+    ``choose_batch_chunks`` measured that faster (module docstring). ``_seen``: the last eager input's shape."""
 
     chunk_sizes: dict
-    seen: torch.Size | None = None
+    _seen: torch.Size | None = None
 
     @classmethod
     def convert(cls, sequence: nn.Sequential) -> ChunkedSequential:
         """Make ``sequence`` (an nn.Sequential) a ChunkedSequential in place, with nothing measured yet."""
         sequence.__class__ = cls
-        sequence.chunk_sizes, sequence.seen = {}, None
+        sequence.chunk_sizes, sequence._seen = {}, None
         return sequence
 
     def forward(self, x):
         if type(x) is not torch.Tensor or torch.compiler.is_compiling():
             return super().forward(x)
-        self.seen = x.shape
+        self._seen = x.shape
         size = self.chunk_sizes.get(x.shape)
         if size is None or size >= x.shape[0]:
             return super().forward(x)
@@ -123,11 +123,11 @@ def choose_batch_chunks(model: nn.Module, settle_trials, *args, **kwargs) -> int
         return 0
     calls = 0
     with torch.no_grad():
-        if any(stack.seen is None for stack in stacks):
+        if any(stack._seen is None for stack in stacks):
             model(*args, **kwargs)  # (records each stack's input shape)
             calls = 1
-        pending = [(stack, stack.seen) for stack in stacks
-                   if stack.seen is not None and stack.seen not in stack.chunk_sizes]
+        pending = [(stack, stack._seen) for stack in stacks
+                   if stack._seen is not None and stack._seen not in stack.chunk_sizes]
         if not pending:
             return calls
         batch = min(shape[0] for _, shape in pending)

@@ -40,9 +40,9 @@ The rules, as for CUDA graphs:
   modules is not seen: record again with a new ``cpu_graph``.
 - Calls that autograd would track (an input that requires grad, or parameters that require grad while grad mode is
   on) run eagerly: call under ``torch.no_grad()`` or ``torch.inference_mode()``. So do calls while a dropout or
-  batch-norm module is in train mode (its draws and batch statistics), with a warning; switching any module between
-  train and eval records again. Plain Python attributes the forward reads (a scaling factor) are not watched:
-  record again with a new ``cpu_graph`` after changing one.
+  batch-norm module is in train mode (its draws and batch statistics), with a warning. Setting a module's public
+  plain attribute (``training``, a scaling factor, a flag: ``replay_checks.Settings``) records again; objects the
+  forward reads (a config) are not watched: record again with a new ``cpu_graph`` after changing one.
 - A recording is replayed by one thread at a time, whichever thread made it (it owns its buffers: the recording
   thread's scratch buffers it used are its own afterwards, ``runtime.scratch``): a thread calling a signature while
   every recording of it replays elsewhere records a copy of its own (within ``max_recordings``), or runs eagerly.
@@ -91,7 +91,7 @@ from ..runtime.state_objects import Layout, Snapshot, is_state_object
 from ..runtime.value_guards import Guard
 from .graph_entries import Entry, signature
 from .graph_entries import probe as probe_input
-from .replay_checks import hooked_modules, matches, replayed, watched
+from .replay_checks import Settings, hooked_modules, matches, replayed, watched
 from .settle import settle
 
 __all__ = ["CpuGraph", "GraphedForward", "cpu_graph"]
@@ -385,7 +385,7 @@ class CpuGraph(torch.nn.Module):
             if hook:
                 hook.remove()
             fresh()
-        entry = Entry([recording], watched(self.model), tuple((m, m.training) for m in self.model.modules()))
+        entry = Entry([recording], watched(self.model), Settings(self.model))
         if states and any(isinstance(call, Guard) for call in recording.calls):
             # a replay that misses a guard has run the calls before it, the objects' updates among them: it could
             # not be taken back and run eagerly instead

@@ -12,6 +12,7 @@ import torch
 
 from ..runtime.call_record import PLAIN, GuardFailed, Recording, static_copy
 from ..runtime.state_objects import is_state_object
+from .replay_checks import Settings
 
 __all__ = ["Entry", "signature", "probe"]
 
@@ -21,7 +22,7 @@ class Entry:
     recordings: list[Recording]  # one per set of values the forward read into Python (guards), in recording order
     # the model's parameters and buffers: (the dict holding one, its name there, the tensor, its version)
     watched: tuple[tuple[dict, str, torch.Tensor, int | None], ...]
-    modes: tuple[tuple[torch.nn.Module, bool], ...]  # every module with its training flag when recorded
+    settings: Settings  # every module's plain attributes (its train/eval flag among them) when recorded
     closed: bool = False  # no more variants (one could not be recorded): calls missing every guard run eagerly
     misses: int = 0  # calls in a row that missed every recording's guards with no variant added
     eager: bool = False  # ``MISSES_BEFORE_EAGER`` such calls: the signature runs eagerly, no replay tried
@@ -34,10 +35,10 @@ class Entry:
 
     def stale(self) -> bool:
         """Whether a parameter or buffer was changed in place or replaced (``load_state_dict(assign=True)``,
-        attribute assignment, ``.to()``), or a module switched between train and eval, since the recording."""
+        attribute assignment, ``.to()``), or a module's plain attribute was set (switched between train and eval, a
+        scaling factor changed), since the recording."""
         return any(held.get(name) is not tensor or (version is not None and tensor._version != version)
-                   for held, name, tensor, version in self.watched) or any(
-            module.training is not training for module, training in self.modes)
+                   for held, name, tensor, version in self.watched) or self.settings.changed()
 
     def replay(self, leaves) -> Any:
         """The outputs of the first recording whose guards these inputs pass; GuardFailed if none's do."""

@@ -53,7 +53,7 @@ def test_chunked_outputs_are_the_whole_batch_s_bit_for_bit(size):
     x = torch.randn(6, 3, 32, 32)
     with torch.no_grad():
         whole = lowered(x)
-        lowered.layers.chunk_sizes[lowered.layers.seen] = size  # (4: a chunk of 4 and one of 2)
+        lowered.layers.chunk_sizes[lowered.layers._seen] = size  # (4: a chunk of 4 and one of 2)
         batches = []
         hook = lowered.layers[0].conv1.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
         chunked = lowered(x)
@@ -71,7 +71,7 @@ def _timed_by_chunk(monkeypatch, lowered, seconds: dict) -> list:
 
     def forward_seconds(model, x):
         model(x)
-        timed.append(model.layers.chunk_sizes[model.layers.seen])
+        timed.append(model.layers.chunk_sizes[model.layers._seen])
         return seconds[timed[-1]]
     monkeypatch.setattr(batch_chunks, "_forward_seconds", forward_seconds)
     return timed
@@ -97,7 +97,7 @@ def test_chunk_choices_are_kept_on_this_machine_only(monkeypatch, tmp_path):
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         lowered(x)
-        lowered.layers.chunk_sizes[lowered.layers.seen] = 2
+        lowered.layers.chunk_sizes[lowered.layers._seen] = 2
         want = lowered(x)
         save_lowered(lowered, tmp_path / "model")
         again = load_lowered(tmp_path / "model")

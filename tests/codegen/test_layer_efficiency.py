@@ -26,9 +26,9 @@ def test_chunked_layers_count_every_call_of_a_forward():
     lowered = lower(sparsify(model, SRigLConfig(sparsity=0.8, distribution="uniform"), example_inputs=(x,)),
                     progress=False)
     settle(lowered, x)  # (as the benchmarks do: the dense-form trials end before the timed forwards)
-    lowered.layers.chunk_sizes[lowered.layers.seen] = x.shape[0]  # whole batches, whatever settle measured
+    lowered.layers.chunk_sizes[lowered.layers._seen] = x.shape[0]  # whole batches, whatever settle measured
     whole = layer_efficiency(lowered, x, forwards=2)
-    lowered.layers.chunk_sizes[lowered.layers.seen] = 2  # three chunks of two images
+    lowered.layers.chunk_sizes[lowered.layers._seen] = 2  # three chunks of two images
     chunked = layer_efficiency(lowered, x, forwards=2)
     in_stack = {name for name, _ in lowered.layers.named_modules(prefix="layers")}
     calls = {row["layer"]: row["calls"] for row in chunked["layers"]}

@@ -174,7 +174,63 @@ def test_train_mode_runs_eagerly_and_switched_modules_record_again():
         _same(graphed(x), twin(x))
         model[2].train()  # (a module without train-mode behaviour of its own: recorded again, in its new mode)
         _same(graphed(x), twin(x))
-    assert graphed.replays == 3 and graphed._entries[next(iter(graphed._entries))].modes[3] == (model[2], True)
+    entry = next(iter(graphed._entries.values()))
+    assert graphed.replays == 3 and not entry.stale()
+    model[2].eval()
+    assert entry.stale()
+
+
+class _WithSettings(nn.Module):
+    shift = 0.0  # (a class attribute: setting it on an instance adds one there)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.scale, self.squash, self.axes = 2.0, False, (0,)
+
+    def forward(self, x):
+        y = self.linear(x) * self.scale + self.shift
+        return torch.tanh(y) if self.squash else y.flip(self.axes)
+
+
+@pytest.mark.parametrize("change", ["float", "flag", "tuple", "class attribute", "deleted"])
+def test_a_changed_plain_attribute_records_again(change):
+    """A forward reads its modules' plain attributes into Python: a replay repeats the values recorded, so setting
+    one (a scaling factor, a flag) must record again, as switching train/eval does."""
+    torch.manual_seed(0)
+    model = _WithSettings()
+    graphed = cpu_graph(model)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        _same(graphed(x), model(x))
+        _same(graphed(x), model(x))
+        if change == "float":
+            model.scale = 0.5
+        elif change == "flag":
+            model.squash = True
+        elif change == "tuple":
+            model.axes = (1,)
+        elif change == "class attribute":
+            model.shift = 3.0
+        else:
+            model.shift = 3.0
+            _same(graphed(x), model(x))
+            del model.shift
+        _same(graphed(x), model(x))
+        _same(graphed(x), model(x))
+
+
+def test_private_attributes_are_bookkeeping_not_settings():
+    """``_name`` attributes are the modules' own bookkeeping (a lowered layer's last input shape), which eager calls
+    of other signatures change: watching them would record every signature again after each such call."""
+    model = _WithSettings()
+    graphed = cpu_graph(model)
+    with torch.no_grad():
+        graphed(torch.randn(3, 4))
+        entry = next(iter(graphed._entries.values()))
+        model._calls = 1
+        graphed(torch.randn(3, 4))
+    assert graphed.replays == 2 and list(graphed._entries.values()) == [entry]
 
 
 def test_the_recording_limit_is_named_once():
