@@ -18,9 +18,11 @@ The rules, as for CUDA graphs:
   replay writes its keys and values into the cache and advances its position, as the eager step does. A signature
   with one is first seen eagerly once (a call that replaces what the object holds, such as the lazy cache's first
   step, is not replayable); then recorded, every run of the recording starting from the object as the call found
-  it; and replayed only while the object holds the same tensors. Its recordings die with the object: generate()
-  makes a cache per call unless given one (``cache=``, reset between calls). A forward that reads values into
-  Python while updating one runs eagerly (a replay missing a guard could not take its update back), with a warning.
+  it; and replayed only while the object holds the same tensors. When the object dies, its recording waits for
+  the next object of the same structure, which is given the recording's tensors (``nn.graph_states``): generate()
+  makes a cache per call unless given one, and its steps replay without recording again. A forward that reads
+  values into Python while updating one runs eagerly (a replay missing a guard could not take its update back),
+  with a warning.
 - ``model.forward = cpu_graph(model.forward)`` (a ``GraphedForward``, with the forward's own signature, which
   generate() reads) makes callers of the model replay, e.g. ``model.generate(...)``, as transformers does with
   ``torch.compile(model.forward)``. Calls that cannot replay say so once: a cache holding inference tensors (made
@@ -69,11 +71,9 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import threading
-import weakref
 from typing import Any
 
 import torch
@@ -87,10 +87,11 @@ from ..runtime.call_record import (
     record,
     recording_here,
 )
-from ..runtime.state_objects import Layout, Snapshot, is_state_object
+from ..runtime.state_objects import Snapshot, is_state_object
 from ..runtime.value_guards import Guard
-from .graph_entries import Entry, signature
+from .graph_entries import ADMIT, Entry, signature
 from .graph_entries import probe as probe_input
+from .graph_states import StateSignatures
 from .replay_checks import Settings, hooked_modules, matches, replayed, watched
 from .settle import settle
 
@@ -99,9 +100,6 @@ __all__ = ["CpuGraph", "GraphedForward", "cpu_graph"]
 MAX_RECORDINGS = 8  # recordings kept per model (each holds about one forward's buffers)
 MISSES_BEFORE_EAGER = 4  # calls of a signature in a row missing every guard, at the limit: then eager at once
 _EAGER = object()  # (no replay: run the call eagerly)
-# Decisions to record, taken with the count of recordings: threads recording at once would pass the limit together.
-# Reentrant: settling a model may call another CpuGraph inside it, which records too.
-_ADMIT = threading.RLock()
 
 
 class CpuGraph(torch.nn.Module):
@@ -118,10 +116,7 @@ class CpuGraph(torch.nn.Module):
         self.__dict__["_call"] = call if call is not None else model  # (not a submodule a second time)
         self._entries: dict[tuple, Entry] = {}  # a signature's recordings
         self._spares: dict[tuple, list[Entry]] = {}  # copies for threads calling while the first one replays
-        # signatures with state objects: what the objects held when a call was seen to leave them so (a cache's
-        # first call allocates it: not so), and whether a recording could write into their tensors
-        self._layouts: dict[tuple, tuple[list[Layout], bool]] = {}
-        self._unsteady: dict[tuple, int] = {}  # signatures with state objects: calls that changed what they hold
+        self._states = StateSignatures()  # signatures with state objects
         self._warned: set[str] = set()  # (warnings given once a graph)
         self._replays = [0]  # (a list: nn.Module.__setattr__ would cost ~5 us a call)
         self._guard_misses = [0]
@@ -142,7 +137,7 @@ class CpuGraph(torch.nn.Module):
     def held_bytes(self) -> int:
         """Bytes of storage the recordings keep alive (parameters included)."""
         storages = {}  # (the model's parameters, which every recording holds, once)
-        for entry in self._all_entries():
+        for entry in (*self._all_entries(), *self._states.entries()):
             for recording in entry.recordings:
                 storages.update(recording.storages)
         return sum(storages.values())
@@ -167,11 +162,11 @@ class CpuGraph(torch.nn.Module):
             return self._call(*args, **kwargs)                           # so that it sees the kernels)
         if self._training():
             return self._call(*args, **kwargs)
-        if states and not self._steady(key, states):
-            return self._observe(key, states, args, kwargs)
+        if states and not self._states.steady(key):
+            return self._states.observe(self, key, states, args, kwargs)
         entry = self._claim(key)
         if entry is None:
-            with _ADMIT:  # (the count and the recording together: threads recording at once keep the limit)
+            with ADMIT:  # (the count and the recording together: threads recording at once keep the limit)
                 entry = self._claim(key)
                 if entry is None:
                     if self._recordings() >= self.max_recordings:
@@ -220,7 +215,7 @@ class CpuGraph(torch.nn.Module):
         if first is None:
             return None
         if first.stale():
-            with _ADMIT:
+            with ADMIT:
                 if self._entries.get(key) is first:
                     del self._entries[key]
                     self._spares.pop(key, None)
@@ -246,42 +241,6 @@ class CpuGraph(torch.nn.Module):
         self._replays[0] += 1
         return out
 
-    def _steady(self, key: tuple, states: list) -> bool:
-        """Whether calls of this signature may replay: a call was seen to leave its state objects holding what
-        they held (a cache's first call allocates it), they hold it still, and a recording can write into them."""
-        seen = self._layouts.get(key)
-        return seen is not None and seen[1] and all(layout.holds() for layout in seen[0])
-
-    def _observe(self, key: tuple, states: list, args: tuple, kwargs: dict) -> Any:
-        """Run the call eagerly, and note whether it left its state objects holding what they held: then the
-        signature's next call records (an earlier recording, made while they held other tensors, is dropped)."""
-        layouts = [Layout(state) for state in states]
-        out = self._call(*args, **kwargs)
-        with _ADMIT:
-            self._entries.pop(key, None)
-            self._spares.pop(key, None)
-            if all(layout.holds() for layout in layouts):
-                if any(layout.inference for layout in layouts):
-                    self._warn_once("inference", f"cpu_graph: the {type(states[0]).__name__} holds tensors made under "
-                                    "torch.inference_mode() (a cache allocated by its first call there), which a "
-                                    "recording cannot write into: calls with it run eagerly. Call under "
-                                    "torch.no_grad() instead")
-                if key not in self._layouts:  # (an object's recordings go with it: Hugging Face's generate() makes
-                    for state in states:      # a cache a call, and a recording holds the cache's tensors)
-                        with contextlib.suppress(TypeError):  # (an object without weak references keeps them)
-                            weakref.finalize(state, _forget, weakref.ref(self), key)
-                # tensors made under inference_mode: a recording, which runs outside it, could not write into them
-                self._layouts[key] = (layouts, not any(layout.inference for layout in layouts))
-            else:
-                self._layouts.pop(key, None)
-                self._unsteady[key] = self._unsteady.get(key, 0) + 1
-                if self._unsteady[key] == 2:  # (the first may be a lazy cache allocating itself)
-                    self._warn_once(
-                        "unsteady", f"cpu_graph: calls change what the {type(states[0]).__name__} holds besides its "
-                        "tensors' contents (new tensors: beam search reordering a cache; Python values: a sliding "
-                        "window's counter), which a replay cannot repeat: they run eagerly")
-        return out
-
     def _warn_once(self, what: str, message: str) -> None:
         if what not in self._warned:
             self._warned.add(what)
@@ -292,7 +251,7 @@ class CpuGraph(torch.nn.Module):
         limit of recordings reached or the signature closed (after ``MISSES_BEFORE_EAGER`` such calls in a row,
         the signature runs eagerly with no replay tried: its replays kept failing), or this variant cannot be
         recorded (it does what a replay cannot: the signature is closed)."""
-        with _ADMIT:
+        with ADMIT:
             if entry.closed or self._recordings() >= self.max_recordings:
                 entry.misses += 1
                 entry.eager = entry.misses >= MISSES_BEFORE_EAGER
@@ -310,6 +269,7 @@ class CpuGraph(torch.nn.Module):
             return _EAGER
 
     def _all_entries(self) -> list[Entry]:
+        """The entries replayed (orphans, kept for a new state object, not among them)."""
         return [*self._entries.values(), *(entry for spares in self._spares.values() for entry in spares)]
 
     def _recordings(self) -> int:
@@ -319,7 +279,7 @@ class CpuGraph(torch.nn.Module):
         """Without the recordings (they hold compiled functions and this process's buffers): a copy or a
         pickled-and-loaded CpuGraph records again at its first calls."""
         state = dict(self.__dict__)
-        state["_entries"], state["_spares"], state["_layouts"], state["_unsteady"] = {}, {}, {}, {}
+        state["_entries"], state["_spares"], state["_states"] = {}, {}, StateSignatures()
         state["_replays"], state["_guard_misses"] = [0], [0]
         state["_busy"] = None
         return state
@@ -397,16 +357,6 @@ class CpuGraph(torch.nn.Module):
 
 def _nothing() -> None:
     pass
-
-
-def _forget(graph_ref: weakref.ref, key: tuple) -> None:
-    """Drop a signature's recordings and layouts: one of its state objects died."""
-    graph = graph_ref()
-    if graph is not None:
-        with _ADMIT:
-            graph._entries.pop(key, None)
-            graph._spares.pop(key, None)
-            graph._layouts.pop(key, None)
 
 
 class GraphedForward:

@@ -1,6 +1,6 @@
 """A ``CpuGraph``'s recordings of one input signature (``Entry``: its guard variants, the parameters they were made
-with, the lock of the thread replaying them), what a signature is (``signature``), and the other input a recording
-is checked on (``probe``)."""
+with, the lock of the thread replaying them), what a signature is (``signature``), the other input a recording
+is checked on (``probe``), and the lock of the graphs' decisions to record (``ADMIT``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,11 @@ from ..runtime.call_record import PLAIN, GuardFailed, Recording, static_copy
 from ..runtime.state_objects import is_state_object
 from .replay_checks import Settings
 
-__all__ = ["Entry", "signature", "probe"]
+__all__ = ["ADMIT", "Entry", "signature", "probe"]
+
+# Decisions to record, taken with the count of recordings: threads recording at once would pass the limit together.
+# Reentrant: settling a model may call another CpuGraph inside it, which records too.
+ADMIT = threading.RLock()
 
 
 @dataclasses.dataclass(eq=False)

@@ -9,7 +9,10 @@ step would. An object says its tensors stay put with ``is_compileable = True`` (
 
 - ``Layout(obj)``: what a recording of a call taking ``obj`` is valid for: every tensor the object holds (the same
   tensor, storage address and layout) and every other value, walked through attributes, lists, tuples and dicts;
-  ``holds()`` checks it again before each replay.
+  ``holds()`` checks it again before each replay. ``structure``: the same but for which tensors (their shapes,
+  strides, dtypes and which of them share storage): an object of the same structure can be given the tensors a
+  recording holds (``adopt``), so that a new cache replays what a dead one recorded (generate() makes a cache a
+  call).
 - ``Snapshot``: the objects' attributes and tensor contents, put back with ``restore()``. Recording runs the forward
   several times (warm-up, a check on another input, the recording itself); each run would advance the cache, so
   each starts from the snapshot, and the call's one step is the last.
@@ -75,12 +78,20 @@ class Layout:
         # keep the object alive (``nn.cpu_graph`` drops an object's recordings when it dies)
         self.containers: list[tuple[Any, list]] = []
         self.tensors: list[tuple[torch.Tensor, tuple]] = []  # (tensor, its storage address and layout then)
+        structure, storages = [], {}
         for kind, item in _walk(obj, 0, set()):
             if kind == "object":
                 container = item if isinstance(item, (list, tuple, dict)) else vars(item)
                 self.containers.append((container, _children(container)))
+                structure.append((kind, type(item)))
             elif kind == "tensor":
                 self.tensors.append((item, _tensor_layout(item)))
+                storage = storages.setdefault(item.untyped_storage().data_ptr(), len(storages))
+                structure.append((kind, storage, item.storage_offset(), *_tensor_layout(item)[1:], item.device,
+                                  item.is_inference(), item.requires_grad))
+            else:  # (plain values by value; anything else, which a forward may read, must be the same object)
+                structure.append((kind, type(item), item) if kind == "plain" else (kind, id(item)))
+        self.structure = tuple(structure)
         self.inference = any(tensor.is_inference() for tensor, _ in self.tensors)
 
     def holds(self) -> bool:
@@ -90,6 +101,27 @@ class Layout:
                                                 for a, b in zip(now, contents)):
                 return False
         return all(_tensor_layout(tensor) == then for tensor, then in self.tensors)
+
+
+    def adopt(self, new: Layout) -> bool:
+        """Make the object ``new`` was taken of hold this layout's tensors in place of its own, their contents
+        copied from its own, where both have one ``structure`` and its tensors sit in lists and attributes (not
+        tuples, which cannot be rebound). Returns whether it did (nothing is changed where it does not)."""
+        if new.structure != self.structure or any(
+                isinstance(child, torch.Tensor) and (isinstance(container, tuple) or (isinstance(container, dict)
+                                                                                      and slot % 2 == 0))
+                for container, children in new.containers for slot, child in enumerate(children)):
+            return False  # (a tensor in a tuple or as a dict's key)
+        with torch.no_grad():
+            for (container, children), (_, held) in zip(new.containers, self.containers):
+                for slot, (child, mine) in enumerate(zip(children, held)):
+                    if isinstance(child, torch.Tensor) and child is not mine:
+                        mine.copy_(child)
+                        if isinstance(container, list):
+                            container[slot] = mine
+                        elif slot % 2:  # (a dict's children are key, value, key, value, ...)
+                            container[children[slot - 1]] = mine
+        return True
 
 
 def _tensor_layout(tensor: torch.Tensor) -> tuple:

@@ -93,6 +93,54 @@ def test_a_cache_holding_other_tensors_is_seen_again_and_never_replayed_into_the
     assert graphed.replays == 3 + 3  # before the change and after it: one call seen, one recorded, two replayed
 
 
+def test_a_dead_caches_recording_replays_for_the_next_cache_of_its_structure():
+    """generate() makes a cache a call: recording each again cost more than its replays saved. A cache of another
+    structure (length) records its own; the orphan waits."""
+    inputs = [torch.randn(3) for _ in range(5)]
+    model = _Decoder().eval()
+    want = _steps(model, _StaticCache(), inputs)
+    graphed = cpu_graph(model)
+    first = _StaticCache()
+    _steps(graphed, first, inputs)
+    (recorded,) = graphed._entries.values()
+    del first
+    gc.collect()
+    assert graphed._states.entries() == [recorded] and not graphed._entries
+    second = _StaticCache()
+    _steps(model, second, inputs[:1])  # (a cache that holds a step: the recording's tensors get its contents)
+    own = second.keys
+    got = _steps(graphed, second, inputs[1:])
+    for a, b in zip(want[1:], got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the first call is seen eagerly, then the cache holds the recording's tensors and the rest replay
+    assert graphed.replays == 4 + 3 and list(graphed._entries.values()) == [recorded] and second.keys is not own
+    assert not graphed._states.orphans and int(second.position) == 5
+    other = _StaticCache(length=7)
+    got = _steps(graphed, other, inputs)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert len(graphed._entries) == 2 and recorded in graphed._entries.values()  # (recorded anew, not adopted)
+    del second, other
+    gc.collect()
+    assert len(graphed._states.entries()) == 2 and graphed.held_bytes > 0
+
+
+def test_a_layout_adopts_only_an_object_of_its_structure_with_rebindable_tensors():
+    cache = _StaticCache()
+    layout = Layout(cache)
+    assert not layout.adopt(Layout(_StaticCache(width=4)))
+    aliased = _StaticCache()
+    aliased.position = aliased.keys[0, 0]  # (a view of keys: the structure says which tensors share storage)
+    assert not layout.adopt(Layout(aliased))
+    in_tuple, held = _StaticCache(), _StaticCache()
+    in_tuple.keys, held.keys = (torch.zeros(6, 3),), (cache.keys,)
+    assert not Layout(held).adopt(Layout(in_tuple))
+    new = _StaticCache()
+    new.keys.fill_(2.0)
+    assert layout.adopt(Layout(new)) and new.keys is cache.keys and new.position is cache.position
+    assert bool((cache.keys == 2.0).all()) and layout.holds()
+
+
 class _Growing(_StaticCache):
     """Claims static tensors but replaces them (as a growing cache would): never replayable."""
 
@@ -190,8 +238,16 @@ def test_generate_with_a_static_cache_replays_its_steps_and_makes_the_same_token
     torch.testing.assert_close(_generate(model, ids), want, rtol=0, atol=0)
     # the prompt allocates the cache, the first step is seen eagerly, the second records: 8 of the 9 steps replay
     assert graphed.graph.replays == 8
-    gc.collect()  # generate() made that cache for the call: its recordings went with it
-    assert not graphed.graph._entries and not graphed.graph._layouts
+    gc.collect()  # generate() made that cache for the call: its recording waits for the next call's cache
+    (recorded,) = graphed.graph._states.entries()
+    assert not graphed.graph._entries and not graphed.graph._states.layouts
+    other = torch.randint(0, 100, (1, 7))
+    model.forward = graphed.graph._call  # (the eager forward)
+    want_other = _generate(model, other)
+    model.forward = graphed
+    torch.testing.assert_close(_generate(model, other), want_other, rtol=0, atol=0)
+    gc.collect()
+    assert graphed.graph.replays == 8 + 8 and graphed.graph._states.entries() == [recorded]  # (not recorded again)
     copied = copy.deepcopy(model)  # (the copy's forward is a graph of its own, on the copied model)
     assert copied.forward.graph.model is copied
     torch.testing.assert_close(_generate(copied, ids), want, rtol=0, atol=0)
