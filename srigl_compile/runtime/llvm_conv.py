@@ -24,6 +24,7 @@ from .handle import HandleBase
 from .llvm_linear import load_cpu_library
 from .llvm_params import ColParams
 from .spec import CONV_GLUE, KernelSpec, block_rows, shared_columns
+from .tvm_runtime import check_wait_policy
 
 __all__ = ["LlvmConvHandle"]
 
@@ -61,6 +62,7 @@ class LlvmConvHandle(HandleBase):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_wait_policy()
         self.conv_fn = self.module[self.spec.symbol("offset")]
         self.pad_fn, self.crop_fn, self.max_pool_fn, self.global_avg_pool_fn = (
             self.module[self.spec.symbol(name)] if self.module.implements_function(self.spec.symbol(name), True)

@@ -40,7 +40,7 @@ from .kernel_files import KernelFileError
 from .llvm_params import ColParams, RowParams
 from .scratch import result, scratch
 from .spec import MID_LANES, TORCH_INDEX, KernelSpec, block_rows
-from .tvm_runtime import import_tvm_runtime, tvm_thread_count
+from .tvm_runtime import check_wait_policy, import_tvm_runtime, tvm_thread_count
 
 __all__ = ["LlvmLinearHandle", "RowCall", "DEFAULT_COL_THRESHOLD", "MID_FROM", "FUSED_TILES_PER_THREAD",
            "load_cpu_library"]
@@ -87,6 +87,7 @@ class LlvmLinearHandle(LinearHandleBase):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_wait_policy()
         self.row_fn, self.col_fn, self.pack_fn, self.mid_fn, self.packmid_fn = (
             self.module[self.spec.symbol(layout)] for layout in LAYOUTS)
         # (libraries saved before the fused kernel, the layer norm or the attention existed lack them: the separate

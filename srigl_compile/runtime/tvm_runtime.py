@@ -7,6 +7,10 @@ A process forked after its kernels ran (a DataLoader worker, a pre-forking serve
 worker threads fork did not copy: its first parallel kernel spun forever. ``guard_forks`` reconfigures the child's
 pool to one thread, which runs kernels inline (a pool of two hung there too, on this TVM).
 
+torch's OpenMP threads spin after each parallel op unless ``OMP_WAIT_POLICY`` says otherwise before Python
+starts; on few cores they then take the cores TVM's pool runs the kernels on. ``check_wait_policy`` says so once,
+when the first CPU kernel library loads, since nothing can change it from inside the process.
+
 Example:
     >>> tvm = import_tvm_runtime()            # doctest: +SKIP
     >>> tvm.runtime.load_module("k.so")       # doctest: +SKIP
@@ -22,7 +26,7 @@ import types
 from ..errors import LoweringError
 
 __all__ = ["import_tvm_runtime", "tvm_thread_count", "set_thread_count", "check_ffi_version", "install_hint",
-           "guard_forks", "EXPECTED_TVM_FFI"]
+           "guard_forks", "check_wait_policy", "EXPECTED_TVM_FFI"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,21 @@ def _one_thread_after_fork() -> None:
     configure = tvm_ffi.get_global_func("runtime.config_threadpool", allow_missing=True)
     if configure is not None:
         configure(1, 1)  # (mode 1: the big cores, as TVM's default; 1 thread: no worker to wait for)
+
+
+@functools.cache
+def check_wait_policy() -> None:
+    """A logged warning, once a process, where torch's OpenMP threads spin between ops (module docstring): neither
+    ``OMP_WAIT_POLICY`` nor ``GOMP_SPINCOUNT`` set, torch on OpenMP with more than one thread."""
+    import torch
+
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ or torch.get_num_threads() < 2 \
+            or "OpenMP" not in torch.__config__.parallel_info():
+        return
+    log.warning("OMP_WAIT_POLICY is not set: torch's OpenMP threads spin after each op and take the cores the "
+                "lowered kernels run on, which can make a lowered model several times slower (a lowered Llama's "
+                "decode step on 2 busy cores: 8.4 -> 39.7 ms). Start Python with OMP_WAIT_POLICY=PASSIVE (or "
+                "GOMP_SPINCOUNT=20000) in its environment; setting either silences this")
 
 
 def check_ffi_version() -> None:
