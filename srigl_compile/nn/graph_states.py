@@ -14,13 +14,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..runtime.state_objects import Layout
 from .graph_entries import ADMIT, Entry
-
-if TYPE_CHECKING:
-    from .cpu_graph import CpuGraph
 
 __all__ = ["StateSignatures", "ORPHANS"]
 
@@ -28,7 +25,8 @@ ORPHANS = 2  # recordings kept whose object died (each holds a cache's tensors a
 
 
 class StateSignatures:
-    """What a graph knows of its signatures with state objects (module docstring)."""
+    """What a graph knows of its signatures with state objects (module docstring). Its methods take the
+    ``CpuGraph`` (not imported here: it imports this), whose entries they change."""
 
     def __init__(self) -> None:
         # what the objects held when a call was seen to leave them so (a cache's first call allocates it: not so),
@@ -45,7 +43,7 @@ class StateSignatures:
         seen = self.layouts.get(key)
         return seen is not None and seen[1] and all(layout.holds() for layout in seen[0])
 
-    def observe(self, graph: CpuGraph, key: tuple, states: list, args: tuple, kwargs: dict) -> Any:
+    def observe(self, graph, key: tuple, states: list, args: tuple, kwargs: dict) -> Any:
         """Run the call eagerly, and note whether it left its state objects holding what they held: then the
         signature's next call replays an orphan's recording given to them, or records (an earlier recording,
         made while they held other tensors, is dropped)."""
@@ -82,7 +80,7 @@ class StateSignatures:
             self.layouts[key] = (layouts, replayable, orphan_key)
         return out
 
-    def forget(self, graph: CpuGraph, key: tuple) -> None:
+    def forget(self, graph, key: tuple) -> None:
         """An object of the signature died: its recording becomes an orphan (if it had one object), the rest
         goes."""
         entry = graph._entries.pop(key, None)
