@@ -160,8 +160,9 @@ class DenseForm:
         if self.bias is not None:
             y += self.bias[:, None]
         y = y.view(shape)
-        if "add" in self.epilogue:
-            y += residual
+        if "add" in self.epilogue:  # (in place unless the product broadcasts up to the residual's shape)
+            y = y.add_(residual) if residual.shape == y.shape or torch.broadcast_shapes(
+                residual.shape, y.shape) == y.shape else y + residual
         if "relu" in self.epilogue:
             return y.relu_()
         return y if self.epilogue in ("", "add") else apply_epilogue(y, self.epilogue, None)

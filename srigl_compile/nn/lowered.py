@@ -169,6 +169,10 @@ class LoweredConv(CondensedConv):
         subsample = stride if subsamples(self) else None
         images = conv_op.subsample_images(x2, stride, self.kernel_key) if subsample else x2
         stride = (1, 1) if subsample else stride
+        if residual is not None and not _kernel_adds(residual, (
+                x.shape[0], self.out_width,
+                *output_size(images.shape[2:], kernel, stride, padding, dilation)[2 - self.dims:])):
+            return self._add_after_kernel(x, residual)
         if self.n_active == 0:  # every filter ablated: no kernel, only the scatter of biases below
             y = x2.new_empty(x2.shape[0], 0, *output_size(images.shape[2:], kernel, stride, padding, dilation))
         else:  # (strided: self.indices hold the phase convolution's columns, see kernel_operands)
@@ -178,6 +182,19 @@ class LoweredConv(CondensedConv):
                 raise with_layer_name(err, self) from None
         y = self.scatter(y, dim=1)
         return y.squeeze(2) if self.dims == 1 else y
+
+    def _add_after_kernel(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The fused add when the kernel cannot make it (``_kernel_adds``): the kernel with a zero residual gives
+        act(conv + bias), and torch adds the residual and applies the activation. A ReLU would hide the negative
+        sums, so for "add_relu" the kernel also runs on -x with residual -2 bias, giving relu(-(conv + bias)); the
+        difference of the two is conv + bias, to float32 rounding (the kernel is linear in x)."""
+        zero = x.new_zeros(())
+        y = self._forward_direct(x, zero)
+        if self.epilogue == "add_relu":
+            bias = self.bias
+            shift = zero if bias is None else (-2 * bias.float()).view(-1, *[1] * self.dims)
+            y = y - self._forward_direct(-x, shift)
+        return apply_epilogue(y, self.epilogue, residual)
 
     def _run_kernel(self, x, x2, images, kernel, padding, dilation, stride, subsample, residual):
         """The op on the images (``subsample``: the layer's stride when they are its input's strided pixels);
@@ -246,6 +263,23 @@ class _RepeatConv:
         if self.subsample is not None:
             x = conv_op.subsample_images(x, self.subsample, self.call.handle.key)
         return self.call(x, values, bias, residual)
+
+
+def _kernel_adds(residual: torch.Tensor, out_shape: tuple) -> bool:
+    """Whether a kernel computes ``out + residual`` as torch would: a residual that broadcasts to the output (not
+    one the output broadcasts up to: ``conv(pooled) + x``, a global-context block's add) and whose dtype makes no
+    wider result (a float64 residual makes a float64 sum). Anything else that fails to broadcast is the kernel
+    check's to name."""
+    if type(residual) is not torch.Tensor:  # (fx proxies and fake tensors: the traced op checks)
+        return True
+    if torch.promote_types(residual.dtype, torch.float32) != torch.float32:
+        return False
+    if tuple(residual.shape) == out_shape:
+        return True
+    try:
+        return tuple(torch.broadcast_shapes(residual.shape, out_shape)) == out_shape
+    except RuntimeError:
+        return True
 
 
 def with_layer_name(err: KernelShapeError, layer) -> KernelShapeError:

@@ -75,7 +75,8 @@ __all__ = ["FuseEpiloguePass"]
 
 log = logging.getLogger(__name__)
 
-_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)  # in eval mode: the identity
+# in eval mode the identity; exactly these classes (a subclass may have a forward of its own)
+_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
 _ADDS = (operator.add, torch.add)
 _INPLACE_ADDS = (operator.iadd,)
 _RELUS = (F.relu, torch.relu, torch.relu_)
@@ -96,7 +97,7 @@ def _pass_through_chain(call: fx.Node, modules: dict) -> list[fx.Node]:
     """``call`` and the pass-through module calls after it (nn.Identity, eval Dropout), each the only use of the
     one before."""
     chain = [call]
-    while (user := _only_user(chain[-1])) is not None and isinstance(_module(user, modules), _PASS_THROUGH):
+    while (user := _only_user(chain[-1])) is not None and type(_module(user, modules)) in _PASS_THROUGH:
         chain.append(user)
     return chain
 
@@ -200,6 +201,7 @@ class FuseEpiloguePass(Pass):
         self.conv_route = conv_route
         self.epilogues = epilogues
         self.fused: dict[str, str] = {}  # layer name -> epilogue
+        self._calls: collections.Counter = collections.Counter()  # module name -> its calls in the graph
 
     def _allowed(self, layer: nn.Module) -> frozenset[str]:
         return self.epilogues.get(_KINDS.get(type(layer), ""), frozenset())
@@ -215,6 +217,7 @@ class FuseEpiloguePass(Pass):
         except TraceError as err:
             log.info("no epilogue fusion (the graph cannot be captured: %s)", err)
             return {}
+        self._calls = calls
         names_of = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
         parents: dict[str, list[str]] = {}
         for name in layers:
@@ -230,11 +233,13 @@ class FuseEpiloguePass(Pass):
         keys = list(parent._modules)
         for child in children:
             layer, at = parent._modules[child], keys.index(child) + 1
-            while at < len(keys) and isinstance(parent._modules[keys[at]], _PASS_THROUGH):
+            while at < len(keys) and type(parent._modules[keys[at]]) in _PASS_THROUGH:
                 at += 1
             module = parent._modules[keys[at]] if at < len(keys) else None
             activation = _activation_module(module)
-            if activation and names_of[id(module)] == 1 and activation in self._allowed(layer):
+            # (called once: the forward may also call the child itself, self.seq[1](y), which must keep it)
+            called_once = at < len(keys) and self._calls[f"{parent_name}.{keys[at]}" if parent_name else keys[at]] == 1
+            if activation and names_of[id(module)] == 1 and called_once and activation in self._allowed(layer):
                 layer.set_epilogue_(activation)
                 parent._modules[keys[at]] = nn.Identity()
                 self.fused[f"{parent_name}.{child}" if parent_name else child] = activation

@@ -89,3 +89,61 @@ def test_a_kernel_with_an_epilogue_tunes_as_its_plain_shape_and_shares_its_recor
     assert chosen in space
     plain = KernelSpec(48, 96, 16, "int16", True, op="conv")
     assert select_params(plain, "offset", target, tune=False, cache_dir=tmp_path) == chosen
+
+
+class _GlobalContext(torch.nn.Module):
+    """A global-context block's add: the convolution's [B, C, 1, 1] output broadcasts up to the residual's shape,
+    which a kernel adding a residual to its output cannot do (a probe found every call failing)."""
+
+    def __init__(self, relu: bool, bias: bool) -> None:
+        super().__init__()
+        self.conv, self.relu = torch.nn.Conv2d(16, 16, 1, bias=bias), relu
+
+    def forward(self, x):
+        y = self.conv(torch.nn.functional.adaptive_avg_pool2d(x, 1)) + x
+        return torch.relu(y) if self.relu else y
+
+
+class _WithContext(torch.nn.Module):
+    def __init__(self, relu: bool, bias: bool) -> None:
+        super().__init__()
+        self.block, self.head = _GlobalContext(relu, bias), torch.nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(self.block(x))
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_fused_add_that_broadcasts_the_output_up_is_added_after_the_kernel(relu, bias):
+    from srigl_compile import cpu_graph
+
+    torch.manual_seed(0)
+    masked = sparsify(_WithContext(relu, bias), SRigLConfig(sparsity=0.8, distribution="uniform")).eval()
+    x = torch.randn(2, 16, 9, 7)
+    lowered = lower(masked, progress=False)
+    conv = lowered.block.conv
+    assert conv.epilogue == ("add_relu" if relu else "add") and conv.fused_epilogue
+    graphed = cpu_graph(lowered)
+    with torch.no_grad():
+        for inputs in (x, torch.randn(3, 16, 5, 5)):
+            want = masked(inputs)
+            torch.testing.assert_close(lowered(inputs), want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(graphed(inputs), want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(graphed(inputs), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_float64_residual_gives_the_float64_sum_torch_gives():
+    """torch adds a float32 output and a float64 residual in float64; the kernel adds in float32 (a probe found
+    the lowered layer returning float32 where the masked one returned float64)."""
+    torch.manual_seed(0)
+    masked = sparsify(ResNet(10, blocks=(1,), width=8), SRigLConfig(sparsity=0.8)).eval()
+    lowered = lower(masked, example_inputs=(torch.randn(1, 3, 16, 16),), progress=False)
+    conv3 = lowered.layers[0].conv3
+    assert conv3.fused_epilogue and "add" in conv3.epilogue
+    x = torch.randn(1, conv3.in_channels, 8, 8)
+    residual = torch.randn(1, conv3.out_channels, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        got, in_float32 = conv3(x, residual=residual), conv3(x, residual=residual.float())
+    assert got.dtype == torch.float64 and in_float32.dtype == torch.float32
+    torch.testing.assert_close(got, in_float32.double(), rtol=1e-6, atol=1e-6)

@@ -328,3 +328,27 @@ def test_an_encoder_layer_training_with_dropout_adds_after_the_dropout():
     fused.eval(), reference.eval()
     with torch.no_grad():
         torch.testing.assert_close(fused(x), reference(x), rtol=0, atol=0)
+
+
+class _Shift(nn.Identity):
+    """An nn.Identity subclass with a forward of its own: not a pass-through."""
+
+    def forward(self, x):
+        return x - 1
+
+
+class _ReusedRelu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.shifted = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), _Shift(), nn.ReLU())
+
+    def forward(self, x):
+        return self.seq(x) + self.seq[1](x - 0.5) + self.shifted(x)  # (the first ReLU called twice)
+
+
+def test_sequential_activations_called_elsewhere_or_after_a_subclass_stay_in_torch():
+    """Probes found both fused: the second call of the ReLU lost it (error 7.9), and the ReLU moved before a
+    subclass of nn.Identity that shifts its input (error 2.7)."""
+    fuse, fused = _fused_unchanged(_condensed(_ReusedRelu()), torch.randn(2, 8, 6, 5))
+    assert fuse.fused == {} and [type(m) for m in fused.seq] == [CondensedConv, nn.ReLU]
