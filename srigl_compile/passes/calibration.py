@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -32,20 +32,20 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 def calibration_batches(calibration: Any) -> Iterator[tuple[tuple, dict]]:
     """(args, kwargs) for each calibration item: a tensor is one positional input, a tuple or list the positional
-    inputs, a dict keyword inputs. ``calibration`` is one such item or an iterable of them (a list, a DataLoader
-    yielding model inputs)."""
+    inputs, a mapping (a dict, a tokenizer's BatchEncoding) keyword inputs. ``calibration`` is one such item (a
+    tuple: one item, its positional inputs) or an iterable of them (a list, a DataLoader yielding model inputs)."""
     if calibration is None:
         raise ConfigError("criterion='wanda' needs calibration inputs: pass calibration=[batch, ...] (tensors, tuples "
                           "of positional inputs or dicts of keyword inputs), e.g. a few hundred training samples")
-    items = [calibration] if isinstance(calibration, (torch.Tensor, dict)) else calibration
+    items = [calibration] if isinstance(calibration, (torch.Tensor, Mapping, tuple)) else calibration
     if not isinstance(items, Iterable):
         raise ConfigError(f"calibration must be a tensor, a dict of inputs or an iterable of them, not "
                           f"{type(calibration).__name__}")
     for item in items:
         if isinstance(item, torch.Tensor):
             yield (item,), {}
-        elif isinstance(item, dict):
-            yield (), item
+        elif isinstance(item, Mapping):
+            yield (), dict(item)
         elif isinstance(item, (tuple, list)):
             yield tuple(item), {}
         else:
@@ -74,6 +74,8 @@ class _SumOfSquares:
 
 
 def _linear_sums(x: torch.Tensor) -> torch.Tensor:
+    if x.is_nested:  # (torch's encoder fast path with a padding mask: its valid tokens, as the layers see them)
+        x = torch.cat([row.reshape(-1, row.shape[-1]) for row in x.unbind()])
     x = x.float()
     return x.reshape(-1, x.shape[-1]).pow(2).sum(dim=0, keepdim=True)
 
@@ -127,17 +129,26 @@ def collect_input_norms(model: nn.Module, candidates: list[LayerCandidate], cali
     """Run the calibration inputs through ``model`` (eval mode, no gradients) and return each candidate's input
     feature norms (None for a layer whose module the forward never called)."""
     sums = {c.name: _SumOfSquares(c) for c in candidates}
-    was_training = model.training
     with contextlib.ExitStack() as stack:
         for c in candidates:
             handle = c.owner.register_forward_pre_hook(_hook(c, sums[c.name]), with_kwargs=True)
             stack.callback(handle.remove)
+        stack.enter_context(_modes_kept(model))
         model.eval()
-        try:
-            _forward_all(model, calibration)
-        finally:
-            model.train(was_training)
+        _forward_all(model, calibration)
     return {name: s.norms() for name, s in sums.items()}
+
+
+@contextlib.contextmanager
+def _modes_kept(model: nn.Module) -> Iterator[None]:
+    """Every module's train/eval flag put back as it was (a model training with frozen BatchNorms keeps them
+    frozen: ``model.train(flag)`` would set all of them)."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _forward_all(model: nn.Module, calibration: Any) -> None:
@@ -163,17 +174,16 @@ def recalibrate_batchnorm_(model: nn.Module, calibration: Any) -> int:
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return 0
-    was_training = model.training
     momenta = [m.momentum for m in norms]
-    model.eval()
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average: every calibration batch counts alike
-        m.train()
-    try:
-        _forward_all(model, calibration)
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        model.train(was_training)
+    with _modes_kept(model):
+        model.eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average: every calibration batch counts alike
+            m.train()
+        try:
+            _forward_all(model, calibration)
+        finally:
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
     return len(norms)

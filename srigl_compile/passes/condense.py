@@ -8,10 +8,13 @@ Contract.
     ensures:  every MaskedLinear / MaskedConv1d / MaskedConv2d is a condensed layer whose output equals the masked
               layer's output (full width, or its active neurons only where ``shrink`` removed the ablated ones from
               it and their inputs from its consumers), and every MultiheadAttention with sparse projections is a
-              CondensedMultiheadAttention; nothing else changed. MaskedConv3d has no condensed form yet and stays
-              masked, with a warning naming it; so does a layer whose weight the forward computes with itself
-              (``F.linear(x, layer.weight)``), which a condensed layer could not serve. A graph that cannot be
-              captured keeps every layer full width, with a warning.
+              CondensedMultiheadAttention, whose nn.TransformerEncoder runs without nested tensors (their path
+              reads the packed in_proj_weight a condensed attention has not; with a padding mask, padded
+              positions then hold what the layers compute there, not torch's zeros); nothing else changed.
+              MaskedConv3d has no condensed form yet and stays masked, with a warning naming it; so does a layer
+              whose weight the forward computes with itself (``F.linear(x, layer.weight)``), which a condensed
+              layer could not serve. A graph that cannot be captured keeps every layer full width, with a
+              warning.
     preserves: GRAPH (layers are swapped under their names with the same call signature; widths change).
 """
 
@@ -140,6 +143,10 @@ class CondensePass(Pass):
                  if isinstance(m, nn.MultiheadAttention) and any(is_masked(c) for c in m.modules())]
         for name, mha in found:
             model = replace_submodule(model, name, CondensedMultiheadAttention.from_attention(mha, name))
+        for encoder in model.modules():  # (the encoder's nested-tensor path reads the packed in_proj_weight)
+            if isinstance(encoder, nn.TransformerEncoder) and isinstance(
+                    getattr(encoder.layers[0], "self_attn", None), CondensedMultiheadAttention):
+                encoder.use_nested_tensor = False
         return model, bool(found)
 
     def ensures(self, result: PassResult) -> None:

@@ -29,7 +29,7 @@ from ..sparsity.selection import top_per_row_mask
 from .as_linear import AsLinearPass, conv1d_restored_on_error
 from .calibration import collect_input_norms, recalibrate_batchnorm_
 from .discover import FilterFn, LayerCandidate
-from .sparsify import SparsifyPass
+from .sparsify import SparsifyPass, check_no_ablation, is_protected
 
 __all__ = ["PrunePass", "ImportSparsePass", "prune", "from_sparse_weights"]
 
@@ -96,6 +96,7 @@ class ImportSparsePass(SparsifyPass):
         self.dropped: dict[str, int] = {}
 
     def plan(self, candidates: list[LayerCandidate]) -> list[tuple[LayerCandidate, LayerPlan]]:
+        check_no_ablation(self.config, [c.name for c in candidates])
         plans = [(c, plan) for c in candidates if (plan := self._plan_one(c)) is not None]
         if not plans:
             raise LayerError("no layer of the model has zero weights: from_sparse_weights imports weights that are "
@@ -112,9 +113,12 @@ class ImportSparsePass(SparsifyPass):
             return None
         if not active.any():
             raise LayerError(f"layer {c.name!r} is all zeros: nothing to import (leave it out with filter_fn)")
-        if c.is_last and not active.all():
-            raise LayerError(f"the output layer {c.name!r} has rows of zeros {(~active).nonzero().flatten()[:5].tolist()}"
-                             ": an output layer is never ablated; keep it dense with filter_fn")
+        protected = is_protected(self.config, c)
+        if protected and not active.all():
+            which = f"the output layer {c.name!r}" if c.is_last else f"layer {c.name!r} (SRigLConfig.no_ablation)"
+            raise LayerError(f"{which} has rows of zeros {(~active).nonzero().flatten()[:5].tolist()}: its neurons "
+                             "are never ablated; keep it dense with filter_fn" + ("" if c.is_last else
+                                                                                 ", or leave it out of no_ablation"))
         fan_ins = counts[active].unique()
         k = int(fan_ins.min())
         if fan_ins.numel() > 1:
@@ -129,7 +133,7 @@ class ImportSparsePass(SparsifyPass):
         n_active = int(active.sum())
         budget = k * n_active
         return LayerPlan(c.name, c.kind, c.n_out, c.fan_in, budget / (c.n_out * c.fan_in), budget, budget // c.n_out,
-                         c.is_last)
+                         protected)
 
     def initial_mask(self, candidate: LayerCandidate, plan: LayerPlan, generator: torch.Generator) -> torch.Tensor:
         weight = _neuron_weight(candidate)
@@ -210,9 +214,12 @@ def from_sparse_weights(model: nn.Module, config: SRigLConfig | None = None, *, 
 
     A layer whose rows hold different numbers of non-zeros is a ``LayerError`` naming it; ``rebalance=True``
     instead prunes each of its rows to the smallest count by magnitude (a warning says how many weights that
-    dropped). Rows of zeros become ablated neurons. Layers without zeros stay dense. ``config`` only carries
-    ``seed`` and the training settings for a later ``SRigLUpdater``; the densities come from the weights.
+    dropped). Rows of zeros become ablated neurons (not in the output layer nor ``config.no_ablation``'s layers,
+    whose neurons are never ablated: an error). Layers without zeros stay dense. ``config`` carries ``seed``,
+    ``no_ablation`` and the training settings for a later ``SRigLUpdater``; the densities come from the weights.
     """
+    if not isinstance(rebalance, bool):
+        raise ConfigError(f"from_sparse_weights: rebalance={rebalance!r} must be True or False")
     model, config = _prepared(model, config, inplace, "from_sparse_weights")
     import_pass = ImportSparsePass(config, rebalance=rebalance, filter_fn=filter_fn, example_inputs=example_inputs)
     with conv1d_restored_on_error(model, inplace):

@@ -41,15 +41,26 @@ def _matches(pattern: str, name: str) -> bool:
     return pattern == name or re.fullmatch(pattern, name) is not None
 
 
+def check_no_ablation(config: SRigLConfig, names: list[str]) -> None:
+    """Every ``config.no_ablation`` entry names (or fully matches) a sparsifiable layer."""
+    for pattern in config.no_ablation:
+        if not any(_matches(pattern, n) for n in names):
+            raise ConfigError(f"SRigLConfig.no_ablation entry {pattern!r} matches no sparsifiable layer; layers: "
+                              f"{names}")
+
+
+def is_protected(config: SRigLConfig, candidate: LayerCandidate) -> bool:
+    """Whether a layer's neurons are never ablated: the output layer, and ``config.no_ablation``'s layers."""
+    return candidate.is_last or any(_matches(p, candidate.name) for p in config.no_ablation)
+
+
 def _fixed_densities(candidates: list[LayerCandidate], config: SRigLConfig) -> dict[str, float]:
     """Layers whose density is not left to the distribution: overrides, then keep_first/last_dense."""
     names = [c.name for c in candidates]
     for key in config.overrides:
         if not any(_matches(key, n) for n in names):
             raise ConfigError(f"SRigLConfig.overrides key {key!r} matches no sparsifiable layer; layers: {names}")
-    for pattern in config.no_ablation:
-        if not any(_matches(pattern, n) for n in names):
-            raise ConfigError(f"SRigLConfig.no_ablation entry {pattern!r} matches no sparsifiable layer; layers: {names}")
+    check_no_ablation(config, names)
     fixed = {}
     for c in candidates:
         matched, sparsity = config.override_for(c.name)
@@ -84,8 +95,7 @@ def plan_layers(candidates: list[LayerCandidate], config: SRigLConfig) -> list[t
                 f"keep it dense with overrides={{{c.name!r}: None}} (CLI: --dense {c.name}), or set "
                 f"too_small='dense' (CLI: --too-small dense)."
             )
-        protected = c.is_last or any(_matches(p, c.name) for p in config.no_ablation)
-        plans.append((c, LayerPlan(c.name, c.kind, c.n_out, c.fan_in, density, budget, k0, protected)))
+        plans.append((c, LayerPlan(c.name, c.kind, c.n_out, c.fan_in, density, budget, k0, is_protected(config, c))))
     return plans
 
 

@@ -285,3 +285,73 @@ def test_bad_input_is_a_typed_error_before_the_model_changes():
         prune(net, UNIFORM_90, "magnitude", inplace=True)
     assert not any(True for _ in sparse_layers(net))
     assert all(torch.equal(v, before[k]) or k == "2.weight" for k, v in net.state_dict().items())
+
+
+# -- what probes found -------------------------------------------------------------------------------------------
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(40, 30), nn.Linear(30, 10)
+
+    def forward(self, x, scale):
+        return self.out(torch.relu(self.fc(x * scale)))
+
+
+def test_a_tuple_or_mapping_of_calibration_inputs_is_one_call():
+    """A top-level tuple was split into calls of one input each (other masks, no error); a tokenizer's
+    BatchEncoding (a Mapping, not a dict) was refused."""
+    from collections import UserDict
+
+    torch.manual_seed(0)
+    net, x, scale = _Scaled(), torch.randn(16, 40), torch.rand(16, 40) * 4
+    config = SRigLConfig(sparsity=0.8, distribution="uniform", keep_last_dense=False)
+    masks = lambda m: {n: layer.mask for n, layer in sparse_layers(m)}  # noqa: E731
+    want = masks(prune(net, config, "wanda", calibration=[(x, scale)]))
+    for calibration in ((x, scale), UserDict(x=x, scale=scale), [UserDict(x=x, scale=scale)]):
+        got = masks(prune(net, config, "wanda", calibration=calibration))
+        assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want), type(calibration)
+
+
+def test_calibration_and_batchnorm_statistics_keep_each_module_s_mode():
+    """Fine-tuning with frozen BatchNorms: the model trains, its BatchNorm and Dropout stay in eval mode; Wanda's
+    and the recalibration's forwards set every module to the model's flag afterwards."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Dropout(0.2),
+                        nn.Conv2d(16, 16, 3, padding=1), nn.Flatten(), nn.Linear(16 * 36, 5)).train()
+    net[1].eval()
+    net[3].eval()
+    x = torch.randn(8, 3, 6, 6)
+    for criterion, recalibrate in (("wanda", False), ("magnitude", True)):
+        pruned = prune(net, UNIFORM_90, criterion, calibration=[x], recalibrate_batchnorm=recalibrate)
+        assert [m.training for m in pruned.modules()] == [m.training for m in net.modules()], criterion
+
+
+def test_from_sparse_weights_protects_no_ablation_layers_and_checks_its_flag():
+    """from_sparse_weights left config.no_ablation's layers unprotected (the updater then ablated them) and took
+    any truthy rebalance."""
+    net = zeroed(mlp(), {"0": 4, "2": 6})
+    config = SRigLConfig(no_ablation=("0",))
+    plans = {name: layer.srigl_plan for name, layer in sparse_layers(from_sparse_weights(net, config))}
+    assert plans["0"].protected and not plans["2"].protected
+    with pytest.raises(ConfigError, match="no_ablation entry 'missing' matches no sparsifiable layer"):
+        from_sparse_weights(net, SRigLConfig(no_ablation=("missing",)))
+    with torch.no_grad():
+        net[0].weight[3] = 0  # (an ablated neuron where none may be)
+    with pytest.raises(LayerError, match=r"layer '0' \(SRigLConfig.no_ablation\) has rows of zeros \[3\]"):
+        from_sparse_weights(net, config)
+    with pytest.raises(ConfigError, match="rebalance='no' must be True or False"):
+        from_sparse_weights(net, rebalance="no")
+
+
+def test_wanda_calibrates_torch_s_encoder_through_its_nested_tensor_path():
+    """With a padding mask in eval mode, torch's TransformerEncoder runs its layers on nested tensors, which the
+    calibration hook reshaped (an error blaming the input); the norms are the valid tokens'."""
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 2, 64, batch_first=True), 2).eval()
+    x, pad = torch.randn(2, 7, 32), torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 4:] = True
+    inputs = {"src": x, "src_key_padding_mask": pad}
+    with pytest.warns(UserWarning, match="never called layers"):  # (out_proj: read, not called)
+        pruned = prune(encoder, SRigLConfig(sparsity=0.8, distribution="uniform"), "wanda", calibration=[inputs],
+                       example_inputs=inputs)
+    assert any(name.endswith("linear1") for name, _ in sparse_layers(pruned))

@@ -16,6 +16,7 @@ from srigl_compile import (
     SRigLConfig,
     SRigLUpdater,
     TraceError,
+    condense,
     sparse_layers,
     sparsify,
 )
@@ -342,3 +343,19 @@ def test_decoder_mask_checked_for_causality_gets_a_hint_and_the_flag_works():
         sparsify(MaskedDecoder(), SRigLConfig(sparsity=0.5), example_inputs=inputs)
     sparse = sparsify(MaskedDecoder(), SRigLConfig(sparsity=0.5), example_inputs={**inputs, "tgt_is_causal": True})
     assert "dec.layers.0.linear1" in dict(sparse_layers(sparse))
+
+
+def test_a_condensed_encoder_takes_a_padding_mask_on_its_valid_tokens():
+    """torch's TransformerEncoder (enable_nested_tensor, the default) reads its first layer's packed
+    in_proj_weight before its nested-tensor path; with a padding mask the condensed encoder raised AttributeError.
+    Condensed, it runs without nested tensors: valid tokens as the masked model's."""
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 2, 64, batch_first=True), 2).eval()
+    x, pad = torch.randn(2, 7, 32), torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 4:] = True
+    masked = sparsify(encoder, SRigLConfig(sparsity=0.8, distribution="uniform"), example_inputs=(x,)).eval()
+    condensed = condense(masked, example_inputs=(x,))
+    assert condensed.use_nested_tensor is False and masked.use_nested_tensor is True
+    with torch.no_grad():
+        want, got = masked(x, src_key_padding_mask=pad), condensed(x, src_key_padding_mask=pad)
+    torch.testing.assert_close(got[~pad], want[~pad], rtol=1e-5, atol=1e-5)
