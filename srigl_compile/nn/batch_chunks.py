@@ -95,8 +95,8 @@ class ChunkedSequential(nn.Sequential):
         return sequence
 
     def forward(self, x):
-        if type(x) is not torch.Tensor or torch.compiler.is_compiling():
-            return super().forward(x)
+        if type(x) is not torch.Tensor or torch.compiler.is_compiling() or x.dim() != self._batched_rank(x):
+            return super().forward(x)  # (an unbatched image has no batch to split)
         self._seen = x.shape
         size = self.chunk_sizes.get(x.shape)
         if size is None or size >= x.shape[0]:
@@ -104,6 +104,13 @@ class ChunkedSequential(nn.Sequential):
         parts = [super(ChunkedSequential, self).forward(part) for part in x.split(size)]
         out = result((sum(part.shape[0] for part in parts), *parts[0].shape[1:]), parts[0].dtype)
         return torch.cat(parts, out=out)
+
+    def _batched_rank(self, x: torch.Tensor) -> int:
+        """The rank of a batch of images for the stack's first convolution (x's own without one)."""
+        if "_rank" not in self.__dict__:
+            conv = next((m for m in self.modules() if isinstance(m, LoweredConv)), None)
+            self.__dict__["_rank"] = None if conv is None else conv.dims + 2
+        return self.__dict__["_rank"] or x.dim()
 
     def __getstate__(self):
         return {**super().__getstate__(), "machine": dense_fallback.machine()}

@@ -169,7 +169,7 @@ class LoweredConv(CondensedConv):
         subsample = stride if subsamples(self) else None
         images = conv_op.subsample_images(x2, stride, self.kernel_key) if subsample else x2
         stride = (1, 1) if subsample else stride
-        if residual is not None and not _kernel_adds(residual, (
+        if residual is not None and type(x) is torch.Tensor and not _kernel_adds(residual, (
                 x.shape[0], self.out_width,
                 *output_size(images.shape[2:], kernel, stride, padding, dilation)[2 - self.dims:])):
             return self._add_after_kernel(x, residual)

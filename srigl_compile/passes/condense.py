@@ -36,7 +36,7 @@ from .manager import PassManager
 from .shrink_ablated import apply_shrink, plan_shrink
 from .sparsify import sparse_layers
 
-__all__ = ["CondensePass", "condense"]
+__all__ = ["CondensePass", "condense", "weights_read_directly", "weight_read_elsewhere"]
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +68,15 @@ def weights_read_directly(model: nn.Module, graph) -> set[str]:
     self.qkv.weight)``, as torchvision's Swin attention does) instead of calling the layer. (The attention
     modules' own reads are CondensedMultiheadAttention's.)"""
     modules = dict(model.named_modules())
-    found = set()
-    for name, layer in sparse_layers(model):
-        weight = f"{name}.weight" if name else "weight"
-        if _condensed_class(layer) is not None and any(
-                _reads_values(node, graph, name, modules) for node in graph.consumers.get(weight, [])):
-            found.add(name)
-    return found
+    return {name for name, layer in sparse_layers(model)
+            if _condensed_class(layer) is not None and weight_read_elsewhere(graph, name, modules)}
+
+
+def weight_read_elsewhere(graph, name: str, modules: dict[str, nn.Module]) -> bool:
+    """Whether the captured graph computes with layer ``name``'s weight outside the layer's own call (a
+    weight-standardised convolution, Swin's ``F.linear(x, self.qkv.weight)``)."""
+    weight = f"{name}.weight" if name else "weight"
+    return any(_reads_values(node, graph, name, modules) for node in graph.consumers.get(weight, []))
 
 
 class CondensePass(Pass):

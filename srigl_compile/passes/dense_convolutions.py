@@ -11,8 +11,10 @@ safety net (``LlvmConfig(dense_fallback=False)``, or another backend) ``lower`` 
 
 Contract.
     requires: nothing.
-    ensures:  every nn.Conv2d (the exact class) with one group and zero padding is a CondensedConv under the same
-              name, every neuron active with all fan-in inputs, computing the same output; nothing else changes.
+    ensures:  every nn.Conv2d (the exact class) with one group and zero padding whose weight the captured graph
+              reads only through its call is a CondensedConv under the same name, every neuron active with all
+              fan-in inputs, computing the same output (none where the graph cannot be captured); nothing else
+              changes.
     preserves: GRAPH, OUTPUT_SHAPES (a leaf under the same name, same call, same output).
 """
 
@@ -23,9 +25,11 @@ import logging
 import torch
 import torch.nn as nn
 
+from ..errors import TraceError
 from ..nn.condensed import CondensedConv
 from .analysis import GRAPH, OUTPUT_SHAPES, Analyses
 from .base import Pass, PassResult, replace_submodule
+from .condense import weight_read_elsewhere
 
 __all__ = ["DenseConvolutionsPass", "full_fan_in"]
 
@@ -53,6 +57,16 @@ class DenseConvolutionsPass(Pass):
     def call(self, model: nn.Module, analyses: Analyses) -> PassResult:
         found = [(name, module) for name, module in model.named_modules(remove_duplicate=False)
                  if name and _convertible(module)]
+        if not found:
+            return PassResult(model, modified=False)
+        try:
+            graph = analyses.get(GRAPH, model)
+        except TraceError as err:  # (which weights the forward reads itself is unknown: none converted)
+            log.info("dense convolutions stay in torch: the graph cannot be captured (%s)", err)
+            return PassResult(model, modified=False)
+        modules = dict(model.named_modules())
+        # a weight the forward computes with itself (weight standardisation) must stay a dense tensor
+        found = [(name, module) for name, module in found if not weight_read_elsewhere(graph, name, modules)]
         condensed: dict[int, CondensedConv] = {}  # (a convolution under two names stays one module)
         for name, module in found:
             if id(module) not in condensed:

@@ -38,6 +38,7 @@ import logging
 import torch
 import torch.nn as nn
 
+from .._warnings import warn_user
 from ..errors import LayerError
 from ..nn.condensed import CondensedConv, CondensedLinear
 from ..nn.lowered import LoweredConv, LoweredLinear, kernel_spec, make_lowered_, pointwise_unpadded
@@ -132,10 +133,28 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
     if backend.kind == "llvm":  # (measured on CPUs only: settle chooses, whole batches until then)
         passes += [BatchChunksPass()]
     with torch.inference_mode(False):  # (tensors made in inference mode have no version counter: see _Condensed)
-        model = PassManager(passes).run(copy.deepcopy(model), Analyses(example_inputs))
+        lowered = PassManager(passes).run(copy.deepcopy(model), Analyses(example_inputs))
+    _warn_dropped_hooks(model, lowered)
+    model = lowered
     # Inference only: the kernels have no backward, dropout must be off, and dense parameters need no gradients
     # (a lowered layer refuses an input autograd tracks, InferenceOnlyError).
     return backend.place(model).eval().requires_grad_(False)
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _warn_dropped_hooks(model: nn.Module, lowered: nn.Module) -> None:
+    """A warning naming the modules whose forward hooks the lowered model no longer runs: replaced by lowered
+    layers, or folded or fused into them (a feature extractor's hooks would fall silent)."""
+    modules = dict(lowered.named_modules())
+    gone = [name for name, m in model.named_modules() if _hooked(m) and not _hooked(modules.get(name, nn.Module()))]
+    if gone:
+        warn_user(f"lower: forward hooks on {gone[:5]}{' ...' if len(gone) > 5 else ''} do not run in the lowered "
+                  "model: those modules became lowered layers, or were folded or fused into them (a BatchNorm, an "
+                  "activation, a rewritten block). Register the hooks on the lowered model's modules; "
+                  "fold_batchnorm=False and fuse_epilogues=False keep BatchNorms and activations as modules")
 
 
 def _condensed_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

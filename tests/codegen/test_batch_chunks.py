@@ -106,3 +106,19 @@ def test_chunk_choices_are_kept_on_this_machine_only(monkeypatch, tmp_path):
         monkeypatch.setattr(dense_fallback, "machine", lambda: ("another", "cpu"))
         elsewhere = load_lowered(tmp_path / "model")
     assert type(elsewhere.layers) is ChunkedSequential and elsewhere.layers.chunk_sizes == {}
+
+
+def test_an_unbatched_image_runs_whole_and_settles():
+    """A stack given one [C, H, W] image split its channels as if they were images (a probe found cpu_graph and
+    settle failing with a channel-count error on an input eager calls took)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1))
+    sparse = sparsify(net, SRigLConfig(sparsity=0.8, distribution="uniform")).eval()
+    lowered = lower(sparse, LlvmConfig(progress=False))
+    assert type(lowered) is ChunkedSequential
+    x = torch.randn(16, 9, 9)
+    with torch.no_grad():
+        want = sparse(x)
+        settle(lowered, x)
+        assert lowered._seen is None and lowered.chunk_sizes == {}
+        torch.testing.assert_close(lowered(x), want, rtol=1e-5, atol=1e-5)

@@ -53,6 +53,31 @@ def test_the_pass_converts_one_group_zero_padded_convolutions_and_keeps_a_shared
         torch.testing.assert_close(converted(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
+class _Standardised(nn.Module):
+    """A weight-standardised stem (BiT, NFNets): the forward computes with the dense weight itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.plain = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        weight = self.stem.weight
+        weight = (weight - weight.mean(dim=(1, 2, 3), keepdim=True)) / (weight.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return self.plain(torch.nn.functional.conv2d(x, weight, self.stem.bias, padding=1))
+
+
+def test_a_convolution_whose_weight_the_forward_reads_stays_torch_s():
+    """A probe found it converted, and every call of the lowered model failing (a condensed layer keeps no dense
+    weight)."""
+    model = _Standardised()
+    reference = copy.deepcopy(model)
+    converted = DenseConvolutionsPass()(model).module
+    assert type(converted.stem) is nn.Conv2d and isinstance(converted.plain, CondensedConv)
+    x = torch.randn(1, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
 def _stem_kept_dense():
     """A first convolution kept dense (with a BatchNorm and ReLU after it), then sparse ones."""
     torch.manual_seed(0)

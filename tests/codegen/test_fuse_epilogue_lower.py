@@ -147,3 +147,24 @@ def test_a_float64_residual_gives_the_float64_sum_torch_gives():
         got, in_float32 = conv3(x, residual=residual), conv3(x, residual=residual.float())
     assert got.dtype == torch.float64 and in_float32.dtype == torch.float32
     torch.testing.assert_close(got, in_float32.double(), rtol=1e-6, atol=1e-6)
+
+
+def test_lower_names_the_modules_whose_hooks_it_drops():
+    """A probe found hooks on replaced, folded and fused modules silently gone (a feature extractor's)."""
+    import warnings
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Tanh())
+    masked = sparsify(net, SRigLConfig(sparsity=0.8, distribution="uniform")).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (none without hooks)
+        lower(masked, progress=False)
+    fired = []
+    for index, module in enumerate(masked):
+        module.register_forward_hook(lambda m, args, out, index=index: fired.append(index))
+    with pytest.warns(UserWarning, match=r"forward hooks on \['0', '1', '2', '3'\] do not run in the lowered model"):
+        lowered = lower(masked, progress=False)
+    with torch.no_grad():
+        lowered(torch.randn(1, 8, 5, 5))
+    assert fired == [4]  # (the Tanh, left as it was, keeps its hook)
