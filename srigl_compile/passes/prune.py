@@ -202,8 +202,9 @@ def prune(model: nn.Module, config: SRigLConfig | None = None, criterion: Criter
         model = AsLinearPass()(model).module
         pruned = PrunePass(config, criterion, calibration, ablation=ablation, filter_fn=filter_fn,
                            example_inputs=example_inputs)(model).module
-    if recalibrate_batchnorm:
-        recalibrate_batchnorm_(pruned, calibration)
+    if recalibrate_batchnorm and not recalibrate_batchnorm_(pruned, calibration):
+        warn_user("prune: recalibrate_batchnorm=True, but the model has no BatchNorm keeping running statistics: "
+                  "nothing was recalibrated")
     return pruned
 
 

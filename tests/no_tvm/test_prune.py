@@ -165,6 +165,8 @@ def test_batchnorm_statistics_recalibrated_after_pruning_are_those_of_the_pruned
     assert net[1].running_mean.eq(5.0).all()  # the original model is untouched
     with pytest.raises(ConfigError, match="recalibrate_batchnorm=True needs calibration"):
         prune(net, UNIFORM_90, "magnitude", recalibrate_batchnorm=True)
+    with pytest.warns(UserWarning, match="no BatchNorm keeping running statistics: nothing was recalibrated"):
+        prune(mlp(), UNIFORM_90, "magnitude", calibration=[torch.randn(4, 40)], recalibrate_batchnorm=True)
 
 
 # -- calibration norms -------------------------------------------------------------------------------------------
