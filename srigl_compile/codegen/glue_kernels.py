@@ -48,7 +48,8 @@ from ..runtime.spec import CONV_GLUE
 from ._tvm_compat import import_tvm
 from .attention_kernel import attention_func
 
-__all__ = ["pad_func", "crop_func", "max_pool_func", "global_avg_pool_func", "layer_norm_func", "glue_funcs"]
+__all__ = ["pad_func", "crop_func", "max_pool_func", "global_avg_pool_func", "layer_norm_func", "rms_norm_func",
+           "glue_funcs"]
 
 
 
@@ -261,8 +262,43 @@ def layer_norm_func(symbol: str):
     return layer_norm
 
 
+def rms_norm_func(symbol: str):
+    """The ``rms_norm`` PrimFunc: y = w * (x * (1 / sqrt(mean(x^2) + eps))) per row, as Llama-family RMSNorms
+    compute it (``nn.norms.LoweredRMSNorm`` passes 1 + weight for Gemma's); a task per row, the sum of squares in
+    ``LANES`` vector lanes plus a scalar tail, then the scaled write, a plain loop LLVM vectorises."""
+    import_tvm()
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def rms_norm(x_handle: T.handle, w_handle: T.handle, y_handle: T.handle, eps: T.float32):
+        T.func_attr({"global_symbol": symbol, "tirx.noalias": True, "srigl.layout": "rms_norm"})
+        m, n = T.int64(), T.int64()
+        x = T.match_buffer(x_handle, (m, n), "float32")
+        w = T.match_buffer(w_handle, (n,), "float32")
+        y = T.match_buffer(y_handle, (m, n), "float32")
+        body = n // LANES * LANES
+        for row in T.parallel(m):
+            part = T.decl_buffer((LANES,), "float32")
+            scale = T.decl_buffer((1,), "float32")  # the sum of squares, then 1 / sqrt(mean + eps)
+            for lane in T.vectorized(LANES):
+                part[lane] = T.float32(0)
+            for j in range(n // LANES):
+                for lane in T.vectorized(LANES):
+                    part[lane] = part[lane] + x[row, j * LANES + lane] * x[row, j * LANES + lane]
+            scale[0] = T.float32(0)
+            for lane in range(LANES):
+                scale[0] = scale[0] + part[lane]
+            for t in range(n - body):
+                scale[0] = scale[0] + x[row, body + t] * x[row, body + t]
+            scale[0] = T.float32(1) / T.sqrt(scale[0] / T.Cast("float32", n) + eps)
+            for j in range(n):
+                y[row, j] = w[j] * (x[row, j] * scale[0])
+
+    return rms_norm
+
+
 _MAKERS = {"pad": pad_func, "crop": crop_func, "max_pool": max_pool_func, "global_avg_pool": global_avg_pool_func,
-           "layer_norm": layer_norm_func, "attention": attention_func}
+           "layer_norm": layer_norm_func, "attention": attention_func, "rms_norm": rms_norm_func}
 
 
 def glue_funcs(symbol: Callable[[str], str], names: tuple[str, ...] = CONV_GLUE) -> dict:

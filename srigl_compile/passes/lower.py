@@ -52,7 +52,13 @@ from .fold_batchnorm import FoldBatchNormPass
 from .fuse_conv_pool import FuseConvPoolPass
 from .fuse_epilogue import FuseEpiloguePass
 from .fuse_projections import FuseProjectionsPass
-from .lower_glue import LowerAttentionPass, LowerGlobalAvgPoolPass, LowerLayerNormPass, LowerMaxPoolPass
+from .lower_glue import (
+    LowerAttentionPass,
+    LowerGlobalAvgPoolPass,
+    LowerLayerNormPass,
+    LowerMaxPoolPass,
+    LowerRMSNormPass,
+)
 from .manager import PassManager
 from .planar_layout import PlanarLayoutPass
 
@@ -129,7 +135,7 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
         passes += [FuseEpiloguePass(backend.conv_route, backend.epilogues)]
     passes += [FuseProjectionsPass(), CastPass(config.dtype), CompileKernelsPass(backend, config),
                LowerMaxPoolPass(), LowerGlobalAvgPoolPass(), PlanarLayoutPass(), FuseConvPoolPass(),
-               LowerLayerNormPass(), LowerAttentionPass()]
+               LowerLayerNormPass(), LowerRMSNormPass(), LowerAttentionPass()]
     if backend.kind == "llvm":  # (measured on CPUs only: settle chooses, whole batches until then)
         passes += [BatchChunksPass()]
     with torch.inference_mode(False):  # (tensors made in inference mode have no version counter: see _Condensed)

@@ -8,6 +8,9 @@ libraries hold (``codegen.glue_kernels``):
 - LowerLayerNormPass: ``nn.LayerNorm`` over the last dimension -> ``nn.norms.LoweredLayerNorm`` (the layer norm of
   a CPU Linear layer's library; ``F.layer_norm`` to float32 rounding, two-pass mean and variance; parameters
   shared);
+- LowerRMSNormPass: an RMS norm (``nn.norms.rms_norm_form``: torch's ``nn.RMSNorm``, Llama-family and Gemma
+  ``*RMSNorm`` modules, recognised by what they compute) -> ``nn.norms.LoweredRMSNorm`` (the RMS norm of a CPU
+  Linear layer's library; the module's output to float32 rounding; its weight shared under the same name);
 - LowerAttentionPass: a ``CondensedMultiheadAttention`` whose head dim is a multiple of 64 computes softmax(q k^T)
   v with the attention kernel of a CPU Linear layer's library (its ``attention_key``; ``runtime.attention_op``:
   SDPA to float32 rounding) in calls without mask, causality or weights; the others run torch's SDPA as before.
@@ -17,7 +20,8 @@ Contract (each).
     ensures:  outputs unchanged (as above). When the model has a lowered layer whose library holds the function,
               every layer the kernel can compute (``can_lower_max_pool``: floor mode, no indices;
               ``can_lower_global_avg_pool``: a 1 x 1 output;
-              ``can_lower_layer_norm``: the last dimension) becomes the lowered class calling that library; other
+              ``can_lower_layer_norm``: the last dimension; ``rms_norm_form``) becomes the lowered class calling
+              that library; other
               models and layers are left as they were (``F.max_pool2d`` / ``F.adaptive_avg_pool2d`` /
               ``F.layer_norm`` in a module's forward too: not a layer to replace).
     preserves: GRAPH, OUTPUT_SHAPES (a leaf module under the same name computing the same values).
@@ -32,14 +36,15 @@ import torch.nn as nn
 
 from ..nn.condensed_attention import CondensedMultiheadAttention
 from ..nn.lowered import LoweredConv, LoweredLinear
-from ..nn.norms import LoweredLayerNorm, can_lower_layer_norm
+from ..nn.norms import LoweredLayerNorm, LoweredRMSNorm, can_lower_layer_norm, rms_norm_form
 from ..nn.pooling import LoweredGlobalAvgPool2d, LoweredMaxPool2d, can_lower_global_avg_pool, can_lower_max_pool
 from ..runtime.attention_op import HEAD_MULTIPLE
 from ..runtime.registry import get_registered
 from .analysis import GRAPH, OUTPUT_SHAPES, Analyses
 from .base import Pass, PassResult, replace_submodule
 
-__all__ = ["LowerMaxPoolPass", "LowerGlobalAvgPoolPass", "LowerLayerNormPass", "LowerAttentionPass"]
+__all__ = ["LowerMaxPoolPass", "LowerGlobalAvgPoolPass", "LowerLayerNormPass", "LowerRMSNormPass",
+           "LowerAttentionPass"]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +123,18 @@ class LowerLayerNormPass(_LowerToGluePass):
     lowerable = staticmethod(can_lower_layer_norm)
     lowered = staticmethod(LoweredLayerNorm)
     runs_kernel = staticmethod(_runs_linear_kernel)
+
+
+class LowerRMSNormPass(_LowerToGluePass):
+    """See the module docstring."""
+
+    function = "rms_norm_fn"
+    lowered = staticmethod(LoweredRMSNorm)
+    runs_kernel = staticmethod(_runs_linear_kernel)
+
+    @staticmethod
+    def lowerable(module: nn.Module) -> bool:
+        return rms_norm_form(module) is not None
 
 
 class LowerAttentionPass(Pass):

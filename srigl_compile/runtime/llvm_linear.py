@@ -80,6 +80,7 @@ class LlvmLinearHandle(LinearHandleBase):
     packmid_fn: Any = dataclasses.field(init=False, repr=False)
     fused_fn: Any = dataclasses.field(init=False, repr=False, default=None)
     layer_norm_fn: Any = dataclasses.field(init=False, repr=False, default=None)  # (``norm_op``)
+    rms_norm_fn: Any = dataclasses.field(init=False, repr=False, default=None)  # (``norm_op``)
     attention_fn: Any = dataclasses.field(init=False, repr=False, default=None)  # (``attention_op``)
     fused_from_tiles: int = dataclasses.field(init=False, repr=False, default=0)
     missing_features: tuple = dataclasses.field(init=False, repr=False, default=())
@@ -90,13 +91,13 @@ class LlvmLinearHandle(LinearHandleBase):
         check_wait_policy()
         self.row_fn, self.col_fn, self.pack_fn, self.mid_fn, self.packmid_fn = (
             self.module[self.spec.symbol(layout)] for layout in LAYOUTS)
-        # (libraries saved before the fused kernel, the layer norm or the attention existed lack them: the separate
-        # pack, torch's layer norm and SDPA)
+        # (libraries saved before the fused kernel, the layer norm, the attention or the RMS norm existed lack them:
+        # the separate pack, torch's layer norm and SDPA, the module's own RMS norm)
         fused = self.spec.symbol("fused")
         self.fused_fn = self.module[fused] if self.module.implements_function(fused, True) else None
-        self.layer_norm_fn, self.attention_fn = (
+        self.layer_norm_fn, self.attention_fn, self.rms_norm_fn = (
             self.module[name] if self.module.implements_function(name, True) else None
-            for name in (self.spec.symbol("layer_norm"), self.spec.symbol("attention")))
+            for name in (self.spec.symbol("layer_norm"), self.spec.symbol("attention"), self.spec.symbol("rms_norm")))
         threads = int(os.environ.get("TVM_NUM_THREADS") or tvm_thread_count())
         self.fused_from_tiles = FUSED_TILES_PER_THREAD * threads
         self.missing_features = missing_host_features(self.target)

@@ -47,9 +47,9 @@ EPILOGUES = ("", "relu", "add", "add_relu", "gelu", "silu")
 # ``spec.symbol(name)``: input padding / phase split, output crop, and the model's max-pooling and global average
 # pooling (``pool_op``).
 CONV_GLUE = ("pad", "crop", "max_pool", "global_avg_pool")
-# ... and a CPU linear layer's library: the model's layer norms (``norm_op``) and self-attention cores
+# ... and a CPU linear layer's library: the model's layer norms and RMS norms (``norm_op``) and self-attention cores
 # (``attention_op``).
-LINEAR_GLUE = ("layer_norm", "attention")
+LINEAR_GLUE = ("layer_norm", "attention", "rms_norm")
 
 
 def apply_epilogue(y: torch.Tensor, epilogue: str, residual: torch.Tensor | None) -> torch.Tensor:
