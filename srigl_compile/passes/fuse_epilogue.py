@@ -43,8 +43,9 @@ Contract.
               whose backend computes that epilogue, (2) are
               reachable under one name and called once in the model's graph (a torch transformer layer's linear1:
               one name; its layer may run any number of times), (3) sit in an nn.Sequential or a torch transformer
-              layer, or in a parent other than the model itself that symbolic_trace can trace, or directly in a
-              traceable model before an activation module it calls once and nowhere else; the add's other
+              layer, or in a parent other than the model itself that symbolic_trace can trace and whose forward
+              takes one argument without a default, or directly in such a model before an activation module it
+              calls once and nowhere else; the add's other
               operand is a tensor node, and an in-place add (``+=``, ``add_``) must update the layer's own output;
               an activation child of a Sequential is replaced only when it has one name. Everything else is left
               as it was.
@@ -54,6 +55,7 @@ Contract.
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
 import operator
 
@@ -156,6 +158,19 @@ def no_activation(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _one_input(module: nn.Module) -> bool:
+    """Whether ``module``'s forward takes exactly one argument, without a default: a trace (every argument a Proxy)
+    then follows the path every call takes. With more, code such as ``if identity is None: identity = x`` or
+    ``if isinstance(extra, torch.Tensor)`` took one branch while tracing, which calls passing None or a tensor
+    do not take: the rewritten forward raised, or dropped an add silently (a probe found both)."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return len(parameters) == 1 and parameters[0].default is inspect.Parameter.empty and parameters[0].kind in (
+        inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
 def _fuse_one(graph: fx.Graph, call: fx.Node, modules: dict, allowed: frozenset[str]) -> str:
     """Rewrite the chain after ``call`` (a layer's call node) in ``graph`` into a call computing the longest
     epilogue in ``allowed``; the epilogue fused ("" when none)."""
@@ -248,6 +263,9 @@ class FuseEpiloguePass(Pass):
         """In the model's own forward, a child layer followed (past pass-through modules, each the only use of the
         one before) by an activation module that the forward calls there and nowhere else computes it; the module
         becomes nn.Identity and the forward runs as it was."""
+        if not _one_input(model):
+            log.info("the model's forward takes more than one input: its own activations stay in torch")
+            return
         try:
             graph = trace_module(model)
         except Exception as err:  # fx raises many types on code it cannot follow
@@ -322,6 +340,10 @@ class FuseEpiloguePass(Pass):
         for parent_name in sorted((p for p in candidates if p), key=lambda name: -name.count(".")):
             children = candidates[parent_name]
             parent = model.get_submodule(parent_name)
+            if not _one_input(parent):
+                log.info("%s: its forward takes more than one input, whose branches a trace would fix: its layers "
+                         "keep their epilogues in torch", parent_name)
+                continue
             try:
                 graph = trace_module(parent)
             except Exception as err:  # fx raises many types on code it cannot follow: that parent stays as it is

@@ -93,6 +93,10 @@ _FREE = _references(_new_buffer(1, torch.float32)) if _USE_COUNT else (0, 0)  # 
 
 
 def _unreferenced(buffer: torch.Tensor) -> bool:
+    """Whether nothing but the pool holds the buffer (a storage in shared memory, share_memory_()'s or a
+    multiprocessing queue's, may be held by another process, which no count sees: never)."""
+    if buffer.is_shared():
+        return False
     tensors, objects = _references(buffer)
     held = getattr(_LOCAL, "recording_holds", None)  # (a recording's own aliases: see held_by_recording)
     if held:
@@ -141,6 +145,8 @@ def result(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.
                                                         else RECYCLE_FROM_BYTES):
         return torch.empty(shape, dtype=dtype)
     pool = _results().setdefault((numel, dtype), [])  # (in the order handed out: the last one most recently)
+    if any(buffer.is_shared() for buffer in pool):  # (sent to another process: it is theirs now)
+        pool[:] = [buffer for buffer in pool if not buffer.is_shared()]
     free = next((i for i in range(len(pool) - 1, -1, -1) if _unreferenced(pool[i])), None)
     if free is not None:
         buffer = pool.pop(free)

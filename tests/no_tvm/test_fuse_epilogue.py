@@ -352,3 +352,36 @@ def test_sequential_activations_called_elsewhere_or_after_a_subclass_stay_in_tor
     subclass of nn.Identity that shifts its input (error 2.7)."""
     fuse, fused = _fused_unchanged(_condensed(_ReusedRelu()), torch.randn(2, 8, 6, 5))
     assert fuse.fused == {} and [type(m) for m in fused.seq] == [CondensedConv, nn.ReLU]
+
+
+class _OptionalIdentity(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x, identity=None):
+        if identity is None:  # (a trace, whose identity is a Proxy, takes the other branch)
+            identity = x
+        return torch.relu(self.conv2(torch.relu(self.conv1(x))) + identity)
+
+
+class _OptionalExtra(_OptionalIdentity):
+    def forward(self, x, extra=None):
+        y = self.conv2(torch.relu(self.conv1(x)))
+        return y + extra if isinstance(extra, torch.Tensor) else y  # (a Proxy is no tensor: the add was dropped)
+
+
+class _CallsBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = _OptionalIdentity(), _OptionalExtra()
+
+    def forward(self, x):
+        return self.b(self.a(x), x * 0.5)
+
+
+def test_parents_whose_forward_takes_more_than_one_input_are_not_rewritten():
+    """A probe found a block with ``identity=None`` raising once rewritten, and one adding an optional tensor
+    dropping the add silently (3.4 off): their branches were fixed by the trace."""
+    fuse, fused = _fused_unchanged(_condensed(_CallsBlocks()), torch.randn(2, 8, 6, 5))
+    assert fuse.fused == {} and type(fused.a) is _OptionalIdentity and type(fused.b) is _OptionalExtra

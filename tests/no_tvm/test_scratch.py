@@ -86,6 +86,18 @@ def test_views_arrays_and_storages_keep_a_result_from_being_recycled(recycle_all
     assert result((4, 8)).data_ptr() == ptr
 
 
+def test_a_result_moved_to_shared_memory_is_never_recycled(recycle_all):
+    """A result sent through a multiprocessing queue (share_memory_()) was overwritten by the next forward in the
+    other process too (a probe: 8.5 off); the pool forgets it."""
+    first = result((4, 8))
+    first.fill_(1.0)
+    first.share_memory_()
+    ptr, before = first.data_ptr(), scratch_bytes()
+    del first  # (the other process still maps it)
+    again = result((4, 8))
+    assert again.data_ptr() != ptr and scratch_bytes() == before  # (a new buffer in the shared one's place)
+
+
 def test_results_below_the_threshold_are_plain_allocations():
     release_scratch()
     small = result((4, 8))
