@@ -45,6 +45,8 @@ The rules, as for CUDA graphs:
   batch-norm module is in train mode (its draws and batch statistics), with a warning. Setting a module's public
   plain attribute (``training``, a scaling factor, a flag: ``replay_checks.Settings``) records again; objects the
   forward reads (a config) are not watched: record again with a new ``cpu_graph`` after changing one.
+- ``torch.compile`` of a CpuGraph runs it as it is (its forward is ``torch.compiler.disable``d): compile the model
+  or graph it, not both.
 - A recording is replayed by one thread at a time, whichever thread made it (it owns its buffers: the recording
   thread's scratch buffers it used are its own afterwards, ``runtime.scratch``): a thread calling a signature while
   every recording of it replays elsewhere records a copy of its own (within ``max_recordings``), or runs eagerly.
@@ -149,6 +151,8 @@ class CpuGraph(torch.nn.Module):
         return any(isinstance(v, torch.Tensor) and v.requires_grad for v in leaves) or any(
             p.requires_grad for p in self.model.parameters())
 
+    # torch.compile runs it as it is: tracing the replay machinery failed in dynamo's own terms
+    @torch.compiler.disable
     def forward(self, *args, **kwargs):
         if getattr(self._busy, "active", False):  # (settling a model whose forward is this graph)
             return self._call(*args, **kwargs)

@@ -46,7 +46,9 @@ def full_fan_in(conv: nn.Conv2d) -> CondensedConv:
     n_out = conv.out_channels
     values = conv.weight.detach().reshape(n_out, -1).clone()
     columns = torch.arange(values.shape[1]).expand(n_out, -1).contiguous()
-    return CondensedConv(conv, torch.arange(n_out), values, columns, conv.bias)
+    layer = CondensedConv(conv, torch.arange(n_out), values, columns, conv.bias)
+    layer.was_dense = True  # (its values stay float32 where sparse layers' become bfloat16: the user kept it dense)
+    return layer
 
 
 class DenseConvolutionsPass(Pass):

@@ -252,7 +252,9 @@ class CompileKernelsPass(Pass):
     def call(self, model: nn.Module, analyses: Analyses) -> PassResult:
         route = self.backend.conv_route
         for name, layer in _condensed_layers(model):
-            spec = kernel_spec(layer, route, self.backend.spec_dtype(self.config))
+            # (a dense layer made condensed for speed keeps float32 values, as dense layers left in torch do)
+            dtype = None if getattr(layer, "was_dense", False) else self.backend.spec_dtype(self.config)
+            spec = kernel_spec(layer, route, dtype)
             if spec is not None and route == "direct" and isinstance(layer, CondensedConv) \
                     and pointwise_unpadded(layer):
                 shape = analyses.get(OUTPUT_SHAPES, model).get(name)

@@ -67,3 +67,20 @@ def test_bad_dtypes_are_typed_errors_naming_the_fix(masked):
     lowered[0].values = lowered[0].values.float()  # converted after lowering
     with pytest.raises(KernelDtypeError, match="bfloat16"), torch.no_grad():
         lowered(torch.randn(2, 96))
+
+
+def test_a_convolution_kept_dense_keeps_float32_values():
+    """A probe found bfloat16 values rounding the first convolution a user kept dense, once the dense form had
+    made it a condensed layer (and only then: with dense_fallback=False it stayed torch's float32)."""
+    from srigl_compile.nn.lowered import LoweredConv
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(32, 8, 1))
+    sparse = sparsify(net, SRigLConfig(sparsity=0.9, keep_first_dense=True)).eval()
+    lowered = lower(sparse, BF16)
+    assert isinstance(lowered[0], LoweredConv) and lowered[0].values.dtype == torch.float32
+    assert lowered[2].values.dtype == torch.bfloat16
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(x), _weights_rounded_to_bf16(sparse)(x), rtol=1e-5, atol=1e-5)

@@ -472,3 +472,19 @@ def test_recording_inside_a_recording_is_refused_and_a_graph_inside_one_runs_eag
             x = torch.randn(3, 20, generator=torch.Generator().manual_seed(seed))
             _same(outer(x), torch.relu(inner(x)))
     assert outer.replays == 2  # (while the outer graph recorded, the inner one ran its model eagerly)
+
+
+def test_torch_compile_runs_a_cpu_graph_as_it_is():
+    """Compiled, a CpuGraph graph-broke into recompiles, and with fullgraph=True failed in dynamo's own terms (an
+    RLock, a data-dependent guard). torch.compile now leaves its forward to replay."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    graphed = cpu_graph(model)
+    compiled = torch.compile(graphed)
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(3, 8)
+            _same(compiled(x), model(x))
+        assert graphed.replays == 3
+    assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]  # (nothing of it traced)
