@@ -5,8 +5,9 @@ of a signature's recording when its object dies (``forget``).
 A dead object's recording is kept (``ORPHANS`` of them) for the next object of the same structure: ``observe``
 gives it the recording's tensors (``Layout.adopt``, their contents copied from its own) and the recording
 replays for it. Why: Hugging Face's generate() makes a new static cache a call, and recording each again cost more
-than its replays saved: a 16-token generate() of ``benchmarks/decoder.py``'s lowered llama_1024 took 0.12 s
-eagerly and ~0.5 s graphed, every call (2-core Xeon, another process running).
+than its replays saved: a 16-token generate() of ``benchmarks/decoder.py``'s lowered llama_1024 took 0.100 s
+eagerly and 0.145 s graphed, every call; adopted, 0.085-0.093 s after the first (quiet 2-core Xeon,
+``benchmarks/cpu_runs/2026-12-06f_xeon/generate_calls_llama_1024.txt``).
 """
 
 from __future__ import annotations

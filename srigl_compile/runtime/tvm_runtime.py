@@ -77,9 +77,10 @@ def check_wait_policy() -> None:
             or "OpenMP" not in torch.__config__.parallel_info():
         return
     log.warning("OMP_WAIT_POLICY is not set: torch's OpenMP threads spin after each op and take the cores the "
-                "lowered kernels run on, which can make a lowered model several times slower (a lowered Llama's "
-                "decode step on 2 busy cores: 8.4 -> 39.7 ms). Start Python with OMP_WAIT_POLICY=PASSIVE (or "
-                "GOMP_SPINCOUNT=20000) in its environment; setting either silences this")
+                "lowered kernels run on, which can make a lowered model several times slower (16 tokens of a lowered "
+                "Llama on 2 cores: 0.09 s with PASSIVE, 0.12 s without; replayed by cpu_graph 0.08 s against 0.36 "
+                "s). Start Python with OMP_WAIT_POLICY=PASSIVE (or GOMP_SPINCOUNT=20000) in its environment; "
+                "setting either silences this")
 
 
 def check_ffi_version() -> None:
