@@ -102,7 +102,6 @@ class Layout:
                 return False
         return all(_tensor_layout(tensor) == then for tensor, then in self.tensors)
 
-
     def adopt(self, new: Layout) -> bool:
         """Make the object ``new`` was taken of hold this layout's tensors in place of its own, their contents
         copied from its own, where both have one ``structure`` and its tensors sit in lists and attributes (not
