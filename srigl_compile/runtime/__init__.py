@@ -18,6 +18,7 @@ Nothing here imports ``srigl_compile.codegen`` (the compile side: TE definitions
     kernel_io.py      export_kernels / load_kernels: libraries + manifest, each entry loaded by its handle type
     scratch.py        per-thread reused buffers for the kernels' temporaries
     call_record.py    a forward recorded as its kernel calls and memory-writing aten ops, and its replay
+    out_overloads.py  a functional aten op's out= overload (a replay writes the recorded result through it)
     conv_geometry.py  where a direct convolution reads in the padded input or its phase images (pure maths)
     cpu_features.py   the host CPU's instruction sets (kernels built for more would die of SIGILL)
     tvm_runtime.py    import_tvm_runtime(), TVM's thread count

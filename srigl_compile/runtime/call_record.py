@@ -42,7 +42,9 @@ forward's inputs, tensors on other devices than the CPU, and outputs holding any
 growing key/value cache object would come back as recorded.
 
 Functional aten ops with one result and an out= overload (``mul.Tensor`` -> ``mul.out``) replay through it,
-writing into the recorded result instead of allocating a new one and copying it over.
+writing into the recorded result instead of allocating a new one and copying it over. Ops that make their results
+from plain values alone (``arange``, ``scalar_tensor``: a decoder step's positions and mask bounds) are left out
+when no later call writes their results: those hold what a replay would write (``liveness.never_rewritten``).
 
 Example:
     >>> rec = record(model, (x,), {})                   # doctest: +SKIP
@@ -63,7 +65,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import ReplayError
 from . import registry, scratch
-from .liveness import Access, dead_after, extent, extents, producer
+from .liveness import Access, dead_after, extent, extents, never_rewritten, producer
+from .out_overloads import out_overload
 from .value_guards import Guard, GuardFailed, contents, reading_contents, value_read
 
 __all__ = ["Recording", "record", "static_copy", "PLAIN", "GuardFailed", "may_write_over", "dead_residuals",
@@ -97,7 +100,14 @@ class _Call:
 
     def __post_init__(self) -> None:
         if self.results and not self.kernel:
-            self.into = _out_overload(self.fn, self.results)
+            self.into = out_overload(self.fn, self.results)
+
+    def constant(self) -> bool:
+        """An aten op computing its results from plain values alone, deterministically (``arange``,
+        ``scalar_tensor``): every replay would write what the recording wrote."""
+        return bool(self.results) and not self.kernel and isinstance(self.fn, torch._ops.OpOverload) and \
+            torch.Tag.nondeterministic_seeded not in self.fn.tags and \
+            not any(isinstance(leaf, torch.Tensor) for leaf in tree_flatten((self.args, self.kwargs))[0])
 
     def access(self) -> Access:
         """The bytes this call reads and writes (``runtime.liveness``): a kernel reads its tensors but the last
@@ -118,31 +128,6 @@ class _Call:
                 if target.shape != value.shape:  # (an op whose output shape follows values, e.g. a custom op's)
                     raise GuardFailed(f"{self.fn} returned shape {tuple(value.shape)}, recorded {tuple(target.shape)}")
                 target.copy_(value)
-
-
-_OUT_OVERLOADS: dict = {}  # op overload -> its out= overload, or None
-
-
-def _out_overload(func, results: tuple) -> Callable | None:
-    """An aten op's overload that takes the same arguments and writes its one tensor result into ``out=`` (mul.Tensor
-    -> mul.out), where the result keeps the layout the op gave it: a replay then runs the op on the recorded result
-    instead of allocating one and copying it over (a decoder step's ~500 small ops). None for other ops, whose
-    results a replay copies (and checks the shape of: a custom op's may follow values)."""
-    if len(results) != 1 or getattr(func, "namespace", None) != "aten" or not results[0].is_contiguous():
-        return None
-    if func not in _OUT_OVERLOADS:
-        names = [(arg.name, str(arg.type)) for arg in func._schema.arguments]
-        packet = func.overloadpacket
-        found = None
-        for overload in packet.overloads():
-            candidate = getattr(packet, overload)
-            outs = [arg for arg in candidate._schema.arguments if arg.is_out]
-            if len(outs) == 1 and outs[0].name == "out" and len(candidate._schema.returns) == 1 and \
-                    [(arg.name, str(arg.type)) for arg in candidate._schema.arguments if not arg.is_out] == names:
-                found = candidate
-                break
-        _OUT_OVERLOADS[func] = found
-    return _OUT_OVERLOADS[func]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -444,4 +429,17 @@ def record(fn: Callable, args: tuple, kwargs: dict,
     storages = {alias.untyped_storage()._cdata: alias.untyped_storage().nbytes()
                 for alias in recorder.kept}
     scratch.give_up(storages)  # (the recording's own from now on: any thread may replay it)
-    return Recording(statics, recorder.calls, outputs, sum(storages.values()), recorder.residuals, storages, held)
+    return Recording(statics, _without_constants(recorder.calls), outputs, sum(storages.values()),
+                     recorder.residuals, storages, held)
+
+
+def _without_constants(calls: list) -> list:
+    """The calls but the constant ones whose results nothing rewrites (they hold what a replay would write: a
+    decoder step's ``arange`` / ``scalar_tensor``, ~30 us each in a replay)."""
+    candidates = [i for i, call in enumerate(calls) if isinstance(call, _Call) and call.constant()]
+    if not candidates:
+        return calls
+    accesses = [call.access() if isinstance(call, _Call) else Access() for call in calls]
+    in_place = [isinstance(call, _Call) and not call.kernel and not call.results for call in calls]
+    fixed = never_rewritten(accesses, in_place, candidates)
+    return [call for i, call in enumerate(calls) if i not in fixed]

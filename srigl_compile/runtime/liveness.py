@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["Extent", "Access", "extent", "extents", "producer", "dead_after"]
+__all__ = ["Extent", "Access", "extent", "extents", "producer", "dead_after", "never_rewritten"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +87,20 @@ def dead_after(calls: Sequence[Access], index: int, target: Extent, outputs: Ite
         if not live:
             return True
     return not any(_touches(live, out) for out in outputs)
+
+
+def never_rewritten(calls: Sequence[Access], in_place: Sequence[bool], candidates: Iterable[int]) -> set[int]:
+    """Those of the ``candidates`` (calls whose result depends on no tensor: ``arange``, ``scalar_tensor``) whose
+    results no later call writes any byte of: a replay would write them with the values they hold already. A
+    call ``in_place`` may write what it reads."""
+    kept = set()
+    for index in candidates:
+        made = (*calls[index].kills, *calls[index].writes)
+        later = calls[index + 1:]
+        if not any(other.overlaps(target) for target in made for access, changes in zip(later, in_place[index + 1:])
+                   for other in (*access.kills, *access.writes, *(access.reads if changes else ()))):
+            kept.add(index)
+    return kept
 
 
 def _touches(live: list[tuple[int, int]], other: Extent) -> bool:

@@ -488,3 +488,29 @@ def test_torch_compile_runs_a_cpu_graph_as_it_is():
             _same(compiled(x), model(x))
         assert graphed.replays == 3
     assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]  # (nothing of it traced)
+
+
+class _Constants(nn.Module):
+    """Tensors made from plain values: one only read (a replay need not make it again), one then updated in place
+    from the input (each replay must make it again)."""
+
+    def forward(self, x):
+        steps = torch.arange(x.shape[-1], dtype=x.dtype)
+        total = torch.zeros(x.shape[-1])
+        total.add_(x.sum(0))
+        return x * steps + total
+
+
+def test_constants_a_replay_would_write_again_are_left_out_and_the_rest_kept():
+    from srigl_compile.runtime.call_record import _Call
+
+    graphed = cpu_graph(_Constants())
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(3, 5)
+            _same(graphed(x), x * torch.arange(5.0) + x.sum(0))
+    recorded = [str(call.fn) for call in next(iter(graphed._entries.values())).recording.calls]
+    assert not any("arange" in name for name in recorded) and any("zeros" in name for name in recorded), recorded
+    drawn = torch.rand(3)  # (a seeded random op is never a constant: each replay draws again)
+    assert not _Call(torch.ops.aten.rand.default, ([3],), {}, (drawn,)).constant()
+    assert _Call(torch.ops.aten.arange.default, (3,), {}, (torch.arange(3),)).constant()

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from srigl_compile.runtime.liveness import Access, Extent, dead_after, extent, producer
+from srigl_compile.runtime.liveness import Access, Extent, dead_after, extent, never_rewritten, producer
 
 BASE = 4096  # where the cases' memory starts
 
@@ -73,3 +73,14 @@ def test_dead_after_matches_a_byte_by_byte_simulation(calls, index, target, outp
     if expected:
         expected = not any(byte in live for out in outputs for byte in range(out.start, out.end))
     assert dead_after(calls, index, target, outputs) == expected
+
+
+def test_a_constant_is_kept_only_while_nothing_later_writes_its_bytes():
+    a, b, c = _e(0, 64), _e(64, 128), _e(128, 192)
+    calls = [Access(kills=(a,)), Access(kills=(b,)), Access(kills=(c,), writes=()), Access(reads=(a, c)),
+             Access(kills=(_e(96, 100),)), Access(reads=(c,))]
+    # a: only read later; b: partly overwritten by call 4; c: read by an in-place op (call 5), which may write it
+    assert never_rewritten(calls, [False, False, False, False, False, True], [0, 1, 2]) == {0}
+    assert never_rewritten(calls, [False] * 6, [0, 1, 2]) == {0, 2}
+    strided = [Access(writes=(a,)), Access(writes=(_e(8, 16),))]  # (a strided result's gaps: writes, not kills)
+    assert never_rewritten(strided, [False, False], [0]) == set()
