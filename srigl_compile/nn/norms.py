@@ -13,10 +13,14 @@ Example:
 
 from __future__ import annotations
 
+import copy
+import math
+
 import torch
 import torch.nn as nn
 
 from ..runtime import norm_op  # registers torch.ops.srigl_compile.tvm_layer_norm (no TVM import)
+from .forward_signature import takes_one_input
 
 __all__ = ["LoweredLayerNorm", "can_lower_layer_norm", "LoweredRMSNorm", "rms_norm_form"]
 
@@ -49,9 +53,12 @@ _EPS_NAMES = ("variance_epsilon", "eps")  # (Llama-family modules, torch's nn.RM
 
 def rms_norm_form(module: nn.Module) -> tuple[float, float] | None:
     """(eps, offset) where ``module`` computes ``(offset + weight) * (x / sqrt(mean(x^2) + eps))`` over the last
-    dimension (offset 1: Gemma's), else None. Read from what the module does, not its class name: a module with one
-    1-d ``weight``, no buffers or children and an eps, checked on a float32 input against that formula (Hugging
-    Face's RMSNorm classes are one per architecture)."""
+    dimension (offset 1: Gemma's), else None. Read from what the module does, not its class name (Hugging Face's
+    RMSNorm classes are one per architecture): a module whose forward takes one input, with one 1-d float32
+    ``weight``, no buffers or children and an eps, checked against that formula on a copy of it (its hooks
+    not run) with a random weight (a formula that only matches at the weight it holds, ``rms(x * (1 + w))`` at w
+    = 0, does not pass) at two input scales, 1 and sqrt(eps) (where eps decides: ``x / (rms + eps)`` or another
+    eps than the attribute's do not pass). Gated norms (``forward(x, gate=None)``) are not this."""
     params = dict(module.named_parameters(recurse=False))
     weight = params.get("weight")
     eps = next((getattr(module, name) for name in _EPS_NAMES if hasattr(module, name)), None)
@@ -61,22 +68,27 @@ def rms_norm_form(module: nn.Module) -> tuple[float, float] | None:
             return None
     if (set(params) != {"weight"} or weight.dim() != 1 or weight.dtype != torch.float32 or not weight.is_cpu
             or list(module.buffers(recurse=False)) or list(module.children()) or isinstance(eps, bool)
-            or not isinstance(eps, (int, float))):
+            or not isinstance(eps, (int, float)) or eps < 0 or not takes_one_input(module)):
         return None
-    probe = torch.randn(2, 3, weight.shape[0], generator=torch.Generator().manual_seed(0))
-    try:
+    generator = torch.Generator().manual_seed(0)
+    trial = copy.deepcopy(module)
+    with torch.no_grad():
+        trial.weight.copy_(torch.randn(weight.shape, generator=generator))
+    found = set()
+    for scale in (1.0, math.sqrt(eps)) if eps > 0 else (1.0,):
+        probe = scale * torch.randn(2, 3, weight.shape[0], generator=generator)
+        try:
+            with torch.no_grad():
+                got = trial.forward(probe)  # (forward itself: the module's hooks are not the probe's business)
+        except Exception:  # (a forward that needs more than one tensor: not a norm of one input)
+            return None
+        if not isinstance(got, torch.Tensor) or got.shape != probe.shape:
+            return None
         with torch.no_grad():
-            got = module(probe)
-    except Exception:  # (a forward that takes other arguments: not a norm of one input)
-        return None
-    if not isinstance(got, torch.Tensor) or got.shape != probe.shape:
-        return None
-    for offset in (0.0, 1.0):
-        with torch.no_grad():
-            want = norm_op.rms_norm_reference(probe, weight + offset, float(eps))
-        if torch.allclose(got, want, rtol=1e-5, atol=1e-6):
-            return float(eps), offset
-    return None
+            found.add(next((offset for offset in (0.0, 1.0) if torch.allclose(
+                got, norm_op.rms_norm_reference(probe, trial.weight + offset, float(eps)), rtol=1e-5, atol=1e-5)),
+                None))
+    return (float(eps), found.pop()) if len(found) == 1 and None not in found else None
 
 
 class LoweredRMSNorm(nn.Module):

@@ -55,7 +55,6 @@ Contract.
 from __future__ import annotations
 
 import collections
-import inspect
 import logging
 import operator
 
@@ -67,6 +66,7 @@ import torch.nn.functional as F
 from ..errors import TraceError
 from ..nn.condensed import CondensedConv, CondensedLinear
 from ..nn.condensed_attention import CondensedMultiheadAttention
+from ..nn.forward_signature import takes_one_input
 from ..nn.lowered import can_fuse_epilogue
 from ..nn.transformer_layers import ResidualEncoderLayer
 from .analysis import GRAPH, OUTPUT_SHAPES, Analyses
@@ -156,19 +156,6 @@ def _activation_function(function) -> str:
 def no_activation(x: torch.Tensor) -> torch.Tensor:
     """The activation of a transformer layer whose ``linear1`` computes it (module level: pickled by name)."""
     return x
-
-
-def _one_input(module: nn.Module) -> bool:
-    """Whether ``module``'s forward takes exactly one argument, without a default: a trace (every argument a Proxy)
-    then follows the path every call takes. With more, code such as ``if identity is None: identity = x`` or
-    ``if isinstance(extra, torch.Tensor)`` took one branch while tracing, which calls passing None or a tensor
-    do not take: the rewritten forward raised, or dropped an add silently (a probe found both)."""
-    try:
-        parameters = list(inspect.signature(module.forward).parameters.values())
-    except (TypeError, ValueError):
-        return False
-    return len(parameters) == 1 and parameters[0].default is inspect.Parameter.empty and parameters[0].kind in (
-        inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 def _fuse_one(graph: fx.Graph, call: fx.Node, modules: dict, allowed: frozenset[str]) -> str:
@@ -263,7 +250,7 @@ class FuseEpiloguePass(Pass):
         """In the model's own forward, a child layer followed (past pass-through modules, each the only use of the
         one before) by an activation module that the forward calls there and nowhere else computes it; the module
         becomes nn.Identity and the forward runs as it was."""
-        if not _one_input(model):
+        if not takes_one_input(model):
             log.info("the model's forward takes more than one input: its own activations stay in torch")
             return
         try:
@@ -340,7 +327,8 @@ class FuseEpiloguePass(Pass):
         for parent_name in sorted((p for p in candidates if p), key=lambda name: -name.count(".")):
             children = candidates[parent_name]
             parent = model.get_submodule(parent_name)
-            if not _one_input(parent):
+            if not takes_one_input(parent):  # (a trace would fix its branches on the others: a probe found
+                # `if identity is None` raising once rewritten, an optional tensor's add dropped silently)
                 log.info("%s: its forward takes more than one input, whose branches a trace would fix: its layers "
                          "keep their epilogues in torch", parent_name)
                 continue

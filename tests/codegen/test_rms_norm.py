@@ -41,6 +41,44 @@ class _MeanCentred(_LlamaStyle):
         return nn.functional.layer_norm(x, x.shape[-1:], self.weight, None, self.variance_epsilon)
 
 
+class _Gated(_LlamaStyle):
+    """Mamba-2's gated norm: called with a gate by its mixer, a plain RMS norm without one."""
+
+    def forward(self, x, gate=None):
+        if gate is not None:
+            x = x * torch.nn.functional.silu(gate)
+        return super().forward(x)
+
+
+class _ScaledInside(_LlamaStyle):
+    """rms(x * (1 + w)): equal to (1 + w) * rms(x) only while w = 0 (its initial weight)."""
+
+    def forward(self, x):
+        x = x * (1 + self.weight)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+class _EpsOutside(_LlamaStyle):
+    """x / (rms(x) + eps): another eps placement, equal to the RMS norm at unit scale within 1e-6."""
+
+    def forward(self, x):
+        return self.weight * x / (x.pow(2).mean(-1, keepdim=True).sqrt() + self.variance_epsilon)
+
+
+def test_norms_that_only_look_like_rms_norms_are_left_alone():
+    """A probe found a gated norm accepted (its lowered form then refused the mixer's gate argument), a norm
+    scaling inside the square root accepted at its zero weight (1.43 off once loaded), and eps read from an
+    attribute but never measured (0.9 off at small inputs). Hooks of the module do not fire while probing."""
+    scaled = _ScaledInside(24)
+    nn.init.zeros_(scaled.weight)
+    fired = []
+    hooked = _LlamaStyle(24)
+    hooked.register_forward_hook(lambda *args: fired.append(1))
+    assert rms_norm_form(hooked) == (1e-6, 0.0) and not fired
+    for other in (_Gated(24), scaled, _EpsOutside(24, eps=1e-3)):
+        assert rms_norm_form(other) is None, other
+
+
 def test_rms_norms_are_recognised_by_what_they_compute():
     assert rms_norm_form(nn.RMSNorm(24, eps=1e-5)) == (1e-5, 0.0)
     assert rms_norm_form(nn.RMSNorm(24))[1] == 0.0  # (eps None: float32's machine epsilon)
