@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -109,12 +110,19 @@ def _save(path: Path, model, optimizer, scheduler, updater, state: _State, meta:
             raise TrainingError(f"parameters {bad[:5]} are not finite at step {state.step}: not saving a checkpoint "
                                 "of them (lower --lr, or resume from the last good checkpoint)")
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({
-            "format": CHECKPOINT_FORMAT, "meta": meta, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "updater": updater_state,
-            "state": dataclasses.asdict(state),
-        }, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)  # never leave a half-written checkpoint under the real name
+        # a name of its own (two runs writing one folder collided on a fixed .tmp), swapped in whole: never a
+        # half-written checkpoint under the real name
+        staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # (made by torch.save: the umask's mode)
+        try:
+            torch.save({
+                "format": CHECKPOINT_FORMAT, "meta": meta, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "updater": updater_state,
+                "state": dataclasses.asdict(state),
+            }, staging)
+            staging.replace(path)
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise
     if ranks.world > 1:
         dist.barrier()  # nobody reads or overwrites the file before it is whole
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,6 +32,12 @@ __all__ = ["save_lowered", "load_lowered"]
 FORMAT = "srigl_compile.lowered/2"
 # the attributes by which a lowered model's modules name their kernels' handles (``runtime.registry``)
 KEY_ATTRIBUTES = ("kernel_key", "attention_key")
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def _sha256(path: Path) -> str:
@@ -63,6 +70,7 @@ def save_lowered(model: nn.Module, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written beside, then swapped in: a save that fails (an attribute pickle refuses) leaves the last one whole.
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
+    staging.chmod(0o777 & ~_umask())  # (mkdtemp's 0700 would become the saved folder's mode)
     try:
         export_kernels([get_handle(key) for key in keys], staging / "kernels")
         torch.save(model, staging / "model.pt")

@@ -173,9 +173,12 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn
     if ":" not in name:
         raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODELS)} or give 'module:factory'")
     module_name, _, attr = name.partition(":")
+    if not module_name or not attr or module_name.startswith("."):
+        raise ConfigError(f"cannot load model factory {name!r}: give 'package.module:factory' (an absolute module "
+                          "name, a colon, the factory's name)")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
+    except (ImportError, AttributeError, ValueError, TypeError) as err:  # (whatever importing the name raises)
         raise ConfigError(f"cannot load model factory {name!r}: {err}") from None
     contract = "a model factory is called as factory(input_shape, num_classes) and returns an nn.Module"
     if not callable(factory):

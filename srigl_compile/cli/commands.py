@@ -103,6 +103,11 @@ def _train(model, data, data_dir, method, sparsity, distribution, delta_t, alpha
 
     config = make_config(method, sparsity, distribution, delta_t, alpha, gamma_sal, no_ablation,
                          grad_accumulation_n, t_end_fraction, dense_layers, too_small, seed)
+    try:  # (before training: a folder that cannot be made was found only when the checkpoint was written)
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise click.BadParameter(f"cannot create the output folder {out}: {err.strerror}; choose another",
+                                 param_hint="--out") from None
     dataset = load_dataset(data, data_dir=data_dir, seed=seed)
     torch.manual_seed(seed)
     net = build_model(model, dataset.input_shape, dataset.num_classes)

@@ -79,7 +79,7 @@ def plan_layers(candidates: list[LayerCandidate], config: SRigLConfig) -> list[t
         densities = erk_densities(shapes, config.density, fixed, config.erk_power)
     else:
         densities = uniform_densities(shapes, config.density, fixed)
-    plans = []
+    plans, kept_dense = [], []
     for c in candidates:
         density = densities[c.name]
         if density >= 1.0:
@@ -88,6 +88,7 @@ def plan_layers(candidates: list[LayerCandidate], config: SRigLConfig) -> list[t
         k0 = budget // c.n_out
         if k0 < 1:
             if config.too_small is TooSmallPolicy.DENSE:
+                kept_dense.append(c.name)
                 continue
             raise LayerError(
                 f"layer {c.name!r} ({c.n_out} neurons x fan-in {c.fan_in}) gets a budget of {budget} non-zeros at "
@@ -96,6 +97,9 @@ def plan_layers(candidates: list[LayerCandidate], config: SRigLConfig) -> list[t
                 f"too_small='dense' (CLI: --too-small dense)."
             )
         plans.append((c, LayerPlan(c.name, c.kind, c.n_out, c.fan_in, density, budget, k0, is_protected(config, c))))
+    if kept_dense:  # (said, not silent: the density reports count sparse layers only)
+        warn_user(f"too_small='dense': layers {kept_dense[:8]} would get a constant fan-in of 0 at their density, "
+                  "so they stay dense (the sparsity and density figures count the sparse layers only)")
     return plans
 
 

@@ -180,3 +180,14 @@ def test_a_model_moved_to_meta_names_the_device_at_its_call(net, shape):
     with torch.no_grad(), pytest.raises(KernelDeviceError, match=r"lowered Lowered\w+ '0': its operands are on "
                                                                  r"the meta device \(moved by .to\('meta'\)\)"):
         model(torch.randn(*shape))
+
+
+def test_a_saved_folder_has_the_umask_s_mode(lowered, tmp_path):
+    """A probe found it 0700 (mkdtemp's), where the folder around it and its kernels/ had the umask's."""
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    save_lowered(lowered, tmp_path / "saved")
+    assert stat.S_IMODE((tmp_path / "saved").stat().st_mode) == 0o777 & ~umask

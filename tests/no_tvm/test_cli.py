@@ -201,3 +201,18 @@ def test_table_states_whether_the_teacher_is_representable(runner, tmp_path, mon
     srigl = [r for r in rows if r["label"] == "SRigL w/ ablation"]
     assert len(srigl) == 5 and all(0 <= r["no_input_fraction"] < 1 for r in srigl)
     assert all(r["no_input_fraction"] == 0 for r in rows if r["label"] == "SRigL w/o ablation")
+
+
+def test_an_output_folder_that_cannot_be_made_is_an_error_before_training(runner, tmp_path):
+    """A probe found the whole run trained, then a traceback from the checkpoint's mkdir."""
+    (tmp_path / "file").write_text("not a folder")
+    result = runner.invoke(main, ["train", "--epochs", "50", "--out", str(tmp_path / "file" / "run")])
+    assert result.exit_code == 2 and "--out" in result.output and "cannot create the output folder" in \
+        result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("name", [":", ".zoo:mlp", "srigl_compile.zoo:"])
+def test_malformed_model_factories_are_one_line_errors(runner, tmp_path, name):
+    result = runner.invoke(main, ["train", "--epochs", "1", "--model", name, "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "cannot load model factory" in result.output and "Traceback" not in \
+        result.output

@@ -1,6 +1,7 @@
 """The training loop's checkpoints resume bit-exactly; data loaders and the zoo work on generated files."""
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,3 +128,21 @@ def test_a_non_finite_run_stops_without_a_checkpoint_of_it(tmp_path, checkpoint_
         train_classifier(model, data, SRigLConfig(sparsity=0.9, delta_t=2), epochs=1, lr=float("nan"),
                          checkpoint_path=tmp_path / "run.pt", checkpoint_every=checkpoint_every)
     assert not (tmp_path / "run.pt").exists()
+
+
+def test_a_checkpoint_is_written_under_a_name_of_its_own_first(tmp_path, monkeypatch):
+    """Two runs writing one folder collided on a fixed checkpoint.tmp (a probe: one died with FileNotFoundError);
+    the temporary name carries the process id, and nothing of it is left."""
+    import os
+
+    seen = []
+    original = torch.save
+
+    def spy(obj, path, *args, **kwargs):
+        seen.append(Path(path).name)
+        return original(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", spy)
+    run(tmp_path, "run.pt")
+    assert seen and all(name == f".run.pt.{os.getpid()}.tmp" for name in seen)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]

@@ -105,7 +105,8 @@ def test_too_small_layer_raises_layer_error_or_stays_dense():
     config = SRigLConfig(sparsity=0.5, distribution="uniform", overrides={"2": 0.99})  # budget 25 < 40 neurons
     with pytest.raises(LayerError, match=r"layer '2'.*k would be 0"):
         sparsify(net, config)
-    sparse = sparsify(net, config.replace(too_small="dense"))
+    with pytest.warns(UserWarning, match=r"too_small='dense': layers \['2'\] would get a constant fan-in of 0"):
+        sparse = sparsify(net, config.replace(too_small="dense"))  # (named: a probe found them kept silently)
     assert [n for n, _ in sparse_layers(sparse)] == ["0"]
     assert type(sparse[2]) is nn.Linear
     assert torch.equal(sparse[2].weight, net[2].weight)
