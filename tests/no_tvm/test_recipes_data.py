@@ -146,3 +146,13 @@ def test_a_checkpoint_is_written_under_a_name_of_its_own_first(tmp_path, monkeyp
     run(tmp_path, "run.pt")
     assert seen and all(name == f".run.pt.{os.getpid()}.tmp" for name in seen)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]
+
+
+def test_image_models_and_data_folders_that_do_not_fit_the_data_are_named():
+    """A probe found a convolution net on vector data failing at the first batch with torch's shape error, and a
+    data folder given for a data set that reads none ignored."""
+    with pytest.raises(ConfigError, match=r"model 'cnn' takes images .* shape \(32,\): choose image data"):
+        build_model("cnn", (32,), 4)
+    assert build_model("mlp", (32,), 4) is not None
+    with pytest.raises(DataError, match="digits reads no folder"):
+        load_dataset("digits", data_dir="/tmp")
