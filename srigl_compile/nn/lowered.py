@@ -17,7 +17,7 @@ import torch
 
 from ..errors import InferenceOnlyError, LayerError, LoweringError
 from ..runtime import conv_op, linear_op  # register torch.ops.srigl_compile.tvm_condensed_* (no TVM import)
-from ..runtime.checks import KernelDeviceError, KernelShapeError, check_no_grad
+from ..runtime.checks import KernelDeviceError, KernelShapeError, broadcasts_to, check_no_grad
 from ..runtime.conv_geometry import output_size, phase_columns, phase_kernel
 from ..runtime.registry import get_handle
 from ..runtime.spec import KernelSpec, apply_epilogue
@@ -274,12 +274,7 @@ def _kernel_adds(residual: torch.Tensor, out_shape: tuple) -> bool:
         return True
     if torch.promote_types(residual.dtype, torch.float32) != torch.float32:
         return False
-    if tuple(residual.shape) == out_shape:
-        return True
-    try:
-        return tuple(torch.broadcast_shapes(residual.shape, out_shape)) == out_shape
-    except RuntimeError:
-        return True
+    return broadcasts_to(residual.shape, out_shape) is not False
 
 
 def with_layer_name(err: KernelShapeError, layer) -> KernelShapeError:

@@ -12,7 +12,7 @@ from ..errors import DeviceError, InferenceOnlyError, LoweringError
 
 __all__ = ["KernelDeviceError", "KernelDtypeError", "KernelShapeError", "check_cpu_float32", "check_runs_here",
            "check_no_grad", "check_cpu_operands", "check_bias", "check_residual", "check_residual_shape",
-           "check_batch_input"]
+           "broadcasts_to", "check_batch_input"]
 
 
 class KernelDeviceError(DeviceError, ValueError):
@@ -80,15 +80,20 @@ def check_residual(handle, residual) -> None:
                          f"{'a tensor' if residual is not None else 'None'}")
 
 
+def broadcasts_to(shape, out_shape: tuple) -> bool | None:
+    """Whether a tensor of ``shape`` broadcasts to ``out_shape`` as it is (False: only to a larger shape, which
+    ``out_shape`` would broadcast up to as well; None: the two do not broadcast at all)."""
+    if tuple(shape) == out_shape:  # (torch.broadcast_shapes costs ~80 us: compare first, the usual case)
+        return True
+    try:
+        return tuple(torch.broadcast_shapes(shape, out_shape)) == out_shape
+    except RuntimeError:
+        return None
+
+
 def check_residual_shape(residual: torch.Tensor, out_shape: tuple, layer: str) -> None:
     """A fused residual must broadcast to the layer's output (the kernel adds it to each output element once)."""
-    if tuple(residual.shape) == out_shape:  # (torch.broadcast_shapes costs ~80 us: compare first, the usual case)
-        return
-    try:
-        fits = tuple(torch.broadcast_shapes(residual.shape, out_shape)) == out_shape
-    except RuntimeError:
-        fits = False
-    if not fits:
+    if not broadcasts_to(residual.shape, out_shape):
         raise KernelShapeError(f"a fused residual of shape {tuple(residual.shape)} does not broadcast to the "
                                f"{layer}'s output {out_shape}")
 
