@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from ..runtime.call_record import recording_here
+from ..runtime.checks import broadcasts_to
 from ..runtime.spec import apply_epilogue
 from .condensed_tensors import version_of
 
@@ -161,8 +162,7 @@ class DenseForm:
             y += self.bias[:, None]
         y = y.view(shape)
         if "add" in self.epilogue:  # (in place unless the product broadcasts up to the residual's shape)
-            y = y.add_(residual) if residual.shape == y.shape or torch.broadcast_shapes(
-                residual.shape, y.shape) == y.shape else y + residual
+            y = y.add_(residual) if broadcasts_to(residual.shape, tuple(y.shape)) else y + residual
         if "relu" in self.epilogue:
             return y.relu_()
         return y if self.epilogue in ("", "add") else apply_epilogue(y, self.epilogue, None)
