@@ -103,11 +103,7 @@ def _train(model, data, data_dir, method, sparsity, distribution, delta_t, alpha
 
     config = make_config(method, sparsity, distribution, delta_t, alpha, gamma_sal, no_ablation,
                          grad_accumulation_n, t_end_fraction, dense_layers, too_small, seed)
-    try:  # (before training: a folder that cannot be made was found only when the checkpoint was written)
-        Path(out).mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise click.BadParameter(f"cannot create the output folder {out}: {err.strerror}; choose another",
-                                 param_hint="--out") from None
+    make_out_folder(out)  # (before training: a folder that cannot be made was found when the checkpoint was written)
     dataset = load_dataset(data, data_dir=data_dir, seed=seed)
     torch.manual_seed(seed)
     net = build_model(model, dataset.input_shape, dataset.num_classes)
@@ -128,6 +124,16 @@ def _train(model, data, data_dir, method, sparsity, distribution, delta_t, alpha
         return
     Path(out, "metrics.json").write_text(json.dumps(metrics, indent=1))
     click.echo(f"{model} on {data}, {method}: test accuracy {result.accuracy:.4f}; checkpoint {checkpoint}")
+
+
+def make_out_folder(out) -> None:
+    """Create ``--out`` before the long work a command does, so that a folder that cannot be made is a usage error
+    up front, not a traceback at the end."""
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise click.BadParameter(f"cannot create the output folder {out}: {err.strerror}; choose another",
+                                 param_hint="--out") from None
 
 
 def check_same_run(checkpoint: Path, saved: dict, ours: dict) -> None:
@@ -182,6 +188,7 @@ def lower(checkpoint, target, dtype, out, tune):
     from ..serialization import save_lowered
 
     sparse, meta = model_from_checkpoint(checkpoint)
+    make_out_folder(out)  # (before compiling, which takes minutes)
     example = torch.randn(4, *meta["input_shape"])
     # ("cuda:sm_90" and the other target forms are parsed by lower's target parser, codegen/target.py)
     lowered = lower_model(sparse, target=target, tune=tune, example_inputs=(example,), dtype=getattr(torch, dtype))
@@ -206,9 +213,12 @@ def bench(sparsity, batches, threads):
 
     Example: srigl-compile bench --sparsity 0.95 --batches 1,64
     """
-    from .quick_bench import run_quick_bench
+    from .quick_bench import largest_sparsity, run_quick_bench
 
     SRigLConfig(sparsity=sparsity)  # validates
+    if largest_sparsity(sparsity) is not None:
+        raise click.BadParameter(f"{sparsity} leaves the 3072->768 layer no input per neuron (k would be 0): "
+                                 f"use at most {largest_sparsity(sparsity)}", param_hint="--sparsity")
     try:
         sizes = [int(b) for b in batches.split(",")]
     except ValueError:

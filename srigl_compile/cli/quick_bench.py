@@ -2,23 +2,36 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
 from ..config import SRigLConfig
 from ..passes.lower import lower
 from ..passes.sparsify import sparsify
+from ..sparsity import layer_budget
 from .timing import median_us
+
+N_IN, N_OUT = 3072, 768  # the paper's layer
+
+
+def largest_sparsity(sparsity: float) -> float | None:
+    """None where ``sparsity`` leaves each of the layer's neurons at least one input (k >= 1, as ``sparsify``
+    budgets a uniform layer), else the largest sparsity that does, rounded down to 4 decimals."""
+    if layer_budget(N_IN * N_OUT, 1 - sparsity) >= N_OUT:
+        return None
+    return math.floor((1 - 1 / N_IN) * 1e4) / 1e4  # (one input per neuron: density 1 / N_IN)
 
 
 def run_quick_bench(sparsity: float, batches: list[int], threads: int):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    masked = sparsify(nn.Sequential(nn.Linear(3072, 768)), SRigLConfig(sparsity=sparsity, distribution="uniform"))
+    masked = sparsify(nn.Sequential(nn.Linear(N_IN, N_OUT)), SRigLConfig(sparsity=sparsity, distribution="uniform"))
     masked.eval()
     lowered = lower(masked, progress=False)
     csr, bias = masked[0].weight.detach().to_sparse_csr(), masked[0].bias.detach()
-    yield f"3072->768 at {sparsity:.0%} sparsity, {threads} threads, median us per call"
+    yield f"3072->768 at {sparsity * 100:g}% sparsity, {threads} threads, median us per call"
     yield f"{'batch':>6} {'dense':>10} {'csr':>10} {'lowered':>10} {'x dense':>8}"
     for batch in batches:
         x = torch.randn(batch, 3072)

@@ -54,6 +54,9 @@ def test_the_executable_calls_itself_by_its_name_and_prints_warnings_as_lines(tm
     (["demo", "--models", "resnet"], "unknown model"),
     (["bench", "--batches", "one"], "comma-separated"),
     (["bench", "--batches", "1,-1"], "every batch size must be >= 1"),
+    # (bench has no --dense or --too-small: its error names its own flag and the value that works)
+    (["bench", "--sparsity", "0.9999"], "Invalid value for --sparsity: 0.9999 leaves the 3072->768 layer no input "
+                                        "per neuron (k would be 0): use at most 0.9996"),
     (["train", "--method", "dense", "--sparsity", "0.5", "--dense", "fc"],
      "--sparsity, --dense set how a sparse run sparsifies; --method dense trains every weight"),
     (["table", "--data", "imagenet"], "choose from"),
@@ -209,6 +212,26 @@ def test_an_output_folder_that_cannot_be_made_is_an_error_before_training(runner
     result = runner.invoke(main, ["train", "--epochs", "50", "--out", str(tmp_path / "file" / "run")])
     assert result.exit_code == 2 and "--out" in result.output and "cannot create the output folder" in \
         result.output and "Traceback" not in result.output
+
+
+def test_lower_checks_its_output_folder_before_compiling(runner, tmp_path, monkeypatch):
+    """A probe found lower compiled every kernel (minutes) before its --out failed, with a traceback."""
+    out = tmp_path / "run"
+    assert runner.invoke(main, ["train", "--epochs", "1", "--batch-size", "256", "--out", str(out)]).exit_code == 0
+    import srigl_compile.passes.lower as lower_pass
+
+    monkeypatch.setattr(lower_pass, "lower", lambda *args, **kwargs: pytest.fail("compiled before checking --out"))
+    (tmp_path / "file").write_text("not a folder")
+    result = runner.invoke(main, ["lower", str(out / "checkpoint.pt"), "--out", str(tmp_path / "file" / "lowered")])
+    assert result.exit_code == 2 and "--out" in result.output and "cannot create the output folder" in \
+        result.output and "Traceback" not in result.output, result.output
+
+
+def test_bench_accepts_the_largest_sparsity_it_names():
+    from srigl_compile.cli.quick_bench import largest_sparsity
+
+    assert largest_sparsity(0.9) is None and largest_sparsity(0.9996) is None
+    assert largest_sparsity(0.9997) == largest_sparsity(0.99999) == 0.9996
 
 
 @pytest.mark.parametrize("name", [":", ".zoo:mlp", "srigl_compile.zoo:"])
