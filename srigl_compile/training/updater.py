@@ -345,7 +345,8 @@ class SRigLUpdater:
 
     # -- reporting and checkpoints ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """Per layer: k, active and ablated neurons, density; globally: density and fraction ever explored."""
+        """Per layer: k, active and ablated neurons, density; globally: density and fraction ever explored, over the
+        sparse layers (the ones the target sparsity is spread over; layers kept dense, biases and norms not counted)."""
         layers, nnz_total, numel_total, explored_total = {}, 0, 0, 0
         for name, layer in self.layers.items():
             counts = row_counts(layer.mask)
