@@ -2,8 +2,9 @@
 
 Fields: format, step, total_steps, config (dict), masks {layer: bool tensor}, plans {layer: dict}, generator
 (torch.Generator state), grad_buffers {layer: float32 tensor} (only mid-window), explored {layer: packed bits};
-window_skips (steps of the open window the optimizer skipped); distributed runs add rank_grad_buffers [one
-grad_buffers per rank] (each rank's own, not yet averaged, window).
+window_skips (steps of the open window the optimizer skipped); start {layer: [non-zeros, ablated, k]} (the masks
+the run started from, ``run_start``); distributed runs add rank_grad_buffers [one grad_buffers per rank] (each
+rank's own, not yet averaged, window). window_skips and start are absent in older checkpoints.
 
 ``load_updater_state`` checks every field against what the updater maintains (the mask invariants of each method,
 step an int >= 0 (step() may go past total_steps, the masks frozen then), a generator state torch accepts, buffer
@@ -26,6 +27,7 @@ from ..sparsity import check_constant_fan_in
 from .exploration import unpack_bits
 from .methods import MethodRule
 from .rank_sync import RankSync
+from .run_start import LayerStart, parse_start, sparsify_start
 
 __all__ = ["FORMAT", "updater_state", "load_updater_state"]
 
@@ -51,6 +53,7 @@ class UpdaterState(Protocol):
     total_steps: int
     generator: torch.Generator
     explored: dict[str, torch.Tensor]
+    start: dict[str, LayerStart]
     _tap: Any  # GradientTap: buffers (the open window) and sharded (FSDP2 layers)
     _window_skips: int
 
@@ -69,6 +72,7 @@ def updater_state(updater: UpdaterState) -> dict[str, Any]:
                          for name, buf in updater._tap.buffers.items()},
         "explored": {name: bits.clone() for name, bits in updater.explored.items()},
         "window_skips": updater._window_skips,
+        "start": {name: start.to_list() for name, start in updater.start.items()},
     }
 
 
@@ -136,8 +140,25 @@ def _check_plan(name: str, layer: Any, saved_plan: Any) -> None:
             "(SRigLConfig.from_dict(state['config'])) to resume")
 
 
-def _check_mask(updater: UpdaterState, name: str, layer: Any, mask: Any) -> None:
-    """The mask the updater would hold: bool, the layer's shape, never empty, and the method's invariant."""
+def _starts(updater: UpdaterState, state: Mapping[str, Any]) -> dict[str, LayerStart]:
+    """The checkpoint's start records, checked (sparsify's where the checkpoint predates them)."""
+    saved = state.get("start")
+    if saved is None:
+        return {name: sparsify_start(layer.srigl_plan) for name, layer in updater.layers.items()}
+    if not isinstance(saved, Mapping) or set(saved) != set(updater.layers):
+        raise _corrupt("start", "must map every sparse layer's name to [non-zeros, ablated neurons, fan-in]")
+    starts = {}
+    for name, layer in updater.layers.items():
+        try:
+            starts[name] = parse_start(saved[name], layer.srigl_plan, updater.rule.constant_fan_in)
+        except ValueError as err:
+            raise _corrupt("start", str(err), name) from None
+    return starts
+
+
+def _check_mask(updater: UpdaterState, name: str, layer: Any, mask: Any, start: LayerStart) -> None:
+    """The mask the updater would hold: bool, the layer's shape, never empty, and the method's invariant from the
+    masks the run started from (``start``)."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise _corrupt("masks", f"must be a bool tensor, not {getattr(mask, 'dtype', type(mask).__name__)}", name)
     if mask.is_meta:
@@ -152,26 +173,34 @@ def _check_mask(updater: UpdaterState, name: str, layer: Any, mask: Any) -> None
     if nnz > plan.budget:
         raise _corrupt("masks", f"holds {nnz} non-zeros, over the layer's budget of {plan.budget}", name)
     if updater.rule.constant_fan_in:
-        _check_constant_fan_in(updater, name, layer, mask)
-    elif nnz != plan.n_out * plan.k0:  # RigL / SET move weights, never change their number (sparsify's n_out x k0)
-        raise _corrupt("masks", f"holds {nnz} non-zeros; {updater.config.method.value} keeps the initial "
-                                f"n_out x k0 = {plan.n_out} x {plan.k0} = {plan.n_out * plan.k0}", name)
+        _check_constant_fan_in(updater, name, layer, mask, start)
+    elif nnz != start.nnz:  # RigL / SET move weights, never change their number
+        raise _corrupt("masks", f"holds {nnz} non-zeros; {updater.config.method.value} keeps the number the run "
+                                f"started with, {start.nnz} (sparsify's n_out x k0 = {plan.n_out} x {plan.k0} = "
+                                f"{plan.n_out * plan.k0})", name)
 
 
-def _check_constant_fan_in(updater: UpdaterState, name: str, layer: Any, mask: torch.Tensor) -> None:
-    """Every active neuron has k = floor(budget / active neurons) inputs (``srigl_select``); neurons are ablated
-    only by SRigL with ablation on, and never in a protected (output) layer."""
+def _check_constant_fan_in(updater: UpdaterState, name: str, layer: Any, mask: torch.Tensor,
+                           start: LayerStart) -> None:
+    """The masks the run started from (``start``: k and ablated neurons), or, once an update has run, every active
+    neuron at k = floor(budget / active neurons) inputs (``srigl_select``); neurons are ablated only by SRigL with
+    ablation on, and never in a protected (output) layer; static masks never change."""
     plan = layer.srigl_plan
     try:
         k, ablated = check_constant_fan_in(layer.neuron_view(mask), layer=name)
     except InvariantError as err:
         raise _corrupt("masks", f"is not constant fan-in ({err})", name) from None
     n_ablated = int(torch.count_nonzero(ablated))
+    if (k, n_ablated) == (start.k, start.ablated):
+        return  # (where the run started: a pruned model's ablated neurons and k included)
     can_ablate = updater.rule.may_ablate(updater.config, plan)
     if n_ablated and not can_ablate:
         why = "a protected (output) layer" if plan.protected else f"{updater.config.method.value} without ablation"
         raise _corrupt("masks", f"neurons {ablated.nonzero().flatten().tolist()[:5]} have no inputs, but {why} "
                                 "never ablates", name)
+    if not updater.rule.updates:
+        raise _corrupt("masks", f"has k {k} with {n_ablated} neurons ablated, but {updater.config.method.value} "
+                                f"keeps the masks the run started with (k {start.k}, {start.ablated} ablated)", name)
     expected = plan.budget // (plan.n_out - n_ablated)
     if k != expected:
         raise _corrupt("masks", f"active neurons have fan-in {k}; with {plan.n_out - n_ablated} active the updater "
@@ -245,7 +274,9 @@ def _check_compatible(updater: UpdaterState, state: Any) -> None:
     _check_run(updater, state)
     for name, layer in updater.layers.items():
         _check_plan(name, layer, state["plans"].get(name))
-        _check_mask(updater, name, layer, state["masks"][name])
+    starts = _starts(updater, state)
+    for name, layer in updater.layers.items():
+        _check_mask(updater, name, layer, state["masks"][name], starts[name])
     _check_buffers(updater, state["grad_buffers"])
     _check_explored(updater, state["explored"], state["masks"])
 
@@ -264,3 +295,4 @@ def load_updater_state(updater: UpdaterState, state: dict[str, Any], sync: RankS
                                                                                  copy=True)
                             for name, buf in window.items()}
     updater.explored = {name: bits.clone() for name, bits in state["explored"].items()}
+    updater.start = _starts(updater, state)

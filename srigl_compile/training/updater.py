@@ -45,6 +45,7 @@ from .exploration import pack_bits, unpack_bits
 from .methods import method_rule
 from .optim_state import differs_from_neutral, reset_optimizer_state_
 from .rank_sync import resolve_rank_sync
+from .run_start import start_of
 
 __all__ = ["SRigLUpdater"]
 
@@ -97,6 +98,7 @@ class SRigLUpdater:
         self.generator = torch.Generator().manual_seed(self.config.seed + 1)
         self.step_count = 0
         self.explored = {name: pack_bits(layer.mask) for name, layer in self.layers.items()}
+        self.start = {name: start_of(layer) for name, layer in self.layers.items()}  # (what checkpoints check against)
         self._sync = resolve_rank_sync(distributed, process_group)
         self._replaced = False  # (set when a newer updater takes these layers over: step() then refuses)
         self._weights = {name: layer.weight for name, layer in self.layers.items()}
