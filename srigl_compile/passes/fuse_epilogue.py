@@ -6,8 +6,9 @@ GELUs after each MLP's first layer (12 of them, ~4 ms of a batch-1 ViT-B/16 forw
 YOLO, LLaMA-style MLPs); in a torch TransformerEncoderLayer its two residual adds (24 in ViT-B/16). Five rewrites:
 
 - in an ``nn.Sequential`` (the model itself included), a condensed layer followed (past nn.Identity / eval
-  Dropout children) by an ``nn.ReLU``, exact ``nn.GELU`` or ``nn.SiLU`` child: the layer computes the activation
-  and the child becomes nn.Identity;
+  Dropout children) by an ``nn.ReLU``, exact ``nn.GELU`` or ``nn.SiLU`` child that the captured forward calls
+  once, as the only reader of the layer's output: the layer computes the activation and the child becomes
+  nn.Identity;
 - in ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` (whose forward does not trace), ``linear1``
   computes the layer's ReLU / exact GELU / SiLU ``activation``, which becomes ``no_activation`` (or nn.Identity);
 - in ``nn.TransformerEncoderLayer``, ``linear2`` adds the feed-forward block's input and a batch_first condensed
@@ -18,9 +19,11 @@ YOLO, LLaMA-style MLPs); in a torch TransformerEncoderLayer its two residual add
 
     layer -> [nn.Identity (a folded BatchNorm) | nn.Dropout (eval)]* -> [add(., other)] -> [relu | gelu | silu]
 
-  where each link is the only use of the one before (no GELU or SiLU after an add): the parent is rewritten as an
-  ``fx.GraphModule`` (under the same name and class name, holding the same submodules) whose layer call takes
-  ``residual=other`` and whose add and activation nodes are gone;
+  where each link is the only use of the one before (no GELU or SiLU after an add; ``other`` not the chain's own
+  value), in a parent whose forward takes one input and updates none in place (``x += ...``, which a trace records
+  out of place): the parent is rewritten as an ``fx.GraphModule`` (``traced_parent``: its class a base, its
+  submodules, attributes and methods kept) whose layer call takes ``residual=other`` and whose add and activation
+  nodes are gone;
 - in the model's own forward (a torchvision ResNet's stem: ``self.relu(self.bn1(self.conv1(x)))``), a child
   layer followed (past pass-through modules) by an activation *module* that the forward calls once and only there
   (the only use of the chain before it): the layer computes it and the module becomes nn.Identity, so the forward
@@ -66,12 +69,13 @@ import torch.nn.functional as F
 from ..errors import TraceError
 from ..nn.condensed import CondensedConv, CondensedLinear
 from ..nn.condensed_attention import CondensedMultiheadAttention
-from ..nn.forward_signature import takes_one_input
+from ..nn.forward_signature import takes_one_input, updates_inputs_in_place
 from ..nn.lowered import can_fuse_epilogue
 from ..nn.transformer_layers import ResidualEncoderLayer
 from .analysis import GRAPH, OUTPUT_SHAPES, Analyses
 from .base import Pass, PassResult, replace_submodule
 from .graph_capture import module_calls, trace_module
+from .traced_parent import traced_parent
 
 __all__ = ["FuseEpiloguePass"]
 
@@ -104,15 +108,33 @@ def _pass_through_chain(call: fx.Node, modules: dict) -> list[fx.Node]:
     return chain
 
 
+def _read_only_by(calls: list, layer: str, activation: str, between: set[str]) -> bool:
+    """Whether, in the captured graph's module ``calls`` (``graph_capture.module_calls``), the only reader of
+    ``layer``'s output is ``activation``'s call, past calls of the modules ``between`` (each read only by the
+    next; a pass-through module may leave no node, as in an exported graph)."""
+    owner = {node: call.module for call in calls for node in call.nodes}
+    by_name = {call.module: call for call in calls}
+    call = by_name.get(layer)
+    node = call.output if call is not None else None
+    while node is not None and len(node.users) == 1:
+        module = owner.get(next(iter(node.users)))
+        if module == activation:
+            return True
+        node = by_name[module].output if module in between else None
+    return False
+
+
 def _residual_of(add: fx.Node, value: fx.Node) -> fx.Node | None:
-    """The other operand when ``add`` adds ``value`` and a tensor node (no alpha, no in-place update of the other
-    operand); else None."""
+    """The other operand when ``add`` adds ``value`` and another tensor node (no alpha, no in-place update of the
+    other operand); else None (``value + value`` too: the kernel's output cannot be its own residual)."""
     inplace = (add.op == "call_function" and add.target in _INPLACE_ADDS) or \
         (add.op == "call_method" and add.target == "add_")
     plain = (add.op == "call_function" and add.target in _ADDS) or (add.op == "call_method" and add.target == "add")
     if not (inplace or plain) or add.kwargs or len(add.args) != 2:
         return None
     first, second = add.args
+    if first is second:
+        return None
     if first is value and isinstance(second, fx.Node):
         return second
     if second is value and isinstance(first, fx.Node) and not inplace:
@@ -204,6 +226,7 @@ class FuseEpiloguePass(Pass):
         self.epilogues = epilogues
         self.fused: dict[str, str] = {}  # layer name -> epilogue
         self._calls: collections.Counter = collections.Counter()  # module name -> its calls in the graph
+        self._module_calls: list = []  # (graph_capture.ModuleCall, the captured forward's)
 
     def _allowed(self, layer: nn.Module) -> frozenset[str]:
         return self.epilogues.get(_KINDS.get(type(layer), ""), frozenset())
@@ -215,11 +238,11 @@ class FuseEpiloguePass(Pass):
         if not layers:
             return {}
         try:
-            calls = collections.Counter(c.module for c in module_calls(analyses.get(GRAPH, model)))
+            self._module_calls = module_calls(analyses.get(GRAPH, model))
         except TraceError as err:
             log.info("no epilogue fusion (the graph cannot be captured: %s)", err)
             return {}
-        self._calls = calls
+        self._calls = calls = collections.Counter(c.module for c in self._module_calls)
         names_of = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
         parents: dict[str, list[str]] = {}
         for name in layers:
@@ -230,17 +253,26 @@ class FuseEpiloguePass(Pass):
 
     def _fuse_sequential(self, model: nn.Module, parent_name: str, children: list[str], names_of) -> None:
         """A layer child followed by an nn.ReLU / exact nn.GELU / nn.SiLU child (past pass-through children)
-        computes it."""
+        computes it, where the captured forward reads the layer's output only through them (a forward that loops
+        over the Sequential may also keep the layer's own output: a feature extractor's pre-activation features)."""
         parent = model.get_submodule(parent_name)
         keys = list(parent._modules)
+        qualified = (lambda key: f"{parent_name}.{key}") if parent_name else (lambda key: key)
         for child in children:
-            layer, at = parent._modules[child], keys.index(child) + 1
+            layer, start = parent._modules[child], keys.index(child) + 1
+            at = start
             while at < len(keys) and type(parent._modules[keys[at]]) in _PASS_THROUGH:
                 at += 1
             module = parent._modules[keys[at]] if at < len(keys) else None
             activation = _activation_module(module)
             # (called once: the forward may also call the child itself, self.seq[1](y), which must keep it)
-            called_once = at < len(keys) and self._calls[f"{parent_name}.{keys[at]}" if parent_name else keys[at]] == 1
+            called_once = at < len(keys) and self._calls[qualified(keys[at])] == 1
+            if activation and called_once and not _read_only_by(self._module_calls, qualified(child),
+                                                                 qualified(keys[at]),
+                                                                 {qualified(key) for key in keys[start:at]}):
+                log.info("%s: its output is read outside the activation after it, which stays in torch",
+                         qualified(child))
+                continue
             if activation and names_of[id(module)] == 1 and called_once and activation in self._allowed(layer):
                 layer.set_epilogue_(activation)
                 parent._modules[keys[at]] = nn.Identity()
@@ -332,6 +364,10 @@ class FuseEpiloguePass(Pass):
                 log.info("%s: its forward takes more than one input, whose branches a trace would fix: its layers "
                          "keep their epilogues in torch", parent_name)
                 continue
+            if updates_inputs_in_place(parent):  # (its trace would not: a probe found the caller's tensor unchanged)
+                log.info("%s: its forward updates its input in place (x += ...), which its trace would not: its "
+                         "layers keep their epilogues in torch", parent_name)
+                continue
             try:
                 graph = trace_module(parent)
             except Exception as err:  # fx raises many types on code it cannot follow: that parent stays as it is
@@ -351,7 +387,7 @@ class FuseEpiloguePass(Pass):
             for node in graph.nodes:  # postponed annotations are strings, which GraphModule cannot pickle
                 node.type = None
             graph.lint()
-            rewritten = fx.GraphModule(parent, graph, class_name=type(parent).__name__)
+            rewritten = traced_parent(parent, graph)
             rewritten.train(parent.training)
             for child, epilogue in fused.items():
                 rewritten.get_submodule(child).set_epilogue_(epilogue)

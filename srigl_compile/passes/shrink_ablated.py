@@ -120,10 +120,14 @@ def _padded(conv: nn.Module) -> bool:
     return any(p != 0 for p in conv.padding)
 
 
-def _consumer_ok(module: nn.Module, constant: torch.Tensor) -> bool:
+def _consumer_ok(module: nn.Module, constant: torch.Tensor, producer_is_linear: bool) -> bool:
+    """Whether ``module`` reads the producer's neurons as its input features: a Linear reads a tensor's last
+    dimension, a convolution dimension 1, and per-feature ops keep the producer's shape, so a Linear's neurons
+    reach a Linear's inputs and a convolution's a convolution's (a Linear reading a convolution's [B, C, L] output
+    mixes L, not C: a probe found its columns dropped by channel, silently wrong)."""
     if isinstance(module, nn.Linear):
-        return True
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1:
+        return producer_is_linear
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1 and not producer_is_linear:
         # A padded conv sees zeros, not the constant, at its borders: folding is exact only for a zero constant.
         return not _padded(module) or bool(torch.all(constant == 0))
     return False
@@ -158,7 +162,8 @@ def plan_shrink(model: nn.Module, graph: ModelGraph) -> list[ShrinkPlan]:
         bias = layer.bias.detach()[removed] if layer.bias is not None else \
             torch.zeros(removed.numel(), dtype=layer.weight.dtype)  # (float64 models stay float64)
         consumers = {c: _constant(bias, removed, path, modules, layer.weight.dim() - 2) for c, path in uses}
-        if len(consumers) == len(uses) and all(_consumer_ok(modules[c], v) for c, v in consumers.items()):
+        if len(consumers) == len(uses) and all(_consumer_ok(modules[c], v, isinstance(layer, nn.Linear))
+                                               for c, v in consumers.items()):
             plans.append(ShrinkPlan(name, removed, bns, consumers))
     return plans
 

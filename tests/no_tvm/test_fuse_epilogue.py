@@ -8,7 +8,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from srigl_compile import SRigLConfig, sparsify
-from srigl_compile.codegen.backends.llvm import LlvmBackend
 from srigl_compile.errors import LayerError
 from srigl_compile.nn.condensed import CondensedConv
 from srigl_compile.passes.analysis import Analyses
@@ -18,9 +17,8 @@ from srigl_compile.passes.fuse_epilogue import FuseEpiloguePass
 from srigl_compile.passes.lower import PadAblatedRowsPass
 from srigl_compile.passes.manager import PassManager
 from srigl_compile.runtime.spec import apply_epilogue
+from tests.fusion import LLVM, condensed, fused_unchanged
 from tests.helpers import randomize_bn
-
-LLVM = LlvmBackend.epilogues  # (a class attribute: no TVM import)
 
 
 class Block(nn.Module):
@@ -208,31 +206,12 @@ class GeluNet(nn.Module):
         return self.seq(self.mlp(x))
 
 
-def _condensed(model: nn.Module, example=None, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    masked = sparsify(model, SRigLConfig(sparsity=0.5, distribution="uniform", ablation=False),
-                      example_inputs=example)
-    return PassManager([PadAblatedRowsPass()]).run(condense(masked, example_inputs=example)).eval()
-
-
-def _fused_unchanged(model: nn.Module, x: torch.Tensor) -> tuple[FuseEpiloguePass, nn.Module]:
-    """(the pass, the model it returns) with llvm's epilogues; outputs unchanged bit for bit (condensed layers
-    compute an activation they take with torch's own function)."""
-    with torch.no_grad():
-        before = model(x)
-    fuse = FuseEpiloguePass("direct", LLVM)
-    fused = fuse(model).module
-    with torch.no_grad():
-        torch.testing.assert_close(fused(x), before, rtol=0, atol=0)
-    return fuse, fused
-
-
 def test_exact_gelus_fuse_in_traced_parents_and_sequentials_and_outputs_do_not_change():
-    fuse, fused = _fused_unchanged(_condensed(GeluNet()), torch.randn(3, 8))
+    fuse, fused = fused_unchanged(condensed(GeluNet()), torch.randn(3, 8))
     assert fuse.fused == {"mlp.fc1": "gelu", "mlp.fc2": "gelu", "seq.0": "gelu"}
     assert type(fused.seq[1]) is nn.Identity and type(fused.seq[3]) is nn.GELU
     relu_only = FuseEpiloguePass("direct", {"linear": frozenset({"relu"})})
-    assert not relu_only(_condensed(GeluNet())).modified, "a backend whose kernels compute no GELU: nothing"
+    assert not relu_only(condensed(GeluNet())).modified, "a backend whose kernels compute no GELU: nothing"
 
 
 class SiluMLP(nn.Module):
@@ -250,12 +229,12 @@ class SiluMLP(nn.Module):
 
 
 def test_silus_fuse_in_traced_parents_and_sequentials_and_outputs_do_not_change():
-    model = _condensed(nn.Sequential(SiluMLP(), nn.Linear(16, 16), nn.SiLU(inplace=True)))
-    fuse, fused = _fused_unchanged(model, torch.randn(3, 8))
+    model = condensed(nn.Sequential(SiluMLP(), nn.Linear(16, 16), nn.SiLU(inplace=True)))
+    fuse, fused = fused_unchanged(model, torch.randn(3, 8))
     assert fuse.fused == {"0.fc1": "silu", "0.fc2": "silu", "1": "silu"}
     assert type(fused[2]) is nn.Identity
     gelu_only = FuseEpiloguePass("direct", {"linear": frozenset({"gelu"})})
-    model = _condensed(nn.Sequential(SiluMLP(), nn.Linear(16, 16), nn.SiLU(inplace=True)))
+    model = condensed(nn.Sequential(SiluMLP(), nn.Linear(16, 16), nn.SiLU(inplace=True)))
     assert not gelu_only(model).modified, "a backend whose kernels compute no SiLU: nothing"
 
 
@@ -264,7 +243,7 @@ def test_a_transformer_layer_s_linear1_computes_its_activation(activation):
     encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, activation=activation,
                                                                batch_first=True), 2, enable_nested_tensor=False)
     x = torch.randn(2, 5, 8)
-    model = _condensed(nn.Sequential(nn.Linear(8, 16), encoder), x)
+    model = condensed(nn.Sequential(nn.Linear(8, 16), encoder), x)
     with torch.no_grad():
         before = model(x)
     fuse = FuseEpiloguePass("direct", LLVM)
@@ -291,7 +270,7 @@ def test_encoder_layers_add_their_residuals_in_their_layers(norm_first, batch_fi
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first, norm_first=norm_first)
     encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
     x = torch.randn(3, 5, 16) if batch_first else torch.randn(5, 3, 16)  # 3 sequences of 5 tokens
-    model = _condensed(nn.Sequential(nn.Linear(16, 16), encoder), x)
+    model = condensed(nn.Sequential(nn.Linear(16, 16), encoder), x)
     pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
     causal = nn.Transformer.generate_square_subsequent_mask(5)
     with torch.no_grad():
@@ -315,9 +294,9 @@ def test_an_encoder_layer_training_with_dropout_adds_after_the_dropout():
     encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.3, batch_first=True), 1,
                                     enable_nested_tensor=False)
     x = torch.randn(2, 5, 16)
-    model = _condensed(nn.Sequential(encoder), x)
+    model = condensed(nn.Sequential(encoder), x)
     fused = FuseEpiloguePass("direct", LLVM)(model, Analyses(x)).module
-    reference = _condensed(nn.Sequential(encoder), x)
+    reference = condensed(nn.Sequential(encoder), x)
     fused.train(), reference.train()
     for encoder_layer in reference[0].layers:  # the same layers with their adds in torch
         assert type(encoder_layer) is nn.TransformerEncoderLayer
@@ -350,7 +329,7 @@ class _ReusedRelu(nn.Module):
 def test_sequential_activations_called_elsewhere_or_after_a_subclass_stay_in_torch():
     """Probes found both fused: the second call of the ReLU lost it (error 7.9), and the ReLU moved before a
     subclass of nn.Identity that shifts its input (error 2.7)."""
-    fuse, fused = _fused_unchanged(_condensed(_ReusedRelu()), torch.randn(2, 8, 6, 5))
+    fuse, fused = fused_unchanged(condensed(_ReusedRelu()), torch.randn(2, 8, 6, 5))
     assert fuse.fused == {} and [type(m) for m in fused.seq] == [CondensedConv, nn.ReLU]
 
 
@@ -383,5 +362,5 @@ class _CallsBlocks(nn.Module):
 def test_parents_whose_forward_takes_more_than_one_input_are_not_rewritten():
     """A probe found a block with ``identity=None`` raising once rewritten, and one adding an optional tensor
     dropping the add silently (3.4 off): their branches were fixed by the trace."""
-    fuse, fused = _fused_unchanged(_condensed(_CallsBlocks()), torch.randn(2, 8, 6, 5))
+    fuse, fused = fused_unchanged(condensed(_CallsBlocks()), torch.randn(2, 8, 6, 5))
     assert fuse.fused == {} and type(fused.a) is _OptionalIdentity and type(fused.b) is _OptionalExtra

@@ -1,0 +1,66 @@
+"""A module whose forward is replaced by an fx graph of it, and nothing else about it changed.
+
+``fx.GraphModule(parent, graph)`` keeps only what the graph reads: the class becomes a GraphModule that merely
+bears the old name, containers are rebuilt around the submodules the forward calls, and a submodule only a method
+uses, a parameter or buffer the forward does not read, and every plain attribute (``self.out_channels``) are gone.
+Code outside the forward (the model's own forward, a user's method call) then fails on them. ``traced_parent``
+keeps them all: the module's class as a base of the GraphModule's (isinstance and its other methods hold), its
+original child modules, unread parameters and buffers, and its plain attributes, which also ride in the
+GraphModule's preserved attributes so that a deepcopy keeps them (a pickle keeps the plain attributes only).
+
+Example:
+    >>> rewritten = traced_parent(block, graph)    # doctest: +SKIP
+    >>> isinstance(rewritten, type(block))         # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch.fx as fx
+import torch.nn as nn
+
+__all__ = ["traced_parent"]
+
+# fx restores these (name -> value) on the copy a deepcopy makes (torch.fx.graph_module's key, private there)
+_PRESERVED = "_user_preserved_attributes"
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
+@functools.cache
+def _graph_module_class(base: type) -> type:
+    """A GraphModule class with ``base`` after it: fx's generated forward and call come first (fx puts them on a
+    subclass of this one per instance, a deepcopy's too), then GraphModule's, then ``base``'s other methods."""
+
+    class _ModuleInitOnly(base):  # (GraphModule.__init__'s super().__init__() lands here: base's own __init__
+        def __init__(self, *args, **kwargs) -> None:  # would build its layers again, or want its arguments)
+            nn.Module.__init__(self)
+
+    return type(base.__name__, (fx.GraphModule, _ModuleInitOnly),
+                {"__module__": base.__module__, "__qualname__": base.__qualname__})
+
+
+def traced_parent(parent: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """``parent`` with ``graph`` as its forward, everything else kept (module docstring)."""
+    try:
+        rewritten = _graph_module_class(type(parent))(parent, graph, class_name=type(parent).__name__)
+    except TypeError:  # a layout or metaclass Python cannot combine with GraphModule's: the name only, as fx gives
+        rewritten = fx.GraphModule(parent, graph, class_name=type(parent).__name__)
+    extras = {}
+    for name, child in parent._modules.items():  # (the originals: the trace's containers hold what it calls)
+        rewritten._modules[name] = extras[name] = child
+    for name, parameter in parent._parameters.items():
+        if name not in rewritten._parameters:
+            rewritten.register_parameter(name, parameter)
+            extras[name] = parameter
+    for name, buffer in parent._buffers.items():
+        if name not in rewritten._buffers:
+            rewritten.register_buffer(name, buffer, persistent=name not in parent._non_persistent_buffers_set)
+    own = vars(rewritten)
+    for name, value in vars(parent).items():
+        if name not in _MODULE_INTERNALS and name not in own:
+            setattr(rewritten, name, value)
+            extras[name] = value
+    rewritten.meta[_PRESERVED] = extras
+    return rewritten
