@@ -136,6 +136,10 @@ class SparsifyPass(Pass):
         already = [name for name, m in model.named_modules() if is_masked(m)]
         if already:
             raise LayerError(f"model is already sparsified (masked layers: {already[:5]}); sparsify it only once")
+        lazy = [name for name, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+        if lazy:  # (their shapes are unknown: the layer discovery failed on them with torch's load_state_dict hint)
+            raise LayerError(f"parameters {lazy[:3]} are uninitialized (a lazy module, e.g. nn.LazyLinear): run one "
+                             "forward pass on an example input first, so that they get their shapes, then sparsify")
         on_meta = [name for name, p in model.named_parameters() if p.is_meta]
         if on_meta:
             raise LayerError(f"parameters {on_meta[:3]} are on the meta device (no values to draw masks over): "

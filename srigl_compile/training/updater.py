@@ -198,10 +198,9 @@ class SRigLUpdater:
                       f"{self.schedule.t_end} and stay frozen; if the run is longer, build the updater with its "
                       "real total_steps (the update schedule is scaled by it)")
         self._record_step_gradient()
-        updated = self.rule.updates and self.schedule.is_update_step(self.step_count)
-        if updated:
-            self._update(self.step_count)
-        elif self.step_count % self.config.delta_t == 0:
+        due = self.rule.updates and self.schedule.is_update_step(self.step_count)
+        updated = self._update(self.step_count) if due else False
+        if not due and self.step_count % self.config.delta_t == 0:
             self._check_masked_weights_zero(self.step_count, "check")
         self._open_window()
         return updated
@@ -235,11 +234,11 @@ class SRigLUpdater:
         if not self.rule.needs_gradients:
             return self.layers
         unused = [name for name in self.layers if not self._tap.has(name)]
-        if not unused or len(unused) == len(self.layers):
-            return self.layers
+        frozen = [name for name in unused if not self.layers[name].weight.requires_grad]
+        if not unused or (len(unused) == len(self.layers) and len(frozen) < len(unused)):
+            return self.layers  # (none unused; or no gradient anywhere, not for freezing: compute_scores raises)
         if set(unused) != self._warned_unused:
             self._warned_unused = set(unused)
-            frozen = [name for name in unused if not self.layers[name].weight.requires_grad]
             if frozen:
                 warn_user(f"layers {frozen} were frozen (requires_grad=False) after the updater was built: they get "
                           f"no gradient, so their masks are left as they are from step {t} on")
@@ -274,7 +273,9 @@ class SRigLUpdater:
                     "zero (Muon's dense update; momentum left from before sparsify is reset when the updater is "
                     "built), or ranks of a distributed run holding different masks (distributed=False)")
 
-    def _update(self, t: int) -> None:
+    def _update(self, t: int) -> bool:
+        """The mask update of step t; returns whether any mask was updated (not where the window had no step, or
+        every layer was frozen)."""
         self._check_masked_weights_zero(t, "update")  # (now: the update zeroes what it drops, erasing the sign)
         if self._sync is not None and self._needs_gradients:
             self._average_replicated_windows()
@@ -284,17 +285,21 @@ class SRigLUpdater:
                       "overflow), or another optimizer steps the model now (build a new SRigLUpdater with it, and "
                       "load_state_dict this one's state_dict there); the masks stay as they are until the next "
                       "update")
+            updated = False
         else:
             drop_fraction = self.schedule.drop_fraction(t)
-            for name, layer in self._layers_to_update(t).items():
+            layers = self._layers_to_update(t)
+            for name, layer in layers.items():
                 selection = self.select(layer, self.compute_scores(name, layer), drop_fraction)
                 self._apply(name, layer, selection)
             log.debug("mask update at step %d, drop fraction %.4f", t, drop_fraction)
+            updated = bool(layers)
         self._tap.release()
         self._window_skips = 0
         self.check_invariants()
         if self._sync is not None:
             self._sync.check_same_masks(self._masks(), t)
+        return updated
 
     def _average_replicated_windows(self) -> None:
         """Average the windows of replicated (DDP) weights over the ranks; sharded (FSDP2) weights' gradients were

@@ -64,6 +64,15 @@ def test_parametrized_and_recurrent_weights_stay_dense_with_a_warning_at_the_cal
     torch.testing.assert_close(sparse(x), masked_dense_reference(net, sparse)(x))
 
 
+def test_a_lazy_module_not_yet_run_is_a_clear_error_and_sparsifies_once_run():
+    """A probe found torch's "uninitialized parameter ... load_state_dict" RuntimeError, naming no layer."""
+    net = nn.Sequential(nn.LazyLinear(32), nn.ReLU(), nn.Linear(32, 4))
+    with pytest.raises(LayerError, match=r"\['0.weight', '0.bias'\] are uninitialized .*run one forward pass"):
+        sparsify(net, SRigLConfig(sparsity=0.9))
+    net(torch.randn(2, 16))
+    assert [name for name, _ in sparse_layers(sparsify(net, SRigLConfig(sparsity=0.9)))] == ["0", "2"]
+
+
 def test_a_model_on_the_meta_device_is_a_clear_error():
     with torch.device("meta"):
         net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))

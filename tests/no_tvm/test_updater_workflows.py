@@ -149,13 +149,62 @@ def test_state_outside_the_masks_rests_where_the_optimizer_keeps_it(name):
         break
 
 
-def test_a_layer_frozen_mid_run_is_named_as_frozen_and_left_as_it_is():
+def _after_one_update():
+    """(model, optimizer, updater) of an MLP trained 4 steps, one mask update (delta_t 4)."""
     torch.manual_seed(0)
     config = SRigLConfig(sparsity=0.8, delta_t=4)
     model = sparsify(mlp(), config)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     updater = SRigLUpdater(model, optimizer, config, total_steps=40)
     _train(model, optimizer, updater, 4)
+    return model, optimizer, updater
+
+
+def test_every_layer_frozen_mid_run_is_named_as_frozen_and_step_says_nothing_was_updated():
+    """A probe found freezing them all (training only a dense head) raised an error blaming the training loop."""
+    model, optimizer, updater = _after_one_update()
+    names = [name for name, _ in sparse_layers(model)]
+    for name in names:
+        model.get_submodule(name).weight.requires_grad_(False)
+    before = {name: model.get_submodule(name).mask.clone() for name in names}
+    _train(model, optimizer, updater, 3)
+    x, y = make_data("mlp", 0)
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    with pytest.warns(UserWarning, match=rf"layers {names!r} were frozen \(requires_grad=False\)".replace("[", r"\[")):
+        assert updater.step() is False  # (step 8: an update step, and no mask could change)
+    assert all(torch.equal(model.get_submodule(name).mask, before[name]) for name in names)
+    updater.check_invariants()
+
+
+def test_step_says_false_for_an_update_the_scaler_skipped_and_true_for_one_it_made():
+    """A probe found True for an update skipped because a GradScaler skipped every step of its window (the
+    reference loop recorded the update in its history)."""
+    torch.manual_seed(0)
+    config = SRigLConfig(sparsity=0.9, distribution="uniform", delta_t=3)
+    model = sparsify(mlp(), config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    updater = SRigLUpdater(model, optimizer, config, total_steps=40, grad_scaler=scaler)
+    x, y = make_data("mlp", 0)
+    returned = []
+    for step in range(1, 7):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y) * (float("inf") if step == 3 else 1.0)  # (overflow: step 3 skipped)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if step == 3:
+            with pytest.warns(UserWarning, match="mask update at step 3 skipped"):
+                returned.append(updater.step())
+        else:
+            returned.append(updater.step())
+    assert returned == [False, False, False, False, False, True]
+
+
+def test_a_layer_frozen_mid_run_is_named_as_frozen_and_left_as_it_is():
+    model, optimizer, updater = _after_one_update()
     model[0].weight.requires_grad_(False)
     before = model[0].mask.clone()
     with pytest.warns(UserWarning, match=r"layers \['0'\] were frozen \(requires_grad=False\) after the updater"):
