@@ -422,9 +422,11 @@ def _unwrapped_optimizer(optimizer) -> torch.optim.Optimizer:
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
-    """The model inside DDP / torch.compile wrappers, so layer names (and checkpoints) do not depend on them."""
+    """The model inside DDP / DataParallel / torch.compile wrappers, so layer names (and checkpoints) do not depend
+    on them."""
     while True:
-        inner = getattr(model, "module", None) if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        wrapper = isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
+        inner = getattr(model, "module", None) if wrapper else None
         inner = inner if inner is not None else getattr(model, "_orig_mod", None)
         if not isinstance(inner, nn.Module):
             return model

@@ -2,6 +2,8 @@
 (an optimizer with a dense update drifted masked weights silently), momentum left from dense training, an optimizer
 wrapper (a Hugging Face Trainer's) and an optimizer replaced mid-run."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -211,3 +213,21 @@ def test_a_layer_frozen_mid_run_is_named_as_frozen_and_left_as_it_is():
         _train(model, optimizer, updater, 4)
     assert torch.equal(model[0].mask, before)
     updater.check_invariants()
+
+
+def test_a_data_parallel_wrapper_leaves_the_layer_names_and_its_checkpoint_loads_unwrapped():
+    """A probe found nn.DataParallel's "module." in every layer name: its checkpoints loaded only into a wrapped
+    model (DDP and torch.compile were unwrapped already)."""
+    torch.manual_seed(0)
+    config = SRigLConfig(sparsity=0.8, delta_t=4)
+    model = sparsify(mlp(), config)
+    wrapped = torch.nn.DataParallel(model)  # (no GPU: it calls the module)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    updater = SRigLUpdater(wrapped, optimizer, config, total_steps=40)
+    assert list(updater.layers) == [name for name, _ in sparse_layers(model)]
+    _train(wrapped, optimizer, updater, 4)
+    state = updater.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the new updater takes the layers over)
+        plain = SRigLUpdater(model, optimizer, config, total_steps=40)
+    plain.load_state_dict(state)
