@@ -225,10 +225,14 @@ def _check_buffers(updater: UpdaterState, buffers: Mapping[str, Any], field: str
 
 def _window_to_resume(updater: UpdaterState, state: Mapping[str, Any], sync: RankSync | None
                       ) -> dict[str, torch.Tensor]:
-    """The gradient window this rank continues. ``grad_buffers`` from a single-process run, and for sharded
-    weights (whose window is averaged over the ranks already). Replicated weights of a distributed run take their
-    rank's own window from ``rank_grad_buffers`` when the number of ranks is the same (bit-exact resume), else the
-    mean of them all (the same average, up to rounding, once every rank adds its own gradients)."""
+    """The gradient window this rank continues, whatever the saving run's layout and this one's.
+
+    ``grad_buffers`` holds the saving rank's window: the whole window of a single-process run, and for weights
+    sharded when saved (FSDP2) their window averaged over the ranks already. A distributed run's replicated (DDP)
+    weights have each rank's own, unaveraged window in ``rank_grad_buffers``. A weight replicated when saved
+    resumes its rank's own window where it is replicated now on as many ranks (bit-exact), else the mean of the
+    ranks' (the average the update would take: a sharded weight's window is never averaged again, and one process
+    averages nothing); a weight sharded when saved resumes the averaged window, in any layout now."""
     window = dict(state["grad_buffers"])
     by_rank = state.get("rank_grad_buffers")
     if by_rank is None:
@@ -237,13 +241,19 @@ def _window_to_resume(updater: UpdaterState, state: Mapping[str, Any], sync: Ran
         raise _corrupt("rank_grad_buffers", "must be a non-empty list of {layer: tensor}, one per rank")
     for buffers in by_rank:
         _check_buffers(updater, buffers, field="rank_grad_buffers")
-    if sync is not None and len(by_rank) == sync.world_size:
-        own = dict(by_rank[sync.rank])
-    else:
-        names = set().union(*by_rank)
-        own = {name: sum(b[name] for b in by_rank if name in b) / len(by_rank) for name in names}
-    sharded = {name: buf for name, buf in window.items() if name in updater._tap.sharded}
-    return own | sharded
+    replicated = set().union(*by_rank)  # (weights replicated when saved; the rest of grad_buffers was sharded)
+    same_ranks = sync is not None and len(by_rank) == sync.world_size
+    resumed = {}
+    for name in updater.layers:  # (in layer order on every rank: collectives later run over these in turn)
+        if name not in replicated:
+            if name in window:
+                resumed[name] = window[name]
+        elif same_ranks and name not in updater._tap.sharded:
+            if name in by_rank[sync.rank]:  # (a rank whose layer got no gradient in the window has none)
+                resumed[name] = by_rank[sync.rank][name]
+        else:
+            resumed[name] = sum(b[name] for b in by_rank if name in b) / len(by_rank)
+    return resumed
 
 
 def _check_explored(updater: UpdaterState, explored: Mapping[str, Any], masks: Mapping[str, Any]) -> None:

@@ -19,7 +19,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from srigl_compile import InvariantError, SRigLConfig, SRigLUpdater, sparse_layers, sparsify
-from srigl_compile.nn.sharding import whole
+from srigl_compile.nn.sharding import whole, whole_like
 from srigl_compile.recipes import load_checkpoint
 from tests.helpers import Stop
 from tests.helpers import run_recipe as recipes_run
@@ -60,13 +60,21 @@ def shard(model: nn.Module) -> nn.Module:
     return fully_shard(model)
 
 
-def build(model_kind: str, optimizer: str, wrap: str, *, method: str = "srigl", sync: bool | None = None,
-          broadcast_buffers: bool = True, grad_accumulation_n: int = 1):
+def config_of(method: str = "srigl", grad_accumulation_n: int = 1) -> SRigLConfig:
+    return SRigLConfig(sparsity=0.8, distribution="uniform", delta_t=DELTA_T, method=method,
+                       grad_accumulation_n=grad_accumulation_n, seed=0)
+
+
+def sparse_model(model_kind: str, config: SRigLConfig) -> nn.Module:
     factory, input_shape = MODELS[model_kind]
     torch.manual_seed(0)  # the same initial model everywhere, as a user's script would build it
-    config = SRigLConfig(sparsity=0.8, distribution="uniform", delta_t=DELTA_T, method=method,
-                         grad_accumulation_n=grad_accumulation_n, seed=0)
-    sparse = sparsify(factory(), config, example_inputs=(torch.randn(2, *input_shape),))
+    return sparsify(factory(), config, example_inputs=(torch.randn(2, *input_shape),))
+
+
+def build(model_kind: str, optimizer: str, wrap: str, *, method: str = "srigl", sync: bool | None = None,
+          broadcast_buffers: bool = True, grad_accumulation_n: int = 1):
+    config = config_of(method, grad_accumulation_n)
+    sparse = sparse_model(model_kind, config)
     forward = DDP(sparse, broadcast_buffers=broadcast_buffers) if wrap == "ddp" else shard(sparse)
     opt = OPTIMIZERS[optimizer](forward.parameters())
     updater = SRigLUpdater(forward, opt, config, total_steps=STEPS, distributed=sync)
@@ -119,6 +127,42 @@ def fsdp_resumed(out: str) -> dict:
     updater.load_state_dict(saved["updater"])
     rest = train("cnn", "adam", "fsdp", steps=range(5, STEPS), built=built)
     return {"full": full, "resumed": first + rest, "window": sorted(saved["updater"]["grad_buffers"])}
+
+
+def cross_layout_resumed(out: str) -> dict:
+    """Checkpoints cut after step 5 (inside the window of the update after step 6, grad_accumulation_n 2) and
+    resumed under the other wrapping (FSDP2's under DDP, DDP's under FSDP2), beside the uninterrupted run each
+    continues; with the window each rank holds after the load, whole, and what it should hold."""
+    options, kwargs, results = StateDictOptions(full_state_dict=True, cpu_offload=True), {"grad_accumulation_n": 2}, {}
+    for saved_wrap, resumed_wrap in (("fsdp", "ddp"), ("ddp", "fsdp")):
+        full = train("cnn", "adam", saved_wrap, **kwargs)
+        built = build("cnn", "adam", saved_wrap, **kwargs)
+        first = train("cnn", "adam", saved_wrap, steps=range(5), built=built)
+        _, forward, opt, updater = built
+        model_state, optim_state = get_state_dict(forward, opt, options=options)
+        checkpoint = {"model": model_state, "optimizer": optim_state, "updater": updater.state_dict()}
+        path = Path(out) / f"{saved_wrap}-then-{resumed_wrap}.pt"
+        if dist.get_rank() == 0:
+            torch.save(checkpoint, path)
+        dist.barrier()
+        loaded = torch.load(path, weights_only=False)  # (rank 0's: the others' full state dicts are empty)
+        saved = loaded["updater"]
+        built = build("cnn", "adam", resumed_wrap, **kwargs)
+        _, forward, opt, updater = built
+        set_state_dict(forward, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+        updater.load_state_dict(saved)
+        window = {name: whole_like(buf, updater.layers[name].weight).clone()
+                  for name, buf in updater._tap.buffers.items()}
+        if saved_wrap == "fsdp":
+            expected = saved["grad_buffers"]  # (averaged over the ranks when saved)
+        else:
+            by_rank = saved["rank_grad_buffers"]
+            expected = {name: sum(b[name] for b in by_rank) / len(by_rank) for name in by_rank[0]}
+        rest = train("cnn", "adam", resumed_wrap, steps=range(5, STEPS), built=built)
+        results[f"{saved_wrap} then {resumed_wrap}"] = {"full": full, "resumed": first + rest, "window": window,
+                                                        "expected": expected}
+    return results
 
 
 def tampered_mask_is_caught() -> str:
@@ -187,7 +231,7 @@ def unsynchronised_run() -> dict:
         return {"first": first, "error": str(err)}
     return {"first": first, "error": None}
 # Runs that need a folder shared by the ranks.
-FOLDER_RUNS = {"resume": resumed_run, "fsdp-resume": fsdp_resumed}
+FOLDER_RUNS = {"resume": resumed_run, "fsdp-resume": fsdp_resumed, "cross-layout": cross_layout_resumed}
 
 
 def worker(rank: int, world_size: int, out: str, runs: list[str]) -> None:
