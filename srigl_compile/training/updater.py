@@ -276,7 +276,18 @@ class SRigLUpdater:
     def _update(self, t: int) -> bool:
         """The mask update of step t; returns whether any mask was updated (not where the window had no step, or
         every layer was frozen)."""
-        self._check_masked_weights_zero(t, "update")  # (now: the update zeroes what it drops, erasing the sign)
+        try:  # (now: the update zeroes what it drops, erasing the sign)
+            self._check_masked_weights_zero(t, "update")
+            error = None
+        except InvariantError as err:
+            error = err
+        if self._sync is not None:  # (every rank stops together: a rank raising alone leaves the others waiting)
+            failed = self._sync.check_ready(self._masks(), t, error is not None)
+            if failed and error is None:
+                raise InvariantError(f"ranks {failed} failed their checks before the mask update of step {t} (their "
+                                     "errors say why): this rank stops with them")
+        if error is not None:
+            raise error
         if self._sync is not None and self._needs_gradients:
             self._average_replicated_windows()
         if self._needs_gradients and not self._tap.buffers and self._window_skips:

@@ -7,6 +7,7 @@ ranks' files itself, so the check does not rely on the updater's own checksum.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from pathlib import Path
 
@@ -165,6 +166,21 @@ def cross_layout_resumed(out: str) -> dict:
     return results
 
 
+def one_rank_fails_before_an_update() -> str:
+    """A masked weight moved on rank 1 only: its own check fails before the update's collectives, and rank 0
+    stops with it, naming it (it waited in the window's all-reduce until rank 1's process exited)."""
+    sparse, forward, opt, updater = built = build("cnn", "sgd", "ddp")
+    train("cnn", "sgd", steps=range(DELTA_T - 1), built=built)
+    if dist.get_rank() == 1:
+        with torch.no_grad():
+            sparse.fc1.weight.view(-1)[(~sparse.fc1.mask).view(-1).nonzero()[0]] = 1.0
+    try:
+        train("cnn", "sgd", steps=range(DELTA_T - 1, DELTA_T), built=built)
+    except InvariantError as err:
+        return str(err)
+    return "no error"
+
+
 def tampered_mask_is_caught() -> str:
     """Flip one mask entry on rank 1 only: the next rank check must fail on every rank, naming the layer."""
     torch.manual_seed(0)
@@ -217,6 +233,7 @@ RUNS = {
     "cnn-no-sync-accumulation": lambda: train("cnn", "sgd", micro_batches=2, grad_accumulation_n=2),
     "cnn-adam-accumulation": lambda: train("cnn", "adam", micro_batches=2, grad_accumulation_n=2),
     "cnn-unsynchronised": lambda: unsynchronised_run(),
+    "one-rank-fails": one_rank_fails_before_an_update,
 }
 
 
@@ -237,7 +254,9 @@ FOLDER_RUNS = {"resume": resumed_run, "fsdp-resume": fsdp_resumed, "cross-layout
 def worker(rank: int, world_size: int, out: str, runs: list[str]) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world_size)
+    # (a collective the ranks do not all reach fails after 2 minutes instead of hanging the suite)
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(minutes=2))
     try:
         results = {name: RUNS[name]() if name in RUNS else FOLDER_RUNS[name](out) for name in runs}
         results["tampered"] = tampered_mask_is_caught()
