@@ -13,7 +13,7 @@ from ..data import DATASETS, load_dataset
 from ..errors import CheckpointError
 from ..zoo import MODELS, build_model
 from .app import friendly_errors, main
-from .options import FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, OPEN_FRACTION, POSITIVE, POSITIVE_INT
+from .options import FRACTION, LEARNING_RATE, NON_NEGATIVE, NON_NEGATIVE_INT, OPEN_FRACTION, POSITIVE_INT
 from .torchrun import is_main_rank, torchrun_group, world_size
 
 METHODS = TRAINING_METHODS
@@ -64,7 +64,7 @@ def make_config(method, sparsity, distribution, delta_t, alpha, gamma_sal, no_ab
 @config_options
 @click.option("--epochs", type=POSITIVE_INT, default=20, show_default=True)
 @click.option("--batch-size", type=POSITIVE_INT, default=64, show_default=True)
-@click.option("--lr", type=POSITIVE, default=0.05, show_default=True)
+@click.option("--lr", type=LEARNING_RATE, default=0.05, show_default=True)
 @click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default="runs/train", show_default=True,
               help="folder for checkpoint.pt and metrics.json")

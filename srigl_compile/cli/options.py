@@ -12,7 +12,7 @@ import math
 import click
 
 __all__ = ["FiniteFloatRange", "POSITIVE_INT", "NON_NEGATIVE_INT", "POSITIVE", "NON_NEGATIVE", "OPEN_FRACTION",
-           "FRACTION"]
+           "FRACTION", "LEARNING_RATE"]
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -33,3 +33,5 @@ POSITIVE = FiniteFloatRange(min=0, min_open=True)
 NON_NEGATIVE = FiniteFloatRange(min=0)
 OPEN_FRACTION = FiniteFloatRange(0, 1, min_open=True, max_open=True)  # (0, 1): sparsity
 FRACTION = FiniteFloatRange(0, 1, min_open=True)  # (0, 1]: alpha, t_end_fraction
+# (0, float32's largest]: the optimizer scales float32 gradients by it (a larger one failed inside torch)
+LEARNING_RATE = FiniteFloatRange(min=0, max=3.4028234663852886e38, min_open=True)

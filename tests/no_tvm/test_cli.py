@@ -53,6 +53,7 @@ def test_the_executable_calls_itself_by_its_name_and_prints_warnings_as_lines(tm
     (["demo", "--sparsity", "0"], "sparsity"),
     (["demo", "--models", "resnet"], "unknown model"),
     (["bench", "--batches", "one"], "comma-separated"),
+    (["train", "--lr", "1e300"], "Invalid value for '--lr': 1e+300 is not in the range"),  # (a torch RuntimeError)
     (["bench", "--batches", "1,-1"], "every batch size must be >= 1"),
     # (bench has no --dense or --too-small: its error names its own flag and the value that works)
     (["bench", "--sparsity", "0.9999"], "Invalid value for --sparsity: 0.9999 leaves the 3072->768 layer no input "
