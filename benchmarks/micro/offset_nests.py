@@ -91,10 +91,15 @@ def run(shape, rounds: int, target) -> None:
           f"({flops / stationary / 1e3:4.0f} GFLOP/s): {outer / stationary:.2f}x", flush=True)
 
 
-def main() -> None:
-    args, target = setup(__doc__.splitlines()[0])
-    for shape in SHAPES:
+def each_shape(description: str, shapes, run) -> None:
+    """``run(shape, rounds, target)`` for each shape, with --rounds and --threads parsed (``setup``)."""
+    args, target = setup(description)
+    for shape in shapes:
         run(shape, args.rounds, target)
+
+
+def main() -> None:
+    each_shape(__doc__.splitlines()[0], SHAPES, run)
 
 
 if __name__ == "__main__":
