@@ -6,7 +6,8 @@ uses, a parameter or buffer the forward does not read, and every plain attribute
 Code outside the forward (the model's own forward, a user's method call) then fails on them. ``traced_parent``
 keeps them all: the module's class as a base of the GraphModule's (isinstance and its other methods hold), its
 original child modules, unread parameters and buffers, and its plain attributes, which also ride in the
-GraphModule's preserved attributes so that a deepcopy keeps them (a pickle keeps the plain attributes only).
+GraphModule's preserved attributes so that a deepcopy keeps them. (A pickle keeps the attributes and submodules,
+not the class: fx rebuilds a plain GraphModule from the generated code.)
 
 Example:
     >>> rewritten = traced_parent(block, graph)    # doctest: +SKIP
