@@ -28,7 +28,9 @@ def takes_one_input(module: nn.Module) -> bool:
 def updates_inputs_in_place(module: nn.Module) -> bool:
     """Whether ``module``'s forward may update one of its inputs by augmented assignment (``x += y`` on an argument,
     or on a name bound to one), which its fx trace records as an out-of-place op (fx proxies have no ``__iadd__``):
-    a caller reading that tensor afterwards would see other values. True when the source cannot be read."""
+    a caller reading that tensor afterwards would see other values. A name the forward's own top-level statements
+    bound to something else before (``x = self.conv(x)``) no longer holds the input. True when the source cannot
+    be read."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(type(module).forward)))
     except (OSError, TypeError, SyntaxError):
@@ -43,5 +45,12 @@ def updates_inputs_in_place(module: nn.Module) -> bool:
     for node in ast.walk(function):  # (names bound to an input: identity = x)
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Name) and node.value.id in inputs:
             inputs |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    rebound: dict[str, int] = {}  # name -> line of its first top-level binding to something other than an input
+    for statement in function.body:
+        if isinstance(statement, ast.Assign) and not (isinstance(statement.value, ast.Name)
+                                                      and statement.value.id in inputs):
+            for target in statement.targets:
+                if isinstance(target, ast.Name):
+                    rebound.setdefault(target.id, statement.lineno)
     return any(isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name) and node.target.id in inputs
-               for node in ast.walk(function))
+               and not node.lineno > rebound.get(node.target.id, node.lineno) for node in ast.walk(function))

@@ -67,6 +67,34 @@ def test_a_block_updating_its_input_in_place_is_not_rewritten():
     assert type(fused.block) is _UpdatesItsInput and "block.conv" not in fuse.fused
 
 
+class _RebindsItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        identity = x
+        x = F.relu(self.conv1(x))  # (x is the block's own tensor from here on: the += below updates no input)
+        x = self.conv2(x)
+        x += identity
+        return F.relu(x)
+
+
+class _CallsRebinds(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _RebindsItsInput()
+
+    def forward(self, x):
+        h = x * 1.5
+        return self.block(h) + h
+
+
+def test_a_block_rebinding_its_input_name_before_adding_in_place_is_still_fused():
+    fuse, fused = fused_unchanged(condensed(_CallsRebinds()), torch.randn(2, 8, 6, 6))
+    assert fuse.fused == {"block.conv1": "relu", "block.conv2": "add_relu"}
+
+
 class _Doubles(nn.Module):
     def __init__(self) -> None:
         super().__init__()
