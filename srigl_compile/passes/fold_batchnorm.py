@@ -42,7 +42,7 @@ from .layer_edits import layer_edits
 from .manager import PassManager
 from .per_feature import passes_through
 
-__all__ = ["FoldBatchNormPass", "fold_batchnorm", "plan_folds"]
+__all__ = ["FoldBatchNormPass", "fold_batchnorm", "plan_folds", "provably_2d"]
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _makes_2d(node: fx.Node, modules: dict) -> bool:
     return False
 
 
-def _provably_2d(node: fx.Node, modules: dict) -> bool:
+def provably_2d(node: fx.Node, modules: dict) -> bool:
     """Whether ``node`` is [batch, features]: by the shape torch.export recorded, or (symbolic_trace, no shapes)
     by a 2-d flatten / reshape followed only by ops that keep the rank."""
     while isinstance(node, fx.Node):
@@ -101,7 +101,7 @@ def _batchnorm_fits(layer: nn.Module, bn: nn.Module, layer_call: ModuleCall, mod
     if bn.num_features != layer_edits(layer).out_width:
         return False
     if type(layer) in _LINEARS:
-        return type(bn) is nn.BatchNorm1d and _provably_2d(layer_call.output, modules)
+        return type(bn) is nn.BatchNorm1d and provably_2d(layer_call.output, modules)
     dims = layer.weight.dim() - 2  # (a condensed layer's weight is a stand-in of the dense one's shape)
     return type(bn) is (nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d)
 

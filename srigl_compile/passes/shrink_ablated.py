@@ -3,8 +3,10 @@
 An ablated neuron has no inputs, so it outputs a constant: its bias, then whatever the elementwise ops and eval
 BatchNorm after it make of that (act(bias), or relu(BN shift) after a conv + BN). Where every use of a producer's
 output reaches Linear/Conv consumers only through such per-feature ops, the neuron's row goes from the producer,
-its channel from any BatchNorm on the way, its input column from each consumer, and its constant, times the
-consumer's weights, is folded into the consumer's bias.
+its channel from any BatchNorm on the way (after a convolution, or a Linear whose output is [batch, features]),
+its input column from each consumer, and its constant, times the consumer's weights, is folded into the
+consumer's bias. A consumer takes them only where it reads the producer's features: a Linear a Linear's, a
+convolution a convolution's.
 
 Contract.
     requires: ``plan_shrink`` ran on the *masked* model's graph (captured as for sparsify); ``apply_shrink`` runs on
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 
 from ..nn.condensed import CondensedConv, CondensedLinear
 from ..nn.masked import MaskedConv1d, MaskedConv2d, MaskedLinear
+from .fold_batchnorm import provably_2d
 from .graph_capture import ModelGraph
 from .layer_edits import layer_edits
 from .per_feature import is_aten, is_dropout, passes_through
@@ -114,6 +117,12 @@ def _walk(start: fx.Node, layer_of: dict, modules: dict, conv: bool):
     return found
 
 
+def _linear_output_2d(node: fx.Node, modules: dict) -> bool:
+    """Whether a Linear layer's call ``node`` gives [batch, features]: by its recorded shape, or (a traced call of
+    the masked layer, no shapes) by its input's."""
+    return provably_2d(node.args[0] if node.op == "call_module" else node, modules)
+
+
 def _padded(conv: nn.Module) -> bool:
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return conv.padding != "valid"
@@ -147,7 +156,10 @@ def plan_shrink(model: nn.Module, graph: ModelGraph) -> list[ShrinkPlan]:
         removed = (layer.neuron_view(layer.mask).view(torch.uint8).sum(dim=1) == 0).nonzero().squeeze(1)
         if removed.numel() == 0 or removed.numel() == layer.mask.shape[0]:
             continue
-        uses = _walk(nodes[0], layer_of, modules, conv=not isinstance(layer, nn.Linear))
+        # (a BatchNorm after the layer normalises dimension 1: its channels, or a Linear's features where its
+        # output is [batch, features])
+        per_feature_bn = not isinstance(layer, nn.Linear) or _linear_output_2d(nodes[0], modules)
+        uses = _walk(nodes[0], layer_of, modules, conv=per_feature_bn)
         if not uses:
             log.info("%s: %d ablated neurons kept (output width is observable)", name, removed.numel())
             continue

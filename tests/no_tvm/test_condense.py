@@ -304,3 +304,36 @@ def test_a_hand_built_condensed_layer_takes_any_integer_indices_in_range_and_ref
         CondensedLinear(40, 3, active, values, torch.tensor([[-1, 5], [1, 4], [2, 3]]))
     with pytest.raises(LayerError, match="integers"):
         CondensedLinear(40, 3, active, values, torch.zeros(3, 2))
+
+
+class _TokensThenBatchNorm(nn.Module):
+    """A Linear over the last dimension of [B, 16, 16] and a BatchNorm1d over dimension 1 (tokens, not features)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn, self.head = nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.fc(x))))
+
+
+@pytest.mark.parametrize("example", [False, True], ids=["traced", "exported"])
+def test_a_linears_ablated_neurons_go_through_a_batchnorm1d_of_its_features(example):
+    """Linear -> BatchNorm1d -> ReLU -> Linear (a tabular MLP) kept its ablated neurons: the BatchNorm stopped the
+    walk. Where the Linear's output is [batch, features] the BatchNorm is per feature and loses them too; over
+    [B, T, F] it normalises T, and the neurons stay."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, 16)
+    options = dict(example_inputs=(x,)) if example else {}
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, 10))
+    masked = randomize_bn(sparsify(net, SRigLConfig(sparsity=0.8, seed=1), **options))
+    ablate(masked, {"1": [3, 7, 20]}, {("1", 7): 0.9})
+    condensed = condense(masked.eval(), **options)
+    assert condensed[1].compact and condensed[2].num_features == 125 and condensed[4].fan_in == 125
+    assert_same(condensed, masked, x)
+    tokens = torch.randn(3, 16, 16)
+    masked = randomize_bn(sparsify(_TokensThenBatchNorm(), SRigLConfig(sparsity=0.7, distribution="uniform")))
+    ablate(masked, {"fc": [2, 9]})
+    condensed = condense(masked.eval(), **(dict(example_inputs=(tokens,)) if example else {}))
+    assert not condensed.fc.compact and condensed.bn.num_features == 16
+    assert_same(condensed, masked, tokens)

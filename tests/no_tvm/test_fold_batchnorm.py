@@ -43,7 +43,9 @@ def test_cnn_folds_what_the_contract_allows_and_keeps_outputs(shrink):
     assert type(folded.stem) is nn.Conv2d and isinstance(folded.expand, CondensedConv)
     assert folded.expand.compact == shrink and folded.expand.n_active == 29
     assert not folded.project.compact and folded.project.n_active == 15, "ablated neurons of a full-width layer"
-    assert isinstance(folded.fc, CondensedLinear) and not folded.fc.compact and folded.fc.n_active == 22
+    # (fc's output is [batch, features], so its BatchNorm1d is per feature and shrink goes through it too)
+    assert isinstance(folded.fc, CondensedLinear) and folded.fc.compact == shrink and folded.fc.n_active == 22
+    assert folded.head.fan_in == (22 if shrink else 24)
     assert folded.expand.bias is not None and folded.expand.bias.shape == (29,), "a bias is created"
     for batch in (1, 3):
         x = torch.randn(batch, 3, 8, 8, dtype=torch.float64)
