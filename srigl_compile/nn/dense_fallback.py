@@ -201,7 +201,9 @@ class DenseForm:
         return y
 
     def __getstate__(self):  # (the weight is rebuilt on demand; an unfinished trial starts again)
-        return {**self.__dict__, "trials": {}, "_weight": None, "machine": machine()}
+        # (a form whose operands changed since it was made stays stale in the copy: the copy's counters restart)
+        fresh = all(version is not None and tensor._version == version for tensor, version in self.watched)
+        return {**self.__dict__, "trials": {}, "_weight": None, "machine": machine(), "fresh": fresh}
 
     def __setstate__(self, state) -> None:
         self.__dict__.update(state)
@@ -209,8 +211,10 @@ class DenseForm:
         if state.pop("machine", None) != machine():  # timings are this machine's
             self.choices, self.variants = {}, {}
         self.__dict__.pop("machine", None)
-        # the loaded operands are the tensors watched (one pickle), their version counters new
-        self.watched = tuple((tensor, version_of(tensor)) for tensor, _ in self.watched)
+        # the loaded operands are the tensors watched (one pickle), their version counters new; a form saved stale
+        # watches no version, so its first call drops it (a probe found a copy computing with the old weights)
+        fresh = self.__dict__.pop("fresh", True)
+        self.watched = tuple((tensor, version_of(tensor) if fresh else None) for tensor, _ in self.watched)
 
 
 def _timed(call: Callable[[], Any]) -> float:

@@ -100,6 +100,24 @@ def test_changed_operands_drop_the_form(monkeypatch, short_trials):
     assert "_dense_form" not in lowered.block.fc.__dict__ and "_dense_form" in lowered.block.conv1.__dict__
 
 
+def test_a_copy_or_save_made_after_an_in_place_change_computes_with_the_new_operands(monkeypatch, short_trials,
+                                                                                       tmp_path):
+    """A probe found a deepcopy or save_lowered made between an in-place load_state_dict and the next call kept
+    the old dense weights as current: the copy's version counters restart, so it could not see the change."""
+    model, lowered, x = chosen_dense(monkeypatch)
+    new = {name: tensor * 1.5 if tensor.is_floating_point() else tensor
+           for name, tensor in lowered.state_dict().items()}
+    with torch.no_grad():
+        lowered.load_state_dict(new)  # (in place: assign=False)
+        save_lowered(lowered, tmp_path / "model")
+        copied, loaded = copy.deepcopy(lowered), load_lowered(tmp_path / "model")
+        want = lowered(x)  # (the served model drops its stale forms and computes with the new operands)
+        for again in (copied, loaded):
+            assert any(form is not None for form in forms_of(again).values())  # (the copies carry the forms ...)
+            torch.testing.assert_close(again(x), want, rtol=1e-6, atol=1e-6)
+            assert all(form is None for form in forms_of(again).values())  # (... stale: dropped at their first call)
+
+
 def test_calls_the_form_does_not_take_run_the_kernel(monkeypatch):
     lowered = lower(sparse_model(0.5), progress=False)
     force(monkeypatch, "dense")
