@@ -211,6 +211,9 @@ def capture_graph(model: nn.Module, example_inputs: Any = None) -> ModelGraph:
         ) from err
 
 
-_DATA_DEPENDENT_HINT = (" The forward branches on tensor values, which export cannot follow; nn.Transformer's "
+_DATA_DEPENDENT_HINT = (" The forward branches on tensor values, which export cannot follow. nn.Transformer's "
                         "layers do so when given an attention mask to test for causality: pass is_causal=True "
-                        "(nn.TransformerDecoder: tgt_is_causal=True) in example_inputs, or no mask.")
+                        "(nn.TransformerDecoder: tgt_is_causal=True) in example_inputs, or no mask. A Hugging Face "
+                        "model does so with dynamic RoPE scaling (rope_scaling type 'dynamic', whose frequencies "
+                        "follow the sequence length): such a model cannot be captured; the other rope types "
+                        "(linear, llama3, yarn) can.")

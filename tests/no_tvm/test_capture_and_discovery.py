@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from srigl_compile import LayerError, SRigLConfig, sparse_layers, sparsify
+from srigl_compile import LayerError, SRigLConfig, TraceError, sparse_layers, sparsify
 from srigl_compile.passes.graph_capture import capture_graph, output_tensors
 from tests.helpers import assert_fresh_invariants, masked_dense_reference
 from tests.models import WeightNormAndRNN
@@ -78,3 +78,16 @@ def test_a_model_on_the_meta_device_is_a_clear_error():
         net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     with pytest.raises(LayerError, match="to_empty"):
         sparsify(net, SRigLConfig(sparsity=0.9))
+
+
+def test_a_decoder_with_dynamic_rope_scaling_is_named_in_the_capture_error():
+    """A probe found the hint naming nn.Transformer's masks only, for a Llama whose dynamic RoPE scaling branches
+    on the sequence length."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                                      rope_scaling={"rope_type": "dynamic", "factor": 4.0})
+    model = transformers.LlamaForCausalLM(config).eval()
+    with pytest.raises(TraceError, match="dynamic RoPE scaling"):
+        sparsify(model, SRigLConfig(sparsity=0.9), example_inputs={"input_ids": torch.randint(0, 200, (1, 8))})
