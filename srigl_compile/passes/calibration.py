@@ -157,6 +157,10 @@ def _forward_all(model: nn.Module, calibration: Any) -> None:
         try:
             model(*args, **kwargs)
         except Exception as err:  # any error of the user's model: name the item, keep the cause
+            if "more than 1 value per channel when training" in str(err):
+                raise ConfigError(f"calibration input #{count} holds one value per channel for a BatchNorm, which "
+                                  "recalibrating its statistics cannot normalise: give batches of 2 samples or more "
+                                  "(a DataLoader's short last batch: drop_last=True)") from err
             pairs = ("; an (inputs, labels) batch passes its labels to the forward too: give the inputs alone, e.g. "
                      "[x for x, _ in loader]") if len(args) > 1 else ""
             raise ConfigError(f"calibration input #{count} does not fit the model "
@@ -167,23 +171,35 @@ def _forward_all(model: nn.Module, calibration: Any) -> None:
 
 
 @torch.no_grad()
-def recalibrate_batchnorm_(model: nn.Module, calibration: Any) -> int:
+def recalibrate_batchnorm_(model: nn.Module, calibration: Any, *, keep: bool = True) -> int:
     """Re-estimate every BatchNorm's running mean and variance over the calibration inputs (the cumulative
     average, as if they were the training set), with the rest of the model in eval mode: pruning changes the
-    activations those statistics describe. Returns the number of BatchNorm modules updated."""
+    activations those statistics describe. Returns the number of BatchNorm modules updated. A failing input
+    leaves the statistics as they were, as does ``keep=False`` (a dry run: the calibration is checked only).
+
+    Raises:
+        ConfigError: an input the model cannot take, naming it.
+    """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return 0
     momenta = [m.momentum for m in norms]
+    saved = [{name: buffer.clone() for name, buffer in m.named_buffers(recurse=False) if buffer is not None}
+             for m in norms]
     with _modes_kept(model):
         model.eval()
         for m in norms:
             m.reset_running_stats()
             m.momentum = None  # cumulative moving average: every calibration batch counts alike
             m.train()
+        kept = False
         try:
             _forward_all(model, calibration)
+            kept = keep
         finally:
-            for m, momentum in zip(norms, momenta):
+            for m, momentum, buffers in zip(norms, momenta, saved):
                 m.momentum = momentum
+                if not kept:
+                    for name, buffer in buffers.items():
+                        getattr(m, name).copy_(buffer)
     return len(norms)

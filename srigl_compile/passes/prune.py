@@ -29,7 +29,7 @@ from ..sparsity.selection import top_per_row_mask
 from .as_linear import AsLinearPass, conv1d_restored_on_error
 from .calibration import collect_input_norms, recalibrate_batchnorm_
 from .discover import FilterFn, LayerCandidate
-from .sparsify import SparsifyPass, check_no_ablation, is_protected
+from .sparsify import SparsifyPass, check_no_ablation, check_no_torch_pruning, is_protected
 
 __all__ = ["PrunePass", "ImportSparsePass", "prune", "from_sparse_weights"]
 
@@ -152,6 +152,7 @@ def _prepared(model: nn.Module, config: SRigLConfig | None, inplace: bool, calle
         raise ConfigError(f"config must be an SRigLConfig, not {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller} expects an nn.Module, not {type(model).__name__}")
+    check_no_torch_pruning(model)
     model = model if inplace else copy.deepcopy(model)
     return model, config
 
@@ -195,8 +196,10 @@ def prune(model: nn.Module, config: SRigLConfig | None = None, criterion: Criter
             raise ConfigError(f"prune: {name}={flag!r} must be True or False")
     if criterion == "magnitude" and calibration is not None and not recalibrate_batchnorm:
         warn_user("prune: criterion='magnitude' reads no calibration inputs (Wanda does): they are ignored")
-    if criterion == "wanda" and recalibrate_batchnorm and isinstance(calibration, Iterator):
-        calibration = list(calibration)  # (read twice: by Wanda, then by the BatchNorm statistics)
+    if recalibrate_batchnorm and isinstance(calibration, Iterator):
+        calibration = list(calibration)  # (read more than once: by Wanda or the check below, then the statistics)
+    if recalibrate_batchnorm and inplace:  # (a dry run first: a failing input must leave the model unpruned)
+        recalibrate_batchnorm_(model, calibration, keep=False)
     model, config = _prepared(model, config, inplace, "prune")
     with conv1d_restored_on_error(model, inplace):
         model = AsLinearPass()(model).module

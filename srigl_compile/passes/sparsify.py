@@ -203,6 +203,25 @@ def sparse_layers(model: nn.Module):
             yield name, module
 
 
+def check_no_torch_pruning(model: nn.Module) -> None:
+    """Refuse layers pruned by ``torch.nn.utils.prune`` and not made permanent: their weight is recomputed from
+    ``weight_orig * weight_mask`` before each forward (a hook), so it is no parameter to mask, and a deepcopy of
+    the model fails in torch.
+
+    Raises:
+        LayerError: naming the layers and ``torch.nn.utils.prune.remove``.
+    """
+    from torch.nn.utils.prune import BasePruningMethod
+
+    pruned = [name or type(model).__name__ for name, m in model.named_modules()
+              if any(isinstance(hook, BasePruningMethod) for hook in m._forward_pre_hooks.values())]
+    if pruned:
+        raise LayerError(f"layers {pruned[:5]} are pruned by torch.nn.utils.prune and not made permanent (their weight "
+                         "is weight_orig * weight_mask, recomputed before each forward): call "
+                         "torch.nn.utils.prune.remove(layer, 'weight') on each first; from_sparse_weights then takes "
+                         "their zeros as the masks")
+
+
 def sparsify(model: nn.Module, config: SRigLConfig | None = None, *, filter_fn: FilterFn | None = None,
              example_inputs=None, inplace: bool = False) -> nn.Module:
     """Return ``model`` with its Linear / Conv / attention projections as constant-fan-in masked layers.
@@ -235,6 +254,7 @@ def sparsify(model: nn.Module, config: SRigLConfig | None = None, *, filter_fn: 
         raise ConfigError(f"config must be an SRigLConfig, not {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify expects an nn.Module, not {type(model).__name__}")
+    check_no_torch_pruning(model)
     if not inplace:
         model = copy.deepcopy(model)
     # Hugging Face Conv1D (GPT-2) -> nn.Linear, then masks; the graph is captured once, after the rewrite.

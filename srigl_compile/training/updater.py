@@ -82,8 +82,8 @@ class SRigLUpdater:
         self.layers = dict(sparse_layers(_unwrapped(model)))
         if not self.layers:
             raise LayerError("the model has no sparse layers: call srigl_compile.sparsify(model, config) first")
+        self._check_not_frozen()  # (first: an optimizer built from trainable parameters lacks frozen weights too)
         self._check_optimizer(optimizer)
-        self._check_not_frozen()
         if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
             raise TypeError(f"grad_scaler must be the torch.amp.GradScaler the training loop scales its loss with, "
                             f"not {type(grad_scaler).__name__}")
