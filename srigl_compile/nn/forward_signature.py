@@ -27,10 +27,9 @@ def takes_one_input(module: nn.Module) -> bool:
 
 def updates_inputs_in_place(module: nn.Module) -> bool:
     """Whether ``module``'s forward may update one of its inputs by augmented assignment (``x += y`` on an argument,
-    or on a name bound to one), which its fx trace records as an out-of-place op (fx proxies have no ``__iadd__``):
-    a caller reading that tensor afterwards would see other values. A name the forward's own top-level statements
-    bound to something else before (``x = self.conv(x)``) no longer holds the input. True when the source cannot
-    be read."""
+    or on a name ever bound to one), which its fx trace records as an out-of-place op (fx proxies have no
+    ``__iadd__``): a caller reading that tensor afterwards would see other values. A name rebound in between
+    still counts (``x = x.contiguous()`` may hand back the input itself). True when the source cannot be read."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(type(module).forward)))
     except (OSError, TypeError, SyntaxError):
@@ -42,15 +41,29 @@ def updates_inputs_in_place(module: nn.Module) -> bool:
     inputs = {a.arg for a in arguments.posonlyargs + arguments.args + arguments.kwonlyargs}
     inputs |= {a.arg for a in (arguments.vararg, arguments.kwarg) if a is not None}
     inputs.discard("self")
-    for node in ast.walk(function):  # (names bound to an input: identity = x)
-        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Name) and node.value.id in inputs:
-            inputs |= {t.id for t in node.targets if isinstance(t, ast.Name)}
-    rebound: dict[str, int] = {}  # name -> line of its first top-level binding to something other than an input
-    for statement in function.body:
-        if isinstance(statement, ast.Assign) and not (isinstance(statement.value, ast.Name)
-                                                      and statement.value.id in inputs):
-            for target in statement.targets:
-                if isinstance(target, ast.Name):
-                    rebound.setdefault(target.id, statement.lineno)
+    grown = True
+    while grown:  # (names bound to an input, or to such a name: identity = x; a, b = x, y; y: Tensor = x)
+        before = len(inputs)
+        for node in ast.walk(function):
+            for target, value in _bindings(node):
+                if isinstance(target, ast.Name) and isinstance(value, ast.Name) and value.id in inputs:
+                    inputs.add(target.id)
+        grown = len(inputs) > before
     return any(isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name) and node.target.id in inputs
-               and not node.lineno > rebound.get(node.target.id, node.lineno) for node in ast.walk(function))
+               for node in ast.walk(function))
+
+
+def _bindings(node: ast.AST):
+    """(target, value) pairs an assignment binds, tuples unpacked element by element."""
+    if isinstance(node, ast.Assign):
+        pairs = [(target, node.value) for target in node.targets]
+    elif isinstance(node, (ast.AnnAssign, ast.NamedExpr)) and node.value is not None:
+        pairs = [(node.target, node.value)]
+    else:
+        return
+    for target, value in pairs:
+        if isinstance(target, (ast.Tuple, ast.List)) and isinstance(value, (ast.Tuple, ast.List)) \
+                and len(target.elts) == len(value.elts):
+            yield from zip(target.elts, value.elts)
+        else:
+            yield target, value

@@ -365,8 +365,8 @@ class FuseEpiloguePass(Pass):
                          "keep their epilogues in torch", parent_name)
                 continue
             if updates_inputs_in_place(parent):  # (its trace would not: a probe found the caller's tensor unchanged)
-                log.info("%s: its forward updates its input in place (x += ...), which its trace would not: its "
-                         "layers keep their epilogues in torch", parent_name)
+                log.info("%s: its forward may update its input in place (x += ..., which its trace would not), or "
+                         "its source cannot be read to tell: its layers keep their epilogues in torch", parent_name)
                 continue
             try:
                 graph = trace_module(parent)

@@ -198,9 +198,9 @@ def prune(model: nn.Module, config: SRigLConfig | None = None, criterion: Criter
         warn_user("prune: criterion='magnitude' reads no calibration inputs (Wanda does): they are ignored")
     if recalibrate_batchnorm and isinstance(calibration, Iterator):
         calibration = list(calibration)  # (read more than once: by Wanda or the check below, then the statistics)
+    model, config = _prepared(model, config, inplace, "prune")
     if recalibrate_batchnorm and inplace:  # (a dry run first: a failing input must leave the model unpruned)
         recalibrate_batchnorm_(model, calibration, keep=False)
-    model, config = _prepared(model, config, inplace, "prune")
     with conv1d_restored_on_error(model, inplace):
         model = AsLinearPass()(model).module
         pruned = PrunePass(config, criterion, calibration, ablation=ablation, filter_fn=filter_fn,

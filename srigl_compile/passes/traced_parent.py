@@ -42,6 +42,15 @@ def _graph_module_class(base: type) -> type:
                 {"__module__": base.__module__, "__qualname__": base.__qualname__})
 
 
+def _slot_values(module: nn.Module) -> list[tuple[str, object]]:
+    """The values of the ``__slots__`` its classes declare and it has set (not in ``vars``)."""
+    names = [name for klass in type(module).__mro__
+             for name in ((klass.__dict__.get("__slots__", ()),) if isinstance(klass.__dict__.get("__slots__"), str)
+                          else klass.__dict__.get("__slots__", ()))
+             if name not in ("__dict__", "__weakref__")]
+    return [(name, getattr(module, name)) for name in dict.fromkeys(names) if hasattr(module, name)]
+
+
 def traced_parent(parent: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     """``parent`` with ``graph`` as its forward, everything else kept (module docstring)."""
     try:
@@ -59,7 +68,7 @@ def traced_parent(parent: nn.Module, graph: fx.Graph) -> fx.GraphModule:
         if name not in rewritten._buffers:
             rewritten.register_buffer(name, buffer, persistent=name not in parent._non_persistent_buffers_set)
     own = vars(rewritten)
-    for name, value in vars(parent).items():
+    for name, value in [*vars(parent).items(), *_slot_values(parent)]:
         if name not in _MODULE_INTERNALS and name not in own:
             setattr(rewritten, name, value)
             extras[name] = value

@@ -175,9 +175,9 @@ def _check_mask(updater: UpdaterState, name: str, layer: Any, mask: Any, start: 
     if updater.rule.constant_fan_in:
         _check_constant_fan_in(updater, name, layer, mask, start)
     elif nnz != start.nnz:  # RigL / SET move weights, never change their number
+        whence = f" (sparsify's n_out x k0 = {plan.n_out} x {plan.k0})" if start == sparsify_start(plan) else ""
         raise _corrupt("masks", f"holds {nnz} non-zeros; {updater.config.method.value} keeps the number the run "
-                                f"started with, {start.nnz} (sparsify's n_out x k0 = {plan.n_out} x {plan.k0} = "
-                                f"{plan.n_out * plan.k0})", name)
+                                f"started with, {start.nnz}{whence}", name)
 
 
 def _check_constant_fan_in(updater: UpdaterState, name: str, layer: Any, mask: torch.Tensor,

@@ -37,6 +37,11 @@ def test_a_failing_recalibration_leaves_an_in_place_model_as_it_was(criterion, c
     assert all(torch.equal(net.state_dict()[name], tensor) for name, tensor in before.items())
 
 
+def test_a_model_that_is_no_module_is_a_type_error_before_the_recalibration_check():
+    with pytest.raises(TypeError, match="prune expects an nn.Module, not str"):
+        prune("model", UNIFORM, calibration=[torch.randn(2, 16)], recalibrate_batchnorm=True, inplace=True)
+
+
 def test_a_recalibration_that_works_still_updates_the_statistics_in_place():
     net = _bn_mlp()
     pruned = prune(net, UNIFORM, "magnitude", calibration=[torch.randn(8, 16) for _ in range(2)],
