@@ -44,11 +44,12 @@ def _graph_module_class(base: type) -> type:
 
 def _slot_values(module: nn.Module) -> list[tuple[str, object]]:
     """The values of the ``__slots__`` its classes declare and it has set (not in ``vars``)."""
-    names = [name for klass in type(module).__mro__
-             for name in ((klass.__dict__.get("__slots__", ()),) if isinstance(klass.__dict__.get("__slots__"), str)
-                          else klass.__dict__.get("__slots__", ()))
-             if name not in ("__dict__", "__weakref__")]
-    return [(name, getattr(module, name)) for name in dict.fromkeys(names) if hasattr(module, name)]
+    names = []
+    for klass in type(module).__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        names += [slots] if isinstance(slots, str) else list(slots)
+    return [(name, getattr(module, name)) for name in dict.fromkeys(names)
+            if name not in ("__dict__", "__weakref__") and hasattr(module, name)]
 
 
 def traced_parent(parent: nn.Module, graph: fx.Graph) -> fx.GraphModule:

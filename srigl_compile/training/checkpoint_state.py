@@ -272,8 +272,9 @@ def _check_explored(updater: UpdaterState, explored: Mapping[str, Any], masks: M
             raise _corrupt("explored", "misses weights active in the mask (every active weight was explored)", name)
 
 
-def _check_compatible(updater: UpdaterState, state: Any) -> None:
-    """Everything ``load_updater_state`` restores, checked before it restores anything."""
+def _check_compatible(updater: UpdaterState, state: Any) -> dict[str, LayerStart]:
+    """Everything ``load_updater_state`` restores, checked before it restores anything; returns the start records
+    (checked)."""
     _check_fields(state)
     saved, ours = set(state["masks"]), set(updater.layers)
     if saved != ours:
@@ -289,11 +290,12 @@ def _check_compatible(updater: UpdaterState, state: Any) -> None:
         _check_mask(updater, name, layer, state["masks"][name], starts[name])
     _check_buffers(updater, state["grad_buffers"])
     _check_explored(updater, state["explored"], state["masks"])
+    return starts
 
 
 @torch.no_grad()
 def load_updater_state(updater: UpdaterState, state: dict[str, Any], sync: RankSync | None = None) -> None:
-    _check_compatible(updater, state)
+    starts = _check_compatible(updater, state)
     window = _window_to_resume(updater, state, sync)
     for name, layer in updater.layers.items():
         layer.mask.copy_(state["masks"][name])
@@ -305,4 +307,4 @@ def load_updater_state(updater: UpdaterState, state: dict[str, Any], sync: RankS
                                                                                  copy=True)
                             for name, buf in window.items()}
     updater.explored = {name: bits.clone() for name, bits in state["explored"].items()}
-    updater.start = _starts(updater, state)
+    updater.start = starts
