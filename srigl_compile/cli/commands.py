@@ -71,10 +71,11 @@ def make_config(method, sparsity, distribution, delta_t, alpha, gamma_sal, no_ab
 @click.option("--checkpoint-every", type=NON_NEGATIVE_INT, default=0,
               help="also checkpoint every N steps (0: only at the end)")
 @click.option("--resume", is_flag=True, help="continue from OUT/checkpoint.pt")
+@click.option("--overwrite", is_flag=True, help="replace the run OUT holds (its checkpoint.pt and metrics.json)")
 @friendly_errors
 def train(model, data, data_dir, method, sparsity, distribution, delta_t, alpha, gamma_sal, no_ablation,
           grad_accumulation_n, t_end_fraction, dense_layers, too_small, epochs, batch_size, lr, seed, out,
-          checkpoint_every, resume):
+          checkpoint_every, resume, overwrite):
     """Train a model dense or sparse (SRigL, RigL, SET, static) and save a checkpoint with masks.
 
     Example: srigl-compile train --model cnn --data digits --sparsity 0.9 --epochs 10 --out runs/cnn90
@@ -90,24 +91,31 @@ def train(model, data, data_dir, method, sparsity, distribution, delta_t, alpha,
         if given:
             raise click.UsageError(f"{', '.join(given)} set how a sparse run sparsifies; --method dense trains every "
                                    "weight: drop them, or choose a sparse --method")
+    if resume and overwrite:
+        raise click.UsageError("--resume continues the run in --out and --overwrite replaces it: choose one")
     with torchrun_group():
         _train(model, data, data_dir, method, sparsity, distribution, delta_t, alpha, gamma_sal, no_ablation,
                grad_accumulation_n, t_end_fraction, dense_layers, too_small, epochs, batch_size, lr, seed, out,
-               checkpoint_every, resume)
+               checkpoint_every, resume, overwrite)
 
 
 def _train(model, data, data_dir, method, sparsity, distribution, delta_t, alpha, gamma_sal, no_ablation,
            grad_accumulation_n, t_end_fraction, dense_layers, too_small, epochs, batch_size, lr, seed, out,
-           checkpoint_every, resume):
+           checkpoint_every, resume, overwrite):
     from ..recipes import load_checkpoint, train_classifier
 
     config = make_config(method, sparsity, distribution, delta_t, alpha, gamma_sal, no_ablation,
                          grad_accumulation_n, t_end_fraction, dense_layers, too_small, seed)
     make_out_folder(out)  # (before training: a folder that cannot be made was found when the checkpoint was written)
+    checkpoint = Path(out) / "checkpoint.pt"
+    if checkpoint.exists() and not (resume or overwrite):
+        # A plain re-run replaced the checkpoint and left what was made from it (a lowered model) looking current.
+        raise click.BadParameter(f"{out} already holds a run ({checkpoint.name}): --resume continues it, --overwrite "
+                                 "replaces it (files made from it, such as a lowered model, stay as they are), or "
+                                 "choose another --out", param_hint="--out")
     dataset = load_dataset(data, data_dir=data_dir, seed=seed)
     torch.manual_seed(seed)
     net = build_model(model, dataset.input_shape, dataset.num_classes)
-    checkpoint = Path(out) / "checkpoint.pt"
     state = load_checkpoint(checkpoint) if resume else None
     meta = {"model": model, "data": data, "method": method, "input_shape": list(dataset.input_shape),
             "num_classes": dataset.num_classes, "config": config.to_dict() if config else None,

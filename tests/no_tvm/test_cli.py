@@ -240,3 +240,19 @@ def test_malformed_model_factories_are_one_line_errors(runner, tmp_path, name):
     result = runner.invoke(main, ["train", "--epochs", "1", "--model", name, "--out", str(tmp_path / "o")])
     assert result.exit_code != 0 and "cannot load model factory" in result.output and "Traceback" not in \
         result.output
+
+
+def test_a_second_run_into_a_folder_holding_one_asks_to_resume_or_overwrite(runner, tmp_path):
+    """A probe found a plain re-run replaced the checkpoint, leaving a model lowered from the old one beside it."""
+    out = tmp_path / "run"
+    args = ["train", "--epochs", "1", "--batch-size", "256", "--out", str(out)]
+    assert runner.invoke(main, args).exit_code == 0
+    first = (out / "checkpoint.pt").read_bytes()
+    again = runner.invoke(main, args + ["--seed", "1"])
+    assert again.exit_code == 2 and "already holds a run" in again.output and "--resume" in again.output and \
+        "--overwrite" in again.output and "Traceback" not in again.output, again.output
+    assert (out / "checkpoint.pt").read_bytes() == first  # refused before anything was written
+    both = runner.invoke(main, args + ["--resume", "--overwrite"])
+    assert both.exit_code == 2 and "choose one" in both.output
+    assert runner.invoke(main, args + ["--seed", "1", "--overwrite"]).exit_code == 0
+    assert (out / "checkpoint.pt").read_bytes() != first
