@@ -156,8 +156,11 @@ def srigl_select(
     """
     n_out, fan_in = mask.shape
     n_ones = int(torch.count_nonzero(mask))
-    n_prune = math.floor(n_ones * drop_fraction)
-    n_keep = n_ones - n_prune
+    n_keep = n_ones - math.floor(n_ones * drop_fraction)
+    # Active weights that are exactly 0 (grown at 0, their gradient 0 since) are never kept by a tie-break: the drop
+    # keeps non-zeros only, and the rest of the budget is regrown by gradient (SRIGL_SPEC §2.6 step 2).
+    n_keep = min(n_keep, int(torch.count_nonzero(scores.drop > 0)))
+    n_prune = n_ones - n_keep
     if ablation:
         ablated = neurons_to_ablate(scores, n_keep, n_prune, budget, gamma_sal)
     else:
@@ -165,7 +168,7 @@ def srigl_select(
     k = constant_fan_in(budget, n_out - int(torch.count_nonzero(ablated)))
     if k > fan_in:
         raise InvariantError(f"fan-in after ablation k={k} exceeds the dense fan-in {fan_in}")
-    drop = scores.drop.masked_fill(ablated.unsqueeze(1), NEG_INF)
+    drop = scores.drop.masked_fill(ablated.unsqueeze(1) | (scores.drop == 0), NEG_INF)
     kept = top_n_mask(drop, n_keep)
     # Where ablation shrank k, a neuron may keep more than k: keep its k largest magnitudes.
     kept &= top_per_row_mask(drop.masked_fill(~kept, NEG_INF), torch.full((n_out,), k))

@@ -33,6 +33,8 @@ def layers(draw):
     # Some neurons get tiny weights and no gradient, so ablation has something to find.
     weak = torch.rand(n_out, generator=g) < draw(st.floats(0, 0.6))
     weight[weak] *= 1e-3
+    # Some active weights exactly 0 (grown at 0, no gradient since): the drop keeps only non-zeros.
+    weight[torch.rand(n_out, fan_in, generator=g) < draw(st.sampled_from([0.0, 0.0, 0.3, 0.8]))] = 0.0
     grad = torch.randn(n_out, fan_in, generator=g).abs() * (~weak).unsqueeze(1)
     return mask, weight, grad, budget
 
@@ -52,9 +54,11 @@ def test_srigl_select_invariants(layer, drop_fraction, ablation, gamma_sal):
     assert torch.all(counts[sel.ablated] == 0)
     assert int(sel.new_mask.sum()) <= budget
     assert not (sel.kept & ~mask).any(), "drop keeps only active positions"
+    assert not (sel.kept & (weight == 0)).any(), "drop keeps only non-zero weights"
     assert not (sel.kept & sel.grown).any(), "drop and grow are disjoint"
     assert torch.equal(sel.new_mask, sel.kept | sel.grown)
-    assert sel.n_prune == math.floor(int(mask.sum()) * drop_fraction)
+    n_ones, nonzero = int(mask.sum()), int(torch.count_nonzero(weight * mask))
+    assert sel.n_prune == n_ones - min(n_ones - math.floor(n_ones * drop_fraction), nonzero)
     if not ablation:
         assert not sel.ablated.any()
 
@@ -106,6 +110,25 @@ def test_hand_built_prune_drops_smallest_magnitude_and_grow_restores_fan_in_by_g
     expected = mask.clone()
     expected[0, 1], expected[0, 3] = False, True
     assert torch.equal(sel.new_mask, expected)
+
+
+def test_hand_built_active_zero_weights_are_dropped_not_kept_by_a_tie_break():
+    """SRIGL_SPEC §2.6 step 2: with fewer non-zeros than n_keep, keep the non-zeros and regrow the rest by
+    gradient. A probe found the zeros (a weight grown at 0 whose gradient stayed 0) kept by flat index instead,
+    while a free position with a larger gradient stayed off."""
+    mask, weight, grad = hand_layer()
+    weight[0, 1] = weight[1, 3] = 0.0  # active, but 0: 4 non-zeros of 6 active
+    grad[1] = torch.tensor([0.5, 0, 0, 0, 0.7, 0.1])
+    sel = srigl_select(mask, LayerScores(magnitude_drop_scores(weight, mask), grad), 6, 0.0,
+                       ablation=False, gamma_sal=0.3)
+    assert sel.n_prune == 2 and sel.kept.sum() == 4 and not sel.kept[0, 1] and not sel.kept[1, 3]
+    # Each neuron regrows by gradient among what it does not keep: neuron 0 column 3 (0.9), neuron 1 column 4 (0.7).
+    assert sel.grown.nonzero().tolist() == [[0, 3], [1, 4]]
+    # The same position wins back its place when its gradient is the largest.
+    grad[0, 1] = 2.0
+    again = srigl_select(mask, LayerScores(magnitude_drop_scores(weight, mask), grad), 6, 0.0,
+                         ablation=False, gamma_sal=0.3)
+    assert again.grown[0, 1] and not again.kept[0, 1]
 
 
 def test_hand_built_just_dropped_position_can_be_regrown():
