@@ -210,6 +210,16 @@ def test_small_eager_calls_skip_the_checks_only_while_the_checked_operands_are_i
         torch.testing.assert_close(layer(x[:1]), 2 * (full[:1] - (layer.bias if bias else 0)) +
                                    (layer.bias if bias else 0), rtol=1e-5, atol=1e-5)
         assert layer._row_call.values is layer.values
+        # Replaced columns too (a mutant that watched only the values passed, 8.2 off); and at 7 rows, the
+        # batch kernels' blocked copy of the weights follows an in-place change.
+        own = lambda rows: (rows[:, layer.indices.long()] * layer.values).sum(-1) + (layer.bias if bias else 0)  # noqa: E731
+        layer.indices = layer.indices.flip(1).contiguous()
+        torch.testing.assert_close(layer(x[:1]), own(x[:1]), rtol=1e-5, atol=1e-5)
+        assert layer._row_call.indices is layer.indices
+        seven = torch.randn(7, 48)
+        layer(seven)
+        layer.values.mul_(-0.5)
+        torch.testing.assert_close(layer(seven), own(seven), rtol=1e-5, atol=1e-5)
         layer.values = layer.values.double()
         with pytest.raises(KernelDtypeError):
             layer(x[:1])

@@ -95,6 +95,30 @@ def test_ablated_neurons_stay_when_their_consumer_is_called_again_elsewhere(conv
     assert_same(condensed, masked, torch.randn(2, 16, 4, 4) if conv else torch.randn(3, 16))
 
 
+class _SharedBatchNorm(nn.Module):
+    """One BatchNorm normalises two convolutions' outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.ca, self.cb = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.ca(torch.relu(self.bn(self.a(x)))) + self.cb(torch.relu(self.bn(self.b(x))))
+
+
+def test_a_batchnorm_shared_by_two_producers_keeps_its_channels():
+    """A mutant that let one producer's ablated neurons take their channels out of a BatchNorm also called for
+    another producer passed every test: the other call then failed (running_mean has 8 elements, not 6)."""
+    torch.manual_seed(0)
+    masked = randomize_bn(sparsify(_SharedBatchNorm(), SRigLConfig(sparsity=0.5, seed=1))).eval()
+    ablate(masked, {"a": [1, 2]})
+    condensed = condense(masked)
+    assert condensed.bn.num_features == 8 and condensed.ca.in_channels == 8
+    assert_same(condensed, masked, torch.randn(2, 3, 6, 6))
+
+
 @pytest.mark.parametrize("capture", ["symbolic_trace", "export"])
 def test_a_layer_whose_weight_the_forward_computes_with_stays_masked(capture):
     from srigl_compile.passes.graph_capture import capture_graph

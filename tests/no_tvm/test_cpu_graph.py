@@ -57,6 +57,44 @@ def test_each_signature_records_once_and_others_run_eagerly_past_the_limit():
     assert graphed.replays == 2
 
 
+class _Sine(nn.Module):
+    def forward(self, x):
+        return torch.sin(x) * 3
+
+
+def test_another_dtype_of_a_recorded_shape_records_again():
+    """A mutant that left the dtype out of a recording's key passed every test: a float64 input replayed the
+    float32 recording and came back float32, 1.2e-4 off."""
+    graphed = cpu_graph(_Sine())
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.float64, torch.float32, torch.float64):
+            x = torch.randn(4, 8, dtype=dtype) * 1e3
+            y = graphed(x)
+            assert y.dtype == dtype
+            torch.testing.assert_close(y, _Sine()(x), rtol=0, atol=0)
+    assert len(graphed._entries) == 2 and graphed.replays == 4
+
+
+class _Counter(nn.Module):
+    """Changes from call to call through a plain attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x * self.calls
+
+
+def test_a_forward_that_changes_from_call_to_call_is_refused_when_recorded():
+    """The check of a recording against the eager forward is what refuses such a forward: a mutant that made
+    it pass anything passed every test, and the graph replayed x * 2 for ever."""
+    graphed = cpu_graph(_Counter())
+    with torch.no_grad(), pytest.raises(ReplayError, match="does not match the eager forward"):
+        graphed(torch.ones(2, 3))
+
+
 def test_outputs_are_new_tensors_and_structures_and_kwargs_are_kept():
     class TwoHeads(nn.Module):
         def __init__(self):

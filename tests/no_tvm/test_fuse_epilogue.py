@@ -364,3 +364,22 @@ def test_parents_whose_forward_takes_more_than_one_input_are_not_rewritten():
     dropping the add silently (3.4 off): their branches were fixed by the trace."""
     fuse, fused = fused_unchanged(condensed(_CallsBlocks()), torch.randn(2, 8, 6, 5))
     assert fuse.fused == {} and type(fused.a) is _OptionalIdentity and type(fused.b) is _OptionalExtra
+
+
+class _AddThen(nn.Module):
+    """A residual add followed by an activation that has no fused form after an add (no add_gelu / add_silu)."""
+
+    def __init__(self, activation) -> None:
+        super().__init__()
+        self.conv, self.activation = nn.Conv2d(8, 8, 3, padding=1), activation
+
+    def forward(self, x):
+        return self.activation(self.conv(x) + x)
+
+
+@pytest.mark.parametrize("activation", [F.gelu, F.silu])
+def test_an_add_before_an_activation_without_an_add_form_fuses_the_add_alone(activation):
+    """A mutant that fused the GELU in place of the add dropped the skip connection (4.1 off) and passed every
+    test: none had an add before a GELU or SiLU."""
+    fuse, fused = fused_unchanged(condensed(nn.Sequential(_AddThen(activation))), torch.randn(2, 8, 6, 6))
+    assert fuse.fused == {"0.conv": "add"}
