@@ -24,7 +24,7 @@ from ..runtime.conv_geometry import output_size
 from ..runtime.conv_pool_op import conv_max_pool, traced_conv_max_pool
 from ..runtime.pool_op import kernel_takes, max_pool_computes
 from ..runtime.registry import get_handle
-from .lowered import LoweredConv, subsamples, with_layer_name
+from .lowered import LoweredConv, refuse_autograd, subsamples, with_layer_name
 from .pooling import LoweredMaxPool2d
 from .traced_dense import traced_dense_choice
 
@@ -73,6 +73,8 @@ class LoweredConvMaxPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         traced = type(x) is not torch.Tensor or torch.compiler.is_compiling()
+        if not traced and torch.is_grad_enabled():
+            refuse_autograd(self.conv, x)
         if not isinstance(x, torch.Tensor) or not self._bands_take(x, traced):  # (an fx Proxy is not a Tensor)
             return self.pool(self.conv(x))
         conv, pool = self.conv, self.pool

@@ -46,6 +46,8 @@ class LoweredLinear(CondensedLinear):
             if traced_dense_choice(self, x, residual) is not None:  # (the dense path eager calls chose)
                 return dense_form(self, x, residual)
             return self._call_kernel(x, self.values, self.indices, self.bias, residual)
+        if torch.is_grad_enabled():
+            refuse_autograd(self, x, residual)
         form = self.__dict__.get("_dense_form")  # (near-dense CPU layers: ``nn.dense_fallback``)
         if form is not None and (y := run_dense_if_faster(self, form, x, residual, self.kernel_path)) is not None:
             return y
@@ -135,7 +137,10 @@ class LoweredConv(CondensedConv):
         if type(x) is not torch.Tensor or torch.compiler.is_compiling():
             if traced_dense_choice(self, x, residual) is not None:  # (the dense path eager calls chose)
                 return dense_form(self, x, residual)
-        elif (form := self.__dict__.get("_dense_form")) is not None and (  # (near-dense CPU layers)
+            return self.kernel_path(x, residual)
+        if torch.is_grad_enabled():
+            refuse_autograd(self, x, residual)
+        if (form := self.__dict__.get("_dense_form")) is not None and (  # (near-dense CPU layers)
                 y := run_dense_if_faster(self, form, x, residual, self.kernel_path)) is not None:
             return y
         return self.kernel_path(x, residual)
@@ -415,6 +420,20 @@ def refuse_train(layer, mode: bool):
             "modules before it to train mode; call model.eval() to undo it. To train, train the sparse model and "
             "lower it again")
     return torch.nn.Module.train(layer, False)
+
+
+def refuse_autograd(layer, x: torch.Tensor, residual: torch.Tensor | None = None) -> None:
+    """Under grad mode: the kernels have no backward, so an input, residual or operand of ``layer`` that autograd
+    tracks (an operand set to requires_grad to fine-tune it, a replacement in ``torch.func.functional_call``)
+    would get no gradient, silently."""
+    named = [("its input", x), ("the residual", residual), *((f"its {n}", t) for n, t in layer._buffers.items()),
+             *((f"its {n}", t) for n, t in layer._parameters.items())]
+    tracked = [name for name, tensor in named if isinstance(tensor, torch.Tensor) and tensor.requires_grad]
+    if tracked:
+        raise InferenceOnlyError(
+            f"{layer_label(layer)}: autograd tracks {', '.join(tracked)}, but lowered layers run inference only (no "
+            "backward), so its gradient would stay None. Call the model under torch.no_grad() or "
+            "torch.inference_mode(), or fine-tune the sparse model (sparsify, prune) and lower it again.")
 
 
 def refuse_torchscript(layer) -> None:

@@ -167,8 +167,12 @@ def test_calls_the_bands_do_not_take_run_the_layers(stem):
         wide = LoweredConvMaxPool(fused.conv, type(fused.pool)(nn.MaxPool2d(3, 2, 2), fused.pool.kernel_key))
         with pytest.raises(RuntimeError, match="pad should be at most half"):  # (... padding 2: torch's error)
             wide(x)
-    with pytest.raises(InferenceOnlyError, match="requires grad"):
+    with pytest.raises(InferenceOnlyError, match="autograd tracks its input"):
         fused(x.clone().requires_grad_())
+    fused.conv.values.requires_grad_()  # (the convolution's own operand: no gradient would reach it)
+    with pytest.raises(InferenceOnlyError, match="autograd tracks its values"):
+        fused(x)
+    fused.conv.values.requires_grad_(False)
     program = torch.export.export(lowered, (x,))
     targets = {str(node.target) for node in program.graph.nodes}
     assert any("tvm_condensed_conv2d" in t for t in targets) and any("tvm_max_pool2d" in t for t in targets)

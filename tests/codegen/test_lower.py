@@ -203,6 +203,20 @@ def test_lowered_models_are_inference_only_and_say_so():
         lowered(torch.randn(2, 16))
     with pytest.raises(InferenceOnlyError):
         lowered[4](torch.randn(2, 32, 1, requires_grad=True))  # the conv kernel too
+    lowered[0].weight.requires_grad_(False)
+    # The layers' own operands: a probe fine-tuned a lowered layer's values (or swapped in tracked ones with
+    # functional_call), and backward() ran with their gradient left None.
+    for layer, name in ((lowered[1], "values"), (lowered[1], "bias"), (lowered[4], "values")):
+        getattr(layer, name).requires_grad_()
+        with pytest.raises(InferenceOnlyError, match=rf"'{1 if layer is lowered[1] else 4}': autograd tracks its "
+                                                     rf"{name}"):
+            lowered(torch.randn(2, 16))
+        getattr(layer, name).requires_grad_(False)
+    tracked = {"1.values": lowered[1].values.detach().clone().requires_grad_()}
+    with pytest.raises(InferenceOnlyError, match="autograd tracks its values"):
+        torch.func.functional_call(lowered, tracked, (torch.randn(2, 16),))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.func.functional_call(lowered, tracked, (x,)), lowered(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
