@@ -401,8 +401,10 @@ def check_columns(layer, indices: torch.Tensor) -> None:
         raise KernelDeviceError(f"{layer_label(layer)}: its operands are on the meta device (moved by .to('meta')), "
                                 "which holds no values: a lowered model runs on the device lower() built it for; "
                                 "lower the source model again")
+    if not indices.numel():
+        return  # (every neuron ablated: no kernel, no columns; its output is the scatter of its biases)
     bound = get_handle(layer.kernel_key).spec.n_in
-    if indices.numel() and not (int(indices.min()) >= 0 and int(indices.max()) < bound):
+    if not (int(indices.min()) >= 0 and int(indices.max()) < bound):
         raise LayerError(f"{layer_label(layer)}: its indices hold columns in "
                          f"[{int(indices.min())}, {int(indices.max())}], outside the kernel's [0, {bound}): "
                          "overwritten with another model's or damaged (load_state_dict from a lowered model of the "

@@ -350,3 +350,24 @@ def test_a_consumer_left_with_one_input_feature_lowers_and_runs_at_every_batch()
         x = torch.randn(batch, 8)
         with torch.no_grad():
             torch.testing.assert_close(lowered(x), masked(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_a_layer_with_every_neuron_ablated_lowers_and_runs(conv):
+    """A probe found a Linear left with no active neuron lowered, then failed on its first call asking for a
+    kernel '' (it has none: its output is its biases)."""
+    from srigl_compile import cpu_graph
+
+    torch.manual_seed(0)
+    layer = (lambda i, o: nn.Conv2d(i, o, 3, padding=1)) if conv else nn.Linear
+    net = nn.Sequential(layer(16, 32), nn.ReLU(), layer(32, 32), nn.ReLU(), layer(32, 4))
+    masked = sparsify(net, SRigLConfig(sparsity=0.8, distribution="uniform")).eval()
+    with torch.no_grad():
+        masked[2].bias.uniform_(-1, 1)  # (the ablated layer's constant output, through the ReLU)
+    ablate(masked, {"2": list(range(32))})
+    lowered = lower(masked, progress=False)
+    graphed = cpu_graph(lowered)
+    for batch in (1, 3, 64):
+        x = torch.randn(batch, 16, 5, 5) if conv else torch.randn(batch, 16)
+        assert_same(lowered, masked, x)
+        assert_same(graphed, masked, x)
