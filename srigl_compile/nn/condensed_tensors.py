@@ -1,6 +1,6 @@
-"""Tensors a condensed layer hands out or keeps: a data-less stand-in for its dense weight, and normal copies of
+"""Tensors a condensed layer hands out or keeps: a data-less stand-in for its dense weight, normal copies of
 tensors made under ``torch.inference_mode()`` (which have no version counter, and the kernels' prepared calls and
-dense forms watch versions).
+dense forms watch versions), and its operands read fast.
 
 Example:
     >>> WeightStandIn.make((4, 8), torch.float32, torch.device("cpu")).shape
@@ -13,7 +13,7 @@ import torch
 
 from ..errors import LayerError
 
-__all__ = ["WeightStandIn", "outside_inference_mode", "version_of"]
+__all__ = ["WeightStandIn", "operands", "outside_inference_mode", "version_of"]
 
 
 class WeightStandIn(torch.Tensor):
@@ -63,3 +63,14 @@ def outside_inference_mode(value):
 def version_of(tensor: torch.Tensor) -> int | None:
     """The tensor's version counter; None for a tensor made under torch.inference_mode() (it has none)."""
     return None if tensor.is_inference() else tensor._version
+
+
+def operands(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(values, indices, bias) of a condensed layer, from its buffers (``nn.Module.__getattr__`` costs ~1 us a
+    buffer, and a batch-1 call reads them all); through its attributes where a parametrization
+    (``torch.nn.utils.parametrize``) took one over, moving the buffer into ``layer.parametrizations``."""
+    buffers = layer._buffers
+    try:
+        return buffers["values"], buffers["indices"], buffers["bias"]
+    except KeyError:
+        return layer.values, layer.indices, layer.bias

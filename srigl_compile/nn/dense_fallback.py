@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from ..runtime.call_record import recording_here
 from ..runtime.checks import broadcasts_to
 from ..runtime.spec import apply_epilogue
-from .condensed_tensors import version_of
+from .condensed_tensors import operands, version_of
 
 __all__ = ["DenseForm", "CANDIDATE_DENSITY", "DENSE_VARIANTS", "MARGIN", "MIN_SAVING_S", "FORWARD_SAVING_S",
            "dense_form_for", "watched_operands", "operands_of", "form_takes", "run_dense_if_faster", "settle_trials",
@@ -269,8 +269,8 @@ def dense_form_for(layer, values: torch.Tensor, columns: torch.Tensor) -> DenseF
 
 def operands_of(layer) -> tuple[torch.Tensor, ...]:
     """The lowered layer's operand tensors: values, indices, and bias if any."""
-    buffers = layer._buffers
-    return (buffers["values"], buffers["indices"]) + ((buffers["bias"],) if buffers["bias"] is not None else ())
+    values, indices, bias = operands(layer)
+    return (values, indices) + ((bias,) if bias is not None else ())
 
 
 def watched_operands(layer) -> tuple[tuple[torch.Tensor, int | None], ...]:

@@ -22,6 +22,7 @@ from ..runtime.conv_geometry import output_size, phase_columns, phase_kernel
 from ..runtime.registry import get_handle
 from ..runtime.spec import KernelSpec, apply_epilogue
 from .condensed import CondensedConv, CondensedLinear, accepts_unbatched, index_dtype_for
+from .condensed_tensors import operands
 from .dense_fallback import dense_form_for, run_dense_if_faster, watched_operands
 from .traced_dense import dense_form, traced_dense_choice
 
@@ -55,9 +56,7 @@ class LoweredLinear(CondensedLinear):
 
     def kernel_path(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """The layer's output by its kernel, whatever its dense form would choose (an eager call)."""
-        # Eager: nn.Module.__getattr__ costs ~1 us a buffer, and a batch-1 call reads four (about 10% of it).
-        buffers = self._buffers
-        values, indices, bias = buffers["values"], buffers["indices"], buffers["bias"]
+        values, indices, bias = operands(self)
         check_columns(self, indices)
         row_call = self.__dict__.get("_row_call")  # (the CPU row kernel on operands already checked: 1-2 rows)
         if row_call is not None and (y := row_call(x, values, indices, bias)) is not None:
@@ -149,10 +148,11 @@ class LoweredConv(CondensedConv):
         """The layer's output by its kernel, whatever its dense form would choose."""
         compiling = torch.compiler.is_compiling()
         repeat = None if compiling else self.__dict__.get("_repeat")
+        held = operands(self)
         if not compiling and type(x) is torch.Tensor:
-            check_columns(self, self._buffers["indices"])
+            check_columns(self, held[1])
         operand = residual if self.fused_epilogue else None  # (else torch adds it, after the kernel)
-        if repeat is not None and (y := repeat(x, operand, self._buffers)) is not None:
+        if repeat is not None and (y := repeat(x, operand, held)) is not None:
             y = self.scatter(y, dim=1)
             return y if self.fused_epilogue else apply_epilogue(y, self.epilogue, residual)
         return self._forward(x, residual)
@@ -249,7 +249,7 @@ class _RepeatConv:
     version: int
     subsample: tuple[int, int] | None
 
-    def __call__(self, x, residual, buffers) -> torch.Tensor | None:
+    def __call__(self, x, residual, held) -> torch.Tensor | None:
         if type(x) is not torch.Tensor or x.shape != self.x_shape or x.stride() != self.x_stride \
                 or x.dtype != torch.float32 or not x.is_cpu:
             return None
@@ -261,7 +261,7 @@ class _RepeatConv:
               or residual.stride() != self.residual_stride or not residual.is_cpu
               or (grad and residual.requires_grad)):
             return None
-        values, indices, bias = buffers["values"], buffers["indices"], buffers["bias"]
+        values, indices, bias = held
         if values is not self.values or indices is not self.indices or bias is not self.bias \
                 or indices._version != self.version or (grad and x.requires_grad):
             return None

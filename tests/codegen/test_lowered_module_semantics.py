@@ -92,3 +92,27 @@ def test_torch_jit_trace_is_refused_naming_what_works(kind):
     with torch.no_grad(), pytest.raises(LoweringError, match=r"lowered Lowered\w+ '0': torch.jit cannot trace the TVM "
                                                             r"kernels; use torch.export.export or torch.compile"):
         torch.jit.trace(lowered, x)
+
+
+class _PlusOne(nn.Module):
+    def forward(self, bias):
+        return bias + 1
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_a_parametrized_bias_is_computed_with(conv):
+    """torch.nn.utils.parametrize moves the bias into ``parametrizations``: the lowered forward read its buffers
+    by name and failed with a bare KeyError: 'bias'."""
+    import torch.nn.utils.parametrize as parametrize
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)) if conv else \
+        nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    masked = sparsify(net, SRigLConfig(sparsity=0.8)).eval()
+    lowered = lower(masked, progress=False)
+    parametrize.register_parametrization(lowered[0], "bias", _PlusOne())
+    with torch.no_grad():
+        masked[0].bias.add_(1)
+        for batch in (1, 8, 1):  # (the row kernel, the batch kernels, the row kernel with its prepared call)
+            x = torch.randn(batch, 3, 6, 6) if conv else torch.randn(batch, 16)
+            torch.testing.assert_close(lowered(x), masked(x), rtol=1e-5, atol=1e-5)
