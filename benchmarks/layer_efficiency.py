@@ -78,8 +78,9 @@ def layer_efficiency(lowered: torch.nn.Module, x: torch.Tensor, forwards: int = 
             flops[name] += useful_flops(module, out, inputs[0])
         return hook
 
-    hooks = [h for name, m in layers.items()
-             for h in (m.register_forward_pre_hook(before(name)), m.register_forward_hook(after(name)))]
+    hooks = [h for name, m in layers.items()  # (nn.Module's own method: a fused layer's warns about what it sees)
+             for h in (m.register_forward_pre_hook(before(name)),
+                       torch.nn.Module.register_forward_hook(m, after(name)))]
     try:
         with torch.no_grad():
             total = [_seconds(lambda: lowered(x)) for _ in range(forwards)]

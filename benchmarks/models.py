@@ -129,7 +129,7 @@ def hooked_share(model: nn.Module, is_sparse: Callable[[str, nn.Module], bool], 
     for name, module in model.named_modules():
         if is_sparse(name, module):
             handles.append(module.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter())))
-            handles.append(module.register_forward_hook(
+            handles.append(nn.Module.register_forward_hook(module,
                 lambda *_: spent.__setitem__(0, spent[0] + time.perf_counter() - starts.pop())))
     try:
         start = time.perf_counter()

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._warnings import warn_user
 from ..errors import LayerError
 from ..runtime.conv_geometry import output_size
 from ..runtime.spec import EPILOGUES, apply_epilogue
@@ -99,6 +100,13 @@ class _Condensed(nn.Module):
         form = self.__dict__.get("_dense_form")
         if replaced and form is not None:
             form.rewatch(replaced)
+
+    def register_forward_hook(self, hook, *args, **kwargs):
+        if self.epilogue:  # (what ``lower`` fused: the hook would silently see something else than before)
+            warn_user(f"a forward hook on this {type(self).__name__} sees its output after the {self.epilogue!r} "
+                      "it computes (lower() fused it into the layer), not the layer's own output: lower with "
+                      "fuse_epilogues=False to keep the activation and residual add as torch ops")
+        return super().register_forward_hook(hook, *args, **kwargs)
 
     def set_epilogue_(self, epilogue: str) -> None:
         """Compute ``epilogue`` (one of ``epilogues``: "relu", "gelu", "silu", "add", "add_relu"; with an add, forward

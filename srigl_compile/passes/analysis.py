@@ -62,7 +62,8 @@ def _output_shapes(model: nn.Module, example_inputs: Any) -> dict[str, torch.Siz
                 shapes.setdefault(name, out.shape)
         return hook
 
-    hooks = [m.register_forward_hook(record(name)) for name, m in model.named_modules()]
+    # (nn.Module's own method: a condensed layer's warns users that its hook sees the fused epilogue)
+    hooks = [nn.Module.register_forward_hook(m, record(name)) for name, m in model.named_modules()]
     try:
         args, kwargs = example_args(example_inputs)
         with eval_mode(model), FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():

@@ -116,3 +116,20 @@ def test_a_parametrized_bias_is_computed_with(conv):
         for batch in (1, 8, 1):  # (the row kernel, the batch kernels, the row kernel with its prepared call)
             x = torch.randn(batch, 3, 6, 6) if conv else torch.randn(batch, 16)
             torch.testing.assert_close(lowered(x), masked(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_hook_on_a_layer_computing_a_fused_activation_is_warned_about():
+    """A probe's hook on a lowered layer got relu(y) where it had the pre-activation y on the sparse model (5.3
+    off), without a word: lower() warns only about hooks that exist when it runs."""
+    import warnings
+
+    torch.manual_seed(0)
+    masked = sparsify(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), SRigLConfig(sparsity=0.8))
+    lowered = lower(masked.eval(), progress=False)
+    with pytest.warns(UserWarning, match=r"LoweredLinear sees its output after the 'relu' it computes.*"
+                                         r"fuse_epilogues=False"):
+        lowered[0].register_forward_hook(lambda *args: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lowered[2].register_forward_hook(lambda *args: None)  # (no epilogue: nothing to say)
+        lower(masked, progress=False, fuse_epilogues=False)[0].register_forward_hook(lambda *args: None)
