@@ -19,7 +19,7 @@ import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
 from ..runtime import conv_op
-from ..runtime.checks import KernelShapeError
+from ..runtime.checks import KernelDtypeError, KernelShapeError
 from ..runtime.conv_geometry import output_size
 from ..runtime.conv_pool_op import conv_max_pool, traced_conv_max_pool
 from ..runtime.pool_op import kernel_takes, max_pool_computes
@@ -88,7 +88,7 @@ class LoweredConvMaxPool(nn.Module):
         try:
             call, values = conv_op.prepare_call(images, conv.values, conv.indices, conv.bias, conv.kernel_key, kernel,
                                                 padding, dilation, stride)
-        except KernelShapeError as err:
+        except (KernelShapeError, KernelDtypeError) as err:
             raise with_layer_name(err, conv) from None
         return conv_max_pool(images, call, values, conv.bias, pooling)
 

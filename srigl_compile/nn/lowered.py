@@ -17,7 +17,7 @@ import torch
 
 from ..errors import InferenceOnlyError, LayerError, LoweringError
 from ..runtime import conv_op, linear_op  # register torch.ops.srigl_compile.tvm_condensed_* (no TVM import)
-from ..runtime.checks import KernelDeviceError, KernelShapeError, broadcasts_to, check_no_grad
+from ..runtime.checks import KernelDeviceError, KernelDtypeError, KernelShapeError, broadcasts_to, check_no_grad
 from ..runtime.conv_geometry import output_size, phase_columns, phase_kernel
 from ..runtime.registry import get_handle
 from ..runtime.spec import KernelSpec, apply_epilogue
@@ -69,7 +69,7 @@ class LoweredLinear(CondensedLinear):
         operand = residual if self.fused_epilogue and "add" in self.epilogue else None  # (else added by torch)
         try:
             y = linear_op.condensed_linear(x, values, indices, bias, self.kernel_key, self.col_threshold, operand)
-        except KernelShapeError as err:
+        except (KernelShapeError, KernelDtypeError) as err:
             raise with_layer_name(err, self) from None
         if type(x) is torch.Tensor and not torch.compiler.is_compiling():
             self._refresh_row_call(values, indices, bias)
@@ -183,7 +183,7 @@ class LoweredConv(CondensedConv):
         else:  # (strided: self.indices hold the phase convolution's columns, see kernel_operands)
             try:
                 y = self._run_kernel(x, x2, images, kernel, padding, dilation, stride, subsample, residual)
-            except KernelShapeError as err:
+            except (KernelShapeError, KernelDtypeError) as err:
                 raise with_layer_name(err, self) from None
         y = self.scatter(y, dim=1)
         return y.squeeze(2) if self.dims == 1 else y
@@ -282,9 +282,9 @@ def _kernel_adds(residual: torch.Tensor, out_shape: tuple) -> bool:
     return broadcasts_to(residual.shape, out_shape) is not False
 
 
-def with_layer_name(err: KernelShapeError, layer) -> KernelShapeError:
-    """The kernel's shape error, naming the layer."""
-    return KernelShapeError(f"{layer_label(layer)} {err}")
+def with_layer_name(err: KernelShapeError | KernelDtypeError, layer) -> KernelShapeError | KernelDtypeError:
+    """The kernel's shape or dtype error, naming the layer (the kernel's key may serve several layers)."""
+    return type(err)(f"{layer_label(layer)} {err}")
 
 
 def layer_label(layer) -> str:

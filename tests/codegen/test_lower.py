@@ -235,8 +235,8 @@ def test_a_model_in_another_dtype_lowers_to_float32_and_stays_there(dtype):
         expected = masked.float()(x)  # (the float32 version of the same weights)
     assert_same(lowered, masked, x, tol=1e-5)
     torch.testing.assert_close(lowered(x), expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(KernelDtypeError, match="lower it again"):
-        lowered.to(dtype)(x.to(dtype) if dtype == torch.float64 else x)
+    with pytest.raises(KernelDtypeError, match="lowered LoweredLinear '0' kernel .* lower it again"):
+        lowered.to(dtype)(x.to(dtype) if dtype == torch.float64 else x)  # (named: a kernel serves like layers)
 
 
 def test_lower_and_its_target_reject_the_wrong_kinds_of_argument():
