@@ -3,7 +3,7 @@
 A saved model is a folder:
     model.pt        the module (torch.save of the whole nn.Module; lowered layers hold only tensors and a key)
     kernels/        every compiled kernel library with its manifest and SHA-256s (``runtime.kernel_io``)
-    manifest.json   format, versions, the model file's SHA-256, the kernel keys it needs
+    manifest.json   format, versions, the SHA-256s of the model file and of the kernels' manifest, the kernel keys
 
 Loading checks the manifests and hashes, registers the kernel libraries, then loads the module and checks that
 every lowered layer's kernel is there. A missing, corrupt or mismatched file is a CheckpointError.
@@ -67,15 +67,19 @@ def save_lowered(model: nn.Module, path) -> Path:
         raise CheckpointError("the model has no lowered layers: call srigl_compile.lower(model) first")
     if path.is_dir() and any(path.iterdir()):
         _read_manifest(path)  # (a folder with files is replaced only if save_lowered wrote it)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside, then swapped in: a save that fails (an attribute pickle refuses) leaves the last one whole.
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written beside, then swapped in: a save that fails (an attribute pickle refuses) leaves the last one whole.
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
+    except OSError as err:
+        raise CheckpointError(f"cannot write the folder {path}: {err.strerror or err}; choose another path") from None
     staging.chmod(0o777 & ~_umask())  # (mkdtemp's 0700 would become the saved folder's mode)
     try:
         export_kernels([get_handle(key) for key in keys], staging / "kernels")
         torch.save(model, staging / "model.pt")
         manifest = {"format": FORMAT, "torch": torch.__version__, "tvm": version("apache-tvm"), "kernels": keys,
-                    "model_sha256": _sha256(staging / "model.pt")}
+                    "model_sha256": _sha256(staging / "model.pt"),
+                    "kernels_sha256": _sha256(staging / "kernels" / "manifest.json")}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -113,6 +117,10 @@ def load_lowered(path) -> nn.Module:
 
     path = as_folder(path, "load_lowered reads the folder save_lowered wrote", CheckpointError)
     manifest = _read_manifest(path)
+    kernels = path / "kernels" / "manifest.json"
+    if "kernels_sha256" in manifest and (not kernels.exists() or _sha256(kernels) != manifest["kernels_sha256"]):
+        raise CheckpointError(f"{kernels} is missing or does not match manifest.json: edited or replaced (its "
+                              "entries tell how each library is called); save the model again")
     loaded = load_kernels(path / "kernels")
     model_file = path / "model.pt"
     if not model_file.exists() or _sha256(model_file) != manifest["model_sha256"]:

@@ -24,7 +24,10 @@ def as_folder(path: str | os.PathLike, what: str, error: type[CheckpointError] =
     """``path`` as a folder to read or write: a file at it (or at a parent) is ``error`` saying ``what`` the path
     must be, rather than the NotADirectoryError / FileExistsError of the first file operation."""
     folder = Path(path)
-    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    try:
+        blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    except OSError as err:  # (a name too long, a folder that cannot be listed)
+        raise error(f"cannot use the path {folder}: {err.strerror or err}; {what}") from None
     if blocking is not None:
         raise error(f"{blocking} is a file, not a folder: {what}; pass a folder path")
     return folder

@@ -81,6 +81,9 @@ def _read_manifest(folder: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise KernelFileError(f"{folder / 'manifest.json'} is not a {FORMAT} manifest "
                               f"(format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    if not isinstance(manifest.get("kernels", {}), dict):
+        raise KernelFileError(f"{folder / 'manifest.json'} is corrupt: its kernels are a "
+                              f"{type(manifest['kernels']).__name__}, not an object keyed by kernel")
     return manifest
 
 

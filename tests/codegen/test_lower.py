@@ -310,6 +310,36 @@ def test_corrupt_or_missing_files_are_checkpoint_errors(lowered_mlp, tmp_path):
         save_lowered(mlp(), tmp_path / "dense")
 
 
+def test_an_edited_kernel_manifest_is_a_checkpoint_error(lowered_mlp, tmp_path):
+    """A probe edited kernels/manifest.json (it has no hash of its own): its entries say how each library is
+    called, and an edited tile parameter loaded, then failed in TVM at the first call; a list of kernels raised
+    AttributeError."""
+    import json
+
+    from srigl_compile.runtime.kernel_files import KernelFileError
+    from srigl_compile.runtime.kernel_io import load_kernels
+
+    _, lowered = lowered_mlp
+    folder = save_lowered(lowered, tmp_path / "model")
+    manifest = folder / "kernels" / "manifest.json"
+    text = manifest.read_text()
+    for edited in (text.replace('"device": "cpu"', '"device": "cuda"', 1),
+                   json.dumps({**json.loads(text), "kernels": []})):
+        assert edited != text
+        manifest.write_text(edited)
+        with pytest.raises(CheckpointError, match="kernels/manifest.json is missing or does not match"):
+            load_lowered(folder)
+    with pytest.raises(KernelFileError, match="its kernels are a list"):
+        load_kernels(folder / "kernels")
+    manifest.write_text(text)
+    x = torch.randn(3, 32)
+    assert torch.equal(load_lowered(folder)(x), lowered(x))
+    with pytest.raises(CheckpointError, match="cannot use the path .*File name too long"):
+        save_lowered(lowered, tmp_path / ("x" * 300) / "model")
+    with pytest.raises(CheckpointError, match="cannot write the folder .*; choose another path"):
+        save_lowered(lowered, "/proc/srigl_compile_test/model")  # (unwritable even for root, who CI may be)
+
+
 def test_saving_over_a_saved_model_replaces_its_kernels(lowered_mlp, tmp_path):
     _, lowered = lowered_mlp
     other = lower(sparsify(nn.Sequential(nn.Linear(8, 24)), SRigLConfig(sparsity=0.5)), progress=False)
