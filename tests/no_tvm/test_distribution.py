@@ -118,3 +118,14 @@ def test_fan_in_hands_ablated_budget_to_survivors():
     assert constant_fan_in(100, 7) == 14
     with pytest.raises(ValueError):
         constant_fan_in(100, 0)
+
+
+@pytest.mark.parametrize("power", [0.5, 2.0])
+def test_erk_power_scales_the_ratio_of_layer_densities(power):
+    """ERK's density of a layer goes as its raw score to the power (SRIGL_SPEC §2.2): a mutant ignoring the power
+    passed every test, which checked the global budget only (eps normalises the power away)."""
+    shapes = {"a": (64, 32), "b": (128, 256), "c": (32, 16, 3, 3)}
+    raw = {name: sum(shape) / math.prod(shape) for name, shape in shapes.items()}
+    densities = erk_densities(shapes, 0.1, {}, power)
+    assert densities["a"] < 1 and densities["b"] < 1
+    assert densities["a"] / densities["b"] == pytest.approx((raw["a"] / raw["b"]) ** power, rel=1e-9)

@@ -214,3 +214,41 @@ def test_check_constant_fan_in_raises_on_violation():
         check_constant_fan_in(ok, k=3)
     with pytest.raises(InvariantError, match="ablated"):
         check_constant_fan_in(ok, ablated=torch.tensor([False, False, False]))
+
+
+def test_the_drop_keeps_the_largest_magnitudes_whatever_their_sign():
+    """Every hand-built case had positive weights: a mutation probe's drop by signed W passed them all."""
+    mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
+    weight = torch.tensor([[-5.0, 0.1, 2.0, 0.0]])
+    sel = srigl_select(mask, LayerScores(magnitude_drop_scores(weight, mask), torch.tensor([[0.0, 0, 0, 1]])), 3,
+                       1 / 3, ablation=False, gamma_sal=0.3)
+    assert sel.kept.tolist() == [[True, False, True, False]], "the 0.1 weight goes, the -5 weight stays"
+
+
+def test_the_grow_takes_the_largest_gradient_magnitude_whatever_its_sign():
+    from srigl_compile.sparsity import gradient_grow_scores
+
+    mask = torch.tensor([[1, 1, 0, 0]], dtype=torch.bool)
+    weight = torch.tensor([[3.0, 0.1, 0.0, 0.0]])
+    grow = gradient_grow_scores(torch.tensor([[0.0, 0.0, -9.0, 0.5]]), "layer")
+    sel = srigl_select(mask, LayerScores(magnitude_drop_scores(weight, mask), grow), 2, 0.5, ablation=False,
+                       gamma_sal=0.3)
+    assert sel.grown.tolist() == [[False, False, True, False]]
+
+
+def test_gamma_sal_of_one_is_a_count_of_one_salient_weight():
+    """gamma_sal >= 1 is an absolute count (SRIGL_SPEC §2.6 step 3): a mutant reading 1.0 as the fraction 1 (tau
+    = k0) passed every test."""
+    assert ablation_threshold(1.0, 50) == 1 and ablation_threshold(1, 7) == 1
+    assert ablation_threshold(0.3, 5) == 1 and ablation_threshold(0.5, 7) == 3  # (floors: 1.5, 3.5)
+    mask = torch.zeros(4, 8, dtype=torch.bool)
+    mask[:, :4] = True
+    weight = torch.ones(4, 8) * mask
+    weight[3, :2] = 1e-4  # neuron 3: 2 of its 4 weights salient, which a count of 1 keeps
+    sel = srigl_select(mask, LayerScores(magnitude_drop_scores(weight, mask), torch.zeros(4, 8)), 16, 2 / 16,
+                       ablation=True, gamma_sal=1.0)
+    assert not sel.ablated.any()
+
+
+def test_top_n_ties_go_to_the_lowest_flat_indices():
+    assert top_n_mask(torch.tensor([[1.0, 1.0], [1.0, 0.5]]), 2).tolist() == [[True, True], [False, False]]

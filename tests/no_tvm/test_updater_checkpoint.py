@@ -241,3 +241,38 @@ def test_a_valid_state_round_trips_and_a_valid_ablated_mask_loads(state):
     ablated["explored"]["0"] = torch.full_like(state["explored"]["0"], 255)
     updater.load_state_dict(ablated)
     assert torch.equal(dict(model.named_modules())["0"].mask, mask)
+
+
+_CHANGED = {"method": "rigl", "ablation": False, "gamma_sal": 0.5, "alpha": 0.2, "delta_t": 5, "t_end_fraction": 0.5,
+            "grad_accumulation_n": 2, "seed": 7}
+
+
+@pytest.mark.parametrize("field", sorted(_CHANGED))
+def test_a_checkpoint_made_with_another_training_setting_is_refused_naming_it(state, field):
+    """A mutation probe dropped gamma_sal from the settings a resume must share, and every test passed: only
+    delta_t was tried."""
+    edited = {**state, "config": {**state["config"], field: _CHANGED[field]}}
+    assert edited["config"][field] != state["config"][field]
+    model, updater, _ = build()
+    before = snapshot(model, updater)
+    with pytest.raises(CheckpointError, match=rf"other training settings \(\['{field}'\]\)"):
+        updater.load_state_dict(edited)
+    assert_unchanged(before, snapshot(model, updater))
+
+
+def test_a_checkpoint_from_a_run_of_another_length_is_refused():
+    """T_end is a fraction of total_steps: resuming into a longer run would move every later update."""
+    model, updater, _ = build()
+    updater.close()
+    longer = SRigLUpdater(model, updater.optimizer, updater.config, total_steps=2 * TOTAL)
+    with pytest.raises(CheckpointError, match="total_steps"):
+        longer.load_state_dict(saved_state())
+
+
+@pytest.mark.parametrize("field", ["n_out", "fan_in", "budget", "k0", "protected"])
+def test_a_plan_field_differing_alone_is_refused(state, field):
+    """A mutation probe stopped comparing budgets and every test passed: the one test changed k0 with it."""
+    plan = state["plans"]["0"]
+    edited = {**state, "plans": {**state["plans"], "0": {**plan, field: (not plan[field]) if field == "protected"
+                                                          else plan[field] + 1}}}
+    assert_refused(edited, field, rf"layer '0': the checkpoint's plan differs in \['{field}'\]")
