@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 
 import torch
 import torch.nn as nn
 
 from .._warnings import warn_user
-from ..errors import LayerError
+from ..errors import CheckpointError, LayerError
 from ..nn.condensed import CondensedConv, CondensedLinear
 from ..nn.lowered import LoweredConv, LoweredLinear, kernel_spec, make_lowered_, pointwise_unpadded
 from ..nn.masked import is_masked
@@ -142,9 +143,21 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
         lowered = PassManager(passes).run(copy.deepcopy(model), Analyses(example_inputs))
     _warn_dropped_hooks(model, lowered)
     model = lowered
+    if callable(getattr(type(model), "save_pretrained", None)):  # (a Hugging Face model: push_to_hub saves so too)
+        model.save_pretrained = functools.partial(refuse_save_pretrained, type(model).__name__)
     # Inference only: the kernels have no backward, dropout must be off, and dense parameters need no gradients
     # (a lowered layer refuses an input autograd tracks, InferenceOnlyError).
     return backend.place(model).eval().requires_grad_(False)
+
+
+def refuse_save_pretrained(class_name: str, *args, **kwargs):
+    """A lowered Hugging Face model's ``save_pretrained`` (an attribute of the instance, set by ``lower``): it would
+    write condensed operands under names ``from_pretrained`` does not know, which then initialises those weights at
+    random and returns a model that computes something else."""
+    raise CheckpointError(f"a lowered {class_name} cannot be saved with save_pretrained: its layers hold condensed "
+                          "values and indices, which from_pretrained would replace with random weights. Save it "
+                          "with srigl_compile.save_lowered(model, path) (load_lowered reads it back), or save the "
+                          "sparse model it was lowered from")
 
 
 def _hooked(module: nn.Module) -> bool:
