@@ -17,7 +17,14 @@ import torch
 
 from ..errors import InferenceOnlyError, LayerError, LoweringError
 from ..runtime import conv_op, linear_op  # register torch.ops.srigl_compile.tvm_condensed_* (no TVM import)
-from ..runtime.checks import KernelDeviceError, KernelDtypeError, KernelShapeError, broadcasts_to, check_no_grad
+from ..runtime.checks import (
+    KernelDeviceError,
+    KernelDtypeError,
+    KernelShapeError,
+    broadcasts_to,
+    check_no_grad,
+    refuse_onnx_export,
+)
 from ..runtime.conv_geometry import output_size, phase_columns, phase_kernel
 from ..runtime.registry import get_handle
 from ..runtime.spec import KernelSpec, apply_epilogue
@@ -441,5 +448,6 @@ def refuse_autograd(layer, x: torch.Tensor, residual: torch.Tensor | None = None
 def refuse_torchscript(layer) -> None:
     """torch.jit.trace of a lowered model: the kernels are TVM functions TorchScript cannot record (it failed with an
     internal assert or a raw TVM type error)."""
+    refuse_onnx_export(layer_label(layer))  # (torch.onnx.export(..., dynamo=False) traces with torch.jit)
     raise LoweringError(f"{layer_label(layer)}: torch.jit cannot trace the TVM kernels; use torch.export.export or "
                         "torch.compile (both keep them), or save_lowered")

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ..runtime.checks import register_fake
 from .dense_fallback import DenseForm, form_takes, operands_of
 
 __all__ = ["traced_dense_choice", "dense_form"]
@@ -114,4 +115,4 @@ def _fake(x: torch.Tensor, residual: torch.Tensor | None, layer_key: str) -> tor
 _LIB = torch.library.Library("srigl_compile", "FRAGMENT")
 _LIB.define("dense_form(Tensor x, Tensor? residual, str layer_key) -> Tensor")
 _LIB.impl("dense_form", _run, "CompositeExplicitAutograd")
-torch.library.register_fake("srigl_compile::dense_form", _fake, lib=_LIB)
+register_fake("srigl_compile::dense_form", _LIB)(_fake)

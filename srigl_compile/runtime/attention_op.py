@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .checks import register_fake
 from .registry import get_handle
 from .scratch import result, scratch
 
@@ -63,7 +64,7 @@ _LIB.define("tvm_attention(Tensor q, Tensor k, Tensor v, int heads, int head_dim
 _LIB.impl("tvm_attention", _run, "CompositeExplicitAutograd")
 
 
-@torch.library.register_fake("srigl_compile::tvm_attention", lib=_LIB)
+@register_fake("srigl_compile::tvm_attention", _LIB)
 def _tvm_attention_fake(q, k, v, heads, head_dim, q_off, k_off, v_off, kernel_key):
     return q.new_empty((q.shape[0], q.shape[1], heads * head_dim))
 

@@ -6,13 +6,16 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
 
 from ..errors import DeviceError, InferenceOnlyError, LoweringError
 
 __all__ = ["KernelDeviceError", "KernelDtypeError", "KernelShapeError", "check_cpu_float32", "check_runs_here",
            "check_no_grad", "check_cpu_operands", "check_bias", "check_residual", "check_residual_shape",
-           "broadcasts_to", "check_batch_input"]
+           "broadcasts_to", "check_batch_input", "in_onnx_export", "refuse_onnx_export", "register_fake"]
 
 
 class KernelDeviceError(DeviceError, ValueError):
@@ -102,3 +105,29 @@ def check_batch_input(x: torch.Tensor, handle) -> None:
     if x.dim() == 0 or x.shape[-1] != handle.n_in:
         raise KernelShapeError(f"expects {handle.n_in} input features, got an input of shape {tuple(x.shape)} "
                                f"(kernel {handle.key})")
+
+
+def in_onnx_export() -> bool:
+    """Whether ``torch.onnx.export`` is tracing (without importing torch.onnx, which nothing else needs)."""
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
+def refuse_onnx_export(what: str) -> None:
+    """Under ``torch.onnx.export``: ONNX has no operator for a compiled kernel, and its own error named neither."""
+    if in_onnx_export():
+        raise LoweringError(f"torch.onnx.export met {what}, which ONNX cannot hold: export the sparse model (from "
+                            "sparsify or prune) to ONNX, or keep the lowered model in torch (torch.export and "
+                            "torch.compile keep its kernels; save_lowered saves it)")
+
+
+def register_fake(op: str, lib):
+    """``torch.library.register_fake`` for the library's operators, whose fakes also refuse ``torch.onnx.export``
+    (its default exporter traces with them)."""
+    def register(fake):
+        @functools.wraps(fake)
+        def refusing_onnx(*args, **kwargs):
+            refuse_onnx_export(f"{op.split('::')[-1]}, a compiled kernel of a lowered model")
+            return fake(*args, **kwargs)
+        return torch.library.register_fake(op, refusing_onnx, lib=lib)
+    return register

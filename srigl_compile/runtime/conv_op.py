@@ -42,6 +42,7 @@ from .checks import (
     check_residual,
     check_residual_shape,
     check_runs_here,
+    register_fake,
 )
 from .conv_geometry import (
     VECTOR,
@@ -339,7 +340,7 @@ _LIB.define("tvm_condensed_conv2d(Tensor x, Tensor values, Tensor columns, Tenso
 _LIB.impl("tvm_condensed_conv2d", _run, "CompositeExplicitAutograd")
 
 
-@torch.library.register_fake("srigl_compile::tvm_condensed_conv2d", lib=_LIB)
+@register_fake("srigl_compile::tvm_condensed_conv2d", _LIB)
 def _tvm_condensed_conv2d_fake(x, values, columns, bias, kernel_key, kernel_size, padding, dilation, stride,
                                residual=None, planar_output=False, pitched_output=False):
     call = plan_call(x, get_handle(kernel_key), kernel_size, padding, dilation, stride, planar_output,
@@ -352,7 +353,7 @@ _LIB.impl("tvm_subsample_images", lambda x, stride, kernel_key: _subsampled(
     x, (int(stride[0]), int(stride[1])), get_handle(kernel_key), result), "CompositeExplicitAutograd")
 
 
-@torch.library.register_fake("srigl_compile::tvm_subsample_images", lib=_LIB)
+@register_fake("srigl_compile::tvm_subsample_images", _LIB)
 def _tvm_subsample_images_fake(x, stride, kernel_key):
     return x.new_empty_strided(*_subsampled_layout(get_handle(kernel_key), x.shape, (stride[0], stride[1])))
 

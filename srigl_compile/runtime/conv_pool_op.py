@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from .checks import register_fake
 from .conv_geometry import output_size, pool_bands
 from .conv_op import ConvCall, kept_call, padded_images, plan_call
 from .registry import get_handle
@@ -91,7 +92,7 @@ def _run(x, values, columns, bias, kernel_key, kernel_size, padding, dilation, s
 _LIB.impl("tvm_conv_max_pool", _run, "CompositeExplicitAutograd")
 
 
-@torch.library.register_fake("srigl_compile::tvm_conv_max_pool", lib=_LIB)
+@register_fake("srigl_compile::tvm_conv_max_pool", _LIB)
 def _tvm_conv_max_pool_fake(x, values, columns, bias, kernel_key, kernel_size, padding, dilation, stride,
                             pool_kernel, pool_stride, pool_padding, pool_dilation):
     call = plan_call(x, get_handle(kernel_key), kernel_size, padding, dilation, stride)[0]  # (the op's checks)

@@ -21,7 +21,14 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_bias, check_cpu_operands, check_no_grad, check_residual, check_residual_shape
+from .checks import (
+    check_bias,
+    check_cpu_operands,
+    check_no_grad,
+    check_residual,
+    check_residual_shape,
+    register_fake,
+)
 from .registry import get_handle
 from .spec import TORCH_INDEX
 
@@ -74,7 +81,7 @@ _LIB.define("tvm_condensed_linear(Tensor x, Tensor values, Tensor indices, Tenso
 _LIB.impl("tvm_condensed_linear", _run, "CompositeExplicitAutograd")
 
 
-@torch.library.register_fake("srigl_compile::tvm_condensed_linear", lib=_LIB)
+@register_fake("srigl_compile::tvm_condensed_linear", _LIB)
 def _tvm_condensed_linear_fake(x, values, indices, bias, kernel_key, col_threshold, residual=None):
     return x.new_empty(*x.shape[:-1], values.shape[0])
 

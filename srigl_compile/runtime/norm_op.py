@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .checks import register_fake
 from .registry import get_handle
 from .scratch import result
 
@@ -55,7 +56,7 @@ _LIB.define("tvm_layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps, s
 _LIB.impl("tvm_layer_norm", _run, "CompositeExplicitAutograd")
 
 
-@torch.library.register_fake("srigl_compile::tvm_layer_norm", lib=_LIB)
+@register_fake("srigl_compile::tvm_layer_norm", _LIB)
 def _tvm_layer_norm_fake(x, weight, bias, eps, kernel_key):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
@@ -93,7 +94,7 @@ _LIB.define("tvm_rms_norm(Tensor x, Tensor weight, float eps, str kernel_key) ->
 _LIB.impl("tvm_rms_norm", _run_rms, "CompositeExplicitAutograd")
 
 
-@torch.library.register_fake("srigl_compile::tvm_rms_norm", lib=_LIB)
+@register_fake("srigl_compile::tvm_rms_norm", _LIB)
 def _tvm_rms_norm_fake(x, weight, eps, kernel_key):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .checks import register_fake
 from .conv_geometry import output_size, pitched_stride, planar_stride
 from .registry import get_handle
 from .scratch import result
@@ -77,7 +78,7 @@ _LIB.define("tvm_max_pool2d(Tensor x, str kernel_key, int[] kernel_size, int[] s
 _LIB.impl("tvm_max_pool2d", _run, "CompositeExplicitAutograd")
 
 
-@torch.library.register_fake("srigl_compile::tvm_max_pool2d", lib=_LIB)
+@register_fake("srigl_compile::tvm_max_pool2d", _LIB)
 def _tvm_max_pool2d_fake(x, kernel_key, kernel_size, stride, padding, dilation):
     return x.new_empty(*x.shape[:2], *output_size(x.shape[2:], kernel_size, stride, padding, dilation))
 
@@ -108,7 +109,7 @@ _LIB.define("tvm_global_avg_pool2d(Tensor x, str kernel_key) -> Tensor")
 _LIB.impl("tvm_global_avg_pool2d", _run_global_avg, "CompositeExplicitAutograd")
 
 
-@torch.library.register_fake("srigl_compile::tvm_global_avg_pool2d", lib=_LIB)
+@register_fake("srigl_compile::tvm_global_avg_pool2d", _LIB)
 def _tvm_global_avg_pool2d_fake(x, kernel_key):
     return x.new_empty(*x.shape[:2], 1, 1)
 

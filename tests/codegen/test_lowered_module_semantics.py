@@ -94,6 +94,35 @@ def test_torch_jit_trace_is_refused_naming_what_works(kind):
         torch.jit.trace(lowered, x)
 
 
+def _onnx_export_case():
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32, 4))
+    return lower(sparsify(net, SRigLConfig(sparsity=0.8)).eval(), progress=False), torch.randn(2, 3, 4, 4)
+
+
+def test_every_kernel_op_refuses_onnx_export_naming_what_to_export(monkeypatch):
+    """torch.onnx.export traces with the operators' fakes: an opaque conversion error came out at its step 3
+    (dynamo=True), or the torch.jit refusal without a word of ONNX (dynamo=False)."""
+    import srigl_compile.runtime.checks as checks
+
+    lowered, x = _onnx_export_case()
+    assert torch.export.export(lowered, (x,)) is not None  # (not exporting to ONNX: the fakes run as before)
+    monkeypatch.setattr(checks, "in_onnx_export", lambda: True)
+    with pytest.raises(LoweringError, match=r"torch.onnx.export met tvm_\w+, a compiled kernel of a lowered model, "
+                                            r"which ONNX cannot hold: export the sparse model"):
+        torch.export.export(lowered, (x,))
+    with pytest.raises(LoweringError, match=r"torch.onnx.export met lowered Lowered\w+ '\w+', which ONNX cannot"):
+        torch.jit.trace(lowered, x)
+
+
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_torch_onnx_export_of_a_lowered_model_says_to_export_the_sparse_one(dynamo, tmp_path):
+    pytest.importorskip("onnxscript")  # (the [peers] extra)
+    lowered, x = _onnx_export_case()
+    with pytest.raises(Exception, match="which ONNX cannot hold: export the sparse model"):
+        torch.onnx.export(lowered, (x,), tmp_path / "model.onnx", dynamo=dynamo)
+
+
 class _PlusOne(nn.Module):
     def forward(self, bias):
         return bias + 1
