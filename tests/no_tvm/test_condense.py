@@ -361,3 +361,20 @@ def test_a_linears_ablated_neurons_go_through_a_batchnorm1d_of_its_features(exam
     condensed = condense(masked.eval(), **(dict(example_inputs=(tokens,)) if example else {}))
     assert not condensed.fc.compact and condensed.bn.num_features == 16
     assert_same(condensed, masked, tokens)
+
+
+def test_a_fan_in_one_past_int16_keeps_its_last_input():
+    """A mutation probe's int16 indices up to fan-in 32769 passed every test (only 64 and 40000 were tried):
+    index 32768 wrapped to -32768 and the gather read input 1 in its place (1.85 off)."""
+    from srigl_compile.nn.condensed import condensed_arrays, index_dtype_for
+
+    n_in = torch.iinfo(torch.int16).max + 2  # 32769 inputs: the last index, 32768, does not fit int16
+    assert index_dtype_for(n_in - 1) == torch.int16 and index_dtype_for(n_in) == torch.int32
+    torch.manual_seed(0)
+    weight, mask = torch.randn(2, n_in), torch.zeros(2, n_in, dtype=torch.bool)
+    mask[0, [0, 32767, 32768]] = mask[1, [5, 100, 32768]] = True
+    layer = CondensedLinear(n_in, 2, *condensed_arrays(weight, mask))
+    assert int(layer.indices.max()) == n_in - 1
+    x = torch.randn(3, n_in)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ (weight * mask).t(), rtol=1e-5, atol=1e-5)

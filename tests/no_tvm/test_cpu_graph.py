@@ -75,6 +75,20 @@ def test_another_dtype_of_a_recorded_shape_records_again():
     assert len(graphed._entries) == 2 and graphed.replays == 4
 
 
+def test_a_channels_last_input_of_a_recorded_shape_records_again():
+    """A mutant leaving the strides out of a recording's key was caught only by a 3e-8 matmul difference: a
+    channels_last input replayed the contiguous recording, and came back contiguous where torch keeps its layout."""
+    model = nn.Sequential(nn.ReLU()).eval()
+    graphed = cpu_graph(model)
+    with torch.inference_mode():
+        for _ in range(2):
+            graphed(torch.randn(2, 3, 4, 4))
+        x = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)
+        got, want = graphed(x), model(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert got.stride() == want.stride() and len(graphed._entries) == 2
+
+
 class _Counter(nn.Module):
     """Changes from call to call through a plain attribute."""
 
