@@ -5,6 +5,7 @@ Public API (``import srigl_compile`` never imports TVM nor touches CUDA):
     sparsify(model, config)                  -> model with masked constant-fan-in layers
     prune(model, config, "magnitude"|"wanda", calibration) -> the same, masks from a trained model's weights
     from_sparse_weights(model)               -> masks where an already-pruned model's weights are non-zero
+    unsparsify(model)                        -> a sparse model as the plain torch modules it was made of
     SRigLUpdater(model, optimizer, config, total_steps).step()   after every optimizer.step()
     sparse_layers(model)                     -> (name, layer) pairs
     condense(model)                          -> sparse layers as values/indices [n_active, k], ablated removed
@@ -36,6 +37,7 @@ from .passes.fold_batchnorm import fold_batchnorm
 from .passes.lower import lower
 from .passes.prune import from_sparse_weights, prune
 from .passes.sparsify import sparse_layers, sparsify
+from .passes.unsparsify import unsparsify
 from .serialization import load_lowered, save_lowered
 from .training.updater import SRigLUpdater
 
@@ -48,6 +50,7 @@ __all__ = [
     "sparsify",
     "prune",
     "from_sparse_weights",
+    "unsparsify",
     "sparse_layers",
     "SRigLUpdater",
     "condense",

@@ -8,8 +8,9 @@ Contract.
     requires: nothing (a model without such layers passes through unchanged).
     ensures:  no untied Hugging Face Conv1D is left; each rewritten layer keeps its name, so state-dict keys
               stay, with the weight transposed to nn.Linear's [out, in]; the output is unchanged up to float
-              rounding (the same product, summed by a different BLAS call). A Conv1D whose weight is shared with
-              another module stays as it is (rewriting it would untie the weights).
+              rounding (the same product, summed by a different BLAS call); it records the Conv1D class as
+              ``srigl_conv1d`` (``unsparsify`` rewrites it back). A Conv1D whose weight is shared with another
+              module stays as it is (rewriting it would untie the weights).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .analysis import Analyses
 from .base import Pass, PassResult, replace_submodule
 from .discover import tied_parameter_ids
 
-__all__ = ["AsLinearPass", "is_hf_conv1d", "conv1d_restored_on_error"]
+__all__ = ["AsLinearPass", "is_hf_conv1d", "conv1d_restored_on_error", "as_conv1d"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ def _as_linear(conv: nn.Module) -> nn.Linear:
         if conv.bias is not None:
             linear.bias.copy_(conv.bias)
     linear.train(conv.training)
+    linear.srigl_conv1d = type(conv)  # (what unsparsify gives back)
     return linear
 
 
@@ -79,3 +81,18 @@ class AsLinearPass(Pass):
         left = [name for name, m in result.module.named_modules() if is_hf_conv1d(m) and id(m.weight) not in shared]
         if left:
             raise LayerError(f"Conv1D layers {left} were not rewritten as nn.Linear")
+
+
+def as_conv1d(linear: nn.Linear) -> nn.Module:
+    """The Conv1D an ``AsLinearPass`` rewrite came from (``linear.srigl_conv1d``), holding the weight transposed
+    back to [in, out]."""
+    conv = linear.srigl_conv1d(linear.out_features, linear.in_features)  # Conv1D(nf, nx)
+    conv.to(device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight.t())
+        if linear.bias is None:
+            conv.bias = None
+        else:
+            conv.bias.copy_(linear.bias)
+    conv.train(linear.training)
+    return conv

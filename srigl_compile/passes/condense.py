@@ -36,7 +36,7 @@ from .manager import PassManager
 from .shrink_ablated import apply_shrink, plan_shrink
 from .sparsify import sparse_layers
 
-__all__ = ["CondensePass", "condense", "weights_read_directly", "weight_read_elsewhere"]
+__all__ = ["CondensePass", "condense", "refuse_stray_weights", "weights_read_directly", "weight_read_elsewhere"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,22 @@ def weight_read_elsewhere(graph, name: str, modules: dict[str, nn.Module]) -> bo
     return any(_reads_values(node, graph, name, modules) for node in graph.consumers.get(weight, []))
 
 
+def refuse_stray_weights(layers: list[tuple[str, nn.Module]], verb: str, loss: str) -> None:
+    """A LayerError naming the sparse ``layers`` with non-zero weights outside their masks, which the masked layers
+    compute with and which ``verb`` (the caller) would change: ``loss`` says how."""
+    stray = {name: (int(outside.count_nonzero()), float(outside.abs().max()))
+             for name, layer in layers if (outside := layer.weight.detach()[~layer.mask]).count_nonzero()}
+    if stray:
+        name, (count, largest) = next(iter(stray.items()))
+        raise LayerError(
+            f"layers {sorted(stray)[:5]}{' ...' if len(stray) > 5 else ''} have non-zero weights outside their "
+            f"masks ({name!r}: {count}, largest {largest:.3g}), which the masked layer computes with and {loss}. "
+            "They come from averaging weights trained under other masks (AveragedModel / EMA), an optimizer moving "
+            "weights whose gradients are zero, or code writing the weights. To "
+            f"{verb} the model the masks describe, zero them first (this changes its outputs): for each sparse "
+            "layer, layer.apply_mask_()")
+
+
 class CondensePass(Pass):
     """Replace each masked Linear/Conv1d/Conv2d by its condensed form (in place) and, with ``shrink``, remove the
     ablated neurons whose width is not observable (planned on the masked model's graph, applied after)."""
@@ -93,17 +109,7 @@ class CondensePass(Pass):
         layers = list(sparse_layers(model))
         if not layers:
             raise LayerError("the model has no sparse layers to condense: sparsify and train it first")
-        stray = {name: (int(outside.count_nonzero()), float(outside.abs().max()))
-                 for name, layer in layers if (outside := layer.weight.detach()[~layer.mask]).count_nonzero()}
-        if stray:
-            name, (count, largest) = next(iter(stray.items()))
-            raise LayerError(
-                f"layers {sorted(stray)[:5]}{' ...' if len(stray) > 5 else ''} have non-zero weights outside their "
-                f"masks ({name!r}: {count}, largest {largest:.3g}), which the masked layer computes with and a "
-                "condensed layer would drop. They come from averaging weights trained under other masks "
-                "(AveragedModel / EMA), an optimizer moving weights whose gradients are zero, or code writing the "
-                "weights. To condense the model the masks describe, zero them first (this changes its outputs): "
-                "for each sparse layer, layer.apply_mask_()")
+        refuse_stray_weights(layers, "condense", "a condensed layer would drop")
 
     def call(self, model: nn.Module, analyses: Analyses) -> PassResult:
         plans, self.read_directly = [], set()

@@ -157,7 +157,7 @@ def refuse_save_pretrained(class_name: str, *args, **kwargs):
     raise CheckpointError(f"a lowered {class_name} cannot be saved with save_pretrained: its layers hold condensed "
                           "values and indices, which from_pretrained would replace with random weights. Save it "
                           "with srigl_compile.save_lowered(model, path) (load_lowered reads it back), or save the "
-                          "sparse model it was lowered from")
+                          "sparse model it was lowered from as plain modules (srigl_compile.unsparsify)")
 
 
 def _hooked(module: nn.Module) -> bool:
