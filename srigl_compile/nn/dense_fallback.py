@@ -331,6 +331,14 @@ def settle_trials(model: torch.nn.Module, *args, **kwargs) -> int:
     return calls
 
 
+def dense_path_layers(model: torch.nn.Module) -> dict[str, list[list[int]]]:
+    """{layer name: the input shapes at which its dense form runs (the trials chose it, the forward check kept
+    it)}: what a timing of ``model`` measured besides its kernels."""
+    chosen = {name: [list(key[0]) for key, dense in m.__dict__["_dense_form"].choices.items() if dense]
+              for name, m in model.named_modules() if "_dense_form" in m.__dict__}
+    return {name: shapes for name, shapes in chosen.items() if shapes}
+
+
 def _forms(model: torch.nn.Module) -> list[DenseForm]:
     return [m.__dict__["_dense_form"] for m in model.modules() if "_dense_form" in m.__dict__]
 

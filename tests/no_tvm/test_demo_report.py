@@ -79,3 +79,17 @@ def test_demo_data_is_mnist_when_the_extra_is_installed():
 
     data, name, note = _load_data("mnist", seed=0)
     assert name == "mnist" and note is None and data.input_shape == (1, 28, 28)
+
+
+def test_the_demo_s_output_check_fails_on_a_nan_or_a_difference_past_its_tolerance():
+    """A probe's NaN logit passed the demo's check (NaN > 1e-3 is False) and the run printed its targets as met."""
+    import click
+    import torch
+
+    from srigl_compile.cli.demo import _checked
+
+    want = torch.zeros(2, 3)
+    assert _checked("lowered mlp", want + 1e-4, want, 1e-3) == pytest.approx(1e-4)
+    for got, shown in ((torch.tensor([[float("nan"), 0, 0], [0, 0, 0]]), "nan"), (want + 2e-3, "2.00e-03")):
+        with pytest.raises(click.ClickException, match=f"lowered mlp differs from the trained model by {shown}"):
+            _checked("lowered mlp", got, want, 1e-3)
