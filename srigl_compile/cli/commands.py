@@ -127,7 +127,8 @@ def _train(model, data, data_dir, method, sparsity, distribution, delta_t, alpha
                               progress=True, checkpoint_path=checkpoint, checkpoint_every=checkpoint_every or None,
                               resume=state, meta=meta)
     metrics = {"accuracy": result.accuracy, "final_loss": result.losses[-1] if result.losses else None,
-               "stats": result.updater.stats() if result.updater else None, **meta}
+               "stats": result.updater.stats() if result.updater else None, **meta, "epochs": epochs,
+               "batch_size": batch_size, "lr": lr, "seed": seed}
     if not is_main_rank():
         return
     Path(out, "metrics.json").write_text(json.dumps(metrics, indent=1))

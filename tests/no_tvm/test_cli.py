@@ -89,6 +89,8 @@ def test_train_checkpoint_resume_and_lower(runner, tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["accuracy"] > 0.3 and metrics["stats"]["global"]["density"] < 0.15
+    assert {key: metrics[key] for key in ("epochs", "batch_size", "lr", "seed")} == {  # (the run, to repeat it)
+        "epochs": 2, "batch_size": 64, "lr": 0.05, "seed": 0}
     resumed = runner.invoke(main, args + ["--resume"])  # the finished run resumes to the same result
     assert resumed.exit_code == 0 and json.loads((out / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
     # Another run's settings: one clear line naming what differs, not a traceback.
