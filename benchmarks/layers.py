@@ -57,6 +57,9 @@ def run_variant(variant: Variant, case: LayerCase, batch: int, x: torch.Tensor, 
     if isinstance(fn, torch.nn.Module):  # (a lowered layer's trials at this shape end before it is timed)
         settle(fn, x)
     timed[key] = measure(lambda: fn(x), config)
+    as_timed = check(fn(x), expected)  # (what was timed: the path its first calls chose, kernel or dense form)
+    if not as_timed["passed"]:
+        return {"check": {**as_timed, "as_timed": True}}
     return {"check": result, "time_us": timed[key]}
 
 

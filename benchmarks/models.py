@@ -65,6 +65,7 @@ from srigl_compile import SRigLConfig, cpu_graph, lower, sparse_layers, sparsify
 from srigl_compile.codegen.backends.llvm import LlvmConfig
 from srigl_compile.nn.condensed_attention import CondensedMultiheadAttention
 from srigl_compile.nn.settle import settle
+from srigl_compile.nn.dense_fallback import dense_path_layers
 from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
 from srigl_compile.zoo import ResNet, SmallViT, resnet34, resnet50, vit_b16
 
@@ -206,6 +207,10 @@ def run_input(spec: ModelSpec, models: dict, batch: int, resolution: int, config
                 if variant in LOWERED:  # (its layers' trials at this shape end before it is timed)
                     settle(model, x)
                 row["time_us"] = measure(lambda m=model: m(x), config)
+                if variant in LOWERED:  # what was timed: each layer's path as its first calls chose it (or dense)
+                    as_timed = relative_error(model(x), expected)
+                    row["check"].update(passed=as_timed < LOWERED[variant], max_rel_err_as_timed=as_timed,
+                                        dense_path_layers=dense_path_layers(model))
                 if variant == "lowered_graph":  # the storage its recording keeps alive (parameters included)
                     row["held_bytes"] = model.held_bytes
                 if variant == "lowered":  # each layer's time and GFLOP/s against the sgemm peak
