@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from srigl_compile import InvariantError, SRigLConfig, SRigLUpdater, sparse_layers, sparsify
 from srigl_compile.nn.sharding import whole, whole_like
 from srigl_compile.recipes import load_checkpoint
+from srigl_compile.training.rank_sync import RankSync
 from tests.helpers import Stop
 from tests.helpers import run_recipe as recipes_run
 from tests.models import SmallCNN
@@ -251,6 +252,69 @@ def unsynchronised_run() -> dict:
 FOLDER_RUNS = {"resume": resumed_run, "fsdp-resume": fsdp_resumed, "cross-layout": cross_layout_resumed}
 
 
+def _catch(fn):
+    try:
+        result = fn()
+    except InvariantError as err:
+        return f"InvariantError: {err}"
+    return result if result is not None else "no error"
+
+
+def sync_checks() -> dict:
+    """What the rank checks must catch, each scenario's error (or result) on this rank: a mutation probe found
+    none of them tested (session 42)."""
+    rank = dist.get_rank()
+    sync = RankSync()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(6, 8, generator=g) < 0.3, torch.rand(5, 8, generator=g) < 0.3
+    out = {}
+
+    first = {"a": a.clone(), "b": b.clone()}
+    if rank == 1:
+        first["a"].view(-1)[0] ^= True
+    out["first_layer"] = _catch(lambda: sync.check_same_masks(first, 0))
+
+    same = {"a": a, "b": b}
+    out["steps_masks"] = _catch(lambda: sync.check_same_masks(same, 3 + rank))
+    out["steps_ready"] = _catch(lambda: sync.check_ready(same, 3 + rank, False))
+    out["rank0_failed"] = _catch(lambda: sync.check_ready(same, 5, rank == 0))
+
+    buffers = {"x": torch.full((2, 3), float(rank + 1))} | ({"y": torch.full((4,), 4.0)} if rank == 0 else {})
+    out["average"] = sync.average_gradients(buffers, {"x": torch.Size((2, 3)), "y": torch.Size((4,)),
+                                                      "z": torch.Size((3,))})
+
+    def model(seed):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 4))
+        return sparsify(net, SRigLConfig(sparsity=0.7, distribution="uniform", seed=seed, delta_t=1, method="set"))
+
+    config = SRigLConfig(sparsity=0.7, distribution="uniform", seed=0, delta_t=1, method="set")
+
+    def diverging_update():
+        net = model(0)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        updater = SRigLUpdater(net, opt, config, total_steps=10, distributed=True)
+        if rank == 1:
+            updater.generator.manual_seed(1234)  # (SET regrows at other random positions on this rank)
+        x, y = torch.randn(8, 12, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 4
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+        updater.step()
+
+    out["diverging_update"] = _catch(diverging_update)
+
+    def different_start():
+        net = model(rank)  # (each rank sparsified with its own seed)
+        SRigLUpdater(net, torch.optim.SGD(net.parameters(), lr=0.1), config, total_steps=10, distributed=True)
+
+    out["different_start"] = _catch(different_start)
+    return out
+
+
+# Runs of the ranks' checks themselves (no training to compare).
+CHECK_RUNS = {"sync-checks": sync_checks}
+
+
 def worker(rank: int, world_size: int, out: str, runs: list[str]) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -258,7 +322,8 @@ def worker(rank: int, world_size: int, out: str, runs: list[str]) -> None:
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(minutes=2))
     try:
-        results = {name: RUNS[name]() if name in RUNS else FOLDER_RUNS[name](out) for name in runs}
+        results = {name: FOLDER_RUNS[name](out) if name in FOLDER_RUNS else {**RUNS, **CHECK_RUNS}[name]()
+                   for name in runs}
         results["tampered"] = tampered_mask_is_caught()
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:

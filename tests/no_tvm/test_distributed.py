@@ -11,7 +11,7 @@ from . import distributed_runs as runs
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 
-RUNS = list(runs.RUNS) + list(runs.FOLDER_RUNS)
+RUNS = list(runs.RUNS) + list(runs.FOLDER_RUNS) + list(runs.CHECK_RUNS)
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +178,54 @@ def test_the_mask_checksum_tells_apart_sets_with_equal_power_sums():
     gen = torch.Generator().manual_seed(0)
     masks = [torch.rand(64, 64, generator=gen) < 0.1 for _ in range(200)]
     assert len({tuple(_checksum(m).tolist()) for m in masks}) == 200
+
+
+def test_a_mask_differing_in_the_first_layer_is_caught_on_every_rank(ranks):
+    """Mutant: the mask checksum compare skipped the first layer (the repo's tamper test flips the last one)."""
+    for rank in ranks:
+        checks = rank["sync-checks"]
+        assert "layer 'a': its mask differs between ranks" in checks["first_layer"], checks["first_layer"]
+
+
+def test_ranks_at_different_steps_are_an_error_in_both_checks(ranks):
+    """Mutants: check_same_masks ignored the step row; check_ready summed the flags (step and -step cancel out)."""
+    for rank in ranks:
+        checks = rank["sync-checks"]
+        assert "different updater steps (3 to 4)" in checks["steps_masks"], checks["steps_masks"]
+        assert "different updater steps (3 to 4)" in checks["steps_ready"], checks["steps_ready"]
+
+
+def test_the_ready_check_names_a_failed_rank_0_on_every_rank(ranks):
+    """Mutant: the failed ranks were read from index 1 on, so rank 0's failure went unreported (rank 1 then waited
+    in the window's all-reduce)."""
+    assert [rank["sync-checks"]["rank0_failed"] for rank in ranks] == [[0], [0]]
+
+
+def test_the_gradient_window_is_the_mean_over_the_ranks(ranks):
+    """Mutant: average_gradients summed the ranks' windows instead of averaging them (its documented contract; the
+    masks themselves do not change, grow scores being ranked within a layer)."""
+    for rank in ranks:
+        assert torch.equal(rank["sync-checks"]["average"]["x"], torch.full((2, 3), 1.5))
+
+
+def test_a_layer_reached_on_one_rank_only_stays_in_the_averaged_window(ranks):
+    """Mutant: a layer with a gradient on only one rank (mean presence 0.5) was dropped from the window, so no rank
+    updated its mask (treated as not reaching the loss)."""
+    for rank in ranks:
+        averaged = rank["sync-checks"]["average"]
+        assert averaged.keys() == {"x", "y"}  # ("z" reached no rank: absent on every rank)
+        assert torch.equal(averaged["y"], torch.full((4,), 2.0))  # (counted as zero on rank 1, as DDP does)
+
+
+def test_masks_diverging_in_an_update_stop_every_rank(ranks):
+    """Mutant: the updater skipped its checksum comparison after each mask update."""
+    for rank in ranks:
+        checks = rank["sync-checks"]
+        assert "its mask differs between ranks" in checks["diverging_update"], checks["diverging_update"]
+
+
+def test_ranks_starting_from_different_masks_are_refused_when_the_updater_is_built(ranks):
+    """Mutant: the updater did not compare the ranks' masks when it was built."""
+    for rank in ranks:
+        checks = rank["sync-checks"]
+        assert "its mask differs between ranks" in checks["different_start"], checks["different_start"]
