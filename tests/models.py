@@ -262,3 +262,15 @@ CNN_FAN_IN = {  # in_channels / groups * kernel size
     "seq": 32 * 3,
     "fc": 24,
 }
+
+
+def bn_mlp() -> nn.Module:
+    """Linear -> BatchNorm1d -> ReLU -> Linear in eval mode, with made-up trained statistics (mean 0.1, variance 4,
+    7 batches counted) that a recalibration must reset, or leave as they were when it fails."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+    with torch.no_grad():
+        net[1].running_mean.fill_(0.1)
+        net[1].running_var.fill_(4.0)
+        net[1].num_batches_tracked.fill_(7)
+    return net.eval()

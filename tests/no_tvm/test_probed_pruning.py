@@ -9,17 +9,11 @@ import torch.nn.utils.prune as torch_prune
 
 from srigl_compile import ConfigError, LayerError, SRigLConfig, SRigLUpdater, from_sparse_weights, prune, sparsify
 from srigl_compile.nn.masked import is_masked
+from tests.models import bn_mlp
 
 UNIFORM = SRigLConfig(sparsity=0.5, distribution="uniform")
 
 
-def _bn_mlp() -> nn.Module:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
-    with torch.no_grad():
-        net[1].running_mean.fill_(0.1)
-        net[1].running_var.fill_(4.0)
-    return net.eval()
 
 
 @pytest.mark.parametrize("criterion, calibration, match", [
@@ -28,7 +22,7 @@ def _bn_mlp() -> nn.Module:
                                                        r"BatchNorm.*drop_last=True"),
 ], ids=["input-the-model-cannot-take", "one-sample-batch"])
 def test_a_failing_recalibration_leaves_an_in_place_model_as_it_was(criterion, calibration, match):
-    net = _bn_mlp()
+    net = bn_mlp()
     before = {name: tensor.clone() for name, tensor in net.state_dict().items()}
     with pytest.raises(ConfigError, match=match):
         prune(net, UNIFORM, criterion, calibration=calibration, recalibrate_batchnorm=True, inplace=True)
@@ -43,7 +37,7 @@ def test_a_model_that_is_no_module_is_a_type_error_before_the_recalibration_chec
 
 
 def test_a_recalibration_that_works_still_updates_the_statistics_in_place():
-    net = _bn_mlp()
+    net = bn_mlp()
     pruned = prune(net, UNIFORM, "magnitude", calibration=[torch.randn(8, 16) for _ in range(2)],
                    recalibrate_batchnorm=True, inplace=True)
     assert pruned is net and is_masked(net[0]) and not torch.allclose(net[1].running_var, torch.full((32,), 4.0))

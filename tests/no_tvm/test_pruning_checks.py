@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from srigl_compile import ConfigError, SRigLConfig, prune, sparse_layers
 from srigl_compile.passes.calibration import recalibrate_batchnorm_
+from tests.models import bn_mlp
 
 UNIFORM_80 = SRigLConfig(sparsity=0.8, distribution="uniform", keep_last_dense=False)
 
@@ -64,21 +65,13 @@ def test_wanda_calibrates_a_training_model_in_eval_mode_and_leaves_its_statistic
 
 
 # -- BatchNorm recalibration ---------------------------------------------------------------------------------------
-def _bn_net() -> nn.Module:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
-    with torch.no_grad():
-        net[1].running_mean.fill_(0.1)
-        net[1].running_var.fill_(4.0)
-        net[1].num_batches_tracked.fill_(7)
-    return net
 
 
 @pytest.mark.parametrize("keep", [True, False])
 def test_a_failing_recalibration_restores_every_batchnorm_buffer(keep):
     """Mutant: the statistics were restored only for the dry run (keep=False), or 'kept' was set before the forward
     ran, so a failing input left them reset (the docstring: 'A failing input leaves the statistics as they were')."""
-    net = _bn_net()
+    net = bn_mlp().train()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with pytest.raises(ConfigError, match="calibration input #2 does not fit"):
         recalibrate_batchnorm_(net, [torch.randn(8, 16), torch.randn(8, 9)], keep=keep)
@@ -121,7 +114,7 @@ def test_prune_with_ablation_never_ablates_the_output_layer():
 def test_recalibration_of_a_trained_batchnorm_forgets_its_old_statistics():
     """Mutant: the statistics were not reset before the cumulative average, so a BatchNorm that had counted batches
     (num_batches_tracked > 0) kept most of its stale statistics."""
-    net = _bn_net().train()  # (num_batches_tracked 7: it was trained)
+    net = bn_mlp().train()  # (num_batches_tracked 7: it was trained)
     x = torch.randn(32, 16)
     pruned = prune(net, SRigLConfig(sparsity=0.5, distribution="uniform"), "magnitude", calibration=[x[:16], x[16:]],
                    recalibrate_batchnorm=True)
