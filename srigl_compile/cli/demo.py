@@ -8,12 +8,8 @@ and PNG plots.
 
 from __future__ import annotations
 
-import datetime
 import functools
-import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +19,7 @@ import torch
 from ..config import DENSE
 from ..nn.dense_fallback import dense_path_layers
 from .app import friendly_errors, main
+from .environment import environment
 from .options import NON_NEGATIVE, NON_NEGATIVE_INT, OPEN_FRACTION, POSITIVE_INT
 
 DEMO_METHODS = (DENSE, "static", "rigl", "srigl")
@@ -196,33 +193,12 @@ def _targets(accuracy: dict[str, float], latency: list[dict]) -> list[dict]:
     return targets
 
 
-def _environment() -> dict:
-    """What the timings depend on and how to run them again: CPU, threads, versions, the command, when."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from .. import __version__
-
-    try:
-        cpu_model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                          if line.startswith("model name")), None)
-    except OSError:
-        cpu_model = None
-    try:
-        tvm = version("apache-tvm")
-    except PackageNotFoundError:
-        tvm = None
-    return {"cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model, "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
-            "tvm": tvm, "srigl_compile": __version__, "command": sys.argv,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
 def _results(runs, models, data_name, note, args, latency) -> dict:
     accuracy = {f"{m}/{meth}": run["result"].accuracy for (m, meth), run in runs.items()}
     return {
         "args": {**args, "data": data_name, "models": models},
         "note": note,
-        "machine": _environment(),
+        "machine": environment(),
         "accuracy": accuracy,
         "accuracy_curve": {f"{m}/{meth}": run["accuracy_curve"] for (m, meth), run in runs.items()},
         "losses": {f"{m}/{meth}": run["result"].losses for (m, meth), run in runs.items()},

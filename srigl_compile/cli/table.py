@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ..config import DENSE
 from .app import friendly_errors, main
+from .environment import environment
 from .options import NON_NEGATIVE
 
 # (label, method, ablation)
@@ -192,7 +193,8 @@ def _parse_sparsities(sparsities: str | None, names: list[str]) -> dict[str, lis
 @friendly_errors
 def table(datasets, sparsities, seeds, gamma_sal, out):
     """Accuracy of dense / static / SET / RigL / SRigL without and with ablation across sparsities and seeds,
-    plus the neurons RigL leaves without inputs and SRigL ablates. Writes OUT/table.md and OUT/table.json.
+    plus the neurons RigL leaves without inputs and SRigL ablates. Writes OUT/table.md, OUT/table.json and
+    OUT/environment.json (where and how it ran).
 
     Example: srigl-compile table --data digits,mnist-mlp --sparsities 0.9,0.99 --seeds 2
     """
@@ -221,5 +223,6 @@ def table(datasets, sparsities, seeds, gamma_sal, out):
     text = "\n".join(parts) + f"\n({len(rows)} training runs, {minutes:.1f} minutes.)\n"
     Path(out).mkdir(parents=True, exist_ok=True)
     Path(out, "table.json").write_text(json.dumps(rows, indent=1))
+    Path(out, "environment.json").write_text(json.dumps({**environment(), "minutes": minutes}, indent=1))
     Path(out, "table.md").write_text(text)
     click.echo(text)

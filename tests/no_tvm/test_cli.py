@@ -4,6 +4,7 @@ import dataclasses
 import json
 import shutil
 import statistics
+import sys
 from pathlib import Path
 
 import pytest
@@ -195,6 +196,9 @@ def test_table_on_tiny_settings(runner, tmp_path, monkeypatch):
     assert len(rows) == 2 + 5 * 2
     text = (tmp_path / "table.md").read_text()
     assert "SRigL w/ ablation" in text and "RigL: neurons with no inputs" in text and "±" in text
+    environment = json.loads((tmp_path / "environment.json").read_text())  # (a probe: rows only, no provenance)
+    assert {"cpu_model", "threads", "torch", "srigl_compile", "command", "date", "minutes"} <= environment.keys()
+    assert environment["command"] == sys.argv and environment["minutes"] > 0  # (the process's own command line)
 
 
 def test_table_states_whether_the_teacher_is_representable(runner, tmp_path, monkeypatch):
