@@ -143,7 +143,7 @@ def _lower_and_time(runs, models, data) -> list[dict]:
             x = data.x_test[:batch] if batch <= len(data.x_test) else torch.randn(batch, *data.input_shape)
             with torch.no_grad():
                 # (records, checks, then one replay: the same kernels; a dense form's sgemm may round per buffer)
-                _checked(f"{model}'s cpu_graph replay", graphed(x), lowered(x), 1e-4)
+                _checked(f"{model}'s cpu_graph replay", graphed(x), lowered(x), 1e-4, "its lowered forward")
             rounds = _time_rounds({"dense_us": dense, "srigl_masked_us": sparse, "lowered_us": lowered,
                                    "lowered_graph_us": graphed}, x)
             with torch.no_grad():  # what was timed: each layer's path as the first calls chose it (kernel or dense)
@@ -162,11 +162,12 @@ def _lower_and_time(runs, models, data) -> list[dict]:
     return rows
 
 
-def _checked(what: str, got: torch.Tensor, want: torch.Tensor, tolerance: float) -> float:
+def _checked(what: str, got: torch.Tensor, want: torch.Tensor, tolerance: float,
+             against: str = "the trained model") -> float:
     """The largest |got - want|; an error when it exceeds ``tolerance`` or is not finite (NaN compares false)."""
     error = float((got - want).abs().max())
     if not error <= tolerance:
-        raise click.ClickException(f"{what} differs from the trained model by {error:.2e} (tolerance {tolerance:g})")
+        raise click.ClickException(f"{what} differs from {against} by {error:.2e} (tolerance {tolerance:g})")
     return error
 
 

@@ -94,5 +94,7 @@ def as_conv1d(linear: nn.Linear) -> nn.Module:
             conv.bias = None
         else:
             conv.bias.copy_(linear.bias)
+    for name, parameter in conv.named_parameters():  # (a frozen layer stays frozen)
+        parameter.requires_grad_(getattr(linear, name).requires_grad)
     conv.train(linear.training)
     return conv

@@ -69,8 +69,11 @@ def test_gpt2s_conv1d_layers_come_back_and_save_pretrained_reloads(tmp_path):
     model, ids = make_gpt2()
     sparse = sparsify(model.eval(), SRigLConfig(sparsity=0.8, distribution="uniform"),
                       example_inputs={"input_ids": ids}).eval()
+    sparse.transformer.h[0].attn.c_attn.requires_grad_(False)  # (frozen: it stays frozen)
     plain = unsparsify(sparse)
     assert {type(m).__name__ for m in plain.modules()} == {type(m).__name__ for m in model.modules()}
+    assert [p.requires_grad for p in plain.transformer.h[0].attn.c_attn.parameters()] == [False, False]
+    assert all(p.requires_grad for p in plain.transformer.h[1].attn.c_attn.parameters())
     plain.save_pretrained(tmp_path / "gpt2")
     loaded = type(model).from_pretrained(tmp_path / "gpt2").eval()
     with torch.no_grad():
