@@ -24,7 +24,8 @@ from ..runtime.conv_geometry import output_size
 from ..runtime.conv_pool_op import conv_max_pool, traced_conv_max_pool
 from ..runtime.pool_op import kernel_takes, max_pool_computes
 from ..runtime.registry import get_handle
-from .lowered import LoweredConv, refuse_autograd, subsamples, with_layer_name
+from .lowered import LoweredConv, subsamples
+from .lowered_guards import refuse_autograd, with_layer_name
 from .pooling import LoweredMaxPool2d
 from .traced_dense import traced_dense_choice
 

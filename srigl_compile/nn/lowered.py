@@ -15,27 +15,19 @@ import dataclasses
 
 import torch
 
-from ..errors import InferenceOnlyError, LayerError, LoweringError
 from ..runtime import conv_op, linear_op  # register torch.ops.srigl_compile.tvm_condensed_* (no TVM import)
-from ..runtime.checks import (
-    KernelDeviceError,
-    KernelDtypeError,
-    KernelShapeError,
-    broadcasts_to,
-    check_no_grad,
-    refuse_onnx_export,
-)
+from ..runtime.checks import KernelDtypeError, KernelShapeError, broadcasts_to, check_no_grad
 from ..runtime.conv_geometry import output_size, phase_columns, phase_kernel
 from ..runtime.registry import get_handle
 from ..runtime.spec import KernelSpec, apply_epilogue
 from .condensed import CondensedConv, CondensedLinear, accepts_unbatched, index_dtype_for
 from .condensed_tensors import operands
 from .dense_fallback import dense_form_for, run_dense_if_faster, watched_operands
+from .lowered_guards import check_columns, refuse_autograd, refuse_torchscript, refuse_train, with_layer_name
 from .traced_dense import dense_form, traced_dense_choice
 
-__all__ = ["LoweredLinear", "LoweredConv", "refuse_train", "refuse_torchscript", "check_columns", "kernel_operands",
-           "kernel_spec", "can_fuse_epilogue", "fuses_epilogue", "make_lowered_", "subsamples", "pointwise_unpadded",
-           "with_layer_name"]
+__all__ = ["LoweredLinear", "LoweredConv", "kernel_operands", "kernel_spec", "can_fuse_epilogue", "fuses_epilogue",
+           "make_lowered_", "subsamples", "pointwise_unpadded"]
 
 
 class LoweredLinear(CondensedLinear):
@@ -289,18 +281,6 @@ def _kernel_adds(residual: torch.Tensor, out_shape: tuple) -> bool:
     return broadcasts_to(residual.shape, out_shape) is not False
 
 
-def with_layer_name(err: KernelShapeError | KernelDtypeError, layer) -> KernelShapeError | KernelDtypeError:
-    """The kernel's shape or dtype error, naming the layer (the kernel's key may serve several layers)."""
-    return type(err)(f"{layer_label(layer)} {err}")
-
-
-def layer_label(layer) -> str:
-    """How errors name a lowered layer: "lowered LoweredConv 'layer1.0.conv2'" (``lower`` records each lowered
-    layer's name)."""
-    name = getattr(layer, "layer_name", "")
-    return f"lowered {type(layer).__name__} {name!r}" if name else f"lowered {type(layer).__name__}"
-
-
 def pointwise_unpadded(layer: CondensedConv) -> bool:
     """A 1x1 convolution without padding (zero or other mode): each output reads one pixel."""
     unpadded = layer.padding == "valid" or all(p == 0 for p in layer.padding)
@@ -392,62 +372,3 @@ def make_lowered_(layer, handle, conv_route: str, col_threshold: int = 0, name: 
     if form is not None:
         layer._dense_form = dataclasses.replace(form, watched=watched_operands(layer))
     return layer
-
-
-def check_columns(layer, indices: torch.Tensor) -> None:
-    """Raise LayerError unless every column ``indices`` holds is one the layer's kernel may read, in [0, n_in):
-    the kernels read them unchecked, and one written from outside (``load_state_dict``, an edit in place) read
-    memory past the input, or crashed the process. Checked when the indices tensor or its version is new (eager
-    calls: a tuple compare each)."""
-    mark = layer.__dict__.get("_columns_checked")
-    if mark is not None and mark[0] is indices and mark[1] == indices._version:
-        return
-    if indices.is_cuda and torch.cuda.is_current_stream_capturing():
-        return  # (reading the columns back would break a CUDA graph's capture: the next eager call checks them)
-    if indices.is_meta:
-        raise KernelDeviceError(f"{layer_label(layer)}: its operands are on the meta device (moved by .to('meta')), "
-                                "which holds no values: a lowered model runs on the device lower() built it for; "
-                                "lower the source model again")
-    if not indices.numel():
-        return  # (every neuron ablated: no kernel, no columns; its output is the scatter of its biases)
-    bound = get_handle(layer.kernel_key).spec.n_in
-    if not (int(indices.min()) >= 0 and int(indices.max()) < bound):
-        raise LayerError(f"{layer_label(layer)}: its indices hold columns in "
-                         f"[{int(indices.min())}, {int(indices.max())}], outside the kernel's [0, {bound}): "
-                         "overwritten with another model's or damaged (load_state_dict from a lowered model of the "
-                         "same source model, or lower the source model again)")
-    layer.__dict__["_columns_checked"] = (indices, indices._version)
-
-
-def refuse_train(layer, mode: bool):
-    """``nn.Module.train`` for lowered layers: eval mode only. A lowered model computes eval semantics (BatchNorm
-    folded with its running statistics, attention without dropout) and has no backward, so train mode would only
-    have mixed them with the torch modules' train behaviour (dropout on)."""
-    if mode:
-        raise InferenceOnlyError(
-            f"{layer_label(layer)} runs in eval mode only (BatchNorm folded, no backward): train() switched the "
-            "modules before it to train mode; call model.eval() to undo it. To train, train the sparse model and "
-            "lower it again")
-    return torch.nn.Module.train(layer, False)
-
-
-def refuse_autograd(layer, x: torch.Tensor, residual: torch.Tensor | None = None) -> None:
-    """Under grad mode: the kernels have no backward, so an input, residual or operand of ``layer`` that autograd
-    tracks (an operand set to requires_grad to fine-tune it, a replacement in ``torch.func.functional_call``)
-    would get no gradient, silently."""
-    named = [("its input", x), ("the residual", residual), *((f"its {n}", t) for n, t in layer._buffers.items()),
-             *((f"its {n}", t) for n, t in layer._parameters.items())]
-    tracked = [name for name, tensor in named if isinstance(tensor, torch.Tensor) and tensor.requires_grad]
-    if tracked:
-        raise InferenceOnlyError(
-            f"{layer_label(layer)}: autograd tracks {', '.join(tracked)}, but lowered layers run inference only (no "
-            "backward), so its gradient would stay None. Call the model under torch.no_grad() or "
-            "torch.inference_mode(), or fine-tune the sparse model (sparsify, prune) and lower it again.")
-
-
-def refuse_torchscript(layer) -> None:
-    """torch.jit.trace of a lowered model: the kernels are TVM functions TorchScript cannot record (it failed with an
-    internal assert or a raw TVM type error)."""
-    refuse_onnx_export(layer_label(layer))  # (torch.onnx.export(..., dynamo=False) traces with torch.jit)
-    raise LoweringError(f"{layer_label(layer)}: torch.jit cannot trace the TVM kernels; use torch.export.export or "
-                        "torch.compile (both keep them), or save_lowered")
