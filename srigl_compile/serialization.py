@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from .errors import CheckpointError
+from .runtime.kernel_files import sha256
 
 __all__ = ["save_lowered", "load_lowered"]
 
@@ -38,10 +38,6 @@ def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _lowered_layers(model: nn.Module):
@@ -78,8 +74,8 @@ def save_lowered(model: nn.Module, path) -> Path:
         export_kernels([get_handle(key) for key in keys], staging / "kernels")
         torch.save(model, staging / "model.pt")
         manifest = {"format": FORMAT, "torch": torch.__version__, "tvm": version("apache-tvm"), "kernels": keys,
-                    "model_sha256": _sha256(staging / "model.pt"),
-                    "kernels_sha256": _sha256(staging / "kernels" / "manifest.json")}
+                    "model_sha256": sha256(staging / "model.pt"),
+                    "kernels_sha256": sha256(staging / "kernels" / "manifest.json")}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -118,12 +114,12 @@ def load_lowered(path) -> nn.Module:
     path = as_folder(path, "load_lowered reads the folder save_lowered wrote", CheckpointError)
     manifest = _read_manifest(path)
     kernels = path / "kernels" / "manifest.json"
-    if "kernels_sha256" in manifest and (not kernels.exists() or _sha256(kernels) != manifest["kernels_sha256"]):
+    if "kernels_sha256" in manifest and (not kernels.exists() or sha256(kernels) != manifest["kernels_sha256"]):
         raise CheckpointError(f"{kernels} is missing or does not match manifest.json: edited or replaced (its "
                               "entries tell how each library is called); save the model again")
     loaded = load_kernels(path / "kernels")
     model_file = path / "model.pt"
-    if not model_file.exists() or _sha256(model_file) != manifest["model_sha256"]:
+    if not model_file.exists() or sha256(model_file) != manifest["model_sha256"]:
         raise CheckpointError(f"{model_file} is missing or does not match manifest.json: corrupt or replaced")
     with torch.inference_mode(False):  # (tensors made in inference mode have no version counter: see _Condensed)
         model = torch.load(model_file, weights_only=False)
