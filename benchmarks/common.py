@@ -7,15 +7,11 @@ Used by every script here; ``python benchmarks/run.py`` is the entry point of th
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import json
 import os
-import platform
-import shlex
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -78,17 +74,6 @@ def read_bandwidth(n_bytes: int, threads: int) -> float:
     return repeat * buf.numel() * 4 / min(timer.blocked_autorange(min_run_time=0.2).times)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 @functools.lru_cache(maxsize=None)
 def _git_commit() -> str | None:
     """The commit of the code this process runs ("-dirty": changed or new files git does not ignore), read once,
@@ -137,24 +122,14 @@ def peer_versions() -> dict[str, str | None]:
 
 
 def environment() -> dict[str, Any]:
+    """The library's description of the machine (``srigl_compile.environment``) with what only a benchmark needs:
+    the commit it ran, the GPU, TVM's LLVM target and the peers' versions."""
     import torch
 
-    env = {
-        "cpu": cpu_name(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "tvm_threads": os.environ.get("TVM_NUM_THREADS"),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "git_commit": _git_commit(),
-        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-    }
-    return {**env, **_tvm_info(), "peers": peer_versions()}
+    from srigl_compile.environment import environment as machine
+
+    return {**machine(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "git_commit": _git_commit(), **_tvm_info(), "peers": peer_versions()}
 
 
 def save_results(name: str, rows: list[dict[str, Any]], extra: dict[str, Any] | None = None,

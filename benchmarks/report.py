@@ -54,8 +54,9 @@ def group(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, dict[str, dict
 def environment_line(env: dict) -> str:
     target = env.get("llvm_target")
     mcpu = target.get("mcpu") if isinstance(target, dict) else target
+    threads = env.get("threads", env.get("torch_threads"))  # (older results name it torch_threads)
     return (f"{env['cpu']} ({env['cores']} cores, llvm mcpu `{mcpu}`), torch {env['torch']} with "
-            f"{env['torch_threads']} threads, TVM {env.get('tvm')} with TVM_NUM_THREADS={env.get('tvm_threads')}, "
+            f"{threads} threads, TVM {env.get('tvm')} with TVM_NUM_THREADS={env.get('tvm_threads')}, "
             f"OMP_WAIT_POLICY={env.get('omp_wait_policy')}, GPU: {env.get('gpu') or 'none'}; commit "
             f"{env.get('git_commit')}; 1-minute load average {env.get('load_average')} when the part finished.")
 

@@ -17,9 +17,9 @@ import click
 import torch
 
 from ..config import DENSE
+from ..environment import environment
 from ..nn.dense_fallback import dense_path_layers
 from .app import friendly_errors, main
-from .environment import environment
 from .options import NON_NEGATIVE, NON_NEGATIVE_INT, OPEN_FRACTION, POSITIVE_INT
 
 DEMO_METHODS = (DENSE, "static", "rigl", "srigl")

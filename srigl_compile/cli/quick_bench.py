@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..config import SRigLConfig
+from ..environment import environment, machine_line
 from ..passes.lower import lower
 from ..passes.sparsify import sparsify
 from ..sparsity import layer_budget
@@ -32,6 +33,7 @@ def run_quick_bench(sparsity: float, batches: list[int], threads: int):
     lowered = lower(masked, progress=False)
     csr, bias = masked[0].weight.detach().to_sparse_csr(), masked[0].bias.detach()
     yield f"3072->768 at {sparsity * 100:g}% sparsity, {threads} threads, median us per call"
+    yield f"on {machine_line(environment())}"  # (what the figures depend on)
     yield f"{'batch':>6} {'dense':>10} {'csr':>10} {'lowered':>10} {'x dense':>8}"
     for batch in batches:
         x = torch.randn(batch, 3072)

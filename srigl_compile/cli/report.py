@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..environment import machine_line
+
 PLOTS = ("accuracy.png", "loss.png", "layers.png", "latency.png")
 
 
@@ -127,21 +129,13 @@ def _plots(out: Path, results: dict) -> list[str]:
     return names
 
 
-def _machine_line(machine: dict) -> str:
-    """Where and with what it ran (results of older demos hold torch and threads only)."""
-    parts = [machine.get("cpu_model") or machine.get("cpu"), f"{machine['threads']} threads",
-             f"torch {machine['torch']}", machine.get("tvm") and f"TVM {machine['tvm']}",
-             machine.get("srigl_compile") and f"srigl_compile {machine['srigl_compile']}", machine.get("date")]
-    return ", ".join(part for part in parts if part)
-
-
 def _summary(results: dict, plots: list[str]) -> str:
     args = results["args"]
     lines = [f"# srigl-compile demo: {args['data']}, {args['sparsity']:.0%} sparsity", ""]
     if results.get("note"):
         lines += [f"**Note:** {results['note']}", ""]
     lines += [f"Seed {args['seed']}, {args['epochs']} epochs, MLP hidden width {args['hidden']}, delta_t "
-              f"{args['delta_t']}, gamma_sal {args['gamma_sal']}; {_machine_line(results['machine'])}.", "",
+              f"{args['delta_t']}, gamma_sal {args['gamma_sal']}; {machine_line(results['machine'])}.", "",
               "## Targets", ""]
     lines += [f"- {'met' if t['met'] else '**not met**'}: {t['claim']}: {t['measured']}" for t in results["targets"]]
     lines += ["", "## Accuracy", "", "| run | test accuracy |", "|---|---|"]

@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 
 from ..config import DENSE
+from ..environment import environment
 from .app import friendly_errors, main
-from .environment import environment
 from .options import NON_NEGATIVE
 
 # (label, method, ablation)

@@ -44,7 +44,7 @@ def check_outputs(folder):
 def check_layer_rows(folder):
     """Every layer variant either passed its check against the dense reference and was timed, or says why not."""
     data = json.loads((folder / "layers.json").read_text())
-    assert data["environment"]["command"] and data["environment"]["torch_threads"]
+    assert data["environment"]["command"] and data["environment"]["threads"]
     variants = set()
     for row in data["rows"]:
         variants.add(row["variant"])
