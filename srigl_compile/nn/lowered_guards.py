@@ -10,7 +10,8 @@ from ..errors import InferenceOnlyError, LayerError, LoweringError
 from ..runtime.checks import KernelDeviceError, KernelDtypeError, KernelShapeError, refuse_onnx_export
 from ..runtime.registry import get_handle
 
-__all__ = ["layer_label", "with_layer_name", "check_columns", "refuse_train", "refuse_autograd", "refuse_torchscript"]
+__all__ = ["layer_label", "with_layer_name", "check_columns", "refuse_stray_columns_on_load", "refuse_train",
+           "refuse_autograd", "refuse_torchscript"]
 
 
 def with_layer_name(err: KernelShapeError | KernelDtypeError, layer) -> KernelShapeError | KernelDtypeError:
@@ -41,13 +42,34 @@ def check_columns(layer, indices: torch.Tensor) -> None:
                                 "lower the source model again")
     if not indices.numel():
         return  # (every neuron ablated: no kernel, no columns; its output is the scatter of its biases)
-    bound = get_handle(layer.kernel_key).spec.n_in
-    if not (int(indices.min()) >= 0 and int(indices.max()) < bound):
-        raise LayerError(f"{layer_label(layer)}: its indices hold columns in "
-                         f"[{int(indices.min())}, {int(indices.max())}], outside the kernel's [0, {bound}): "
-                         "overwritten with another model's or damaged (load_state_dict from a lowered model of the "
-                         "same source model, or lower the source model again)")
+    if (stray := _stray_columns(layer, indices)) is not None:
+        raise LayerError(f"{layer_label(layer)}: its indices hold {stray}: overwritten with another model's or "
+                         "damaged (load_state_dict from a lowered model of the same source model, or lower the "
+                         "source model again)")
     layer.__dict__["_columns_checked"] = (indices, indices._version)
+
+
+def _stray_columns(layer, indices: torch.Tensor) -> str | None:
+    """What is wrong with ``indices`` as the layer's columns (None: all in the kernel's [0, n_in))."""
+    bound = get_handle(layer.kernel_key).spec.n_in
+    low, high = int(indices.min()), int(indices.max())
+    return None if 0 <= low and high < bound else f"columns in [{low}, {high}], outside the kernel's [0, {bound})"
+
+
+def refuse_stray_columns_on_load(model: torch.nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """``load_state_dict`` pre-hook ``lower`` puts on the lowered model: refuse a state dict holding columns outside
+    a lowered layer's kernel before any tensor is copied (torch loads module by module, so a layer refusing its
+    own would leave the ones loaded before it changed)."""
+    for name, layer in model.named_modules():
+        if getattr(layer, "kernel_key", None) is None or "indices" not in layer._buffers:
+            continue  # (lowered Linear and convolution layers hold columns; norms and pools do not)
+        indices = state_dict.get(f"{prefix}{name}.indices" if name else f"{prefix}indices")
+        if isinstance(indices, torch.Tensor) and indices.numel() and not indices.is_meta \
+                and (stray := _stray_columns(layer, indices)) is not None:
+            raise LayerError(f"load_state_dict refused, nothing loaded: {layer_label(layer)}: the state dict's "
+                             f"{prefix}{name}.indices hold {stray}: it is another model's or damaged; load the "
+                             "state dict of a lowered model of the same source model, or lower the source model "
+                             "again")
 
 
 def refuse_train(layer, mode: bool):

@@ -43,6 +43,7 @@ from .._warnings import warn_user
 from ..errors import CheckpointError, LayerError
 from ..nn.condensed import CondensedConv, CondensedLinear
 from ..nn.lowered import LoweredConv, LoweredLinear, kernel_spec, make_lowered_, pointwise_unpadded
+from ..nn.lowered_guards import refuse_stray_columns_on_load
 from ..nn.masked import is_masked
 from .analysis import GRAPH, OUTPUT_SHAPES, Analyses
 from .base import Pass, PassResult
@@ -143,6 +144,7 @@ def lower(model: nn.Module, target="llvm", *, example_inputs=None, tune: bool = 
         lowered = PassManager(passes).run(copy.deepcopy(model), Analyses(example_inputs))
     _warn_dropped_hooks(model, lowered)
     model = lowered
+    model.register_load_state_dict_pre_hook(refuse_stray_columns_on_load)  # (checked before anything is loaded)
     if callable(getattr(type(model), "save_pretrained", None)):  # (a Hugging Face model: push_to_hub saves so too)
         model.save_pretrained = functools.partial(refuse_save_pretrained, type(model).__name__)
     # Inference only: the kernels have no backward, dropout must be off, and dense parameters need no gradients

@@ -153,22 +153,37 @@ def _linear_net():
                                                (_linear_net, "0", (1, 32)), (_linear_net, "0", (64, 32))],
                          ids=["conv", "strided", "linear-row", "linear-tiled"])
 @pytest.mark.parametrize("column", [30000, -5])
-def test_indices_loaded_outside_the_kernel_s_columns_are_refused_at_the_next_call(net, layer, shape, column):
+def test_indices_outside_the_kernel_s_columns_are_refused_before_loading_or_at_the_next_call(net, layer, shape,
+                                                                                                column):
     """The kernels read the columns unchecked: a state dict with one out of range read past the input (linear) or
-    crashed the process (conv) after load_state_dict (a probe, 2026-12-06)."""
+    crashed the process (conv) after load_state_dict (a probe, 2026-12-06). The model's load_state_dict refuses it
+    before copying anything; what reaches a layer another way (its own load_state_dict, a write in place) is refused
+    at the layer's next call."""
     torch.manual_seed(0)
     model = lower(sparsify(net(), SRigLConfig(sparsity=0.8, seed=1)), progress=False)
     good = {key: tensor.clone() for key, tensor in model.state_dict().items()}
     x = torch.randn(*shape)
     with torch.no_grad():
         want = model(x)  # (warm: the layers' prepared calls exist)
-        model.load_state_dict(_with_column(model, layer, column))
+        bad = _with_column(model, layer, column)
+        for key in bad:  # (every other tensor differs too: a partial load would show)
+            if key != f"{layer}.indices" and bad[key].is_floating_point():
+                bad[key] += 1
+        with pytest.raises(LayerError, match=rf"load_state_dict refused, nothing loaded: lowered Lowered\w+ "
+                                             rf"'{layer}': the state dict's {layer}.indices hold columns in "
+                                             r"\[-?\d+, \d+\], outside the kernel's \[0, \d+\)"):
+            model.load_state_dict(bad)
+        assert all(torch.equal(tensor, good[key]) for key, tensor in model.state_dict().items())
+        torch.testing.assert_close(model(x), want)
+        target = dict(model.named_modules())[layer]
+        target.load_state_dict({key.removeprefix(f"{layer}."): tensor for key, tensor in bad.items()
+                                if key.startswith(f"{layer}.")})  # (the layer's own load: no model-wide check)
         with pytest.raises(LayerError, match=rf"lowered Lowered\w+ '{layer}': its indices hold columns in "
                                              r"\[-?\d+, \d+\], outside the kernel's \[0, \d+\)"):
             model(x)
         model.load_state_dict(good)
         torch.testing.assert_close(model(x), want)
-        dict(model.named_modules())[layer].indices.view(-1)[1] = column  # (in place, as well)
+        target.indices.view(-1)[1] = column  # (in place, as well)
         with pytest.raises(LayerError, match="outside the kernel's"):
             model(x)
 
