@@ -6,8 +6,9 @@ uses, a parameter or buffer the forward does not read, and every plain attribute
 Code outside the forward (the model's own forward, a user's method call) then fails on them. ``traced_parent``
 keeps them all: the module's class as a base of the GraphModule's (isinstance and its other methods hold), its
 original child modules, unread parameters and buffers, and its plain attributes, which also ride in the
-GraphModule's preserved attributes so that a deepcopy keeps them. (A pickle keeps the attributes and submodules,
-not the class: fx rebuilds a plain GraphModule from the generated code.)
+GraphModule's preserved attributes so that a deepcopy keeps them. A pickle (``save_lowered``, ``torch.save``) keeps
+them too: fx rebuilds a plain GraphModule from the generated code, and the load makes it this class again (where
+the class can be imported by name, as pickle needs; else the plain GraphModule, as fx gives).
 
 Example:
     >>> rewritten = traced_parent(block, graph)    # doctest: +SKIP
@@ -18,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch.fx as fx
 import torch.nn as nn
@@ -39,7 +41,31 @@ def _graph_module_class(base: type) -> type:
             nn.Module.__init__(self)
 
     return type(base.__name__, (fx.GraphModule, _ModuleInitOnly),
-                {"__module__": base.__module__, "__qualname__": base.__qualname__})
+                {"__module__": base.__module__, "__qualname__": base.__qualname__, "_traced_parent_base": base,
+                 "__reduce__": _reduce_keeping_class})
+
+
+def _reduce_keeping_class(module: fx.GraphModule):
+    """Pickle as fx does (the generated code and the attributes), rebuilt as the module's class on load."""
+    rebuild_graph_module, (body, import_block) = fx.GraphModule.__reduce__(module)
+    args = ({**body, **dict(_slot_values(module))}, import_block)  # (slot values are not in the __dict__ fx keeps)
+    base = module._traced_parent_base
+    if not _importable(base):
+        return rebuild_graph_module, args  # (pickle could not name the class: fx's plain GraphModule, as before)
+    return _rebuild_traced_parent, (base, rebuild_graph_module, args)
+
+
+def _rebuild_traced_parent(base: type, rebuild_graph_module, args) -> fx.GraphModule:
+    plain = rebuild_graph_module(*args)
+    return traced_parent(plain, plain.graph, base=base)
+
+
+def _importable(cls: type) -> bool:
+    """Whether pickle can name ``cls`` (its module imported, its qualified name leading back to it)."""
+    found = sys.modules.get(cls.__module__)
+    for part in cls.__qualname__.split("."):
+        found = getattr(found, part, None)
+    return found is cls
 
 
 def _slot_values(module: nn.Module) -> list[tuple[str, object]]:
@@ -52,12 +78,14 @@ def _slot_values(module: nn.Module) -> list[tuple[str, object]]:
             if name not in ("__dict__", "__weakref__") and hasattr(module, name)]
 
 
-def traced_parent(parent: nn.Module, graph: fx.Graph) -> fx.GraphModule:
-    """``parent`` with ``graph`` as its forward, everything else kept (module docstring)."""
+def traced_parent(parent: nn.Module, graph: fx.Graph, base: type | None = None) -> fx.GraphModule:
+    """``parent`` with ``graph`` as its forward, everything else kept (module docstring); its class ``base``
+    (default: the parent's)."""
+    base = base or type(parent)
     try:
-        rewritten = _graph_module_class(type(parent))(parent, graph, class_name=type(parent).__name__)
+        rewritten = _graph_module_class(base)(parent, graph, class_name=base.__name__)
     except TypeError:  # a layout or metaclass Python cannot combine with GraphModule's: the name only, as fx gives
-        rewritten = fx.GraphModule(parent, graph, class_name=type(parent).__name__)
+        rewritten = fx.GraphModule(parent, graph, class_name=base.__name__)
     extras = {}
     for name, child in parent._modules.items():  # (the originals: the trace's containers hold what it calls)
         rewritten._modules[name] = extras[name] = child

@@ -5,6 +5,7 @@ taken as a residual; a rewritten block losing its class, attributes and uncalled
 reading a convolution's last dimension given the convolution's channels."""
 
 import copy
+import pickle
 
 import torch
 import torch.nn as nn
@@ -169,6 +170,8 @@ def test_a_rewritten_block_keeps_the_values_of_its_slots():
     block = _Slotted()
     rewritten = traced_parent(block, torch.fx.symbolic_trace(block).graph)
     assert isinstance(rewritten, _Slotted) and rewritten.scale == 2.0 and rewritten.described() == "scale 2.0"
+    loaded = pickle.loads(pickle.dumps(rewritten))
+    assert isinstance(loaded, _Slotted) and loaded.described() == "scale 2.0"
 
 
 def test_a_rewritten_block_keeps_its_class_attributes_methods_and_submodules():
@@ -187,6 +190,32 @@ def test_a_rewritten_block_keeps_its_class_attributes_methods_and_submodules():
     x = torch.randn(3, 8, 5, 5)
     with torch.no_grad():
         torch.testing.assert_close(copied(x), fused(x), rtol=0, atol=0)
+    # A pickle (save_lowered, torch.save) kept the attributes but gave back a plain GraphModule: the model's
+    # forward then failed on self.block.aux (a probe, session 42).
+    loaded = pickle.loads(pickle.dumps(fused))
+    assert isinstance(loaded.block, _Described) and isinstance(loaded.block, torch.fx.GraphModule)
+    assert loaded.block.out_channels == 16 and loaded.block.conv.epilogue == "relu"
+    assert set(loaded.state_dict()) == names
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), fused(x), rtol=0, atol=0)
+    again = pickle.loads(pickle.dumps(loaded))  # (what a load gives back pickles as its class again)
+    assert isinstance(again.block, _Described) and again.block.out_channels == 16
+
+
+def test_a_rewritten_block_whose_class_pickle_cannot_name_pickles_as_fx_gives_it():
+    from srigl_compile.passes.traced_parent import traced_parent
+
+    class Local(_Slotted):  # (a class inside a function: pickle cannot import it by name)
+        pass
+
+    block = Local()
+    rewritten = traced_parent(block, torch.fx.symbolic_trace(block).graph)
+    assert isinstance(rewritten, Local)
+    loaded = pickle.loads(pickle.dumps(rewritten))
+    assert isinstance(loaded, torch.fx.GraphModule)
+    assert not isinstance(loaded, _Slotted) and loaded.scale == 2.0
+    x = torch.randn(1, 8, 4, 4)
+    torch.testing.assert_close(loaded(x), block(x), rtol=0, atol=0)
 
 
 class _ConvThenTimeMix(nn.Module):
