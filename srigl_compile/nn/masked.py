@@ -24,6 +24,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 
+from ..errors import TraceError
 from .sharding import local_part, part_like
 
 __all__ = [
@@ -63,11 +64,11 @@ class LayerPlan:
 
 
 class MaskedLayer:
-    """Mixin of every sparse layer: ``weight``, ``mask`` (bool, weight's shape) and ``srigl_plan``."""
+    """Mixin of every sparse layer: ``weight`` (the Parameter), ``mask`` (a bool buffer, weight's shape) and
+    ``srigl_plan`` (a ``LayerPlan``). (No class annotations: torch.jit.script reads them as the module's attribute
+    types and cannot resolve them; it compiles the layer's own forward, which the mask leaves unchanged.)"""
 
-    weight: nn.Parameter
-    mask: torch.Tensor
-    srigl_plan: LayerPlan
+    __jit_unused_properties__ = ["fan_in"]  # (a LayerPlan is no TorchScript type; forward never reads it)
 
     def neuron_view(self, tensor: torch.Tensor) -> torch.Tensor:
         """[n_out, fan_in] form of a weight-shaped tensor, for reading: a view when the tensor is contiguous, a copy
@@ -153,6 +154,11 @@ class MaskedMultiheadAttention(nn.MultiheadAttention):
         if child is not None:
             return child.weight
         return self._parameters.get(param_name)
+
+    def __prepare_scriptable__(self):
+        raise TraceError(f"torch.jit.script cannot compile {type(self).__name__}: its packed projection weights "
+                         "are properties reading sparse child layers, which TorchScript does not support; use "
+                         "torch.jit.trace or torch.export, or script srigl_compile.unsparsify(model)")
 
     in_proj_weight = property(lambda self: self._packed("in_proj_weight"))
     q_proj_weight = property(lambda self: self._packed("q_proj_weight"))
