@@ -101,3 +101,20 @@ def test_bad_inputs_are_refused_before_anything_changes():
                                          r"unsparsify would keep.*apply_mask_"):
         unsparsify(sparse, inplace=True)
     assert all(isinstance(m, MaskedLayer) for _, m in sparse_layers(sparse))
+
+
+def test_plain_layers_keep_no_plan():
+    """A plain model pickled needs no srigl_compile to load (a probe: srigl_plan was left on the layers)."""
+    sparse = sparsify(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), SRigLConfig(sparsity=0.5))
+    plain = unsparsify(sparse)
+    assert not any(hasattr(m, "srigl_plan") for m in plain.modules())
+
+
+def test_attention_out_proj_is_torchs_class_again():
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+    sparse = sparsify(nn.Sequential(layer).eval(), SRigLConfig(sparsity=0.8),
+                      example_inputs=(torch.randn(2, 5, 32),))
+    plain = unsparsify(sparse)
+    attention = plain[0].self_attn
+    assert type(attention) is nn.MultiheadAttention
+    assert type(attention.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
