@@ -253,6 +253,18 @@ def make_encoder(seed: int = 0) -> nn.TransformerEncoder:
     return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=True)
 
 
+def lowered_attention_encoder(batch_first: bool):
+    """(masked, lowered, x): a 2-layer pre-norm encoder (d 128, 2 heads of 64: the attention kernel's shape) at 70%."""
+    from srigl_compile import lower
+
+    torch.manual_seed(3)
+    layer = nn.TransformerEncoderLayer(128, 2, 256, dropout=0.0, batch_first=batch_first, norm_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 11, 128) if batch_first else torch.randn(11, 2, 128)
+    masked = sparsify(model, SRigLConfig(sparsity=0.7, distribution="uniform"), example_inputs=(x,))
+    return masked, lower(masked, example_inputs=(x,), progress=False), x
+
+
 CNN_FAN_IN = {  # in_channels / groups * kernel size
     "stem": 3 * 9,
     "block.conv1": 16 * 9,

@@ -12,6 +12,7 @@ from srigl_compile import SRigLConfig, load_lowered, lower, save_lowered, sparsi
 from srigl_compile.nn.condensed_attention import CondensedMultiheadAttention
 from srigl_compile.runtime import attention_op
 from srigl_compile.runtime.registry import get_handle
+from tests.models import lowered_attention_encoder
 
 pytestmark = pytest.mark.tvm
 
@@ -70,18 +71,9 @@ def test_calls_the_kernel_does_not_take_run_sdpa(kernel_key, monkeypatch):
                                    atol=1e-5)
 
 
-def _encoder(batch_first: bool):
-    torch.manual_seed(3)
-    layer = nn.TransformerEncoderLayer(128, 2, 256, dropout=0.0, batch_first=batch_first, norm_first=True)
-    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
-    x = torch.randn(2, 11, 128) if batch_first else torch.randn(11, 2, 128)
-    masked = sparsify(model, SRigLConfig(sparsity=0.7, distribution="uniform"), example_inputs=(x,))
-    return masked, lower(masked, example_inputs=(x,), progress=False), x
-
-
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_lowered_encoders_attend_in_the_kernel(batch_first, monkeypatch):
-    masked, lowered, x = _encoder(batch_first)
+    masked, lowered, x = lowered_attention_encoder(batch_first)
     attentions = [m for m in lowered.modules() if isinstance(m, CondensedMultiheadAttention)]
     assert attentions and all(m.attention_key for m in attentions)
     calls = []
@@ -99,7 +91,7 @@ def test_lowered_encoders_attend_in_the_kernel(batch_first, monkeypatch):
 
 
 def test_saved_and_exported_models_keep_the_kernel(tmp_path):
-    masked, lowered, x = _encoder(True)
+    masked, lowered, x = lowered_attention_encoder(True)
     save_lowered(lowered, tmp_path / "model")
     loaded = load_lowered(tmp_path / "model")
     assert all(m.attention_key for m in loaded.modules() if isinstance(m, CondensedMultiheadAttention))

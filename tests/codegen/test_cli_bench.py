@@ -20,5 +20,5 @@ def test_bench_reports_each_batch_with_the_machine_it_ran_on():
     assert lines[1].startswith("on ") and f"torch {torch.__version__}" in lines[1] and "srigl_compile" in lines[1]
     rows = [line.split() for line in lines if re.match(r"\s*\d+\s", line)]
     assert [row[0] for row in rows] == ["1", "3"]
-    for _, dense, _, lowered, ratio in rows:  # the ratio is dense over lowered, as its column says
-        assert float(ratio.rstrip("x")) == pytest.approx(float(dense) / float(lowered), rel=0.02)  # (printed rounded)
+    for _, dense, _, lowered, ratio in rows:  # dense over lowered, as its column says (printed rounded)
+        assert float(ratio.rstrip("x")) == pytest.approx(float(dense) / float(lowered), rel=0.02, abs=0.006)

@@ -18,7 +18,7 @@ from srigl_compile.runtime.handle import HandleBase
 from srigl_compile.runtime.kernel_files import KernelFileError
 from srigl_compile.runtime.kernel_io import load_kernels
 from srigl_compile.runtime.spec import KernelSpec
-from tests.codegen.test_attention_kernel import _encoder
+from tests.models import lowered_attention_encoder
 
 pytestmark = pytest.mark.tvm
 
@@ -102,7 +102,7 @@ def test_a_kernel_folder_of_another_format_is_a_kernel_file_error(lowered, tmp_p
 
 
 def test_attention_keys_are_renamed_when_loaded_beside_another_variant(tmp_path):
-    masked, lowered, x = _encoder(True)
+    masked, lowered, x = lowered_attention_encoder(True)
     save_lowered(lowered, tmp_path / "model")
     saved = {m.attention_key for m in lowered.modules() if isinstance(m, CondensedMultiheadAttention)}
     assert saved and all(saved)
