@@ -233,7 +233,8 @@ class _RepeatConv:
     """A direct convolution's last eager call, run again for an input of the same shape and strides (and a
     residual of the same shape and strides, or none again: the call may read either as it is laid out) with the
     very operand tensors it was prepared for, unmodified since (the offsets derive from the indices): plain float32
-    CPU tensors autograd does not track. Anything else returns None, and
+    CPU tensors autograd does not track (a residual too: a float64 one makes a float64 sum, which the full path
+    leaves to torch). Anything else returns None, and
     the layer takes the full path (which raises the typed errors). ``subsample``: the stride of a strided 1x1
     layer, whose pixels are picked first."""
 
@@ -257,8 +258,8 @@ class _RepeatConv:
             if self.residual_shape is not None:
                 return None
         elif (type(residual) is not torch.Tensor or residual.shape != self.residual_shape
-              or residual.stride() != self.residual_stride or not residual.is_cpu
-              or (grad and residual.requires_grad)):
+              or residual.stride() != self.residual_stride or residual.dtype != torch.float32
+              or not residual.is_cpu or (grad and residual.requires_grad)):
             return None
         values, indices, bias = held
         if values is not self.values or indices is not self.indices or bias is not self.bias \

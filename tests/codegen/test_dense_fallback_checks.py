@@ -3,13 +3,15 @@ check's saving per chosen layer, untimed first calls, each path timed long enoug
 forgotten under another thread count. Each test failed on a mutant the rest of the suite let through
 (mutation probe, session 43)."""
 
+import copy
 import pickle
 
 import pytest
 import torch
 
-from srigl_compile import lower
+from srigl_compile import SRigLConfig, lower, sparsify
 from srigl_compile.nn import dense_fallback
+from srigl_compile.zoo import ResNet
 from tests.codegen.dense_forms import chosen_dense, force, forms_of, sparse_model
 
 pytestmark = pytest.mark.tvm
@@ -115,3 +117,32 @@ def test_a_trial_takes_turns_between_the_paths(monkeypatch, short_trials):
         for _ in range(2):
             lowered(torch.randn(2, 16, 10, 10))
     assert order == ["kernel", "dense", "dense", "kernel"]
+
+
+def test_a_float64_residual_gives_the_float64_sum_at_a_shape_that_chose_the_dense_path(monkeypatch, short_trials):
+    """A dense form computes only what it takes: a residual other than float32 goes to the kernel's path, which
+    adds it as torch does (float32 output + float64 residual = float64), even at a shape whose trial chose the
+    dense path (a 1x1 convolution's sgemm path would add it in place into its float32 product)."""
+    torch.manual_seed(0)
+    masked = sparsify(ResNet(10, blocks=(1,), width=8), SRigLConfig(sparsity=0.5)).eval()
+    lowered = lower(masked, example_inputs=(torch.randn(1, 3, 16, 16),), progress=False)
+    conv3 = lowered.layers[0].conv3
+    form = conv3.__dict__.get("_dense_form")
+    assert form is not None and form.pointwise and conv3.fused_epilogue and "add" in conv3.epilogue
+    force(monkeypatch, "dense")
+    x = torch.randn(1, conv3.in_channels, 8, 8)
+    residual = torch.randn(1, conv3.out_channels, 8, 8)
+    key = (x.shape, residual.shape)
+    with torch.no_grad():
+        for _ in range(2):  # (the shape's trial: one untimed call, one timed)
+            conv3(x, residual=residual)
+        assert form.choices == {key: True}
+        want = conv3(x, residual=residual).double()
+        for variant in ("matmul", "conv2d"):  # (whichever dense computation the trial found faster)
+            form.variants[key] = variant
+            # a copy of the settled layer (as a server makes, or save_lowered / load_lowered) keeps the choice
+            served = copy.deepcopy(conv3)
+            assert served._dense_form.choices == {key: True} and served._dense_form.variants[key] == variant
+            got = served(x, residual=residual.double())
+            assert got.dtype == torch.float64, variant
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -143,10 +143,13 @@ def test_a_float64_residual_gives_the_float64_sum_torch_gives():
     assert conv3.fused_epilogue and "add" in conv3.epilogue
     x = torch.randn(1, conv3.in_channels, 8, 8)
     residual = torch.randn(1, conv3.out_channels, 8, 8, dtype=torch.float64)
+    conv3.__dict__.pop("_dense_form", None)  # (the kernel's path only)
     with torch.no_grad():
         got, in_float32 = conv3(x, residual=residual), conv3(x, residual=residual.float())
-    assert got.dtype == torch.float64 and in_float32.dtype == torch.float32
+        again = conv3(x, residual=residual)  # (the float32 call left a prepared repeat call at this shape)
+    assert got.dtype == again.dtype == torch.float64 and in_float32.dtype == torch.float32
     torch.testing.assert_close(got, in_float32.double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
 
 
 def test_lower_names_the_modules_whose_hooks_it_drops():

@@ -129,3 +129,20 @@ def test_capabilities_count_only_the_functions_a_library_has():
     newer.kernel_fn, newer.glue_fn = print, print
     assert older.capabilities() == {"kernel_fn"}
     assert newer.capabilities() > older.capabilities()
+
+
+def test_a_shapes_third_and_fourth_variants_are_key_3_and_key_4():
+    """Further variants of one shape are key#2, key#3, ... as registry.py documents (the keys lowered layers,
+    manifests and error messages carry), not key#2#3."""
+    key = "probe_o8_i16_k4_int16_b@kind=llvm"
+    before = dict(registry._HANDLES)
+    try:
+        for taken in (key, f"{key}#2"):  # two other variants of the shape already hold these keys
+            registry._HANDLES[taken] = types.SimpleNamespace(key=taken)
+        assert registry.variant_key(key, lambda handle: False) == (f"{key}#3", None)
+        registry._HANDLES[f"{key}#3"] = third = types.SimpleNamespace(key=f"{key}#3")
+        assert registry.variant_key(key, lambda handle: False) == (f"{key}#4", None)
+        assert registry.variant_key(key, lambda handle: handle is third) == (f"{key}#3", third)
+    finally:
+        registry._HANDLES.clear()
+        registry._HANDLES.update(before)
