@@ -12,6 +12,7 @@ import torch.nn as nn
 from srigl_compile import SRigLConfig, lower, sparsify
 from srigl_compile.codegen.backends import LlvmConfig
 from srigl_compile.errors import InferenceOnlyError, LayerError
+from srigl_compile.nn.condensed import CondensedLinear
 from srigl_compile.nn.condensed_tensors import WeightStandIn
 from srigl_compile.runtime.checks import (
     KernelDeviceError,
@@ -21,6 +22,7 @@ from srigl_compile.runtime.checks import (
     check_residual_shape,
     check_runs_here,
 )
+from srigl_compile.runtime.linear_op import condensed_linear
 
 pytestmark = pytest.mark.tvm
 
@@ -115,3 +117,74 @@ def test_weight_stand_ins_answer_their_own_device():
     cpu = WeightStandIn.make((4, 8), torch.float32, torch.device("cpu"))
     cuda = WeightStandIn.make((4, 8), torch.float32, torch.device("cuda", 0))
     assert cpu.device == torch.device("cpu") and cuda.device == torch.device("cuda", 0)
+
+
+class _Residual(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x, residual):
+        return self.layer(x, residual=residual)
+
+
+def test_a_residual_autograd_tracks_is_refused_by_the_op():
+    gen = torch.Generator().manual_seed(0)
+    indices = torch.rand(24, 20, generator=gen).argsort(dim=1)[:, :5].sort(dim=1).values
+    layer = CondensedLinear(20, 24, torch.arange(24), torch.randn(24, 5, generator=gen), indices, None)
+    layer.set_epilogue_("add")
+    lowered = lower(_Residual(layer), example_inputs=(torch.randn(4, 20), torch.randn(4, 24)), progress=False).layer
+    assert lowered.fused_epilogue
+    x = torch.randn(4, 20)
+    residual = torch.randn(4, 24, requires_grad=True) * 2  # (an upstream layer's output: not a leaf)
+    with pytest.raises(InferenceOnlyError, match="requires grad"):
+        condensed_linear(x, lowered.values, lowered.indices, lowered.bias, lowered.kernel_key, 0, residual)
+
+
+@pytest.mark.parametrize("rows", [8, 64])  # the mid kernel, the col kernel: both read the blocked weights
+def test_blocked_weights_follow_values_changed_in_place(rows):
+    torch.manual_seed(0)
+    masked = sparsify(nn.Sequential(nn.Linear(48, 40, bias=False)), SRigLConfig(sparsity=0.8, seed=1)).eval()
+    layer = lower(masked, LlvmConfig(dense_fallback=False, progress=False))[0]
+    x = torch.randn(rows, 48)
+    with torch.no_grad():
+        before = condensed_linear(x, layer.values, layer.indices, None, layer.kernel_key)
+        layer.values.mul_(2)  # (as load_state_dict writes a layer's values: in place)
+        after = condensed_linear(x, layer.values, layer.indices, None, layer.kernel_key)
+    torch.testing.assert_close(after, 2 * before)
+
+
+def test_row_kernel_shortcut_reads_non_contiguous_rows_as_they_are():
+    """A lowered layer's 1-2 row shortcut (``RowCall``) takes contiguous rows only; others take the full path."""
+    torch.manual_seed(0)
+    masked = sparsify(nn.Sequential(nn.Linear(48, 40)), SRigLConfig(sparsity=0.8, seed=1)).eval()
+    lowered = lower(masked, LlvmConfig(dense_fallback=False, progress=False))
+    rows = torch.randn(48, 2).t()  # two rows, 1 float apart within a row: not contiguous
+    with torch.no_grad():
+        lowered(rows.contiguous())  # (a first full call sets the shortcut up)
+        assert lowered[0].__dict__.get("_row_call")
+        torch.testing.assert_close(lowered(rows), masked(rows), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lowered(rows), lowered(rows.contiguous()))
+
+
+def test_a_forced_col_threshold_picks_the_kernel(monkeypatch):
+    """``col_threshold`` > 0 forces the col kernel from that many rows on (0: the handle's own threshold)."""
+    from srigl_compile.runtime.registry import get_handle
+
+    torch.manual_seed(0)
+    masked = sparsify(nn.Sequential(nn.Linear(48, 40)), SRigLConfig(sparsity=0.8, seed=1)).eval()
+    layer = lower(masked, LlvmConfig(dense_fallback=False, progress=False))[0]
+    handle = get_handle(layer.kernel_key)
+    ran = []
+    for name in ("col_fn", "mid_fn"):
+        fn = getattr(handle, name)
+        monkeypatch.setattr(handle, name, lambda *args, _fn=fn, _name=name: (ran.append(_name), _fn(*args))[1])
+    x = torch.randn(8, 48)
+    with torch.no_grad():
+        want = condensed_linear(x, layer.values, layer.indices, layer.bias, layer.kernel_key, 0)
+        assert ran == ["mid_fn"]  # (8 rows: below the handle's threshold)
+        got = condensed_linear(x, layer.values, layer.indices, layer.bias, layer.kernel_key, 4)
+        assert ran == ["mid_fn", "col_fn"]
+        condensed_linear(x, layer.values, layer.indices, layer.bias, layer.kernel_key, 100)
+        assert ran == ["mid_fn", "col_fn", "mid_fn"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -334,3 +334,13 @@ def test_traced_calls_return_the_layouts_eager_calls_do():
                     tolerance = 0.0 if i in exact_outputs else 1e-6
                     torch.testing.assert_close(have, expected, rtol=tolerance, atol=tolerance)
     assert residuals, "a residual added in a kernel was among the calls"
+
+
+def test_planar_stride_counts_the_storage_offset_of_a_view():
+    storage = torch.zeros(10 + 96)
+    fits = torch.as_strided(storage, (1, 2, 5, 7), (96, 48, 7, 1), 10)  # (offset + 2 planes == the storage)
+    assert planar_stride(fits) == 48
+    short = torch.zeros(10 + 96 - 5)  # every pixel inside, but the last plane's gap runs 5 floats past the end
+    ends_early = torch.as_strided(short, (1, 2, 5, 7), (96, 48, 7, 1), 10)
+    assert planar_stride(ends_early) is None, "the last plane's gap lies past the storage: not safe to read"
+    assert planar_stride(short[10:].as_strided((1, 2, 5, 7), (96, 48, 7, 1))) is None  # (the same, via a slice)
