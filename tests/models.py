@@ -286,3 +286,14 @@ def bn_mlp() -> nn.Module:
         net[1].running_var.fill_(4.0)
         net[1].num_batches_tracked.fill_(7)
     return net.eval()
+
+
+class WithResidual(nn.Module):
+    """A layer called with a residual, as a block's last layer is once its add is fused (``layer(x, residual=r)``)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x, residual):
+        return self.layer(x, residual=residual)

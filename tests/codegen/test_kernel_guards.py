@@ -23,6 +23,7 @@ from srigl_compile.runtime.checks import (
     check_runs_here,
 )
 from srigl_compile.runtime.linear_op import condensed_linear
+from tests.models import WithResidual
 
 pytestmark = pytest.mark.tvm
 
@@ -119,21 +120,12 @@ def test_weight_stand_ins_answer_their_own_device():
     assert cpu.device == torch.device("cpu") and cuda.device == torch.device("cuda", 0)
 
 
-class _Residual(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x, residual):
-        return self.layer(x, residual=residual)
-
-
 def test_a_residual_autograd_tracks_is_refused_by_the_op():
     gen = torch.Generator().manual_seed(0)
     indices = torch.rand(24, 20, generator=gen).argsort(dim=1)[:, :5].sort(dim=1).values
     layer = CondensedLinear(20, 24, torch.arange(24), torch.randn(24, 5, generator=gen), indices, None)
     layer.set_epilogue_("add")
-    lowered = lower(_Residual(layer), example_inputs=(torch.randn(4, 20), torch.randn(4, 24)), progress=False).layer
+    lowered = lower(WithResidual(layer), example_inputs=(torch.randn(4, 20), torch.randn(4, 24)), progress=False).layer
     assert lowered.fused_epilogue
     x = torch.randn(4, 20)
     residual = torch.randn(4, 24, requires_grad=True) * 2  # (an upstream layer's output: not a leaf)

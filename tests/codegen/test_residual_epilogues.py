@@ -12,21 +12,13 @@ from srigl_compile.errors import LoweringError
 from srigl_compile.nn.condensed import CondensedLinear
 from srigl_compile.nn.transformer_layers import ResidualEncoderLayer
 from srigl_compile.runtime.registry import get_handle
+from tests.models import WithResidual
 
 pytestmark = pytest.mark.tvm
 
 
 def _close(got, want):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
-class _Residual(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x, residual):
-        return self.layer(x, residual=residual)
 
 
 def _layer(n_out: int, n_in: int, k: int, bias: bool, epilogue: str) -> CondensedLinear:
@@ -42,7 +34,7 @@ def _layer(n_out: int, n_in: int, k: int, bias: bool, epilogue: str) -> Condense
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_kernels_add_the_residual_at_every_batch(epilogue, bias):
     layer = _layer(96, 80, 13, bias, epilogue)
-    model = _Residual(layer)
+    model = WithResidual(layer)
     lowered = lower(model, example_inputs=(torch.randn(4, 80), torch.randn(4, 96)), progress=False)
     assert get_handle(lowered.layer.kernel_key).spec.epilogue == epilogue and lowered.layer.fused_epilogue
     for rows in (1, 2, 5, 64, 70, 300, 600):  # row, mid, col, col + a mid tail, fused (from 4 tiles a thread)
@@ -65,7 +57,7 @@ def test_the_op_refuses_a_residual_its_kernel_does_not_add():
     x = torch.randn(3, 24)
     with pytest.raises(ValueError, match="epilogue ''.*residual=a tensor"):
         condensed_linear(x, plain.values, plain.indices, plain.bias, plain.kernel_key, 0, torch.randn(3, 16))
-    adding = lower(_Residual(_layer(16, 24, 5, True, "add")), example_inputs=(x, torch.randn(3, 16)),
+    adding = lower(WithResidual(_layer(16, 24, 5, True, "add")), example_inputs=(x, torch.randn(3, 16)),
                    progress=False).layer
     with pytest.raises(ValueError, match="epilogue 'add'.*residual=None"):
         condensed_linear(x, adding.values, adding.indices, adding.bias, adding.kernel_key, 0, None)
