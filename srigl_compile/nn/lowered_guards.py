@@ -1,6 +1,6 @@
 """What a lowered layer checks and refuses before its kernel runs, each error naming the layer: columns out of the
-kernel's range, operands on the meta device, train mode, inputs or operands autograd tracks, torch.jit tracing
-and ONNX export."""
+kernel's range (and, before a lowered model's ``load_state_dict`` copies anything, in the state dict), operands on
+the meta device, train mode, inputs or operands autograd tracks, torch.jit tracing and ONNX export."""
 
 from __future__ import annotations
 

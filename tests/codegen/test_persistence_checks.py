@@ -63,30 +63,34 @@ def test_saving_over_a_saved_model_leaves_no_folder_beside_it(lowered, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def _edit_json(path, edit) -> None:
+    """Rewrite the JSON file at ``path`` with ``edit`` applied to its contents (as a hand edit would)."""
+    contents = json.loads(path.read_text())
+    edit(contents)
+    path.write_text(json.dumps(contents))
+
+
 def test_a_kernel_entry_with_an_edited_k_pad_is_a_kernel_file_error(lowered, tmp_path):
     folder = save_lowered(lowered, tmp_path / "model") / "kernels"
-    manifest = json.loads((folder / "manifest.json").read_text())
-    entry = manifest["kernels"][lowered[0].kernel_key]
-    entry["k_pad"] += 8
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    def pad_more(manifest):
+        manifest["kernels"][lowered[0].kernel_key]["k_pad"] += 8
+
+    _edit_json(folder / "manifest.json", pad_more)
     with pytest.raises(KernelFileError, match="k_pad"):
         load_kernels(folder)
 
 
 def test_a_kernel_entry_with_a_null_file_is_a_kernel_file_error(lowered, tmp_path):
     folder = save_lowered(lowered, tmp_path / "model") / "kernels"
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["kernels"][lowered[0].kernel_key]["file"] = None
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    _edit_json(folder / "manifest.json", lambda m: m["kernels"][lowered[0].kernel_key].update(file=None))
     with pytest.raises(KernelFileError, match="malformed manifest entry"):
         load_kernels(folder)
 
 
 def test_a_manifest_of_another_lowered_format_is_refused(lowered, tmp_path):
     folder = save_lowered(lowered, tmp_path / "model")
-    top = json.loads((folder / "manifest.json").read_text())
-    top["format"] = "srigl_compile.lowered/1"
-    (folder / "manifest.json").write_text(json.dumps(top))
+    _edit_json(folder / "manifest.json", lambda m: m.update(format="srigl_compile.lowered/1"))
     with pytest.raises(CheckpointError, match="unknown format 'srigl_compile.lowered/1'"):
         load_lowered(folder)
 
@@ -94,9 +98,7 @@ def test_a_manifest_of_another_lowered_format_is_refused(lowered, tmp_path):
 def test_a_kernel_folder_of_another_format_is_a_kernel_file_error(lowered, tmp_path):
     """Format 3 libraries read index words, format 4 blocked weights: an older folder must not load."""
     folder = save_lowered(lowered, tmp_path / "model") / "kernels"
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["format"] = "srigl_compile.kernels/3"
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    _edit_json(folder / "manifest.json", lambda m: m.update(format="srigl_compile.kernels/3"))
     with pytest.raises(KernelFileError, match="is not a srigl_compile.kernels/4 manifest"):
         load_kernels(folder)
 
