@@ -44,6 +44,17 @@ def test_expand_tile_fits_48_kib_of_shared_memory(n_in, dtype):
         "the zeroed rows of a block stay under the 48 KiB a block gets without opting in"
 
 
+def test_the_gpu_cases_hold_an_expand_block_reaching_past_the_last_row():
+    """tests/gpu runs every regime on ``linear_3072_10`` (under compute-sanitizer in scripts/gpu_check.sh) so that
+    the expand kernel's row guard is exercised: its last block of rows must start inside n_out and end past it."""
+    from tests.gpu.cases import DTYPES, cases
+
+    layer = cases()["linear_3072_10"][0][0]
+    for dtype in DTYPES:
+        rows = expand_rows(layer.in_features, str(dtype).removeprefix("torch."))
+        assert rows > 1 and layer.out_features % rows != 0, (dtype, rows)
+
+
 def test_the_built_expand_scatters_only_the_real_fan_in():
     """k 307 padded to 312: the padding repeats a row's last index with a zero weight, so scattering it would
     overwrite the last real weight with zero."""

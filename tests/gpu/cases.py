@@ -26,7 +26,10 @@ def cases() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
     pointwise = sparsify(nn.Sequential(nn.Conv2d(128, 64, 1, bias=False)), SRigLConfig(sparsity=0.9, **uniform))
     small_mlp = ablate(sparsify(mlp(), SRigLConfig(sparsity=0.8, seed=1)), {"0": [1, 5], "3": [2]}, {("0", 5): 0.4})
     cnn = sparsify(randomize_bn(ResidualCNN()), SRigLConfig(sparsity=0.8, seed=2))
+    # 10 rows: the expand kernel's last block of rows (8 in fp16, 4 in fp32 at this width) is partly past n_out,
+    # so its row guard is what keeps the scatter inside w and idx (compute-sanitizer checks it: gpu_check.sh)
+    narrow = sparsify(nn.Sequential(nn.Linear(3072, 10)), SRigLConfig(sparsity=0.9, **uniform))
     built = {"linear_3072_768": (paper, (3072,)), "linear_k1_nobias": (k1, (64,)), "conv3x3": (conv, (64, 8, 8)),
              "conv1x1_nobias": (pointwise, (128, 7, 7)), "mlp_ablated": (small_mlp, (32,)),
-             "residual_cnn": (cnn, (3, 16, 16))}
+             "residual_cnn": (cnn, (3, 16, 16)), "linear_3072_10": (narrow, (3072,))}
     return {name: (model.eval(), shape) for name, (model, shape) in built.items()}
