@@ -6,6 +6,7 @@ Used by every script here; ``python benchmarks/run.py`` is the entry point of th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -168,3 +169,16 @@ def cuda_graph_samples_us(fn, calls: int, repeats: int) -> list[float]:
         end.synchronize()
         samples.append(start.elapsed_time(end) * 1e3 / calls)
     return samples
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """Full float32 in cuBLAS and cuDNN, for references (cuDNN's default is TF32: ~4e-4 off)."""
+    import torch
+
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags

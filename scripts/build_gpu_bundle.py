@@ -9,7 +9,7 @@ Contents:
     tvm/         the runtime-only TVM package: this install's ``tvm`` without the 259 MB compiler library and the
                  sources/headers (``TVM_USE_RUNTIME_LIB=1`` makes it load only ``libtvm_runtime.so``)
     wheels/      apache-tvm-ffi (for the target Python) and the pure-Python packages srigl_compile and pytest need
-    kernels/     every CUDA kernel the GPU tests and the GPU benchmark use, prebuilt for sm_90 (library, CUDA
+    kernels/     every CUDA kernel the GPU tests and the GPU benchmarks use, prebuilt for sm_90 (library, CUDA
                  source, nvcc fatbin, manifest), so lower() finds them and compiles nothing there
     run.sh       installs the wheels into .gpu_bundle/site (once), sets the environment and runs its arguments
 
@@ -70,8 +70,10 @@ def download_wheels(out: Path, python_version: str) -> None:
 
 
 def build_kernels(out: Path) -> int:
-    """Lower the GPU tests' models and the GPU benchmark's layers for sm_90; export every CUDA kernel built."""
+    """Lower the GPU tests' models and the GPU benchmarks' layers and models for sm_90; export every CUDA kernel
+    built."""
     import bench_layer_cuda
+    import bench_models_cuda
 
     from srigl_compile import lower
     from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
@@ -80,6 +82,7 @@ def build_kernels(out: Path) -> int:
     from tests.gpu.cases import DTYPES, TARGET, cases
 
     handles = bench_layer_cuda.build_handles()  # the benchmark's default layers and sparsities
+    handles += bench_models_cuda.build_handles()  # one block of each whole model (the others share its kernels)
     for masked, _ in cases().values():
         for dtype in DTYPES:
             handles += [get_handle(m.kernel_key) for m in lower(masked, target=TARGET, dtype=dtype).modules()

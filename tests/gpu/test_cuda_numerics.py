@@ -6,7 +6,8 @@ The float32 reference runs with TF32 off (cuDNN's default is on: ~4e-4 off, more
 On the GPU machine: bash .gpu_bundle/run.sh python -m pytest -q tests/gpu
 """
 
-import contextlib
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,20 +16,12 @@ from srigl_compile import lower
 from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
 from tests.gpu.cases import BATCHES, DTYPES, TARGET, cases
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from common import no_tf32  # noqa: E402  (the fp32 reference in full float32)
+
 pytestmark = pytest.mark.gpu
 
 CASES = cases()  # built without a GPU too, so the skipped tests are listed by name
-
-
-@contextlib.contextmanager
-def no_tf32():
-    """Full float32 in cuBLAS and cuDNN (the reference; the dense fallback's F.linear follows the same flags)."""
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-2, atol=2e-2)}
