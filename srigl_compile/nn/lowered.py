@@ -18,7 +18,7 @@ import torch
 from ..runtime import conv_op, linear_op  # register torch.ops.srigl_compile.tvm_condensed_* (no TVM import)
 from ..runtime.checks import KernelDtypeError, KernelShapeError, broadcasts_to, check_no_grad
 from ..runtime.conv_geometry import output_size, phase_columns, phase_kernel
-from ..runtime.registry import get_handle
+from ..runtime.registry import get_handle, get_registered
 from ..runtime.spec import KernelSpec, apply_epilogue
 from .condensed import CondensedConv, CondensedLinear, accepts_unbatched, index_dtype_for
 from .condensed_tensors import operands
@@ -94,7 +94,7 @@ class LoweredLinear(CondensedLinear):
         return {key: value for key, value in state.items() if key not in ("_row_call", "_columns_checked")}
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, kernel={self.kernel_key.split('@')[0]}"
+        return f"{_with_kernel_k(self, super().extra_repr())}, kernel={self.kernel_key.split('@')[0]}"
 
 
 class LoweredConv(CondensedConv):
@@ -225,7 +225,17 @@ class LoweredConv(CondensedConv):
         return {key: value for key, value in state.items() if key not in ("_repeat", "_columns_checked")}
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, kernel={self.kernel_key.split('@')[0]}, direct={self.direct}"
+        return (f"{_with_kernel_k(self, super().extra_repr())}, kernel={self.kernel_key.split('@')[0]}, "
+                f"direct={self.direct}")
+
+
+def _with_kernel_k(layer, condensed_repr: str) -> str:
+    """A lowered layer's values are packed to the kernel's padded width; its repr names SRigL's k (the kernel
+    spec's) and the padded width beside it, where this process holds the kernel."""
+    handle = get_registered(layer.kernel_key) if layer.kernel_key else None
+    if handle is None or handle.spec.k == layer.k:
+        return condensed_repr
+    return condensed_repr.replace(f"k={layer.k},", f"k={handle.spec.k} (padded to {layer.k}),", 1)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

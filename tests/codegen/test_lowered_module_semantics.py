@@ -162,3 +162,13 @@ def test_a_hook_on_a_layer_computing_a_fused_activation_is_warned_about():
         warnings.simplefilter("error")
         lowered[2].register_forward_hook(lambda *args: None)  # (no epilogue: nothing to say)
         lower(masked, progress=False, fuse_epilogues=False)[0].register_forward_hook(lambda *args: None)
+
+
+def test_a_lowered_layer_s_repr_names_srigl_s_k_beside_the_padded_width():
+    """The kernels read values packed to a multiple of 8; printing the model showed that width as k (8 for a k of
+    6), which is not the model's constant fan-in."""
+    torch.manual_seed(0)
+    masked = sparsify(nn.Sequential(nn.Linear(64, 16)), SRigLConfig(sparsity=0.9, distribution="uniform"))
+    lowered = lower(masked.eval(), progress=False)
+    k = int(masked[0].mask.sum(dim=1).max())
+    assert k == 6 and f"k={k} (padded to 8)," in repr(lowered[0]), repr(lowered[0])
