@@ -278,8 +278,8 @@ def _padded_input(handle, x: torch.Tensor, pads: tuple[int, int, int, int], stri
     phases = stride[0] * stride[1]
     if handle.pad_fn is not None:
         images = scratch("padded", (batch * channels * phases, plan.plane))
-        handle.pad_fn(_image_rows(x, planar), images[:, :plan.rows * plan.pitch].view(
-            batch * channels, stride[0], stride[1], plan.rows, plan.pitch), pads[2], pads[0], *stride)
+        handle.pad_fn(_image_rows(x, planar), _phase_images(images, stride, plan.rows, plan.pitch), pads[2], pads[0],
+                      *stride)
         return images.view(batch, channels * phases, plan.plane)
     images = pad_images(x, pads, "padded") if any(pads) else x.contiguous()
     if phases == 1 and plan.plane == plan.rows * plan.pitch:
@@ -288,6 +288,15 @@ def _padded_input(handle, x: torch.Tensor, pads: tuple[int, int, int, int], stri
     split[:, :, :plan.rows * plan.pitch].view(batch, channels, stride[0], stride[1], plan.rows, plan.pitch).copy_(
         images.view(batch, channels, plan.rows, stride[0], plan.pitch, stride[1]).permute(0, 1, 3, 5, 2, 4))
     return split
+
+
+def _phase_images(planes: torch.Tensor, stride: tuple[int, int], rows: int, pitch: int) -> torch.Tensor:
+    """``planes`` [N * s_h * s_w, plane] (a row per phase image) as pad_images' y, [N, s_h, s_w, rows, pitch], with
+    every stride explicit: the kernel zeroes each image's gap up to the next (``plane`` floats apart) by reading
+    the phase axes' strides, and a view would give a size-1 phase axis the compact rows * pitch (no gap zeroed)."""
+    plane, (s_h, s_w) = planes.stride(0), stride
+    return planes.as_strided((planes.shape[0] // (s_h * s_w), s_h, s_w, rows, pitch),
+                             (s_h * s_w * plane, s_w * plane, plane, pitch, 1))
 
 
 def _image_rows(x: torch.Tensor, planar: bool) -> torch.Tensor:
@@ -324,8 +333,8 @@ def _residual_grid(handle, residual: torch.Tensor, out_shape: tuple, plan, cropp
     grid = scratch("residual", (batch, n_out, plan.tiles * plan.lanes))
     plane = planar_stride(residual) if tuple(residual.shape) == tuple(out_shape) else None
     if handle.pad_fn is not None and plane is not None and (plane == plan.out_h * plan.out_w or handle.planar_glue):
-        handle.pad_fn(_image_rows(residual, True), grid.view(batch * n_out, -1)[:, :plan.positions].view(
-            batch * n_out, 1, 1, plan.out_h, plan.pitch), 0, 0, 1, 1)
+        handle.pad_fn(_image_rows(residual, True), _phase_images(grid.view(batch * n_out, -1), (1, 1), plan.out_h,
+                                                                 plan.pitch), 0, 0, 1, 1)
     else:
         rows = grid[:, :, :plan.positions].unflatten(2, (plan.out_h, plan.pitch))
         rows[..., :plan.out_w].copy_(residual.expand(out_shape))
@@ -407,6 +416,5 @@ def _subsampled(x: torch.Tensor, steps: tuple[int, int], handle, allocate) -> to
     (batch, channels, out_h, out_w), strides = _subsampled_layout(handle, x.shape, steps)
     images = allocate((batch * channels, strides[1]))
     planar = getattr(handle, "planar_glue", False) and planar_stride(x) is not None
-    handle.pad_fn(_image_rows(x, planar), images[:, :out_h * out_w].view(batch * channels, 1, 1, out_h, out_w),
-                  0, 0, *steps)
+    handle.pad_fn(_image_rows(x, planar), _phase_images(images, (1, 1), out_h, out_w), 0, 0, *steps)
     return images[:, :out_h * out_w].view(batch, channels, out_h, out_w)
