@@ -170,3 +170,16 @@ def reference(x, values, indices, bias):
     """What a condensed layer computes, by gathering (the kernels' reference)."""
     y = (values * x[..., indices.long()]).sum(-1)
     return y + bias if bias is not None else y
+
+
+def kernel_calls_writing_over(recording) -> list:
+    """A CPU-graph recording's kernel calls whose output is one of their other operands (a dead residual written
+    over: ``call_record.may_write_over``)."""
+    from srigl_compile.runtime.liveness import extent
+
+    calls = []
+    for call in recording.calls:
+        tensors = [t for t in call.args if isinstance(t, torch.Tensor)]
+        if call.kernel and any(extent(t) == extent(tensors[-1]) for t in tensors[:-1]):
+            calls.append(call)
+    return calls

@@ -10,7 +10,7 @@ from srigl_compile.codegen.backends.llvm import LlvmConfig
 from srigl_compile.nn.lowered import LoweredConv, LoweredLinear
 from srigl_compile.nn.settle import settle
 from srigl_compile.zoo import ResNet, SmallViT
-from tests.helpers import randomize_bn
+from tests.helpers import kernel_calls_writing_over, randomize_bn
 
 pytestmark = pytest.mark.tvm
 
@@ -108,18 +108,6 @@ class _Net(torch.nn.Module):
         return y * h if self.keep == "read" else y
 
 
-def _writes_over(recording):
-    """The recorded kernel calls whose output is one of their other operands."""
-    from srigl_compile.runtime.liveness import extent
-
-    calls = []
-    for call in recording.calls:
-        tensors = [t for t in call.args if isinstance(t, torch.Tensor)]
-        if call.kernel and any(extent(t) == extent(tensors[-1]) for t in tensors[:-1]):
-            calls.append(call)
-    return calls
-
-
 @pytest.mark.parametrize("keep", ["none", "output", "read"])
 def test_a_residual_never_read_again_is_written_over(keep):
     torch.manual_seed(0)
@@ -138,7 +126,7 @@ def test_a_residual_never_read_again_is_written_over(keep):
     (entry,) = graphed._entries.values()
     assert len(entry.recording.residuals) == 1  # the one kernel with a residual asked
     # only where nothing reads the block's input after the add does the kernel write over it
-    assert len(_writes_over(entry.recording)) == (1 if keep == "none" else 0)
+    assert len(kernel_calls_writing_over(entry.recording)) == (1 if keep == "none" else 0)
 
 
 def _answers(monkeypatch) -> list[bool]:
@@ -212,7 +200,7 @@ def test_model_blocks_write_over_their_inputs(name):
             x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
             torch.testing.assert_close(graphed(x), lowered(x), rtol=0, atol=0)
     (entry,) = graphed._entries.values()
-    assert len(_writes_over(entry.recording)) >= 2
+    assert len(kernel_calls_writing_over(entry.recording)) >= 2
 
 
 class _Shifted(torch.nn.Module):
@@ -353,7 +341,7 @@ def test_residuals_held_elsewhere_or_read_on_another_path_are_not_written_over()
         with pytest.warns(UserWarning, match=r"forward hooks on \['stem'\]"):
             torch.testing.assert_close(graphed(x), lowered(x), rtol=0, atol=0)
     (entry,) = graphed._entries.values()
-    assert not _writes_over(entry.recording)  # (without the hook: 1, test_a_residual_never_read_again_...)
+    assert not kernel_calls_writing_over(entry.recording)  # (without the hook: 1, test_a_residual_never_read_again_...)
     alternating = _lowered(_Alternating(), x)  # planned on one path, recorded again on the other
     alternating.calls = 0  # (settling and the probe take two calls: the first recording reads the copy)
     graphed = cpu_graph(alternating)

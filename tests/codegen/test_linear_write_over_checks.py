@@ -10,8 +10,8 @@ import torch.nn as nn
 from srigl_compile import SRigLConfig, cpu_graph, lower, sparsify
 from srigl_compile.codegen.backends.llvm import LlvmConfig
 from srigl_compile.nn.lowered import LoweredLinear
-from srigl_compile.runtime.liveness import extent
 from srigl_compile.runtime.registry import get_handle
+from tests.helpers import kernel_calls_writing_over
 
 pytestmark = pytest.mark.tvm
 
@@ -27,16 +27,6 @@ def encoder():
     lowered = lower(masked, LlvmConfig(dense_fallback=False, progress=False), example_inputs=(x,))
     assert lowered.linear2.epilogue == "add" and lowered.linear2.fused_epilogue  # (the case under test)
     return masked, lowered
-
-
-def _writes_over(recording):
-    """The recorded kernel calls whose output is one of their other operands."""
-    calls = []
-    for call in recording.calls:
-        tensors = [t for t in call.args if isinstance(t, torch.Tensor)]
-        if call.kernel and any(extent(t) == extent(tensors[-1]) for t in tensors[:-1]):
-            calls.append(call)
-    return calls
 
 
 # rows (tokens of one sequence): 2 row kernel; 8 / 16 whole mid tiles; 5 / 13 a ragged mid tile; 51 col with a
@@ -62,5 +52,5 @@ def test_the_residual_is_written_over_only_where_the_output_has_its_layout(encod
             torch.testing.assert_close(graphed(x), eager, rtol=0, atol=0)
             assert torch.equal(x, before)
     (entry,) = graphed._entries.values()
-    writes_over = _writes_over(entry.recording)
+    writes_over = kernel_calls_writing_over(entry.recording)
     assert bool(writes_over) == over, [call.kernel for call in writes_over]
