@@ -20,7 +20,9 @@ def lowered_conv(conv: nn.Conv2d) -> nn.Module:
 
 
 def junk_then_call(slot: str, call) -> torch.Tensor:
-    """Call once (the slot's buffer is made), fill the buffer with NaN, call again: the buffer afterwards."""
+    """Call once on fresh pools (the slot's buffer is made, of the call's size: an earlier test's larger one would
+    keep a tail no call writes), fill the buffer with NaN, call again: the buffer afterwards."""
+    scratch.release_scratch()
     with torch.no_grad():
         call()
         buffer = scratch._buffers()[(slot, torch.float32)]
