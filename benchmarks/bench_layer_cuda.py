@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -36,8 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-from common import cuda_graph_samples_us, environment  # noqa: E402
+from common import cuda_graph_time_us, environment  # noqa: E402
 
 from srigl_compile import SRigLConfig, lower, sparsify  # noqa: E402
 
@@ -76,17 +74,10 @@ def build_kernels(args, folder: Path) -> None:
     print(f"wrote {len(handles)} CUDA kernels to {folder}")
 
 
-def time_us(fn, iters: int, repeats: int) -> dict[str, float]:
-    """Per-call time of ``fn`` replayed from a captured CUDA graph of ``iters`` calls."""
-    samples = cuda_graph_samples_us(fn, iters, repeats)
-    q = statistics.quantiles(samples, n=4)
-    return {"median_us": statistics.median(samples), "p25_us": q[0], "p75_us": q[2]}
-
-
 def copy_bandwidth() -> float:
     """Device-to-device copy bytes (read + write) per second, the yardstick for "fraction of bandwidth"."""
     a, b = torch.empty(2**28, device="cuda", dtype=torch.uint8), torch.empty(2**28, device="cuda", dtype=torch.uint8)
-    return 2 * a.numel() / (time_us(lambda: b.copy_(a), 10, 5)["median_us"] * 1e-6)
+    return 2 * a.numel() / (cuda_graph_time_us(lambda: b.copy_(a), 10, 5)["median_us"] * 1e-6)
 
 
 def bytes_moved(name: str, batch: int, n_in: int, n_out: int, k: int, n_active: int) -> int:
@@ -154,7 +145,7 @@ def run(args) -> list[dict]:
                     tolerance = TOLERANCE[dtype] * (3 if name == "dense_tf32" else 1)
                     if error > tolerance:
                         raise AssertionError(f"{name} at sparsity {sparsity}, batch {batch}: relative error {error:.2e}")
-                    timing = time_us(lambda: fn(xin), args.iters, args.repeats)
+                    timing = cuda_graph_time_us(lambda: fn(xin), args.iters, args.repeats)
                     moved = bytes_moved(name, batch, args.n_in, args.n_out, k, n_active)
                     regime = handles[name.split("_")[1]].regime(batch) if name.startswith("lowered") else ""
                     rows.append({"sparsity": sparsity, "batch": batch, "variant": name, "rel_error": error,

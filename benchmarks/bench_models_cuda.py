@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -37,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-from common import cuda_graph_samples_us, environment, no_tf32  # noqa: E402
+from common import cuda_graph_time_us, environment, no_tf32  # noqa: E402
 from gpu_decoder import Decoder, DecoderShape, example_inputs, new_cache  # noqa: E402
 
 from srigl_compile import SRigLConfig, lower, sparsify  # noqa: E402
@@ -90,9 +89,7 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def timing(fn, calls: int, repeats: int) -> dict[str, float]:
-    samples = cuda_graph_samples_us(fn, calls, repeats)
-    q = statistics.quantiles(samples, n=4)
-    return {"median_ms": statistics.median(samples) / 1e3, "p25_ms": q[0] / 1e3, "p75_ms": q[2] / 1e3}
+    return {key.replace("_us", "_ms"): value / 1e3 for key, value in cuda_graph_time_us(fn, calls, repeats).items()}
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor, what: str) -> float:

@@ -171,6 +171,13 @@ def cuda_graph_samples_us(fn, calls: int, repeats: int) -> list[float]:
     return samples
 
 
+
+def cuda_graph_time_us(fn, calls: int, repeats: int) -> dict[str, float]:
+    """Median and quartiles (microseconds a call) of ``cuda_graph_samples_us``."""
+    samples = cuda_graph_samples_us(fn, calls, repeats)
+    q = statistics.quantiles(samples, n=4)
+    return {"median_us": statistics.median(samples), "p25_us": q[0], "p75_us": q[2]}
+
 @contextlib.contextmanager
 def no_tf32():
     """Full float32 in cuBLAS and cuDNN, for references (cuDNN's default is TF32: ~4e-4 off)."""

@@ -254,9 +254,12 @@ class _Condensed(nn.Module):
         out = self.full_bias.to(y_active.dtype).view(view).expand(shape).clone()
         return out.index_copy_(dim, self.active, y_active)
 
+    def _k_label(self) -> str:
+        return str(self.k)
+
     def extra_repr(self) -> str:
         mode = "compact" if self.compact else "full"
-        return (f"n_out={self.n_out}, fan_in={self.fan_in}, active={self.n_active}, k={self.k}, "
+        return (f"n_out={self.n_out}, fan_in={self.fan_in}, active={self.n_active}, k={self._k_label()}, "
                 f"indices={str(self.indices.dtype).removeprefix('torch.')}, bias={self.bias is not None}, out={mode}")
 
 

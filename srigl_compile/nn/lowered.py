@@ -94,7 +94,10 @@ class LoweredLinear(CondensedLinear):
         return {key: value for key, value in state.items() if key not in ("_row_call", "_columns_checked")}
 
     def extra_repr(self) -> str:
-        return f"{_with_kernel_k(self, super().extra_repr())}, kernel={self.kernel_key.split('@')[0]}"
+        return f"{super().extra_repr()}, kernel={self.kernel_key.split('@')[0]}"
+
+    def _k_label(self) -> str:
+        return _kernel_k_label(self)
 
 
 class LoweredConv(CondensedConv):
@@ -225,17 +228,19 @@ class LoweredConv(CondensedConv):
         return {key: value for key, value in state.items() if key not in ("_repeat", "_columns_checked")}
 
     def extra_repr(self) -> str:
-        return (f"{_with_kernel_k(self, super().extra_repr())}, kernel={self.kernel_key.split('@')[0]}, "
-                f"direct={self.direct}")
+        return f"{super().extra_repr()}, kernel={self.kernel_key.split('@')[0]}, direct={self.direct}"
+
+    def _k_label(self) -> str:
+        return _kernel_k_label(self)
 
 
-def _with_kernel_k(layer, condensed_repr: str) -> str:
-    """A lowered layer's values are packed to the kernel's padded width; its repr names SRigL's k (the kernel
+def _kernel_k_label(layer) -> str:
+    """A lowered layer's values are packed to the kernel's padded width: its repr names SRigL's k (the kernel
     spec's) and the padded width beside it, where this process holds the kernel."""
     handle = get_registered(layer.kernel_key) if layer.kernel_key else None
     if handle is None or handle.spec.k == layer.k:
-        return condensed_repr
-    return condensed_repr.replace(f"k={layer.k},", f"k={handle.spec.k} (padded to {layer.k}),", 1)
+        return str(layer.k)
+    return f"{handle.spec.k} (padded to {layer.k})"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
